@@ -1,0 +1,44 @@
+//! `fjord-consumer`: one member of a consumer group, publishing Kafka records to the bus.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use fjord::config::Manifest;
+
+/// One member of a Kafka consumer group that publishes each record to the bus.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The manifest.
+    #[arg(long, env = "FJORD_MANIFEST", default_value = "manifest.json")]
+    manifest: PathBuf,
+    /// The consumer group (its `id` in the manifest); may be left out when there is one.
+    #[arg(long, env = "FJORD_CONSUMER_GROUP")]
+    group: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    fjord::process::init_logging();
+    let manifest = Manifest::load(&args.manifest)?;
+    let group = match (&args.group, manifest.consumer_groups.as_slice()) {
+        (Some(id), _) => manifest
+            .consumer_group(id)
+            .with_context(|| format!("the manifest has no consumer group {id:?}"))?,
+        (None, [only]) => only,
+        (None, groups) => {
+            let ids: Vec<&str> = groups.iter().map(|g| g.id.as_str()).collect();
+            anyhow::bail!(
+                "the manifest has several consumer groups ({}); choose one with --group",
+                ids.join(", ")
+            );
+        }
+    };
+    let bus = fjord::bus::connect_redis(&manifest.redis)
+        .await
+        .context("connecting to redis")?;
+    fjord::consumer::run(&manifest, group, &bus, fjord::process::shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! `fjord-server`: streams the bus to clients over Server-Sent Events.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use fjord::config::Manifest;
+
+/// Streams Kafka records from the bus to clients over Server-Sent Events.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The manifest.
+    #[arg(long, env = "FJORD_MANIFEST", default_value = "manifest.json")]
+    manifest: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    fjord::process::init_logging();
+    let manifest = Manifest::load(&args.manifest)?;
+    let bus = fjord::bus::connect_redis(&manifest.redis)
+        .await
+        .context("connecting to redis")?;
+    let listener = fjord::server::bind(&manifest).await?;
+    fjord::server::serve(
+        &manifest,
+        &bus,
+        listener,
+        None,
+        fjord::process::shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}

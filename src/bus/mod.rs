@@ -1,0 +1,237 @@
+//! The bus: the only link between consumers and servers. A consumer publishes each record
+//! to the stream of every endpoint that carries its topic; every server instance reads all
+//! of its endpoints' streams and can read back the retention window to resume a client.
+//!
+//! Two implementations behind one type: Redis Streams in production ([`redis`]) and an
+//! in-process bus with the same semantics for `fjord dev` and unit tests ([`memory`]).
+//! Publishing is idempotent per (topic, partition, offset): a record consumed twice after
+//! a crash or a rebalance is published once.
+
+pub mod memory;
+pub mod redis;
+
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+
+use crate::config::{EndpointName, Retention};
+use crate::envelope::Envelope;
+
+/// A position in an endpoint's stream, `<milliseconds>-<sequence>` as Redis Streams number
+/// entries. Ordered; the same entry has the same id on every server instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId {
+    /// Milliseconds since the epoch at which the bus took the entry.
+    pub ms: u64,
+    /// Sequence within that millisecond.
+    pub seq: u64,
+}
+
+impl StreamId {
+    /// Before every entry.
+    pub const ZERO: Self = Self { ms: 0, seq: 0 };
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// A string that is not a stream id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a stream id (<milliseconds>-<sequence>)")]
+pub struct BadStreamId(pub String);
+
+impl FromStr for StreamId {
+    type Err = BadStreamId;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || BadStreamId(text.chars().take(64).collect());
+        let (ms, seq) = text.split_once('-').ok_or_else(bad)?;
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return Err(bad());
+        }
+        Ok(Self {
+            ms: ms.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// One record as read from an endpoint's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusEntry {
+    /// Its position in the endpoint's stream.
+    pub id: StreamId,
+    /// The record key clients filter on.
+    pub filter_key: Option<String>,
+    /// The envelope's JSON.
+    pub envelope: Bytes,
+}
+
+/// Where one record goes: the endpoints that carry its topic, with their retention.
+#[derive(Debug, Clone, Copy)]
+pub struct Publication<'a> {
+    /// The record's topic.
+    pub topic: &'a str,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// The endpoints to publish to.
+    pub endpoints: &'a [(EndpointName, Retention)],
+    /// The encoded record.
+    pub envelope: &'a Envelope,
+}
+
+/// What publishing did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// The record was appended to its endpoints' streams.
+    Appended,
+    /// The record (or a later one of its partition) had been published before; nothing changed.
+    Duplicate,
+}
+
+/// A bus operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Redis could not be reached or refused the command.
+    #[error("redis {operation}: {source}")]
+    Redis {
+        /// What was being done.
+        operation: &'static str,
+        /// The client's error.
+        source: ::redis::RedisError,
+    },
+    /// Redis answered with something Fjord did not write.
+    #[error("redis {operation}: unexpected reply: {detail}")]
+    Protocol {
+        /// What was being done.
+        operation: &'static str,
+        /// What was unexpected.
+        detail: String,
+    },
+    /// The manifest's secret for Redis is missing.
+    #[error(transparent)]
+    Config(#[from] crate::config::ManifestError),
+}
+
+/// The bus, shared by clone.
+#[derive(Debug, Clone)]
+pub enum Bus {
+    /// Redis Streams.
+    Redis(redis::RedisBus),
+    /// In process.
+    Memory(memory::MemoryBus),
+}
+
+impl Bus {
+    /// Publishes one record to its endpoints' streams, once.
+    pub async fn publish(&self, publication: Publication<'_>) -> Result<Published, BusError> {
+        match self {
+            Self::Redis(bus) => bus.publish(publication).await,
+            Self::Memory(bus) => Ok(bus.publish(publication)),
+        }
+    }
+
+    /// A reader of `endpoints` that starts after each stream's current last entry.
+    pub async fn reader(&self, endpoints: Vec<EndpointName>) -> Result<BusReader, BusError> {
+        Ok(match self {
+            Self::Redis(bus) => BusReader::Redis(bus.reader(endpoints).await?),
+            Self::Memory(bus) => BusReader::Memory(bus.reader(endpoints)),
+        })
+    }
+
+    /// Checks that the bus answers.
+    pub async fn ping(&self) -> Result<(), BusError> {
+        match self {
+            Self::Redis(bus) => bus.ping().await,
+            Self::Memory(_) => Ok(()),
+        }
+    }
+}
+
+/// Connects to Redis, retrying with backoff while it cannot be reached; fails at once on a
+/// configuration error such as a missing password variable.
+pub async fn connect_redis(config: &crate::config::RedisConfig) -> Result<Bus, BusError> {
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match redis::RedisBus::connect(config).await {
+            Ok(bus) => return Ok(Bus::Redis(bus)),
+            Err(error @ BusError::Config(_)) => return Err(error),
+            Err(error) => {
+                tracing::warn!(%error, url = %config.url, retry_in = ?backoff, "redis is not reachable yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Reads the streams of a fixed list of endpoints, in order, from where it last stopped.
+#[derive(Debug)]
+pub enum BusReader {
+    /// Redis Streams.
+    Redis(redis::RedisReader),
+    /// In process.
+    Memory(memory::MemoryReader),
+}
+
+impl BusReader {
+    /// The next entries of any endpoint, as (index into the reader's endpoints, entry),
+    /// in stream order per endpoint. Waits up to about a second; empty when nothing came.
+    pub async fn next_batch(&mut self) -> Result<Vec<(usize, BusEntry)>, BusError> {
+        match self {
+            Self::Redis(reader) => reader.next_batch().await,
+            Self::Memory(reader) => Ok(reader.next_batch().await),
+        }
+    }
+
+    /// The id of the last entry read, per endpoint.
+    pub fn cursors(&self) -> &[StreamId] {
+        match self {
+            Self::Redis(reader) => &reader.cursors,
+            Self::Memory(reader) => &reader.cursors,
+        }
+    }
+}
+
+/// Most entries one read returns per endpoint.
+const READ_BATCH: usize = 512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_round_trip_and_order() {
+        let id: StreamId = "1764000000000-7".parse().expect("valid");
+        assert_eq!(
+            id,
+            StreamId {
+                ms: 1_764_000_000_000,
+                seq: 7
+            }
+        );
+        assert_eq!(id.to_string(), "1764000000000-7");
+        assert!(StreamId { ms: 1, seq: 9 } < StreamId { ms: 2, seq: 0 });
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "1",
+            "a-1",
+            "1-1-1",
+            "+1-1",
+            "99999999999999999999999-1",
+        ] {
+            assert!(bad.parse::<StreamId>().is_err(), "{bad}");
+        }
+    }
+}

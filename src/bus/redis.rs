@@ -1,0 +1,288 @@
+//! The bus on Redis Streams: one stream per endpoint (`{prefix}:stream:<endpoint>`), trimmed
+//! to the endpoint's retention by count and age, plus a hash of the highest offset published
+//! per topic partition (`{prefix}:published`) that makes publishing idempotent. The braces
+//! are a Redis Cluster hash tag: every key of one deployment lives in one slot, so the
+//! publish script may touch them all atomically.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::streams::StreamReadReply;
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, Script, Value};
+
+use super::{BusEntry, BusError, Publication, Published, READ_BATCH, StreamId};
+use crate::config::{EndpointName, RedisConfig};
+
+/// How long one blocking read waits for new entries.
+const READ_BLOCK: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Appends one record to each endpoint stream unless its partition already reached its
+/// offset; then records the offset. Atomic, so a crash cannot leave half a publication.
+///
+/// KEYS: the endpoint streams, then the published-offsets hash.
+/// ARGV: "topic/partition", offset, has key ("1"/"0"), key, envelope, then per stream
+/// its max records and max age in milliseconds.
+const PUBLISH_SCRIPT: &str = r"
+local published = KEYS[#KEYS]
+local offset = tonumber(ARGV[2])
+local last = redis.call('HGET', published, ARGV[1])
+if last and tonumber(last) >= offset then return 0 end
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+for i = 1, #KEYS - 1 do
+  local max_records = ARGV[4 + 2 * i]
+  local max_age_ms = tonumber(ARGV[5 + 2 * i])
+  if ARGV[3] == '1' then
+    redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5], 'k', ARGV[4])
+  else
+    redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5])
+  end
+  if now_ms > max_age_ms then
+    redis.call('XTRIM', KEYS[i], 'MINID', '~', now_ms - max_age_ms)
+  end
+end
+redis.call('HSET', published, ARGV[1], ARGV[2])
+return 1
+";
+
+/// The Redis bus.
+#[derive(Clone)]
+pub struct RedisBus {
+    client: Client,
+    commands: ConnectionManager,
+    prefix: String,
+    publish_script: Script,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBus")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn redis_error(operation: &'static str) -> impl FnOnce(redis::RedisError) -> BusError {
+    move |source| BusError::Redis { operation, source }
+}
+
+/// The key of an endpoint's stream.
+pub fn stream_key(prefix: &str, endpoint: &EndpointName) -> String {
+    format!("{{{prefix}}}:stream:{endpoint}")
+}
+
+fn published_key(prefix: &str) -> String {
+    format!("{{{prefix}}}:published")
+}
+
+impl RedisBus {
+    /// Connects to the Redis the manifest names, reading its password from the environment.
+    pub async fn connect(config: &RedisConfig) -> Result<Self, BusError> {
+        let mut info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(redis_error("parse url"))?;
+        if let Some(secret) = &config.password_env {
+            let settings = info.redis_settings().clone().set_password(secret.read()?);
+            info = info.set_redis_settings(settings);
+        }
+        let client = Client::open(info).map_err(redis_error("open"))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2);
+        let commands = client
+            .get_connection_manager_with_config(manager_config)
+            .await
+            .map_err(redis_error("connect"))?;
+        Ok(Self {
+            client,
+            commands,
+            prefix: config.key_prefix.clone(),
+            publish_script: Script::new(PUBLISH_SCRIPT),
+        })
+    }
+
+    pub(super) async fn publish(
+        &self,
+        publication: Publication<'_>,
+    ) -> Result<Published, BusError> {
+        let mut invocation = self.publish_script.prepare_invoke();
+        for (endpoint, _) in publication.endpoints {
+            invocation.key(stream_key(&self.prefix, endpoint));
+        }
+        invocation
+            .key(published_key(&self.prefix))
+            .arg(format!("{}/{}", publication.topic, publication.partition))
+            .arg(publication.offset);
+        match &publication.envelope.filter_key {
+            Some(key) => invocation.arg("1").arg(key.as_str()),
+            None => invocation.arg("0").arg(""),
+        };
+        invocation.arg(publication.envelope.json.as_slice());
+        for (_, retention) in publication.endpoints {
+            invocation
+                .arg(retention.max_records)
+                .arg(retention.max_age_secs.saturating_mul(1000));
+        }
+        let mut connection = self.commands.clone();
+        let appended: i64 = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(redis_error("publish"))?;
+        Ok(if appended == 1 {
+            Published::Appended
+        } else {
+            Published::Duplicate
+        })
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), BusError> {
+        let mut connection = self.commands.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(redis_error("ping"))
+    }
+
+    async fn last_id(&self, key: &str) -> Result<StreamId, BusError> {
+        let mut connection = self.commands.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error("read last id"))?;
+        match reply.ids.first() {
+            Some(entry) => parse_id(&entry.id),
+            None => Ok(StreamId::ZERO),
+        }
+    }
+
+    pub(super) async fn reader(
+        &self,
+        endpoints: Vec<EndpointName>,
+    ) -> Result<RedisReader, BusError> {
+        let keys: Vec<String> = endpoints
+            .iter()
+            .map(|e| stream_key(&self.prefix, e))
+            .collect();
+        let mut cursors = Vec::with_capacity(keys.len());
+        for key in &keys {
+            cursors.push(self.last_id(key).await?);
+        }
+        Ok(RedisReader {
+            client: self.client.clone(),
+            connection: None,
+            keys,
+            cursors,
+        })
+    }
+}
+
+fn parse_id(id: &str) -> Result<StreamId, BusError> {
+    id.parse()
+        .map_err(|error: super::BadStreamId| BusError::Protocol {
+            operation: "read",
+            detail: error.to_string(),
+        })
+}
+
+/// Reads endpoint streams with blocking `XREAD` on a connection of its own.
+pub struct RedisReader {
+    client: Client,
+    connection: Option<MultiplexedConnection>,
+    keys: Vec<String>,
+    pub(super) cursors: Vec<StreamId>,
+}
+
+impl std::fmt::Debug for RedisReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisReader")
+            .field("keys", &self.keys)
+            .field("cursors", &self.cursors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisReader {
+    async fn connection(&mut self) -> Result<&mut MultiplexedConnection, BusError> {
+        if self.connection.is_none() {
+            // A blocking read must not share a connection with other commands, and needs
+            // a response timeout longer than its block.
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(READ_BLOCK + RESPONSE_TIMEOUT));
+            let connection = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map_err(redis_error("connect reader"))?;
+            self.connection = Some(connection);
+        }
+        self.connection.as_mut().ok_or(BusError::Protocol {
+            operation: "connect reader",
+            detail: "no connection".into(),
+        })
+    }
+
+    pub(super) async fn next_batch(&mut self) -> Result<Vec<(usize, BusEntry)>, BusError> {
+        let mut command = redis::cmd("XREAD");
+        command
+            .arg("COUNT")
+            .arg(READ_BATCH)
+            .arg("BLOCK")
+            .arg(READ_BLOCK.as_millis().to_string())
+            .arg("STREAMS")
+            .arg(&self.keys);
+        for cursor in &self.cursors {
+            command.arg(cursor.to_string());
+        }
+        let connection = self.connection().await?;
+        let reply: Option<StreamReadReply> = match command.query_async(connection).await {
+            Ok(reply) => reply,
+            Err(source) => {
+                // Start over on a fresh connection; the cursors stay where they were.
+                self.connection = None;
+                return Err(BusError::Redis {
+                    operation: "read",
+                    source,
+                });
+            }
+        };
+        let mut batch = Vec::new();
+        for stream in reply.map(|reply| reply.keys).unwrap_or_default() {
+            let Some(index) = self.keys.iter().position(|key| *key == stream.key) else {
+                continue;
+            };
+            for entry in stream.ids {
+                let id = parse_id(&entry.id)?;
+                self.cursors[index] = id;
+                let Some(Value::BulkString(envelope)) = entry.map.get("e") else {
+                    tracing::warn!(stream = %stream.key, %id, "skipping a stream entry without an envelope");
+                    continue;
+                };
+                let filter_key = match entry.map.get("k") {
+                    Some(Value::BulkString(key)) => Some(String::from_utf8_lossy(key).into_owned()),
+                    _ => None,
+                };
+                batch.push((
+                    index,
+                    BusEntry {
+                        id,
+                        filter_key,
+                        envelope: Bytes::copy_from_slice(envelope),
+                    },
+                ));
+            }
+        }
+        Ok(batch)
+    }
+}

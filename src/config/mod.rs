@@ -1,0 +1,390 @@
+//! The manifest: one `manifest.json` read by every binary, parsed into typed structs and
+//! validated here, at the boundary, so that the rest of the code trusts what it is given.
+//! Every error names the JSON path of the offending value. Secrets never live in the file:
+//! the manifest names environment variables, and [`Secret`] reads them at start.
+
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use validate::ManifestError;
+
+/// The JSON Schema shipped beside every manifest, for editors.
+pub const SCHEMA: &str = include_str!("manifest.schema.json");
+/// A complete example manifest, also used by `fjord setup` as its skeleton.
+pub const EXAMPLE: &str = include_str!("manifest.example.json");
+
+/// A validated manifest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The schema reference editors use; ignored.
+    #[serde(rename = "$schema", default)]
+    pub schema: Option<String>,
+    /// Where the Kafka records come from.
+    pub kafka: KafkaConfig,
+    /// The bus between consumers and servers.
+    pub redis: RedisConfig,
+    /// What clients can stream, by name.
+    pub endpoints: BTreeMap<EndpointName, EndpointConfig>,
+    /// The Kafka consumer groups that feed the bus.
+    pub consumer_groups: Vec<ConsumerGroupConfig>,
+    /// The HTTP server.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Who may stream what.
+    pub auth: AuthConfig,
+}
+
+impl Manifest {
+    /// Reads, parses and validates the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|error| error.in_file(path))
+    }
+
+    /// Parses and validates a manifest from its JSON text.
+    pub fn parse(text: &str) -> Result<Self, ManifestError> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let manifest: Self =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+                ManifestError::Invalid {
+                    file: None,
+                    path: json_path(&error.path().to_string()),
+                    message: error.inner().to_string(),
+                }
+            })?;
+        deserializer.end().map_err(|error| ManifestError::Invalid {
+            file: None,
+            path: "$".into(),
+            message: error.to_string(),
+        })?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// The endpoints that stream records of `topic`.
+    pub fn endpoints_of_topic<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> impl Iterator<Item = &'a EndpointName> {
+        self.endpoints
+            .iter()
+            .filter(move |(_, endpoint)| endpoint.topics.iter().any(|t| t == topic))
+            .map(|(name, _)| name)
+    }
+
+    /// The consumer group with this id.
+    pub fn consumer_group(&self, id: &str) -> Option<&ConsumerGroupConfig> {
+        self.consumer_groups.iter().find(|group| group.id == id)
+    }
+}
+
+/// Turns serde_path_to_error's `a.b[0].c` into a JSON path, `$.a.b[0].c`.
+fn json_path(path: &str) -> String {
+    if path == "." || path.is_empty() {
+        "$".into()
+    } else {
+        format!("$.{path}")
+    }
+}
+
+/// An endpoint's name: what clients put in the URL and what SSE events are named.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct EndpointName(String);
+
+impl EndpointName {
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for EndpointName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        let valid_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        let reserved = name.starts_with("fjord");
+        if name.is_empty() || name.len() > 64 || !name.chars().all(valid_char) || reserved {
+            return Err(format!(
+                "endpoint name {name:?} must be 1 to 64 characters of a-z, A-Z, 0-9, '-' or '_' and must not start with \"fjord\""
+            ));
+        }
+        Ok(Self(name))
+    }
+}
+
+impl fmt::Display for EndpointName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The name of an environment variable that holds a secret. Reading it is deferred to
+/// [`Secret::read`], so that a manifest can be validated where the secret is not set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret {
+    env: String,
+}
+
+impl Secret {
+    /// Names the environment variable `env`.
+    pub fn from_env(env: impl Into<String>) -> Self {
+        Self { env: env.into() }
+    }
+
+    /// The variable's name, safe to log.
+    pub fn env_name(&self) -> &str {
+        &self.env
+    }
+
+    /// Reads the secret from the environment.
+    pub fn read(&self) -> Result<String, ManifestError> {
+        std::env::var(&self.env).map_err(|_| ManifestError::MissingSecret {
+            env: self.env.clone(),
+        })
+    }
+}
+
+/// `kafka`: brokers and how to reach them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// Authentication and encryption.
+    #[serde(default)]
+    pub security: KafkaSecurity,
+}
+
+/// `kafka.security`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "protocol", rename_all = "snake_case", deny_unknown_fields)]
+pub enum KafkaSecurity {
+    /// Plaintext, no authentication.
+    #[default]
+    None,
+    /// SASL/PLAIN.
+    SaslPlain(SaslCredentials),
+    /// SASL/SCRAM-SHA-256.
+    SaslScramSha256(SaslCredentials),
+    /// SASL/SCRAM-SHA-512.
+    SaslScramSha512(SaslCredentials),
+    /// TLS, optionally with a client certificate.
+    Ssl(TlsSettings),
+}
+
+/// Credentials of a SASL mechanism.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaslCredentials {
+    /// The SASL user name.
+    pub username: String,
+    /// The environment variable holding the password.
+    pub password_env: Secret,
+    /// Whether the SASL listener is behind TLS (`SASL_SSL`); true unless said otherwise.
+    #[serde(default = "default_true")]
+    pub tls: bool,
+    /// A CA bundle to trust instead of the system's, for `tls`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `kafka.security` for `protocol: ssl`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// A CA bundle to trust instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The environment variable holding the private key's password, if it has one.
+    #[serde(default)]
+    pub key_password_env: Option<Secret>,
+}
+
+/// `redis`: the bus.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]` or `rediss://` for TLS; no password in it.
+    pub url: String,
+    /// The environment variable holding the Redis password (or ACL user's password).
+    #[serde(default)]
+    pub password_env: Option<Secret>,
+    /// Prefix of every key Fjord writes, so that several deployments can share a Redis.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+/// `endpoints.<name>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// The Kafka topics whose records this endpoint streams.
+    pub topics: Vec<String>,
+    /// Where a connection without a resume id starts.
+    #[serde(default)]
+    pub start: StartPosition,
+    /// How much of the stream the bus keeps for resuming clients.
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+/// Where a new connection without a resume id starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPosition {
+    /// Only records that arrive after the connection opened.
+    #[default]
+    Live,
+    /// The oldest record still in the retention window.
+    Oldest,
+}
+
+/// `endpoints.<name>.retention`: the replay window kept on the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// At most this many records (trimmed approximately, never below this).
+    #[serde(default = "default_max_records")]
+    pub max_records: u64,
+    /// Records older than this many seconds are dropped.
+    #[serde(default = "default_max_age_secs")]
+    pub max_age_secs: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_records: default_max_records(),
+            max_age_secs: default_max_age_secs(),
+        }
+    }
+}
+
+/// `consumer_groups[]`: one Kafka consumer group; each member is one `fjord-consumer`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerGroupConfig {
+    /// The Kafka `group.id`.
+    pub id: String,
+    /// The topics this group consumes.
+    pub topics: Vec<String>,
+    /// How many members (processes) the group runs.
+    #[serde(default = "default_members")]
+    pub members: u32,
+    /// Where a group without committed offsets starts reading.
+    #[serde(default)]
+    pub offset_reset: OffsetReset,
+}
+
+/// Where a consumer group without committed offsets starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetReset {
+    /// The oldest record in each partition.
+    Earliest,
+    /// Only records produced after the group first joined.
+    #[default]
+    Latest,
+}
+
+/// `server`: the HTTP tier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The TCP port to listen on.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// The address to listen on.
+    #[serde(default = "default_host")]
+    pub host: std::net::IpAddr,
+    /// Seconds between heartbeat comments; below every load balancer's idle timeout.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// Milliseconds a client waits before reconnecting (`retry:`).
+    #[serde(default = "default_retry_ms")]
+    pub retry_ms: u64,
+    /// Origins allowed by CORS; `["*"]` allows any.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    /// Events queued for one client before it counts as too slow and is disconnected.
+    #[serde(default = "default_client_queue")]
+    pub client_queue: usize,
+}
+
+impl ServerConfig {
+    /// The heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            port: default_port(),
+            host: default_host(),
+            heartbeat_secs: default_heartbeat_secs(),
+            retry_ms: default_retry_ms(),
+            cors_origins: Vec::new(),
+            client_queue: default_client_queue(),
+        }
+    }
+}
+
+/// `auth`: access control.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuthConfig {
+    /// No access control: every endpoint is open to anyone. Must be said explicitly.
+    Disabled,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_key_prefix() -> String {
+    "fjord".into()
+}
+fn default_max_records() -> u64 {
+    100_000
+}
+fn default_max_age_secs() -> u64 {
+    24 * 60 * 60
+}
+fn default_members() -> u32 {
+    1
+}
+fn default_port() -> u16 {
+    8080
+}
+fn default_host() -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+}
+fn default_heartbeat_secs() -> u64 {
+    15
+}
+fn default_retry_ms() -> u64 {
+    2000
+}
+fn default_client_queue() -> usize {
+    1024
+}

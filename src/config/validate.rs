@@ -1,0 +1,472 @@
+//! Checks that serde cannot express: value ranges and references between sections.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::{KafkaSecurity, Manifest};
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("cannot read manifest {}: {source}", path.display())]
+    Read {
+        /// The manifest's path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A value is malformed, unknown or out of range.
+    #[error("{}{path}: {message}", file.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default())]
+    Invalid {
+        /// The manifest's path, when it came from a file.
+        file: Option<PathBuf>,
+        /// The JSON path of the value, `$.endpoints.orders.topics`.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A secret the manifest names is not in the environment.
+    #[error("environment variable {env} is not set (the manifest names it for a secret)")]
+    MissingSecret {
+        /// The variable's name.
+        env: String,
+    },
+}
+
+impl ManifestError {
+    fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            file: None,
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn in_file(self, manifest: &Path) -> Self {
+        match self {
+            Self::Invalid { path, message, .. } => Self::Invalid {
+                file: Some(manifest.to_owned()),
+                path,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+fn require(
+    ok: bool,
+    path: impl Into<String>,
+    message: impl Into<String>,
+) -> Result<(), ManifestError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ManifestError::invalid(path, message))
+    }
+}
+
+fn check_env_name(path: &str, env: &str) -> Result<(), ManifestError> {
+    let valid = !env.is_empty()
+        && !env.starts_with(|c: char| c.is_ascii_digit())
+        && env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    require(
+        valid,
+        path,
+        format!(
+            "{env:?} is not an environment variable name; the manifest names the variable that holds a secret, never the secret itself"
+        ),
+    )
+}
+
+impl Manifest {
+    pub(super) fn validate(&self) -> Result<(), ManifestError> {
+        self.validate_kafka()?;
+        self.validate_redis()?;
+        self.validate_endpoints_and_groups()?;
+        self.validate_server()
+    }
+
+    fn validate_kafka(&self) -> Result<(), ManifestError> {
+        require(
+            !self.kafka.brokers.is_empty(),
+            "$.kafka.brokers",
+            "at least one broker is needed",
+        )?;
+        for (i, broker) in self.kafka.brokers.iter().enumerate() {
+            let valid = broker.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            require(
+                valid,
+                format!("$.kafka.brokers[{i}]"),
+                format!("{broker:?} is not host:port"),
+            )?;
+        }
+        match &self.kafka.security {
+            KafkaSecurity::None => Ok(()),
+            KafkaSecurity::SaslPlain(sasl)
+            | KafkaSecurity::SaslScramSha256(sasl)
+            | KafkaSecurity::SaslScramSha512(sasl) => {
+                require(
+                    !sasl.username.is_empty(),
+                    "$.kafka.security.username",
+                    "must not be empty",
+                )?;
+                check_env_name(
+                    "$.kafka.security.password_env",
+                    sasl.password_env.env_name(),
+                )
+            }
+            KafkaSecurity::Ssl(tls) => {
+                require(
+                    tls.cert_file.is_some() == tls.key_file.is_some(),
+                    "$.kafka.security",
+                    "cert_file and key_file go together",
+                )?;
+                match &tls.key_password_env {
+                    Some(secret) => {
+                        check_env_name("$.kafka.security.key_password_env", secret.env_name())
+                    }
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    fn validate_redis(&self) -> Result<(), ManifestError> {
+        let url = &self.redis.url;
+        let rest = url
+            .strip_prefix("redis://")
+            .or_else(|| url.strip_prefix("rediss://"))
+            .ok_or_else(|| {
+                ManifestError::invalid(
+                    "$.redis.url",
+                    format!("{url:?} must start with redis:// or rediss://"),
+                )
+            })?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        require(
+            !authority.contains('@'),
+            "$.redis.url",
+            "must not carry credentials; name the variable that holds the password in redis.password_env",
+        )?;
+        require(!authority.is_empty(), "$.redis.url", "needs a host")?;
+        if let Some(secret) = &self.redis.password_env {
+            check_env_name("$.redis.password_env", secret.env_name())?;
+        }
+        let prefix_ok = !self.redis.key_prefix.is_empty()
+            && self.redis.key_prefix.len() <= 64
+            && !self.redis.key_prefix.contains(['{', '}', ' ']);
+        require(
+            prefix_ok,
+            "$.redis.key_prefix",
+            "1 to 64 characters, without braces or spaces",
+        )
+    }
+
+    fn validate_endpoints_and_groups(&self) -> Result<(), ManifestError> {
+        require(
+            !self.endpoints.is_empty(),
+            "$.endpoints",
+            "at least one endpoint is needed",
+        )?;
+        require(
+            self.endpoints.len() <= 1024,
+            "$.endpoints",
+            "at most 1024 endpoints",
+        )?;
+        for (name, endpoint) in &self.endpoints {
+            let path = format!("$.endpoints.{name}");
+            require(
+                !endpoint.topics.is_empty(),
+                format!("{path}.topics"),
+                "at least one topic is needed",
+            )?;
+            for (i, topic) in endpoint.topics.iter().enumerate() {
+                check_topic(&format!("{path}.topics[{i}]"), topic)?;
+                require(
+                    self.consumer_groups
+                        .iter()
+                        .any(|g| g.topics.contains(topic)),
+                    format!("{path}.topics[{i}]"),
+                    format!("topic {topic:?} is not consumed by any of consumer_groups"),
+                )?;
+            }
+            require(
+                endpoint.retention.max_records >= 1,
+                format!("{path}.retention.max_records"),
+                "must be at least 1",
+            )?;
+            require(
+                endpoint.retention.max_age_secs >= 1,
+                format!("{path}.retention.max_age_secs"),
+                "must be at least 1",
+            )?;
+        }
+
+        require(
+            !self.consumer_groups.is_empty(),
+            "$.consumer_groups",
+            "at least one consumer group is needed",
+        )?;
+        let mut consumed_by: BTreeMap<&str, &str> = BTreeMap::new();
+        for (g, group) in self.consumer_groups.iter().enumerate() {
+            let path = format!("$.consumer_groups[{g}]");
+            require(
+                !group.id.trim().is_empty(),
+                format!("{path}.id"),
+                "must not be empty",
+            )?;
+            require(
+                self.consumer_groups[..g]
+                    .iter()
+                    .all(|other| other.id != group.id),
+                format!("{path}.id"),
+                format!("group {:?} is listed twice", group.id),
+            )?;
+            require(
+                (1..=1000).contains(&group.members),
+                format!("{path}.members"),
+                "must be 1 to 1000",
+            )?;
+            require(
+                !group.topics.is_empty(),
+                format!("{path}.topics"),
+                "at least one topic is needed",
+            )?;
+            for (i, topic) in group.topics.iter().enumerate() {
+                let topic_path = format!("{path}.topics[{i}]");
+                check_topic(&topic_path, topic)?;
+                if let Some(other) = consumed_by.insert(topic, &group.id) {
+                    // Two groups would publish each record twice.
+                    return Err(ManifestError::invalid(
+                        topic_path,
+                        format!(
+                            "topic {topic:?} is already consumed by group {other:?}; a topic belongs to one group"
+                        ),
+                    ));
+                }
+                require(
+                    self.endpoints_of_topic(topic).next().is_some(),
+                    topic_path,
+                    format!("topic {topic:?} is not streamed by any endpoint"),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_server(&self) -> Result<(), ManifestError> {
+        let server = &self.server;
+        require(
+            (1..=3600).contains(&server.heartbeat_secs),
+            "$.server.heartbeat_secs",
+            "must be 1 to 3600",
+        )?;
+        require(
+            (1..=600_000).contains(&server.retry_ms),
+            "$.server.retry_ms",
+            "must be 1 to 600000",
+        )?;
+        require(
+            (1..=1_000_000).contains(&server.client_queue),
+            "$.server.client_queue",
+            "must be 1 to 1000000",
+        )?;
+        for (i, origin) in server.cors_origins.iter().enumerate() {
+            let valid = origin == "*"
+                || ((origin.starts_with("https://") || origin.starts_with("http://"))
+                    && !origin.ends_with('/')
+                    && origin.parse::<warp::http::HeaderValue>().is_ok());
+            require(
+                valid,
+                format!("$.server.cors_origins[{i}]"),
+                format!(
+                    "{origin:?} is not an origin like https://app.example.com (scheme and host, no path) or \"*\""
+                ),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn check_topic(path: &str, topic: &str) -> Result<(), ManifestError> {
+    let valid = !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    require(
+        valid,
+        path,
+        format!("{topic:?} is not a valid Kafka topic name"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AuthConfig, EXAMPLE, Manifest, OffsetReset, StartPosition};
+
+    fn minimal() -> serde_json::Value {
+        serde_json::json!({
+            "kafka": {"brokers": ["127.0.0.1:9092"]},
+            "redis": {"url": "redis://127.0.0.1:6379"},
+            "endpoints": {"orders": {"topics": ["orders"]}},
+            "consumer_groups": [{"id": "fjord", "topics": ["orders"]}],
+            "auth": {"mode": "disabled"}
+        })
+    }
+
+    fn error_of(value: &serde_json::Value) -> String {
+        match Manifest::parse(&value.to_string()) {
+            Ok(_) => panic!("manifest {value} was accepted"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_manifest_gets_defaults() {
+        let manifest = Manifest::parse(&minimal().to_string()).expect("valid");
+        assert_eq!(manifest.server.port, 8080);
+        assert_eq!(manifest.server.heartbeat_secs, 15);
+        assert_eq!(manifest.redis.key_prefix, "fjord");
+        assert_eq!(manifest.consumer_groups[0].members, 1);
+        assert_eq!(
+            manifest.consumer_groups[0].offset_reset,
+            OffsetReset::Latest
+        );
+        let orders = manifest.endpoints.values().next().expect("one endpoint");
+        assert_eq!(orders.start, StartPosition::Live);
+        assert!(matches!(manifest.auth, AuthConfig::Disabled));
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        Manifest::parse(EXAMPLE).expect("the example manifest is valid");
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let mut value = minimal();
+        value["endpoints"]["orders"]["topicz"] = serde_json::json!(["x"]);
+        let error = error_of(&value);
+        assert!(error.starts_with("$.endpoints.orders"), "{error}");
+        assert!(error.contains("topicz"), "{error}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let mut value = minimal();
+        value["server"] = serde_json::json!({"port": "eighty"});
+        assert!(error_of(&value).starts_with("$.server.port"));
+        value["server"] = serde_json::json!({"port": 70000});
+        assert!(error_of(&value).starts_with("$.server.port"));
+    }
+
+    #[test]
+    fn missing_section_is_named() {
+        let mut value = minimal();
+        value.as_object_mut().expect("object").remove("auth");
+        assert!(error_of(&value).contains("auth"));
+    }
+
+    #[test]
+    fn bad_values_name_their_paths() {
+        let cases: &[(&str, serde_json::Value, &str)] = &[
+            ("/kafka/brokers", serde_json::json!([]), "$.kafka.brokers"),
+            (
+                "/kafka/brokers",
+                serde_json::json!(["nohost"]),
+                "$.kafka.brokers[0]",
+            ),
+            ("/redis/url", serde_json::json!("http://x"), "$.redis.url"),
+            (
+                "/redis/url",
+                serde_json::json!("redis://user:hunter2@x:6379"),
+                "$.redis.url",
+            ),
+            ("/endpoints", serde_json::json!({}), "$.endpoints"),
+            (
+                "/endpoints",
+                serde_json::json!({"fjord-x": {"topics": ["orders"]}}),
+                "$.endpoints",
+            ),
+            (
+                "/endpoints/orders/topics",
+                serde_json::json!(["orders", "bad topic"]),
+                "$.endpoints.orders.topics[1]",
+            ),
+            (
+                "/endpoints/orders/topics",
+                serde_json::json!(["orders", "other"]),
+                "$.endpoints.orders.topics[1]",
+            ),
+            (
+                "/endpoints/orders/retention",
+                serde_json::json!({"max_records": 0}),
+                "$.endpoints.orders.retention.max_records",
+            ),
+            (
+                "/consumer_groups/0/members",
+                serde_json::json!(0),
+                "$.consumer_groups[0].members",
+            ),
+            (
+                "/server",
+                serde_json::json!({"heartbeat_secs": 0}),
+                "$.server.heartbeat_secs",
+            ),
+            (
+                "/server",
+                serde_json::json!({"cors_origins": ["example.com"]}),
+                "$.server.cors_origins[0]",
+            ),
+            (
+                "/server",
+                serde_json::json!({"client_queue": 0}),
+                "$.server.client_queue",
+            ),
+            ("/auth", serde_json::json!({"mode": "maybe"}), "$.auth"),
+        ];
+        for (pointer, replacement, expected_path) in cases {
+            let mut value = minimal();
+            *value.pointer_mut(pointer).expect("pointer exists") = replacement.clone();
+            let error = error_of(&value);
+            assert!(
+                error.starts_with(expected_path),
+                "{pointer} = {replacement}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_topic_belongs_to_one_group() {
+        let mut value = minimal();
+        value["consumer_groups"] = serde_json::json!([
+            {"id": "a", "topics": ["orders"]},
+            {"id": "b", "topics": ["orders"]}
+        ]);
+        assert!(error_of(&value).starts_with("$.consumer_groups[1].topics[0]"));
+    }
+
+    #[test]
+    fn secrets_are_named_not_inlined() {
+        let mut value = minimal();
+        value["kafka"]["security"] = serde_json::json!({
+            "protocol": "sasl_scram_sha_512", "username": "fjord", "password_env": "hunter2!"
+        });
+        assert!(error_of(&value).starts_with("$.kafka.security.password_env"));
+        value["kafka"]["security"]["password"] = serde_json::json!("x");
+        assert!(error_of(&value).contains("password"));
+    }
+
+    #[test]
+    fn trailing_garbage_is_refused() {
+        let text = format!("{} {{", minimal());
+        assert!(Manifest::parse(&text).is_err());
+    }
+}

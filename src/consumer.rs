@@ -1,0 +1,309 @@
+//! A consumer-group member: reads its share of the group's partitions, encodes each record
+//! once into an envelope, publishes it to the bus, and only then stores its offset for the
+//! next commit — so a record is committed only after the bus holds it (at-least-once), and
+//! the bus's idempotent publish turns a second delivery after a crash into a no-op.
+//!
+//! While the bus is unreachable the member stops reading (backpressure) and retries the
+//! same record; it never skips one.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use tokio::sync::mpsc;
+
+use crate::bus::{Bus, Publication};
+use crate::config::{
+    ConsumerGroupConfig, EndpointName, KafkaConfig, KafkaSecurity, Manifest, ManifestError,
+    OffsetReset, Retention,
+};
+use crate::envelope::{Envelope, RecordParts};
+
+/// Why a consumer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// The manifest's Kafka settings could not be applied.
+    #[error(transparent)]
+    Config(#[from] ManifestError),
+    /// Kafka refused the client: bad credentials, unreachable TLS, a fatal error.
+    #[error("kafka {operation}: {source}")]
+    Kafka {
+        /// What was being done.
+        operation: &'static str,
+        /// The client's error.
+        source: KafkaError,
+    },
+    /// An error librdkafka reported as fatal for this client.
+    #[error("kafka: {0}")]
+    Fatal(String),
+    /// A record could not be encoded.
+    #[error("encoding record {topic}/{partition}@{offset}: {source}")]
+    Encode {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+        /// The encoder's error.
+        source: serde_json::Error,
+    },
+}
+
+/// The librdkafka settings for the manifest's brokers and security, secrets read from the
+/// environment.
+pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, ManifestError> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", kafka.brokers.join(","));
+    let mut sasl = |mechanism: &str,
+                    credentials: &crate::config::SaslCredentials|
+     -> Result<(), ManifestError> {
+        let protocol = if credentials.tls {
+            "sasl_ssl"
+        } else {
+            "sasl_plaintext"
+        };
+        config
+            .set("security.protocol", protocol)
+            .set("sasl.mechanism", mechanism)
+            .set("sasl.username", &credentials.username)
+            .set("sasl.password", credentials.password_env.read()?);
+        if let Some(ca) = &credentials.ca_file {
+            config.set("ssl.ca.location", ca.display().to_string());
+        }
+        Ok(())
+    };
+    match &kafka.security {
+        KafkaSecurity::None => {
+            config.set("security.protocol", "plaintext");
+        }
+        KafkaSecurity::SaslPlain(credentials) => sasl("PLAIN", credentials)?,
+        KafkaSecurity::SaslScramSha256(credentials) => sasl("SCRAM-SHA-256", credentials)?,
+        KafkaSecurity::SaslScramSha512(credentials) => sasl("SCRAM-SHA-512", credentials)?,
+        KafkaSecurity::Ssl(tls) => {
+            config.set("security.protocol", "ssl");
+            if let Some(ca) = &tls.ca_file {
+                config.set("ssl.ca.location", ca.display().to_string());
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                config
+                    .set("ssl.certificate.location", cert.display().to_string())
+                    .set("ssl.key.location", key.display().to_string());
+            }
+            if let Some(password) = &tls.key_password_env {
+                config.set("ssl.key.password", password.read()?);
+            }
+        }
+    }
+    config.set_log_level(RDKafkaLogLevel::Warning);
+    Ok(config)
+}
+
+/// Sees librdkafka's errors and rebalances: logs assignments, and passes on the errors
+/// after which retrying is pointless.
+struct MemberContext {
+    group: String,
+    fatal: mpsc::UnboundedSender<String>,
+}
+
+impl ClientContext for MemberContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        let fatal = matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::Fatal
+            )
+        );
+        if fatal {
+            let _ = self.fatal.send(format!("{error}: {reason}"));
+        } else {
+            tracing::warn!(group = %self.group, %error, reason, "kafka client error; retrying");
+        }
+    }
+}
+
+impl ConsumerContext for MemberContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                let assigned: Vec<String> = partitions
+                    .elements()
+                    .iter()
+                    .map(|p| format!("{}/{}", p.topic(), p.partition()))
+                    .collect();
+                tracing::info!(group = %self.group, partitions = %assigned.join(","), "partitions assigned");
+            }
+            Rebalance::Revoke(partitions) => {
+                tracing::info!(group = %self.group, count = partitions.count(), "partitions revoked");
+            }
+            Rebalance::Error(error) => {
+                tracing::warn!(group = %self.group, %error, "rebalance failed")
+            }
+        }
+    }
+}
+
+/// The endpoints (and their retention) each topic of the group publishes to.
+fn routes_by_topic(
+    manifest: &Manifest,
+    group: &ConsumerGroupConfig,
+) -> HashMap<String, Vec<(EndpointName, Retention)>> {
+    group
+        .topics
+        .iter()
+        .map(|topic| {
+            let endpoints = manifest
+                .endpoints_of_topic(topic)
+                .map(|name| (name.clone(), manifest.endpoints[name].retention))
+                .collect();
+            (topic.clone(), endpoints)
+        })
+        .collect()
+}
+
+/// Runs one member of `group` until `shutdown` resolves; then commits what it published and
+/// leaves the group.
+pub async fn run(
+    manifest: &Manifest,
+    group: &ConsumerGroupConfig,
+    bus: &Bus,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ConsumerError> {
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let context = MemberContext {
+        group: group.id.clone(),
+        fatal: fatal_tx,
+    };
+    let offset_reset = match group.offset_reset {
+        OffsetReset::Earliest => "earliest",
+        OffsetReset::Latest => "latest",
+    };
+    let consumer: StreamConsumer<MemberContext> = client_config(&manifest.kafka)?
+        .set("group.id", &group.id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        // Offsets are stored by hand, after the bus accepted the record.
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", offset_reset)
+        .set("session.timeout.ms", "10000")
+        .create_with_context(context)
+        .map_err(|source| ConsumerError::Kafka {
+            operation: "create consumer",
+            source,
+        })?;
+    let topics: Vec<&str> = group.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|source| ConsumerError::Kafka {
+            operation: "subscribe",
+            source,
+        })?;
+    tracing::info!(group = %group.id, topics = %group.topics.join(","), "consumer joined");
+
+    let routes = routes_by_topic(manifest, group);
+    let mut published = 0_u64;
+    tokio::pin!(shutdown);
+    let outcome = loop {
+        let message = tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            Some(reason) = fatal_rx.recv() => break Err(ConsumerError::Fatal(reason)),
+            message = consumer.recv() => message,
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(group = %group.id, %error, "kafka receive failed; retrying");
+                continue;
+            }
+        };
+        let Some(endpoints) = routes.get(message.topic()) else {
+            continue;
+        };
+        let envelope = encode(&message)?;
+        let publication = Publication {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            endpoints,
+            envelope: &envelope,
+        };
+        tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            () = publish_until_accepted(bus, publication) => {}
+        }
+        if let Err(error) = consumer.store_offset_from_message(&message) {
+            // The partition was revoked meanwhile; its new owner reads the record again
+            // and the idempotent publish drops it.
+            tracing::debug!(%error, "offset not stored");
+        }
+        published += 1;
+        if published.is_multiple_of(10_000) {
+            tracing::info!(group = %group.id, published, "records published");
+        }
+    };
+    tracing::info!(group = %group.id, published, "leaving the group");
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(error) => {
+            tracing::warn!(group = %group.id, %error, "final commit failed; the next member re-reads from the last commit")
+        }
+    }
+    drop(consumer);
+    outcome
+}
+
+fn encode(message: &BorrowedMessage<'_>) -> Result<Envelope, ConsumerError> {
+    let parts = RecordParts {
+        topic: message.topic(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key(),
+        timestamp: message.timestamp().to_millis(),
+        value: message.payload(),
+    };
+    let headers = message
+        .headers()
+        .into_iter()
+        .flat_map(|headers| headers.iter())
+        .map(|header| (header.key, header.value));
+    Envelope::encode(parts, headers).map_err(|source| ConsumerError::Encode {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        source,
+    })
+}
+
+/// Publishes, retrying with backoff for as long as the bus refuses.
+async fn publish_until_accepted(bus: &Bus, publication: Publication<'_>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match bus.publish(publication).await {
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(
+                    topic = publication.topic,
+                    partition = publication.partition,
+                    offset = publication.offset,
+                    %error,
+                    retry_in = ?backoff,
+                    "bus refused the record; holding the partition until it accepts"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

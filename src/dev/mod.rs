@@ -1,0 +1,267 @@
+//! `fjord dev`: the whole pipeline in one process with no external service — an in-process
+//! Kafka (librdkafka's mock cluster), the in-process bus, the consumer, the server with a
+//! demo page at `/`, and a producer of SuperEats-style events. Flags point it at a real
+//! Kafka and Redis instead.
+
+mod producer;
+
+use std::net::IpAddr;
+use std::sync::mpsc as std_mpsc;
+
+use rdkafka::mocking::MockCluster;
+
+use crate::bus::{Bus, BusError};
+use crate::config::{Manifest, ManifestError};
+use crate::consumer::ConsumerError;
+use crate::server::ServerError;
+
+/// The demo page served at `/`.
+pub const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// The topics (and endpoints) of the demo.
+pub const DEMO_TOPICS: [&str; 2] = ["orders", "drivers"];
+const DEMO_PARTITIONS: i32 = 3;
+
+/// What `fjord dev` runs against.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// Address of the HTTP server.
+    pub host: IpAddr,
+    /// Port of the HTTP server.
+    pub port: u16,
+    /// Real Kafka brokers instead of the in-process cluster.
+    pub kafka: Option<String>,
+    /// A real Redis instead of the in-process bus.
+    pub redis: Option<String>,
+    /// Whether to run the demo producer.
+    pub demo_producer: bool,
+}
+
+/// Why `fjord dev` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// The in-process Kafka could not start.
+    #[error("in-process kafka: {0}")]
+    MockCluster(String),
+    /// The generated manifest was refused (a bad flag value).
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The consumer failed.
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+    /// The server failed.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// A demo topic could not be created on the real Kafka.
+    #[error("creating topic {topic}: {code}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// Kafka's answer.
+        code: rdkafka::error::RDKafkaErrorCode,
+    },
+    /// A task of the pipeline panicked or was cancelled.
+    #[error("a task of fjord dev failed: {0}")]
+    Task(String),
+    /// The demo producer failed.
+    #[error("demo producer: {0}")]
+    Producer(#[from] rdkafka::error::KafkaError),
+}
+
+/// An in-process Kafka cluster on a thread of its own (the mock cluster is not `Send`).
+/// Dropping this stops it.
+#[derive(Debug)]
+pub struct InProcessKafka {
+    bootstrap_servers: String,
+    _stop: std_mpsc::Sender<()>,
+}
+
+impl InProcessKafka {
+    /// Starts a one-broker cluster with `topics` of `partitions` each.
+    pub fn start(topics: &[&str], partitions: i32) -> Result<Self, DevError> {
+        let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+        let (started_tx, started_rx) = std_mpsc::channel();
+        let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("kafka-mock".into())
+            .spawn(move || {
+                let cluster = match MockCluster::new(1) {
+                    Ok(cluster) => cluster,
+                    Err(error) => {
+                        let _ = started_tx.send(Err(error.to_string()));
+                        return;
+                    }
+                };
+                for topic in &topics {
+                    if let Err(error) = cluster.create_topic(topic, partitions, 1) {
+                        let _ = started_tx.send(Err(format!("creating topic {topic}: {error}")));
+                        return;
+                    }
+                }
+                let _ = started_tx.send(Ok(cluster.bootstrap_servers()));
+                // Keeps the cluster alive until the handle is dropped.
+                let _ = stop_rx.recv();
+            })
+            .map_err(|error| DevError::MockCluster(error.to_string()))?;
+        let bootstrap_servers = started_rx
+            .recv()
+            .map_err(|_| DevError::MockCluster("the cluster thread ended".into()))?
+            .map_err(DevError::MockCluster)?;
+        Ok(Self {
+            bootstrap_servers,
+            _stop: stop_tx,
+        })
+    }
+
+    /// The cluster's `bootstrap.servers`.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+}
+
+/// The manifest `fjord dev` runs with.
+pub fn manifest(
+    brokers: &str,
+    redis: Option<&str>,
+    host: IpAddr,
+    port: u16,
+) -> Result<Manifest, ManifestError> {
+    let endpoints: serde_json::Map<String, serde_json::Value> = DEMO_TOPICS
+        .iter()
+        .map(|topic| {
+            let endpoint = serde_json::json!({
+                "topics": [topic],
+                "retention": {"max_records": 10_000, "max_age_secs": 3600}
+            });
+            ((*topic).to_owned(), endpoint)
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "kafka": {"brokers": brokers.split(',').collect::<Vec<_>>()},
+        "redis": {"url": redis.unwrap_or("redis://127.0.0.1:6379"), "key_prefix": "fjord-dev"},
+        "endpoints": endpoints,
+        "consumer_groups": [{"id": "fjord-dev", "topics": DEMO_TOPICS, "offset_reset": "latest"}],
+        "server": {"host": host.to_string(), "port": port, "cors_origins": ["*"]},
+        "auth": {"mode": "disabled"}
+    });
+    Manifest::parse(&manifest.to_string())
+}
+
+/// Runs `fjord dev` until Ctrl-C.
+pub async fn run(options: DevOptions) -> Result<(), DevError> {
+    let in_process_kafka = match &options.kafka {
+        Some(_) => None,
+        None => Some(InProcessKafka::start(&DEMO_TOPICS, DEMO_PARTITIONS)?),
+    };
+    let brokers = match (&options.kafka, &in_process_kafka) {
+        (Some(brokers), _) => brokers.clone(),
+        (None, Some(kafka)) => kafka.bootstrap_servers().to_owned(),
+        (None, None) => return Err(DevError::MockCluster("no brokers".into())),
+    };
+    let manifest = manifest(
+        &brokers,
+        options.redis.as_deref(),
+        options.host,
+        options.port,
+    )?;
+    if options.kafka.is_some() {
+        producer::ensure_topics(&manifest, DEMO_PARTITIONS).await?;
+    }
+    let bus = match &options.redis {
+        Some(_) => crate::bus::connect_redis(&manifest.redis).await?,
+        None => Bus::Memory(crate::bus::memory::MemoryBus::new()),
+    };
+    let listener = crate::server::bind(&manifest).await?;
+    let address = listener.local_addr().map_err(|source| ServerError::Bind {
+        address: std::net::SocketAddr::new(options.host, options.port),
+        source,
+    })?;
+    announce(
+        &brokers,
+        in_process_kafka.is_some(),
+        options.redis.as_deref(),
+        address,
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = receiver.wait_for(|stop| *stop).await;
+    };
+    let group = manifest.consumer_groups[0].clone();
+    let consumer = {
+        let (manifest, bus, stop) = (manifest.clone(), bus.clone(), stopped(stop_rx.clone()));
+        tokio::spawn(async move { crate::consumer::run(&manifest, &group, &bus, stop).await })
+    };
+    let producer = options.demo_producer.then(|| {
+        let (manifest, stop) = (manifest.clone(), stopped(stop_rx.clone()));
+        tokio::spawn(async move { producer::run(&manifest, stop).await })
+    });
+    let server = {
+        let (manifest, bus, stop) = (manifest.clone(), bus.clone(), stopped(stop_rx.clone()));
+        tokio::spawn(async move {
+            crate::server::serve(&manifest, &bus, listener, Some(DEMO_PAGE), stop).await
+        })
+    };
+
+    crate::process::shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    if let Some(producer) = producer {
+        flatten(producer.await)?;
+    }
+    flatten(consumer.await)?;
+    flatten(server.await)?;
+    drop(in_process_kafka);
+    Ok(())
+}
+
+fn flatten<E: Into<DevError>>(
+    joined: Result<Result<(), E>, tokio::task::JoinError>,
+) -> Result<(), DevError> {
+    match joined {
+        Ok(result) => result.map_err(Into::into),
+        Err(error) => Err(DevError::Task(error.to_string())),
+    }
+}
+
+#[allow(
+    clippy::print_stdout,
+    reason = "the developer's instructions go to the terminal"
+)]
+fn announce(brokers: &str, in_process: bool, redis: Option<&str>, address: std::net::SocketAddr) {
+    let page_host = if address.ip().is_unspecified() {
+        "localhost".to_owned()
+    } else {
+        address.ip().to_string()
+    };
+    let kafka = if in_process {
+        "in-process Kafka"
+    } else {
+        "Kafka"
+    };
+    let bus = redis.map_or_else(
+        || "the in-process bus".to_owned(),
+        |url| format!("Redis at {url}"),
+    );
+    println!();
+    println!("  Fjord dev is running.");
+    println!();
+    println!("  Demo page       http://{page_host}:{}/", address.port());
+    println!(
+        "  Stream          curl -N http://{page_host}:{}/v1/streams/orders",
+        address.port()
+    );
+    println!(
+        "  {kafka:<15} {brokers}   (topics: {})",
+        DEMO_TOPICS.join(", ")
+    );
+    println!(
+        "  Produce         kcat -b {brokers} -t orders -k order-1 -P   (then type JSON lines)"
+    );
+    println!("  Bus             {bus}");
+    println!();
+    println!("  Ctrl-C stops everything.");
+    println!();
+}

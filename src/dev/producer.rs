@@ -1,0 +1,266 @@
+//! The demo producer of `fjord dev`: a small SuperEats simulation. Orders are placed,
+//! prepared, picked up and delivered; drivers drive across Oslo to fetch and bring them.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+use super::DevError;
+use crate::config::Manifest;
+use crate::consumer::client_config;
+
+const RESTAURANTS: [&str; 6] = [
+    "Nonna's Pizza",
+    "Pho Grünerløkka",
+    "Burger Bryggen",
+    "Sushi Aker",
+    "Curry House",
+    "Taco Torget",
+];
+const DISHES: [&str; 8] = [
+    "Margherita",
+    "Pho bo",
+    "Cheeseburger",
+    "Salmon nigiri",
+    "Butter chicken",
+    "Al pastor",
+    "Fries",
+    "Cola",
+];
+const CUSTOMERS: [&str; 8] = [
+    "Ada L.",
+    "Alan K.",
+    "Grace H.",
+    "Edsger D.",
+    "Barbara L.",
+    "Ken T.",
+    "Margaret H.",
+    "Linus T.",
+];
+const DRIVERS: [&str; 8] = [
+    "Sam", "Nora", "Emil", "Sofie", "Jonas", "Ingrid", "Ola", "Kari",
+];
+const STATUSES: [&str; 4] = ["placed", "preparing", "picked_up", "delivered"];
+/// Oslo, roughly.
+const LAT: (f64, f64) = (59.90, 59.94);
+const LON: (f64, f64) = (10.70, 10.80);
+
+/// Creates the demo topics on a real Kafka if they are missing.
+pub(super) async fn ensure_topics(manifest: &Manifest, partitions: i32) -> Result<(), DevError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(&manifest.kafka)?.create()?;
+    let topics: Vec<NewTopic<'_>> = super::DEMO_TOPICS
+        .iter()
+        .map(|topic| NewTopic::new(topic, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(DevError::CreateTopic { topic, code }),
+        }
+    }
+    Ok(())
+}
+
+struct Driver {
+    name: &'static str,
+    lat: f64,
+    lon: f64,
+    target: Option<(f64, f64)>,
+    order: Option<usize>,
+}
+
+struct Order {
+    id: u64,
+    restaurant: &'static str,
+    customer: &'static str,
+    items: serde_json::Value,
+    total_cents: u64,
+    stage: usize,
+    driver: Option<usize>,
+}
+
+fn between((low, high): (f64, f64)) -> f64 {
+    low + fastrand::f64() * (high - low)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+struct Simulation {
+    drivers: Vec<Driver>,
+    orders: Vec<Order>,
+    next_order: u64,
+}
+
+impl Simulation {
+    fn new() -> Self {
+        let drivers = DRIVERS
+            .iter()
+            .map(|name| Driver {
+                name,
+                lat: between(LAT),
+                lon: between(LON),
+                target: None,
+                order: None,
+            })
+            .collect();
+        Self {
+            drivers,
+            orders: Vec::new(),
+            next_order: 1,
+        }
+    }
+
+    fn place_order(&mut self) -> (String, serde_json::Value) {
+        let items: Vec<_> = (0..fastrand::usize(1..4))
+            .map(|_| json!({"name": DISHES[fastrand::usize(..DISHES.len())], "qty": fastrand::u8(1..4)}))
+            .collect();
+        let order = Order {
+            id: self.next_order,
+            restaurant: RESTAURANTS[fastrand::usize(..RESTAURANTS.len())],
+            customer: CUSTOMERS[fastrand::usize(..CUSTOMERS.len())],
+            items: serde_json::Value::Array(items),
+            total_cents: fastrand::u64(900..6000),
+            stage: 0,
+            driver: None,
+        };
+        self.next_order += 1;
+        self.orders.push(order);
+        self.order_record(self.orders.len() - 1)
+    }
+
+    fn order_record(&self, index: usize) -> (String, serde_json::Value) {
+        let order = &self.orders[index];
+        let key = format!("order-{}", order.id);
+        let value = json!({
+            "order_id": key,
+            "restaurant": order.restaurant,
+            "customer": order.customer,
+            "items": order.items,
+            "total_cents": order.total_cents,
+            "status": STATUSES[order.stage],
+            "driver_id": order.driver.map(|d| format!("driver-{}", d + 1)),
+        });
+        (key, value)
+    }
+
+    /// Moves one order a step on; returns its new record.
+    fn advance_order(&mut self) -> Option<(String, serde_json::Value)> {
+        let index = fastrand::usize(..self.orders.len().max(1));
+        let order = self.orders.get_mut(index)?;
+        if order.stage == 0 {
+            let free = self
+                .drivers
+                .iter()
+                .position(|driver| driver.order.is_none())?;
+            order.driver = Some(free);
+            self.drivers[free].order = Some(index);
+            self.drivers[free].target = Some((between(LAT), between(LON)));
+        }
+        let order = self.orders.get_mut(index)?;
+        order.stage += 1;
+        let record = self.order_record(index);
+        if self.orders[index].stage == STATUSES.len() - 1 {
+            if let Some(driver) = self.orders[index].driver {
+                self.drivers[driver].order = None;
+                self.drivers[driver].target = None;
+            }
+            self.orders.remove(index);
+            // Indexes after the removed order moved down by one.
+            for driver in &mut self.drivers {
+                driver.order = driver.order.map(|o| if o > index { o - 1 } else { o });
+            }
+        }
+        Some(record)
+    }
+
+    fn move_driver(&mut self, index: usize) -> (String, serde_json::Value) {
+        let driver = &mut self.drivers[index];
+        let (target_lat, target_lon) = driver.target.unwrap_or((
+            driver.lat + (fastrand::f64() - 0.5) * 0.004,
+            driver.lon + (fastrand::f64() - 0.5) * 0.008,
+        ));
+        let step = 0.15;
+        let (d_lat, d_lon) = (
+            (target_lat - driver.lat) * step,
+            (target_lon - driver.lon) * step,
+        );
+        driver.lat = (driver.lat + d_lat).clamp(LAT.0, LAT.1);
+        driver.lon = (driver.lon + d_lon).clamp(LON.0, LON.1);
+        let heading = d_lon.atan2(d_lat).to_degrees().rem_euclid(360.0).round();
+        let order_id = driver
+            .order
+            .and_then(|o| self.orders.get(o))
+            .map(|o| format!("order-{}", o.id));
+        let key = format!("driver-{}", index + 1);
+        let value = json!({
+            "driver_id": key,
+            "name": driver.name,
+            "lat": (driver.lat * 1e5).round() / 1e5,
+            "lon": (driver.lon * 1e5).round() / 1e5,
+            "heading": heading,
+            "status": if order_id.is_some() { "en_route" } else { "idle" },
+            "order_id": order_id,
+        });
+        (key, value)
+    }
+}
+
+/// Produces demo records until `stop` resolves.
+pub(super) async fn run(
+    manifest: &Manifest,
+    stop: impl Future<Output = ()>,
+) -> Result<(), DevError> {
+    let producer: FutureProducer = client_config(&manifest.kafka)?
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "10000")
+        .create()?;
+    let mut simulation = Simulation::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tokio::pin!(stop);
+    for round in 0_u64.. {
+        tokio::select! {
+            () = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let mut records = Vec::new();
+        if round % 4 == 0 && simulation.orders.len() < 40 {
+            records.push(("orders", simulation.place_order()));
+        }
+        if round % 2 == 1
+            && let Some(record) = simulation.advance_order()
+        {
+            records.push(("orders", record));
+        }
+        let driver = usize::try_from(round).unwrap_or(0) % DRIVERS.len();
+        records.push(("drivers", simulation.move_driver(driver)));
+        for (topic, (key, value)) in records {
+            let payload = value.to_string();
+            let timestamp = now_ms();
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "source",
+                value: Some("fjord-dev"),
+            });
+            let record = FutureRecord::to(topic)
+                .key(&key)
+                .payload(&payload)
+                .timestamp(timestamp)
+                .headers(headers);
+            if let Err((error, _)) = producer.send(record, Duration::from_secs(5)).await {
+                tracing::warn!(topic, %error, "demo record not produced");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! The envelope: how one Kafka record looks to clients. Built once, by the consumer, as
+//! compact JSON without line breaks (an SSE `data:` line cannot hold one), and carried as
+//! bytes from then on.
+//!
+//! `value` is the record's JSON when it parses as JSON, a string when it is other UTF-8,
+//! else `{"base64": "..."}`; `key` and header values are strings when UTF-8, else the
+//! base64 object. A header name that occurs more than once maps to an array of its values.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::value::RawValue;
+
+/// The parts of a Kafka record the envelope is made of, borrowed from the client's message.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordParts<'a> {
+    /// The topic.
+    pub topic: &'a str,
+    /// The partition.
+    pub partition: i32,
+    /// The offset within the partition.
+    pub offset: i64,
+    /// The key, if the record has one.
+    pub key: Option<&'a [u8]>,
+    /// Milliseconds since the epoch, if the record carries a timestamp.
+    pub timestamp: Option<i64>,
+    /// The payload; `None` for a tombstone.
+    pub value: Option<&'a [u8]>,
+}
+
+/// One encoded record: what is published to the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The key as clients filter on it (`?key=`): the key's text, or its base64 when it is
+    /// not UTF-8; `None` when the record has no key.
+    pub filter_key: Option<String>,
+    /// The envelope's JSON, one line.
+    pub json: Vec<u8>,
+}
+
+/// Bytes shown as a JSON string when they are UTF-8, else as `{"base64": "..."}`.
+struct TextOrBase64<'a>(&'a [u8]);
+
+impl Serialize for TextOrBase64<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(self.0) {
+            Ok(text) => serializer.serialize_str(text),
+            Err(_) => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry("base64", &BASE64.encode(self.0))?;
+                map.end()
+            }
+        }
+    }
+}
+
+/// A record's value: its JSON when it parses, else text or base64.
+enum Value<'a> {
+    Json(&'a RawValue),
+    /// JSON that spans several lines, made compact.
+    ReformattedJson(serde_json::Value),
+    Other(TextOrBase64<'a>),
+    Null,
+}
+
+impl<'a> Value<'a> {
+    fn of(bytes: Option<&'a [u8]>) -> Self {
+        let Some(bytes) = bytes else {
+            return Self::Null;
+        };
+        match serde_json::from_slice::<&RawValue>(bytes) {
+            Ok(raw) if !raw.get().contains(['\n', '\r']) => Self::Json(raw),
+            Ok(raw) => match serde_json::from_str(raw.get()) {
+                Ok(value) => Self::ReformattedJson(value),
+                Err(_) => Self::Other(TextOrBase64(bytes)),
+            },
+            Err(_) => Self::Other(TextOrBase64(bytes)),
+        }
+    }
+}
+
+impl Serialize for Value<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Json(raw) => raw.serialize(serializer),
+            Self::ReformattedJson(value) => value.serialize(serializer),
+            Self::Other(other) => other.serialize(serializer),
+            Self::Null => serializer.serialize_none(),
+        }
+    }
+}
+
+/// Header values by name; a name that repeats keeps every value, in order.
+enum HeaderValues<'a> {
+    One(Option<TextOrBase64<'a>>),
+    Many(Vec<Option<TextOrBase64<'a>>>),
+}
+
+impl Serialize for HeaderValues<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::One(value) => value.serialize(serializer),
+            Self::Many(values) => values.serialize(serializer),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EnvelopeJson<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    key: Option<TextOrBase64<'a>>,
+    timestamp: Option<i64>,
+    headers: BTreeMap<&'a str, HeaderValues<'a>>,
+    value: Value<'a>,
+}
+
+impl Envelope {
+    /// Encodes a record with its headers (name, value) in the order Kafka gave them.
+    ///
+    /// Fails only if serde_json cannot write what it was given, which borrowed strings,
+    /// numbers and validated raw JSON never cause.
+    pub fn encode<'a>(
+        record: RecordParts<'a>,
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Result<Self, serde_json::Error> {
+        let mut header_map: BTreeMap<&str, HeaderValues<'_>> = BTreeMap::new();
+        for (name, value) in headers {
+            let value = value.map(TextOrBase64);
+            match header_map.remove(name) {
+                None => header_map.insert(name, HeaderValues::One(value)),
+                Some(HeaderValues::One(first)) => {
+                    header_map.insert(name, HeaderValues::Many(vec![first, value]))
+                }
+                Some(HeaderValues::Many(mut values)) => {
+                    values.push(value);
+                    header_map.insert(name, HeaderValues::Many(values))
+                }
+            };
+        }
+        let json = EnvelopeJson {
+            topic: record.topic,
+            partition: record.partition,
+            offset: record.offset,
+            key: record.key.map(TextOrBase64),
+            timestamp: record.timestamp,
+            headers: header_map,
+            value: Value::of(record.value),
+        };
+        let json = serde_json::to_vec(&json)?;
+        let filter_key = record.key.map(|key| match std::str::from_utf8(key) {
+            Ok(text) => text.to_owned(),
+            Err(_) => BASE64.encode(key),
+        });
+        Ok(Self { filter_key, json })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts<'a>(key: Option<&'a [u8]>, value: Option<&'a [u8]>) -> RecordParts<'a> {
+        RecordParts {
+            topic: "orders",
+            partition: 3,
+            offset: 1042,
+            key,
+            timestamp: Some(1_764_000_000_000),
+            value,
+        }
+    }
+
+    fn encode(
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
+    ) -> (Envelope, serde_json::Value) {
+        let envelope =
+            Envelope::encode(parts(key, value), headers.iter().copied()).expect("encodes");
+        assert!(!envelope.json.contains(&b'\n'), "one line");
+        let parsed = serde_json::from_slice(&envelope.json).expect("envelope is JSON");
+        (envelope, parsed)
+    }
+
+    #[test]
+    fn json_value_is_embedded_as_json() {
+        let (envelope, json) = encode(
+            Some(b"order-17"),
+            Some(br#"{"total": 23.5, "items": [1, 2]}"#),
+            &[("source", Some(b"web"))],
+        );
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "topic": "orders", "partition": 3, "offset": 1042, "key": "order-17",
+                "timestamp": 1_764_000_000_000_i64, "headers": {"source": "web"},
+                "value": {"total": 23.5, "items": [1, 2]}
+            })
+        );
+        assert_eq!(envelope.filter_key.as_deref(), Some("order-17"));
+    }
+
+    #[test]
+    fn multi_line_json_is_made_compact() {
+        let (_, json) = encode(None, Some(b"{\n  \"a\": 1\n}\r\n"), &[]);
+        assert_eq!(json["value"], serde_json::json!({"a": 1}));
+        assert_eq!(json["key"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn text_that_is_not_json_is_a_string() {
+        let (_, json) = encode(None, Some(b"hello\nworld {"), &[]);
+        assert_eq!(json["value"], "hello\nworld {");
+    }
+
+    #[test]
+    fn binary_is_base64() {
+        let (envelope, json) = encode(
+            Some(&[0xff, 0x00]),
+            Some(&[0xc3, 0x28, 0x00]),
+            &[("bin", Some(&[0x80]))],
+        );
+        assert_eq!(json["value"], serde_json::json!({"base64": "wygA"}));
+        assert_eq!(json["key"], serde_json::json!({"base64": "/wA="}));
+        assert_eq!(
+            json["headers"]["bin"],
+            serde_json::json!({"base64": "gA=="})
+        );
+        assert_eq!(envelope.filter_key.as_deref(), Some("/wA="));
+    }
+
+    #[test]
+    fn tombstones_and_empty_values() {
+        let (_, json) = encode(Some(b"k"), None, &[("h", None)]);
+        assert_eq!(json["value"], serde_json::Value::Null);
+        assert_eq!(json["headers"]["h"], serde_json::Value::Null);
+        let (_, json) = encode(Some(b"k"), Some(b""), &[]);
+        assert_eq!(json["value"], "");
+    }
+
+    #[test]
+    fn repeated_headers_keep_every_value() {
+        let (_, json) = encode(
+            None,
+            Some(b"1"),
+            &[
+                ("trace", Some(b"a")),
+                ("trace", Some(b"b")),
+                ("trace", None),
+                ("x", Some(b"y")),
+            ],
+        );
+        assert_eq!(
+            json["headers"],
+            serde_json::json!({"trace": ["a", "b", null], "x": "y"})
+        );
+        assert_eq!(json["value"], 1);
+    }
+
+    #[test]
+    fn json_scalars_stay_json() {
+        for (input, expected) in [
+            ("42", serde_json::json!(42)),
+            ("\"quoted\"", serde_json::json!("quoted")),
+            ("true", serde_json::json!(true)),
+            ("null", serde_json::Value::Null),
+        ] {
+            let (_, json) = encode(None, Some(input.as_bytes()), &[]);
+            assert_eq!(json["value"], expected, "{input}");
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! The HTTP surface of `fjord-server`: the stream routes, health, readiness and metrics,
+//! CORS, and errors as JSON with the fitting status. Requests are parsed and checked here;
+//! a bad one is answered with a clear error, never a panic or a 500.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use serde::Serialize;
+use warp::http::{HeaderValue, StatusCode, header};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::config::ServerConfig;
+use crate::hub::{Hub, Interest};
+use crate::sse::ResumeId;
+
+/// Most keys one connection may filter on.
+const MAX_KEYS: usize = 1000;
+/// Longest key filter.
+const MAX_KEY_BYTES: usize = 1024;
+
+/// A request refused with a status and a stable error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl warp::reject::Reject for ApiError {}
+
+impl ApiError {
+    fn bad_query(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_query",
+            message: message.into(),
+        }
+    }
+
+    fn unknown_endpoint(name: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_endpoint",
+            message: format!(
+                "no endpoint is named {:?}",
+                name.chars().take(100).collect::<String>()
+            ),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Detail<'a>,
+        }
+        #[derive(Serialize)]
+        struct Detail<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        let body = Body {
+            error: Detail {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        warp::reply::with_status(warp::reply::json(&body), self.status).into_response()
+    }
+}
+
+/// What a stream request asks for, parsed from its path and query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRequest {
+    /// Which endpoints and keys.
+    pub interest: Interest,
+    /// Where to resume, from `Last-Event-ID` or `?last_event_id=`.
+    pub resume: Option<ResumeId>,
+}
+
+/// Parses a stream request: `path_endpoint` from `/v1/streams/{endpoint}` (else the query's
+/// `endpoint=` values), the raw query string, and the `Last-Event-ID` header.
+pub fn parse_stream_request(
+    hub: &Hub,
+    path_endpoint: Option<&str>,
+    query: &str,
+    last_event_id: Option<&str>,
+) -> Result<StreamRequest, ApiError> {
+    let mut endpoints = Vec::new();
+    let mut keys: Option<Vec<String>> = None;
+    let mut query_last_event_id = None;
+    let mut add_endpoint = |name: &str| -> Result<(), ApiError> {
+        let index = hub
+            .endpoint_index(name)
+            .ok_or_else(|| ApiError::unknown_endpoint(name))?;
+        endpoints.push(index);
+        Ok(())
+    };
+    if let Some(name) = path_endpoint {
+        add_endpoint(name)?;
+    }
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        match name.as_ref() {
+            "endpoint" if path_endpoint.is_some() => {
+                return Err(ApiError::bad_query(
+                    "endpoint= goes with /v1/streams, not /v1/streams/{endpoint}",
+                ));
+            }
+            "endpoint" => add_endpoint(&value)?,
+            "key" => {
+                if value.len() > MAX_KEY_BYTES {
+                    return Err(ApiError::bad_query(format!(
+                        "a key is longer than {MAX_KEY_BYTES} bytes"
+                    )));
+                }
+                let keys = keys.get_or_insert_with(Vec::new);
+                if keys.len() == MAX_KEYS {
+                    return Err(ApiError::bad_query(format!("at most {MAX_KEYS} keys")));
+                }
+                keys.push(value.into_owned());
+            }
+            "last_event_id" => query_last_event_id = Some(value.into_owned()),
+            other => {
+                return Err(ApiError::bad_query(format!(
+                    "unknown query parameter {:?}; expected endpoint, key or last_event_id",
+                    other.chars().take(100).collect::<String>()
+                )));
+            }
+        }
+    }
+    if endpoints.is_empty() {
+        return Err(ApiError::bad_query(
+            "name at least one endpoint: /v1/streams/{endpoint} or ?endpoint=",
+        ));
+    }
+    endpoints.sort_unstable();
+    endpoints.dedup();
+    if let Some(keys) = &mut keys {
+        keys.sort_unstable();
+        keys.dedup();
+    }
+    // The header wins: EventSource sends it on reconnect, after a first request whose
+    // query id is stale.
+    let resume = last_event_id
+        .or(query_last_event_id.as_deref())
+        .filter(|id| !id.is_empty())
+        .map(|id| ResumeId::parse(id, endpoints.len()))
+        .transpose()
+        .map_err(|error| ApiError::bad_query(error.to_string()))?;
+    Ok(StreamRequest {
+        interest: Interest { endpoints, keys },
+        resume,
+    })
+}
+
+fn stream_response(hub: &Arc<Hub>, request: StreamRequest) -> Response {
+    if let Some(resume) = &request.resume {
+        tracing::debug!(?resume, "resume requested; streaming live");
+    }
+    let subscription = hub.subscribe(request.interest);
+    let mut response = warp::reply::stream(subscription).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    // Tells nginx-style proxies not to buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// Every route of the server. `index_page`, when given, is served at `/` (`fjord dev`).
+pub fn routes(
+    hub: Arc<Hub>,
+    config: &ServerConfig,
+    index_page: Option<&'static str>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let with_hub = {
+        let hub = Arc::clone(&hub);
+        warp::any().map(move || Arc::clone(&hub))
+    };
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    let last_event_id = warp::header::optional::<String>("last-event-id");
+
+    let one_endpoint = warp::path!("v1" / "streams" / String)
+        .and(warp::get())
+        .and(query)
+        .and(last_event_id)
+        .and(with_hub.clone())
+        .and_then(
+            |endpoint: String, query: String, last_event_id: Option<String>, hub: Arc<Hub>| async move {
+                let request = parse_stream_request(&hub, Some(&endpoint), &query, last_event_id.as_deref())
+                    .map_err(warp::reject::custom)?;
+                Ok::<_, Rejection>(stream_response(&hub, request))
+            },
+        );
+    let several_endpoints = warp::path!("v1" / "streams")
+        .and(warp::get())
+        .and(query)
+        .and(last_event_id)
+        .and(with_hub.clone())
+        .and_then(
+            |query: String, last_event_id: Option<String>, hub: Arc<Hub>| async move {
+                let request = parse_stream_request(&hub, None, &query, last_event_id.as_deref())
+                    .map_err(warp::reject::custom)?;
+                Ok::<_, Rejection>(stream_response(&hub, request))
+            },
+        );
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_hub.clone())
+        .map(|hub: Arc<Hub>| {
+            if hub.is_ready() {
+                warp::reply::json(&serde_json::json!({"status": "ready"})).into_response()
+            } else {
+                ApiError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: "not_ready",
+                    message: "the bus has not answered recently, or the server is draining".into(),
+                }
+                .into_response()
+            }
+        });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_hub.clone())
+        .map(|hub: Arc<Hub>| {
+            let mut response = hub.metrics().render().into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        });
+    let index = warp::path::end()
+        .and(warp::get())
+        .and_then(move || async move {
+            match index_page {
+                Some(page) => Ok(warp::reply::html(page).into_response()),
+                None => Err(warp::reject::not_found()),
+            }
+        });
+
+    let routes = one_endpoint
+        .or(several_endpoints)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(index)
+        .unify();
+    let with_cors = cors(&config.cors_origins);
+    let recover_hub = Arc::clone(&hub);
+    routes
+        .with(with_cors)
+        .map(Reply::into_response)
+        .recover(move |rejection| {
+            let hub = Arc::clone(&recover_hub);
+            async move { Ok::<_, Infallible>(error_response(&hub, &rejection)) }
+        })
+        .unify()
+}
+
+fn cors(origins: &[String]) -> warp::cors::Builder {
+    let builder = warp::cors()
+        .allow_methods(["GET"])
+        .allow_headers([
+            "authorization",
+            "last-event-id",
+            "cache-control",
+            "content-type",
+        ])
+        .max_age(600);
+    if origins.iter().any(|origin| origin == "*") {
+        builder.allow_any_origin()
+    } else {
+        builder.allow_origins(origins.iter().map(String::as_str))
+    }
+}
+
+fn error_response(hub: &Hub, rejection: &Rejection) -> Response {
+    hub.metrics().requests_refused.fetch_add(1, Relaxed);
+    let error = if let Some(error) = rejection.find::<ApiError>() {
+        error.clone()
+    } else if rejection.is_not_found() {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: "no such route; streams are at /v1/streams/{endpoint}".into(),
+        }
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: "method_not_allowed",
+            message: "only GET is served".into(),
+        }
+    } else if let Some(forbidden) = rejection.find::<warp::cors::CorsForbidden>() {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "cors_forbidden",
+            message: forbidden.to_string(),
+        }
+    } else if let Some(header) = rejection.find::<warp::reject::InvalidHeader>() {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_header",
+            message: header.to_string(),
+        }
+    } else {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message: format!("{rejection:?}"),
+        }
+    };
+    error.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::StreamId;
+    use crate::config::EndpointName;
+
+    fn hub() -> Hub {
+        let endpoints = ["drivers", "orders"]
+            .map(|name| EndpointName::try_from(name.to_owned()).expect("valid"))
+            .to_vec();
+        Hub::new(endpoints, &[], 8, 2000, Arc::default())
+    }
+
+    #[test]
+    fn one_endpoint_with_keys() {
+        let request =
+            parse_stream_request(&hub(), Some("orders"), "key=b&key=a&key=b", None).expect("valid");
+        assert_eq!(request.interest.endpoints, vec![1]);
+        assert_eq!(request.interest.keys, Some(vec!["a".into(), "b".into()]));
+        assert_eq!(request.resume, None);
+    }
+
+    #[test]
+    fn several_endpoints_are_sorted_and_resume_with_a_position_each() {
+        let request = parse_stream_request(
+            &hub(),
+            None,
+            "endpoint=orders&endpoint=drivers&last_event_id=1-0_2-0",
+            None,
+        )
+        .expect("valid");
+        assert_eq!(request.interest.endpoints, vec![0, 1]);
+        assert_eq!(request.interest.keys, None);
+        let expected = ResumeId(vec![StreamId { ms: 1, seq: 0 }, StreamId { ms: 2, seq: 0 }]);
+        assert_eq!(request.resume, Some(expected));
+    }
+
+    #[test]
+    fn the_header_wins_over_the_query() {
+        let request =
+            parse_stream_request(&hub(), Some("orders"), "last_event_id=1-0", Some("9-9"))
+                .expect("valid");
+        assert_eq!(
+            request.resume,
+            Some(ResumeId(vec![StreamId { ms: 9, seq: 9 }]))
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        let cases: &[(Option<&str>, &str, Option<&str>, &str)] = &[
+            (Some("nope"), "", None, "unknown_endpoint"),
+            (
+                None,
+                "endpoint=orders&endpoint=nope",
+                None,
+                "unknown_endpoint",
+            ),
+            (None, "", None, "bad_query"),
+            (Some("orders"), "endpoint=orders", None, "bad_query"),
+            (Some("orders"), "colour=red", None, "bad_query"),
+            (Some("orders"), "", Some("yesterday"), "bad_query"),
+            (
+                None,
+                "endpoint=orders&endpoint=drivers",
+                Some("1-0"),
+                "bad_query",
+            ),
+            (Some("orders"), "key=%FF%FE", Some("1-0_2-0"), "bad_query"),
+        ];
+        for (path, query, header, code) in cases {
+            let error = parse_stream_request(&hub(), *path, query, *header).expect_err("refused");
+            assert_eq!(error.code, *code, "{path:?} {query} {header:?}: {error}");
+        }
+        let long_key = format!("key={}", "k".repeat(MAX_KEY_BYTES + 1));
+        assert!(parse_stream_request(&hub(), Some("orders"), &long_key, None).is_err());
+    }
+}

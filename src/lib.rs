@@ -1,0 +1,37 @@
+//! Fjord streams Kafka records to browsers and apps over Server-Sent Events.
+//!
+//! Data moves one way, and each step has its module:
+//!
+//! ```text
+//! Kafka ──► consumer ──► bus ──► hub ──► http ──► clients
+//!           (envelope)  (Redis    (fan-out,  (routes, SSE
+//!                        Streams)  per key)   wire format)
+//! ```
+//!
+//! - [`config`]: the manifest every binary reads, validated at start.
+//! - [`envelope`]: a Kafka record as clients see it, encoded once.
+//! - [`consumer`]: consumer-group members that publish records to the bus (needs `kafka`).
+//! - [`bus`]: the link between consumers and servers: Redis Streams, or in process.
+//! - [`hub`]: a server's fan-out from the bus to its connections.
+//! - [`sse`]: the bytes on the wire: events, heartbeats, resume ids.
+//! - [`http`]: the HTTP routes, CORS and JSON errors.
+//! - [`metrics`]: the counters behind `/metrics`.
+//! - [`server`]: wires bus, hub and routes into a running server with graceful drain.
+//! - [`process`]: logging and shutdown signals, shared by the binaries.
+//! - [`dev`]: `fjord dev`, everything in one process (needs `kafka`).
+//!
+//! The binaries in `src/bin` are thin: they parse arguments and call into these modules.
+
+pub mod bus;
+pub mod config;
+#[cfg(feature = "kafka")]
+pub mod consumer;
+#[cfg(feature = "kafka")]
+pub mod dev;
+pub mod envelope;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod process;
+pub mod server;
+pub mod sse;

@@ -1,0 +1,183 @@
+//! The Server-Sent Events wire format: how events, heartbeats and the connection prelude
+//! look on the wire, and the resume ids clients send back. Every byte sent to a client is
+//! written here.
+//!
+//! An event is rendered once per server and shared by every receiving connection. A
+//! connection that streams one endpoint uses the event as is; one that streams several
+//! replaces the `id:` line with its own resume id, which carries a position per endpoint.
+
+use std::fmt::Write as _;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::bus::StreamId;
+
+/// A heartbeat: a comment line, ignored by clients, that keeps proxies from closing the
+/// connection as idle.
+pub const HEARTBEAT: Bytes = Bytes::from_static(b": heartbeat\n\n");
+
+/// Reserved event names.
+pub mod reserved {
+    /// The resume id was older than the retention window; records were missed.
+    pub const GAP: &str = "fjord.gap";
+    /// The instance is draining; reconnect now.
+    pub const SHUTDOWN: &str = "fjord.shutdown";
+    /// The token expired; refresh it and reconnect.
+    pub const EXPIRED: &str = "fjord.expired";
+}
+
+/// An event rendered once: `id:`, `event:` and `data:` lines.
+#[derive(Debug, Clone)]
+pub struct RenderedEvent {
+    bytes: Bytes,
+    /// Where the `event:` line starts, after the `id:` line.
+    tail_start: usize,
+}
+
+impl RenderedEvent {
+    /// Renders a record of `endpoint` at `id`. `envelope` holds no line break.
+    pub fn new(id: StreamId, endpoint: &str, envelope: &[u8]) -> Self {
+        let mut buffer = BytesMut::with_capacity(envelope.len() + endpoint.len() + 48);
+        // Writing to a BytesMut cannot fail.
+        let _ = write!(buffer, "id: {id}\n");
+        let tail_start = buffer.len();
+        let _ = write!(buffer, "event: {endpoint}\ndata: ");
+        buffer.put_slice(envelope);
+        buffer.put_slice(b"\n\n");
+        Self {
+            bytes: buffer.freeze(),
+            tail_start,
+        }
+    }
+
+    /// The whole event, with the stream id of its endpoint as `id:`.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Appends the event with `resume_id` as its `id:` line.
+    pub fn write_with_id(&self, resume_id: &ResumeId, out: &mut BytesMut) {
+        out.put_slice(b"id: ");
+        resume_id.write(out);
+        out.put_u8(b'\n');
+        out.put_slice(&self.bytes[self.tail_start..]);
+    }
+}
+
+/// The first bytes of every stream: the reconnection delay, and the position the stream
+/// starts at, so that a client that drops before its first event still resumes exactly.
+pub fn prelude(retry_ms: u64, start: &ResumeId) -> Bytes {
+    let mut out = BytesMut::with_capacity(64);
+    let _ = write!(out, "retry: {retry_ms}\nid: ");
+    start.write(&mut out);
+    out.put_slice(b"\n\n");
+    out.freeze()
+}
+
+/// An out-of-band event with a reserved name and a JSON body.
+pub fn notice(event: &str, data: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+/// A client's position: one stream id per endpoint of its connection, in the order of the
+/// connection's (sorted) endpoints. Rendered as the ids joined by `_`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeId(pub Vec<StreamId>);
+
+/// A `Last-Event-ID` that is not a resume id of this connection's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadResumeId {
+    /// Not of the form.
+    #[error("last event id is malformed: {0}")]
+    Malformed(#[from] crate::bus::BadStreamId),
+    /// An id of a connection with another number of endpoints.
+    #[error("last event id has {found} positions, but this stream has {expected} endpoints")]
+    WrongLength {
+        /// Endpoints of this connection.
+        expected: usize,
+        /// Positions in the id.
+        found: usize,
+    },
+}
+
+impl ResumeId {
+    /// Parses an id sent back by a client of a connection with `endpoints` endpoints.
+    pub fn parse(text: &str, endpoints: usize) -> Result<Self, BadResumeId> {
+        let found = text.split('_').count();
+        if found != endpoints {
+            return Err(BadResumeId::WrongLength {
+                expected: endpoints,
+                found,
+            });
+        }
+        let ids = text
+            .split('_')
+            .map(str::parse)
+            .collect::<Result<Vec<StreamId>, _>>()?;
+        Ok(Self(ids))
+    }
+
+    fn write(&self, out: &mut BytesMut) {
+        for (i, id) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.put_u8(b'_');
+            }
+            let _ = write!(out, "{id}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(ms: u64, seq: u64) -> StreamId {
+        StreamId { ms, seq }
+    }
+
+    #[test]
+    fn event_wire_format() {
+        let event = RenderedEvent::new(id(1_764_000_000_000, 2), "orders", br#"{"a":1}"#);
+        assert_eq!(
+            event.bytes().as_ref(),
+            b"id: 1764000000000-2\nevent: orders\ndata: {\"a\":1}\n\n"
+        );
+        let mut out = BytesMut::new();
+        event.write_with_id(
+            &ResumeId(vec![id(5, 0), id(1_764_000_000_000, 2)]),
+            &mut out,
+        );
+        assert_eq!(
+            out.as_ref(),
+            b"id: 5-0_1764000000000-2\nevent: orders\ndata: {\"a\":1}\n\n"
+        );
+    }
+
+    #[test]
+    fn prelude_carries_retry_and_start() {
+        let start = ResumeId(vec![id(7, 1)]);
+        assert_eq!(prelude(2000, &start).as_ref(), b"retry: 2000\nid: 7-1\n\n");
+    }
+
+    #[test]
+    fn resume_ids_round_trip() {
+        let resume = ResumeId(vec![id(1, 2), id(3, 4)]);
+        let mut out = BytesMut::new();
+        resume.write(&mut out);
+        let text = std::str::from_utf8(&out).expect("ascii");
+        assert_eq!(text, "1-2_3-4");
+        assert_eq!(ResumeId::parse(text, 2), Ok(resume));
+        assert!(matches!(
+            ResumeId::parse(text, 1),
+            Err(BadResumeId::WrongLength {
+                expected: 1,
+                found: 2
+            })
+        ));
+        assert!(matches!(
+            ResumeId::parse("1-2_x", 2),
+            Err(BadResumeId::Malformed(_))
+        ));
+        assert!(ResumeId::parse("", 1).is_err());
+    }
+}
