@@ -4,7 +4,7 @@
 #
 #   ci/services.sh up             install what is missing, start what is not running, wait
 #                                 until ready, write $FJORD_CI_STATE/env (idempotent)
-#   ci/services.sh down           stop both (SIGTERM, then SIGKILL), idempotent
+#   ci/services.sh down           stop both (SIGTERM, then SIGKILL), remove the env file; idempotent
 #   ci/services.sh restart-redis  stop and start Redis, keeping its data (AOF)
 #   ci/services.sh restart-kafka  stop and start Kafka, keeping its log dirs
 #   ci/services.sh status         show what runs; exit 0 only if both are ready
@@ -133,9 +133,13 @@ install_packages() {
     log "installing ${missing[*]}…"
     local sudo=()
     ((EUID == 0)) || sudo=(sudo)
-    "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
+    mkdir -p "$STATE"
+    if ! { "${sudo[@]}" apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}"; } >"$STATE/apt.log" 2>&1; then
+        tail -n 40 "$STATE/apt.log" >&2
+        die "apt-get install failed (see $STATE/apt.log)"
+    fi
 }
 
 # Resolves the broker classpath with mvn (jars cached in ~/.m2); reuses the cached
@@ -144,7 +148,7 @@ kafka_classpath() {
     if [[ -s $KAFKA_CP_FILE && $KAFKA_CP_FILE -nt $KAFKA_POM ]]; then
         local ok=1 jar
         local -a jars
-        IFS=: read -r -a jars <"$KAFKA_CP_FILE"
+        IFS=: read -r -a jars <"$KAFKA_CP_FILE" || true # no trailing newline: read returns 1
         for jar in "${jars[@]}"; do
             [[ -f $jar ]] || { ok=0; break; }
         done
@@ -234,13 +238,14 @@ kafka_launch() {
         -Dlog4j2.configurationFile="$SERVICES_DIR/log4j2-broker.properties" \
         -Dkafka.logs.dir="$KAFKA_DIR" \
         -cp "$(cat "$KAFKA_CP_FILE")" kafka.Kafka "$KAFKA_PROPS" \
-        >>"$KAFKA_LOG" 2>&1 </dev/null &
+        >>"$KAFKA_LOG" 2>&1 </dev/null 9>&- &
     pid=$!
     printf '%s\n' "$pid" >"$KAFKA_PID"
 }
 
 kafka_ready() {
-    live_pid "$KAFKA_PID" kafka.Kafka >/dev/null || {
+    # Only "is it alive" here: right after the launch the child may not have exec'd java yet.
+    kill -0 "$(cat "$KAFKA_PID" 2>/dev/null)" 2>/dev/null || {
         log "Kafka exited; last lines of $KAFKA_LOG:"
         tail -n 60 "$KAFKA_LOG" >&2 || true
         exit 1
@@ -297,7 +302,7 @@ redis_launch() {
     redis-server --bind "$HOST" --port "$REDIS_PORT" --daemonize yes \
         --dir "$REDIS_DIR" --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" \
         --appendonly yes --appendfsync everysec --save '' \
-        --protected-mode no --databases 16 >/dev/null
+        --protected-mode no --databases 16 >/dev/null 9>&-
 }
 
 redis_ready() {
@@ -399,6 +404,7 @@ main() {
     down)
         kafka_down
         redis_down
+        rm -f "$STATE/env"
         ;;
     restart-redis)
         redis_restart

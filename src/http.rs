@@ -177,12 +177,12 @@ fn stream_response(hub: &Arc<Hub>, request: StreamRequest) -> Response {
 
 /// Every route of the server. `index_page`, when given, is served at `/` (`fjord dev`).
 pub fn routes(
-    hub: Arc<Hub>,
+    hub: &Arc<Hub>,
     config: &ServerConfig,
     index_page: Option<&'static str>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let with_hub = {
-        let hub = Arc::clone(&hub);
+        let hub = Arc::clone(hub);
         warp::any().map(move || Arc::clone(&hub))
     };
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
@@ -232,7 +232,7 @@ pub fn routes(
         });
     let metrics = warp::path!("metrics")
         .and(warp::get())
-        .and(with_hub.clone())
+        .and(with_hub)
         .map(|hub: Arc<Hub>| {
             let mut response = hub.metrics().render().into_response();
             response.headers_mut().insert(
@@ -262,7 +262,7 @@ pub fn routes(
         .or(index)
         .unify();
     let with_cors = cors(&config.cors_origins);
-    let recover_hub = Arc::clone(&hub);
+    let recover_hub = Arc::clone(hub);
     routes
         .with(with_cors)
         .map(Reply::into_response)

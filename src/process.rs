@@ -1,6 +1,8 @@
 //! Process plumbing the binaries share: structured logging to stderr and the shutdown
 //! signal (SIGTERM from ECS, Ctrl-C at a terminal).
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr at `RUST_LOG` (default `info`), as JSON when `FJORD_LOG_FORMAT=json`.
@@ -8,7 +10,8 @@ pub fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let installed = if std::env::var("FJORD_LOG_FORMAT").is_ok_and(|format| format == "json") {
         builder.json().try_init()
     } else {

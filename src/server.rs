@@ -65,7 +65,7 @@ pub async fn serve(
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, endpoints = hub.endpoints().len(), "fjord-server listening");
     }
-    let routes = crate::http::routes(Arc::clone(&hub), &manifest.server, index_page);
+    let routes = crate::http::routes(&hub, &manifest.server, index_page);
     let draining_hub = Arc::clone(&hub);
     let (drain_started, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
     let server = warp::serve(routes).incoming(listener).graceful(async move {

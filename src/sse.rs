@@ -39,7 +39,7 @@ impl RenderedEvent {
     pub fn new(id: StreamId, endpoint: &str, envelope: &[u8]) -> Self {
         let mut buffer = BytesMut::with_capacity(envelope.len() + endpoint.len() + 48);
         // Writing to a BytesMut cannot fail.
-        let _ = write!(buffer, "id: {id}\n");
+        let _ = writeln!(buffer, "id: {id}");
         let tail_start = buffer.len();
         let _ = write!(buffer, "event: {endpoint}\ndata: ");
         buffer.put_slice(envelope);

@@ -125,7 +125,7 @@ pub enum BusError {
 #[derive(Debug, Clone)]
 pub enum Bus {
     /// Redis Streams.
-    Redis(redis::RedisBus),
+    Redis(Box<redis::RedisBus>),
     /// In process.
     Memory(memory::MemoryBus),
 }
@@ -142,7 +142,7 @@ impl Bus {
     /// A reader of `endpoints` that starts after each stream's current last entry.
     pub async fn reader(&self, endpoints: Vec<EndpointName>) -> Result<BusReader, BusError> {
         Ok(match self {
-            Self::Redis(bus) => BusReader::Redis(bus.reader(endpoints).await?),
+            Self::Redis(bus) => BusReader::Redis(Box::new(bus.reader(endpoints).await?)),
             Self::Memory(bus) => BusReader::Memory(bus.reader(endpoints)),
         })
     }
@@ -162,7 +162,7 @@ pub async fn connect_redis(config: &crate::config::RedisConfig) -> Result<Bus, B
     let mut backoff = std::time::Duration::from_millis(200);
     loop {
         match redis::RedisBus::connect(config).await {
-            Ok(bus) => return Ok(Bus::Redis(bus)),
+            Ok(bus) => return Ok(Bus::Redis(Box::new(bus))),
             Err(error @ BusError::Config(_)) => return Err(error),
             Err(error) => {
                 tracing::warn!(%error, url = %config.url, retry_in = ?backoff, "redis is not reachable yet");
@@ -177,7 +177,7 @@ pub async fn connect_redis(config: &crate::config::RedisConfig) -> Result<Bus, B
 #[derive(Debug)]
 pub enum BusReader {
     /// Redis Streams.
-    Redis(redis::RedisReader),
+    Redis(Box<redis::RedisReader>),
     /// In process.
     Memory(memory::MemoryReader),
 }

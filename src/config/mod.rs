@@ -178,8 +178,10 @@ pub enum KafkaSecurity {
     /// SASL/PLAIN.
     SaslPlain(SaslCredentials),
     /// SASL/SCRAM-SHA-256.
+    #[serde(rename = "sasl_scram_sha_256")]
     SaslScramSha256(SaslCredentials),
     /// SASL/SCRAM-SHA-512.
+    #[serde(rename = "sasl_scram_sha_512")]
     SaslScramSha512(SaslCredentials),
     /// TLS, optionally with a client certificate.
     Ssl(TlsSettings),

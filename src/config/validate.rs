@@ -434,7 +434,8 @@ mod tests {
         ];
         for (pointer, replacement, expected_path) in cases {
             let mut value = minimal();
-            *value.pointer_mut(pointer).expect("pointer exists") = replacement.clone();
+            let (parent, field) = pointer.rsplit_once('/').expect("a pointer");
+            value.pointer_mut(parent).expect("parent exists")[field] = replacement.clone();
             let error = error_of(&value);
             assert!(
                 error.starts_with(expected_path),

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite: starts the real Kafka and Redis (installing what is missing), runs
+# formatting and lint checks, unit and integration tests, then stops the services.
+#   FJORD_CI_KEEP_SERVICES=1 ci/test.sh   leaves Kafka and Redis running for the next run
+#   ci/test.sh [cargo test arguments]     e.g. ci/test.sh --test pipeline
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "services: Kafka and Redis"
+ci/services.sh up
+# shellcheck disable=SC1091
+source "${FJORD_CI_STATE:-/tmp/fjord-ci}/env"
+if [ "${FJORD_CI_KEEP_SERVICES:-0}" != 1 ]; then
+  trap 'ci/services.sh down' EXIT
+fi
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --no-default-features --lib --bin fjord-server --locked -- -D warnings
+
+step "fjord-server builds without librdkafka"
+cargo build --no-default-features --bin fjord-server --locked
+if nm --defined-only target/debug/fjord-server | grep -q 'rd_kafka_'; then
+  echo "fjord-server links librdkafka" >&2
+  exit 1
+fi
+
+step "unit and integration tests"
+cargo test --locked "$@"

@@ -1,0 +1,353 @@
+//! Shared harness of the integration tests: the real Kafka and Redis that `ci/test.sh`
+//! starts, the real `fjord-consumer` and `fjord-server` binaries, and an SSE client.
+#![allow(dead_code, unreachable_pub, reason = "each test crate uses part of the harness")]
+#![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// How long a test waits for any one thing before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the integration tests with ci/test.sh, which starts Kafka and Redis and sets it")
+    })
+}
+
+/// The real services.
+pub struct Services {
+    pub brokers: String,
+    pub sasl_brokers: String,
+    pub scram_user: String,
+    pub scram_password: String,
+    pub redis_url: String,
+}
+
+pub fn services() -> Services {
+    Services {
+        brokers: required_env("FJORD_TEST_KAFKA_BROKERS"),
+        sasl_brokers: required_env("FJORD_TEST_KAFKA_SASL_BROKERS"),
+        scram_user: required_env("FJORD_TEST_SCRAM_USER"),
+        scram_password: required_env("FJORD_TEST_SCRAM_PASSWORD"),
+        redis_url: required_env("FJORD_TEST_REDIS_URL"),
+    }
+}
+
+/// A name no other test run uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", fastrand::u64(..))
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Creates a topic and waits until the broker has it.
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
+/// One record to produce.
+#[derive(Debug, Clone)]
+pub struct TestRecord {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Produces records with a real producer and waits until Kafka acknowledged every one;
+/// returns (partition, offset) of each, in the order given.
+pub async fn produce(brokers: &str, topic: &str, records: &[TestRecord]) -> Vec<(i32, i64)> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let mut placed = Vec::with_capacity(records.len());
+    for record in records {
+        let mut future_record = FutureRecord::<[u8], [u8]>::to(topic).partition(record.partition);
+        if let Some(key) = &record.key {
+            future_record = future_record.key(key.as_slice());
+        }
+        if let Some(value) = &record.value {
+            future_record = future_record.payload(value.as_slice());
+        }
+        let delivery = producer.send(future_record, Duration::from_secs(30)).await;
+        let (partition, offset) = match delivery {
+            Ok(delivery) => (delivery.partition, delivery.offset),
+            Err((error, _)) => panic!("produce to {topic}: {error}"),
+        };
+        placed.push((partition, offset));
+    }
+    placed
+}
+
+/// JSON records `{"seq": n}` keyed `key-<n % keys>`, spread over `partitions`.
+pub fn json_records(count: usize, partitions: i32, keys: usize) -> Vec<TestRecord> {
+    (0..count)
+        .map(|n| TestRecord {
+            partition: i32::try_from(n).unwrap() % partitions,
+            key: Some(format!("key-{}", n % keys).into_bytes()),
+            value: Some(format!(r#"{{"seq":{n}}}"#).into_bytes()),
+        })
+        .collect()
+}
+
+/// A manifest for one endpoint per topic, all consumed by one group.
+pub fn manifest(services: &Services, endpoints: &[(&str, &str)], group: &str, port: u16) -> serde_json::Value {
+    let endpoint_map: serde_json::Map<String, serde_json::Value> = endpoints
+        .iter()
+        .map(|(name, topic)| ((*name).to_owned(), serde_json::json!({"topics": [topic]})))
+        .collect();
+    let topics: Vec<&str> = endpoints.iter().map(|(_, topic)| *topic).collect();
+    serde_json::json!({
+        "kafka": {"brokers": [services.brokers]},
+        "redis": {"url": services.redis_url, "key_prefix": unique("test")},
+        "endpoints": endpoint_map,
+        "consumer_groups": [{"id": group, "topics": topics, "offset_reset": "earliest"}],
+        "server": {"host": "127.0.0.1", "port": port, "heartbeat_secs": 15},
+        "auth": {"mode": "disabled"}
+    })
+}
+
+/// Writes a manifest into a temporary directory that lives as long as the returned guard.
+pub fn write_manifest(manifest: &serde_json::Value) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("manifest.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(manifest).unwrap()).unwrap();
+    (dir, path)
+}
+
+/// A running binary of this crate, killed when dropped; its stderr is kept for assertions.
+pub struct Process {
+    name: String,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    pub fn start(binary: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary);
+        command
+            .args(args)
+            .envs(envs.iter().copied())
+            .env("RUST_LOG", "info,fjord=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap_or_else(|error| panic!("start {binary}: {error}"));
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        let name = Path::new(binary).file_name().unwrap().to_string_lossy().into_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { name, child, log }
+    }
+
+    pub fn server(manifest: &Path) -> Self {
+        Self::start(env!("CARGO_BIN_EXE_fjord-server"), &["--manifest", manifest.to_str().unwrap()], &[])
+    }
+
+    pub fn consumer(manifest: &Path, envs: &[(&str, &str)]) -> Self {
+        Self::start(env!("CARGO_BIN_EXE_fjord-consumer"), &["--manifest", manifest.to_str().unwrap()], envs)
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until a log line contains every one of `needles`; returns that line.
+    pub async fn wait_for_log(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(line) = self.log().into_iter().find(|line| needles.iter().all(|n| line.contains(n))) {
+                return line;
+            }
+            if Instant::now() > deadline {
+                panic!("{} never logged {needles:?}; its log:\n{}", self.name, self.log().join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    pub async fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not exit; its log:\n{}", self.name, self.log().join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the server at `port` answers `/readyz` with 200.
+pub async fn wait_ready(port: u16) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let ready = client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == 200);
+        if ready {
+            return;
+        }
+        assert!(Instant::now() < deadline, "server on port {port} never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One SSE event, or a comment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: Option<String>,
+    pub retry: Option<String>,
+    pub comment: Option<String>,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.data.as_deref().unwrap()).unwrap()
+    }
+}
+
+/// An SSE connection read frame by frame.
+pub struct SseStream {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: Vec<u8>,
+}
+
+impl SseStream {
+    pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Self {
+        let mut request = reqwest::Client::new().get(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        Self {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            body: response.bytes_stream().boxed(),
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next block (event, comment or prelude); `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                return Some(parse_block(&String::from_utf8(block).unwrap()));
+            }
+            match tokio::time::timeout(PATIENCE, self.body.next()).await {
+                Err(_) => panic!("no SSE data for {PATIENCE:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(chunk))) => self.buffer.extend_from_slice(&chunk),
+            }
+        }
+    }
+
+    /// Reads until `count` record events arrived (skipping comments and the prelude).
+    pub async fn records(&mut self, count: usize) -> Vec<SseEvent> {
+        let mut records = Vec::with_capacity(count);
+        while records.len() < count {
+            match self.next().await {
+                Some(event) if event.data.is_some() => records.push(event),
+                Some(_) => {}
+                None => panic!("stream ended after {} of {count} records", records.len()),
+            }
+        }
+        records
+    }
+}
+
+fn parse_block(block: &str) -> SseEvent {
+    let mut event = SseEvent::default();
+    for line in block.lines() {
+        if let Some(comment) = line.strip_prefix(':') {
+            event.comment = Some(comment.trim().to_owned());
+        } else if let Some((field, value)) = line.split_once(": ") {
+            let slot = match field {
+                "id" => &mut event.id,
+                "event" => &mut event.event,
+                "data" => &mut event.data,
+                "retry" => &mut event.retry,
+                other => panic!("unexpected SSE field {other}"),
+            };
+            *slot = Some(value.to_owned());
+        }
+    }
+    event
+}
+
+/// Checks that `events` hold each (partition, offset) of `produced` exactly once, in
+/// offset order within each partition.
+pub fn assert_complete_and_ordered(events: &[SseEvent], produced: &[(i32, i64)]) {
+    let mut by_partition: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for event in events {
+        let envelope = event.json();
+        by_partition
+            .entry(envelope["partition"].as_i64().unwrap())
+            .or_default()
+            .push(envelope["offset"].as_i64().unwrap());
+    }
+    let mut expected: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for (partition, offset) in produced {
+        expected.entry(i64::from(*partition)).or_default().push(*offset);
+    }
+    for offsets in expected.values_mut() {
+        offsets.sort_unstable();
+    }
+    assert_eq!(by_partition, expected, "every record once, in order per partition");
+}

@@ -1,0 +1,220 @@
+//! End to end through real Kafka and Redis: records produced to Kafka reach SSE clients of
+//! every server instance, complete and in order per partition.
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn every_record_reaches_clients_of_two_servers_in_partition_order() {
+    let services = services();
+    let (orders, drivers) = (unique("orders"), unique("drivers"));
+    create_topic(&services.brokers, &orders, 3).await;
+    create_topic(&services.brokers, &drivers, 1).await;
+    let (port_a, port_b) = (free_port(), free_port());
+    let manifest = manifest(&services, &[("orders", &orders), ("drivers", &drivers)], &unique("group"), port_a);
+    let mut manifest_b = manifest.clone();
+    manifest_b["server"]["port"] = port_b.into();
+    let (_dir_a, path_a) = write_manifest(&manifest);
+    let (_dir_b, path_b) = write_manifest(&manifest_b);
+
+    let _server_a = Process::server(&path_a);
+    let _server_b = Process::server(&path_b);
+    wait_ready(port_a).await;
+    wait_ready(port_b).await;
+    let mut client_a = SseStream::connect(&format!("http://127.0.0.1:{port_a}/v1/streams/orders"), &[]).await;
+    let mut client_b = SseStream::connect(&format!("http://127.0.0.1:{port_b}/v1/streams/orders"), &[]).await;
+    let mut both = SseStream::connect(
+        &format!("http://127.0.0.1:{port_b}/v1/streams?endpoint=orders&endpoint=drivers"),
+        &[],
+    )
+    .await;
+    for client in [&mut client_a, &mut client_b, &mut both] {
+        assert_eq!(client.status, 200);
+        assert_eq!(client.headers["content-type"], "text/event-stream");
+        let prelude = client.next().await.expect("prelude");
+        assert_eq!(prelude.retry.as_deref(), Some("2000"));
+    }
+    let _consumer = Process::consumer(&path_a, &[]);
+
+    let mut records = json_records(300, 3, 17);
+    // Records that are not JSON, not UTF-8, or have no value or key still arrive.
+    records.push(TestRecord { partition: 0, key: None, value: Some(b"plain text".to_vec()) });
+    records.push(TestRecord { partition: 1, key: Some(vec![0xff, 0xfe]), value: Some(vec![0x00, 0x9f, 0x92, 0x96]) });
+    records.push(TestRecord { partition: 2, key: Some(b"gone".to_vec()), value: None });
+    let produced = produce(&services.brokers, &orders, &records).await;
+    let produced_drivers = produce(&services.brokers, &drivers, &json_records(20, 1, 4)).await;
+
+    let events_a = client_a.records(produced.len()).await;
+    let events_b = client_b.records(produced.len()).await;
+    assert_complete_and_ordered(&events_a, &produced);
+    assert_complete_and_ordered(&events_b, &produced);
+    // Both instances name each record by the same id, so either can resume it.
+    let ids = |events: &[SseEvent]| events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+    let mut sorted_a = ids(&events_a);
+    let mut sorted_b = ids(&events_b);
+    sorted_a.sort();
+    sorted_b.sort();
+    assert_eq!(sorted_a, sorted_b);
+
+    let envelope_of = |events: &[SseEvent], partition: i64, offset: i64| {
+        events
+            .iter()
+            .map(SseEvent::json)
+            .find(|e| e["partition"] == partition && e["offset"] == offset)
+            .expect("delivered")
+    };
+    let (p, o) = produced[0];
+    let first = envelope_of(&events_a, p.into(), o);
+    assert_eq!(first["topic"], orders.as_str());
+    assert_eq!(first["key"], "key-0");
+    assert_eq!(first["value"], serde_json::json!({"seq": 0}));
+    assert!(first["timestamp"].as_i64().expect("timestamp") > 1_700_000_000_000);
+    assert_eq!(events_a[0].event.as_deref(), Some("orders"));
+    let text = envelope_of(&events_a, produced[300].0.into(), produced[300].1);
+    assert_eq!((text["key"].clone(), text["value"].clone()), (serde_json::Value::Null, "plain text".into()));
+    let binary = envelope_of(&events_a, produced[301].0.into(), produced[301].1);
+    assert_eq!(binary["key"], serde_json::json!({"base64": "//4="}));
+    assert_eq!(binary["value"], serde_json::json!({"base64": "AJ+Slg=="}));
+    let tombstone = envelope_of(&events_a, produced[302].0.into(), produced[302].1);
+    assert_eq!(tombstone["value"], serde_json::Value::Null);
+
+    // The connection to both endpoints gets both, each in order.
+    let events = both.records(produced.len() + produced_drivers.len()).await;
+    let (order_events, driver_events): (Vec<_>, Vec<_>) =
+        events.into_iter().partition(|e| e.event.as_deref() == Some("orders"));
+    assert_complete_and_ordered(&order_events, &produced);
+    assert_complete_and_ordered(&driver_events, &produced_drivers);
+    assert!(
+        driver_events.iter().all(|e| e.id.as_deref().is_some_and(|id| id.contains('_'))),
+        "a connection of two endpoints carries a position for each in its ids"
+    );
+}
+
+#[tokio::test]
+async fn key_filters_deliver_only_matching_records() {
+    let services = services();
+    let topic = unique("orders");
+    create_topic(&services.brokers, &topic, 2).await;
+    let port = free_port();
+    let (_dir, path) = write_manifest(&manifest(&services, &[("orders", &topic)], &unique("group"), port));
+    let _server = Process::server(&path);
+    wait_ready(port).await;
+    let mut keyed =
+        SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders?key=key-1&key=key-3"), &[]).await;
+    keyed.next().await.expect("prelude");
+    let _consumer = Process::consumer(&path, &[]);
+
+    let records = json_records(100, 2, 5);
+    let produced = produce(&services.brokers, &topic, &records).await;
+    let expected: Vec<(i32, i64)> = records
+        .iter()
+        .zip(&produced)
+        .filter(|(record, _)| matches!(record.key.as_deref(), Some(b"key-1" | b"key-3")))
+        .map(|(_, placed)| *placed)
+        .collect();
+    assert_eq!(expected.len(), 40);
+    let events = keyed.records(expected.len()).await;
+    assert_complete_and_ordered(&events, &expected);
+}
+
+#[tokio::test]
+async fn two_members_split_the_partitions_and_lose_nothing() {
+    let services = services();
+    let topic = unique("orders");
+    create_topic(&services.brokers, &topic, 4).await;
+    let port = free_port();
+    let group = unique("group");
+    let (_dir, path) = write_manifest(&manifest(&services, &[("orders", &topic)], &group, port));
+    let _server = Process::server(&path);
+    wait_ready(port).await;
+    let mut client = SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders"), &[]).await;
+    client.next().await.expect("prelude");
+
+    let first = Process::consumer(&path, &[]);
+    first.wait_for_log(&["partitions assigned", &topic]).await;
+    let second = Process::consumer(&path, &[]);
+    // After the second member joins, the group rebalances: each member ends up with a
+    // non-empty share, and the shares are disjoint.
+    let assigned = |process: &Process| -> Option<Vec<String>> {
+        let line = process.log().into_iter().rev().find(|line| line.contains("partitions assigned"))?;
+        let list = line.split("partitions=").nth(1)?.split_whitespace().next()?.to_owned();
+        Some(list.split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect())
+    };
+    second.wait_for_log(&["partitions assigned", &topic]).await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let (share_1, share_2) = loop {
+        let (one, two) = (assigned(&first).unwrap_or_default(), assigned(&second).unwrap_or_default());
+        if !one.is_empty() && !two.is_empty() && one.len() + two.len() == 4 && one.iter().all(|p| !two.contains(p)) {
+            break (one, two);
+        }
+        assert!(std::time::Instant::now() < deadline, "no split: {one:?} {two:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(share_1.len() + share_2.len(), 4);
+
+    let produced = produce(&services.brokers, &topic, &json_records(400, 4, 9)).await;
+    let events = client.records(produced.len()).await;
+    assert_complete_and_ordered(&events, &produced);
+}
+
+async fn scram_member_delivers(mechanism: &str) {
+    let services = services();
+    let topic = unique("secure");
+    create_topic(&services.brokers, &topic, 1).await;
+    let port = free_port();
+    let mut manifest = manifest(&services, &[("secure", &topic)], &unique("group"), port);
+    manifest["kafka"] = serde_json::json!({
+        "brokers": [services.sasl_brokers],
+        "security": {
+            "protocol": mechanism,
+            "username": services.scram_user,
+            "password_env": "TEST_KAFKA_PASSWORD",
+            "tls": false
+        }
+    });
+    let (_dir, path) = write_manifest(&manifest);
+    let _server = Process::server(&path);
+    wait_ready(port).await;
+    let mut client = SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/secure"), &[]).await;
+    client.next().await.expect("prelude");
+    let consumer = Process::consumer(&path, &[("TEST_KAFKA_PASSWORD", &services.scram_password)]);
+    let produced = produce(&services.brokers, &topic, &json_records(10, 1, 2)).await;
+    let events = client.records(produced.len()).await;
+    assert_complete_and_ordered(&events, &produced);
+    assert!(
+        consumer.log().iter().all(|line| !line.contains(&services.scram_password)),
+        "the password is never logged"
+    );
+
+    let mut refused = Process::consumer(&path, &[("TEST_KAFKA_PASSWORD", "wrong-password")]);
+    let code = refused.wait_exit().await;
+    assert_ne!(code, Some(0));
+    let log = refused.log().join("\n");
+    assert!(log.to_lowercase().contains("authentication"), "{log}");
+    assert!(!log.contains("wrong-password"), "{log}");
+}
+
+#[tokio::test]
+async fn sasl_scram_sha_256_member_authenticates() {
+    scram_member_delivers("sasl_scram_sha_256").await;
+}
+
+#[tokio::test]
+async fn sasl_scram_sha_512_member_authenticates() {
+    scram_member_delivers("sasl_scram_sha_512").await;
+}
+
+#[tokio::test]
+async fn a_missing_password_variable_is_named() {
+    let services = services();
+    let port = free_port();
+    let mut manifest = manifest(&services, &[("secure", "unused-topic")], &unique("group"), port);
+    manifest["kafka"]["security"] = serde_json::json!({
+        "protocol": "sasl_plain", "username": "u", "password_env": "FJORD_TEST_UNSET_PASSWORD"
+    });
+    let (_dir, path) = write_manifest(&manifest);
+    let mut consumer = Process::consumer(&path, &[]);
+    assert_ne!(consumer.wait_exit().await, Some(0));
+    assert!(consumer.log().join("\n").contains("FJORD_TEST_UNSET_PASSWORD"));
+}
