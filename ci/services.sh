@@ -7,6 +7,8 @@
 #   ci/services.sh down           stop both (SIGTERM, then SIGKILL), remove the env file; idempotent
 #   ci/services.sh restart-redis  stop and start Redis, keeping its data (AOF)
 #   ci/services.sh restart-kafka  stop and start Kafka, keeping its log dirs
+#   ci/services.sh stop-redis|start-redis|stop-kafka|start-kafka
+#                                 stop one service, or start it again keeping its data
 #   ci/services.sh status         show what runs; exit 0 only if both are ready
 #   ci/services.sh kafka-class CLASS [ARGS...]
 #                                 run a Kafka tool class (e.g. org.apache.kafka.tools.TopicCommand)
@@ -411,6 +413,19 @@ main() {
         ;;
     restart-kafka)
         kafka_restart
+        ;;
+    stop-redis)
+        redis_down
+        ;;
+    start-redis)
+        redis_start keep
+        ;;
+    stop-kafka)
+        kafka_down
+        ;;
+    start-kafka)
+        kafka_classpath
+        kafka_start keep
         ;;
     status)
         flock -u 9

@@ -2,7 +2,9 @@
 //! written by whoever does the work and read only when scraped.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The server's counters.
 #[derive(Debug, Default)]
@@ -77,5 +79,94 @@ impl Metrics {
             self.requests_refused.load(Relaxed).to_string(),
         );
         out
+    }
+}
+
+/// Where the server reports its open connections to CloudWatch, as Embedded Metric Format
+/// lines on stdout that the awslogs driver turns into the metric `Fjord/OpenConnections`
+/// with the dimensions `ClusterName` and `ServiceName`. Autoscaling tracks its average.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmfTarget {
+    /// The ECS cluster.
+    pub cluster: String,
+    /// The ECS service.
+    pub service: String,
+}
+
+impl EmfTarget {
+    /// From `FJORD_EMF_CLUSTER` and `FJORD_EMF_SERVICE`, which `fjord-deploy` sets; `None`
+    /// when the service is not named.
+    pub fn from_env() -> Option<Self> {
+        let service = std::env::var("FJORD_EMF_SERVICE")
+            .ok()
+            .filter(|s| !s.is_empty())?;
+        let cluster = std::env::var("FJORD_EMF_CLUSTER").unwrap_or_default();
+        Some(Self { cluster, service })
+    }
+
+    /// One EMF line for `open_connections` at `timestamp_ms`.
+    pub fn line(&self, open_connections: i64, timestamp_ms: u128) -> String {
+        serde_json::json!({
+            "_aws": {
+                "Timestamp": timestamp_ms,
+                "CloudWatchMetrics": [{
+                    "Namespace": "Fjord",
+                    "Dimensions": [["ClusterName", "ServiceName"]],
+                    "Metrics": [{"Name": "OpenConnections", "Unit": "Count"}]
+                }]
+            },
+            "ClusterName": self.cluster,
+            "ServiceName": self.service,
+            "OpenConnections": open_connections
+        })
+        .to_string()
+    }
+
+    /// Prints a line every `interval`, forever.
+    #[allow(
+        clippy::print_stdout,
+        reason = "EMF lines go to stdout, where the log driver reads them"
+    )]
+    pub async fn run(self, metrics: Arc<Metrics>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            ticker.tick().await;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            println!("{}", self.line(metrics.open_connections.load(Relaxed), now));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emf_line_names_namespace_metric_and_dimensions() {
+        let target = EmfTarget {
+            cluster: "prod".into(),
+            service: "fjord-server".into(),
+        };
+        let line: serde_json::Value =
+            serde_json::from_str(&target.line(42, 1_764_000_000_000)).expect("JSON");
+        assert_eq!(line["OpenConnections"], 42);
+        assert_eq!(line["ServiceName"], "fjord-server");
+        assert_eq!(line["_aws"]["CloudWatchMetrics"][0]["Namespace"], "Fjord");
+        assert_eq!(
+            line["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"],
+            "OpenConnections"
+        );
+        assert_eq!(line["_aws"]["Timestamp"], 1_764_000_000_000_u64);
+    }
+
+    #[test]
+    fn prometheus_text_has_every_counter() {
+        let metrics = Metrics::default();
+        metrics.events_out.fetch_add(3, Relaxed);
+        let text = metrics.render();
+        assert!(text.contains("# TYPE fjord_events_out_total counter\nfjord_events_out_total 3\n"));
+        assert!(text.contains("fjord_open_connections 0"));
     }
 }

@@ -12,11 +12,14 @@ use tokio::net::TcpListener;
 use crate::bus::{Bus, BusError};
 use crate::config::Manifest;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::metrics::{EmfTarget, Metrics};
 
 /// How long a draining server waits for its connections to close; below ECS's 30 s
 /// default stop timeout.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(20);
+
+/// How often the open-connections metric goes to CloudWatch.
+const EMF_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -52,15 +55,18 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     let endpoints: Vec<_> = manifest.endpoints.keys().cloned().collect();
     let reader = bus.reader(endpoints.clone()).await?;
+    let metrics = Arc::new(Metrics::default());
     let hub = Arc::new(Hub::new(
         endpoints,
         reader.cursors(),
         manifest.server.client_queue,
         manifest.server.retry_ms,
-        Arc::new(Metrics::default()),
+        Arc::clone(&metrics),
     ));
     let feed = tokio::spawn(Arc::clone(&hub).run_feed(reader));
     let heartbeats = tokio::spawn(Arc::clone(&hub).run_heartbeats(manifest.server.heartbeat()));
+    let emf = EmfTarget::from_env()
+        .map(|target| tokio::spawn(target.run(Arc::clone(&metrics), EMF_INTERVAL)));
 
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, endpoints = hub.endpoints().len(), "fjord-server listening");
@@ -87,5 +93,8 @@ pub async fn serve(
     }
     feed.abort();
     heartbeats.abort();
+    if let Some(emf) = emf {
+        emf.abort();
+    }
     Ok(())
 }

@@ -10,7 +10,7 @@ use fjord::config::Manifest;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// The manifest.
+    /// The manifest (`FJORD_MANIFEST_JSON`, when set, holds the manifest itself instead).
     #[arg(long, env = "FJORD_MANIFEST", default_value = "manifest.json")]
     manifest: PathBuf,
     /// The consumer group (its `id` in the manifest); may be left out when there is one.
@@ -22,7 +22,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     fjord::process::init_logging();
-    let manifest = Manifest::load(&args.manifest)?;
+    let manifest = Manifest::load_from_env_or(&args.manifest)?;
     let group = match (&args.group, manifest.consumer_groups.as_slice()) {
         (Some(id), _) => manifest
             .consumer_group(id)

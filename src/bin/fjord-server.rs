@@ -10,7 +10,7 @@ use fjord::config::Manifest;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// The manifest.
+    /// The manifest (`FJORD_MANIFEST_JSON`, when set, holds the manifest itself instead).
     #[arg(long, env = "FJORD_MANIFEST", default_value = "manifest.json")]
     manifest: PathBuf,
 }
@@ -19,7 +19,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     fjord::process::init_logging();
-    let manifest = Manifest::load(&args.manifest)?;
+    let manifest = Manifest::load_from_env_or(&args.manifest)?;
     let bus = fjord::bus::connect_redis(&manifest.redis)
         .await
         .context("connecting to redis")?;

@@ -16,6 +16,9 @@ pub use validate::ManifestError;
 
 /// The JSON Schema shipped beside every manifest, for editors.
 pub const SCHEMA: &str = include_str!("manifest.schema.json");
+/// The environment variable that may hold the whole manifest, instead of a file.
+pub const MANIFEST_JSON_ENV: &str = "FJORD_MANIFEST_JSON";
+
 /// A complete example manifest, also used by `fjord setup` as its skeleton.
 pub const EXAMPLE: &str = include_str!("manifest.example.json");
 
@@ -39,6 +42,9 @@ pub struct Manifest {
     pub server: ServerConfig,
     /// Who may stream what.
     pub auth: AuthConfig,
+    /// Everything AWS; read and validated by `fjord-deploy`, ignored by the runtime.
+    #[serde(default)]
+    pub deploy: Option<serde_json::Value>,
 }
 
 impl Manifest {
@@ -49,6 +55,17 @@ impl Manifest {
             source,
         })?;
         Self::parse(&text).map_err(|error| error.in_file(path))
+    }
+
+    /// Reads the manifest from `FJORD_MANIFEST_JSON` when that variable holds one (how ECS
+    /// tasks get it), else from the file at `path`.
+    pub fn load_from_env_or(path: &Path) -> Result<Self, ManifestError> {
+        match std::env::var(MANIFEST_JSON_ENV) {
+            Ok(text) if !text.trim().is_empty() => {
+                Self::parse(&text).map_err(|error| error.in_file(Path::new(MANIFEST_JSON_ENV)))
+            }
+            _ => Self::load(path),
+        }
     }
 
     /// Parses and validates a manifest from its JSON text.
