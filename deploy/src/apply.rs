@@ -1,0 +1,824 @@
+//! Carries a deploy out: reads the image archives, checks with read-only calls that the
+//! cluster and the target group are there, then works through the steps in order — ECR
+//! repositories, image pushes, log group, task definitions, services, autoscaling — each
+//! reading what AWS has first and changing only what differs from the plan. A dry run
+//! reads and reports but never changes. Each step reports as it finishes; a failing step
+//! ends the deploy with what was done and what was not.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_applicationautoscaling::types::{PolicyType, ScalableDimension, ServiceNamespace};
+use aws_sdk_ecr::types::{ImageScanningConfiguration, ImageTagMutability};
+use aws_sdk_ecs::types::ServiceField;
+use aws_sdk_ecs::types::{
+    Compatibility, LaunchType, NetworkMode, PropagateTags, Service, Tag, TaskDefinitionField,
+};
+use base64::Engine as _;
+
+use crate::archive::Image;
+use crate::config::Deployment;
+use crate::error::{DeployError, Progress};
+use crate::plan::{self, FINGERPRINT_TAG, Plan, Role, ServiceSpec, TaskDefinitionSpec};
+use crate::registry::{Endpoint, Registry};
+use crate::wait;
+
+/// How to run a deploy.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The server's image archive.
+    pub server_image: PathBuf,
+    /// The consumer's image archive.
+    pub consumer_image: PathBuf,
+    /// Report what would change, change nothing.
+    pub dry_run: bool,
+    /// Send AWS calls here instead of AWS (an emulator).
+    pub endpoint_url: Option<String>,
+    /// Push images here instead of the ECR registry.
+    pub registry: Option<Endpoint>,
+    /// How long to wait for the services to become stable; `None`: do not wait.
+    pub wait: Option<Duration>,
+    /// How often to look while waiting.
+    pub poll: Duration,
+}
+
+/// Prints a line of progress on stdout.
+pub(crate) fn say(line: impl std::fmt::Display) {
+    let mut out = std::io::stdout().lock();
+    // Progress is best effort: a closed stdout must not stop a deploy midway.
+    let _ = writeln!(out, "{line}");
+}
+
+/// The AWS clients of one region.
+#[derive(Debug)]
+pub(crate) struct Clients {
+    pub(crate) ecr: aws_sdk_ecr::Client,
+    pub(crate) ecs: aws_sdk_ecs::Client,
+    pub(crate) scaling: aws_sdk_applicationautoscaling::Client,
+    pub(crate) logs: aws_sdk_cloudwatchlogs::Client,
+    pub(crate) elb: aws_sdk_elasticloadbalancingv2::Client,
+}
+
+impl Clients {
+    async fn connect(region: &str, endpoint_url: Option<&str>) -> Self {
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(region.to_owned()));
+        if let Some(url) = endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let config = loader.load().await;
+        Self {
+            ecr: aws_sdk_ecr::Client::new(&config),
+            ecs: aws_sdk_ecs::Client::new(&config),
+            scaling: aws_sdk_applicationautoscaling::Client::new(&config),
+            logs: aws_sdk_cloudwatchlogs::Client::new(&config),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
+        }
+    }
+}
+
+/// Deploys `deployment` as `options` say.
+pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), DeployError> {
+    let deploy = &deployment.deploy;
+    let images = [
+        (
+            Role::Server,
+            Image::read(&options.server_image, deploy.architecture)?,
+        ),
+        (
+            Role::Consumer,
+            Image::read(&options.consumer_image, deploy.architecture)?,
+        ),
+    ];
+    let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
+    let addresses = check_prerequisites(&aws, deployment).await?;
+    let (ecr_host, registry) = login(&aws, options.registry.clone()).await?;
+    let image_ref = |role: Role| {
+        images
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, image)| {
+                format!(
+                    "{ecr_host}/{}@{}",
+                    plan::repository(deployment, role),
+                    image.manifest.digest
+                )
+            })
+            .unwrap_or_default()
+    };
+    let plan = Plan::new(
+        deployment,
+        &image_ref(Role::Server),
+        &image_ref(Role::Consumer),
+    );
+
+    say(format_args!(
+        "{} {} to ECS cluster {} in {}{}",
+        if options.dry_run {
+            "Planning the deploy of"
+        } else {
+            "Deploying"
+        },
+        deploy.name,
+        deploy.cluster,
+        deploy.region,
+        if options.dry_run {
+            " (dry run: nothing will be changed)"
+        } else {
+            ""
+        },
+    ));
+    for (role, image) in &images {
+        say(format_args!(
+            "  image {}: {} ({}, revision {})",
+            role.as_str(),
+            image.source.display(),
+            image.manifest.digest,
+            image.revision.as_deref().unwrap_or("unknown"),
+        ));
+    }
+
+    let step = Step {
+        aws: &aws,
+        deployment,
+        dry_run: options.dry_run,
+    };
+    let mut ledger = Ledger::new(step_labels(deployment, &plan, options));
+    for (role, _) in &images {
+        let repository = plan::repository(deployment, *role);
+        ledger
+            .run(
+                format!("ECR repository {repository}"),
+                step.repository(&repository),
+            )
+            .await?;
+    }
+    for (role, image) in &images {
+        let repository = plan::repository(deployment, *role);
+        ledger
+            .run(
+                format!("image {repository}"),
+                Box::pin(step.push(&registry, &repository, image)),
+            )
+            .await?;
+    }
+    ledger
+        .run(
+            format!("log group {}", deploy.logs.group),
+            Box::pin(step.log_group()),
+        )
+        .await?;
+    let mut arns = Vec::with_capacity(plan.task_definitions.len());
+    for spec in &plan.task_definitions {
+        arns.push(
+            ledger
+                .run(
+                    format!("task definition {}", spec.family),
+                    Box::pin(step.task_definition(spec)),
+                )
+                .await?,
+        );
+    }
+    for (spec, arn) in plan.services.iter().zip(&arns) {
+        ledger
+            .run(
+                format!("service {}", spec.name),
+                Box::pin(step.service(spec, arn)),
+            )
+            .await?;
+    }
+    ledger
+        .run(
+            format!("autoscaling of {}", plan.scaling.resource_id),
+            Box::pin(step.scaling(&plan.scaling)),
+        )
+        .await?;
+
+    if options.dry_run {
+        say("Dry run: nothing was changed.");
+        return Ok(());
+    }
+    let names: Vec<&str> = plan.services.iter().map(|s| s.name.as_str()).collect();
+    if let Some(timeout) = options.wait {
+        ledger
+            .run("services stable".to_owned(), async {
+                wait::until_stable(&aws.ecs, &deploy.cluster, &names, timeout, options.poll)
+                    .await
+                    .map(|()| ((), "yes".to_owned()))
+            })
+            .await?;
+    }
+    wait::print_status(
+        &aws.ecs,
+        &deploy.cluster,
+        &names,
+        &addresses,
+        &deploy.services.server.target_group_arn,
+    )
+    .await
+}
+
+/// The labels of every step, in order, for the report of what was not done.
+fn step_labels(deployment: &Deployment, plan: &Plan, options: &Options) -> Vec<String> {
+    let mut labels: Vec<String> = Role::ALL
+        .iter()
+        .map(|role| format!("ECR repository {}", plan::repository(deployment, *role)))
+        .collect();
+    labels.extend(
+        Role::ALL
+            .iter()
+            .map(|role| format!("image {}", plan::repository(deployment, *role))),
+    );
+    labels.push(format!("log group {}", deployment.deploy.logs.group));
+    labels.extend(
+        plan.task_definitions
+            .iter()
+            .map(|spec| format!("task definition {}", spec.family)),
+    );
+    labels.extend(
+        plan.services
+            .iter()
+            .map(|spec| format!("service {}", spec.name)),
+    );
+    labels.push(format!("autoscaling of {}", plan.scaling.resource_id));
+    if options.wait.is_some() && !options.dry_run {
+        labels.push("services stable".to_owned());
+    }
+    labels
+}
+
+/// What ran, what is left.
+struct Ledger {
+    done: Vec<String>,
+    pending: VecDeque<String>,
+}
+
+impl Ledger {
+    fn new(labels: Vec<String>) -> Self {
+        Self {
+            done: Vec::new(),
+            pending: labels.into(),
+        }
+    }
+
+    /// Runs one step; prints and records its outcome, or turns its failure into a report
+    /// of what was done and what was not.
+    async fn run<T>(
+        &mut self,
+        label: String,
+        work: impl Future<Output = Result<(T, String), DeployError>>,
+    ) -> Result<T, DeployError> {
+        if let Some(at) = self.pending.iter().position(|planned| *planned == label) {
+            self.pending.remove(at);
+        }
+        match work.await {
+            Ok((value, outcome)) => {
+                say(format_args!("  {label}: {outcome}"));
+                self.done.push(format!("{label}: {outcome}"));
+                Ok(value)
+            }
+            Err(source) => {
+                let mut not_done = vec![format!("{label} (failed)")];
+                not_done.extend(self.pending.drain(..));
+                Err(DeployError::Midway {
+                    failed: label,
+                    source: Box::new(source),
+                    progress: Progress {
+                        done: std::mem::take(&mut self.done),
+                        not_done,
+                    },
+                })
+            }
+        }
+    }
+}
+
+/// Read-only checks before the first change: the cluster is active, the target group
+/// routes to IP targets, its load balancers keep idle connections longer than the
+/// heartbeat. Returns the load balancers' addresses.
+async fn check_prerequisites(
+    aws: &Clients,
+    deployment: &Deployment,
+) -> Result<Vec<String>, DeployError> {
+    let deploy = &deployment.deploy;
+    let cluster = format!("ECS cluster {}", deploy.cluster);
+    let clusters = aws
+        .ecs
+        .describe_clusters()
+        .clusters(&deploy.cluster)
+        .send()
+        .await
+        .map_err(|e| DeployError::aws(&cluster, "DescribeClusters", &e))?;
+    let active = clusters
+        .clusters()
+        .iter()
+        .any(|c| c.status() == Some("ACTIVE"));
+    if !active {
+        return Err(DeployError::Precondition {
+            resource: cluster,
+            message: "not found or not active; create the cluster first".into(),
+        });
+    }
+
+    let arn = &deploy.services.server.target_group_arn;
+    let resource = format!("target group {arn}");
+    let groups = aws
+        .elb
+        .describe_target_groups()
+        .target_group_arns(arn)
+        .send()
+        .await
+        .map_err(|e| DeployError::aws(&resource, "DescribeTargetGroups", &e))?;
+    let Some(group) = groups.target_groups().first() else {
+        return Err(DeployError::Precondition {
+            resource,
+            message: "not found".into(),
+        });
+    };
+    if group.target_type().is_some_and(|t| t.as_str() != "ip") {
+        return Err(DeployError::Precondition {
+            resource,
+            message: "Fargate tasks register by IP: the target group needs target type `ip`".into(),
+        });
+    }
+    let balancers = group.load_balancer_arns().to_vec();
+    if balancers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let described = aws
+        .elb
+        .describe_load_balancers()
+        .set_load_balancer_arns(Some(balancers.clone()))
+        .send()
+        .await
+        .map_err(|e| DeployError::aws(&resource, "DescribeLoadBalancers", &e))?;
+    let heartbeat = deployment.manifest.server.heartbeat_secs;
+    for balancer in &balancers {
+        let attributes = aws
+            .elb
+            .describe_load_balancer_attributes()
+            .load_balancer_arn(balancer)
+            .send()
+            .await
+            .map_err(|e| {
+                DeployError::aws(
+                    format!("load balancer {balancer}"),
+                    "DescribeLoadBalancerAttributes",
+                    &e,
+                )
+            })?;
+        let idle = attributes
+            .attributes()
+            .iter()
+            .find(|a| a.key() == Some("idle_timeout.timeout_seconds"))
+            .and_then(|a| a.value())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(idle) = idle.filter(|idle| *idle <= heartbeat) {
+            return Err(DeployError::Precondition {
+                resource: format!("load balancer {balancer}"),
+                message: format!(
+                    "its idle timeout ({idle} s) must be above the heartbeat ($.server.heartbeat_secs = {heartbeat} s), or it cuts idle streams"
+                ),
+            });
+        }
+    }
+    Ok(described
+        .load_balancers()
+        .iter()
+        .filter_map(|lb| lb.dns_name())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Logs in to ECR's registry (or `registry`, standing in for it) with an authorization
+/// token; returns ECR's registry host, which task definitions name, and the client.
+async fn login(
+    aws: &Clients,
+    registry: Option<Endpoint>,
+) -> Result<(String, Registry), DeployError> {
+    let resource = "ECR registry";
+    let token = aws
+        .ecr
+        .get_authorization_token()
+        .send()
+        .await
+        .map_err(|e| DeployError::aws(resource, "GetAuthorizationToken", &e))?;
+    let data = token.authorization_data().first();
+    let proxy = data.and_then(|d| d.proxy_endpoint());
+    let credentials = data
+        .and_then(|d| d.authorization_token())
+        .and_then(|t| base64::engine::general_purpose::STANDARD.decode(t).ok())
+        .and_then(|t| String::from_utf8(t).ok())
+        .and_then(|t| {
+            t.split_once(':')
+                .map(|(user, password)| (user.to_owned(), password.to_owned()))
+        });
+    let (Some(proxy), Some((username, password))) = (proxy, credentials) else {
+        return Err(DeployError::Aws {
+            resource: resource.into(),
+            message: "GetAuthorizationToken returned no usable token".into(),
+        });
+    };
+    let ecr = Endpoint::parse(proxy).map_err(|message| DeployError::Aws {
+        resource: resource.into(),
+        message,
+    })?;
+    let host = ecr.host.clone();
+    Ok((
+        host,
+        Registry::new(registry.unwrap_or(ecr), username, password),
+    ))
+}
+
+/// The steps, each reading first and changing what differs (unless a dry run).
+struct Step<'a> {
+    aws: &'a Clients,
+    deployment: &'a Deployment,
+    dry_run: bool,
+}
+
+type Outcome<T> = Result<(T, String), DeployError>;
+
+impl Step<'_> {
+    /// "would create" in a dry run, "created" otherwise.
+    fn would(&self, action: &str, done: &str) -> String {
+        if self.dry_run {
+            format!("would {action}")
+        } else {
+            done.to_owned()
+        }
+    }
+
+    async fn repository(&self, name: &str) -> Outcome<()> {
+        let resource = format!("ECR repository {name}");
+        match self
+            .aws
+            .ecr
+            .describe_repositories()
+            .repository_names(name)
+            .send()
+            .await
+        {
+            Ok(_) => return Ok(((), "exists".into())),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_repository_not_found_exception()) => {}
+            Err(e) => return Err(DeployError::aws(resource, "DescribeRepositories", &e)),
+        }
+        if !self.dry_run {
+            self.aws
+                .ecr
+                .create_repository()
+                .repository_name(name)
+                .image_tag_mutability(ImageTagMutability::Mutable)
+                .image_scanning_configuration(
+                    ImageScanningConfiguration::builder()
+                        .scan_on_push(true)
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| DeployError::aws(&resource, "CreateRepository", &e))?;
+        }
+        Ok(((), self.would("create", "created")))
+    }
+
+    async fn push(&self, registry: &Registry, repository: &str, image: &Image) -> Outcome<()> {
+        let total = image.layers.len() + 1;
+        if self.dry_run {
+            let missing = registry.missing_blobs(repository, image).await?;
+            return Ok((
+                (),
+                format!(
+                    "would push {missing} of {total} blobs to {}, then tag {} as {}",
+                    registry.host(),
+                    image.manifest.digest,
+                    image.tag
+                ),
+            ));
+        }
+        let pushed = registry.push(repository, image).await?;
+        Ok((
+            (),
+            format!(
+                "pushed {} of {total} blobs ({} already there) to {}, tagged {} as {}",
+                pushed.sent,
+                pushed.present,
+                registry.host(),
+                image.manifest.digest,
+                image.tag
+            ),
+        ))
+    }
+
+    async fn log_group(&self) -> Outcome<()> {
+        let logs = &self.deployment.deploy.logs;
+        let resource = format!("log group {}", logs.group);
+        let found = self
+            .aws
+            .logs
+            .describe_log_groups()
+            .log_group_name_prefix(&logs.group)
+            .send()
+            .await
+            .map_err(|e| DeployError::aws(&resource, "DescribeLogGroups", &e))?;
+        if found
+            .log_groups()
+            .iter()
+            .any(|g| g.log_group_name() == Some(logs.group.as_str()))
+        {
+            return Ok(((), "exists".into()));
+        }
+        if !self.dry_run {
+            self.aws
+                .logs
+                .create_log_group()
+                .log_group_name(&logs.group)
+                .send()
+                .await
+                .map_err(|e| DeployError::aws(&resource, "CreateLogGroup", &e))?;
+            if let Some(days) = logs.retention_days {
+                self.aws
+                    .logs
+                    .put_retention_policy()
+                    .log_group_name(&logs.group)
+                    .retention_in_days(days)
+                    .send()
+                    .await
+                    .map_err(|e| DeployError::aws(&resource, "PutRetentionPolicy", &e))?;
+            }
+        }
+        Ok(((), self.would("create", "created")))
+    }
+
+    /// Registers the task definition unless the family's latest revision carries the
+    /// spec's fingerprint; returns the ARN services should run (the family name alone in
+    /// a dry run that would register).
+    async fn task_definition(&self, spec: &TaskDefinitionSpec) -> Outcome<String> {
+        let resource = format!("task definition {}", spec.family);
+        let fingerprint = spec.fingerprint();
+        let latest = self
+            .aws
+            .ecs
+            .describe_task_definition()
+            .task_definition(&spec.family)
+            .include(TaskDefinitionField::Tags)
+            .send()
+            .await;
+        match latest {
+            Ok(latest) => {
+                let arn = latest
+                    .task_definition()
+                    .and_then(|t| t.task_definition_arn())
+                    .unwrap_or_default();
+                if has_fingerprint(latest.tags(), &fingerprint) && !arn.is_empty() {
+                    return Ok((arn.to_owned(), format!("unchanged ({})", revision(arn))));
+                }
+            }
+            // ECS answers ClientException for a family it does not know.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_client_exception()) => {}
+            Err(e) => return Err(DeployError::aws(resource, "DescribeTaskDefinition", &e)),
+        }
+        if self.dry_run {
+            return Ok((spec.family.clone(), "would register a new revision".into()));
+        }
+        let container = spec
+            .container_definition()
+            .map_err(|e| DeployError::request(&resource, &e))?;
+        let registered = self
+            .aws
+            .ecs
+            .register_task_definition()
+            .family(&spec.family)
+            .network_mode(NetworkMode::Awsvpc)
+            .requires_compatibilities(Compatibility::Fargate)
+            .cpu(spec.cpu.to_string())
+            .memory(spec.memory.to_string())
+            .runtime_platform(spec.runtime_platform())
+            .execution_role_arn(&spec.execution_role_arn)
+            .set_task_role_arn(spec.task_role_arn.clone())
+            .container_definitions(container)
+            .tags(fingerprint_tag(&fingerprint))
+            .send()
+            .await
+            .map_err(|e| DeployError::aws(&resource, "RegisterTaskDefinition", &e))?;
+        let arn = registered
+            .task_definition()
+            .and_then(|t| t.task_definition_arn())
+            .unwrap_or_default()
+            .to_owned();
+        let outcome = format!("registered {}", revision(&arn));
+        Ok((arn, outcome))
+    }
+
+    async fn service(&self, spec: &ServiceSpec, task_definition: &str) -> Outcome<()> {
+        let deploy = &self.deployment.deploy;
+        let resource = format!("ECS service {}", spec.name);
+        let fingerprint = spec.fingerprint();
+        let existing = self
+            .aws
+            .ecs
+            .describe_services()
+            .cluster(&deploy.cluster)
+            .services(&spec.name)
+            .include(ServiceField::Tags)
+            .send()
+            .await
+            .map_err(|e| DeployError::aws(&resource, "DescribeServices", &e))?;
+        let network = spec
+            .network_configuration()
+            .map_err(|e| DeployError::request(&resource, &e))?;
+        let current: Option<&Service> = existing
+            .services()
+            .iter()
+            .find(|s| s.status() == Some("ACTIVE"));
+        let Some(current) = current else {
+            if !self.dry_run {
+                self.aws
+                    .ecs
+                    .create_service()
+                    .cluster(&deploy.cluster)
+                    .service_name(&spec.name)
+                    .task_definition(task_definition)
+                    .desired_count(spec.desired_count)
+                    .launch_type(LaunchType::Fargate)
+                    .network_configuration(network)
+                    .set_load_balancers(Some(spec.load_balancers()))
+                    .set_health_check_grace_period_seconds(spec.health_check_grace_secs)
+                    .deployment_configuration(spec.deployment_configuration())
+                    .propagate_tags(PropagateTags::Service)
+                    .enable_ecs_managed_tags(true)
+                    .tags(fingerprint_tag(&fingerprint))
+                    .send()
+                    .await
+                    .map_err(|e| DeployError::aws(&resource, "CreateService", &e))?;
+            }
+            return Ok((
+                (),
+                format!(
+                    "{} with {} tasks",
+                    self.would("create", "created"),
+                    spec.desired_count
+                ),
+            ));
+        };
+
+        let mut changes = Vec::new();
+        if current.task_definition() != Some(task_definition) {
+            changes.push(format!("task definition {}", revision(task_definition)));
+        }
+        let count = (!spec.autoscaled && current.desired_count() != spec.desired_count)
+            .then_some(spec.desired_count);
+        if let Some(count) = count {
+            changes.push(format!(
+                "desired count {} → {count}",
+                current.desired_count()
+            ));
+        }
+        if !has_fingerprint(current.tags(), &fingerprint) {
+            changes.push("settings".to_owned());
+        }
+        if changes.is_empty() {
+            return Ok(((), "unchanged".into()));
+        }
+        if !self.dry_run {
+            self.aws
+                .ecs
+                .update_service()
+                .cluster(&deploy.cluster)
+                .service(&spec.name)
+                .task_definition(task_definition)
+                .set_desired_count(count)
+                .network_configuration(network)
+                .set_load_balancers(Some(spec.load_balancers()))
+                .set_health_check_grace_period_seconds(spec.health_check_grace_secs)
+                .deployment_configuration(spec.deployment_configuration())
+                .send()
+                .await
+                .map_err(|e| DeployError::aws(&resource, "UpdateService", &e))?;
+            if let Some(arn) = current.service_arn() {
+                self.aws
+                    .ecs
+                    .tag_resource()
+                    .resource_arn(arn)
+                    .tags(fingerprint_tag(&fingerprint))
+                    .send()
+                    .await
+                    .map_err(|e| DeployError::aws(&resource, "TagResource", &e))?;
+            }
+        }
+        Ok((
+            (),
+            format!(
+                "{}: {}",
+                self.would("update", "updated"),
+                changes.join(", ")
+            ),
+        ))
+    }
+
+    async fn scaling(&self, spec: &plan::ScalingSpec) -> Outcome<()> {
+        let resource = format!("scalable target {}", spec.resource_id);
+        let targets = self
+            .aws
+            .scaling
+            .describe_scalable_targets()
+            .service_namespace(ServiceNamespace::Ecs)
+            .scalable_dimension(ScalableDimension::EcsServiceDesiredCount)
+            .resource_ids(&spec.resource_id)
+            .send()
+            .await
+            .map_err(|e| DeployError::aws(&resource, "DescribeScalableTargets", &e))?;
+        let mut changes = Vec::new();
+        let same_bounds = targets
+            .scalable_targets()
+            .iter()
+            .any(|t| t.min_capacity() == spec.min_count && t.max_capacity() == spec.max_count);
+        if !same_bounds {
+            changes.push(format!("{} to {} tasks", spec.min_count, spec.max_count));
+            if !self.dry_run {
+                self.aws
+                    .scaling
+                    .register_scalable_target()
+                    .service_namespace(ServiceNamespace::Ecs)
+                    .scalable_dimension(ScalableDimension::EcsServiceDesiredCount)
+                    .resource_id(&spec.resource_id)
+                    .min_capacity(spec.min_count)
+                    .max_capacity(spec.max_count)
+                    .send()
+                    .await
+                    .map_err(|e| DeployError::aws(&resource, "RegisterScalableTarget", &e))?;
+            }
+        }
+        let policies = self
+            .aws
+            .scaling
+            .describe_scaling_policies()
+            .service_namespace(ServiceNamespace::Ecs)
+            .resource_id(&spec.resource_id)
+            .scalable_dimension(ScalableDimension::EcsServiceDesiredCount)
+            .send()
+            .await
+            .map_err(|e| DeployError::aws(&resource, "DescribeScalingPolicies", &e))?;
+        for policy in &spec.policies {
+            let same = policies.scaling_policies().iter().any(|existing| {
+                existing.policy_name() == policy.name
+                    && existing
+                        .target_tracking_scaling_policy_configuration()
+                        .is_some_and(|configuration| policy.matches(configuration))
+            });
+            if same {
+                continue;
+            }
+            changes.push(format!("policy {} (target {})", policy.name, policy.target));
+            if !self.dry_run {
+                let resource = format!("scaling policy {}", policy.name);
+                let configuration = policy
+                    .configuration()
+                    .map_err(|e| DeployError::request(&resource, &e))?;
+                self.aws
+                    .scaling
+                    .put_scaling_policy()
+                    .policy_name(&policy.name)
+                    .service_namespace(ServiceNamespace::Ecs)
+                    .scalable_dimension(ScalableDimension::EcsServiceDesiredCount)
+                    .resource_id(&spec.resource_id)
+                    .policy_type(PolicyType::TargetTrackingScaling)
+                    .target_tracking_scaling_policy_configuration(configuration)
+                    .send()
+                    .await
+                    .map_err(|e| DeployError::aws(&resource, "PutScalingPolicy", &e))?;
+            }
+        }
+        if changes.is_empty() {
+            return Ok(((), "unchanged".into()));
+        }
+        Ok((
+            (),
+            format!("{}: {}", self.would("set", "set"), changes.join(", ")),
+        ))
+    }
+}
+
+fn fingerprint_tag(fingerprint: &str) -> Tag {
+    Tag::builder()
+        .key(FINGERPRINT_TAG)
+        .value(fingerprint)
+        .build()
+}
+
+fn has_fingerprint(tags: &[Tag], fingerprint: &str) -> bool {
+    tags.iter()
+        .any(|t| t.key() == Some(FINGERPRINT_TAG) && t.value() == Some(fingerprint))
+}
+
+/// `family:revision` of a task definition ARN.
+pub(crate) fn revision(arn: &str) -> &str {
+    arn.rsplit_once('/').map_or(arn, |(_, revision)| revision)
+}

@@ -1,0 +1,621 @@
+//! The manifest's `deploy` section: parsed into typed structs and validated here, with the
+//! runtime sections, before any AWS call. Every error names the JSON path of the offending
+//! value, like `$.deploy.services.server.cpu`. Secrets stay out of the file: the section maps
+//! the environment variables that the runtime sections name (`*_env`) to Secrets Manager or
+//! SSM Parameter Store ARNs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use fjord::config::{KafkaSecurity, Manifest, ManifestError};
+use serde::{Deserialize, Serialize};
+
+/// Environment variables that the deploy sets itself; the manifest may not map them.
+pub const RESERVED_ENV: [&str; 5] = [
+    "FJORD_MANIFEST_JSON",
+    "FJORD_MANIFEST",
+    "FJORD_CONSUMER_GROUP",
+    "FJORD_EMF_CLUSTER",
+    "FJORD_EMF_SERVICE",
+];
+
+/// Why a manifest cannot be deployed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read manifest {}: {source}", file.display())]
+    Read {
+        /// The manifest's path.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A runtime section is invalid (the same check every binary makes at start).
+    #[error("{}: {source}", file.display())]
+    Runtime {
+        /// The manifest's path.
+        file: PathBuf,
+        /// What the runtime refused.
+        source: ManifestError,
+    },
+    /// The `deploy` section is missing, malformed or out of range.
+    #[error("{}: {path}: {message}", file.display())]
+    Invalid {
+        /// The manifest's path.
+        file: PathBuf,
+        /// The JSON path of the value, `$.deploy.services.server.cpu`.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// A manifest that can be deployed: the runtime sections, the typed `deploy` section, and
+/// the manifest text the tasks get (the file without its `deploy` section).
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// The validated runtime sections.
+    pub manifest: Manifest,
+    /// The validated `deploy` section.
+    pub deploy: DeployConfig,
+    /// The manifest as the tasks read it: compact JSON, without `deploy` and `$schema`.
+    pub runtime_manifest: String,
+}
+
+/// `deploy`: where and how Fjord runs in AWS.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    /// The AWS region, like `eu-west-1`.
+    pub region: String,
+    /// The ECS cluster the services run in (must exist).
+    pub cluster: String,
+    /// Prefix of every name the deploy creates: repositories, task families, services.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// The CPU architecture the images were built for.
+    #[serde(default)]
+    pub architecture: Architecture,
+    /// Where the tasks run.
+    pub network: NetworkConfig,
+    /// The IAM roles of the tasks.
+    pub roles: RolesConfig,
+    /// Where the tasks' logs go.
+    pub logs: LogsConfig,
+    /// Environment variable → Secrets Manager or SSM parameter ARN, injected by ECS.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+    /// Sizes and scaling of the services.
+    pub services: ServicesConfig,
+}
+
+/// The CPU architecture of the images and of the Fargate tasks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    /// `x86_64-linux` images.
+    #[default]
+    X86_64,
+    /// `aarch64-linux` images (Graviton).
+    Arm64,
+}
+
+/// `deploy.network`: the awsvpc configuration of every task.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Subnet ids, private subnets with a NAT gateway in the usual setup.
+    pub subnets: Vec<String>,
+    /// Security group ids.
+    pub security_groups: Vec<String>,
+    /// Whether tasks get a public IP (only for public subnets without NAT).
+    #[serde(default)]
+    pub assign_public_ip: bool,
+}
+
+/// `deploy.roles`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolesConfig {
+    /// The role ECS uses to pull images, write logs and read the secrets.
+    pub execution_role_arn: String,
+    /// The role the processes run as, if they need one.
+    #[serde(default)]
+    pub task_role_arn: Option<String>,
+}
+
+/// `deploy.logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsConfig {
+    /// The CloudWatch Logs group; created when missing.
+    pub group: String,
+    /// Days to keep the logs, set when the deploy creates the group.
+    #[serde(default)]
+    pub retention_days: Option<i32>,
+}
+
+/// `deploy.services`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicesConfig {
+    /// The HTTP tier.
+    pub server: ServerService,
+    /// Every consumer group's service (one task per group member).
+    pub consumer: TaskSize,
+}
+
+/// Fargate CPU units and memory (MiB) of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSize {
+    /// CPU units: 256, 512, 1024, 2048, 4096, 8192 or 16384.
+    pub cpu: u32,
+    /// Memory in MiB, within what Fargate allows for `cpu`.
+    pub memory: u32,
+}
+
+/// `deploy.services.server`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerService {
+    /// CPU units of a task.
+    pub cpu: u32,
+    /// Memory of a task, MiB.
+    pub memory: u32,
+    /// The ALB target group (target type `ip`) the server tasks register with.
+    pub target_group_arn: String,
+    /// Tasks when the service is created; afterwards autoscaling owns the count.
+    #[serde(default = "default_server_count")]
+    pub desired_count: u32,
+    /// Seconds ECS ignores failing load balancer health checks after a task starts.
+    #[serde(default = "default_grace_secs")]
+    pub health_check_grace_secs: u32,
+    /// Target tracking on CPU and on open connections per task.
+    pub autoscaling: AutoscalingConfig,
+}
+
+impl ServerService {
+    /// The task size.
+    pub fn size(&self) -> TaskSize {
+        TaskSize {
+            cpu: self.cpu,
+            memory: self.memory,
+        }
+    }
+}
+
+/// `deploy.services.server.autoscaling`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoscalingConfig {
+    /// Fewest tasks.
+    pub min_count: u32,
+    /// Most tasks.
+    pub max_count: u32,
+    /// Average CPU utilisation to hold, percent.
+    #[serde(default = "default_cpu_target")]
+    pub cpu_target: f64,
+    /// Open SSE connections per task to hold.
+    pub connections_target: f64,
+    /// Seconds between scale-in steps.
+    #[serde(default = "default_scale_in_cooldown")]
+    pub scale_in_cooldown_secs: i32,
+    /// Seconds between scale-out steps.
+    #[serde(default = "default_scale_out_cooldown")]
+    pub scale_out_cooldown_secs: i32,
+}
+
+fn default_name() -> String {
+    "fjord".into()
+}
+fn default_server_count() -> u32 {
+    2
+}
+fn default_grace_secs() -> u32 {
+    60
+}
+fn default_cpu_target() -> f64 {
+    60.0
+}
+fn default_scale_in_cooldown() -> i32 {
+    300
+}
+fn default_scale_out_cooldown() -> i32 {
+    60
+}
+
+impl Deployment {
+    /// Reads the manifest at `file` and validates all of it.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, file)
+    }
+
+    /// Validates a manifest's text; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let manifest = Manifest::parse(text).map_err(|source| ConfigError::Runtime {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::with_deploy(text, manifest).map_err(|Bad { path, message }| ConfigError::Invalid {
+            file: file.to_owned(),
+            path,
+            message,
+        })
+    }
+
+    fn with_deploy(text: &str, manifest: Manifest) -> Result<Self, Bad> {
+        let section = manifest.deploy.clone().ok_or_else(|| {
+            Bad::at(
+                "$.deploy",
+                "missing: fjord-deploy needs the deploy section (see the deployment guide)",
+            )
+        })?;
+        let deploy: DeployConfig = serde_path_to_error::deserialize(section).map_err(|error| {
+            let path = error.path().to_string();
+            let path = if path == "." {
+                "$.deploy".to_owned()
+            } else {
+                format!("$.deploy.{path}")
+            };
+            Bad::at(path, error.inner().to_string())
+        })?;
+        deploy.validate(&manifest)?;
+        let mut runtime: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).map_err(|error| Bad::at("$", error.to_string()))?;
+        runtime.remove("deploy");
+        runtime.remove("$schema");
+        let runtime_manifest = serde_json::Value::Object(runtime).to_string();
+        Ok(Self {
+            manifest,
+            deploy,
+            runtime_manifest,
+        })
+    }
+}
+
+/// A refused value of the `deploy` section: its JSON path and what is wrong.
+struct Bad {
+    path: String,
+    message: String,
+}
+
+impl Bad {
+    fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+fn require(ok: bool, path: impl Into<String>, message: impl FnOnce() -> String) -> Result<(), Bad> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Bad::at(path, message()))
+    }
+}
+
+impl DeployConfig {
+    fn validate(&self, manifest: &Manifest) -> Result<(), Bad> {
+        require(is_region(&self.region), "$.deploy.region", || {
+            format!("{:?} is not an AWS region like \"eu-west-1\"", self.region)
+        })?;
+        require(
+            (1..=255).contains(&self.cluster.len()) && self.cluster.chars().all(is_name_char),
+            "$.deploy.cluster",
+            || {
+                format!(
+                    "{:?} is not an ECS cluster name (1 to 255 of A-Z a-z 0-9 - _)",
+                    self.cluster
+                )
+            },
+        )?;
+        let name_ok = (1..=32).contains(&self.name.len())
+            && self.name.starts_with(|c: char| c.is_ascii_lowercase())
+            && !self.name.ends_with('-')
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        require(name_ok, "$.deploy.name", || {
+            format!(
+                "{:?} must be 1 to 32 of a-z 0-9 -, starting with a letter (it prefixes repository, task and service names)",
+                self.name
+            )
+        })?;
+        require(manifest.server.port != 0, "$.server.port", || {
+            "must be a fixed port to deploy: the target group and the health check need it".into()
+        })?;
+        self.validate_network()?;
+        self.validate_roles_and_logs()?;
+        self.validate_secrets(manifest)?;
+        self.validate_services()
+    }
+
+    fn validate_network(&self) -> Result<(), Bad> {
+        let network = &self.network;
+        require(
+            !network.subnets.is_empty(),
+            "$.deploy.network.subnets",
+            || "at least one subnet is needed".into(),
+        )?;
+        for (i, subnet) in network.subnets.iter().enumerate() {
+            require(
+                is_aws_id(subnet, "subnet-"),
+                format!("$.deploy.network.subnets[{i}]"),
+                || format!("{subnet:?} is not a subnet id like \"subnet-0123456789abcdef0\""),
+            )?;
+        }
+        require(
+            !network.security_groups.is_empty(),
+            "$.deploy.network.security_groups",
+            || "at least one security group is needed".into(),
+        )?;
+        for (i, group) in network.security_groups.iter().enumerate() {
+            require(
+                is_aws_id(group, "sg-"),
+                format!("$.deploy.network.security_groups[{i}]"),
+                || format!("{group:?} is not a security group id like \"sg-0123456789abcdef0\""),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn validate_roles_and_logs(&self) -> Result<(), Bad> {
+        let role_ok = |arn: &str| {
+            arn_parts(arn, "iam").is_some_and(|(region, resource)| {
+                region.is_empty()
+                    && resource
+                        .strip_prefix("role/")
+                        .is_some_and(|name| !name.is_empty())
+            })
+        };
+        require(
+            role_ok(&self.roles.execution_role_arn),
+            "$.deploy.roles.execution_role_arn",
+            || {
+                format!(
+                    "{:?} is not an IAM role ARN like \"arn:aws:iam::123456789012:role/fjord-execution\"",
+                    self.roles.execution_role_arn
+                )
+            },
+        )?;
+        if let Some(task_role) = &self.roles.task_role_arn {
+            require(role_ok(task_role), "$.deploy.roles.task_role_arn", || {
+                format!("{task_role:?} is not an IAM role ARN")
+            })?;
+        }
+        let group = &self.logs.group;
+        require(
+            (1..=512).contains(&group.len())
+                && group.chars().all(|c| is_name_char(c) || "/.#".contains(c)),
+            "$.deploy.logs.group",
+            || format!("{group:?} is not a log group name (1 to 512 of A-Z a-z 0-9 _ - / . #)"),
+        )?;
+        if let Some(days) = self.logs.retention_days {
+            const ALLOWED: [i32; 22] = [
+                1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192,
+                2557, 2922, 3288, 3653,
+            ];
+            require(
+                ALLOWED.contains(&days),
+                "$.deploy.logs.retention_days",
+                || format!("{days} is not a CloudWatch Logs retention; one of {ALLOWED:?}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn validate_secrets(&self, manifest: &Manifest) -> Result<(), Bad> {
+        for (env, arn) in &self.secrets {
+            let path = format!("$.deploy.secrets.{env}");
+            let env_ok = !env.is_empty()
+                && !env.starts_with(|c: char| c.is_ascii_digit())
+                && env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            require(env_ok, &path, || {
+                format!("{env:?} is not an environment variable name")
+            })?;
+            require(!RESERVED_ENV.contains(&env.as_str()), &path, || {
+                format!("{env} is set by fjord-deploy itself")
+            })?;
+            let arn_ok = arn_parts(arn, "secretsmanager").is_some_and(|(region, resource)| {
+                !region.is_empty()
+                    && resource
+                        .strip_prefix("secret:")
+                        .is_some_and(|n| !n.is_empty())
+            }) || arn_parts(arn, "ssm").is_some_and(|(region, resource)| {
+                !region.is_empty()
+                    && resource
+                        .strip_prefix("parameter/")
+                        .is_some_and(|n| !n.is_empty())
+            });
+            require(arn_ok, &path, || {
+                "must be the ARN of a Secrets Manager secret (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME) or an SSM parameter (arn:aws:ssm:REGION:ACCOUNT:parameter/NAME); secrets never go in the manifest".into()
+            })?;
+        }
+        for (env, named_by) in secret_envs(manifest) {
+            require(self.secrets.contains_key(env), "$.deploy.secrets", || {
+                format!(
+                    "{env} (named by {named_by}) needs the ARN of the secret that ECS injects as it"
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn validate_services(&self) -> Result<(), Bad> {
+        let server = &self.services.server;
+        check_size(server.size(), "$.deploy.services.server")?;
+        check_size(self.services.consumer, "$.deploy.services.consumer")?;
+        let tg_ok = arn_parts(&server.target_group_arn, "elasticloadbalancing").is_some_and(
+            |(region, resource)| {
+                region == self.region
+                    && resource
+                        .strip_prefix("targetgroup/")
+                        .is_some_and(|rest| rest.split('/').count() == 2)
+            },
+        );
+        require(tg_ok, "$.deploy.services.server.target_group_arn", || {
+            format!(
+                "{:?} is not the ARN of a target group in {} (arn:aws:elasticloadbalancing:{}:ACCOUNT:targetgroup/NAME/ID)",
+                server.target_group_arn, self.region, self.region
+            )
+        })?;
+        require(
+            server.health_check_grace_secs <= 7200,
+            "$.deploy.services.server.health_check_grace_secs",
+            || "must be 0 to 7200".into(),
+        )?;
+        let scaling = &server.autoscaling;
+        let at = "$.deploy.services.server.autoscaling";
+        require(
+            (1..=1000).contains(&scaling.min_count),
+            format!("{at}.min_count"),
+            || "must be 1 to 1000".into(),
+        )?;
+        require(
+            (scaling.min_count..=1000).contains(&scaling.max_count),
+            format!("{at}.max_count"),
+            || format!("must be min_count ({}) to 1000", scaling.min_count),
+        )?;
+        require(
+            (scaling.min_count..=scaling.max_count).contains(&server.desired_count),
+            "$.deploy.services.server.desired_count",
+            || {
+                format!(
+                    "must be within the autoscaling bounds, {} to {}",
+                    scaling.min_count, scaling.max_count
+                )
+            },
+        )?;
+        require(
+            scaling.cpu_target > 0.0 && scaling.cpu_target <= 100.0,
+            format!("{at}.cpu_target"),
+            || "must be a percentage above 0, at most 100".into(),
+        )?;
+        require(
+            scaling.connections_target >= 1.0 && scaling.connections_target.is_finite(),
+            format!("{at}.connections_target"),
+            || "must be at least 1 (open connections per task)".into(),
+        )?;
+        require(
+            (0..=86_400).contains(&scaling.scale_in_cooldown_secs),
+            format!("{at}.scale_in_cooldown_secs"),
+            || "must be 0 to 86400".into(),
+        )?;
+        require(
+            (0..=86_400).contains(&scaling.scale_out_cooldown_secs),
+            format!("{at}.scale_out_cooldown_secs"),
+            || "must be 0 to 86400".into(),
+        )
+    }
+}
+
+/// Every secret variable the runtime sections name, with the JSON path that names it.
+fn secret_envs(manifest: &Manifest) -> Vec<(&str, &'static str)> {
+    let mut envs = Vec::new();
+    if let Some(password) = &manifest.redis.password_env {
+        envs.push((password.env_name(), "$.redis.password_env"));
+    }
+    match &manifest.kafka.security {
+        KafkaSecurity::None => {}
+        KafkaSecurity::SaslPlain(sasl)
+        | KafkaSecurity::SaslScramSha256(sasl)
+        | KafkaSecurity::SaslScramSha512(sasl) => {
+            envs.push((
+                sasl.password_env.env_name(),
+                "$.kafka.security.password_env",
+            ));
+        }
+        KafkaSecurity::Ssl(tls) => {
+            if let Some(password) = &tls.key_password_env {
+                envs.push((password.env_name(), "$.kafka.security.key_password_env"));
+            }
+        }
+    }
+    envs
+}
+
+/// Fargate's CPU and memory pairs.
+fn check_size(size: TaskSize, at: &str) -> Result<(), Bad> {
+    let (low, high, step) = match size.cpu {
+        256 => (512, 2048, 512),
+        512 => (1024, 4096, 1024),
+        1024 => (2048, 8192, 1024),
+        2048 => (4096, 16_384, 1024),
+        4096 => (8192, 30_720, 1024),
+        8192 => (16_384, 61_440, 4096),
+        16_384 => (32_768, 122_880, 8192),
+        cpu => {
+            return Err(Bad::at(
+                format!("{at}.cpu"),
+                format!(
+                    "{cpu} is not a Fargate CPU size: 256, 512, 1024, 2048, 4096, 8192 or 16384"
+                ),
+            ));
+        }
+    };
+    // 256 CPU units take 512, 1024 or 2048 MiB: no 1536.
+    let ok = (low..=high).contains(&size.memory)
+        && size.memory.is_multiple_of(step)
+        && !(size.cpu == 256 && size.memory == 1536);
+    require(ok, format!("{at}.memory"), || {
+        format!(
+            "{} MiB does not fit cpu {}: Fargate allows {low} to {high} MiB in steps of {step}",
+            size.memory, size.cpu
+        )
+    })
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
+fn is_region(region: &str) -> bool {
+    let parts: Vec<&str> = region.split('-').collect();
+    parts.len() >= 3
+        && parts
+            .first()
+            .is_some_and(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_lowercase()))
+        && parts
+            .last()
+            .is_some_and(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+        && parts[1..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
+}
+
+fn is_aws_id(id: &str, prefix: &str) -> bool {
+    id.strip_prefix(prefix).is_some_and(|hex| {
+        (8..=17).contains(&hex.len())
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    })
+}
+
+/// Splits `arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE` for `service`, checking the
+/// partition and the 12-digit account; returns the region and the resource.
+fn arn_parts<'a>(arn: &'a str, service: &str) -> Option<(&'a str, &'a str)> {
+    let mut parts = arn.splitn(6, ':');
+    let (Some("arn"), Some(partition), Some(svc), Some(region), Some(account), Some(resource)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    let partition_ok = partition == "aws" || partition.starts_with("aws-");
+    let account_ok = account.len() == 12 && account.chars().all(|c| c.is_ascii_digit());
+    (partition_ok && svc == service && account_ok && !resource.is_empty())
+        .then_some((region, resource))
+}

@@ -1,0 +1,26 @@
+//! `fjord-deploy`: deploys Fjord to AWS ECS on Fargate from the manifest's `deploy` section.
+//!
+//! ```text
+//! manifest.json ──► config ──► plan ──► apply ──► wait
+//! image archives ──► archive ──► registry (ECR)
+//! ```
+//!
+//! - [`config`]: the `deploy` section, typed and validated with the runtime sections.
+//! - [`archive`]: Nix-built docker archives turned into registry blobs and a manifest.
+//! - [`registry`]: pushes images with an ECR token, skipping blobs already there.
+//! - [`plan`]: task definitions, services and scaling policies wanted, as AWS requests.
+//! - [`apply`]: the steps against AWS, read first, changing only what differs.
+//! - [`wait`]: waits for the services to settle and prints their state.
+//! - [`error`]: why a deploy stopped, and what it had done by then.
+
+pub mod apply;
+pub mod archive;
+pub mod config;
+pub mod error;
+pub mod plan;
+pub mod registry;
+mod wait;
+
+pub use apply::{Options, deploy};
+pub use config::Deployment;
+pub use error::DeployError;

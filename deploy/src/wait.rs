@@ -1,0 +1,147 @@
+//! After the changes: watches the services until each runs its desired count on a single
+//! deployment (or a deployment fails, or time runs out), printing each change of state,
+//! then prints where the load balancer answers and each service's state.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ecs::types::{DeploymentRolloutState, Service};
+
+use crate::apply::{revision, say};
+use crate::error::DeployError;
+
+/// Waits until every service in `names` is stable, up to `timeout`.
+pub(crate) async fn until_stable(
+    ecs: &aws_sdk_ecs::Client,
+    cluster: &str,
+    names: &[&str],
+    timeout: Duration,
+    poll: Duration,
+) -> Result<(), DeployError> {
+    let started = Instant::now();
+    let mut last: HashMap<String, String> = HashMap::new();
+    loop {
+        let services = describe(ecs, cluster, names).await?;
+        for service in &services {
+            let name = service.service_name().unwrap_or_default().to_owned();
+            let line = state(service);
+            if last.get(&name) != Some(&line) {
+                say(format_args!(
+                    "  … {name}: {line} ({} s)",
+                    started.elapsed().as_secs()
+                ));
+                last.insert(name, line);
+            }
+        }
+        if let Some((service, reason)) = services
+            .iter()
+            .find_map(|s| failed(s).map(|reason| (s, reason)))
+        {
+            return Err(DeployError::NotStable(format!(
+                "ECS service {}: the deployment failed and the circuit breaker rolls it back: {reason}",
+                service.service_name().unwrap_or_default()
+            )));
+        }
+        if services.len() == names.len() && services.iter().all(stable) {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            let states: Vec<String> = services
+                .iter()
+                .filter(|s| !stable(s))
+                .map(|s| format!("{}: {}", s.service_name().unwrap_or_default(), state(s)))
+                .collect();
+            return Err(DeployError::NotStable(format!(
+                "services not stable after {} s: {}",
+                timeout.as_secs(),
+                states.join("; ")
+            )));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Prints the load balancer's addresses and every service's state.
+pub(crate) async fn print_status(
+    ecs: &aws_sdk_ecs::Client,
+    cluster: &str,
+    names: &[&str],
+    addresses: &[String],
+    target_group: &str,
+) -> Result<(), DeployError> {
+    say(format_args!("Target group: {target_group}"));
+    if addresses.is_empty() {
+        say("Load balancer: none attached to the target group yet");
+    }
+    for address in addresses {
+        say(format_args!("Load balancer: {address}"));
+    }
+    for service in describe(ecs, cluster, names).await? {
+        say(format_args!(
+            "Service {}: {}",
+            service.service_name().unwrap_or_default(),
+            state(&service)
+        ));
+    }
+    Ok(())
+}
+
+async fn describe(
+    ecs: &aws_sdk_ecs::Client,
+    cluster: &str,
+    names: &[&str],
+) -> Result<Vec<Service>, DeployError> {
+    let mut services = Vec::with_capacity(names.len());
+    // DescribeServices takes at most 10 services per call.
+    for chunk in names.chunks(10) {
+        let described = ecs
+            .describe_services()
+            .cluster(cluster)
+            .set_services(Some(chunk.iter().map(|name| (*name).to_owned()).collect()))
+            .send()
+            .await
+            .map_err(|e| {
+                DeployError::aws(format!("ECS services in {cluster}"), "DescribeServices", &e)
+            })?;
+        services.extend(described.services().iter().cloned());
+    }
+    Ok(services)
+}
+
+fn state(service: &Service) -> String {
+    let rollout = service
+        .deployments()
+        .iter()
+        .find(|d| d.status() == Some("PRIMARY"))
+        .and_then(|d| d.rollout_state())
+        .map(|state| format!(", rollout {}", state.as_str()))
+        .unwrap_or_default();
+    format!(
+        "{}, {}/{} running, {} pending, {} deployment(s), task definition {}{rollout}",
+        service.status().unwrap_or("UNKNOWN"),
+        service.running_count(),
+        service.desired_count(),
+        service.pending_count(),
+        service.deployments().len(),
+        revision(service.task_definition().unwrap_or("none")),
+    )
+}
+
+fn stable(service: &Service) -> bool {
+    service.status() == Some("ACTIVE")
+        && service.deployments().len() == 1
+        && service.running_count() == service.desired_count()
+        && service.pending_count() == 0
+}
+
+fn failed(service: &Service) -> Option<String> {
+    service
+        .deployments()
+        .iter()
+        .find(|d| d.rollout_state() == Some(&DeploymentRolloutState::Failed))
+        .map(|d| {
+            d.rollout_state_reason()
+                .unwrap_or("no reason given")
+                .to_owned()
+        })
+}
