@@ -156,10 +156,7 @@ pub fn parse_stream_request(
 }
 
 fn stream_response(hub: &Arc<Hub>, request: StreamRequest) -> Response {
-    if let Some(resume) = &request.resume {
-        tracing::debug!(?resume, "resume requested; streaming live");
-    }
-    let subscription = hub.subscribe(request.interest);
+    let subscription = hub.subscribe(request.interest, request.resume.as_ref());
     let mut response = warp::reply::stream(subscription).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -331,14 +328,27 @@ fn error_response(hub: &Hub, rejection: &Rejection) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::StreamId;
-    use crate::config::EndpointName;
+    use crate::bus::memory::MemoryBus;
+    use crate::bus::{Bus, StreamId};
+    use crate::config::{EndpointName, StartPosition};
 
     fn hub() -> Hub {
         let endpoints = ["drivers", "orders"]
-            .map(|name| EndpointName::try_from(name.to_owned()).expect("valid"))
+            .map(|name| {
+                (
+                    EndpointName::try_from(name.to_owned()).expect("valid"),
+                    StartPosition::Live,
+                )
+            })
             .to_vec();
-        Hub::new(endpoints, &[], 8, 2000, Arc::default())
+        let bus = Bus::Memory(MemoryBus::new());
+        Hub::new(
+            endpoints,
+            &[],
+            &ServerConfig::default(),
+            bus,
+            Arc::default(),
+        )
     }
 
     #[test]

@@ -13,12 +13,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::Stream;
+use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::bus::{BusEntry, BusReader, StreamId};
-use crate::config::EndpointName;
+use crate::bus::{Bus, BusEntry, BusError, BusReader, StreamId};
+use crate::config::{EndpointName, ServerConfig, StartPosition};
 use crate::metrics::Metrics;
+use crate::replay::{ReplayItem, ReplayRange, replay};
 use crate::sse::{self, RenderedEvent, ResumeId};
 
 /// Most frames written to a connection in one write.
@@ -26,7 +27,7 @@ const MAX_COALESCED_FRAMES: usize = 64;
 /// Longest pause between failed bus reads.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The bus counts as unreachable when no read succeeded for this long.
-const READY_WINDOW_MS: u64 = 10_000;
+const READY_WINDOW_MS: u64 = 5_000;
 
 type ClientId = u64;
 type Sender = mpsc::Sender<Frame>;
@@ -75,6 +76,8 @@ struct Client {
 #[derive(Debug)]
 pub struct Hub {
     endpoints: Vec<EndpointName>,
+    starts: Vec<StartPosition>,
+    bus: Bus,
     channels: Vec<RwLock<Channel>>,
     clients: Mutex<HashMap<ClientId, Client>>,
     next_client: AtomicU64,
@@ -112,19 +115,21 @@ pub struct Interest {
 }
 
 impl Hub {
-    /// A hub for `endpoints` (sorted), whose bus reader starts after `start` (one id each).
+    /// A hub for `endpoints` (sorted, with where a new connection starts), whose bus
+    /// reader starts after `reader_start` (one id each). `bus` serves replays.
     pub fn new(
-        endpoints: Vec<EndpointName>,
-        start: &[StreamId],
-        queue_size: usize,
-        retry_ms: u64,
+        endpoints: Vec<(EndpointName, StartPosition)>,
+        reader_start: &[StreamId],
+        server: &ServerConfig,
+        bus: Bus,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let (endpoints, starts): (Vec<_>, Vec<_>) = endpoints.into_iter().unzip();
         let channels = endpoints
             .iter()
             .enumerate()
             .map(|(i, _)| {
-                let id = start.get(i).copied().unwrap_or(StreamId::ZERO);
+                let id = reader_start.get(i).copied().unwrap_or(StreamId::ZERO);
                 RwLock::new(Channel {
                     last_ms: AtomicU64::new(id.ms),
                     last_seq: AtomicU64::new(id.seq),
@@ -134,11 +139,13 @@ impl Hub {
             .collect();
         Self {
             endpoints,
+            starts,
             channels,
             clients: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(0),
-            queue_size,
-            retry_ms,
+            queue_size: server.client_queue,
+            retry_ms: server.retry_ms,
+            bus,
             last_read_ms: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             metrics,
@@ -172,11 +179,18 @@ impl Hub {
         self.clients.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a connection; its stream starts with the prelude, then live events.
-    pub fn subscribe(self: &Arc<Self>, interest: Interest) -> Subscription {
+    /// Registers a connection for live events, then plans what it must be sent first: the
+    /// records after `resume` (one id per endpoint of the interest), or for a connection
+    /// without one, the retention window of endpoints configured to start at the oldest.
+    /// Registering before reading back means no record falls between the two.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        interest: Interest,
+        resume: Option<&ResumeId>,
+    ) -> Subscription {
         let (sender, receiver) = mpsc::channel(self.queue_size);
         let id = self.next_client.fetch_add(1, Relaxed);
-        let mut start = Vec::with_capacity(interest.endpoints.len());
+        let mut live_start = Vec::with_capacity(interest.endpoints.len());
         for &endpoint in &interest.endpoints {
             let mut channel = write(&self.channels[endpoint]);
             match &interest.keys {
@@ -193,24 +207,51 @@ impl Hub {
                     }
                 }
             }
-            start.push(channel.last_id());
+            live_start.push(channel.last_id());
         }
         self.clients().insert(
             id,
             Client {
                 sender,
                 endpoints: interest.endpoints.clone(),
-                keys: interest.keys,
+                keys: interest.keys.clone(),
             },
         );
         self.metrics.open_connections.fetch_add(1, Relaxed);
-        let start = ResumeId(start);
-        let multi_endpoint_cursor = (interest.endpoints.len() > 1).then(|| start.clone());
+
+        let mut cursor = Vec::with_capacity(live_start.len());
+        let mut ranges = Vec::new();
+        for (position, (&endpoint, &live)) in interest.endpoints.iter().zip(&live_start).enumerate()
+        {
+            let from = match resume {
+                Some(resume) => resume.0.get(position).map(|&after| (after, true)),
+                None => (self.starts.get(endpoint) == Some(&StartPosition::Oldest))
+                    .then_some((StreamId::ZERO, false)),
+            };
+            let Some((after, report_gap)) = from else {
+                cursor.push(live);
+                continue;
+            };
+            cursor.push(after);
+            if after < live {
+                ranges.push(ReplayRange {
+                    endpoint,
+                    after,
+                    until: live,
+                    report_gap,
+                });
+            }
+        }
+        let cursor = ResumeId(cursor);
+        let backlog = (!ranges.is_empty())
+            .then(|| Mutex::new(replay(self.bus.clone(), self.endpoints.clone(), ranges)));
         Subscription {
-            prelude: Some(sse::prelude(self.retry_ms, &start)),
+            prelude: Some(sse::prelude(self.retry_ms, &cursor)),
+            backlog,
             receiver,
             endpoints: interest.endpoints,
-            cursor: multi_endpoint_cursor,
+            keys: interest.keys,
+            cursor,
             hub: Arc::clone(self),
             id,
         }
@@ -359,20 +400,71 @@ impl Hub {
     }
 }
 
-/// One connection's stream of bytes: the prelude, then its events, several per write when
-/// they queue up. Dropping it unsubscribes the connection.
-#[derive(Debug)]
+/// The replay of a resuming connection. The HTTP body must be `Sync`, the replay's bus
+/// futures are not; a mutex that is only ever reached through `get_mut` bridges the two
+/// without locking.
+type Backlog = Mutex<BoxStream<'static, Result<ReplayItem, BusError>>>;
+
+/// One connection's stream of bytes: the prelude, then what it missed (when it resumes),
+/// then its live events, several per write when they queue up. Dropping it unsubscribes the
+/// connection.
 pub struct Subscription {
     prelude: Option<Bytes>,
+    backlog: Option<Backlog>,
     receiver: mpsc::Receiver<Frame>,
     endpoints: Vec<usize>,
-    /// For a connection of several endpoints: its position in each, sent as its ids.
-    cursor: Option<ResumeId>,
+    keys: Option<Vec<String>>,
+    /// The connection's position in each of its endpoints: an event at or before it was
+    /// sent already and is skipped.
+    cursor: ResumeId,
     hub: Arc<Hub>,
     id: ClientId,
 }
 
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .field("endpoints", &self.endpoints)
+            .field("cursor", &self.cursor)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Subscription {
+    fn is_multi_endpoint(&self) -> bool {
+        self.endpoints.len() > 1
+    }
+
+    /// Moves the cursor to `id` if the event is new to this connection.
+    fn advance(&mut self, endpoint: usize, id: StreamId) -> bool {
+        let Some(position) = self.endpoints.iter().position(|&e| e == endpoint) else {
+            return false;
+        };
+        if id <= self.cursor.0[position] {
+            return false;
+        }
+        self.cursor.0[position] = id;
+        true
+    }
+
+    fn write_event(
+        &mut self,
+        endpoint: usize,
+        id: StreamId,
+        event: &RenderedEvent,
+        out: &mut BytesMut,
+    ) {
+        if !self.advance(endpoint, id) {
+            return;
+        }
+        if self.is_multi_endpoint() {
+            event.write_with_id(&self.cursor, out);
+        } else {
+            out.extend_from_slice(event.bytes());
+        }
+    }
+
     fn write_frame(&mut self, frame: Frame, out: &mut BytesMut) {
         match frame {
             Frame::Raw(bytes) => out.extend_from_slice(&bytes),
@@ -380,23 +472,82 @@ impl Subscription {
                 endpoint,
                 id,
                 event,
-            } => match &mut self.cursor {
-                None => out.extend_from_slice(event.bytes()),
-                Some(cursor) => {
-                    if let Some(position) = self.endpoints.iter().position(|&e| e == endpoint) {
-                        cursor.0[position] = id;
-                    }
-                    event.write_with_id(cursor, out);
-                }
-            },
+            } => self.write_event(endpoint, id, &event, out),
         }
     }
 
-    fn single_frame_bytes(&self, frame: &Frame) -> Option<Bytes> {
-        match frame {
-            Frame::Raw(bytes) => Some(bytes.clone()),
-            Frame::Event { event, .. } if self.cursor.is_none() => Some(event.bytes().clone()),
-            Frame::Event { .. } => None,
+    fn write_replayed(&mut self, item: ReplayItem, out: &mut BytesMut) {
+        match item {
+            ReplayItem::Gap {
+                endpoint,
+                requested,
+                oldest,
+            } => {
+                let name = self
+                    .hub
+                    .endpoints
+                    .get(endpoint)
+                    .map_or("", EndpointName::as_str);
+                let oldest = (oldest != StreamId::ZERO).then(|| oldest.to_string());
+                out.extend_from_slice(&sse::notice(
+                    sse::reserved::GAP,
+                    &serde_json::json!({
+                        "endpoint": name,
+                        "last_event_id": requested.to_string(),
+                        "oldest_id": oldest,
+                        "message": "records after your last event id are past the retention window; continuing from the oldest kept",
+                    }),
+                ));
+            }
+            ReplayItem::Entries(entries) => {
+                for (endpoint, entry) in entries {
+                    let wanted = match (&self.keys, &entry.filter_key) {
+                        (None, _) => true,
+                        (Some(keys), Some(key)) => keys.binary_search(key).is_ok(),
+                        (Some(_), None) => false,
+                    };
+                    if wanted {
+                        let name = self
+                            .hub
+                            .endpoints
+                            .get(endpoint)
+                            .map_or("", EndpointName::as_str);
+                        let event = RenderedEvent::new(entry.id, name, &entry.envelope);
+                        self.write_event(endpoint, entry.id, &event, out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_backlog(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        loop {
+            let Some(backlog) = &mut self.backlog else {
+                return Poll::Ready(None);
+            };
+            let backlog = backlog.get_mut().unwrap_or_else(PoisonError::into_inner);
+            let item = match backlog.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.backlog = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    // Ending the stream makes the client reconnect and resume from what
+                    // it got.
+                    tracing::warn!(%error, client = self.id, "replay failed; closing the stream");
+                    self.backlog = None;
+                    self.receiver.close();
+                    while self.receiver.try_recv().is_ok() {}
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Ok(item))) => item,
+            };
+            let mut out = BytesMut::new();
+            self.write_replayed(item, &mut out);
+            if !out.is_empty() {
+                return Poll::Ready(Some(out.freeze()));
+            }
         }
     }
 }
@@ -408,30 +559,55 @@ impl Stream for Subscription {
         if let Some(prelude) = self.prelude.take() {
             return Poll::Ready(Some(Ok(prelude)));
         }
-        let first = match self.receiver.poll_recv(cx) {
-            Poll::Ready(Some(frame)) => frame,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        let Ok(second) = self.receiver.try_recv() else {
-            // The common case: one frame, sent without copying when its bytes are shared.
-            if let Some(bytes) = self.single_frame_bytes(&first) {
-                return Poll::Ready(Some(Ok(bytes)));
-            }
-            let mut out = BytesMut::new();
-            self.write_frame(first, &mut out);
-            return Poll::Ready(Some(Ok(out.freeze())));
-        };
-        let mut out = BytesMut::with_capacity(4096);
-        self.write_frame(first, &mut out);
-        self.write_frame(second, &mut out);
-        for _ in 2..MAX_COALESCED_FRAMES {
-            match self.receiver.try_recv() {
-                Ok(frame) => self.write_frame(frame, &mut out),
-                Err(_) => break,
+        if self.backlog.is_some() {
+            match self.poll_backlog(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(bytes)) => return Poll::Ready(Some(Ok(bytes))),
+                Poll::Ready(None) => {}
             }
         }
-        Poll::Ready(Some(Ok(out.freeze())))
+        loop {
+            let first = match self.receiver.poll_recv(cx) {
+                Poll::Ready(Some(frame)) => frame,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            if let Ok(second) = self.receiver.try_recv() {
+                let mut out = BytesMut::with_capacity(4096);
+                self.write_frame(first, &mut out);
+                self.write_frame(second, &mut out);
+                for _ in 2..MAX_COALESCED_FRAMES {
+                    match self.receiver.try_recv() {
+                        Ok(frame) => self.write_frame(frame, &mut out),
+                        Err(_) => break,
+                    }
+                }
+                if !out.is_empty() {
+                    return Poll::Ready(Some(Ok(out.freeze())));
+                }
+                continue;
+            }
+            // The common case, one frame: its shared bytes go out without a copy.
+            match first {
+                Frame::Raw(bytes) => return Poll::Ready(Some(Ok(bytes))),
+                Frame::Event {
+                    endpoint,
+                    id,
+                    event,
+                } if !self.is_multi_endpoint() => {
+                    if self.advance(endpoint, id) {
+                        return Poll::Ready(Some(Ok(event.bytes().clone())));
+                    }
+                }
+                frame => {
+                    let mut out = BytesMut::new();
+                    self.write_frame(frame, &mut out);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out.freeze())));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -447,18 +623,44 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
+    use crate::bus::Publication;
+    use crate::bus::memory::MemoryBus;
+    use crate::config::Retention;
+    use crate::envelope::Envelope;
 
-    fn hub(queue_size: usize) -> Arc<Hub> {
-        let endpoints = ["drivers", "orders"]
-            .map(|name| EndpointName::try_from(name.to_owned()).expect("valid"))
-            .to_vec();
+    fn name(name: &str) -> EndpointName {
+        EndpointName::try_from(name.to_owned()).expect("valid")
+    }
+
+    fn hub_with(
+        queue_size: usize,
+        bus: MemoryBus,
+        start: &[StreamId],
+        orders_start: StartPosition,
+    ) -> Arc<Hub> {
+        let server = ServerConfig {
+            client_queue: queue_size,
+            ..ServerConfig::default()
+        };
         Arc::new(Hub::new(
-            endpoints,
-            &[StreamId { ms: 5, seq: 0 }, StreamId::ZERO],
-            queue_size,
-            2000,
+            vec![
+                (name("drivers"), StartPosition::Live),
+                (name("orders"), orders_start),
+            ],
+            start,
+            &server,
+            Bus::Memory(bus),
             Arc::default(),
         ))
+    }
+
+    fn hub(queue_size: usize) -> Arc<Hub> {
+        hub_with(
+            queue_size,
+            MemoryBus::new(),
+            &[StreamId { ms: 5, seq: 0 }, StreamId::ZERO],
+            StartPosition::Live,
+        )
     }
 
     fn entry(ms: u64, key: &str) -> BusEntry {
@@ -466,6 +668,13 @@ mod tests {
             id: StreamId { ms, seq: 0 },
             filter_key: Some(key.to_owned()),
             envelope: Bytes::from(format!("{{\"key\":\"{key}\"}}")),
+        }
+    }
+
+    fn live(endpoints: Vec<usize>) -> Interest {
+        Interest {
+            endpoints,
+            keys: None,
         }
     }
 
@@ -478,17 +687,65 @@ mod tests {
         String::from_utf8(bytes.to_vec()).expect("utf-8")
     }
 
+    /// Publishes `count` records of `orders` with keys k0, k1, … to the bus and lets the hub
+    /// read them, as the server's feed does; returns their ids.
+    async fn publish(
+        hub: &Hub,
+        bus: &MemoryBus,
+        reader: &mut BusReader,
+        first_offset: i64,
+        count: i64,
+        retention: Retention,
+    ) -> Vec<StreamId> {
+        let endpoints = [(name("orders"), retention)];
+        for offset in first_offset..first_offset + count {
+            let envelope = Envelope {
+                filter_key: Some(format!("k{offset}")),
+                json: format!("{{\"offset\":{offset}}}").into_bytes(),
+            };
+            Bus::Memory(bus.clone())
+                .publish(Publication {
+                    topic: "orders",
+                    partition: 0,
+                    offset,
+                    endpoints: &endpoints,
+                    envelope: &envelope,
+                })
+                .await
+                .expect("memory bus");
+        }
+        let batch = reader.next_batch().await.expect("memory bus");
+        hub.dispatch(&batch);
+        batch.iter().map(|(_, entry)| entry.id).collect()
+    }
+
+    fn offsets(text: &str) -> Vec<i64> {
+        text.lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+            .filter_map(|value| value["offset"].as_i64())
+            .collect()
+    }
+
+    async fn read_offsets(subscription: &mut Subscription, count: usize) -> Vec<i64> {
+        let mut seen = Vec::new();
+        while seen.len() < count {
+            seen.extend(offsets(&next_text(subscription).await));
+        }
+        seen
+    }
+
     #[tokio::test]
     async fn events_reach_matching_connections_once() {
         let hub = hub(16);
-        let mut all = hub.subscribe(Interest {
-            endpoints: vec![1],
-            keys: None,
-        });
-        let mut keyed = hub.subscribe(Interest {
-            endpoints: vec![1],
-            keys: Some(vec!["a".into(), "c".into()]),
-        });
+        let mut all = hub.subscribe(live(vec![1]), None);
+        let mut keyed = hub.subscribe(
+            Interest {
+                endpoints: vec![1],
+                keys: Some(vec!["a".into(), "c".into()]),
+            },
+            None,
+        );
         assert_eq!(next_text(&mut all).await, "retry: 2000\nid: 0-0\n\n");
         assert_eq!(next_text(&mut keyed).await, "retry: 2000\nid: 0-0\n\n");
         hub.dispatch(&[(1, entry(10, "a"))]);
@@ -511,10 +768,7 @@ mod tests {
     #[tokio::test]
     async fn several_endpoints_carry_a_position_for_each() {
         let hub = hub(16);
-        let mut both = hub.subscribe(Interest {
-            endpoints: vec![0, 1],
-            keys: None,
-        });
+        let mut both = hub.subscribe(live(vec![0, 1]), None);
         assert_eq!(next_text(&mut both).await, "retry: 2000\nid: 5-0_0-0\n\n");
         hub.dispatch(&[(1, entry(10, "a"))]);
         assert_eq!(
@@ -531,14 +785,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_cuts_the_connection_off_after_what_was_queued() {
         let hub = hub(2);
-        let mut slow = hub.subscribe(Interest {
-            endpoints: vec![1],
-            keys: None,
-        });
-        let mut fast = hub.subscribe(Interest {
-            endpoints: vec![1],
-            keys: None,
-        });
+        let mut slow = hub.subscribe(live(vec![1]), None);
+        let mut fast = hub.subscribe(live(vec![1]), None);
         next_text(&mut slow).await;
         for ms in 10..13 {
             hub.dispatch(&[(1, entry(ms, "a"))]);
@@ -559,20 +807,14 @@ mod tests {
     async fn a_subscriber_starts_after_the_last_dispatched_entry() {
         let hub = hub(4);
         hub.dispatch(&[(1, entry(20, "a"))]);
-        let mut late = hub.subscribe(Interest {
-            endpoints: vec![1],
-            keys: None,
-        });
+        let mut late = hub.subscribe(live(vec![1]), None);
         assert_eq!(next_text(&mut late).await, "retry: 2000\nid: 20-0\n\n");
     }
 
     #[tokio::test]
     async fn drain_says_shutdown_and_ends_streams() {
         let hub = hub(4);
-        let mut client = hub.subscribe(Interest {
-            endpoints: vec![0],
-            keys: None,
-        });
+        let mut client = hub.subscribe(live(vec![0]), None);
         next_text(&mut client).await;
         hub.drain();
         assert!(
@@ -582,5 +824,114 @@ mod tests {
         );
         assert!(client.next().await.is_none());
         assert!(!hub.is_ready());
+    }
+
+    #[tokio::test]
+    async fn resuming_replays_what_was_missed_then_continues_live_without_repeats() {
+        let bus = MemoryBus::new();
+        let mut reader = Bus::Memory(bus.clone())
+            .reader(vec![name("drivers"), name("orders")])
+            .await
+            .expect("reader");
+        let hub = hub_with(64, bus.clone(), reader.cursors(), StartPosition::Live);
+        let ids = publish(&hub, &bus, &mut reader, 0, 10, Retention::default()).await;
+
+        let resume = ResumeId(vec![ids[3]]);
+        let mut client = hub.subscribe(live(vec![1]), Some(&resume));
+        // Records arrive live while the replay has not been read yet.
+        publish(&hub, &bus, &mut reader, 10, 5, Retention::default()).await;
+        assert_eq!(
+            next_text(&mut client).await,
+            format!("retry: 2000\nid: {}\n\n", ids[3])
+        );
+        assert_eq!(
+            read_offsets(&mut client, 11).await,
+            (4..15).collect::<Vec<_>>()
+        );
+
+        // The same id on a client that is ahead of this instance skips what it had.
+        let ahead = ResumeId(vec![StreamId {
+            ms: u64::MAX,
+            seq: 0,
+        }]);
+        let mut ahead_client = hub.subscribe(live(vec![1]), Some(&ahead));
+        next_text(&mut ahead_client).await;
+        publish(&hub, &bus, &mut reader, 15, 1, Retention::default()).await;
+        hub.drain();
+        let rest = next_text(&mut ahead_client).await;
+        assert!(
+            rest.starts_with("event: fjord.shutdown"),
+            "nothing at or before its id: {rest}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resume_id_older_than_the_window_gets_a_gap_then_the_oldest_kept() {
+        let bus = MemoryBus::new();
+        let mut reader = Bus::Memory(bus.clone())
+            .reader(vec![name("drivers"), name("orders")])
+            .await
+            .expect("reader");
+        let hub = hub_with(64, bus.clone(), reader.cursors(), StartPosition::Live);
+        let small = Retention {
+            max_records: 5,
+            max_age_secs: 3600,
+        };
+        // Only the last five are left by the time the hub reads them.
+        let kept = publish(&hub, &bus, &mut reader, 0, 12, small).await;
+        assert_eq!(kept.len(), 5);
+        let long_ago = ResumeId(vec![StreamId { ms: 1, seq: 0 }]);
+        let mut client = hub.subscribe(live(vec![1]), Some(&long_ago));
+        next_text(&mut client).await;
+        let gap = next_text(&mut client).await;
+        assert!(gap.starts_with("event: fjord.gap\ndata: "), "{gap}");
+        assert!(
+            gap.contains(&format!("\"oldest_id\":\"{}\"", kept[0])),
+            "{gap}"
+        );
+        assert_eq!(
+            read_offsets(&mut client, 5).await,
+            (7..12).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn keyed_and_multi_endpoint_connections_resume_too() {
+        let bus = MemoryBus::new();
+        let mut reader = Bus::Memory(bus.clone())
+            .reader(vec![name("drivers"), name("orders")])
+            .await
+            .expect("reader");
+        let hub = hub_with(64, bus.clone(), reader.cursors(), StartPosition::Live);
+        let ids = publish(&hub, &bus, &mut reader, 0, 6, Retention::default()).await;
+        let interest = Interest {
+            endpoints: vec![0, 1],
+            keys: Some(vec!["k2".into(), "k5".into()]),
+        };
+        let mut client = hub.subscribe(interest, Some(&ResumeId(vec![StreamId::ZERO, ids[0]])));
+        assert_eq!(
+            next_text(&mut client).await,
+            format!("retry: 2000\nid: 0-0_{}\n\n", ids[0])
+        );
+        let replayed = next_text(&mut client).await;
+        assert_eq!(offsets(&replayed), vec![2, 5]);
+        assert!(
+            replayed.starts_with(&format!("id: 0-0_{}\n", ids[2])),
+            "{replayed}"
+        );
+    }
+
+    #[tokio::test]
+    async fn endpoints_that_start_at_the_oldest_replay_the_window_to_new_connections() {
+        let bus = MemoryBus::new();
+        let mut reader = Bus::Memory(bus.clone())
+            .reader(vec![name("drivers"), name("orders")])
+            .await
+            .expect("reader");
+        let hub = hub_with(64, bus.clone(), reader.cursors(), StartPosition::Oldest);
+        publish(&hub, &bus, &mut reader, 0, 3, Retention::default()).await;
+        let mut client = hub.subscribe(live(vec![1]), None);
+        assert_eq!(next_text(&mut client).await, "retry: 2000\nid: 0-0\n\n");
+        assert_eq!(read_offsets(&mut client, 3).await, vec![0, 1, 2]);
     }
 }

@@ -13,6 +13,7 @@
 //! - [`consumer`]: consumer-group members that publish records to the bus (needs `kafka`).
 //! - [`bus`]: the link between consumers and servers: Redis Streams, or in process.
 //! - [`hub`]: a server's fan-out from the bus to its connections.
+//! - [`replay`]: reading back what a resuming client missed, and noticing gaps.
 //! - [`sse`]: the bytes on the wire: events, heartbeats, resume ids.
 //! - [`http`]: the HTTP routes, CORS and JSON errors.
 //! - [`metrics`]: the counters behind `/metrics`.
@@ -33,5 +34,6 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod process;
+pub mod replay;
 pub mod server;
 pub mod sse;

@@ -53,14 +53,20 @@ pub async fn serve(
     index_page: Option<&'static str>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let endpoints: Vec<_> = manifest.endpoints.keys().cloned().collect();
-    let reader = bus.reader(endpoints.clone()).await?;
+    let reader = bus
+        .reader(manifest.endpoints.keys().cloned().collect())
+        .await?;
     let metrics = Arc::new(Metrics::default());
+    let endpoints = manifest
+        .endpoints
+        .iter()
+        .map(|(name, endpoint)| (name.clone(), endpoint.start))
+        .collect();
     let hub = Arc::new(Hub::new(
         endpoints,
         reader.cursors(),
-        manifest.server.client_queue,
-        manifest.server.retry_ms,
+        &manifest.server,
+        bus.clone(),
         Arc::clone(&metrics),
     ));
     let feed = tokio::spawn(Arc::clone(&hub).run_feed(reader));

@@ -14,7 +14,12 @@ struct Server {
 async fn start_server(edit: impl FnOnce(&mut serde_json::Value)) -> Server {
     let services = services();
     let port = free_port();
-    let mut manifest = manifest(&services, &[("orders", "orders-unused")], &unique("group"), port);
+    let mut manifest = manifest(
+        &services,
+        &[("orders", "orders-unused")],
+        &unique("group"),
+        port,
+    );
     edit(&mut manifest);
     let (dir, path) = write_manifest(&manifest);
     let process = Process::server(&path);
@@ -30,12 +35,21 @@ async fn json_error(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
     assert_eq!(response.headers()["content-type"], "application/json");
     let body: serde_json::Value = response.json().await.expect("JSON body");
-    (status, body["error"]["code"].as_str().expect("error code").to_owned())
+    (
+        status,
+        body["error"]["code"]
+            .as_str()
+            .expect("error code")
+            .to_owned(),
+    )
 }
 
 #[tokio::test]
 async fn cors_preflight_allows_listed_origins_only() {
-    let server = start_server(|m| m["server"]["cors_origins"] = serde_json::json!(["https://app.example.com"])).await;
+    let server = start_server(|m| {
+        m["server"]["cors_origins"] = serde_json::json!(["https://app.example.com"])
+    })
+    .await;
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{}/v1/streams/orders", server.port);
     let preflight = |origin: &str| {
@@ -43,27 +57,46 @@ async fn cors_preflight_allows_listed_origins_only() {
             .request(reqwest::Method::OPTIONS, &url)
             .header("origin", origin)
             .header("access-control-request-method", "GET")
-            .header("access-control-request-headers", "authorization, last-event-id")
+            .header(
+                "access-control-request-headers",
+                "authorization, last-event-id",
+            )
             .send()
     };
-    let allowed = preflight("https://app.example.com").await.expect("response");
+    let allowed = preflight("https://app.example.com")
+        .await
+        .expect("response");
     assert_eq!(allowed.status(), 200);
-    assert_eq!(allowed.headers()["access-control-allow-origin"], "https://app.example.com");
-    let allowed_headers = allowed.headers()["access-control-allow-headers"].to_str().expect("ascii");
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let allowed_headers = allowed.headers()["access-control-allow-headers"]
+        .to_str()
+        .expect("ascii");
     assert!(allowed_headers.contains("authorization") && allowed_headers.contains("last-event-id"));
 
-    let refused = preflight("https://evil.example.com").await.expect("response");
+    let refused = preflight("https://evil.example.com")
+        .await
+        .expect("response");
     assert_eq!(json_error(refused).await, (403, "cors_forbidden".into()));
 
     let stream = SseStream::connect(&url, &[("origin", "https://app.example.com")]).await;
     assert_eq!(stream.status, 200);
-    assert_eq!(stream.headers["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(
+        stream.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
 }
 
 #[tokio::test]
 async fn heartbeats_arrive_at_the_configured_interval() {
     let server = start_server(|m| m["server"]["heartbeat_secs"] = 1.into()).await;
-    let mut stream = SseStream::connect(&format!("http://127.0.0.1:{}/v1/streams/orders", server.port), &[]).await;
+    let mut stream = SseStream::connect(
+        &format!("http://127.0.0.1:{}/v1/streams/orders", server.port),
+        &[],
+    )
+    .await;
     let prelude = stream.next().await.expect("prelude");
     assert_eq!(prelude.retry.as_deref(), Some("2000"));
     assert!(prelude.id.is_some(), "the prelude names the start position");
@@ -79,10 +112,27 @@ async fn bad_requests_get_json_errors_with_the_fitting_status() {
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{}", server.port);
     let get = |path: &str| client.get(format!("{base}{path}")).send();
-    assert_eq!(json_error(get("/v1/streams/nope").await.expect("response")).await, (404, "unknown_endpoint".into()));
-    assert_eq!(json_error(get("/v1/streams?endpoint=nope").await.expect("response")).await, (404, "unknown_endpoint".into()));
-    assert_eq!(json_error(get("/v1/streams").await.expect("response")).await, (400, "bad_query".into()));
-    assert_eq!(json_error(get("/v1/streams/orders?colour=red").await.expect("response")).await, (400, "bad_query".into()));
+    assert_eq!(
+        json_error(get("/v1/streams/nope").await.expect("response")).await,
+        (404, "unknown_endpoint".into())
+    );
+    assert_eq!(
+        json_error(get("/v1/streams?endpoint=nope").await.expect("response")).await,
+        (404, "unknown_endpoint".into())
+    );
+    assert_eq!(
+        json_error(get("/v1/streams").await.expect("response")).await,
+        (400, "bad_query".into())
+    );
+    assert_eq!(
+        json_error(
+            get("/v1/streams/orders?colour=red")
+                .await
+                .expect("response")
+        )
+        .await,
+        (400, "bad_query".into())
+    );
     let bad_resume = client
         .get(format!("{base}/v1/streams/orders"))
         .header("last-event-id", "yesterday")
@@ -90,8 +140,15 @@ async fn bad_requests_get_json_errors_with_the_fitting_status() {
         .await
         .expect("response");
     assert_eq!(json_error(bad_resume).await, (400, "bad_query".into()));
-    assert_eq!(json_error(get("/nothing/here").await.expect("response")).await, (404, "not_found".into()));
-    let post = client.post(format!("{base}/v1/streams/orders")).send().await.expect("response");
+    assert_eq!(
+        json_error(get("/nothing/here").await.expect("response")).await,
+        (404, "not_found".into())
+    );
+    let post = client
+        .post(format!("{base}/v1/streams/orders"))
+        .send()
+        .await
+        .expect("response");
     assert_eq!(json_error(post).await.0, 405);
 
     // Headers beyond what the server buffers are refused, not a crash.
@@ -110,11 +167,36 @@ async fn health_readiness_and_metrics() {
     let server = start_server(|_| {}).await;
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{}", server.port);
-    assert_eq!(client.get(format!("{base}/healthz")).send().await.expect("response").status(), 200);
-    assert_eq!(client.get(format!("{base}/readyz")).send().await.expect("response").status(), 200);
+    assert_eq!(
+        client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("response")
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("response")
+            .status(),
+        200
+    );
     let _stream = SseStream::connect(&format!("{base}/v1/streams/orders"), &[]).await;
-    let metrics = client.get(format!("{base}/metrics")).send().await.expect("response");
-    assert!(metrics.headers()["content-type"].to_str().expect("ascii").starts_with("text/plain"));
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("response");
+    assert!(
+        metrics.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/plain")
+    );
     let text = metrics.text().await.expect("body");
     for name in [
         "fjord_open_connections 1",
@@ -134,8 +216,12 @@ async fn a_malformed_manifest_fails_with_its_path_before_binding() {
     let mut manifest = manifest(&services, &[("orders", "orders")], "group", port);
     manifest["server"]["heartbeat_secs"] = 0.into();
     let (_dir, path) = write_manifest(&manifest);
-    for binary in [env!("CARGO_BIN_EXE_fjord-server"), env!("CARGO_BIN_EXE_fjord-consumer")] {
-        let mut process = Process::start(binary, &["--manifest", path.to_str().expect("utf-8")], &[]);
+    for binary in [
+        env!("CARGO_BIN_EXE_fjord-server"),
+        env!("CARGO_BIN_EXE_fjord-consumer"),
+    ] {
+        let mut process =
+            Process::start(binary, &["--manifest", path.to_str().expect("utf-8")], &[]);
         assert_ne!(process.wait_exit().await, Some(0));
         let log = process.log().join("\n");
         assert!(log.contains("$.server.heartbeat_secs"), "{log}");
@@ -153,5 +239,8 @@ async fn a_malformed_manifest_fails_with_its_path_before_binding() {
     let mut process = Process::server(&broken);
     assert_ne!(process.wait_exit().await, Some(0));
     let log = process.log().join("\n");
-    assert!(log.contains("$.endpoints.a") && log.contains("colour"), "{log}");
+    assert!(
+        log.contains("$.endpoints.a") && log.contains("colour"),
+        "{log}"
+    );
 }

@@ -12,7 +12,12 @@ async fn every_record_reaches_clients_of_two_servers_in_partition_order() {
     create_topic(&services.brokers, &orders, 3).await;
     create_topic(&services.brokers, &drivers, 1).await;
     let (port_a, port_b) = (free_port(), free_port());
-    let manifest = manifest(&services, &[("orders", &orders), ("drivers", &drivers)], &unique("group"), port_a);
+    let manifest = manifest(
+        &services,
+        &[("orders", &orders), ("drivers", &drivers)],
+        &unique("group"),
+        port_a,
+    );
     let mut manifest_b = manifest.clone();
     manifest_b["server"]["port"] = port_b.into();
     let (_dir_a, path_a) = write_manifest(&manifest);
@@ -22,8 +27,10 @@ async fn every_record_reaches_clients_of_two_servers_in_partition_order() {
     let _server_b = Process::server(&path_b);
     wait_ready(port_a).await;
     wait_ready(port_b).await;
-    let mut client_a = SseStream::connect(&format!("http://127.0.0.1:{port_a}/v1/streams/orders"), &[]).await;
-    let mut client_b = SseStream::connect(&format!("http://127.0.0.1:{port_b}/v1/streams/orders"), &[]).await;
+    let mut client_a =
+        SseStream::connect(&format!("http://127.0.0.1:{port_a}/v1/streams/orders"), &[]).await;
+    let mut client_b =
+        SseStream::connect(&format!("http://127.0.0.1:{port_b}/v1/streams/orders"), &[]).await;
     let mut both = SseStream::connect(
         &format!("http://127.0.0.1:{port_b}/v1/streams?endpoint=orders&endpoint=drivers"),
         &[],
@@ -39,9 +46,21 @@ async fn every_record_reaches_clients_of_two_servers_in_partition_order() {
 
     let mut records = json_records(300, 3, 17);
     // Records that are not JSON, not UTF-8, or have no value or key still arrive.
-    records.push(TestRecord { partition: 0, key: None, value: Some(b"plain text".to_vec()) });
-    records.push(TestRecord { partition: 1, key: Some(vec![0xff, 0xfe]), value: Some(vec![0x00, 0x9f, 0x92, 0x96]) });
-    records.push(TestRecord { partition: 2, key: Some(b"gone".to_vec()), value: None });
+    records.push(TestRecord {
+        partition: 0,
+        key: None,
+        value: Some(b"plain text".to_vec()),
+    });
+    records.push(TestRecord {
+        partition: 1,
+        key: Some(vec![0xff, 0xfe]),
+        value: Some(vec![0x00, 0x9f, 0x92, 0x96]),
+    });
+    records.push(TestRecord {
+        partition: 2,
+        key: Some(b"gone".to_vec()),
+        value: None,
+    });
     let produced = produce(&services.brokers, &orders, &records).await;
     let produced_drivers = produce(&services.brokers, &drivers, &json_records(20, 1, 4)).await;
 
@@ -72,7 +91,10 @@ async fn every_record_reaches_clients_of_two_servers_in_partition_order() {
     assert!(first["timestamp"].as_i64().expect("timestamp") > 1_700_000_000_000);
     assert_eq!(events_a[0].event.as_deref(), Some("orders"));
     let text = envelope_of(&events_a, produced[300].0.into(), produced[300].1);
-    assert_eq!((text["key"].clone(), text["value"].clone()), (serde_json::Value::Null, "plain text".into()));
+    assert_eq!(
+        (text["key"].clone(), text["value"].clone()),
+        (serde_json::Value::Null, "plain text".into())
+    );
     let binary = envelope_of(&events_a, produced[301].0.into(), produced[301].1);
     assert_eq!(binary["key"], serde_json::json!({"base64": "//4="}));
     assert_eq!(binary["value"], serde_json::json!({"base64": "AJ+Slg=="}));
@@ -81,12 +103,15 @@ async fn every_record_reaches_clients_of_two_servers_in_partition_order() {
 
     // The connection to both endpoints gets both, each in order.
     let events = both.records(produced.len() + produced_drivers.len()).await;
-    let (order_events, driver_events): (Vec<_>, Vec<_>) =
-        events.into_iter().partition(|e| e.event.as_deref() == Some("orders"));
+    let (order_events, driver_events): (Vec<_>, Vec<_>) = events
+        .into_iter()
+        .partition(|e| e.event.as_deref() == Some("orders"));
     assert_complete_and_ordered(&order_events, &produced);
     assert_complete_and_ordered(&driver_events, &produced_drivers);
     assert!(
-        driver_events.iter().all(|e| e.id.as_deref().is_some_and(|id| id.contains('_'))),
+        driver_events
+            .iter()
+            .all(|e| e.id.as_deref().is_some_and(|id| id.contains('_'))),
         "a connection of two endpoints carries a position for each in its ids"
     );
 }
@@ -97,11 +122,19 @@ async fn key_filters_deliver_only_matching_records() {
     let topic = unique("orders");
     create_topic(&services.brokers, &topic, 2).await;
     let port = free_port();
-    let (_dir, path) = write_manifest(&manifest(&services, &[("orders", &topic)], &unique("group"), port));
+    let (_dir, path) = write_manifest(&manifest(
+        &services,
+        &[("orders", &topic)],
+        &unique("group"),
+        port,
+    ));
     let _server = Process::server(&path);
     wait_ready(port).await;
-    let mut keyed =
-        SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders?key=key-1&key=key-3"), &[]).await;
+    let mut keyed = SseStream::connect(
+        &format!("http://127.0.0.1:{port}/v1/streams/orders?key=key-1&key=key-3"),
+        &[],
+    )
+    .await;
     keyed.next().await.expect("prelude");
     let _consumer = Process::consumer(&path, &[]);
 
@@ -128,7 +161,8 @@ async fn two_members_split_the_partitions_and_lose_nothing() {
     let (_dir, path) = write_manifest(&manifest(&services, &[("orders", &topic)], &group, port));
     let _server = Process::server(&path);
     wait_ready(port).await;
-    let mut client = SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders"), &[]).await;
+    let mut client =
+        SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders"), &[]).await;
     client.next().await.expect("prelude");
 
     let first = Process::consumer(&path, &[]);
@@ -137,18 +171,42 @@ async fn two_members_split_the_partitions_and_lose_nothing() {
     // After the second member joins, the group rebalances: each member ends up with a
     // non-empty share, and the shares are disjoint.
     let assigned = |process: &Process| -> Option<Vec<String>> {
-        let line = process.log().into_iter().rev().find(|line| line.contains("partitions assigned"))?;
-        let list = line.split("partitions=").nth(1)?.split_whitespace().next()?.to_owned();
-        Some(list.split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect())
+        let line = process
+            .log()
+            .into_iter()
+            .rev()
+            .find(|line| line.contains("partitions assigned"))?;
+        let list = line
+            .split("partitions=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .to_owned();
+        Some(
+            list.split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        )
     };
     second.wait_for_log(&["partitions assigned", &topic]).await;
     let deadline = std::time::Instant::now() + PATIENCE;
     let (share_1, share_2) = loop {
-        let (one, two) = (assigned(&first).unwrap_or_default(), assigned(&second).unwrap_or_default());
-        if !one.is_empty() && !two.is_empty() && one.len() + two.len() == 4 && one.iter().all(|p| !two.contains(p)) {
+        let (one, two) = (
+            assigned(&first).unwrap_or_default(),
+            assigned(&second).unwrap_or_default(),
+        );
+        if !one.is_empty()
+            && !two.is_empty()
+            && one.len() + two.len() == 4
+            && one.iter().all(|p| !two.contains(p))
+        {
             break (one, two);
         }
-        assert!(std::time::Instant::now() < deadline, "no split: {one:?} {two:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no split: {one:?} {two:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert_eq!(share_1.len() + share_2.len(), 4);
@@ -176,14 +234,18 @@ async fn scram_member_delivers(mechanism: &str) {
     let (_dir, path) = write_manifest(&manifest);
     let _server = Process::server(&path);
     wait_ready(port).await;
-    let mut client = SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/secure"), &[]).await;
+    let mut client =
+        SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/secure"), &[]).await;
     client.next().await.expect("prelude");
     let consumer = Process::consumer(&path, &[("TEST_KAFKA_PASSWORD", &services.scram_password)]);
     let produced = produce(&services.brokers, &topic, &json_records(10, 1, 2)).await;
     let events = client.records(produced.len()).await;
     assert_complete_and_ordered(&events, &produced);
     assert!(
-        consumer.log().iter().all(|line| !line.contains(&services.scram_password)),
+        consumer
+            .log()
+            .iter()
+            .all(|line| !line.contains(&services.scram_password)),
         "the password is never logged"
     );
 
@@ -209,12 +271,22 @@ async fn sasl_scram_sha_512_member_authenticates() {
 async fn a_missing_password_variable_is_named() {
     let services = services();
     let port = free_port();
-    let mut manifest = manifest(&services, &[("secure", "unused-topic")], &unique("group"), port);
+    let mut manifest = manifest(
+        &services,
+        &[("secure", "unused-topic")],
+        &unique("group"),
+        port,
+    );
     manifest["kafka"]["security"] = serde_json::json!({
         "protocol": "sasl_plain", "username": "u", "password_env": "FJORD_TEST_UNSET_PASSWORD"
     });
     let (_dir, path) = write_manifest(&manifest);
     let mut consumer = Process::consumer(&path, &[]);
     assert_ne!(consumer.wait_exit().await, Some(0));
-    assert!(consumer.log().join("\n").contains("FJORD_TEST_UNSET_PASSWORD"));
+    assert!(
+        consumer
+            .log()
+            .join("\n")
+            .contains("FJORD_TEST_UNSET_PASSWORD")
+    );
 }

@@ -18,6 +18,8 @@ const READ_WAIT: Duration = Duration::from_secs(1);
 struct Stream {
     entries: VecDeque<BusEntry>,
     last_id: StreamId,
+    /// The newest entry trimmed away, as Redis's `max-deleted-entry-id`.
+    max_deleted: StreamId,
 }
 
 #[derive(Debug, Default)]
@@ -90,7 +92,9 @@ impl MemoryBus {
                     .front()
                     .is_some_and(|entry| entry.id.ms < oldest_kept_ms)
             {
-                stream.entries.pop_front();
+                if let Some(trimmed) = stream.entries.pop_front() {
+                    stream.max_deleted = trimmed.id;
+                }
             }
         }
         state.published.insert(partition_key, publication.offset);
@@ -116,6 +120,42 @@ impl MemoryBus {
             endpoints,
             cursors,
         }
+    }
+
+    pub(super) fn range(
+        &self,
+        endpoint: &EndpointName,
+        after: StreamId,
+        until: StreamId,
+        count: usize,
+    ) -> Vec<BusEntry> {
+        let state = self.lock();
+        let Some(stream) = state.streams.get(endpoint) else {
+            return Vec::new();
+        };
+        let first = stream.entries.partition_point(|entry| entry.id <= after);
+        stream
+            .entries
+            .range(first..)
+            .take_while(|entry| entry.id <= until)
+            .take(count)
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn trimmed_after(
+        &self,
+        endpoint: &EndpointName,
+        after: StreamId,
+    ) -> Option<StreamId> {
+        let state = self.lock();
+        let stream = state.streams.get(endpoint)?;
+        (stream.max_deleted > after).then(|| {
+            stream
+                .entries
+                .front()
+                .map_or(StreamId::ZERO, |entry| entry.id)
+        })
     }
 
     fn entries_after(

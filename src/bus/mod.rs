@@ -147,6 +147,34 @@ impl Bus {
         })
     }
 
+    /// Up to `count` entries of `endpoint` after `after` (exclusive) up to `until`
+    /// (inclusive), in order.
+    pub async fn range(
+        &self,
+        endpoint: &EndpointName,
+        after: StreamId,
+        until: StreamId,
+        count: usize,
+    ) -> Result<Vec<BusEntry>, BusError> {
+        match self {
+            Self::Redis(bus) => bus.range(endpoint, after, until, count).await,
+            Self::Memory(bus) => Ok(bus.range(endpoint, after, until, count)),
+        }
+    }
+
+    /// Whether retention trimmed entries of `endpoint` that came after `after`; if so, the
+    /// id of the oldest entry still kept (`ZERO` when none is).
+    pub async fn trimmed_after(
+        &self,
+        endpoint: &EndpointName,
+        after: StreamId,
+    ) -> Result<Option<StreamId>, BusError> {
+        match self {
+            Self::Redis(bus) => bus.trimmed_after(endpoint, after).await,
+            Self::Memory(bus) => Ok(bus.trimmed_after(endpoint, after)),
+        }
+    }
+
     /// Checks that the bus answers.
     pub async fn ping(&self) -> Result<(), BusError> {
         match self {

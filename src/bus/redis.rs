@@ -1,8 +1,10 @@
 //! The bus on Redis Streams: one stream per endpoint (`{prefix}:stream:<endpoint>`), trimmed
-//! to the endpoint's retention by count and age, plus a hash of the highest offset published
-//! per topic partition (`{prefix}:published`) that makes publishing idempotent. The braces
-//! are a Redis Cluster hash tag: every key of one deployment lives in one slot, so the
-//! publish script may touch them all atomically.
+//! to the endpoint's retention by count and age; a hash of the highest offset published per
+//! topic partition (`{prefix}:published`) that makes publishing idempotent; and a hash of
+//! each stream's last id (`{prefix}:last-ids`) for telling trimmed records (a gap) apart.
+//! The braces are a Redis Cluster hash tag: every key of one deployment lives in one slot,
+//! so the publish script may touch them all atomically. Streams and ids survive a Redis
+//! restart when Redis persists (AOF), which resuming depends on.
 
 use std::time::Duration;
 
@@ -21,25 +23,32 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Appends one record to each endpoint stream unless its partition already reached its
 /// offset; then records the offset. Atomic, so a crash cannot leave half a publication.
+/// Each entry carries the id of the entry before it (`p`): retention trims from the head,
+/// so the oldest kept entry's `p` tells exactly whether anything after a client's last id
+/// was trimmed. The last id per stream is kept in a hash, as the stream may be empty.
 ///
-/// KEYS: the endpoint streams, then the published-offsets hash.
+/// KEYS: the endpoint streams, then the published-offsets hash, then the last-ids hash.
 /// ARGV: "topic/partition", offset, has key ("1"/"0"), key, envelope, then per stream
 /// its max records and max age in milliseconds.
 const PUBLISH_SCRIPT: &str = r"
-local published = KEYS[#KEYS]
+local streams = #KEYS - 2
+local published, last_ids = KEYS[streams + 1], KEYS[streams + 2]
 local offset = tonumber(ARGV[2])
 local last = redis.call('HGET', published, ARGV[1])
 if last and tonumber(last) >= offset then return 0 end
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-for i = 1, #KEYS - 1 do
+for i = 1, streams do
   local max_records = ARGV[4 + 2 * i]
   local max_age_ms = tonumber(ARGV[5 + 2 * i])
+  local previous = redis.call('HGET', last_ids, KEYS[i]) or '0-0'
+  local id
   if ARGV[3] == '1' then
-    redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5], 'k', ARGV[4])
+    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5], 'p', previous, 'k', ARGV[4])
   else
-    redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5])
+    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5], 'p', previous)
   end
+  redis.call('HSET', last_ids, KEYS[i], id)
   if now_ms > max_age_ms then
     redis.call('XTRIM', KEYS[i], 'MINID', '~', now_ms - max_age_ms)
   end
@@ -76,6 +85,10 @@ pub fn stream_key(prefix: &str, endpoint: &EndpointName) -> String {
 
 fn published_key(prefix: &str) -> String {
     format!("{{{prefix}}}:published")
+}
+
+fn last_ids_key(prefix: &str) -> String {
+    format!("{{{prefix}}}:last-ids")
 }
 
 impl RedisBus {
@@ -117,6 +130,7 @@ impl RedisBus {
         }
         invocation
             .key(published_key(&self.prefix))
+            .key(last_ids_key(&self.prefix))
             .arg(format!("{}/{}", publication.topic, publication.partition))
             .arg(publication.offset);
         match &publication.envelope.filter_key {
@@ -166,6 +180,68 @@ impl RedisBus {
         }
     }
 
+    pub(super) async fn range(
+        &self,
+        endpoint: &EndpointName,
+        after: StreamId,
+        until: StreamId,
+        count: usize,
+    ) -> Result<Vec<BusEntry>, BusError> {
+        let mut connection = self.commands.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream_key(&self.prefix, endpoint))
+            .arg(format!("({after}"))
+            .arg(until.to_string())
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error("replay"))?;
+        reply
+            .ids
+            .into_iter()
+            .filter_map(|entry| entry_of(entry).transpose())
+            .collect()
+    }
+
+    pub(super) async fn trimmed_after(
+        &self,
+        endpoint: &EndpointName,
+        after: StreamId,
+    ) -> Result<Option<StreamId>, BusError> {
+        let key = stream_key(&self.prefix, endpoint);
+        let mut connection = self.commands.clone();
+        let oldest: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error("read oldest entry"))?;
+        if let Some(oldest) = oldest.ids.first() {
+            let id = parse_id(&oldest.id)?;
+            let previous = match oldest.map.get("p") {
+                Some(Value::BulkString(previous)) => parse_id(&String::from_utf8_lossy(previous))?,
+                _ => StreamId::ZERO,
+            };
+            return Ok((id > after && previous > after).then_some(id));
+        }
+        // Everything expired: a gap if anything was ever added after `after`.
+        let last: Option<String> = redis::cmd("HGET")
+            .arg(last_ids_key(&self.prefix))
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error("read last id"))?;
+        let last = last
+            .map(|id| parse_id(&id))
+            .transpose()?
+            .unwrap_or(StreamId::ZERO);
+        Ok((last > after).then_some(StreamId::ZERO))
+    }
+
     pub(super) async fn reader(
         &self,
         endpoints: Vec<EndpointName>,
@@ -185,6 +261,24 @@ impl RedisBus {
             cursors,
         })
     }
+}
+
+/// A stream entry as Fjord wrote it; `None` (logged) for an entry without an envelope.
+fn entry_of(mut entry: redis::streams::StreamId) -> Result<Option<BusEntry>, BusError> {
+    let id = parse_id(&entry.id)?;
+    let Some(Value::BulkString(envelope)) = entry.map.remove("e") else {
+        tracing::warn!(%id, "skipping a stream entry without an envelope");
+        return Ok(None);
+    };
+    let filter_key = match entry.map.get("k") {
+        Some(Value::BulkString(key)) => Some(String::from_utf8_lossy(key).into_owned()),
+        _ => None,
+    };
+    Ok(Some(BusEntry {
+        id,
+        filter_key,
+        envelope: Bytes::from(envelope),
+    }))
 }
 
 fn parse_id(id: &str) -> Result<StreamId, BusError> {
@@ -263,24 +357,10 @@ impl RedisReader {
                 continue;
             };
             for entry in stream.ids {
-                let id = parse_id(&entry.id)?;
-                self.cursors[index] = id;
-                let Some(Value::BulkString(envelope)) = entry.map.get("e") else {
-                    tracing::warn!(stream = %stream.key, %id, "skipping a stream entry without an envelope");
-                    continue;
-                };
-                let filter_key = match entry.map.get("k") {
-                    Some(Value::BulkString(key)) => Some(String::from_utf8_lossy(key).into_owned()),
-                    _ => None,
-                };
-                batch.push((
-                    index,
-                    BusEntry {
-                        id,
-                        filter_key,
-                        envelope: Bytes::copy_from_slice(envelope),
-                    },
-                ));
+                self.cursors[index] = parse_id(&entry.id)?;
+                if let Some(entry) = entry_of(entry)? {
+                    batch.push((index, entry));
+                }
             }
         }
         Ok(batch)

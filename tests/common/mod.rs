@@ -1,6 +1,10 @@
 //! Shared harness of the integration tests: the real Kafka and Redis that `ci/test.sh`
 //! starts, the real `fjord-consumer` and `fjord-server` binaries, and an SSE client.
-#![allow(dead_code, unreachable_pub, reason = "each test crate uses part of the harness")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "each test crate uses part of the harness"
+)]
 #![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
 use std::collections::BTreeMap;
@@ -51,13 +55,19 @@ pub fn unique(prefix: &str) -> String {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Creates a topic and waits until the broker has it.
 pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
     let results = admin
         .create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
@@ -87,8 +97,8 @@ pub async fn produce(brokers: &str, topic: &str, records: &[TestRecord]) -> Vec<
         .set("enable.idempotence", "true")
         .create()
         .unwrap();
-    let mut placed = Vec::with_capacity(records.len());
-    for record in records {
+    // All in flight at once; the idempotent producer keeps each partition in order.
+    let deliveries = records.iter().map(|record| {
         let mut future_record = FutureRecord::<[u8], [u8]>::to(topic).partition(record.partition);
         if let Some(key) = &record.key {
             future_record = future_record.key(key.as_slice());
@@ -96,14 +106,16 @@ pub async fn produce(brokers: &str, topic: &str, records: &[TestRecord]) -> Vec<
         if let Some(value) = &record.value {
             future_record = future_record.payload(value.as_slice());
         }
-        let delivery = producer.send(future_record, Duration::from_secs(30)).await;
-        let (partition, offset) = match delivery {
+        producer.send(future_record, Duration::from_secs(60))
+    });
+    futures_util::future::join_all(deliveries)
+        .await
+        .into_iter()
+        .map(|delivery| match delivery {
             Ok(delivery) => (delivery.partition, delivery.offset),
             Err((error, _)) => panic!("produce to {topic}: {error}"),
-        };
-        placed.push((partition, offset));
-    }
-    placed
+        })
+        .collect()
 }
 
 /// JSON records `{"seq": n}` keyed `key-<n % keys>`, spread over `partitions`.
@@ -118,7 +130,12 @@ pub fn json_records(count: usize, partitions: i32, keys: usize) -> Vec<TestRecor
 }
 
 /// A manifest for one endpoint per topic, all consumed by one group.
-pub fn manifest(services: &Services, endpoints: &[(&str, &str)], group: &str, port: u16) -> serde_json::Value {
+pub fn manifest(
+    services: &Services,
+    endpoints: &[(&str, &str)],
+    group: &str,
+    port: u16,
+) -> serde_json::Value {
     let endpoint_map: serde_json::Map<String, serde_json::Value> = endpoints
         .iter()
         .map(|(name, topic)| ((*name).to_owned(), serde_json::json!({"topics": [topic]})))
@@ -159,11 +176,17 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = command.spawn().unwrap_or_else(|error| panic!("start {binary}: {error}"));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {binary}: {error}"));
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&log);
-        let name = Path::new(binary).file_name().unwrap().to_string_lossy().into_owned();
+        let name = Path::new(binary)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
@@ -173,11 +196,19 @@ impl Process {
     }
 
     pub fn server(manifest: &Path) -> Self {
-        Self::start(env!("CARGO_BIN_EXE_fjord-server"), &["--manifest", manifest.to_str().unwrap()], &[])
+        Self::start(
+            env!("CARGO_BIN_EXE_fjord-server"),
+            &["--manifest", manifest.to_str().unwrap()],
+            &[],
+        )
     }
 
     pub fn consumer(manifest: &Path, envs: &[(&str, &str)]) -> Self {
-        Self::start(env!("CARGO_BIN_EXE_fjord-consumer"), &["--manifest", manifest.to_str().unwrap()], envs)
+        Self::start(
+            env!("CARGO_BIN_EXE_fjord-consumer"),
+            &["--manifest", manifest.to_str().unwrap()],
+            envs,
+        )
     }
 
     pub fn log(&self) -> Vec<String> {
@@ -188,11 +219,19 @@ impl Process {
     pub async fn wait_for_log(&self, needles: &[&str]) -> String {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            if let Some(line) = self.log().into_iter().find(|line| needles.iter().all(|n| line.contains(n))) {
+            if let Some(line) = self
+                .log()
+                .into_iter()
+                .find(|line| needles.iter().all(|n| line.contains(n)))
+            {
                 return line;
             }
             if Instant::now() > deadline {
-                panic!("{} never logged {needles:?}; its log:\n{}", self.name, self.log().join("\n"));
+                panic!(
+                    "{} never logged {needles:?}; its log:\n{}",
+                    self.name,
+                    self.log().join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -206,10 +245,20 @@ impl Process {
                 return status.code();
             }
             if Instant::now() > deadline {
-                panic!("{} did not exit; its log:\n{}", self.name, self.log().join("\n"));
+                panic!(
+                    "{} did not exit; its log:\n{}",
+                    self.name,
+                    self.log().join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM.
@@ -239,7 +288,10 @@ pub async fn wait_ready(port: u16) {
         if ready {
             return;
         }
-        assert!(Instant::now() < deadline, "server on port {port} never became ready");
+        assert!(
+            Instant::now() < deadline,
+            "server on port {port} never became ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -270,17 +322,21 @@ pub struct SseStream {
 
 impl SseStream {
     pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Self {
+        Self::try_connect(url, headers).await.unwrap()
+    }
+
+    pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> reqwest::Result<Self> {
         let mut request = reqwest::Client::new().get(url);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = request.send().await.unwrap();
-        Self {
+        let response = request.send().await?;
+        Ok(Self {
             status: response.status().as_u16(),
             headers: response.headers().clone(),
             body: response.bytes_stream().boxed(),
             buffer: Vec::new(),
-        }
+        })
     }
 
     /// The next block (event, comment or prelude); `None` when the stream ended.
@@ -344,10 +400,152 @@ pub fn assert_complete_and_ordered(events: &[SseEvent], produced: &[(i32, i64)])
     }
     let mut expected: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     for (partition, offset) in produced {
-        expected.entry(i64::from(*partition)).or_default().push(*offset);
+        expected
+            .entry(i64::from(*partition))
+            .or_default()
+            .push(*offset);
     }
     for offsets in expected.values_mut() {
         offsets.sort_unstable();
     }
-    assert_eq!(by_partition, expected, "every record once, in order per partition");
+    assert_eq!(
+        by_partition, expected,
+        "every record once, in order per partition"
+    );
+}
+
+/// A client that behaves like EventSource: when its stream ends or breaks it reconnects
+/// with `Last-Event-ID`, trying the next server of its list when one refuses. It keeps
+/// every record event it gets, duplicates included, so that tests can assert there are none.
+pub struct ResumingClient {
+    records: Arc<Mutex<Vec<SseEvent>>>,
+    notices: Arc<Mutex<Vec<SseEvent>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ResumingClient {
+    pub fn start(urls: Vec<String>) -> Self {
+        Self::start_from(urls, None)
+    }
+
+    pub fn start_from(urls: Vec<String>, last_event_id: Option<String>) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let notices = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (records_sink, notices_sink, connected, pause) = (
+            Arc::clone(&records),
+            Arc::clone(&notices),
+            Arc::clone(&connections),
+            Arc::clone(&paused),
+        );
+        let task = tokio::spawn(async move {
+            let mut last_id = last_event_id;
+            let mut server = 0;
+            loop {
+                let url = &urls[server % urls.len()];
+                let headers: Vec<(&str, &str)> = last_id
+                    .iter()
+                    .map(|id| ("last-event-id", id.as_str()))
+                    .collect();
+                let mut stream = match SseStream::try_connect(url, &headers).await {
+                    Ok(stream) if stream.status == 200 => stream,
+                    _ => {
+                        server += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                connected.fetch_add(1, SeqCst);
+                loop {
+                    while pause.load(SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let Some(event) = stream.next().await else {
+                        break;
+                    };
+                    if event
+                        .event
+                        .as_deref()
+                        .is_some_and(|name| name.starts_with("fjord."))
+                    {
+                        notices_sink.lock().unwrap().push(event);
+                        continue;
+                    }
+                    if let Some(id) = &event.id {
+                        last_id = Some(id.clone());
+                    }
+                    if event.data.is_some() {
+                        records_sink.lock().unwrap().push(event);
+                    }
+                }
+            }
+        });
+        Self {
+            records,
+            notices,
+            connections,
+            paused,
+            task,
+        }
+    }
+
+    pub fn records(&self) -> Vec<SseEvent> {
+        self.records.lock().unwrap().clone()
+    }
+
+    pub fn notices(&self) -> Vec<SseEvent> {
+        self.notices.lock().unwrap().clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops reading, so that the server's queue for it fills up.
+    pub fn pause(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits until it got at least `count` records; returns all it got.
+    pub async fn wait_for_records(&self, count: usize) -> Vec<SseEvent> {
+        wait_until(&format!("{count} records"), || {
+            self.records().len() >= count
+        })
+        .await;
+        self.records()
+    }
+}
+
+impl Drop for ResumingClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits until `done()` holds, checking every 20 ms, for at most [`PATIENCE`].
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "waited {PATIENCE:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The status of `GET url`, or 0 when nothing answers.
+pub async fn status_of(url: &str) -> u16 {
+    reqwest::get(url)
+        .await
+        .map_or(0, |response| response.status().as_u16())
+}
+
+/// Runs `ci/services.sh COMMAND` (stop-redis, start-redis, restart-kafka, ...).
+pub fn services_command(command: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/services.sh");
+    let status = Command::new(script).arg(command).status().unwrap();
+    assert!(status.success(), "ci/services.sh {command} failed");
 }
