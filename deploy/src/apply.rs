@@ -286,7 +286,7 @@ impl Ledger {
                 not_done.extend(self.pending.drain(..));
                 Err(DeployError::Midway {
                     failed: label,
-                    source: Box::new(source),
+                    error: Box::new(source),
                     progress: Progress {
                         done: std::mem::take(&mut self.done),
                         not_done,

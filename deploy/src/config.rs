@@ -619,3 +619,246 @@ fn arn_parts<'a>(arn: &'a str, service: &str) -> Option<(&'a str, &'a str)> {
     (partition_ok && svc == service && account_ok && !resource.is_empty())
         .then_some((region, resource))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn example() -> Value {
+        serde_json::from_str(fjord::config::EXAMPLE).unwrap()
+    }
+
+    fn error_of(value: &Value) -> String {
+        Deployment::parse(&value.to_string(), Path::new("manifest.json"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn shipped_example_deploys() {
+        let deployment =
+            Deployment::parse(fjord::config::EXAMPLE, Path::new("manifest.json")).unwrap();
+        assert_eq!(deployment.deploy.services.server.autoscaling.max_count, 20);
+        assert_eq!(deployment.deploy.secrets.len(), 2);
+        let runtime: Value = serde_json::from_str(&deployment.runtime_manifest).unwrap();
+        assert!(runtime.get("deploy").is_none() && runtime.get("$schema").is_none());
+        Manifest::parse(&deployment.runtime_manifest).unwrap();
+    }
+
+    #[test]
+    fn defaults_fill_optional_fields() {
+        let mut value = example();
+        let deploy = &mut value["deploy"];
+        for field in ["name", "architecture"] {
+            deploy.as_object_mut().unwrap().remove(field);
+        }
+        let server = deploy["services"]["server"].as_object_mut().unwrap();
+        server.remove("desired_count");
+        server.remove("health_check_grace_secs");
+        let deployment = Deployment::parse(&value.to_string(), Path::new("m.json")).unwrap();
+        assert_eq!(deployment.deploy.name, "fjord");
+        assert_eq!(deployment.deploy.architecture, Architecture::X86_64);
+        assert_eq!(deployment.deploy.services.server.desired_count, 2);
+        assert_eq!(
+            deployment.deploy.services.server.health_check_grace_secs,
+            60
+        );
+    }
+
+    #[test]
+    fn every_bad_field_names_its_path() {
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            (
+                "$.deploy: missing",
+                Box::new(|v| drop(v.as_object_mut().unwrap().remove("deploy"))),
+            ),
+            (
+                "$.deploy.colour: unknown field `colour`",
+                Box::new(|v| v["deploy"]["colour"] = json!("blue")),
+            ),
+            (
+                "$.deploy: missing field `cluster`",
+                Box::new(|v| drop(v["deploy"].as_object_mut().unwrap().remove("cluster"))),
+            ),
+            (
+                "$.deploy.region:",
+                Box::new(|v| v["deploy"]["region"] = json!("Europe")),
+            ),
+            (
+                "$.deploy.cluster:",
+                Box::new(|v| v["deploy"]["cluster"] = json!("my cluster")),
+            ),
+            (
+                "$.deploy.name:",
+                Box::new(|v| v["deploy"]["name"] = json!("Fjord")),
+            ),
+            (
+                "$.deploy.architecture:",
+                Box::new(|v| v["deploy"]["architecture"] = json!("riscv")),
+            ),
+            (
+                "$.deploy.network.subnets:",
+                Box::new(|v| v["deploy"]["network"]["subnets"] = json!([])),
+            ),
+            (
+                "$.deploy.network.subnets[1]:",
+                Box::new(|v| v["deploy"]["network"]["subnets"][1] = json!("subnet-XYZ")),
+            ),
+            (
+                "$.deploy.network.security_groups[0]:",
+                Box::new(|v| v["deploy"]["network"]["security_groups"][0] = json!("default")),
+            ),
+            (
+                "$.deploy.network.assign_public_ip:",
+                Box::new(|v| v["deploy"]["network"]["assign_public_ip"] = json!("yes")),
+            ),
+            (
+                "$.deploy.roles.execution_role_arn:",
+                Box::new(|v| v["deploy"]["roles"]["execution_role_arn"] = json!("fjord-execution")),
+            ),
+            (
+                "$.deploy.roles.task_role_arn:",
+                Box::new(|v| {
+                    v["deploy"]["roles"]["task_role_arn"] = json!("arn:aws:iam::123:role/x")
+                }),
+            ),
+            (
+                "$.deploy.logs.group:",
+                Box::new(|v| v["deploy"]["logs"]["group"] = json!("")),
+            ),
+            (
+                "$.deploy.logs.retention_days:",
+                Box::new(|v| v["deploy"]["logs"]["retention_days"] = json!(2)),
+            ),
+            (
+                "$.deploy.secrets.FJORD_REDIS_PASSWORD: must be the ARN",
+                Box::new(|v| v["deploy"]["secrets"]["FJORD_REDIS_PASSWORD"] = json!("hunter2")),
+            ),
+            (
+                "$.deploy.secrets.FJORD_MANIFEST_JSON: FJORD_MANIFEST_JSON is set by fjord-deploy",
+                Box::new(|v| {
+                    v["deploy"]["secrets"]["FJORD_MANIFEST_JSON"] =
+                        json!("arn:aws:ssm:eu-west-1:123456789012:parameter/x")
+                }),
+            ),
+            (
+                "$.deploy.secrets: FJORD_KAFKA_PASSWORD (named by $.kafka.security.password_env)",
+                Box::new(|v| {
+                    drop(
+                        v["deploy"]["secrets"]
+                            .as_object_mut()
+                            .unwrap()
+                            .remove("FJORD_KAFKA_PASSWORD"),
+                    )
+                }),
+            ),
+            (
+                "$.deploy.services.server.cpu: 300 is not a Fargate CPU size",
+                Box::new(|v| v["deploy"]["services"]["server"]["cpu"] = json!(300)),
+            ),
+            (
+                "$.deploy.services.server.cpu: invalid type",
+                Box::new(|v| v["deploy"]["services"]["server"]["cpu"] = json!("1024")),
+            ),
+            (
+                "$.deploy.services.server.memory: 100000 MiB does not fit cpu 1024",
+                Box::new(|v| v["deploy"]["services"]["server"]["memory"] = json!(100_000)),
+            ),
+            (
+                "$.deploy.services.consumer.memory:",
+                Box::new(|v| {
+                    v["deploy"]["services"]["consumer"] = json!({ "cpu": 256, "memory": 1536 });
+                }),
+            ),
+            (
+                "$.deploy.services.consumer.members: unknown field `members`",
+                Box::new(|v| v["deploy"]["services"]["consumer"]["members"] = json!(3)),
+            ),
+            (
+                "$.deploy.services.server.target_group_arn:",
+                Box::new(|v| {
+                    v["deploy"]["services"]["server"]["target_group_arn"] = json!(
+                        "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/x/0123"
+                    );
+                }),
+            ),
+            (
+                "$.deploy.services.server.desired_count:",
+                Box::new(|v| v["deploy"]["services"]["server"]["desired_count"] = json!(50)),
+            ),
+            (
+                "$.deploy.services.server.desired_count: invalid value: integer `-1`",
+                Box::new(|v| v["deploy"]["services"]["server"]["desired_count"] = json!(-1)),
+            ),
+            (
+                "$.deploy.services.server.health_check_grace_secs:",
+                Box::new(|v| {
+                    v["deploy"]["services"]["server"]["health_check_grace_secs"] = json!(9000)
+                }),
+            ),
+            (
+                "$.deploy.services.server.autoscaling.min_count:",
+                Box::new(|v| {
+                    v["deploy"]["services"]["server"]["autoscaling"]["min_count"] = json!(0)
+                }),
+            ),
+            (
+                "$.deploy.services.server.autoscaling.max_count:",
+                Box::new(|v| {
+                    v["deploy"]["services"]["server"]["autoscaling"]["max_count"] = json!(1)
+                }),
+            ),
+            (
+                "$.deploy.services.server.autoscaling.cpu_target:",
+                Box::new(|v| {
+                    v["deploy"]["services"]["server"]["autoscaling"]["cpu_target"] = json!(0)
+                }),
+            ),
+            (
+                "$.deploy.services.server.autoscaling.connections_target:",
+                Box::new(|v| {
+                    v["deploy"]["services"]["server"]["autoscaling"]["connections_target"] =
+                        json!(0.5)
+                }),
+            ),
+            (
+                "$.deploy.services.server.autoscaling.scale_in_cooldown_secs:",
+                Box::new(|v| {
+                    v["deploy"]["services"]["server"]["autoscaling"]["scale_in_cooldown_secs"] =
+                        json!(-5)
+                }),
+            ),
+            (
+                "$.server.port: must be a fixed port",
+                Box::new(|v| v["server"]["port"] = json!(0)),
+            ),
+            (
+                "$.redis.url",
+                Box::new(|v| v["redis"]["url"] = json!("redis://user:pw@host:6379")),
+            ),
+        ];
+        for (expected, mutate) in cases {
+            let mut value = example();
+            mutate(&mut value);
+            let error = error_of(&value);
+            assert!(
+                error.starts_with(&format!("manifest.json: {expected}")),
+                "expected {expected:?}, got {error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unreadable_file_is_named() {
+        let error = Deployment::load(Path::new("/nonexistent/manifest.json")).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot read manifest /nonexistent/manifest.json"),
+            "{error}"
+        );
+    }
+}

@@ -36,12 +36,12 @@ pub enum DeployError {
     #[error("{0}")]
     NotStable(String),
     /// A step failed after others had run.
-    #[error("{failed} failed: {source}\n{progress}")]
+    #[error("{failed} failed: {error}\n{progress}")]
     Midway {
         /// The step that failed.
         failed: String,
         /// Why.
-        source: Box<DeployError>,
+        error: Box<DeployError>,
         /// What was done and what was not.
         progress: Progress,
     },

@@ -1,6 +1,7 @@
 //! `fjord-deploy`: pushes the images and deploys Fjord to ECS from the manifest.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
@@ -41,8 +42,22 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn main() -> ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Each error's message already carries its cause, and a failure midway its
+            // report of what was done: printed once, without a backtrace.
+            #[allow(clippy::print_stderr, reason = "the CLI's error report")]
+            {
+                eprintln!("fjord-deploy: {error}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     // Everything in the manifest is checked before the first AWS call.
     let deployment = Deployment::load(&args.manifest)?;
     let registry = args

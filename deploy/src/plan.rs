@@ -562,3 +562,234 @@ impl PolicySpec {
             && existing.disable_scale_in() != Some(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use aws_sdk_ecs::types::{AssignPublicIp, LogDriver};
+
+    use super::*;
+
+    const SERVER_IMAGE: &str =
+        "123456789012.dkr.ecr.eu-west-1.amazonaws.com/fjord/server@sha256:aa";
+    const CONSUMER_IMAGE: &str =
+        "123456789012.dkr.ecr.eu-west-1.amazonaws.com/fjord/consumer@sha256:bb";
+
+    fn example() -> (Deployment, Plan) {
+        let deployment =
+            Deployment::parse(fjord::config::EXAMPLE, Path::new("manifest.json")).unwrap();
+        let plan = Plan::new(&deployment, SERVER_IMAGE, CONSUMER_IMAGE);
+        (deployment, plan)
+    }
+
+    fn env(container: &ContainerDefinition) -> BTreeMap<&str, &str> {
+        container
+            .environment()
+            .iter()
+            .map(|kv| (kv.name().unwrap(), kv.value().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn server_task_definition() {
+        let (deployment, plan) = example();
+        let spec = &plan.task_definitions[0];
+        assert_eq!(spec.family, "fjord-server");
+        assert_eq!((spec.cpu, spec.memory), (1024, 2048));
+        let container = spec.container_definition().unwrap();
+        assert_eq!(container.name(), Some("server"));
+        assert_eq!(container.image(), Some(SERVER_IMAGE));
+        assert_eq!(container.essential(), Some(true));
+        assert_eq!(container.stop_timeout(), Some(30));
+        assert_eq!(container.port_mappings()[0].container_port(), Some(8080));
+        assert_eq!(
+            container.health_check().unwrap().command(),
+            [
+                "CMD",
+                "/bin/fjord-healthcheck",
+                "http://127.0.0.1:8080/healthz"
+            ]
+        );
+        let env = env(&container);
+        assert_eq!(env["FJORD_MANIFEST_JSON"], deployment.runtime_manifest);
+        assert_eq!(env["FJORD_EMF_CLUSTER"], "fjord");
+        assert_eq!(env["FJORD_EMF_SERVICE"], "fjord-server");
+        assert_eq!(env["FJORD_LOG_FORMAT"], "json");
+        assert!(!env.contains_key("FJORD_CONSUMER_GROUP"));
+        let secrets: Vec<(&str, &str)> = container
+            .secrets()
+            .iter()
+            .map(|s| (s.name(), s.value_from()))
+            .collect();
+        assert_eq!(
+            secrets,
+            [
+                (
+                    "FJORD_KAFKA_PASSWORD",
+                    "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/kafka-AbCdEf"
+                ),
+                (
+                    "FJORD_REDIS_PASSWORD",
+                    "arn:aws:ssm:eu-west-1:123456789012:parameter/fjord/redis-password"
+                ),
+            ]
+        );
+        // No secret reaches the plain environment.
+        assert!(env.values().all(|value| !value.contains("arn:aws:s")));
+        let logs = container.log_configuration().unwrap();
+        assert_eq!(logs.log_driver(), &LogDriver::Awslogs);
+        let options = logs.options().unwrap();
+        assert_eq!(options["awslogs-group"], "/ecs/fjord");
+        assert_eq!(options["awslogs-region"], "eu-west-1");
+        assert_eq!(options["awslogs-stream-prefix"], "fjord-server");
+        assert_eq!(
+            spec.runtime_platform().cpu_architecture(),
+            Some(&CpuArchitecture::X8664)
+        );
+    }
+
+    #[test]
+    fn one_consumer_task_definition_and_service_per_group() {
+        let (_, plan) = example();
+        let families: Vec<&str> = plan
+            .task_definitions
+            .iter()
+            .map(|t| t.family.as_str())
+            .collect();
+        assert_eq!(families, ["fjord-server", "fjord-consumer-fjord-superEats"]);
+        let consumer = plan.task_definitions[1].container_definition().unwrap();
+        assert_eq!(consumer.image(), Some(CONSUMER_IMAGE));
+        assert_eq!(env(&consumer)["FJORD_CONSUMER_GROUP"], "fjord-superEats");
+        assert!(consumer.port_mappings().is_empty() && consumer.health_check().is_none());
+        assert_eq!(
+            (
+                plan.task_definitions[1].cpu,
+                plan.task_definitions[1].memory
+            ),
+            (512, 1024)
+        );
+
+        let service = &plan.services[1];
+        assert_eq!(service.name, "fjord-consumer-fjord-superEats");
+        assert_eq!(service.desired_count, 2, "members");
+        assert!(!service.autoscaled && service.load_balancers().is_empty());
+        assert_eq!(
+            consumer_name("fjord", "eats.v2:eu"),
+            "fjord-consumer-eats-v2-eu"
+        );
+    }
+
+    #[test]
+    fn server_service_sits_behind_its_target_group_with_rollback() {
+        let (deployment, plan) = example();
+        let service = &plan.services[0];
+        assert_eq!(
+            (
+                service.name.as_str(),
+                service.desired_count,
+                service.autoscaled
+            ),
+            ("fjord-server", 2, true)
+        );
+        let balancer = &service.load_balancers()[0];
+        assert_eq!(
+            balancer.target_group_arn(),
+            Some(deployment.deploy.services.server.target_group_arn.as_str())
+        );
+        assert_eq!(
+            (balancer.container_name(), balancer.container_port()),
+            (Some("server"), Some(8080))
+        );
+        assert_eq!(service.health_check_grace_secs, Some(60));
+        let network = service.network_configuration().unwrap();
+        let vpc = network.awsvpc_configuration().unwrap();
+        assert_eq!(vpc.subnets(), deployment.deploy.network.subnets);
+        assert_eq!(
+            vpc.security_groups(),
+            deployment.deploy.network.security_groups
+        );
+        assert_eq!(vpc.assign_public_ip(), Some(&AssignPublicIp::Disabled));
+        let breaker = service
+            .deployment_configuration()
+            .deployment_circuit_breaker()
+            .cloned()
+            .unwrap();
+        assert!(breaker.enable() && breaker.rollback());
+    }
+
+    #[test]
+    fn server_scales_on_cpu_and_open_connections() {
+        let (_, plan) = example();
+        let scaling = &plan.scaling;
+        assert_eq!(scaling.resource_id, "service/fjord/fjord-server");
+        assert_eq!((scaling.min_count, scaling.max_count), (2, 20));
+        let [cpu, connections] = scaling.policies.as_slice() else {
+            panic!("two policies")
+        };
+        let cpu_config = cpu.configuration().unwrap();
+        assert_eq!(cpu.name, "fjord-server-cpu");
+        assert_eq!(cpu_config.target_value(), 60.0);
+        assert_eq!(
+            cpu_config
+                .predefined_metric_specification()
+                .unwrap()
+                .predefined_metric_type(),
+            &MetricType::EcsServiceAverageCpuUtilization
+        );
+        let config = connections.configuration().unwrap();
+        assert_eq!(config.target_value(), 5000.0);
+        assert_eq!(
+            (config.scale_in_cooldown(), config.scale_out_cooldown()),
+            (Some(300), Some(60))
+        );
+        let metric = config.customized_metric_specification().unwrap();
+        assert_eq!(
+            (metric.namespace(), metric.metric_name()),
+            (Some("Fjord"), Some("OpenConnections"))
+        );
+        assert_eq!(metric.statistic(), Some(&MetricStatistic::Average));
+        let dimensions: Vec<(&str, &str)> = metric
+            .dimensions()
+            .iter()
+            .map(|d| (d.name(), d.value()))
+            .collect();
+        assert_eq!(
+            dimensions,
+            [("ClusterName", "fjord"), ("ServiceName", "fjord-server")]
+        );
+
+        assert!(connections.matches(&config) && cpu.matches(&cpu_config));
+        assert!(!connections.matches(&cpu_config));
+        let mut other = connections.clone();
+        other.target = 4000.0;
+        assert!(!other.matches(&config));
+    }
+
+    #[test]
+    fn fingerprints_follow_what_is_set() {
+        let (deployment, plan) = example();
+        let again = Plan::new(&deployment, SERVER_IMAGE, CONSUMER_IMAGE);
+        assert_eq!(
+            plan.task_definitions[0].fingerprint(),
+            again.task_definitions[0].fingerprint()
+        );
+        let new_image = Plan::new(&deployment, "r/fjord/server@sha256:cc", CONSUMER_IMAGE);
+        assert_ne!(
+            plan.task_definitions[0].fingerprint(),
+            new_image.task_definitions[0].fingerprint()
+        );
+        assert_eq!(
+            plan.task_definitions[1].fingerprint(),
+            new_image.task_definitions[1].fingerprint()
+        );
+        // The desired count is compared directly, not through the fingerprint.
+        let mut more = plan.services[1].clone();
+        more.desired_count = 5;
+        assert_eq!(more.fingerprint(), plan.services[1].fingerprint());
+        assert_ne!(
+            plan.services[0].fingerprint(),
+            plan.services[1].fingerprint()
+        );
+    }
+}

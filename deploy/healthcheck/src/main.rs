@@ -68,3 +68,45 @@ fn probe(url: &str) -> Result<(), String> {
         None => Err("no HTTP answer".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+    use std::net::TcpListener;
+
+    use super::probe;
+
+    /// A one-request HTTP server that answers with `status`; returns its URL.
+    fn answering(status: &'static str) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0_u8; 1024];
+            let _ = stream.read(&mut request).unwrap();
+            stream
+                .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                .unwrap();
+        });
+        format!("http://{address}/healthz")
+    }
+
+    #[test]
+    fn healthy_on_200_only() {
+        assert_eq!(probe(&answering("200 OK")), Ok(()));
+        assert_eq!(
+            probe(&answering("503 Service Unavailable")),
+            Err("status 503".into())
+        );
+    }
+
+    #[test]
+    fn unreachable_or_unsupported_is_unhealthy() {
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(probe(&format!("http://{closed}/healthz")).is_err());
+        assert!(probe("https://127.0.0.1/healthz").is_err());
+    }
+}

@@ -1,0 +1,941 @@
+//! `fjord-deploy` run as a user runs it, against the stand-ins that `ci/deploy-services.sh`
+//! starts: a moto server for the AWS control planes (reset before each test) and a
+//! distribution registry for the image pushes. Every assertion reads the emulator's or
+//! the registry's state through their APIs.
+#![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
+#![allow(
+    clippy::print_stdout,
+    reason = "the tool's output, shown when a test fails"
+)]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_applicationautoscaling::types::{ScalableDimension, ServiceNamespace};
+use aws_sdk_ecs::config::Credentials;
+use aws_sdk_ecs::types::TaskDefinitionField;
+use aws_sdk_elasticloadbalancingv2::types::{LoadBalancerAttribute, TargetTypeEnum};
+use fjord_deploy::archive::{Image, sha256};
+use fjord_deploy::config::Architecture;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+const REGION: &str = "us-east-1";
+/// One test at a time: each resets the emulator.
+static EMULATOR: Mutex<()> = Mutex::const_new(());
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run ci/test-deploy.sh, or source $FJORD_CI_STATE/deploy-env after ci/deploy-services.sh up")
+    })
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{nanos:08x}")
+}
+
+// ------------------------------------------------------------------------- image archives
+
+fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(1);
+        builder.append_data(&mut header, name, *data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// A docker archive like `dockerTools.buildLayeredImage` writes: `manifest.json`, the
+/// config, one `layer.tar` per layer; gzipped when `gzip`.
+fn write_archive(path: &Path, tag: &str, layers: &[&str], architecture: &str, gzip: bool) {
+    let layers: Vec<Vec<u8>> = layers
+        .iter()
+        .map(|content| tar_of(&[("hello.txt", content.as_bytes())]))
+        .collect();
+    let diff_ids: Vec<String> = layers.iter().map(|layer| sha256(layer)).collect();
+    let config = json!({
+        "architecture": architecture,
+        "os": "linux",
+        "config": { "Entrypoint": ["/bin/fjord-server"], "User": "1000:1000", "Labels": { "org.opencontainers.image.revision": "0123abc" } },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    })
+    .to_string();
+    let config_name = format!(
+        "{}.json",
+        sha256(config.as_bytes()).trim_start_matches("sha256:")
+    );
+    let layer_names: Vec<String> = diff_ids
+        .iter()
+        .map(|id| format!("{}/layer.tar", id.trim_start_matches("sha256:")))
+        .collect();
+    let manifest =
+        json!([{ "Config": config_name, "RepoTags": [tag], "Layers": layer_names }]).to_string();
+    let mut files: Vec<(&str, &[u8])> = vec![
+        ("manifest.json", manifest.as_bytes()),
+        (&config_name, config.as_bytes()),
+    ];
+    files.extend(
+        layer_names
+            .iter()
+            .map(String::as_str)
+            .zip(layers.iter().map(Vec::as_slice)),
+    );
+    let tar = tar_of(&files);
+    let bytes = if gzip {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(&tar).unwrap();
+        encoder.finish().unwrap()
+    } else {
+        tar
+    };
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn archives_give_stable_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let gz = dir.path().join("server.tar.gz");
+    let plain = dir.path().join("server.tar");
+    write_archive(&gz, "fjord-server:0123abc", &["base", "app"], "amd64", true);
+    write_archive(
+        &plain,
+        "fjord-server:0123abc",
+        &["base", "app"],
+        "amd64",
+        false,
+    );
+    let a = Image::read(&gz, Architecture::X86_64).unwrap();
+    let b = Image::read(&plain, Architecture::X86_64).unwrap();
+    assert_eq!(
+        a.manifest.digest, b.manifest.digest,
+        "same content, same digest"
+    );
+    assert_eq!(
+        (a.tag.as_str(), a.revision.as_deref(), a.layers.len()),
+        ("0123abc", Some("0123abc"), 2)
+    );
+    let manifest: Value = serde_json::from_slice(&a.manifest.data).unwrap();
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(manifest["layers"][1]["digest"], a.layers[1].digest.as_str());
+    assert_eq!(manifest["config"]["digest"], a.config.digest.as_str());
+
+    let error = Image::read(&gz, Architecture::Arm64)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("is built for amd64, but $.deploy.architecture asks for arm64"),
+        "{error}"
+    );
+    let bogus = dir.path().join("bogus.tar");
+    std::fs::write(&bogus, tar_of(&[("hello.txt", b"hi")])).unwrap();
+    let error = Image::read(&bogus, Architecture::X86_64)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with(&format!(
+            "image archive {}: has no manifest.json",
+            bogus.display()
+        )),
+        "{error}"
+    );
+}
+
+// ------------------------------------------------------------------------- the emulator
+
+/// The AWS side of a test: moto freshly reset, with a VPC, two subnets, a security
+/// group, an ALB with an `ip` target group, and an ECS cluster.
+struct Aws {
+    endpoint: String,
+    ecs: aws_sdk_ecs::Client,
+    ecr: aws_sdk_ecr::Client,
+    elb: aws_sdk_elasticloadbalancingv2::Client,
+    scaling: aws_sdk_applicationautoscaling::Client,
+    logs: aws_sdk_cloudwatchlogs::Client,
+    subnets: Vec<String>,
+    security_group: String,
+    target_group_arn: String,
+    load_balancer_arn: String,
+    dns_name: String,
+}
+
+/// An EC2 Query API call to moto (the deploy tool has no EC2 client); returns the text of
+/// the first `<field>` in the answer.
+async fn ec2(
+    http: &reqwest::Client,
+    endpoint: &str,
+    params: &[(&str, &str)],
+    field: &str,
+) -> String {
+    let body: Vec<String> = params
+        .iter()
+        .chain(&[("Version", "2016-11-15")])
+        .map(|(k, v)| format!("{k}={}", v.replace('/', "%2F")))
+        .collect();
+    let answer = http
+        .post(format!("{endpoint}/"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .header(
+            "Authorization",
+            format!("AWS4-HMAC-SHA256 Credential=testing/20250101/{REGION}/ec2/aws4_request, SignedHeaders=host, Signature=0"),
+        )
+        .body(body.join("&"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let open = format!("<{field}>");
+    let start = answer
+        .find(&open)
+        .unwrap_or_else(|| panic!("no {field} in {answer}"))
+        + open.len();
+    let end = answer[start..].find('<').unwrap() + start;
+    answer[start..end].to_owned()
+}
+
+impl Aws {
+    async fn fresh(cluster: &str) -> Self {
+        let endpoint = required_env("FJORD_TEST_AWS_ENDPOINT");
+        let http = reqwest::Client::new();
+        http.post(format!("{endpoint}/moto-api/reset"))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+        let config = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(REGION))
+            .endpoint_url(&endpoint)
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+            .load()
+            .await;
+        let ecs = aws_sdk_ecs::Client::new(&config);
+        let elb = aws_sdk_elasticloadbalancingv2::Client::new(&config);
+
+        let vpc = ec2(
+            &http,
+            &endpoint,
+            &[("Action", "CreateVpc"), ("CidrBlock", "10.0.0.0/16")],
+            "vpcId",
+        )
+        .await;
+        let mut subnets = Vec::new();
+        for (cidr, zone) in [("10.0.1.0/24", "us-east-1a"), ("10.0.2.0/24", "us-east-1b")] {
+            let params = [
+                ("Action", "CreateSubnet"),
+                ("VpcId", vpc.as_str()),
+                ("CidrBlock", cidr),
+                ("AvailabilityZone", zone),
+            ];
+            subnets.push(ec2(&http, &endpoint, &params, "subnetId").await);
+        }
+        let params = [
+            ("Action", "CreateSecurityGroup"),
+            ("GroupName", "fjord"),
+            ("GroupDescription", "fjord"),
+            ("VpcId", vpc.as_str()),
+        ];
+        let security_group = ec2(&http, &endpoint, &params, "groupId").await;
+
+        let balancer = elb
+            .create_load_balancer()
+            .name("fjord")
+            .set_subnets(Some(subnets.clone()))
+            .security_groups(&security_group)
+            .send()
+            .await
+            .unwrap();
+        let balancer = &balancer.load_balancers()[0];
+        let load_balancer_arn = balancer.load_balancer_arn().unwrap().to_owned();
+        let dns_name = balancer.dns_name().unwrap().to_owned();
+        let group = elb
+            .create_target_group()
+            .name("fjord-server")
+            .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
+            .port(8080)
+            .vpc_id(&vpc)
+            .target_type(TargetTypeEnum::Ip)
+            .health_check_path("/readyz")
+            .send()
+            .await
+            .unwrap();
+        let target_group_arn = group.target_groups()[0]
+            .target_group_arn()
+            .unwrap()
+            .to_owned();
+        elb.create_listener()
+            .load_balancer_arn(&load_balancer_arn)
+            .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
+            .port(80)
+            .default_actions(
+                aws_sdk_elasticloadbalancingv2::types::Action::builder()
+                    .r#type(aws_sdk_elasticloadbalancingv2::types::ActionTypeEnum::Forward)
+                    .target_group_arn(&target_group_arn)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let aws = Self {
+            endpoint,
+            ecr: aws_sdk_ecr::Client::new(&config),
+            scaling: aws_sdk_applicationautoscaling::Client::new(&config),
+            logs: aws_sdk_cloudwatchlogs::Client::new(&config),
+            ecs,
+            elb,
+            subnets,
+            security_group,
+            target_group_arn,
+            load_balancer_arn,
+            dns_name,
+        };
+        aws.set_idle_timeout(60).await;
+        aws.ecs
+            .create_cluster()
+            .cluster_name(cluster)
+            .send()
+            .await
+            .unwrap();
+        aws
+    }
+
+    async fn set_idle_timeout(&self, secs: u32) {
+        self.elb
+            .modify_load_balancer_attributes()
+            .load_balancer_arn(&self.load_balancer_arn)
+            .attributes(
+                LoadBalancerAttribute::builder()
+                    .key("idle_timeout.timeout_seconds")
+                    .value(secs.to_string())
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+
+    async fn repositories(&self) -> Vec<String> {
+        let answer = self.ecr.describe_repositories().send().await.unwrap();
+        answer
+            .repositories()
+            .iter()
+            .filter_map(|r| r.repository_name())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every registered revision of `family`.
+    async fn revisions(&self, family: &str) -> usize {
+        let answer = self
+            .ecs
+            .list_task_definitions()
+            .family_prefix(family)
+            .send()
+            .await
+            .unwrap();
+        answer.task_definition_arns().len()
+    }
+
+    async fn service(&self, cluster: &str, name: &str) -> Option<aws_sdk_ecs::types::Service> {
+        let answer = self
+            .ecs
+            .describe_services()
+            .cluster(cluster)
+            .services(name)
+            .send()
+            .await
+            .unwrap();
+        answer
+            .services()
+            .iter()
+            .find(|s| s.status() == Some("ACTIVE"))
+            .cloned()
+    }
+}
+
+// ------------------------------------------------------------------------- a deploy
+
+/// A manifest (the shipped example, pointed at the emulator's resources) and two image
+/// archives in a temporary directory.
+struct Fixture {
+    dir: tempfile::TempDir,
+    name: String,
+    cluster: String,
+    manifest: Value,
+}
+
+impl Fixture {
+    async fn new(prefix: &str) -> (Self, Aws) {
+        let name = unique(prefix);
+        let cluster = format!("{name}-cluster");
+        let aws = Aws::fresh(&cluster).await;
+        let mut manifest: Value = serde_json::from_str(fjord::config::EXAMPLE).unwrap();
+        let deploy = &mut manifest["deploy"];
+        deploy["region"] = json!(REGION);
+        deploy["cluster"] = json!(cluster);
+        deploy["name"] = json!(name);
+        deploy["network"]["subnets"] = json!(aws.subnets);
+        deploy["network"]["security_groups"] = json!([aws.security_group]);
+        deploy["logs"]["group"] = json!(format!("/ecs/{name}"));
+        deploy["services"]["server"]["target_group_arn"] = json!(aws.target_group_arn);
+        let fixture = Self {
+            dir: tempfile::tempdir().unwrap(),
+            name,
+            cluster,
+            manifest,
+        };
+        fixture.write_manifest();
+        fixture.write_images("v1");
+        (fixture, aws)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    fn write_manifest(&self) {
+        self.write_edited(|_| ());
+    }
+
+    /// Writes the manifest with `edit` applied (the fixture keeps the original).
+    fn write_edited(&self, edit: impl FnOnce(&mut Value)) {
+        let mut manifest = self.manifest.clone();
+        edit(&mut manifest);
+        std::fs::write(
+            self.path("manifest.json"),
+            serde_json::to_string_pretty(&manifest).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// Both images: a shared base layer, and an app layer that `version` changes.
+    fn write_images(&self, version: &str) {
+        for role in ["server", "consumer"] {
+            let app = format!("{} {role} {version}", self.name);
+            let tag = format!("fjord-{role}:{version}");
+            write_archive(
+                &self.path(&format!("{role}.tar.gz")),
+                &tag,
+                &["base", &app],
+                "amd64",
+                true,
+            );
+        }
+    }
+
+    fn server(&self) -> String {
+        format!("{}-server", self.name)
+    }
+
+    fn consumer(&self) -> String {
+        format!("{}-consumer-fjord-superEats", self.name)
+    }
+
+    /// Runs `fjord-deploy manifest.json` with `args`, against the emulator and the registry.
+    fn deploy(&self, aws: &Aws, args: &[&str]) -> Run {
+        self.deploy_to(aws, &required_env("FJORD_TEST_REGISTRY"), args)
+    }
+
+    fn deploy_to(&self, aws: &Aws, registry: &str, args: &[&str]) -> Run {
+        let output = Command::new(env!("CARGO_BIN_EXE_fjord-deploy"))
+            .arg(self.path("manifest.json"))
+            .arg("--server-image")
+            .arg(self.path("server.tar.gz"))
+            .arg("--consumer-image")
+            .arg(self.path("consumer.tar.gz"))
+            .args(["--endpoint-url", &aws.endpoint, "--registry-url", registry])
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("FJORD_REGISTRY_URL")
+            .output()
+            .unwrap();
+        Run::from(output)
+    }
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(output: Output) -> Self {
+        let run = Self {
+            ok: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        println!(
+            "--- fjord-deploy stdout\n{}--- stderr\n{}",
+            run.stdout, run.stderr
+        );
+        run
+    }
+}
+
+impl Run {
+    fn succeeded(self) -> Self {
+        assert!(self.ok, "fjord-deploy failed:\n{}", self.stderr);
+        self
+    }
+
+    fn failed(self) -> Self {
+        assert!(
+            !self.ok,
+            "fjord-deploy should have failed:\n{}",
+            self.stdout
+        );
+        self
+    }
+
+    fn says(&self, text: &str) -> &Self {
+        assert!(
+            self.stdout.contains(text) || self.stderr.contains(text),
+            "expected {text:?} in\n{}\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// The registry's digest for `repository:tag`, by its HTTP API; `None` if it has none.
+async fn registry_digest(repository: &str, tag: &str) -> Option<String> {
+    let registry = required_env("FJORD_TEST_REGISTRY");
+    let answer = reqwest::Client::new()
+        .get(format!("{registry}/v2/{repository}/manifests/{tag}"))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    if answer.status() == reqwest::StatusCode::NOT_FOUND {
+        return None;
+    }
+    assert!(answer.status().is_success(), "{answer:?}");
+    let digest = answer.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let manifest: Value = answer.json().await.unwrap();
+    assert_eq!(manifest["layers"].as_array().unwrap().len(), 2);
+    Some(digest)
+}
+
+// ------------------------------------------------------------------------- the tests
+
+#[tokio::test]
+async fn full_deploy_then_a_second_run_changes_nothing() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("full").await;
+    let (name, cluster) = (fixture.name.clone(), fixture.cluster.clone());
+
+    let run = fixture.deploy(&aws, &["--no-wait"]).succeeded();
+    run.says(&format!("ECR repository {name}/server: created"))
+        .says(&format!(
+            "image {name}/server: pushed 3 of 3 blobs (0 already there)"
+        ))
+        .says(&format!(
+            "task definition {}: registered {}:1",
+            fixture.server(),
+            fixture.server()
+        ))
+        .says(&format!(
+            "service {}: created with 2 tasks",
+            fixture.server()
+        ))
+        .says(&format!(
+            "service {}: created with 2 tasks",
+            fixture.consumer()
+        ))
+        .says("autoscaling of service/")
+        .says(&format!("Load balancer: {}", aws.dns_name));
+
+    // ECR repositories and the pushed images.
+    let mut repositories = aws.repositories().await;
+    repositories.sort();
+    assert_eq!(
+        repositories,
+        [format!("{name}/consumer"), format!("{name}/server")]
+    );
+    let server_digest = registry_digest(&format!("{name}/server"), "v1")
+        .await
+        .expect("server image pushed");
+    assert!(
+        registry_digest(&format!("{name}/consumer"), "v1")
+            .await
+            .is_some(),
+        "consumer image pushed"
+    );
+
+    // The server's task definition: pinned by digest, manifest passed in, secrets by ARN.
+    let described = aws
+        .ecs
+        .describe_task_definition()
+        .task_definition(fixture.server())
+        .include(TaskDefinitionField::Tags)
+        .send()
+        .await
+        .unwrap();
+    let task = described.task_definition().unwrap();
+    assert_eq!((task.cpu(), task.memory()), (Some("1024"), Some("2048")));
+    let container = &task.container_definitions()[0];
+    let image = container.image().unwrap();
+    assert!(
+        image.ends_with(&format!("/{name}/server@{server_digest}")),
+        "{image} pinned by digest"
+    );
+    let env: std::collections::HashMap<&str, &str> = container
+        .environment()
+        .iter()
+        .map(|kv| (kv.name().unwrap(), kv.value().unwrap()))
+        .collect();
+    let runtime: Value = serde_json::from_str(env["FJORD_MANIFEST_JSON"]).unwrap();
+    assert!(runtime.get("deploy").is_none());
+    assert_eq!(runtime["endpoints"], fixture.manifest["endpoints"]);
+    assert_eq!(
+        (env["FJORD_EMF_CLUSTER"], env["FJORD_EMF_SERVICE"]),
+        (cluster.as_str(), fixture.server().as_str())
+    );
+    let secret = container
+        .secrets()
+        .iter()
+        .find(|s| s.name() == "FJORD_REDIS_PASSWORD")
+        .unwrap();
+    assert_eq!(
+        secret.value_from(),
+        fixture.manifest["deploy"]["secrets"]["FJORD_REDIS_PASSWORD"]
+            .as_str()
+            .unwrap()
+    );
+    assert_eq!(container.stop_timeout(), Some(30));
+    assert!(
+        container
+            .health_check()
+            .unwrap()
+            .command()
+            .join(" ")
+            .contains("/healthz")
+    );
+    let log_options = container.log_configuration().unwrap().options().unwrap();
+    assert_eq!(log_options["awslogs-group"], format!("/ecs/{name}"));
+
+    // Services: the server behind its target group, one consumer service per group.
+    let server = aws.service(&cluster, &fixture.server()).await.unwrap();
+    assert_eq!(server.desired_count(), 2);
+    assert_eq!(
+        server.load_balancers()[0].target_group_arn(),
+        Some(aws.target_group_arn.as_str())
+    );
+    assert_eq!(server.task_definition(), task.task_definition_arn());
+    let consumer = aws.service(&cluster, &fixture.consumer()).await.unwrap();
+    assert_eq!(consumer.desired_count(), 2, "one task per group member");
+
+    // Autoscaling on CPU and on open connections per task.
+    let resource = format!("service/{cluster}/{}", fixture.server());
+    let targets = aws
+        .scaling
+        .describe_scalable_targets()
+        .service_namespace(ServiceNamespace::Ecs)
+        .resource_ids(&resource)
+        .send()
+        .await
+        .unwrap();
+    let target = &targets.scalable_targets()[0];
+    assert_eq!((target.min_capacity(), target.max_capacity()), (2, 20));
+    assert_eq!(
+        target.scalable_dimension(),
+        &ScalableDimension::EcsServiceDesiredCount
+    );
+    let policies = aws
+        .scaling
+        .describe_scaling_policies()
+        .service_namespace(ServiceNamespace::Ecs)
+        .resource_id(&resource)
+        .send()
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = policies
+        .scaling_policies()
+        .iter()
+        .map(|p| p.policy_name())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            format!("{}-connections", fixture.server()),
+            format!("{}-cpu", fixture.server())
+        ]
+    );
+    let groups = aws
+        .logs
+        .describe_log_groups()
+        .log_group_name_prefix(format!("/ecs/{name}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(groups.log_groups().len(), 1);
+
+    // The same again: nothing changes.
+    let run = fixture.deploy(&aws, &["--no-wait"]).succeeded();
+    run.says(&format!("ECR repository {name}/server: exists"))
+        .says(&format!(
+            "image {name}/server: pushed 0 of 3 blobs (3 already there)"
+        ))
+        .says(&format!(
+            "task definition {}: unchanged ({}:1)",
+            fixture.server(),
+            fixture.server()
+        ))
+        .says(&format!(
+            "task definition {}: unchanged",
+            fixture.consumer()
+        ))
+        .says(&format!("service {}: unchanged", fixture.server()))
+        .says(&format!("service {}: unchanged", fixture.consumer()))
+        .says(&format!("autoscaling of {resource}: unchanged"));
+    assert!(
+        !run.stdout.contains("registered") && !run.stdout.contains("created"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        (
+            aws.revisions(&fixture.server()).await,
+            aws.revisions(&fixture.consumer()).await
+        ),
+        (1, 1)
+    );
+
+    // A new server image: a dry run says what would change, and changes nothing.
+    fixture.write_images("v2");
+    fixture
+        .deploy(&aws, &["--dry-run"])
+        .succeeded()
+        .says(&format!("image {name}/server: would push 2 of 3 blobs"))
+        .says(&format!(
+            "task definition {}: would register a new revision",
+            fixture.server()
+        ))
+        .says("Dry run: nothing was changed.");
+    assert_eq!(aws.revisions(&fixture.server()).await, 1);
+    assert_eq!(registry_digest(&format!("{name}/server"), "v2").await, None);
+
+    // Deployed for real: new revisions, services rolled, one more group member.
+    fixture.write_edited(|manifest| manifest["consumer_groups"][0]["members"] = json!(3));
+    fixture
+        .deploy(&aws, &["--no-wait"])
+        .succeeded()
+        .says(&format!(
+            "image {name}/server: pushed 2 of 3 blobs (1 already there)"
+        ))
+        .says(&format!(
+            "task definition {}: registered {}:2",
+            fixture.server(),
+            fixture.server()
+        ))
+        .says(&format!(
+            "service {}: updated: task definition {}:2",
+            fixture.server(),
+            fixture.server()
+        ))
+        .says("desired count 2 → 3");
+    assert_eq!(aws.revisions(&fixture.server()).await, 2);
+    assert_eq!(
+        aws.service(&cluster, &fixture.consumer())
+            .await
+            .unwrap()
+            .desired_count(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn dry_run_changes_nothing() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("dry").await;
+    let name = &fixture.name;
+    fixture
+        .deploy(&aws, &["--dry-run"])
+        .succeeded()
+        .says("dry run: nothing will be changed")
+        .says(&format!("ECR repository {name}/server: would create"))
+        .says(&format!("image {name}/consumer: would push 3 of 3 blobs"))
+        .says(&format!("log group /ecs/{name}: would create"))
+        .says(&format!(
+            "task definition {}: would register a new revision",
+            fixture.server()
+        ))
+        .says(&format!(
+            "service {}: would create with 2 tasks",
+            fixture.consumer()
+        ))
+        .says("autoscaling of service/")
+        .says("Dry run: nothing was changed.");
+    assert!(aws.repositories().await.is_empty());
+    assert_eq!(registry_digest(&format!("{name}/server"), "v1").await, None);
+    assert_eq!(aws.revisions(&fixture.server()).await, 0);
+    let services = aws
+        .ecs
+        .list_services()
+        .cluster(&fixture.cluster)
+        .send()
+        .await
+        .unwrap();
+    assert!(services.service_arns().is_empty());
+    let targets = aws
+        .scaling
+        .describe_scalable_targets()
+        .service_namespace(ServiceNamespace::Ecs)
+        .send()
+        .await
+        .unwrap();
+    assert!(targets.scalable_targets().is_empty());
+    let groups = aws
+        .logs
+        .describe_log_groups()
+        .log_group_name_prefix(format!("/ecs/{name}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(groups.log_groups().is_empty());
+}
+
+#[tokio::test]
+async fn refused_before_any_change() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("refuse").await;
+
+    // A bad manifest: the path of the value, before any AWS call.
+    fixture.write_edited(|manifest| manifest["deploy"]["services"]["server"]["cpu"] = json!(300));
+    fixture
+        .deploy(&aws, &[])
+        .failed()
+        .says("manifest.json: $.deploy.services.server.cpu: 300 is not a Fargate CPU size");
+    fixture.write_manifest();
+
+    // Not an image archive.
+    std::fs::write(fixture.path("server.tar.gz"), b"not a tarball").unwrap();
+    fixture.deploy(&aws, &[]).failed().says(&format!(
+        "image archive {}",
+        fixture.path("server.tar.gz").display()
+    ));
+    fixture.write_images("v1");
+
+    // A cluster that does not exist.
+    fixture.write_edited(|manifest| manifest["deploy"]["cluster"] = json!("no-such-cluster"));
+    fixture
+        .deploy(&aws, &[])
+        .failed()
+        .says("ECS cluster no-such-cluster: not found or not active; create the cluster first (nothing was changed)");
+    fixture.write_manifest();
+
+    // A load balancer that would cut idle streams before the heartbeat.
+    aws.set_idle_timeout(10).await;
+    fixture
+        .deploy(&aws, &[])
+        .failed()
+        .says(
+            "its idle timeout (10 s) must be above the heartbeat ($.server.heartbeat_secs = 15 s)",
+        )
+        .says("(nothing was changed)");
+
+    assert!(aws.repositories().await.is_empty(), "nothing was created");
+    assert_eq!(aws.revisions(&fixture.server()).await, 0);
+}
+
+#[tokio::test]
+async fn a_failure_midway_reports_what_was_done() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("midway").await;
+    let name = &fixture.name;
+    // Nothing listens on port 9 of loopback: the registry refuses the push.
+    let run = fixture
+        .deploy_to(&aws, "http://127.0.0.1:9", &["--no-wait"])
+        .failed();
+    run.says(&format!("image {name}/server failed: registry 127.0.0.1:9, repository {name}/server"))
+        .says(&format!("done:\n  - ECR repository {name}/server: created\n  - ECR repository {name}/consumer: created\nnot done:"))
+        .says(&format!("  - image {name}/server (failed)\n  - image {name}/consumer\n  - log group /ecs/{name}"))
+        .says(&format!("  - task definition {}", fixture.server()))
+        .says(&format!("  - service {}", fixture.consumer()))
+        .says("  - autoscaling of service/");
+    assert_eq!(
+        aws.repositories().await.len(),
+        2,
+        "the repositories were created"
+    );
+    assert_eq!(
+        aws.revisions(&fixture.server()).await,
+        0,
+        "no task definition was registered"
+    );
+}
+
+#[tokio::test]
+async fn waits_until_the_services_are_stable() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("wait").await;
+    // moto never starts tasks on its own: the wait runs out, and says where each stands.
+    fixture
+        .deploy(&aws, &["--wait-timeout", "2", "--poll-secs", "1"])
+        .failed()
+        .says(&format!(
+            "  … {}: ACTIVE, 0/2 running, 2 pending",
+            fixture.server()
+        ))
+        .says(&format!(
+            "services stable failed: services not stable after 2 s: {}: ACTIVE, 0/2 running",
+            fixture.server()
+        ))
+        .says("done:")
+        .says(&format!(
+            "  - service {}: created with 2 tasks",
+            fixture.consumer()
+        ))
+        .says("not done:\n  - services stable (failed)");
+
+    // Tasks come up (moto counts them running once a service is updated).
+    for service in [fixture.server(), fixture.consumer()] {
+        aws.ecs
+            .update_service()
+            .cluster(&fixture.cluster)
+            .service(service)
+            .desired_count(2)
+            .send()
+            .await
+            .unwrap();
+    }
+    fixture
+        .deploy(&aws, &["--wait-timeout", "20", "--poll-secs", "1"])
+        .succeeded()
+        .says("services stable: yes")
+        .says(&format!("Target group: {}", aws.target_group_arn))
+        .says(&format!("Load balancer: {}", aws.dns_name))
+        .says(&format!(
+            "Service {}: ACTIVE, 2/2 running, 0 pending, 1 deployment(s)",
+            fixture.server()
+        ))
+        .says(&format!(
+            "Service {}: ACTIVE, 2/2 running",
+            fixture.consumer()
+        ));
+}
