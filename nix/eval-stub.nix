@@ -1,0 +1,184 @@
+# Evaluates flake.nix's outputs with stand-in inputs, where the real ones cannot be
+# fetched (no network): nixpkgs, crane and rust-overlay are replaced by attrsets whose
+# functions return stand-in derivations that remember their arguments. Evaluating every
+# output strictly catches typos, missing attributes and wrong argument shapes; the
+# expectations below check the outputs' structure and what the images are made of.
+#
+#   nix-instantiate --eval --strict --json nix/eval-stub.nix
+let
+  flake = import ../flake.nix;
+  system = "x86_64-linux";
+  rev = "0123456789abcdef0123456789abcdef01234567";
+
+  drv = name: args: {
+    type = "derivation";
+    inherit name args;
+    outPath = "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
+  };
+  genAttrs =
+    names: f:
+    builtins.listToAttrs (
+      map (name: {
+        inherit name;
+        value = f name;
+      }) names
+    );
+
+  lib = {
+    inherit genAttrs;
+    fileset = {
+      unions = files: files;
+      # Every file in the source set must exist.
+      toSource =
+        { root, fileset }:
+        if builtins.all builtins.pathExists fileset then
+          root
+        else
+          throw "eval-stub: a path in the crane source fileset does not exist";
+    };
+  };
+
+  pythonPackages = genAttrs [ "moto" "flask" "flask-cors" ] (name: drv name { });
+  basePkgs =
+    genAttrs [
+      "pkg-config"
+      "cmake"
+      "perl"
+      "openssl"
+      "zlib"
+      "cacert"
+      "makeWrapper"
+      "redis"
+      "jdk17_headless"
+      "maven"
+      "docker-distribution"
+      "actionlint"
+      "kcat"
+    ] (name: drv name { })
+    // {
+      inherit lib;
+      python3 = drv "python3" { } // {
+        withPackages = f: drv "python3-env" { packages = f pythonPackages; };
+      };
+      dockerTools.buildLayeredImage = args: drv "${args.name}.tar.gz" args;
+      runCommand =
+        name: env: script:
+        drv name { inherit env script; };
+      linkFarm = name: entries: drv name { inherit entries; };
+      extend =
+        overlay:
+        let
+          final = basePkgs // overlay final basePkgs;
+        in
+        final;
+    };
+
+  mkCraneLib = pkgs: toolchain: {
+    overrideToolchain = f: mkCraneLib pkgs (f pkgs);
+    buildDepsOnly = args: drv "${args.pname}-deps" (args // { inherit toolchain; });
+    buildPackage = args: drv args.pname (args // { inherit toolchain; });
+    cargoClippy = args: drv "clippy" (args // { inherit toolchain; });
+    cargoTest = args: drv "tests" (args // { inherit toolchain; });
+    cargoFmt = args: drv "fmt" (args // { inherit toolchain; });
+    devShell = args: drv "devshell" (args // { inherit toolchain; });
+  };
+
+  craneStub.mkLib = pkgs: mkCraneLib pkgs null;
+  rustOverlay = final: prev: {
+    rust-bin.stable.latest.default = drv "rust-toolchain" { };
+  };
+
+  outputs = flake.outputs {
+    self = {
+      inherit rev;
+    };
+    nixpkgs = {
+      inherit lib;
+      legacyPackages = genAttrs [ "x86_64-linux" "aarch64-linux" ] (_: basePkgs);
+    };
+    crane = craneStub;
+    rust-overlay.overlays.default = rustOverlay;
+  };
+
+  names = builtins.attrNames;
+  expect = ok: message: if ok then true else throw "eval-stub: ${message}";
+  hasInfix = infix: s: builtins.match ".*${infix}.*" s != null;
+  packages = outputs.packages.${system};
+  program = outputs.apps.${system}.deploy.program;
+  images = packages.images.args.entries;
+  imageArgs = map (entry: entry.path.args) images;
+  wrapper = builtins.head (builtins.match "/nix/store/[a-z0-9]{32}-(.*)/bin/fjord-deploy" program);
+  # The same packages the flake builds, to look inside the deploy app's wrapper.
+  fjord = import ./packages.nix {
+    pkgs = basePkgs.extend rustOverlay;
+    crane = craneStub;
+    revision = rev;
+  };
+  expectations = [
+    (expect (
+      names packages == [
+        "default"
+        "fjord-consumer"
+        "fjord-deploy"
+        "fjord-healthcheck"
+        "fjord-server"
+        "images"
+      ]
+    ) "packages.${system} has ${toString (names packages)}")
+    (expect (outputs.apps.${system}.deploy.type == "app") "apps.deploy is not an app")
+    (expect (wrapper == "fjord-deploy-with-images") "apps.deploy runs ${program}")
+    (expect (
+      names outputs.checks.${system} == [
+        "clippy"
+        "clippy-server"
+        "fjord-consumer"
+        "fjord-deploy"
+        "fjord-server"
+        "fmt"
+        "tests"
+      ]
+    ) "checks has ${toString (names outputs.checks.${system})}")
+    (expect (names outputs.devShells.${system} == [ "default" ]) "devShells has no default")
+    (expect (names outputs.packages == [
+      "aarch64-linux"
+      "x86_64-linux"
+    ]) "systems")
+    (expect (hasInfix "--no-default-features --bin fjord-server" packages.fjord-server.args.cargoExtraArgs)
+      "fjord-server is not built without librdkafka"
+    )
+    (expect (
+      map (entry: entry.name) images == [
+        "fjord-server.tar.gz"
+        "fjord-consumer.tar.gz"
+      ]
+    ) "images are not the server's and the consumer's archives")
+    (expect (builtins.all (image: image.config.User == "10001:10001") imageArgs) "an image runs as root")
+    (expect (builtins.all (
+      image: image.config.Labels."org.opencontainers.image.revision" == rev
+    ) imageArgs) "an image is not labelled with the revision")
+    (expect (builtins.all (image: image.created == "1970-01-01T00:00:01Z") imageArgs) "an image has a moving timestamp")
+    (expect (builtins.all (
+      image:
+      builtins.all (
+        content:
+        !builtins.elem content.name [
+          "bash"
+          "busybox"
+          "coreutils"
+        ]
+      ) image.contents
+    ) imageArgs) "an image has a shell")
+    (expect (builtins.all (image: builtins.elem basePkgs.cacert image.contents) imageArgs) "an image lacks CA certificates")
+    (expect (hasInfix "--set-default FJORD_SERVER_IMAGE ${(builtins.head images).path}" fjord.deploy-with-images.args.script)
+      "the deploy app does not find the server image"
+    )
+  ];
+in
+builtins.deepSeq outputs {
+  ok = builtins.all (x: x) expectations;
+  systems = names outputs.packages;
+  packages = names packages;
+  apps = names outputs.apps.${system};
+  checks = names outputs.checks.${system};
+  devShells = names outputs.devShells.${system};
+}
