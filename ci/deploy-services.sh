@@ -69,7 +69,7 @@ stop_pid() { # name, pidfile, pattern: SIGTERM, wait up to 10 s, then SIGKILL
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
     rm -f "$file"
     log "$name stopped"
 }
