@@ -1,0 +1,274 @@
+// The reconnecting subscription behind `connect`: asks for a token before every attempt,
+// resumes from the last id, backs off between failures, turns records into `FjordRecord`s
+// delivered once, handles the reserved `fjord.*` events, and decides which errors are fatal.
+
+import { backoffDelay } from "./backoff.js";
+import { RecentIds } from "./dedupe.js";
+import { eventSourceTransport } from "./eventsource-transport.js";
+import { fetchTransport } from "./fetch-transport.js";
+import type { SseMessage } from "./sse.js";
+import type { Connection, Failure, Transport } from "./transport.js";
+import {
+  FjordError,
+  type ConnectOptions,
+  type FjordRecord,
+  type GapInfo,
+  type JsonValue,
+  type Status,
+  type StatusReason,
+  type Subscription,
+  type TokenRequest,
+} from "./types.js";
+
+/** The reconnect delay until the server sends `retry:`. */
+export const DEFAULT_RETRY_MS = 2000;
+export const DEFAULT_MAX_RETRY_MS = 30_000;
+export const DEFAULT_IDLE_TIMEOUT_MS = 45_000;
+/** A connection open this long counts as healthy: the next drop starts the backoff over. */
+export const HEALTHY_MS = 10_000;
+/** Ids remembered per endpoint to drop duplicates. */
+export const RECENT_IDS = 1024;
+
+/**
+ * Opens a stream of records and keeps it open until `close()` or a fatal error.
+ *
+ * @example
+ * const sub = connect({ url: "https://stream.example.com", endpoints: "orders",
+ *   onRecord: (r) => console.log(r.key, r.value) });
+ */
+export function connect<V = JsonValue>(options: ConnectOptions<V>): Subscription {
+  const stream = new Stream(options);
+  return {
+    close: () => stream.close(),
+    get lastEventId() {
+      return stream.lastEventId;
+    },
+    get status() {
+      return stream.status;
+    },
+  };
+}
+
+class Stream<V> {
+  status: Status = "connecting";
+  lastEventId: string | undefined;
+  private readonly transport: Transport;
+  private readonly endpoints: readonly string[];
+  private readonly recent = new RecentIds(RECENT_IDS);
+  private retryMs = DEFAULT_RETRY_MS;
+  /** Failed attempts since the last healthy connection. */
+  private attempt = 0;
+  /** The last attempt was refused (401/403) and this one carries a fresh token. */
+  private refused = false;
+  private openedAt: number | undefined;
+  private connection: Connection | undefined;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(private readonly options: ConnectOptions<V>) {
+    this.endpoints = typeof options.endpoints === "string" ? [options.endpoints] : [...options.endpoints];
+    if (this.endpoints.length === 0) throw new TypeError("connect: at least one endpoint is needed");
+    this.lastEventId = options.lastEventId;
+    this.transport = makeTransport(options);
+    this.emitStatus("connecting", "start");
+    void this.open("connect");
+  }
+
+  close(): void {
+    if (this.status === "closed") return;
+    this.stop();
+    this.emitStatus("closed", "closed");
+  }
+
+  private stop(): void {
+    clearTimeout(this.timer);
+    this.connection?.close();
+    this.connection = undefined;
+    this.status = "closed";
+  }
+
+  private async open(reason: TokenRequest["reason"]): Promise<void> {
+    let token: string | undefined;
+    try {
+      token = (await this.options.getToken?.({ reason })) ?? undefined;
+    } catch (cause) {
+      if (this.status !== "closed") {
+        this.failed({ code: "token_error", message: `getToken failed: ${String(cause)}`, cause });
+      }
+      return;
+    }
+    if (this.status === "closed") return;
+    this.openedAt = undefined;
+    this.connection = this.transport(
+      {
+        baseUrl: this.options.url,
+        endpoints: this.endpoints,
+        keys: this.options.keys ?? [],
+        token,
+        lastEventId: this.lastEventId,
+      },
+      {
+        onOpen: () => {
+          this.openedAt = Date.now();
+          this.refused = false;
+          this.emitStatus("open", "opened");
+        },
+        onRetry: (ms) => {
+          this.retryMs = ms;
+        },
+        onId: (id) => {
+          this.lastEventId = id;
+        },
+        onMessage: (message) => this.message(message),
+        onEnd: (failure) => {
+          this.connection = undefined;
+          this.failed(failure);
+        },
+      },
+    );
+  }
+
+  private message(message: SseMessage): void {
+    switch (message.event) {
+      case "fjord.gap":
+        this.gap(message.data);
+        return;
+      case "fjord.shutdown":
+        this.reconnectNow("shutdown", "reconnect");
+        return;
+      case "fjord.expired":
+        this.reconnectNow("expired", "expired");
+        return;
+      default:
+        if (message.event.startsWith("fjord.")) return; // a notice of a newer server
+        this.record(message);
+    }
+  }
+
+  private record({ event, data, id }: SseMessage): void {
+    if (id === undefined) {
+      this.report(new FjordError("bad_event", `an event of ${event} came without an id`));
+      return;
+    }
+    if (!this.recent.add(event, id)) return;
+    let envelope: unknown;
+    try {
+      envelope = JSON.parse(data);
+    } catch {
+      envelope = undefined;
+    }
+    if (typeof envelope !== "object" || envelope === null || Array.isArray(envelope)) {
+      this.lastEventId = id;
+      this.report(new FjordError("bad_event", `event ${id} of ${event} is not a JSON envelope`));
+      return;
+    }
+    // The server builds the envelope; its shape is the contract, not checked field by field.
+    const record = { ...envelope, endpoint: event, id } as FjordRecord<V>;
+    this.attempt = 0;
+    this.lastEventId = id;
+    guard(() => this.options.onRecord(record));
+  }
+
+  private gap(data: string): void {
+    let info: GapInfo;
+    try {
+      info = JSON.parse(data) as GapInfo;
+    } catch {
+      this.report(new FjordError("bad_event", "a fjord.gap event whose data is not JSON"));
+      return;
+    }
+    const onGap = this.options.onGap;
+    if (onGap !== undefined) guard(() => onGap(info));
+  }
+
+  /** Drops the connection and opens a new one without waiting. */
+  private reconnectNow(reason: StatusReason, tokenReason: TokenRequest["reason"]): void {
+    this.connection?.close();
+    this.connection = undefined;
+    this.schedule(0, reason, tokenReason);
+  }
+
+  private failed(failure: Failure): void {
+    const { code, message, status } = failure;
+    if (status === 401 || status === 403) {
+      if (!this.refused) {
+        this.refused = true;
+        this.report(new FjordError(code, message, { status, cause: failure.cause }));
+        this.schedule(0, "error", "refused");
+        return;
+      }
+      this.fatal(new FjordError(code, message, { status, fatal: true }));
+      return;
+    }
+    if (isFatal(failure)) {
+      this.fatal(new FjordError(code, message, { status, fatal: true, cause: failure.cause }));
+      return;
+    }
+    this.report(new FjordError(code, message, { status, cause: failure.cause }));
+    if (this.openedAt !== undefined && Date.now() - this.openedAt >= HEALTHY_MS) this.attempt = 0;
+    const maxMs = this.options.maxRetryMs ?? DEFAULT_MAX_RETRY_MS;
+    this.schedule(backoffDelay(this.attempt++, this.retryMs, maxMs), "error", "reconnect");
+  }
+
+  private schedule(delayMs: number, reason: StatusReason, tokenReason: TokenRequest["reason"]): void {
+    this.emitStatus("reconnecting", reason, delayMs);
+    clearTimeout(this.timer);
+    // `open` awaits the token before it connects, so even "at once" leaves the current handler first.
+    if (delayMs === 0) void this.open(tokenReason);
+    else this.timer = setTimeout(() => void this.open(tokenReason), delayMs);
+  }
+
+  private fatal(error: FjordError): void {
+    this.stop();
+    this.report(error);
+    this.emitStatus("closed", "fatal");
+  }
+
+  private report(error: FjordError): void {
+    const onError = this.options.onError;
+    if (onError !== undefined) guard(() => onError(error));
+  }
+
+  private emitStatus(status: Status, reason: StatusReason, delayMs?: number): void {
+    this.status = status;
+    const onStatus = this.options.onStatus;
+    if (onStatus !== undefined) guard(() => onStatus(status, delayMs === undefined ? { reason } : { reason, delayMs }));
+  }
+}
+
+/** 4xx answers other than 401/403 (handled apart), 408 and 429 will not change on retry. */
+function isFatal({ code, status }: Failure): boolean {
+  if (code === "bad_content_type") return true;
+  return status !== undefined && status >= 400 && status < 500 && status !== 408 && status !== 429;
+}
+
+function makeTransport<V>(options: ConnectOptions<V>): Transport {
+  const fetchFn = options.fetch ?? (typeof fetch === "function" ? fetch.bind(globalThis) : undefined);
+  const withCredentials = options.withCredentials ?? false;
+  if (options.transport === "eventsource") {
+    const EventSourceCtor = options.EventSource ?? (typeof EventSource === "function" ? EventSource : undefined);
+    if (EventSourceCtor === undefined) throw new TypeError("connect: no EventSource in this environment; pass one");
+    return eventSourceTransport({
+      EventSource: EventSourceCtor,
+      fetch: fetchFn,
+      withCredentials,
+      tokenInQuery: options.tokenInQuery ?? false,
+    });
+  }
+  if (fetchFn === undefined) throw new TypeError("connect: no fetch in this environment; pass one");
+  return fetchTransport({
+    fetch: fetchFn,
+    withCredentials,
+    idleTimeoutMs: options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
+  });
+}
+
+/** Runs an application callback; its exception surfaces on its own without breaking the stream. */
+function guard(callback: () => void): void {
+  try {
+    callback();
+  } catch (error) {
+    setTimeout(() => {
+      throw error;
+    }, 0);
+  }
+}

@@ -1,0 +1,67 @@
+// The contract between the reconnecting client and a transport: a transport makes exactly
+// one connection attempt, reports what arrives through `SseHandlers`, and reports once how
+// the connection ended. It never retries by itself.
+
+import type { SseHandlers } from "./sse.js";
+
+/** What one connection attempt needs. */
+export interface Attempt {
+  baseUrl: string;
+  endpoints: readonly string[];
+  keys: readonly string[];
+  token: string | undefined;
+  /** Resume after this id. */
+  lastEventId: string | undefined;
+}
+
+/** How a connection ended (anything but `close()`). */
+export interface Failure {
+  code: string;
+  message: string;
+  /** The HTTP status, when the server answered with an error. */
+  status?: number;
+  cause?: unknown;
+}
+
+export interface TransportHandlers extends SseHandlers {
+  /** The server accepted the stream. */
+  onOpen(): void;
+  /** The connection ended; not called after `close()`. */
+  onEnd(failure: Failure): void;
+}
+
+export interface Connection {
+  /** Ends the connection without calling `onEnd`. */
+  close(): void;
+}
+
+export type Transport = (attempt: Attempt, handlers: TransportHandlers) => Connection;
+
+/** The failure an error response describes: `{"error":{"code","message"}}` when the server sent it. */
+export async function failureFromResponse(response: Response): Promise<Failure> {
+  const status = response.status;
+  const fallback: Failure = {
+    code: `http_${status}`,
+    message: `HTTP ${status}${response.statusText === "" ? "" : ` ${response.statusText}`}`,
+    status,
+  };
+  let text: string;
+  try {
+    text = await response.text();
+  } catch {
+    return fallback;
+  }
+  try {
+    const body: unknown = JSON.parse(text);
+    if (typeof body === "object" && body !== null && "error" in body) {
+      const error: unknown = body.error;
+      if (typeof error === "object" && error !== null && "code" in error && typeof error.code === "string") {
+        const message = "message" in error && typeof error.message === "string" ? error.message : fallback.message;
+        return { code: error.code, message, status };
+      }
+    }
+  } catch {
+    // Not JSON: a proxy's page, for example.
+  }
+  return fallback;
+}

@@ -1,0 +1,165 @@
+// Public types: the record envelope as the server sends it, the options of `connect`, the
+// connection statuses and the notices (gap, status reasons) the client reports.
+
+/** Any JSON value. */
+export type JsonValue =
+  | null
+  | boolean
+  | number
+  | string
+  | JsonValue[]
+  | { [key: string]: JsonValue };
+
+/** Bytes that are not UTF-8, as the server encodes them. */
+export interface Base64 {
+  base64: string;
+}
+
+/** A header value: a string when it is UTF-8, else base64. */
+export type HeaderValue = string | Base64;
+
+/**
+ * One Kafka record, as delivered by an endpoint.
+ *
+ * `value` is the record's JSON when it parses as JSON, a string when it is other UTF-8, a
+ * `{ base64 }` object otherwise, and `null` for a tombstone. `V` lets an application name
+ * the shape it expects (it is not checked).
+ */
+export interface FjordRecord<V = JsonValue> {
+  /** The endpoint (SSE event name) that delivered the record. */
+  endpoint: string;
+  /** The SSE id: an opaque position to resume after this record. */
+  id: string;
+  topic: string;
+  partition: number;
+  offset: number;
+  key: string | Base64 | null;
+  /** Kafka timestamp in milliseconds since the epoch, when the record has one. */
+  timestamp: number | null;
+  /** Headers; a name that occurs more than once maps to an array of its values. */
+  headers: Record<string, HeaderValue | HeaderValue[]>;
+  value: V;
+}
+
+/** Data of a `fjord.gap` event: records between `last_event_id` and `oldest_id` were missed. */
+export interface GapInfo {
+  endpoint: string;
+  last_event_id: string;
+  oldest_id: string;
+  message: string;
+}
+
+/** `connecting` before the first open, `reconnecting` between a drop and the next open. */
+export type Status = "connecting" | "open" | "reconnecting" | "closed";
+
+/** Why the status changed. */
+export type StatusReason =
+  /** `connect()` was called. */
+  | "start"
+  /** The server accepted the stream. */
+  | "opened"
+  /** The connection failed or dropped; `error` says how. */
+  | "error"
+  /** The server is draining (`fjord.shutdown`): reconnecting at once. */
+  | "shutdown"
+  /** The token expired (`fjord.expired`): reconnecting with a fresh token at once. */
+  | "expired"
+  /** `close()` was called. */
+  | "closed"
+  /** A fatal error stopped the client; it was passed to `onError`. */
+  | "fatal";
+
+export interface StatusInfo {
+  reason: StatusReason;
+  /** For `reconnecting`: the delay before the next attempt, in milliseconds. */
+  delayMs?: number;
+}
+
+/** Why `getToken` is being asked. */
+export interface TokenRequest {
+  /**
+   * `connect` for the first connection, `reconnect` after a drop, `expired` after
+   * `fjord.expired`, `refused` after a 401 or 403: return a token that is certainly fresh.
+   */
+  reason: "connect" | "reconnect" | "expired" | "refused";
+}
+
+/** A token, or nothing to send no `Authorization` (cookie auth). */
+export type TokenResult = string | null | undefined;
+
+/** Constructor of a WHATWG `EventSource` (the browser's, or a polyfill in Node). */
+export type EventSourceConstructor = new (
+  url: string,
+  init?: { withCredentials?: boolean },
+) => EventSource;
+
+/** Options of `connect`. */
+export interface ConnectOptions<V = JsonValue> {
+  /** Server base URL, e.g. `https://stream.example.com` (a path prefix is kept). `""` for same origin. */
+  url: string;
+  /** One or more endpoint names. */
+  endpoints: string | readonly string[];
+  /** Only records with one of these keys. */
+  keys?: readonly string[] | undefined;
+  /** Called before every connection attempt; return the bearer token (or nothing for cookie auth). */
+  getToken?: ((request: TokenRequest) => TokenResult | Promise<TokenResult>) | undefined;
+  /** Called once per record, in stream order, never twice for the same id. */
+  onRecord: (record: FjordRecord<V>) => void;
+  /** Called for every error; `error.fatal` means the client has stopped. */
+  onError?: ((error: FjordError) => void) | undefined;
+  /** Called on every status change. */
+  onStatus?: ((status: Status, info: StatusInfo) => void) | undefined;
+  /** Called when the server reports that records were missed (`fjord.gap`); the stream goes on. */
+  onGap?: ((gap: GapInfo) => void) | undefined;
+  /** Resume after this id (for example one saved before a page reload). */
+  lastEventId?: string | undefined;
+  /** `fetch` (default): token in the `Authorization` header. `eventsource`: the platform `EventSource`. */
+  transport?: "fetch" | "eventsource" | undefined;
+  /** With `transport: 'eventsource'`, send the token as `?access_token=` (only if the server allows it). */
+  tokenInQuery?: boolean | undefined;
+  /** Send cookies cross-origin (`credentials: 'include'`, `withCredentials`). */
+  withCredentials?: boolean | undefined;
+  /** Drop and resume when nothing, not even a heartbeat, arrives for this long; `0` never. Default 45000. */
+  idleTimeoutMs?: number | undefined;
+  /** Upper bound of the reconnect delay. Default 30000. */
+  maxRetryMs?: number | undefined;
+  /** The `fetch` to use (default: the global one). */
+  fetch?: typeof fetch | undefined;
+  /** The `EventSource` to use with `transport: 'eventsource'` (default: the global one). */
+  EventSource?: EventSourceConstructor | undefined;
+}
+
+/** What `connect` returns. */
+export interface Subscription {
+  /** Stops the stream for good. */
+  close(): void;
+  /** The id to resume after: the last record delivered, or the stream's start position. */
+  readonly lastEventId: string | undefined;
+  /** The current status. */
+  readonly status: Status;
+}
+
+/**
+ * An error of the stream. `status` is the HTTP status when the server answered, `code` the
+ * server's error code (`token_expired`, `forbidden`, `unknown_endpoint`, ...) or one of the
+ * client's own: `network`, `idle_timeout`, `stream_ended`, `bad_content_type`, `bad_event`,
+ * `token_error`, `http_<status>`.
+ */
+export class FjordError extends Error {
+  override readonly name = "FjordError";
+  readonly status: number | undefined;
+  readonly code: string;
+  /** True when the client stopped because of this error. */
+  readonly fatal: boolean;
+
+  constructor(
+    code: string,
+    message: string,
+    options: { status?: number | undefined; fatal?: boolean; cause?: unknown } = {},
+  ) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.status = options.status;
+    this.fatal = options.fatal ?? false;
+  }
+}
