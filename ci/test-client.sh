@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The JavaScript client (client/, @fjord/client): installs its locked dev dependencies
+# (npm ci, from the ~/.npm cache when it has them), builds dist/ with tsc and esbuild, and
+# runs the type check and the vitest suite. Needs Node 20+ and npm; exits non-zero on failure.
+set -euo pipefail
+cd "$(dirname "$0")/../client"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+command -v node >/dev/null || { echo "test-client: node is not installed" >&2; exit 1; }
+major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$major" -lt 20 ]; then
+  echo "test-client: Node 20 or later is needed, found $(node --version)" >&2
+  exit 1
+fi
+
+step "client: npm ci"
+npm ci --prefer-offline --no-audit --no-fund
+
+step "client: build"
+npm run build
+
+step "client: type check and tests"
+npm test
