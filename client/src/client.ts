@@ -21,13 +21,13 @@ import {
 } from "./types.js";
 
 /** The reconnect delay until the server sends `retry:`. */
-export const DEFAULT_RETRY_MS = 2000;
-export const DEFAULT_MAX_RETRY_MS = 30_000;
-export const DEFAULT_IDLE_TIMEOUT_MS = 45_000;
+const DEFAULT_RETRY_MS = 2000;
+const DEFAULT_MAX_RETRY_MS = 30_000;
+const DEFAULT_IDLE_TIMEOUT_MS = 45_000;
 /** A connection open this long counts as healthy: the next drop starts the backoff over. */
-export const HEALTHY_MS = 10_000;
+const HEALTHY_MS = 10_000;
 /** Ids remembered per endpoint to drop duplicates. */
-export const RECENT_IDS = 1024;
+const RECENT_IDS = 1024;
 
 /**
  * Opens a stream of records and keeps it open until `close()` or a fatal error.
