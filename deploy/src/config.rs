@@ -332,6 +332,16 @@ impl DeployConfig {
         require(manifest.server.port != 0, "$.server.port", || {
             "must be a fixed port to deploy: the target group and the health check need it".into()
         })?;
+        require(
+            manifest.server.host.is_unspecified(),
+            "$.server.host",
+            || {
+                format!(
+                    "{} would be unreachable for the load balancer: deployed servers listen on 0.0.0.0 (or ::)",
+                    manifest.server.host
+                )
+            },
+        )?;
         self.validate_network()?;
         self.validate_roles_and_logs()?;
         self.validate_secrets(manifest)?;
