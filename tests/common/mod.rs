@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -513,10 +514,25 @@ impl ResumingClient {
 
     /// Waits until it got at least `count` records; returns all it got.
     pub async fn wait_for_records(&self, count: usize) -> Vec<SseEvent> {
-        wait_until(&format!("{count} records"), || {
-            self.records().len() >= count
-        })
-        .await;
+        self.wait_for_records_within(count, PATIENCE).await
+    }
+
+    pub async fn wait_for_records_within(&self, count: usize, patience: Duration) -> Vec<SseEvent> {
+        let deadline = Instant::now() + patience;
+        while self.records().len() < count {
+            if Instant::now() > deadline || self.task.is_finished() {
+                let records = self.records();
+                panic!(
+                    "waited for {count} records, got {} over {} connections (reader alive: {}); last id {:?}; notices {:?}",
+                    records.len(),
+                    self.connections(),
+                    !self.task.is_finished(),
+                    records.last().and_then(|r| r.id.clone()),
+                    self.notices()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.records()
     }
 }
@@ -533,6 +549,16 @@ pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     while !done() {
         assert!(Instant::now() < deadline, "waited {PATIENCE:?} for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the async check `done()` holds, checking every 250 ms, for at most
+/// [`PATIENCE`].
+pub async fn wait_until_async<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done().await {
+        assert!(Instant::now() < deadline, "waited {PATIENCE:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
