@@ -11,6 +11,7 @@ use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use crate::auth::{AuthError, Authenticator, Forbidden, find_token};
 use crate::config::ServerConfig;
 use crate::hub::{Hub, Interest};
 use crate::sse::ResumeId;
@@ -51,6 +52,22 @@ impl ApiError {
         }
     }
 
+    fn unauthorized(error: &AuthError) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            code: error.code(),
+            message: error.to_string(),
+        }
+    }
+
+    fn forbidden(error: &Forbidden) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message: error.to_string(),
+        }
+    }
+
     fn into_response(self) -> Response {
         #[derive(Serialize)]
         struct Body<'a> {
@@ -67,7 +84,20 @@ impl ApiError {
                 message: &self.message,
             },
         };
-        warp::reply::with_status(warp::reply::json(&body), self.status).into_response()
+        let mut response =
+            warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            let challenge = format!(
+                "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                self.code
+            );
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+            }
+        }
+        response
     }
 }
 
@@ -122,9 +152,11 @@ pub fn parse_stream_request(
                 keys.push(value.into_owned());
             }
             "last_event_id" => query_last_event_id = Some(value.into_owned()),
+            // Taken by the auth layer, where the manifest allows it.
+            "access_token" => {}
             other => {
                 return Err(ApiError::bad_query(format!(
-                    "unknown query parameter {:?}; expected endpoint, key or last_event_id",
+                    "unknown query parameter {:?}; expected endpoint, key, last_event_id or access_token",
                     other.chars().take(100).collect::<String>()
                 )));
             }
@@ -155,8 +187,45 @@ pub fn parse_stream_request(
     })
 }
 
-fn stream_response(hub: &Arc<Hub>, request: StreamRequest) -> Response {
-    let subscription = hub.subscribe(request.interest, request.resume.as_ref());
+/// The value of the first `name=` of a query string.
+fn query_value(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// Authenticates, parses, authorizes and subscribes one stream request. The token is
+/// checked first, so that a caller without one learns nothing about the endpoints.
+async fn open_stream(
+    hub: &Arc<Hub>,
+    auth: &Authenticator,
+    path_endpoint: Option<&str>,
+    query: &str,
+    headers: &warp::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let query_token = query_value(query, "access_token");
+    let token = find_token(headers, query_token.as_deref(), auth.sources());
+    let grant = auth
+        .grant(token)
+        .await
+        .map_err(|error| ApiError::unauthorized(&error))?;
+    let last_event_id = headers.get("last-event-id").map(|value| {
+        value
+            .to_str()
+            .map_err(|_| ApiError::bad_query("Last-Event-ID is not ASCII"))
+    });
+    let last_event_id = last_event_id.transpose()?;
+    let mut request = parse_stream_request(hub, path_endpoint, query, last_event_id)?;
+    let names: Vec<&str> = request
+        .interest
+        .endpoints
+        .iter()
+        .filter_map(|&i| hub.endpoints().get(i).map(|name| name.as_str()))
+        .collect();
+    request.interest.keys = grant
+        .authorize(&names, request.interest.keys.take())
+        .map_err(|error| ApiError::forbidden(&error))?;
+    let subscription = hub.subscribe(request.interest, request.resume.as_ref(), grant.expires_at);
     let mut response = warp::reply::stream(subscription).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -169,12 +238,13 @@ fn stream_response(hub: &Arc<Hub>, request: StreamRequest) -> Response {
     );
     // Tells nginx-style proxies not to buffer the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+    Ok(response)
 }
 
 /// Every route of the server. `index_page`, when given, is served at `/` (`fjord dev`).
 pub fn routes(
     hub: &Arc<Hub>,
+    auth: &Authenticator,
     config: &ServerConfig,
     index_page: Option<&'static str>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
@@ -183,32 +253,45 @@ pub fn routes(
         warp::any().map(move || Arc::clone(&hub))
     };
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
-    let last_event_id = warp::header::optional::<String>("last-event-id");
+    let with_auth = {
+        let auth = auth.clone();
+        warp::any().map(move || auth.clone())
+    };
 
     let one_endpoint = warp::path!("v1" / "streams" / String)
         .and(warp::get())
         .and(query)
-        .and(last_event_id)
+        .and(warp::header::headers_cloned())
         .and(with_hub.clone())
+        .and(with_auth.clone())
         .and_then(
-            |endpoint: String, query: String, last_event_id: Option<String>, hub: Arc<Hub>| async move {
-                let request = parse_stream_request(&hub, Some(&endpoint), &query, last_event_id.as_deref())
-                    .map_err(warp::reject::custom)?;
-                Ok::<_, Rejection>(stream_response(&hub, request))
+            |endpoint: String,
+             query: String,
+             headers: warp::http::HeaderMap,
+             hub: Arc<Hub>,
+             auth: Authenticator| async move {
+                open_stream(&hub, &auth, Some(&endpoint), &query, &headers)
+                    .await
+                    .map_err(warp::reject::custom)
             },
         );
-    let several_endpoints = warp::path!("v1" / "streams")
-        .and(warp::get())
-        .and(query)
-        .and(last_event_id)
-        .and(with_hub.clone())
-        .and_then(
-            |query: String, last_event_id: Option<String>, hub: Arc<Hub>| async move {
-                let request = parse_stream_request(&hub, None, &query, last_event_id.as_deref())
-                    .map_err(warp::reject::custom)?;
-                Ok::<_, Rejection>(stream_response(&hub, request))
-            },
-        );
+    let several_endpoints =
+        warp::path!("v1" / "streams")
+            .and(warp::get())
+            .and(query)
+            .and(warp::header::headers_cloned())
+            .and(with_hub.clone())
+            .and(with_auth)
+            .and_then(
+                |query: String,
+                 headers: warp::http::HeaderMap,
+                 hub: Arc<Hub>,
+                 auth: Authenticator| async move {
+                    open_stream(&hub, &auth, None, &query, &headers)
+                        .await
+                        .map_err(warp::reject::custom)
+                },
+            );
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());

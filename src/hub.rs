@@ -4,7 +4,7 @@
 //! its receivers, not the number of connections. Each connection has a bounded queue; one
 //! that fills up is cut off and resumes by id. One timer sends every heartbeat.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -70,6 +70,8 @@ struct Client {
     sender: Sender,
     endpoints: Vec<usize>,
     keys: Option<Vec<String>>,
+    /// When its token runs out, in seconds since the epoch.
+    expires_at: Option<u64>,
 }
 
 /// The hub of one server process.
@@ -80,6 +82,8 @@ pub struct Hub {
     bus: Bus,
     channels: Vec<RwLock<Channel>>,
     clients: Mutex<HashMap<ClientId, Client>>,
+    /// Connections by the time their token runs out.
+    expiries: Mutex<BTreeSet<(u64, ClientId)>>,
     next_client: AtomicU64,
     queue_size: usize,
     retry_ms: u64,
@@ -142,6 +146,7 @@ impl Hub {
             starts,
             channels,
             clients: Mutex::new(HashMap::new()),
+            expiries: Mutex::new(BTreeSet::new()),
             next_client: AtomicU64::new(0),
             queue_size: server.client_queue,
             retry_ms: server.retry_ms,
@@ -179,14 +184,21 @@ impl Hub {
         self.clients.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn expiries(&self) -> std::sync::MutexGuard<'_, BTreeSet<(u64, ClientId)>> {
+        self.expiries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Registers a connection for live events, then plans what it must be sent first: the
     /// records after `resume` (one id per endpoint of the interest), or for a connection
     /// without one, the retention window of endpoints configured to start at the oldest.
-    /// Registering before reading back means no record falls between the two.
+    /// Registering before reading back means no record falls between the two. A connection
+    /// whose token runs out at `expires_at` (seconds since the epoch) is sent `fjord.expired`
+    /// then, and closed.
     pub fn subscribe(
         self: &Arc<Self>,
         interest: Interest,
         resume: Option<&ResumeId>,
+        expires_at: Option<u64>,
     ) -> Subscription {
         let (sender, receiver) = mpsc::channel(self.queue_size);
         let id = self.next_client.fetch_add(1, Relaxed);
@@ -215,8 +227,12 @@ impl Hub {
                 sender,
                 endpoints: interest.endpoints.clone(),
                 keys: interest.keys.clone(),
+                expires_at,
             },
         );
+        if let Some(at) = expires_at {
+            self.expiries().insert((at, id));
+        }
         self.metrics.open_connections.fetch_add(1, Relaxed);
 
         let mut cursor = Vec::with_capacity(live_start.len());
@@ -262,6 +278,9 @@ impl Hub {
         let Some(client) = self.clients().remove(&id) else {
             return false;
         };
+        if let Some(at) = client.expires_at {
+            self.expiries().remove(&(at, id));
+        }
         for &endpoint in &client.endpoints {
             let mut channel = write(&self.channels[endpoint]);
             match &client.keys {
@@ -362,6 +381,42 @@ impl Hub {
         loop {
             ticker.tick().await;
             self.broadcast(&sse::HEARTBEAT);
+        }
+    }
+
+    /// Every `interval`, sends `fjord.expired` to the connections whose token ran out and
+    /// closes them, forever.
+    pub async fn run_expiries(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.expire(now_ms() / 1000);
+        }
+    }
+
+    fn expire(&self, now_secs: u64) {
+        let expired: Vec<ClientId> = {
+            let mut expiries = self.expiries();
+            let still_valid = expiries.split_off(&(now_secs + 1, 0));
+            std::mem::replace(&mut *expiries, still_valid)
+                .into_iter()
+                .map(|(_, id)| id)
+                .collect()
+        };
+        if expired.is_empty() {
+            return;
+        }
+        let notice = sse::notice(
+            sse::reserved::EXPIRED,
+            &serde_json::json!({"message": "your token expired; get a fresh one and reconnect with your last event id"}),
+        );
+        for id in expired {
+            if let Some(client) = self.clients().get(&id) {
+                // A full queue needs no notice: the connection is being cut off anyway.
+                let _ = client.sender.try_send(Frame::Raw(notice.clone()));
+            }
+            self.unsubscribe(id);
         }
     }
 
@@ -738,12 +793,13 @@ mod tests {
     #[tokio::test]
     async fn events_reach_matching_connections_once() {
         let hub = hub(16);
-        let mut all = hub.subscribe(live(vec![1]), None);
+        let mut all = hub.subscribe(live(vec![1]), None, None);
         let mut keyed = hub.subscribe(
             Interest {
                 endpoints: vec![1],
                 keys: Some(vec!["a".into(), "c".into()]),
             },
+            None,
             None,
         );
         assert_eq!(next_text(&mut all).await, "retry: 2000\nid: 0-0\n\n");
@@ -768,7 +824,7 @@ mod tests {
     #[tokio::test]
     async fn several_endpoints_carry_a_position_for_each() {
         let hub = hub(16);
-        let mut both = hub.subscribe(live(vec![0, 1]), None);
+        let mut both = hub.subscribe(live(vec![0, 1]), None, None);
         assert_eq!(next_text(&mut both).await, "retry: 2000\nid: 5-0_0-0\n\n");
         hub.dispatch(&[(1, entry(10, "a"))]);
         assert_eq!(
@@ -785,8 +841,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_cuts_the_connection_off_after_what_was_queued() {
         let hub = hub(2);
-        let mut slow = hub.subscribe(live(vec![1]), None);
-        let mut fast = hub.subscribe(live(vec![1]), None);
+        let mut slow = hub.subscribe(live(vec![1]), None, None);
+        let mut fast = hub.subscribe(live(vec![1]), None, None);
         next_text(&mut slow).await;
         for ms in 10..13 {
             hub.dispatch(&[(1, entry(ms, "a"))]);
@@ -807,14 +863,14 @@ mod tests {
     async fn a_subscriber_starts_after_the_last_dispatched_entry() {
         let hub = hub(4);
         hub.dispatch(&[(1, entry(20, "a"))]);
-        let mut late = hub.subscribe(live(vec![1]), None);
+        let mut late = hub.subscribe(live(vec![1]), None, None);
         assert_eq!(next_text(&mut late).await, "retry: 2000\nid: 20-0\n\n");
     }
 
     #[tokio::test]
     async fn drain_says_shutdown_and_ends_streams() {
         let hub = hub(4);
-        let mut client = hub.subscribe(live(vec![0]), None);
+        let mut client = hub.subscribe(live(vec![0]), None, None);
         next_text(&mut client).await;
         hub.drain();
         assert!(
@@ -837,7 +893,7 @@ mod tests {
         let ids = publish(&hub, &bus, &mut reader, 0, 10, Retention::default()).await;
 
         let resume = ResumeId(vec![ids[3]]);
-        let mut client = hub.subscribe(live(vec![1]), Some(&resume));
+        let mut client = hub.subscribe(live(vec![1]), Some(&resume), None);
         // Records arrive live while the replay has not been read yet.
         publish(&hub, &bus, &mut reader, 10, 5, Retention::default()).await;
         assert_eq!(
@@ -854,7 +910,7 @@ mod tests {
             ms: u64::MAX,
             seq: 0,
         }]);
-        let mut ahead_client = hub.subscribe(live(vec![1]), Some(&ahead));
+        let mut ahead_client = hub.subscribe(live(vec![1]), Some(&ahead), None);
         next_text(&mut ahead_client).await;
         publish(&hub, &bus, &mut reader, 15, 1, Retention::default()).await;
         hub.drain();
@@ -881,7 +937,7 @@ mod tests {
         let kept = publish(&hub, &bus, &mut reader, 0, 12, small).await;
         assert_eq!(kept.len(), 5);
         let long_ago = ResumeId(vec![StreamId { ms: 1, seq: 0 }]);
-        let mut client = hub.subscribe(live(vec![1]), Some(&long_ago));
+        let mut client = hub.subscribe(live(vec![1]), Some(&long_ago), None);
         next_text(&mut client).await;
         let gap = next_text(&mut client).await;
         assert!(gap.starts_with("event: fjord.gap\ndata: "), "{gap}");
@@ -908,7 +964,11 @@ mod tests {
             endpoints: vec![0, 1],
             keys: Some(vec!["k2".into(), "k5".into()]),
         };
-        let mut client = hub.subscribe(interest, Some(&ResumeId(vec![StreamId::ZERO, ids[0]])));
+        let mut client = hub.subscribe(
+            interest,
+            Some(&ResumeId(vec![StreamId::ZERO, ids[0]])),
+            None,
+        );
         assert_eq!(
             next_text(&mut client).await,
             format!("retry: 2000\nid: 0-0_{}\n\n", ids[0])
@@ -922,6 +982,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_expired_token_gets_a_notice_and_the_stream_ends() {
+        let hub = hub(8);
+        let mut expiring = hub.subscribe(live(vec![1]), None, Some(100));
+        let mut lasting = hub.subscribe(live(vec![1]), None, Some(200));
+        next_text(&mut expiring).await;
+        next_text(&mut lasting).await;
+        hub.expire(99);
+        hub.expire(100);
+        assert!(
+            next_text(&mut expiring)
+                .await
+                .starts_with("event: fjord.expired\n")
+        );
+        assert!(expiring.next().await.is_none());
+        hub.dispatch(&[(1, entry(10, "a"))]);
+        assert!(next_text(&mut lasting).await.starts_with("id: 10-0"));
+        assert_eq!(hub.expiries().len(), 1);
+        drop(lasting);
+        assert!(hub.expiries().is_empty());
+    }
+
+    #[tokio::test]
     async fn endpoints_that_start_at_the_oldest_replay_the_window_to_new_connections() {
         let bus = MemoryBus::new();
         let mut reader = Bus::Memory(bus.clone())
@@ -930,7 +1012,7 @@ mod tests {
             .expect("reader");
         let hub = hub_with(64, bus.clone(), reader.cursors(), StartPosition::Oldest);
         publish(&hub, &bus, &mut reader, 0, 3, Retention::default()).await;
-        let mut client = hub.subscribe(live(vec![1]), None);
+        let mut client = hub.subscribe(live(vec![1]), None, None);
         assert_eq!(next_text(&mut client).await, "retry: 2000\nid: 0-0\n\n");
         assert_eq!(read_offsets(&mut client, 3).await, vec![0, 1, 2]);
     }

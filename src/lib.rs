@@ -8,6 +8,7 @@
 //!                        Streams)  per key)   wire format)
 //! ```
 //!
+//! - [`auth`]: JWT verification and what a token opens.
 //! - [`config`]: the manifest every binary reads, validated at start.
 //! - [`envelope`]: a Kafka record as clients see it, encoded once.
 //! - [`consumer`]: consumer-group members that publish records to the bus (needs `kafka`).
@@ -19,10 +20,12 @@
 //! - [`metrics`]: the counters behind `/metrics`.
 //! - [`server`]: wires bus, hub and routes into a running server with graceful drain.
 //! - [`process`]: logging and shutdown signals, shared by the binaries.
+//! - [`setup`]: `fjord setup` and `fjord token`: keys, manifest skeleton, test tokens.
 //! - [`dev`]: `fjord dev`, everything in one process (needs `kafka`).
 //!
 //! The binaries in `src/bin` are thin: they parse arguments and call into these modules.
 
+pub mod auth;
 pub mod bus;
 pub mod config;
 #[cfg(feature = "kafka")]
@@ -36,4 +39,5 @@ pub mod metrics;
 pub mod process;
 pub mod replay;
 pub mod server;
+pub mod setup;
 pub mod sse;

@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::auth::Authenticator;
 use crate::bus::{Bus, BusError};
 use crate::config::Manifest;
+use crate::config::ManifestError;
 use crate::hub::Hub;
 use crate::metrics::{EmfTarget, Metrics};
 
@@ -27,6 +29,9 @@ pub enum ServerError {
     /// The bus could not be read.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// A key or secret the manifest names could not be loaded.
+    #[error(transparent)]
+    Auth(#[from] ManifestError),
     /// The port could not be bound.
     #[error("cannot listen on {address}: {source}")]
     Bind {
@@ -53,6 +58,7 @@ pub async fn serve(
     index_page: Option<&'static str>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let auth = Authenticator::new(&manifest.auth).await?;
     let reader = bus
         .reader(manifest.endpoints.keys().cloned().collect())
         .await?;
@@ -71,13 +77,14 @@ pub async fn serve(
     ));
     let feed = tokio::spawn(Arc::clone(&hub).run_feed(reader));
     let heartbeats = tokio::spawn(Arc::clone(&hub).run_heartbeats(manifest.server.heartbeat()));
+    let expiries = tokio::spawn(Arc::clone(&hub).run_expiries(Duration::from_secs(1)));
     let emf = EmfTarget::from_env()
         .map(|target| tokio::spawn(target.run(Arc::clone(&metrics), EMF_INTERVAL)));
 
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, endpoints = hub.endpoints().len(), "fjord-server listening");
     }
-    let routes = crate::http::routes(&hub, &manifest.server, index_page);
+    let routes = crate::http::routes(&hub, &auth, &manifest.server, index_page);
     let draining_hub = Arc::clone(&hub);
     let (drain_started, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
     let server = warp::serve(routes).incoming(listener).graceful(async move {
@@ -99,6 +106,7 @@ pub async fn serve(
     }
     feed.abort();
     heartbeats.abort();
+    expiries.abort();
     if let Some(emf) = emf {
         emf.abort();
     }

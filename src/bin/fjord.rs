@@ -35,6 +35,39 @@ enum Command {
         #[arg(long)]
         no_demo_producer: bool,
     },
+    /// Writes an Ed25519 key pair and a manifest skeleton (never overwriting keys).
+    Setup {
+        /// Where to write them.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Mints a token with the private key `fjord setup` wrote, and prints it.
+    Token {
+        /// The subject (`sub`).
+        #[arg(long, default_value = "test-user")]
+        sub: String,
+        /// An endpoint the token opens (repeatable; `*` for all).
+        #[arg(long = "endpoint", required = true)]
+        endpoints: Vec<String>,
+        /// A record key the token pins (repeatable); none for all keys.
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// How long it lives, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// The private key.
+        #[arg(long, default_value = fjord::setup::PRIVATE_KEY_FILE)]
+        private_key: PathBuf,
+        /// `iss`.
+        #[arg(long, default_value = fjord::setup::DEFAULT_ISSUER)]
+        issuer: String,
+        /// `aud`.
+        #[arg(long, default_value = fjord::setup::DEFAULT_AUDIENCE)]
+        audience: String,
+        /// `kid` in the header.
+        #[arg(long, default_value = "fjord-setup")]
+        key_id: String,
+    },
     /// Validates a manifest and exits non-zero, naming the JSON path, if it is invalid.
     Check {
         /// The manifest.
@@ -65,6 +98,43 @@ async fn main() -> anyhow::Result<()> {
                 demo_producer: !no_demo_producer,
             })
             .await?;
+        }
+        Command::Setup { dir } => {
+            let outcome = fjord::setup::setup(&dir)?;
+            for path in &outcome.written {
+                tracing::info!(path = %path.display(), "wrote");
+            }
+            for path in &outcome.kept {
+                tracing::info!(path = %path.display(), "exists; left as it was");
+            }
+            tracing::info!(
+                "next: fjord token --endpoint orders   (keep fjord-private.pem secret; servers need only fjord-public.pem)"
+            );
+        }
+        Command::Token {
+            sub,
+            endpoints,
+            keys,
+            ttl,
+            private_key,
+            issuer,
+            audience,
+            key_id,
+        } => {
+            let request = fjord::setup::TokenRequest {
+                subject: sub,
+                endpoints,
+                keys,
+                ttl: std::time::Duration::from_secs(ttl),
+                issuer,
+                audience,
+                key_id: Some(key_id),
+            };
+            let token = fjord::setup::mint(&private_key, &request)?;
+            #[allow(clippy::print_stdout, reason = "the token is the command's output")]
+            {
+                println!("{token}");
+            }
         }
         Command::Check { manifest } => {
             Manifest::load(&manifest)?;

@@ -375,8 +375,77 @@ impl Default for ServerConfig {
 pub enum AuthConfig {
     /// No access control: every endpoint is open to anyone. Must be said explicitly.
     Disabled,
+    /// Every stream needs a JWT.
+    Jwt(JwtConfig),
 }
 
+/// `auth` with `mode: jwt`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The only algorithms accepted; tokens signed otherwise (`none` included) are refused.
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// Public keys (for EdDSA, ES256, RS256).
+    #[serde(default)]
+    pub keys: Vec<PublicKeyConfig>,
+    /// A JWKS URL whose keys are fetched at start and when a token names an unknown key id.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// The environment variable holding the HS256 shared secret.
+    #[serde(default)]
+    pub hs256_secret_env: Option<Secret>,
+    /// The required `iss`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// The required `aud`.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Seconds of clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway_secs")]
+    pub leeway_secs: u64,
+    /// A cookie that may carry the token.
+    #[serde(default)]
+    pub token_cookie: Option<String>,
+    /// Whether `?access_token=` is accepted (URLs end up in logs; prefer the cookie).
+    #[serde(default)]
+    pub allow_query_token: bool,
+}
+
+/// A signing algorithm the server may accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithm {
+    /// Ed25519.
+    #[serde(rename = "EdDSA")]
+    EdDsa,
+    /// ECDSA P-256 with SHA-256.
+    #[serde(rename = "ES256")]
+    Es256,
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    #[serde(rename = "RS256")]
+    Rs256,
+    /// HMAC with SHA-256 and a shared secret.
+    #[serde(rename = "HS256")]
+    Hs256,
+}
+
+/// `auth.keys[]`: a public key, inline or in a file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyConfig {
+    /// The key id tokens name in their `kid` header, if any.
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// The PEM text.
+    #[serde(default)]
+    pub pem: Option<String>,
+    /// A PEM file, relative to the working directory.
+    #[serde(default)]
+    pub pem_file: Option<PathBuf>,
+}
+
+fn default_leeway_secs() -> u64 {
+    30
+}
 fn default_true() -> bool {
     true
 }

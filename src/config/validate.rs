@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::{KafkaSecurity, Manifest};
+use super::{AuthConfig, JwtAlgorithm, KafkaSecurity, Manifest};
 
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +85,66 @@ impl Manifest {
         self.validate_kafka()?;
         self.validate_redis()?;
         self.validate_endpoints_and_groups()?;
-        self.validate_server()
+        self.validate_server()?;
+        self.validate_auth()
+    }
+
+    fn validate_auth(&self) -> Result<(), ManifestError> {
+        let AuthConfig::Jwt(jwt) = &self.auth else {
+            return Ok(());
+        };
+        require(
+            !jwt.algorithms.is_empty(),
+            "$.auth.algorithms",
+            "name at least one algorithm",
+        )?;
+        let shared = jwt.algorithms.contains(&JwtAlgorithm::Hs256);
+        let public = jwt.algorithms.iter().any(|alg| *alg != JwtAlgorithm::Hs256);
+        require(
+            !shared || jwt.hs256_secret_env.is_some(),
+            "$.auth.hs256_secret_env",
+            "HS256 needs the variable that holds the shared secret",
+        )?;
+        require(
+            jwt.hs256_secret_env.is_none() || shared,
+            "$.auth.hs256_secret_env",
+            "a shared secret is only used with HS256 in algorithms",
+        )?;
+        if let Some(secret) = &jwt.hs256_secret_env {
+            check_env_name("$.auth.hs256_secret_env", secret.env_name())?;
+        }
+        require(
+            !public || !jwt.keys.is_empty() || jwt.jwks_url.is_some(),
+            "$.auth.keys",
+            "EdDSA, ES256 and RS256 need public keys or a jwks_url",
+        )?;
+        for (i, key) in jwt.keys.iter().enumerate() {
+            require(
+                key.pem.is_some() != key.pem_file.is_some(),
+                format!("$.auth.keys[{i}]"),
+                "give the key as pem or as pem_file, one of the two",
+            )?;
+        }
+        if let Some(url) = &jwt.jwks_url {
+            require(
+                url.starts_with("https://") || url.starts_with("http://"),
+                "$.auth.jwks_url",
+                format!("{url:?} is not an http(s) URL"),
+            )?;
+        }
+        require(jwt.leeway_secs <= 300, "$.auth.leeway_secs", "at most 300")?;
+        if let Some(cookie) = &jwt.token_cookie {
+            let valid = !cookie.is_empty()
+                && cookie
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            require(
+                valid,
+                "$.auth.token_cookie",
+                "a cookie name of letters, digits, '-' and '_'",
+            )?;
+        }
+        Ok(())
     }
 
     fn validate_kafka(&self) -> Result<(), ManifestError> {
@@ -431,6 +490,41 @@ mod tests {
                 "$.server.client_queue",
             ),
             ("/auth", serde_json::json!({"mode": "maybe"}), "$.auth"),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": []}),
+                "$.auth.algorithms",
+            ),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["none"]}),
+                "$.auth",
+            ),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["HS256"]}),
+                "$.auth.hs256_secret_env",
+            ),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["EdDSA"]}),
+                "$.auth.keys",
+            ),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["EdDSA"], "keys": [{}]}),
+                "$.auth.keys[0]",
+            ),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["RS256"], "jwks_url": "ftp://x"}),
+                "$.auth.jwks_url",
+            ),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["RS256"], "jwks_url": "https://x", "token_cookie": "a b"}),
+                "$.auth.token_cookie",
+            ),
         ];
         for (pointer, replacement, expected_path) in cases {
             let mut value = minimal();

@@ -1,0 +1,367 @@
+//! Access control against the real server, with keys from `fjord setup` and tokens from
+//! `fjord token`, records from real Kafka through real Redis.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use warp::Filter;
+
+fn fjord(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fjord"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("fjord runs")
+}
+
+fn token(dir: &Path, args: &[&str]) -> String {
+    let output = fjord(&[&["token"], args].concat(), dir);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// A token with any claims, signed with the key `fjord setup` wrote into `dir`.
+fn sign(dir: &Path, claims: &serde_json::Value) -> String {
+    let pem = std::fs::read(dir.join("fjord-private.pem")).expect("private key");
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).expect("key");
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        claims,
+        &key,
+    )
+    .expect("sign")
+}
+
+struct AuthServer {
+    port: u16,
+    topic: String,
+    keys_dir: tempfile::TempDir,
+    server: Process,
+    _consumer: Process,
+    _manifest: tempfile::TempDir,
+}
+
+async fn start(edit_auth: impl FnOnce(&mut serde_json::Value)) -> AuthServer {
+    let services = services();
+    let keys_dir = tempfile::tempdir().expect("dir");
+    let output = fjord(&["setup"], keys_dir.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let skeleton: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(keys_dir.path().join("manifest.json")).expect("skeleton"),
+    )
+    .expect("json");
+    let mut auth = skeleton["auth"].clone();
+    auth["keys"][0]["pem_file"] = keys_dir
+        .path()
+        .join("fjord-public.pem")
+        .display()
+        .to_string()
+        .into();
+    auth["leeway_secs"] = 0.into();
+    auth["allow_query_token"] = true.into();
+    edit_auth(&mut auth);
+
+    let topic = unique("secured");
+    create_topic(&services.brokers, &topic, 2).await;
+    let drivers = unique("drivers");
+    create_topic(&services.brokers, &drivers, 1).await;
+    let port = free_port();
+    let mut manifest = manifest(
+        &services,
+        &[("orders", &topic), ("drivers", &drivers)],
+        &unique("group"),
+        port,
+    );
+    manifest["auth"] = auth;
+    let (manifest_dir, path) = write_manifest(&manifest);
+    let server = Process::server(&path);
+    wait_ready(port).await;
+    let consumer = Process::consumer(&path, &[]);
+    AuthServer {
+        port,
+        topic,
+        keys_dir,
+        server,
+        _consumer: consumer,
+        _manifest: manifest_dir,
+    }
+}
+
+impl AuthServer {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn token(&self, args: &[&str]) -> String {
+        token(self.keys_dir.path(), args)
+    }
+
+    async fn refusal(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let mut request = reqwest::Client::new().get(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("response");
+        let status = response.status().as_u16();
+        let challenge = response.headers().get("www-authenticate").is_some();
+        let body: serde_json::Value = response.json().await.expect("JSON error");
+        assert_eq!(challenge, status == 401, "401s carry WWW-Authenticate");
+        (
+            status,
+            body["error"]["code"].as_str().expect("code").to_owned(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn setup_refuses_to_overwrite_its_keys() {
+    let dir = tempfile::tempdir().expect("dir");
+    assert!(fjord(&["setup"], dir.path()).status.success());
+    for file in [
+        "fjord-private.pem",
+        "fjord-public.pem",
+        "manifest.json",
+        "manifest.schema.json",
+    ] {
+        assert!(dir.path().join(file).exists(), "{file}");
+    }
+    let again = fjord(&["setup"], dir.path());
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwrites"));
+    let check = fjord(&["check", "manifest.json"], dir.path());
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_their_reason_and_never_logged() {
+    let server = start(|_| {}).await;
+    let other_keys = tempfile::tempdir().expect("dir");
+    assert!(fjord(&["setup"], other_keys.path()).status.success());
+    let foreign = token(other_keys.path(), &["--endpoint", "orders"]);
+    let expired = sign(
+        server.keys_dir.path(),
+        &serde_json::json!({
+            "iss": "fjord-setup", "aud": "fjord", "exp": now() - 60, "fjord": {"endpoints": ["orders"]}
+        }),
+    );
+    let not_yet = sign(
+        server.keys_dir.path(),
+        &serde_json::json!({
+            "iss": "fjord-setup", "aud": "fjord", "exp": now() + 600, "nbf": now() + 300, "fjord": {"endpoints": ["orders"]}
+        }),
+    );
+    let elsewhere = server.token(&["--endpoint", "orders", "--audience", "another-service"]);
+    let cases: Vec<(Vec<(&str, String)>, (u16, &str))> = vec![
+        (vec![], (401, "token_missing")),
+        (
+            vec![("authorization", "Bearer garbage".into())],
+            (401, "token_malformed"),
+        ),
+        (
+            vec![("authorization", format!("Bearer {foreign}"))],
+            (401, "token_signature"),
+        ),
+        (
+            vec![("authorization", format!("Bearer {expired}"))],
+            (401, "token_expired"),
+        ),
+        (
+            vec![("authorization", format!("Bearer {elsewhere}"))],
+            (401, "token_audience"),
+        ),
+    ];
+    for (headers, expected) in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let got = server.refusal("/v1/streams/orders", &headers).await;
+        assert_eq!((got.0, got.1.as_str()), expected, "{headers:?}");
+    }
+    // An unauthenticated caller learns nothing about which endpoints exist.
+    assert_eq!(
+        server.refusal("/v1/streams/secret-plans", &[]).await,
+        (401, "token_missing".into())
+    );
+    let log = server.server.log().join("\n");
+    for secret in [&foreign, &expired, &not_yet, &elsewhere] {
+        assert!(!log.contains(secret.as_str()), "a token reached the log");
+    }
+}
+
+#[tokio::test]
+async fn a_token_opens_its_endpoints_and_only_its_pinned_keys() {
+    let server = start(|_| {}).await;
+    let driver = server.token(&[
+        "--sub",
+        "driver-42",
+        "--endpoint",
+        "orders",
+        "--key",
+        "driver-42",
+    ]);
+    let bearer = format!("Bearer {driver}");
+    let auth = [("authorization", bearer.as_str())];
+    assert_eq!(
+        server.refusal("/v1/streams/drivers", &auth).await,
+        (403, "forbidden".into())
+    );
+    assert_eq!(
+        server
+            .refusal("/v1/streams?endpoint=orders&endpoint=drivers", &auth)
+            .await,
+        (403, "forbidden".into())
+    );
+    assert_eq!(
+        server
+            .refusal("/v1/streams/orders?key=driver-7", &auth)
+            .await,
+        (403, "forbidden".into())
+    );
+
+    let mut pinned = SseStream::connect(&server.url("/v1/streams/orders"), &auth).await;
+    assert_eq!(pinned.status, 200);
+    pinned.next().await.expect("prelude");
+    let cookie = format!("fjord_token={driver}");
+    let mut by_cookie = SseStream::connect(
+        &server.url("/v1/streams/orders?key=driver-42"),
+        &[("cookie", &cookie)],
+    )
+    .await;
+    assert_eq!(by_cookie.status, 200);
+    by_cookie.next().await.expect("prelude");
+    let mut by_query = SseStream::connect(
+        &server.url(&format!("/v1/streams/orders?access_token={driver}")),
+        &[],
+    )
+    .await;
+    assert_eq!(by_query.status, 200);
+    by_query.next().await.expect("prelude");
+
+    let records: Vec<TestRecord> = (0..60)
+        .map(|n| TestRecord {
+            partition: n % 2,
+            key: Some(if n % 3 == 0 {
+                b"driver-42".to_vec()
+            } else {
+                format!("driver-{n}").into_bytes()
+            }),
+            value: Some(format!(r#"{{"n":{n}}}"#).into_bytes()),
+        })
+        .collect();
+    let produced = produce(&services().brokers, &server.topic, &records).await;
+    let expected: Vec<(i32, i64)> = records
+        .iter()
+        .zip(&produced)
+        .filter(|(record, _)| record.key.as_deref() == Some(b"driver-42"))
+        .map(|(_, placed)| *placed)
+        .collect();
+    for stream in [&mut pinned, &mut by_cookie, &mut by_query] {
+        let events = stream.records(expected.len()).await;
+        assert!(events.iter().all(|e| e.json()["key"] == "driver-42"));
+        assert_complete_and_ordered(&events, &expected);
+    }
+}
+
+#[tokio::test]
+async fn a_stream_is_closed_with_expired_when_its_token_runs_out() {
+    let server = start(|_| {}).await;
+    let short = server.token(&["--endpoint", "*", "--ttl", "2"]);
+    let bearer = format!("Bearer {short}");
+    let mut stream = SseStream::connect(
+        &server.url("/v1/streams/orders"),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(stream.status, 200);
+    let mut saw_expired = false;
+    while let Some(event) = stream.next().await {
+        if event.event.as_deref() == Some("fjord.expired") {
+            saw_expired = true;
+        }
+    }
+    assert!(saw_expired, "the stream ended with fjord.expired");
+}
+
+#[tokio::test]
+async fn jwks_keys_are_fetched_again_for_an_unknown_key_id_but_not_on_every_request() {
+    use base64::Engine as _;
+    use ed25519_dalek::pkcs8::DecodePublicKey;
+
+    let jwks_dir = tempfile::tempdir().expect("dir");
+    assert!(fjord(&["setup"], jwks_dir.path()).status.success());
+    let public = ed25519_dalek::VerifyingKey::read_public_key_pem_file(
+        jwks_dir.path().join("fjord-public.pem"),
+    )
+    .expect("public key");
+    let jwk = serde_json::json!({
+        "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "kid": "rotated",
+        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(public.as_bytes())
+    });
+    // The identity provider publishes the rotated key only after the server started.
+    let published = Arc::new(std::sync::Mutex::new(serde_json::json!({"keys": []})));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (jwks_published, jwks_fetches) = (Arc::clone(&published), Arc::clone(&fetches));
+    let route = warp::path!("jwks.json").map(move || {
+        jwks_fetches.fetch_add(1, Ordering::SeqCst);
+        warp::reply::json(&*jwks_published.lock().expect("lock"))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let jwks_url = format!(
+        "http://{}/jwks.json",
+        listener.local_addr().expect("address")
+    );
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+
+    let server = start(|auth| auth["jwks_url"] = jwks_url.clone().into()).await;
+    let rotated = token(
+        jwks_dir.path(),
+        &["--endpoint", "orders", "--key-id", "rotated"],
+    );
+    let bearer = format!("Bearer {rotated}");
+    let auth = [("authorization", bearer.as_str())];
+    for _ in 0..20 {
+        assert_eq!(
+            server.refusal("/v1/streams/orders", &auth).await,
+            (401, "token_unknown_key".into())
+        );
+    }
+    assert!(
+        fetches.load(Ordering::SeqCst) <= 2,
+        "unknown key ids do not hammer the JWKS endpoint"
+    );
+    *published.lock().expect("lock") = serde_json::json!({"keys": [jwk]});
+    wait_until_async("the rotated key is accepted", || async {
+        SseStream::connect(&server.url("/v1/streams/orders"), &auth)
+            .await
+            .status
+            == 200
+    })
+    .await;
+}
