@@ -241,12 +241,23 @@ async fn open_stream(
     Ok(response)
 }
 
-/// Every route of the server. `index_page`, when given, is served at `/` (`fjord dev`).
+/// A file served as is, such as `fjord dev`'s demo page.
+#[derive(Debug, Clone, Copy)]
+pub struct StaticFile {
+    /// The URL path, `/` or `/app.js`.
+    pub path: &'static str,
+    /// Its `Content-Type`.
+    pub content_type: &'static str,
+    /// Its contents.
+    pub body: &'static str,
+}
+
+/// Every route of the server, and `static_files` (none in production).
 pub fn routes(
     hub: &Arc<Hub>,
     auth: &Authenticator,
     config: &ServerConfig,
-    index_page: Option<&'static str>,
+    static_files: &'static [StaticFile],
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let with_hub = {
         let hub = Arc::clone(hub);
@@ -321,14 +332,21 @@ pub fn routes(
             );
             response
         });
-    let index = warp::path::end()
-        .and(warp::get())
-        .and_then(move || async move {
-            match index_page {
-                Some(page) => Ok(warp::reply::html(page).into_response()),
+    let files = warp::path::full().and(warp::get()).and_then(
+        move |path: warp::path::FullPath| async move {
+            match static_files.iter().find(|file| file.path == path.as_str()) {
+                Some(file) => {
+                    let mut response = file.body.into_response();
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static(file.content_type),
+                    );
+                    Ok(response)
+                }
                 None => Err(warp::reject::not_found()),
             }
-        });
+        },
+    );
 
     let routes = one_endpoint
         .or(several_endpoints)
@@ -339,7 +357,7 @@ pub fn routes(
         .unify()
         .or(metrics)
         .unify()
-        .or(index)
+        .or(files)
         .unify();
     let with_cors = cors(&config.cors_origins);
     let recover_hub = Arc::clone(hub);

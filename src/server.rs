@@ -13,6 +13,7 @@ use crate::auth::Authenticator;
 use crate::bus::{Bus, BusError};
 use crate::config::Manifest;
 use crate::config::ManifestError;
+use crate::http::StaticFile;
 use crate::hub::Hub;
 use crate::metrics::{EmfTarget, Metrics};
 
@@ -55,7 +56,7 @@ pub async fn serve(
     manifest: &Manifest,
     bus: &Bus,
     listener: TcpListener,
-    index_page: Option<&'static str>,
+    static_files: &'static [StaticFile],
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let auth = Authenticator::new(&manifest.auth).await?;
@@ -84,7 +85,7 @@ pub async fn serve(
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, endpoints = hub.endpoints().len(), "fjord-server listening");
     }
-    let routes = crate::http::routes(&hub, &auth, &manifest.server, index_page);
+    let routes = crate::http::routes(&hub, &auth, &manifest.server, static_files);
     let draining_hub = Arc::clone(&hub);
     let (drain_started, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
     let server = warp::serve(routes).incoming(listener).graceful(async move {

@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
         &manifest,
         &bus,
         listener,
-        None,
+        &[],
         fjord::process::shutdown_signal(),
     )
     .await?;

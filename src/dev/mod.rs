@@ -13,10 +13,15 @@ use rdkafka::mocking::MockCluster;
 use crate::bus::{Bus, BusError};
 use crate::config::{Manifest, ManifestError};
 use crate::consumer::ConsumerError;
+use crate::http::StaticFile;
 use crate::server::ServerError;
 
-/// The demo page served at `/`.
-pub const DEMO_PAGE: &str = include_str!("demo.html");
+/// What `fjord dev` serves besides the streams: the demo page at `/`.
+pub const DEMO_FILES: &[StaticFile] = &[StaticFile {
+    path: "/",
+    content_type: "text/html; charset=utf-8",
+    body: include_str!("demo.html"),
+}];
 
 /// The topics (and endpoints) of the demo.
 pub const DEMO_TOPICS: [&str; 2] = ["orders", "drivers"];
@@ -202,7 +207,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     let server = {
         let (manifest, bus, stop) = (manifest.clone(), bus.clone(), stopped(stop_rx.clone()));
         tokio::spawn(async move {
-            crate::server::serve(&manifest, &bus, listener, Some(DEMO_PAGE), stop).await
+            crate::server::serve(&manifest, &bus, listener, DEMO_FILES, stop).await
         })
     };
 
