@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: starts the real Kafka and Redis (installing what is missing), runs
-# formatting and lint checks, unit and integration tests, then stops the services.
-#   FJORD_CI_KEEP_SERVICES=1 ci/test.sh   leaves Kafka and Redis running for the next run
-#   ci/test.sh [cargo test arguments]     e.g. ci/test.sh --test pipeline
+# formatting and lint checks, unit and integration tests, the deploy tool's tests against
+# moto and a registry, the Nix and workflow checks, and the JavaScript client's tests, then
+# stops the services.
+#   FJORD_CI_KEEP_SERVICES=1 ci/test.sh   leaves the services running for the next run
+#   ci/test.sh [cargo test arguments]     only the Rust tests, e.g. ci/test.sh --test pipeline
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,3 +32,10 @@ fi
 
 step "unit and integration tests"
 cargo test --locked "$@"
+[ $# -eq 0 ] || exit 0
+
+step "deploy tool, Nix flake, workflows"
+ci/test-deploy.sh
+
+step "JavaScript client"
+ci/test-client.sh
