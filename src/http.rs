@@ -516,4 +516,19 @@ mod tests {
         let long_key = format!("key={}", "k".repeat(MAX_KEY_BYTES + 1));
         assert!(parse_stream_request(&hub(), Some("orders"), &long_key, None).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_query_and_resume_id_is_answered_without_panicking(
+            query in "\\PC{0,200}",
+            path in proptest::option::of("\\PC{0,20}"),
+            last_event_id in proptest::option::of("[0-9_\\-a-z]{0,40}"),
+        ) {
+            let hub = hub();
+            if let Ok(request) = parse_stream_request(&hub, path.as_deref(), &query, last_event_id.as_deref()) {
+                proptest::prop_assert!(!request.interest.endpoints.is_empty());
+                proptest::prop_assert!(request.interest.endpoints.iter().all(|&i| i < hub.endpoints().len()));
+            }
+        }
+    }
 }

@@ -124,9 +124,14 @@ async fn soak_with_random_faults() {
         faults.len()
     );
     for (i, client) in clients.iter().enumerate() {
-        let records = client
-            .wait_for_records_within(produced.len(), Duration::from_secs(180))
-            .await;
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while client.records().len() < produced.len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if client.records().len() < produced.len() {
+            report_shortfall(i, client, &produced, &servers, &consumers);
+        }
+        let records = client.records();
         assert_complete_and_ordered(&records, &produced);
         println!(
             "soak: client {i}: {} records, {} connections",
@@ -135,4 +140,50 @@ async fn soak_with_random_faults() {
         );
     }
     println!("soak: passed");
+}
+
+/// Says what a client is missing, and what the processes were doing, before the test fails.
+fn report_shortfall(
+    index: usize,
+    client: &ResumingClient,
+    produced: &[(i32, i64)],
+    servers: &[Process],
+    consumers: &[Process],
+) {
+    let got: std::collections::BTreeSet<(i64, i64)> = client
+        .records()
+        .iter()
+        .map(|event| {
+            let envelope = event.json();
+            (
+                envelope["partition"].as_i64().unwrap_or(-1),
+                envelope["offset"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let missing: Vec<(i32, i64)> = produced
+        .iter()
+        .filter(|(partition, offset)| !got.contains(&(i64::from(*partition), *offset)))
+        .copied()
+        .collect();
+    println!(
+        "soak: client {index} has {} of {} records over {} connections; missing {} e.g. {:?}; notices {:?}",
+        got.len(),
+        produced.len(),
+        client.connections(),
+        missing.len(),
+        missing.iter().take(10).collect::<Vec<_>>(),
+        client.notices()
+    );
+    for (name, process) in servers
+        .iter()
+        .map(|p| ("server", p))
+        .chain(consumers.iter().map(|p| ("consumer", p)))
+    {
+        let log = process.log();
+        println!("soak: --- {name} log tail ---");
+        for line in log.iter().rev().take(15).rev() {
+            println!("soak:   {line}");
+        }
+    }
 }
