@@ -718,6 +718,17 @@ mod tests {
         )
     }
 
+    /// A hub fed from a memory bus by `reader`, as the server's feed does.
+    async fn hub_on_memory_bus(orders_start: StartPosition) -> (MemoryBus, BusReader, Arc<Hub>) {
+        let bus = MemoryBus::new();
+        let reader = Bus::Memory(bus.clone())
+            .reader(vec![name("drivers"), name("orders")])
+            .await
+            .expect("reader");
+        let hub = hub_with(64, bus.clone(), reader.cursors(), orders_start);
+        (bus, reader, hub)
+    }
+
     fn entry(ms: u64, key: &str) -> BusEntry {
         BusEntry {
             id: StreamId { ms, seq: 0 },
@@ -884,12 +895,7 @@ mod tests {
 
     #[tokio::test]
     async fn resuming_replays_what_was_missed_then_continues_live_without_repeats() {
-        let bus = MemoryBus::new();
-        let mut reader = Bus::Memory(bus.clone())
-            .reader(vec![name("drivers"), name("orders")])
-            .await
-            .expect("reader");
-        let hub = hub_with(64, bus.clone(), reader.cursors(), StartPosition::Live);
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
         let ids = publish(&hub, &bus, &mut reader, 0, 10, Retention::default()).await;
 
         let resume = ResumeId(vec![ids[3]]);
@@ -923,12 +929,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_resume_id_older_than_the_window_gets_a_gap_then_the_oldest_kept() {
-        let bus = MemoryBus::new();
-        let mut reader = Bus::Memory(bus.clone())
-            .reader(vec![name("drivers"), name("orders")])
-            .await
-            .expect("reader");
-        let hub = hub_with(64, bus.clone(), reader.cursors(), StartPosition::Live);
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
         let small = Retention {
             max_records: 5,
             max_age_secs: 3600,
@@ -953,12 +954,7 @@ mod tests {
 
     #[tokio::test]
     async fn keyed_and_multi_endpoint_connections_resume_too() {
-        let bus = MemoryBus::new();
-        let mut reader = Bus::Memory(bus.clone())
-            .reader(vec![name("drivers"), name("orders")])
-            .await
-            .expect("reader");
-        let hub = hub_with(64, bus.clone(), reader.cursors(), StartPosition::Live);
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
         let ids = publish(&hub, &bus, &mut reader, 0, 6, Retention::default()).await;
         let interest = Interest {
             endpoints: vec![0, 1],
@@ -1005,12 +1001,7 @@ mod tests {
 
     #[tokio::test]
     async fn endpoints_that_start_at_the_oldest_replay_the_window_to_new_connections() {
-        let bus = MemoryBus::new();
-        let mut reader = Bus::Memory(bus.clone())
-            .reader(vec![name("drivers"), name("orders")])
-            .await
-            .expect("reader");
-        let hub = hub_with(64, bus.clone(), reader.cursors(), StartPosition::Oldest);
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Oldest).await;
         publish(&hub, &bus, &mut reader, 0, 3, Retention::default()).await;
         let mut client = hub.subscribe(live(vec![1]), None, None);
         assert_eq!(next_text(&mut client).await, "retry: 2000\nid: 0-0\n\n");

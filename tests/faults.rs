@@ -57,6 +57,22 @@ impl Pipeline {
         }
     }
 
+    /// Starts a pipeline and a client of its first server that has received a first 100
+    /// records; returns them with the records produced.
+    async fn streaming(
+        partitions: i32,
+        servers: usize,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> (Self, ResumingClient, Vec<(i32, i64)>) {
+        let pipeline = Self::start(partitions, servers, edit).await;
+        let urls = (0..servers).map(|server| pipeline.url(server)).collect();
+        let client = ResumingClient::start(urls);
+        wait_until("the client connected", || client.connections() == 1).await;
+        let produced = pipeline.produce(0, 100, partitions).await;
+        client.wait_for_records(100).await;
+        (pipeline, client, produced)
+    }
+
     fn url(&self, server: usize) -> String {
         format!("http://127.0.0.1:{}/v1/streams/orders", self.ports[server])
     }
@@ -70,12 +86,7 @@ impl Pipeline {
 #[tokio::test]
 async fn redis_stopped_and_restarted_mid_stream() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let pipeline = Pipeline::start(2, 1, |_| {}).await;
-    let client = ResumingClient::start(vec![pipeline.url(0)]);
-    wait_until("the client connected", || client.connections() == 1).await;
-    let mut produced = pipeline.produce(0, 100, 2).await;
-    client.wait_for_records(100).await;
-
+    let (pipeline, client, mut produced) = Pipeline::streaming(2, 1, |_| {}).await;
     services_command("stop-redis");
     let readyz = format!("http://127.0.0.1:{}/readyz", pipeline.ports[0]);
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -132,11 +143,7 @@ async fn a_killed_server_s_clients_resume_on_the_other() {
 #[tokio::test]
 async fn a_draining_server_sends_shutdown_and_its_clients_resume_elsewhere() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut pipeline = Pipeline::start(2, 2, |_| {}).await;
-    let client = ResumingClient::start(vec![pipeline.url(0), pipeline.url(1)]);
-    wait_until("the client connected", || client.connections() == 1).await;
-    let mut produced = pipeline.produce(0, 100, 2).await;
-    client.wait_for_records(100).await;
+    let (mut pipeline, client, mut produced) = Pipeline::streaming(2, 2, |_| {}).await;
 
     pipeline.servers[0].terminate();
     assert_eq!(
@@ -200,11 +207,7 @@ async fn a_terminated_consumer_commits_and_leaves_the_group() {
 #[tokio::test]
 async fn the_kafka_broker_restarted_mid_stream() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let pipeline = Pipeline::start(2, 1, |_| {}).await;
-    let client = ResumingClient::start(vec![pipeline.url(0)]);
-    wait_until("the client connected", || client.connections() == 1).await;
-    let mut produced = pipeline.produce(0, 100, 2).await;
-    client.wait_for_records(100).await;
+    let (pipeline, client, mut produced) = Pipeline::streaming(2, 1, |_| {}).await;
     services_command("restart-kafka");
     produced.extend(pipeline.produce(100, 100, 2).await);
     assert_complete_and_ordered(&client.wait_for_records(produced.len()).await, &produced);
