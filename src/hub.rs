@@ -4,7 +4,7 @@
 //! its receivers, not the number of connections. Each connection has a bounded queue; one
 //! that fills up is cut off and resumes by id. One timer sends every heartbeat.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -304,7 +304,10 @@ impl Hub {
 
     /// Queues each entry to its receivers; cuts off connections whose queue is full.
     pub fn dispatch(&self, batch: &[(usize, BusEntry)]) {
-        let mut too_slow = Vec::new();
+        // Once a connection missed an event it must get nothing after it: its queue may
+        // drain while the batch goes on, and a later event would move its last id past
+        // the one it missed. It is cut off after the batch and resumes from before the hole.
+        let mut too_slow = HashSet::new();
         for (endpoint, entry) in batch {
             let Some(lock) = self.channels.get(*endpoint) else {
                 continue;
@@ -326,6 +329,9 @@ impl Hub {
             let receivers = channel.everyone.iter().chain(keyed.into_iter().flatten());
             let mut queued = 0;
             for (&client, sender) in receivers {
+                if !too_slow.is_empty() && too_slow.contains(&client) {
+                    continue;
+                }
                 let frame = Frame::Event {
                     endpoint: *endpoint,
                     id: entry.id,
@@ -333,7 +339,9 @@ impl Hub {
                 };
                 match sender.try_send(frame) {
                     Ok(()) => queued += 1,
-                    Err(TrySendError::Full(_)) => too_slow.push(client),
+                    Err(TrySendError::Full(_)) => {
+                        too_slow.insert(client);
+                    }
                     Err(TrySendError::Closed(_)) => {}
                 }
             }
@@ -353,7 +361,7 @@ impl Hub {
         self.cut_off(too_slow);
     }
 
-    fn cut_off(&self, clients: Vec<ClientId>) {
+    fn cut_off(&self, clients: impl IntoIterator<Item = ClientId>) {
         for client in clients {
             if self.unsubscribe(client) {
                 self.metrics.clients_dropped.fetch_add(1, Relaxed);
