@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The JavaScript client (client/, @fjord/client): installs its locked dev dependencies
 # (npm ci, from the ~/.npm cache when it has them), builds dist/ with tsc and esbuild, and
-# runs the type check and the vitest suite. Needs Node 20+ and npm; exits non-zero on failure.
+# runs the type check and the vitest suite, and checks that src/dev/fjord-client.js (the
+# bundle that `fjord dev` embeds) matches the fresh build. Needs Node 20+ and npm; exits
+# non-zero on failure. The browser tests are ci/test-browser.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../client"
 
@@ -22,3 +24,6 @@ npm run build
 
 step "client: type check and tests"
 npm test
+
+step "client: the bundle fjord dev embeds is fresh"
+npm run --silent check:demo

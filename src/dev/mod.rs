@@ -16,12 +16,20 @@ use crate::consumer::ConsumerError;
 use crate::http::StaticFile;
 use crate::server::ServerError;
 
-/// What `fjord dev` serves besides the streams: the demo page at `/`.
-pub const DEMO_FILES: &[StaticFile] = &[StaticFile {
-    path: "/",
-    content_type: "text/html; charset=utf-8",
-    body: include_str!("demo.html"),
-}];
+/// What `fjord dev` serves besides the streams: the demo page at `/`, and the JavaScript
+/// client it imports (built from `client/`; `ci/test-client.sh` keeps the copy fresh).
+pub const DEMO_FILES: &[StaticFile] = &[
+    StaticFile {
+        path: "/",
+        content_type: "text/html; charset=utf-8",
+        body: include_str!("demo.html"),
+    },
+    StaticFile {
+        path: "/fjord-client.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("fjord-client.js"),
+    },
+];
 
 /// The topics (and endpoints) of the demo.
 pub const DEMO_TOPICS: [&str; 2] = ["orders", "drivers"];
