@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# End-to-end tests of the JavaScript client in headless Chromium (client/e2e): a page on
+# another origin streams from the real fjord-server and fjord-consumer through the Kafka and
+# Redis of `ci/services.sh up` (run that first), across a server kill, a drain, expiring and
+# refused tokens; and the demo page of `fjord dev` shows orders and drivers.
+# Installs Debian chromium when missing, builds the Rust binaries when they are missing or
+# older than src/, runs `npm ci` and the build in client/. Exits non-zero on failure.
+#   FJORD_E2E_SCREENSHOTS=DIR  keep a screenshot of the demo page
+#   FJORD_E2E_KEEP=1           keep the temporary dirs (logs, manifest, keys)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if ! command -v chromium >/dev/null; then
+  step "browser: apt-get install chromium"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
+chromium --version
+
+env_file="${FJORD_CI_STATE:-/tmp/fjord-ci}/env"
+if [ ! -f "$env_file" ]; then
+  echo "test-browser: $env_file is missing: run ci/services.sh up first" >&2
+  exit 1
+fi
+# shellcheck disable=SC1090
+source "$env_file"
+
+bins=(target/debug/fjord target/debug/fjord-server target/debug/fjord-consumer)
+stale=0
+for b in "${bins[@]}"; do
+  if [ ! -x "$b" ] || [ -n "$(find src Cargo.toml Cargo.lock -newer "$b" -print -quit)" ]; then stale=1; fi
+done
+if [ "$stale" = 1 ]; then
+  step "rust: cargo build --bins"
+  cargo build --bins --locked
+fi
+
+cd client
+step "client: npm ci and build"
+npm ci --prefer-offline --no-audit --no-fund
+npm run build
+
+step "client: browser tests"
+npm run test:browser

@@ -1,0 +1,215 @@
+// Headless Chromium against the real fjord-server and fjord-consumer, on the Kafka and Redis
+// of ci/services.sh: a page on another origin loads dist/fjord-client.js and streams with
+// JWTs minted by `fjord token`. Run by ci/test-browser.sh.
+
+import assert from "node:assert/strict";
+import { rm } from "node:fs/promises";
+import { after, before, test } from "node:test";
+
+import {
+  freePort,
+  kafka,
+  launchBrowser,
+  openPage,
+  Proc,
+  services,
+  setupKeys,
+  startServer,
+  startStaticServer,
+  tempDir,
+  unique,
+  bin,
+  until,
+  writeManifest,
+} from "./harness.mjs";
+
+const ENDPOINTS = { receive: unique("e2e-receive"), restart: unique("e2e-restart"), expiry: unique("e2e-expiry"), other: unique("e2e-other") };
+const TIMEOUT = 60_000;
+
+let dir, keys, statics, port, manifest, consumer, server, producer, browser;
+
+before(async () => {
+  const { brokers, redis } = services();
+  dir = await tempDir("fjord-e2e-");
+  keys = await setupKeys(dir);
+  statics = await startStaticServer(keys);
+  port = await freePort();
+  const topics = Object.fromEntries(Object.keys(ENDPOINTS).map((name) => [name, `${ENDPOINTS[name]}-topic`]));
+  manifest = writeManifest(dir, {
+    brokers,
+    redis,
+    port,
+    origin: statics.origin,
+    group: unique("e2e-group"),
+    endpoints: Object.fromEntries(Object.keys(ENDPOINTS).map((name) => [ENDPOINTS[name], topics[name]])),
+  });
+  producer = await kafka(brokers);
+  await producer.createTopics(Object.values(topics), 3);
+  producer.topics = topics;
+  consumer = new Proc("fjord-consumer", bin("fjord-consumer"), ["--manifest", manifest], dir);
+  server = await startServer(manifest, port, dir);
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+  await producer?.close();
+  await server?.stop();
+  await consumer?.stop();
+  await statics?.close();
+  if (dir && !process.env.FJORD_E2E_KEEP) await rm(dir, { recursive: true, force: true });
+});
+
+/** Opens the test page on `name`'s endpoint and waits for the stream to open. */
+async function streamPage(name, query = {}) {
+  const q = new URLSearchParams({ server: `http://127.0.0.1:${port}`, endpoint: ENDPOINTS[name], ...query });
+  const page = await openPage(browser, `${statics.origin}/page.html?${q}`);
+  return page;
+}
+
+async function waitOpen(page) {
+  await page.waitForFunction(() => document.getElementById("status").textContent === "open", null, { timeout: TIMEOUT });
+}
+
+/** Waits until the page holds `count` records, then returns its state. */
+async function waitRecords(page, count) {
+  try {
+    await page.waitForFunction((n) => window.fjordTest.records.length >= n, count, { timeout: TIMEOUT });
+  } catch (error) {
+    const state = await page.evaluate(() => window.fjordTest);
+    throw new Error(
+      `${error.message}\npage has ${state.records.length}/${count} records; statuses ${state.statuses.join(" ")}; ` +
+        `errors ${JSON.stringify(state.errors)}\nconsole:\n${page.consoleLines.join("\n")}\n` +
+        `server:\n${server.tail(20)}\nconsumer:\n${consumer.tail(20)}`,
+    );
+  }
+  return await page.evaluate(() => window.fjordTest);
+}
+
+/** Every seq in 0..count-1 exactly once, ids unique, and in order per key. */
+function assertComplete(records, count) {
+  const seqs = records.map((r) => r.seq);
+  const missing = [];
+  for (let seq = 0; seq < count; seq++) if (!seqs.includes(seq)) missing.push(seq);
+  assert.deepEqual(missing, [], "records missing");
+  assert.equal(records.length, count, "duplicate records");
+  assert.equal(new Set(records.map((r) => r.id)).size, count, "duplicate ids");
+  const byKey = new Map();
+  for (const r of records) {
+    const last = byKey.get(r.key) ?? -1;
+    assert.ok(r.seq > last, `key ${r.key}: seq ${r.seq} after ${last}`);
+    byKey.set(r.key, r.seq);
+  }
+}
+
+/** Produces records one after another until `stop()`; `done` resolves to how many. */
+function produceUntilStopped(topic, everyMs) {
+  let stopped = false;
+  let produced = 0;
+  const done = (async () => {
+    while (!stopped) {
+      await producer.produce(topic, produced, produced + 1);
+      produced++;
+      await new Promise((r) => setTimeout(r, everyMs));
+    }
+    return produced;
+  })();
+  return { stop: () => ((stopped = true), done), get produced() { return produced; } };
+}
+
+test("a page on another origin receives every produced record, in order per key", { timeout: 2 * TIMEOUT }, async () => {
+  const page = await streamPage("receive");
+  await waitOpen(page);
+  await producer.produce(producer.topics.receive, 0, 60);
+  const state = await waitRecords(page, 60);
+  assertComplete(state.records, 60);
+  // The DOM shows them too, in the order they arrived.
+  const dom = await page.$$eval("#records li", (lis) => lis.map((li) => [li.dataset.key, Number(li.dataset.seq)]));
+  assert.deepEqual(dom, state.records.map((r) => [r.key, r.seq]));
+  assert.deepEqual(state.tokenCalls, ["connect"]);
+  assert.deepEqual(state.errors, []);
+  await page.close();
+});
+
+test("the server is killed and restarted mid-stream, then drained and restarted: nothing missed, nothing twice", { timeout: 3 * TIMEOUT }, async () => {
+  const page = await streamPage("restart");
+  await waitOpen(page);
+  const production = produceUntilStopped(producer.topics.restart, 20);
+  const status = () => page.evaluate(() => window.fjordTest.statuses);
+  const received = () => page.evaluate(() => window.fjordTest.records.length);
+
+  await until("records before the kill", async () => (await received()) >= 20, TIMEOUT);
+  await server.stop("SIGKILL");
+  const atKill = production.produced;
+  await until("the page to notice", async () => (await status()).includes("reconnecting:error"), TIMEOUT);
+  // Records produced while no server runs reach the page by replay after the restart.
+  await until("records produced while the server is down", async () => production.produced > atKill + 5, TIMEOUT);
+  const atRestart = production.produced;
+  server = await startServer(manifest, port, dir);
+  await until("records produced after the restart", async () => (await received()) > atRestart + 20, TIMEOUT);
+
+  // A drain: fjord.shutdown, then the same port again.
+  await server.stop("SIGTERM");
+  await until("fjord.shutdown on the page", async () => (await status()).includes("reconnecting:shutdown"), TIMEOUT);
+  const atDrain = production.produced;
+  server = await startServer(manifest, port, dir);
+  await until("records produced after the drain", async () => (await received()) > atDrain + 20, TIMEOUT);
+
+  const count = await production.stop();
+  const state = await waitRecords(page, count);
+  assertComplete(state.records, count);
+  assert.equal(state.gaps.length, 0, "no fjord.gap");
+  assert.ok(state.statuses.filter((s) => s === "open:opened").length >= 3, `reopened: ${state.statuses.join(" ")}`);
+  assert.ok(state.errors.every((e) => !e.fatal), JSON.stringify(state.errors));
+  await page.close();
+});
+
+test("an expiring token (ttl 3 s) is refreshed without a gap", { timeout: 3 * TIMEOUT }, async () => {
+  const page = await streamPage("expiry", { ttl: "3" });
+  await waitOpen(page);
+  const production = produceUntilStopped(producer.topics.expiry, 50);
+  const state = () => page.evaluate(() => window.fjordTest);
+  // Two expiries mid-stream: fjord.expired, getToken({ reason: "expired" }), resumed by id.
+  await until("two token refreshes", async () => (await state()).tokenCalls.filter((r) => r === "expired").length >= 2, 4 * TIMEOUT / 3);
+  const atSecond = production.produced;
+  await until("records after the second refresh", async () => (await state()).records.length > atSecond + 10, TIMEOUT);
+
+  const count = await production.stop();
+  const final = await waitRecords(page, count);
+  assertComplete(final.records, count);
+  assert.ok(final.statuses.includes("reconnecting:expired"), final.statuses.join(" "));
+  assert.ok(final.errors.every((e) => !e.fatal), JSON.stringify(final.errors));
+  assert.equal(final.tokenCalls[0], "connect");
+  // The stream never stalled across a refresh: records kept arriving at the producer's pace.
+  const pauses = final.records.slice(1).map((r, i) => r.at - final.records[i].at);
+  assert.ok(Math.max(...pauses) < 3000, `longest pause between records ${Math.max(...pauses)} ms`);
+  // The harness minted a token for every call, each living 3 s.
+  assert.ok(statics.tokenRequests.filter((t) => t.ttl === 3).length >= 3);
+  await page.close();
+});
+
+for (const [what, query, status, code] of [
+  ["a token for another endpoint", { token_endpoint: "somewhere-else" }, 403, "forbidden"],
+  ["a token for another audience", { audience: "not-fjord" }, 401, "token_audience"],
+]) {
+  test(`${what} is refused and the page shows why`, { timeout: TIMEOUT }, async () => {
+    const page = await streamPage("other", query);
+    const error = page.locator("#error");
+    try {
+      await error.waitFor({ state: "visible", timeout: TIMEOUT / 2 });
+    } catch (e) {
+      const state = await page.evaluate(() => window.fjordTest);
+      throw new Error(`${e.message}\nstate ${JSON.stringify(state)}\nconsole:\n${page.consoleLines.join("\n")}`);
+    }
+    assert.equal(await error.getAttribute("data-code"), code);
+    assert.equal(await error.getAttribute("data-status"), String(status));
+    const text = await error.textContent();
+    assert.match(text, new RegExp(`^${status} ${code}: .+`));
+    assert.equal(await page.locator("#status").textContent(), "closed");
+    const state = await page.evaluate(() => window.fjordTest);
+    // Refused once, asked for a certainly fresh token, refused again: stopped.
+    assert.deepEqual(state.tokenCalls, ["connect", "refused"]);
+    assert.equal(state.records.length, 0);
+    await page.close();
+  });
+}
