@@ -42,71 +42,10 @@ REGISTRY_CONFIG="$REGISTRY_DIR/config.yml"
 
 log() { printf '[deploy-services] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
-
-# pidfile, pattern -> prints the pid if the file names a live process whose command line
-# contains pattern (guards against pid reuse); returns 1 otherwise.
-live_pid() {
-    local file=$1 pattern=$2 pid
-    [[ -s $file ]] || return 1
-    pid=$(tr -dc '0-9' <"$file")
-    [[ -n $pid ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$pattern" || return 1
-    printf '%s\n' "$pid"
-}
-
-stop_pid() { # name, pidfile, pattern: SIGTERM, wait up to 10 s, then SIGKILL
-    local name=$1 file=$2 pattern=$3 pid i
-    if ! pid=$(live_pid "$file" "$pattern"); then
-        rm -f "$file"
-        log "$name not running"
-        return 0
-    fi
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
-    rm -f "$file"
-    log "$name stopped"
-}
-
-wait_ready() { # name, logfile, check-function
-    local name=$1 logfile=$2 check=$3 deadline
-    deadline=$((SECONDS + TIMEOUT))
-    until "$check"; do
-        if ((SECONDS >= deadline)); then
-            log "$name not ready after ${TIMEOUT}s; last lines of $logfile:"
-            tail -n 40 "$logfile" >&2 2>/dev/null || true
-            exit 1
-        fi
-        sleep 0.3
-    done
-}
+# shellcheck source=ci/services/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/services/common.sh"
 
 # ---------------------------------------------------------------------------- installs
-
-apt_install() { # packages... (only those missing)
-    local missing=() p
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-    done
-    ((${#missing[@]} == 0)) && return 0
-    log "installing ${missing[*]} with apt…"
-    local sudo=()
-    ((EUID == 0)) || sudo=(sudo)
-    mkdir -p "$STATE"
-    # policy-rc.d-less containers: keep the package's own service from starting.
-    if ! { "${sudo[@]}" apt-get update -qq &&
-        RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
-            --no-install-recommends "${missing[@]}"; } >"$STATE/deploy-apt.log" 2>&1; then
-        tail -n 40 "$STATE/deploy-apt.log" >&2
-        die "apt-get install failed (see $STATE/deploy-apt.log)"
-    fi
-}
 
 python_bin() {
     local py
