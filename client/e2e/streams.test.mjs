@@ -193,6 +193,17 @@ for (const [what, query, status, code] of [
   ["a token for another audience", { audience: "not-fjord" }, 401, "token_audience"],
 ]) {
   test(`${what} is refused and the page shows why`, { timeout: TIMEOUT }, async () => {
+    // A browser reads a refusal from another origin only if it carries the CORS headers.
+    const token = await (await fetch(`${statics.origin}/token?${new URLSearchParams({ endpoint: query.token_endpoint ?? ENDPOINTS.other, ttl: "60", ...(query.audience ? { audience: query.audience } : {}) })}`)).text();
+    const refusal = await fetch(`http://127.0.0.1:${port}/v1/streams/${ENDPOINTS.other}`, {
+      headers: { Origin: statics.origin, Authorization: `Bearer ${token}` },
+    });
+    assert.equal(refusal.status, status);
+    assert.equal(
+      refusal.headers.get("access-control-allow-origin"),
+      statics.origin,
+      `the ${status} answer has no Access-Control-Allow-Origin, so the page cannot see why it was refused`,
+    );
     const page = await streamPage("other", query);
     const error = page.locator("#error");
     try {
