@@ -22,10 +22,13 @@
 //! - [`process`]: logging and shutdown signals, shared by the binaries.
 //! - [`setup`]: `fjord setup` and `fjord token`: keys, manifest skeleton, test tokens.
 //! - [`dev`]: `fjord dev`, everything in one process (needs `kafka`).
+//! - [`bench`]: `fjord bench`, the load generator, floor and scenarios of `BENCHMARKS.md` (needs `kafka`).
 //!
 //! The binaries in `src/bin` are thin: they parse arguments and call into these modules.
 
 pub mod auth;
+#[cfg(feature = "kafka")]
+pub mod bench;
 pub mod bus;
 pub mod config;
 #[cfg(feature = "kafka")]

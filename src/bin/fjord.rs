@@ -76,6 +76,11 @@ enum Command {
     },
     /// Prints the manifest's JSON Schema.
     Schema,
+    /// Load generator and standard benchmark scenarios (see BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        command: fjord::bench::BenchCommand,
+    },
 }
 
 #[tokio::main]
@@ -140,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
             Manifest::load(&manifest)?;
             tracing::info!(manifest = %manifest.display(), "manifest is valid");
         }
+        Command::Bench { command } => fjord::bench::run(command).await?,
         Command::Schema => {
             #[allow(clippy::print_stdout, reason = "the schema is the command's output")]
             {

@@ -1,0 +1,269 @@
+//! `fjord bench`: the load generator, the floor and the standard scenarios behind
+//! `BENCHMARKS.md`. The controller starts real `fjord-server` (and for the end-to-end
+//! scenario `fjord-consumer`) processes, re-executes itself as worker processes that open
+//! HTTP/1.1 SSE connections from several 127.0.0.x source addresses, publishes records that
+//! carry their publish time and a sequence number (straight to the Redis bus with
+//! [`crate::bus`], or to Kafka end to end), and reads the servers' CPU time and resident
+//! memory from `/proc`. The floor is a bare non-blocking write loop doing the same fan-out,
+//! measured by the same workers in the same run. Not part of the test suite.
+
+mod floor;
+mod histogram;
+mod report;
+mod scenario;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use histogram::Histogram;
+pub use scenario::{Outcome, Scenario};
+pub use worker::{Target, WorkerReport, WorkerSpec};
+
+/// The `fjord bench` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Runs every standard scenario, writes JSON results and rewrites BENCHMARKS.md's table.
+    All {
+        /// Where the JSON results go.
+        #[arg(long, default_value = "bench-results.json")]
+        out: PathBuf,
+        /// The Markdown file whose generated section is rewritten (skipped with --tiny).
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        markdown: PathBuf,
+        /// Every scenario at a tiny load: checks that the tool works, in well under a minute.
+        #[arg(long)]
+        tiny: bool,
+        /// Only these scenarios (repeatable): idle, floor, fanout, keyed, overload, e2e, scale.
+        #[arg(long = "only")]
+        only: Vec<String>,
+        /// The command line to print in the report.
+        #[arg(long, default_value = "ci/bench.sh")]
+        command: String,
+        #[command(flatten)]
+        services: Services,
+    },
+    /// Runs one scenario with the given load and prints its outcome as JSON.
+    Run {
+        /// idle, floor, fanout, keyed, overload, e2e or scale.
+        scenario: String,
+        /// Connections in all.
+        #[arg(long)]
+        connections: Option<usize>,
+        /// Records per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Seconds measured.
+        #[arg(long)]
+        secs: Option<u64>,
+        /// Server processes.
+        #[arg(long)]
+        servers: Option<usize>,
+        /// Every Nth connection stalls (0: none).
+        #[arg(long)]
+        slow_every: Option<usize>,
+        /// The servers' per-client queue.
+        #[arg(long)]
+        client_queue: Option<usize>,
+        #[command(flatten)]
+        services: Services,
+    },
+    /// A load-generator worker process (started by the controller).
+    #[command(hide = true)]
+    Worker {
+        /// The worker's spec, as JSON.
+        #[arg(long)]
+        spec: String,
+    },
+    /// The floor: a bare non-blocking write loop (started by the controller).
+    #[command(hide = true)]
+    Floor {
+        /// Where to listen, on 127.0.0.1.
+        #[arg(long)]
+        port: u16,
+        /// It exits by itself after this long.
+        #[arg(long, default_value_t = 600)]
+        deadline_secs: u64,
+    },
+}
+
+/// Where Kafka and Redis are, and where the binaries are.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Services {
+    /// Redis for the bus.
+    #[arg(
+        long,
+        env = "FJORD_TEST_REDIS_URL",
+        default_value = "redis://127.0.0.1:16379"
+    )]
+    pub redis: String,
+    /// Kafka brokers for the end-to-end scenario.
+    #[arg(
+        long,
+        env = "FJORD_TEST_KAFKA_BROKERS",
+        default_value = "127.0.0.1:19092"
+    )]
+    pub kafka: String,
+    /// The directory holding `fjord-server` and `fjord-consumer` (default: beside this binary).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// Runs a `fjord bench` subcommand.
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::All {
+            out,
+            markdown,
+            tiny,
+            only,
+            command,
+            services,
+        } => {
+            let env = scenario::Env::new(&services)?;
+            let results = scenario::run_all(&env, tiny, &only).await?;
+            report::write(&out, &results)?;
+            tracing::info!(path = %out.display(), "wrote results");
+            if !tiny {
+                report::rewrite_markdown(&markdown, &results, &command)?;
+                tracing::info!(path = %markdown.display(), "rewrote the results table");
+            }
+            let broken: Vec<&str> = results
+                .outcomes
+                .iter()
+                .filter(|outcome| !outcome.errors.is_empty() || outcome.connected == 0)
+                .map(|outcome| outcome.scenario.as_str())
+                .collect();
+            if !broken.is_empty() {
+                anyhow::bail!("scenarios that did not run cleanly: {}", broken.join(", "));
+            }
+            Ok(())
+        }
+        BenchCommand::Run {
+            scenario,
+            connections,
+            rate,
+            secs,
+            servers,
+            slow_every,
+            client_queue,
+            services,
+        } => {
+            let env = scenario::Env::new(&services)?;
+            let mut chosen = Scenario::standard(&scenario, false)
+                .ok_or_else(|| anyhow::anyhow!("no scenario named {scenario:?}"))?;
+            if let Some(connections) = connections {
+                chosen.connections = connections;
+            }
+            if let Some(rate) = rate {
+                chosen.rate = rate;
+            }
+            if let Some(secs) = secs {
+                chosen.measure_secs = secs;
+            }
+            if let Some(servers) = servers {
+                chosen.servers = servers;
+            }
+            if let Some(slow_every) = slow_every {
+                chosen.slow_every = slow_every;
+            }
+            if client_queue.is_some() {
+                chosen.client_queue = client_queue;
+            }
+            let outcome = scenario::run(&env, &chosen).await?;
+            #[allow(clippy::print_stdout, reason = "the outcome is the command's output")]
+            {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+            }
+            Ok(())
+        }
+        BenchCommand::Worker { spec } => {
+            let spec: WorkerSpec = serde_json::from_str(&spec)?;
+            // The worker runs its own single-threaded runtime.
+            tokio::task::spawn_blocking(move || worker::run(&spec)).await?
+        }
+        BenchCommand::Floor {
+            port,
+            deadline_secs,
+        } => tokio::task::spawn_blocking(move || floor::run(port, deadline_secs)).await?,
+    }
+}
+
+/// Microseconds since the epoch.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+        })
+}
+
+/// A process's user plus system CPU time, in clock ticks (`/proc/PID/stat`).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields are counted after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some(user + system)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+pub fn ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|output| String::from_utf8(output.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// A process's resident memory in KiB (`VmRSS` in `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
+/// The envelope JSON of benchmark record `offset`, as fjord-consumer would encode it, whose
+/// value carries the sequence number within what its receivers get and the publish time.
+pub fn event_envelope(offset: u64, key: Option<&str>, seq: u64, published_us: u64) -> Vec<u8> {
+    let key = key.map_or_else(|| "null".to_owned(), |key| format!("\"{key}\""));
+    format!(
+        r#"{{"topic":"bench","partition":0,"offset":{offset},"key":{key},"timestamp":{},"headers":{{}},"value":{{"seq":{seq},"ts":{published_us}}}}}"#,
+        published_us / 1000
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let pid = std::process::id();
+        assert!(cpu_ticks(pid).is_some());
+        assert!(rss_kib(pid).is_some_and(|kib| kib > 0));
+    }
+
+    #[test]
+    fn envelopes_are_json_with_seq_and_time() {
+        let json: serde_json::Value =
+            serde_json::from_slice(&event_envelope(7, Some("k1"), 3, 1_764_000_000_123_456))
+                .expect("json");
+        assert_eq!(json["value"]["seq"], 3);
+        assert_eq!(json["value"]["ts"], 1_764_000_000_123_456_u64);
+        assert_eq!(json["key"], "k1");
+        assert_eq!(json["timestamp"], 1_764_000_000_123_u64);
+    }
+}

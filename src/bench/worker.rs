@@ -1,0 +1,466 @@
+//! A load-generator worker process (`fjord bench worker`): opens its share of HTTP/1.1 SSE
+//! connections from several 127.0.0.x source addresses, reads them like a client would,
+//! and measures every event's latency from the timestamp its payload carries, and gaps in
+//! the sequence numbers per connection. The controller drives it over stdin (`measure`,
+//! `stop`) and reads JSON lines from its stdout.
+
+use std::cell::RefCell;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpSocket;
+
+use super::histogram::Histogram;
+use super::{cpu_ticks, now_us, ticks_per_second};
+
+/// Connections to one server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Target {
+    /// The server.
+    pub address: SocketAddr,
+    /// The request path, such as `/v1/streams/bench`.
+    pub path: String,
+    /// How many connections.
+    pub count: usize,
+    /// With `Some(keys)`, connection `i` asks for `?key=k{(first_index + i) % keys}`.
+    pub keys: Option<u64>,
+    /// The index of this target's first connection, for keys.
+    pub first_index: u64,
+}
+
+/// What one worker does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// Where to connect.
+    pub targets: Vec<Target>,
+    /// Source addresses, used in turn.
+    pub sources: Vec<Ipv4Addr>,
+    /// Connections being opened at once.
+    pub connect_concurrency: usize,
+    /// Every `slow_every`-th connection (0: none) stops reading after its headers, with a
+    /// small receive buffer: a stalled client.
+    pub slow_every: usize,
+    /// The worker exits by itself after this long.
+    pub deadline_secs: u64,
+}
+
+/// What a worker measured between `measure` and `stop`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerReport {
+    /// Connections that got a 200 and streamed.
+    pub connected: u64,
+    /// Connections that could not be opened.
+    pub failed: u64,
+    /// Stalled connections among `connected`.
+    pub slow: u64,
+    /// Events received in the window.
+    pub events: u64,
+    /// Sequence numbers skipped, summed over connections (in the window).
+    pub gaps: u64,
+    /// Events that repeated or went back in sequence (in the window).
+    pub out_of_order: u64,
+    /// Connections the server closed (at any time).
+    pub closed_by_server: u64,
+    /// Latencies per second of the window.
+    pub slices: Vec<Histogram>,
+    /// This worker's CPU time in the window, in seconds.
+    pub cpu_secs: f64,
+    /// The window's length, in seconds.
+    pub window_secs: f64,
+    /// The first error seen, if any.
+    pub first_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    measuring: Option<Instant>,
+    report: WorkerReport,
+}
+
+impl State {
+    fn record(&mut self, latency_us: u64, gap: u64, out_of_order: bool) {
+        let Some(start) = self.measuring else {
+            return;
+        };
+        let slice = start.elapsed().as_secs() as usize;
+        if self.report.slices.len() <= slice {
+            self.report
+                .slices
+                .resize_with(slice + 1, Histogram::default);
+        }
+        self.report.slices[slice].record(latency_us);
+        self.report.events += 1;
+        self.report.gaps += gap;
+        if out_of_order {
+            self.report.out_of_order += 1;
+        }
+    }
+
+    fn error(&mut self, error: String) {
+        if self.report.first_error.is_none() {
+            self.report.first_error = Some(error);
+        }
+    }
+}
+
+type Shared = Rc<RefCell<State>>;
+
+/// Runs a worker until `stop`, end of stdin, or its deadline; prints JSON lines.
+pub(crate) fn run(spec: &WorkerSpec) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, drive(spec.clone()))
+}
+
+#[allow(
+    clippy::print_stdout,
+    reason = "the controller reads the worker's stdout"
+)]
+fn emit(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+async fn drive(spec: WorkerSpec) -> anyhow::Result<()> {
+    let state: Shared = Rc::default();
+    let deadline = tokio::time::sleep(Duration::from_secs(spec.deadline_secs));
+    tokio::pin!(deadline);
+    let permits = Rc::new(tokio::sync::Semaphore::new(spec.connect_concurrency.max(1)));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let mut total = 0_usize;
+    for target in &spec.targets {
+        for i in 0..target.count {
+            let source = spec.sources[total % spec.sources.len()];
+            let slow = spec.slow_every > 0 && total % spec.slow_every == spec.slow_every - 1;
+            let path = match target.keys {
+                Some(keys) => format!(
+                    "{}?key=k{}",
+                    target.path,
+                    (target.first_index + i as u64) % keys
+                ),
+                None => target.path.clone(),
+            };
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
+                target.address
+            );
+            let address = target.address;
+            let state = Rc::clone(&state);
+            let permits = Rc::clone(&permits);
+            let done = done_tx.clone();
+            tokio::task::spawn_local(async move {
+                connection(address, source, request, slow, state, permits, done).await;
+            });
+            total += 1;
+        }
+    }
+    drop(done_tx);
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut answered = 0;
+    let mut connected_sent = total == 0;
+    if connected_sent {
+        emit(&serde_json::json!({"type": "connected", "connected": 0, "failed": 0}));
+    }
+    let mut cpu_start = 0;
+    loop {
+        tokio::select! {
+            () = &mut deadline => break,
+            Some(ok) = done_rx.recv(), if !connected_sent => {
+                answered += 1;
+                let mut state = state.borrow_mut();
+                if ok { state.report.connected += 1 } else { state.report.failed += 1 }
+                if answered == total {
+                    connected_sent = true;
+                    emit(&serde_json::json!({
+                        "type": "connected",
+                        "connected": state.report.connected,
+                        "failed": state.report.failed,
+                        "first_error": state.report.first_error,
+                    }));
+                }
+            }
+            line = stdin.next_line() => match line {
+                Ok(Some(line)) if line.trim() == "measure" => {
+                    cpu_start = cpu_ticks(std::process::id()).unwrap_or(0);
+                    state.borrow_mut().measuring = Some(Instant::now());
+                }
+                Ok(Some(line)) if line.trim() == "stop" => break,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            },
+        }
+    }
+    let mut state = state.borrow_mut();
+    if let Some(start) = state.measuring.take() {
+        state.report.window_secs = start.elapsed().as_secs_f64();
+        let ticks = cpu_ticks(std::process::id()).unwrap_or(0) - cpu_start;
+        state.report.cpu_secs = ticks as f64 / ticks_per_second();
+    }
+    let report = std::mem::take(&mut state.report);
+    emit(&serde_json::json!({"type": "report", "report": report}));
+    // Connections close with the process.
+    std::process::exit(0);
+}
+
+async fn connection(
+    address: SocketAddr,
+    source: Ipv4Addr,
+    request: String,
+    slow: bool,
+    state: Shared,
+    permits: Rc<tokio::sync::Semaphore>,
+    done: tokio::sync::mpsc::UnboundedSender<bool>,
+) {
+    let permit = permits.acquire().await;
+    let mut opened = None;
+    for attempt in 0..5 {
+        match open(address, source, &request, slow).await {
+            Ok(stream) => {
+                opened = Some(stream);
+                break;
+            }
+            Err(error) => {
+                state
+                    .borrow_mut()
+                    .error(format!("{address} from {source}: {error}"));
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+        }
+    }
+    drop(permit);
+    let Some((mut stream, leftover)) = opened else {
+        let _ = done.send(false);
+        return;
+    };
+    let _ = done.send(true);
+    if slow {
+        state.borrow_mut().report.slow += 1;
+        // Never reads again; the server must cut it off. Held until the process exits.
+        std::future::pending::<()>().await;
+    }
+    let mut decoder = Decoder::default();
+    decoder.feed(&leftover, &state);
+    let mut buffer = vec![0_u8; 4096];
+    loop {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => decoder.feed(&buffer[..n], &state),
+        }
+    }
+    state.borrow_mut().report.closed_by_server += 1;
+}
+
+/// Connects, sends the request, reads the response head; returns the stream and the body
+/// bytes read with the head.
+async fn open(
+    address: SocketAddr,
+    source: Ipv4Addr,
+    request: &str,
+    slow: bool,
+) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.into(), 0))?;
+    if slow {
+        socket.set_recv_buffer_size(4096)?;
+    }
+    let mut stream = tokio::time::timeout(Duration::from_secs(20), socket.connect(address))
+        .await
+        .map_err(|_| anyhow::anyhow!("connect timed out"))??;
+    stream.set_nodelay(true)?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(512);
+    let mut buffer = [0_u8; 1024];
+    let read_head = async {
+        loop {
+            let n = stream.read(&mut buffer).await?;
+            if n == 0 {
+                anyhow::bail!("closed before the response head");
+            }
+            head.extend_from_slice(&buffer[..n]);
+            if let Some(end) = find(&head, b"\r\n\r\n") {
+                return Ok(end + 4);
+            }
+            if head.len() > 16 * 1024 {
+                anyhow::bail!("response head too long");
+            }
+        }
+    };
+    let end = tokio::time::timeout(Duration::from_secs(20), read_head)
+        .await
+        .map_err(|_| anyhow::anyhow!("no response head within 20 s"))??;
+    if !head.starts_with(b"HTTP/1.1 200") {
+        let line = String::from_utf8_lossy(&head[..find(&head, b"\r\n").unwrap_or(head.len())])
+            .into_owned();
+        anyhow::bail!("refused: {line}");
+    }
+    let lower = head[..end].to_ascii_lowercase();
+    if find(&lower, b"transfer-encoding: chunked").is_none() {
+        anyhow::bail!("expected a chunked response");
+    }
+    let leftover = head.split_off(end);
+    Ok((stream, leftover))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// The number after `"name":` in `line`.
+fn number_after(line: &[u8], name: &[u8]) -> Option<u64> {
+    let start = find(line, name)? + name.len();
+    let digits = line[start..]
+        .iter()
+        .take_while(|byte| byte.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&line[start..start + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading the hex size line.
+    Size,
+    /// This many data bytes left in the chunk.
+    Data(usize),
+    /// Skipping the CRLF after a chunk's data.
+    Trailer(u8),
+}
+
+/// Undoes chunked transfer encoding and splits the SSE stream into lines.
+#[derive(Debug)]
+struct Decoder {
+    chunk: Chunk,
+    size: usize,
+    line: Vec<u8>,
+    last_seq: Option<u64>,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self {
+            chunk: Chunk::Size,
+            size: 0,
+            line: Vec::with_capacity(512),
+            last_seq: None,
+        }
+    }
+}
+
+impl Decoder {
+    fn feed(&mut self, mut bytes: &[u8], state: &Shared) {
+        while !bytes.is_empty() {
+            match self.chunk {
+                Chunk::Size => {
+                    let byte = bytes[0];
+                    bytes = &bytes[1..];
+                    match byte {
+                        b'\n' => {
+                            self.chunk = if self.size == 0 {
+                                Chunk::Trailer(2)
+                            } else {
+                                Chunk::Data(self.size)
+                            };
+                            self.size = 0;
+                        }
+                        b'0'..=b'9' => self.size = self.size * 16 + usize::from(byte - b'0'),
+                        b'a'..=b'f' => self.size = self.size * 16 + usize::from(byte - b'a' + 10),
+                        b'A'..=b'F' => self.size = self.size * 16 + usize::from(byte - b'A' + 10),
+                        _ => {}
+                    }
+                }
+                Chunk::Data(left) => {
+                    let take = left.min(bytes.len());
+                    self.lines(&bytes[..take], state);
+                    bytes = &bytes[take..];
+                    self.chunk = if take == left {
+                        Chunk::Trailer(2)
+                    } else {
+                        Chunk::Data(left - take)
+                    };
+                }
+                Chunk::Trailer(left) => {
+                    bytes = &bytes[1..];
+                    self.chunk = if left == 1 {
+                        Chunk::Size
+                    } else {
+                        Chunk::Trailer(left - 1)
+                    };
+                }
+            }
+        }
+    }
+
+    fn lines(&mut self, mut bytes: &[u8], state: &Shared) {
+        while let Some(end) = bytes.iter().position(|&byte| byte == b'\n') {
+            if self.line.is_empty() {
+                self.on_line(&bytes[..end], state);
+            } else {
+                self.line.extend_from_slice(&bytes[..end]);
+                let line = std::mem::take(&mut self.line);
+                self.on_line(&line, state);
+                self.line = line;
+                self.line.clear();
+            }
+            bytes = &bytes[end + 1..];
+        }
+        self.line.extend_from_slice(bytes);
+    }
+
+    fn on_line(&mut self, line: &[u8], state: &Shared) {
+        if !line.starts_with(b"data: ") {
+            return;
+        }
+        let (Some(seq), Some(sent)) = (
+            number_after(line, b"\"seq\":"),
+            number_after(line, b"\"ts\":"),
+        ) else {
+            return;
+        };
+        let latency = now_us().saturating_sub(sent);
+        let (gap, out_of_order) = match self.last_seq {
+            Some(last) if seq > last => (seq - last - 1, false),
+            Some(_) => (0, true),
+            None => (0, false),
+        };
+        self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
+        state.borrow_mut().record(latency, gap, out_of_order);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_chunks_split_anywhere_and_counts_gaps() {
+        let events = [
+            "id: 1-0\nevent: bench\ndata: {\"value\":{\"seq\":1,\"ts\":1}}\n\n",
+            "id: 2-0\nevent: bench\ndata: {\"value\":{\"seq\":2,\"ts\":1}}\n\n: heartbeat\n\n",
+            "id: 4-0\nevent: bench\ndata: {\"value\":{\"seq\":4,\"ts\":1}}\n\n",
+        ];
+        let mut wire = Vec::new();
+        for event in events {
+            wire.extend_from_slice(format!("{:X}\r\n{event}\r\n", event.len()).as_bytes());
+        }
+        for split in [1, 3, 7, wire.len()] {
+            let state: Shared = Rc::default();
+            state.borrow_mut().measuring = Some(Instant::now());
+            let mut decoder = Decoder::default();
+            for piece in wire.chunks(split) {
+                decoder.feed(piece, &state);
+            }
+            let report = &state.borrow().report;
+            assert_eq!(report.events, 3, "split {split}");
+            assert_eq!(report.gaps, 1, "split {split}");
+            assert_eq!(report.out_of_order, 0);
+        }
+    }
+}
