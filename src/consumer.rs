@@ -103,6 +103,8 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, ManifestError>
             }
         }
     }
+    // Back to a restarted broker within two seconds, well inside the session timeout.
+    config.set("reconnect.backoff.max.ms", "2000");
     config.set_log_level(RDKafkaLogLevel::Warning);
     Ok(config)
 }

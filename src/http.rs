@@ -359,15 +359,21 @@ pub fn routes(
         .unify()
         .or(files)
         .unify();
-    let with_cors = cors(&config.cors_origins);
-    let recover_hub = Arc::clone(hub);
-    routes
-        .with(with_cors)
-        .map(Reply::into_response)
-        .recover(move |rejection| {
-            let hub = Arc::clone(&recover_hub);
+    let recover = {
+        let hub = Arc::clone(hub);
+        move |rejection: Rejection| {
+            let hub = Arc::clone(&hub);
             async move { Ok::<_, Infallible>(error_response(&hub, &rejection)) }
-        })
+        }
+    };
+    // Errors become responses inside the CORS wrapper, so that a page on an allowed origin
+    // can read why it was refused; the outer recover answers what CORS itself refuses.
+    routes
+        .recover(recover.clone())
+        .unify()
+        .with(cors(&config.cors_origins))
+        .map(Reply::into_response)
+        .recover(recover)
         .unify()
 }
 

@@ -81,6 +81,19 @@ async fn cors_preflight_allows_listed_origins_only() {
         .expect("response");
     assert_eq!(json_error(refused).await, (403, "cors_forbidden".into()));
 
+    // Errors carry the CORS headers too, so that the page can read why it was refused.
+    let refused = client
+        .get(format!("http://127.0.0.1:{}/v1/streams/nope", server.port))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(
+        refused.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(json_error(refused).await, (404, "unknown_endpoint".into()));
+
     let stream = SseStream::connect(&url, &[("origin", "https://app.example.com")]).await;
     assert_eq!(stream.status, 200);
     assert_eq!(
