@@ -178,7 +178,8 @@ async fn bad_tokens_are_refused_with_their_reason_and_never_logged() {
         }),
     );
     let elsewhere = server.token(&["--endpoint", "orders", "--audience", "another-service"]);
-    let cases: Vec<(Vec<(&str, String)>, (u16, &str))> = vec![
+    type Headers<'a> = Vec<(&'a str, String)>;
+    let cases: Vec<(Headers<'_>, (u16, &str))> = vec![
         (vec![], (401, "token_missing")),
         (
             vec![("authorization", "Bearer garbage".into())],
