@@ -5,7 +5,10 @@
 //! restarted, the Kafka broker restarted, a client stalled until it is cut off. At the end
 //! every client must hold exactly the records produced, in order per partition.
 
-#![allow(clippy::print_stdout, reason = "the soak run reports its progress as it goes")]
+#![allow(
+    clippy::print_stdout,
+    reason = "the soak run reports its progress as it goes"
+)]
 
 mod common;
 
