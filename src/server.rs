@@ -7,6 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
@@ -20,6 +23,9 @@ use crate::metrics::{EmfTarget, Metrics};
 /// How long a draining server waits for its connections to close; below ECS's 30 s
 /// default stop timeout.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(20);
+
+/// hyper's read buffer per connection: its smallest allowed maximum.
+const MAX_BUFFER: usize = 8192;
 
 /// How often the open-connections metric goes to CloudWatch.
 const EMF_INTERVAL: Duration = Duration::from_secs(60);
@@ -86,24 +92,46 @@ pub async fn serve(
         tracing::info!(%address, endpoints = hub.endpoints().len(), "fjord-server listening");
     }
     let routes = crate::http::routes(&hub, &auth, &manifest.server, static_files);
-    let draining_hub = Arc::clone(&hub);
-    let (drain_started, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = warp::serve(routes).incoming(listener).graceful(async move {
-        shutdown.await;
-        tracing::info!("draining: telling clients to reconnect elsewhere");
-        draining_hub.drain();
-        let _ = drain_started.send(());
-    });
-    let grace_expired = async move {
-        if drain_started_rx.await.is_ok() {
-            tokio::time::sleep(DRAIN_GRACE).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
+    let service = warp::service(routes);
+    // hyper's HTTP/1 connection directly, rather than `warp::serve`'s HTTP/1-or-2 sniffing
+    // builder: smaller per connection, and no HTTP/2 or upgrades that SSE does not use.
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.max_buf_size(MAX_BUFFER)
+        .writev(true)
+        .timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, most likely: wait for connections to close.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(service.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("draining: telling clients to reconnect elsewhere");
+    hub.drain();
     tokio::select! {
-        () = server.run() => tracing::info!("all connections closed"),
-        () = grace_expired => tracing::warn!("connections still open after the grace period; exiting"),
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(DRAIN_GRACE) => tracing::warn!("connections still open after the grace period; exiting"),
     }
     feed.abort();
     heartbeats.abort();

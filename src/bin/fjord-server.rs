@@ -6,6 +6,12 @@ use anyhow::Context as _;
 use clap::Parser;
 use fjord::config::Manifest;
 
+/// jemalloc returns freed memory in smaller pieces than glibc: fewer resident bytes per
+/// idle connection (see BENCHMARKS.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Streams Kafka records from the bus to clients over Server-Sent Events.
 #[derive(Debug, Parser)]
 #[command(version)]
