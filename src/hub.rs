@@ -32,15 +32,20 @@ const READY_WINDOW_MS: u64 = 5_000;
 type ClientId = u64;
 type Sender = mpsc::Sender<Frame>;
 
-/// What goes into a connection's queue.
+/// An event as queued to every receiving connection: one allocation per event, shared.
+#[derive(Debug)]
+struct QueuedEvent {
+    endpoint: usize,
+    id: StreamId,
+    event: RenderedEvent,
+}
+
+/// What goes into a connection's queue: one pointer, so that a queue's slots stay small
+/// (each connection's queue holds blocks of 32 of them).
 #[derive(Debug, Clone)]
 enum Frame {
-    Event {
-        endpoint: usize,
-        id: StreamId,
-        event: RenderedEvent,
-    },
-    Raw(Bytes),
+    Event(Arc<QueuedEvent>),
+    Raw(Arc<Bytes>),
 }
 
 /// The connections of one endpoint.
@@ -316,11 +321,15 @@ impl Hub {
                 tracing::error!(endpoint = %self.endpoints[*endpoint], id = %entry.id, "dropping a bus entry with a line break; it was not written by fjord-consumer");
                 continue;
             }
-            let event = RenderedEvent::new(
-                entry.id,
-                self.endpoints[*endpoint].as_str(),
-                &entry.envelope,
-            );
+            let event = Arc::new(QueuedEvent {
+                endpoint: *endpoint,
+                id: entry.id,
+                event: RenderedEvent::new(
+                    entry.id,
+                    self.endpoints[*endpoint].as_str(),
+                    &entry.envelope,
+                ),
+            });
             let channel = read(lock);
             let keyed = entry
                 .filter_key
@@ -332,12 +341,7 @@ impl Hub {
                 if !too_slow.is_empty() && too_slow.contains(&client) {
                     continue;
                 }
-                let frame = Frame::Event {
-                    endpoint: *endpoint,
-                    id: entry.id,
-                    event: event.clone(),
-                };
-                match sender.try_send(frame) {
+                match sender.try_send(Frame::Event(Arc::clone(&event))) {
                     Ok(()) => queued += 1,
                     Err(TrySendError::Full(_)) => {
                         too_slow.insert(client);
@@ -373,8 +377,11 @@ impl Hub {
     /// Sends `bytes` to every connection, cutting off those that cannot take it.
     fn broadcast(&self, bytes: &Bytes) {
         let mut too_slow = Vec::new();
+        let bytes = Arc::new(bytes.clone());
         for (&id, client) in self.clients().iter() {
-            if let Err(TrySendError::Full(_)) = client.sender.try_send(Frame::Raw(bytes.clone())) {
+            if let Err(TrySendError::Full(_)) =
+                client.sender.try_send(Frame::Raw(Arc::clone(&bytes)))
+            {
                 too_slow.push(id);
             }
         }
@@ -415,14 +422,14 @@ impl Hub {
         if expired.is_empty() {
             return;
         }
-        let notice = sse::notice(
+        let notice = Arc::new(sse::notice(
             sse::reserved::EXPIRED,
             &serde_json::json!({"message": "your token expired; get a fresh one and reconnect with your last event id"}),
-        );
+        ));
         for id in expired {
             if let Some(client) = self.clients().get(&id) {
                 // A full queue needs no notice: the connection is being cut off anyway.
-                let _ = client.sender.try_send(Frame::Raw(notice.clone()));
+                let _ = client.sender.try_send(Frame::Raw(Arc::clone(&notice)));
             }
             self.unsubscribe(id);
         }
@@ -531,11 +538,7 @@ impl Subscription {
     fn write_frame(&mut self, frame: Frame, out: &mut BytesMut) {
         match frame {
             Frame::Raw(bytes) => out.extend_from_slice(&bytes),
-            Frame::Event {
-                endpoint,
-                id,
-                event,
-            } => self.write_event(endpoint, id, &event, out),
+            Frame::Event(event) => self.write_event(event.endpoint, event.id, &event.event, out),
         }
     }
 
@@ -652,14 +655,10 @@ impl Stream for Subscription {
             }
             // The common case, one frame: its shared bytes go out without a copy.
             match first {
-                Frame::Raw(bytes) => return Poll::Ready(Some(Ok(bytes))),
-                Frame::Event {
-                    endpoint,
-                    id,
-                    event,
-                } if !self.is_multi_endpoint() => {
-                    if self.advance(endpoint, id) {
-                        return Poll::Ready(Some(Ok(event.bytes().clone())));
+                Frame::Raw(bytes) => return Poll::Ready(Some(Ok(Bytes::clone(&bytes)))),
+                Frame::Event(event) if !self.is_multi_endpoint() => {
+                    if self.advance(event.endpoint, event.id) {
+                        return Poll::Ready(Some(Ok(event.event.bytes().clone())));
                     }
                 }
                 frame => {
