@@ -2,7 +2,7 @@
 # The standard benchmark scenarios of BENCHMARKS.md, against the real Redis (and Kafka end
 # to end) that ci/services.sh starts. Not part of the test suite.
 #   ci/bench.sh           release build, full load (several minutes); writes
-#                         bench-results.json and rewrites the table in BENCHMARKS.md
+#                         target/bench-results.json and rewrites the table in BENCHMARKS.md
 #   ci/bench.sh --tiny    debug build, every scenario at a tiny load (well under a minute);
 #                         fails if the tool is broken; writes only target/bench-tiny.json
 #   ci/bench.sh --only fanout --only floor    some scenarios
@@ -25,5 +25,5 @@ if [ "$tiny" = 1 ]; then
   exec target/debug/fjord bench all --out target/bench-tiny.json "$@"
 fi
 cargo build --locked --release --bins
-exec target/release/fjord bench all --out bench-results.json --markdown BENCHMARKS.md \
-  --command "ci/bench.sh $*" "$@"
+exec target/release/fjord bench all --out target/bench-results.json --markdown BENCHMARKS.md \
+  --command "ci/bench.sh${*:+ $*}" "$@"

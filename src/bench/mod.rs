@@ -26,7 +26,7 @@ pub enum BenchCommand {
     /// Runs every standard scenario, writes JSON results and rewrites BENCHMARKS.md's table.
     All {
         /// Where the JSON results go.
-        #[arg(long, default_value = "bench-results.json")]
+        #[arg(long, default_value = "target/bench-results.json")]
         out: PathBuf,
         /// The Markdown file whose generated section is rewritten (skipped with --tiny).
         #[arg(long, default_value = "BENCHMARKS.md")]
