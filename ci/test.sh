@@ -34,6 +34,9 @@ step "unit and integration tests"
 cargo test --locked "$@"
 [ $# -eq 0 ] || exit 0
 
+step "benchmark tool, tiny load (the real figures: ci/bench.sh, BENCHMARKS.md)"
+ci/bench.sh --tiny
+
 step "deploy tool, Nix flake, workflows"
 ci/test-deploy.sh
 
