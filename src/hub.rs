@@ -331,6 +331,23 @@ impl Hub {
                 ),
             });
             let channel = read(lock);
+            let last = channel.last_id();
+            if entry.previous > last {
+                // Retention trimmed entries before this server read them: its live
+                // connections missed them, and are told so, as a resuming client would be.
+                let gap = Arc::new(sse::gap(self.endpoints[*endpoint].as_str(), last, entry.id));
+                let everyone = channel
+                    .everyone
+                    .iter()
+                    .chain(channel.by_key.values().flatten());
+                for (&client, sender) in everyone {
+                    if let Err(TrySendError::Full(_)) =
+                        sender.try_send(Frame::Raw(Arc::clone(&gap)))
+                    {
+                        too_slow.insert(client);
+                    }
+                }
+            }
             let keyed = entry
                 .filter_key
                 .as_ref()
@@ -554,16 +571,7 @@ impl Subscription {
                     .endpoints
                     .get(endpoint)
                     .map_or("", EndpointName::as_str);
-                let oldest = (oldest != StreamId::ZERO).then(|| oldest.to_string());
-                out.extend_from_slice(&sse::notice(
-                    sse::reserved::GAP,
-                    &serde_json::json!({
-                        "endpoint": name,
-                        "last_event_id": requested.to_string(),
-                        "oldest_id": oldest,
-                        "message": "records after your last event id are past the retention window; continuing from the oldest kept",
-                    }),
-                ));
+                out.extend_from_slice(&sse::gap(name, requested, oldest));
             }
             ReplayItem::Entries(entries) => {
                 for (endpoint, entry) in entries {
@@ -739,6 +747,7 @@ mod tests {
     fn entry(ms: u64, key: &str) -> BusEntry {
         BusEntry {
             id: StreamId { ms, seq: 0 },
+            previous: StreamId::ZERO,
             filter_key: Some(key.to_owned()),
             envelope: Bytes::from(format!("{{\"key\":\"{key}\"}}")),
         }
@@ -957,6 +966,33 @@ mod tests {
             read_offsets(&mut client, 5).await,
             (7..12).collect::<Vec<_>>()
         );
+    }
+
+    #[tokio::test]
+    async fn live_connections_are_told_when_retention_trimmed_what_the_server_had_not_read() {
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
+        let mut client = hub.subscribe(live(vec![1]), None, None);
+        next_text(&mut client).await;
+        let small = Retention {
+            max_records: 5,
+            max_age_secs: 3600,
+        };
+        // Twelve records arrive before the server reads; only the last five are kept.
+        let kept = publish(&hub, &bus, &mut reader, 0, 12, small).await;
+        let text = next_text(&mut client).await;
+        assert!(text.starts_with("event: fjord.gap\ndata: "), "{text}");
+        assert!(
+            text.contains(&format!("\"oldest_id\":\"{}\"", kept[0])),
+            "{text}"
+        );
+        let mut offsets_seen = offsets(&text);
+        while offsets_seen.len() < 5 {
+            offsets_seen.extend(offsets(&next_text(&mut client).await));
+        }
+        assert_eq!(offsets_seen, (7..12).collect::<Vec<_>>());
+        // Reading on without trimming tells nothing more.
+        publish(&hub, &bus, &mut reader, 12, 1, small).await;
+        assert!(next_text(&mut client).await.starts_with("id: "));
     }
 
     #[tokio::test]

@@ -79,6 +79,21 @@ pub fn notice(event: &str, data: &serde_json::Value) -> Bytes {
     Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
 }
 
+/// `fjord.gap`: records of `endpoint` after `last_event_id` are gone (past the retention
+/// window); the stream continues at `oldest` (`ZERO` when nothing is kept).
+pub fn gap(endpoint: &str, last_event_id: StreamId, oldest: StreamId) -> Bytes {
+    let oldest = (oldest != StreamId::ZERO).then(|| oldest.to_string());
+    notice(
+        reserved::GAP,
+        &serde_json::json!({
+            "endpoint": endpoint,
+            "last_event_id": last_event_id.to_string(),
+            "oldest_id": oldest,
+            "message": "records after your last event id are past the retention window; continuing from the oldest kept",
+        }),
+    )
+}
+
 /// A client's position: one stream id per endpoint of its connection, in the order of the
 /// connection's (sorted) endpoints. Rendered as the ids joined by `_`.
 #[derive(Debug, Clone, PartialEq, Eq)]

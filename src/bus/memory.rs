@@ -78,9 +78,10 @@ impl MemoryBus {
                     seq: stream.last_id.seq + 1,
                 }
             };
-            stream.last_id = id;
+            let previous = std::mem::replace(&mut stream.last_id, id);
             stream.entries.push_back(BusEntry {
                 id,
+                previous,
                 filter_key: publication.envelope.filter_key.clone(),
                 envelope: envelope.clone(),
             });

@@ -67,6 +67,9 @@ impl FromStr for StreamId {
 pub struct BusEntry {
     /// Its position in the endpoint's stream.
     pub id: StreamId,
+    /// The position of the entry appended before it; a reader whose cursor is older has
+    /// missed entries that retention trimmed.
+    pub previous: StreamId,
     /// The record key clients filter on.
     pub filter_key: Option<String>,
     /// The envelope's JSON.

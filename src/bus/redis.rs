@@ -220,13 +220,15 @@ impl RedisBus {
             .query_async(&mut connection)
             .await
             .map_err(redis_error("read oldest entry"))?;
-        if let Some(oldest) = oldest.ids.first() {
-            let id = parse_id(&oldest.id)?;
-            let previous = match oldest.map.get("p") {
-                Some(Value::BulkString(previous)) => parse_id(&String::from_utf8_lossy(previous))?,
-                _ => StreamId::ZERO,
-            };
-            return Ok((id > after && previous > after).then_some(id));
+        if let Some(oldest) = oldest
+            .ids
+            .into_iter()
+            .next()
+            .map(entry_of)
+            .transpose()?
+            .flatten()
+        {
+            return Ok((oldest.id > after && oldest.previous > after).then_some(oldest.id));
         }
         // Everything expired: a gap if anything was ever added after `after`.
         let last: Option<String> = redis::cmd("HGET")
@@ -274,8 +276,13 @@ fn entry_of(mut entry: redis::streams::StreamId) -> Result<Option<BusEntry>, Bus
         Some(Value::BulkString(key)) => Some(String::from_utf8_lossy(key).into_owned()),
         _ => None,
     };
+    let previous = match entry.map.get("p") {
+        Some(Value::BulkString(previous)) => parse_id(&String::from_utf8_lossy(previous))?,
+        _ => StreamId::ZERO,
+    };
     Ok(Some(BusEntry {
         id,
+        previous,
         filter_key,
         envelope: Bytes::from(envelope),
     }))
