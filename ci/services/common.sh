@@ -19,9 +19,19 @@ live_pid() {
     printf '%s\n' "$pid"
 }
 
+# pid, tenths of a second -> 0 once the process is gone, 1 if it is still there.
+wait_gone() {
+    local pid=$1 tenths=$2 i
+    for ((i = 0; i < tenths; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    ! kill -0 "$pid" 2>/dev/null
+}
+
 # name, pidfile, pattern: SIGTERM, wait up to 30 s, then SIGKILL.
 stop_pid() {
-    local name=$1 file=$2 pattern=$3 pid i
+    local name=$1 file=$2 pattern=$3 pid
     if ! pid=$(live_pid "$file" "$pattern"); then
         rm -f "$file"
         log "$name not running"
@@ -29,17 +39,10 @@ stop_pid() {
     fi
     log "stopping $name (pid $pid)…"
     kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 300; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
+    if ! wait_gone "$pid" 300; then
         log "$name did not stop within 30 s; sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
+        wait_gone "$pid" 50 || true
     fi
     rm -f "$file"
     log "$name stopped"
