@@ -1,19 +1,20 @@
-//! The HTTP surface of `fjord-server`: the stream routes, health, readiness and metrics,
-//! CORS, and errors as JSON with the fitting status. Requests are parsed and checked here;
-//! a bad one is answered with a clear error, never a panic or a 500.
+//! The HTTP surface of `fjord-server`: what a stream request asks for and whether it may
+//! have it, the warp routes for health, readiness, metrics and files, CORS, and errors as
+//! JSON with the fitting status. Requests are parsed and checked here; a bad one is answered
+//! with a clear error, never a panic or a 500. (Stream responses are written by
+//! [`crate::connection`].)
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use serde::Serialize;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::auth::{AuthError, Authenticator, Forbidden, find_token};
 use crate::config::ServerConfig;
-use crate::hub::{Hub, Interest};
+use crate::hub::{Hub, Interest, Subscription};
 use crate::sse::ResumeId;
 
 /// Most keys one connection may filter on.
@@ -33,6 +34,35 @@ pub struct ApiError {
 impl warp::reject::Reject for ApiError {}
 
 impl ApiError {
+    /// A refusal with `status` and a stable `code`.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The JSON body: `{"error":{"code":..,"message":..}}`.
+    pub fn body(&self) -> String {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}}).to_string()
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub fn challenge(&self) -> Option<String> {
+        (self.status == StatusCode::UNAUTHORIZED).then(|| {
+            format!(
+                "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                self.code
+            )
+        })
+    }
+
     fn bad_query(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
@@ -69,35 +99,58 @@ impl ApiError {
     }
 
     fn into_response(self) -> Response {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            error: Detail<'a>,
-        }
-        #[derive(Serialize)]
-        struct Detail<'a> {
-            code: &'a str,
-            message: &'a str,
-        }
-        let body = Body {
-            error: Detail {
-                code: self.code,
-                message: &self.message,
-            },
-        };
-        let mut response =
-            warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            let challenge = format!(
-                "Bearer error=\"invalid_token\", error_description=\"{}\"",
-                self.code
-            );
-            if let Ok(value) = HeaderValue::from_str(&challenge) {
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, value);
-            }
+        let mut response = warp::http::Response::new(self.body().into());
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(value) = self
+            .challenge()
+            .and_then(|challenge| HeaderValue::from_str(&challenge).ok())
+        {
+            headers.insert(header::WWW_AUTHENTICATE, value);
         }
         response
+    }
+}
+
+/// The origins whose pages may read streams.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    any: bool,
+    origins: Vec<String>,
+}
+
+impl Cors {
+    /// From the manifest's `cors_origins`; `*` allows any.
+    pub fn new(origins: &[String]) -> Self {
+        Self {
+            any: origins.iter().any(|origin| origin == "*"),
+            origins: origins.to_vec(),
+        }
+    }
+
+    /// The `Access-Control-Allow-Origin` value for a request from `origin`: none without an
+    /// `Origin`, a refusal for an origin not allowed.
+    pub fn allow(&self, origin: Option<&HeaderValue>) -> Result<Option<HeaderValue>, ApiError> {
+        let Some(origin) = origin else {
+            return Ok(None);
+        };
+        let allowed = self.any
+            || origin
+                .to_str()
+                .is_ok_and(|origin| self.origins.iter().any(|allowed| allowed == origin));
+        if allowed {
+            Ok(Some(origin.clone()))
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cors_forbidden",
+                "CORS request forbidden: origin not allowed",
+            ))
+        }
     }
 }
 
@@ -196,13 +249,13 @@ fn query_value(query: &str, name: &str) -> Option<String> {
 
 /// Authenticates, parses, authorizes and subscribes one stream request. The token is
 /// checked first, so that a caller without one learns nothing about the endpoints.
-async fn open_stream(
+pub async fn open_stream(
     hub: &Arc<Hub>,
     auth: &Authenticator,
     path_endpoint: Option<&str>,
     query: &str,
     headers: &warp::http::HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Subscription, ApiError> {
     let query_token = query_value(query, "access_token");
     let token = find_token(headers, query_token.as_deref(), auth.sources());
     let grant = auth
@@ -225,20 +278,7 @@ async fn open_stream(
     request.interest.keys = grant
         .authorize(&names, request.interest.keys.take())
         .map_err(|error| ApiError::forbidden(&error))?;
-    let subscription = hub.subscribe(request.interest, request.resume.as_ref(), grant.expires_at);
-    let mut response = warp::reply::stream(subscription).into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, no-transform"),
-    );
-    // Tells nginx-style proxies not to buffer the stream.
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    Ok(hub.subscribe(request.interest, request.resume.as_ref(), grant.expires_at))
 }
 
 /// A file served as is, such as `fjord dev`'s demo page.
@@ -252,10 +292,9 @@ pub struct StaticFile {
     pub body: &'static str,
 }
 
-/// Every route of the server, and `static_files` (none in production).
+/// Every route of the server but the streams, and `static_files` (none in production).
 pub fn routes(
     hub: &Arc<Hub>,
-    auth: &Authenticator,
     config: &ServerConfig,
     static_files: &'static [StaticFile],
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
@@ -263,46 +302,7 @@ pub fn routes(
         let hub = Arc::clone(hub);
         warp::any().map(move || Arc::clone(&hub))
     };
-    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
-    let with_auth = {
-        let auth = auth.clone();
-        warp::any().map(move || auth.clone())
-    };
 
-    let one_endpoint = warp::path!("v1" / "streams" / String)
-        .and(warp::get())
-        .and(query)
-        .and(warp::header::headers_cloned())
-        .and(with_hub.clone())
-        .and(with_auth.clone())
-        .and_then(
-            |endpoint: String,
-             query: String,
-             headers: warp::http::HeaderMap,
-             hub: Arc<Hub>,
-             auth: Authenticator| async move {
-                open_stream(&hub, &auth, Some(&endpoint), &query, &headers)
-                    .await
-                    .map_err(warp::reject::custom)
-            },
-        );
-    let several_endpoints =
-        warp::path!("v1" / "streams")
-            .and(warp::get())
-            .and(query)
-            .and(warp::header::headers_cloned())
-            .and(with_hub.clone())
-            .and(with_auth)
-            .and_then(
-                |query: String,
-                 headers: warp::http::HeaderMap,
-                 hub: Arc<Hub>,
-                 auth: Authenticator| async move {
-                    open_stream(&hub, &auth, None, &query, &headers)
-                        .await
-                        .map_err(warp::reject::custom)
-                },
-            );
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());
@@ -348,11 +348,7 @@ pub fn routes(
         },
     );
 
-    let routes = one_endpoint
-        .or(several_endpoints)
-        .unify()
-        .or(healthz)
-        .unify()
+    let routes = healthz
         .or(readyz)
         .unify()
         .or(metrics)

@@ -5,7 +5,6 @@
 //! that fills up is cut off and resumes by id. One timer sends every heartbeat.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -15,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::time::Instant;
 
 use crate::bus::{Bus, BusEntry, BusError, BusReader, StreamId};
 use crate::config::{EndpointName, ServerConfig, StartPosition};
@@ -38,6 +38,8 @@ struct QueuedEvent {
     endpoint: usize,
     id: StreamId,
     event: RenderedEvent,
+    /// When the hub queued it; a connection that takes it much later is cut off.
+    queued_at: Instant,
 }
 
 /// What goes into a connection's queue: one pointer, so that a queue's slots stay small
@@ -91,6 +93,7 @@ pub struct Hub {
     expiries: Mutex<BTreeSet<(u64, ClientId)>>,
     next_client: AtomicU64,
     queue_size: usize,
+    max_lag: Duration,
     retry_ms: u64,
     last_read_ms: AtomicU64,
     draining: AtomicBool,
@@ -154,6 +157,7 @@ impl Hub {
             expiries: Mutex::new(BTreeSet::new()),
             next_client: AtomicU64::new(0),
             queue_size: server.client_queue,
+            max_lag: server.client_max_lag(),
             retry_ms: server.retry_ms,
             bus,
             last_read_ms: AtomicU64::new(0),
@@ -264,8 +268,8 @@ impl Hub {
             }
         }
         let cursor = ResumeId(cursor);
-        let backlog = (!ranges.is_empty())
-            .then(|| Mutex::new(replay(self.bus.clone(), self.endpoints.clone(), ranges)));
+        let backlog =
+            (!ranges.is_empty()).then(|| replay(self.bus.clone(), self.endpoints.clone(), ranges));
         Subscription {
             prelude: Some(sse::prelude(self.retry_ms, &cursor)),
             backlog,
@@ -329,6 +333,7 @@ impl Hub {
                     self.endpoints[*endpoint].as_str(),
                     &entry.envelope,
                 ),
+                queued_at: Instant::now(),
             });
             let channel = read(lock);
             let last = channel.last_id();
@@ -386,7 +391,7 @@ impl Hub {
         for client in clients {
             if self.unsubscribe(client) {
                 self.metrics.clients_dropped.fetch_add(1, Relaxed);
-                tracing::debug!(client, "disconnected a client whose queue was full");
+                tracing::debug!(client, "disconnected a client that fell behind");
             }
         }
     }
@@ -487,10 +492,8 @@ impl Hub {
     }
 }
 
-/// The replay of a resuming connection. The HTTP body must be `Sync`, the replay's bus
-/// futures are not; a mutex that is only ever reached through `get_mut` bridges the two
-/// without locking.
-type Backlog = Mutex<BoxStream<'static, Result<ReplayItem, BusError>>>;
+/// The replay of a resuming connection.
+type Backlog = BoxStream<'static, Result<ReplayItem, BusError>>;
 
 /// One connection's stream of bytes: the prelude, then what it missed (when it resumes),
 /// then its live events, several per write when they queue up. Dropping it unsubscribes the
@@ -599,7 +602,6 @@ impl Subscription {
             let Some(backlog) = &mut self.backlog else {
                 return Poll::Ready(None);
             };
-            let backlog = backlog.get_mut().unwrap_or_else(PoisonError::into_inner);
             let item = match backlog.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
@@ -627,16 +629,16 @@ impl Subscription {
 }
 
 impl Stream for Subscription {
-    type Item = Result<Bytes, Infallible>;
+    type Item = Bytes;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(prelude) = self.prelude.take() {
-            return Poll::Ready(Some(Ok(prelude)));
+            return Poll::Ready(Some(prelude));
         }
         if self.backlog.is_some() {
             match self.poll_backlog(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(bytes)) => return Poll::Ready(Some(Ok(bytes))),
+                Poll::Ready(Some(bytes)) => return Poll::Ready(Some(bytes)),
                 Poll::Ready(None) => {}
             }
         }
@@ -646,6 +648,17 @@ impl Stream for Subscription {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             };
+            // The oldest queued event tells how far behind this connection is. One that
+            // cannot keep up is shed, so that an overloaded server's latency stays bounded
+            // for the others; it resumes by id.
+            if let Frame::Event(event) = &first
+                && event.queued_at.elapsed() > self.hub.max_lag
+            {
+                self.hub.cut_off([self.id]);
+                self.receiver.close();
+                while self.receiver.try_recv().is_ok() {}
+                return Poll::Ready(None);
+            }
             if let Ok(second) = self.receiver.try_recv() {
                 let mut out = BytesMut::with_capacity(4096);
                 self.write_frame(first, &mut out);
@@ -657,23 +670,23 @@ impl Stream for Subscription {
                     }
                 }
                 if !out.is_empty() {
-                    return Poll::Ready(Some(Ok(out.freeze())));
+                    return Poll::Ready(Some(out.freeze()));
                 }
                 continue;
             }
             // The common case, one frame: its shared bytes go out without a copy.
             match first {
-                Frame::Raw(bytes) => return Poll::Ready(Some(Ok(Bytes::clone(&bytes)))),
+                Frame::Raw(bytes) => return Poll::Ready(Some(Bytes::clone(&bytes))),
                 Frame::Event(event) if !self.is_multi_endpoint() => {
                     if self.advance(event.endpoint, event.id) {
-                        return Poll::Ready(Some(Ok(event.event.bytes().clone())));
+                        return Poll::Ready(Some(event.event.bytes().clone()));
                     }
                 }
                 frame => {
                     let mut out = BytesMut::new();
                     self.write_frame(frame, &mut out);
                     if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(out.freeze())));
+                        return Poll::Ready(Some(out.freeze()));
                     }
                 }
             }
@@ -761,11 +774,7 @@ mod tests {
     }
 
     async fn next_text(subscription: &mut Subscription) -> String {
-        let bytes = subscription
-            .next()
-            .await
-            .expect("open")
-            .expect("infallible");
+        let bytes = subscription.next().await.expect("open");
         String::from_utf8(bytes.to_vec()).expect("utf-8")
     }
 
@@ -884,6 +893,26 @@ mod tests {
         assert!(slow.next().await.is_none(), "the stream ends");
         hub.dispatch(&[(1, entry(13, "a"))]);
         assert!(next_text(&mut fast).await.starts_with("id: 13-0"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_falls_behind_is_cut_off_and_the_others_are_not() {
+        let hub = hub(64);
+        let mut behind = hub.subscribe(live(vec![1]), None, None);
+        let mut keeping_up = hub.subscribe(live(vec![1]), None, None);
+        next_text(&mut behind).await;
+        next_text(&mut keeping_up).await;
+        hub.dispatch(&[(1, entry(10, "a"))]);
+        assert!(next_text(&mut keeping_up).await.starts_with("id: 10-0"));
+        tokio::time::advance(ServerConfig::default().client_max_lag() + Duration::from_millis(1))
+            .await;
+        hub.dispatch(&[(1, entry(11, "a"))]);
+        assert!(
+            behind.next().await.is_none(),
+            "shed: its oldest event waited too long"
+        );
+        assert_eq!(hub.metrics().clients_dropped.load(Relaxed), 1);
+        assert!(next_text(&mut keeping_up).await.starts_with("id: 11-0"));
     }
 
     #[tokio::test]

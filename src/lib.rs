@@ -16,7 +16,8 @@
 //! - [`hub`]: a server's fan-out from the bus to its connections.
 //! - [`replay`]: reading back what a resuming client missed, and noticing gaps.
 //! - [`sse`]: the bytes on the wire: events, heartbeats, resume ids.
-//! - [`http`]: the HTTP routes, CORS and JSON errors.
+//! - [`http`]: what a stream request asks for and may have, the other routes, CORS, JSON errors.
+//! - [`connection`]: one TCP connection: stream responses written straight to the socket.
 //! - [`metrics`]: the counters behind `/metrics`.
 //! - [`server`]: wires bus, hub and routes into a running server with graceful drain.
 //! - [`process`]: logging and shutdown signals, shared by the binaries.
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod bench;
 pub mod bus;
 pub mod config;
+pub mod connection;
 #[cfg(feature = "kafka")]
 pub mod consumer;
 #[cfg(feature = "kafka")]

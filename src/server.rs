@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
@@ -16,16 +15,14 @@ use crate::auth::Authenticator;
 use crate::bus::{Bus, BusError};
 use crate::config::Manifest;
 use crate::config::ManifestError;
-use crate::http::StaticFile;
+use crate::connection::{self, Fallback, StreamService};
+use crate::http::{Cors, StaticFile};
 use crate::hub::Hub;
 use crate::metrics::{EmfTarget, Metrics};
 
 /// How long a draining server waits for its connections to close; below ECS's 30 s
 /// default stop timeout.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(20);
-
-/// hyper's read buffer per connection: its smallest allowed maximum.
-const MAX_BUFFER: usize = 8192;
 
 /// How often the open-connections metric goes to CloudWatch.
 const EMF_INTERVAL: Duration = Duration::from_secs(60);
@@ -91,21 +88,20 @@ pub async fn serve(
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, endpoints = hub.endpoints().len(), "fjord-server listening");
     }
-    let routes = crate::http::routes(&hub, &auth, &manifest.server, static_files);
-    let service = warp::service(routes);
-    // hyper's HTTP/1 connection directly, rather than `warp::serve`'s HTTP/1-or-2 sniffing
-    // builder: smaller per connection, and no HTTP/2 or upgrades that SSE does not use.
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.max_buf_size(MAX_BUFFER)
-        .writev(true)
-        .timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    let streams = Arc::new(StreamService {
+        hub: Arc::clone(&hub),
+        auth,
+        cors: Cors::new(&manifest.server.cors_origins),
+    });
+    let fallback = fallback(crate::http::routes(&hub, &manifest.server, static_files));
+    // Every connection task holds a receiver; the drain waits until all are gone.
+    let (connections_open, _) = tokio::sync::watch::channel(());
     tokio::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let socket = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((socket, _)) => socket,
                 Err(error) => {
                     // Out of file descriptors, most likely: wait for connections to close.
                     tracing::warn!(%error, "accept failed");
@@ -114,23 +110,19 @@ pub async fn serve(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let connection = http.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(service.clone()),
-        );
-        let connection = graceful.watch(connection);
+        let _ = socket.set_nodelay(true);
+        let open = connections_open.subscribe();
+        let served = connection::serve(socket, Arc::clone(&streams), Arc::clone(&fallback));
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
-            }
+            served.await;
+            drop(open);
         });
     }
     drop(listener);
     tracing::info!("draining: telling clients to reconnect elsewhere");
     hub.drain();
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = connections_open.closed() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(DRAIN_GRACE) => tracing::warn!("connections still open after the grace period; exiting"),
     }
     feed.abort();
@@ -140,4 +132,31 @@ pub async fn serve(
         emf.abort();
     }
     Ok(())
+}
+
+/// hyper with warp's routes, for every request that is not a stream: one request per
+/// connection, so that a stream request always reaches [`connection`].
+fn fallback(
+    routes: impl warp::Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+) -> Fallback {
+    let service = warp::service(routes);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.max_buf_size(connection::MAX_HEAD)
+        .keep_alive(false)
+        .timer(TokioTimer::new());
+    Arc::new(move |socket| {
+        let served = http.serve_connection(
+            TokioIo::new(socket),
+            TowerToHyperService::new(service.clone()),
+        );
+        Box::pin(async move {
+            if let Err(error) = served.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        })
+    })
 }

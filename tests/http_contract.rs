@@ -198,7 +198,7 @@ async fn health_readiness_and_metrics() {
             .status(),
         200
     );
-    let _stream = SseStream::connect(&format!("{base}/v1/streams/orders"), &[]).await;
+    let stream = SseStream::connect(&format!("{base}/v1/streams/orders"), &[]).await;
     let metrics = client
         .get(format!("{base}/metrics"))
         .send()
@@ -220,6 +220,52 @@ async fn health_readiness_and_metrics() {
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
+
+    // A client that goes away is noticed at once, with no event or heartbeat to write.
+    drop(stream);
+    wait_until_async("the closed stream to be counted out", || async {
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .expect("response")
+            .text()
+            .await
+            .expect("body");
+        text.contains("fjord_open_connections 0")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_http_1_0_client_gets_a_stream_that_ends_with_the_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let server = start_server(|_| {}).await;
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .expect("connect");
+    socket
+        .write_all(b"GET /v1/streams/orders HTTP/1.0\r\n\r\n")
+        .await
+        .expect("request");
+    let mut received = Vec::new();
+    while !received.ends_with(b"\n\n") {
+        let mut chunk = [0_u8; 1024];
+        let n = socket.read(&mut chunk).await.expect("read");
+        assert!(
+            n > 0,
+            "closed early: {}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8(received).expect("utf-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains("connection: close") && !head.contains("chunked"),
+        "{head}"
+    );
+    // Not chunked: the prelude arrives as plain SSE.
+    assert!(body.starts_with("retry: "), "{body}");
 }
 
 #[tokio::test]

@@ -347,12 +347,21 @@ pub struct ServerConfig {
     /// Events queued for one client before it counts as too slow and is disconnected.
     #[serde(default = "default_client_queue")]
     pub client_queue: usize,
+    /// Milliseconds an event may wait in a client's queue; a client whose oldest queued
+    /// event waited longer is too slow, and is disconnected so that the others keep up.
+    #[serde(default = "default_client_max_lag_ms")]
+    pub client_max_lag_ms: u64,
 }
 
 impl ServerConfig {
     /// The heartbeat interval.
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs)
+    }
+
+    /// How long an event may wait in a client's queue.
+    pub fn client_max_lag(&self) -> Duration {
+        Duration::from_millis(self.client_max_lag_ms)
     }
 }
 
@@ -365,6 +374,7 @@ impl Default for ServerConfig {
             retry_ms: default_retry_ms(),
             cors_origins: Vec::new(),
             client_queue: default_client_queue(),
+            client_max_lag_ms: default_client_max_lag_ms(),
         }
     }
 }
@@ -475,4 +485,7 @@ fn default_retry_ms() -> u64 {
 }
 fn default_client_queue() -> usize {
     1024
+}
+fn default_client_max_lag_ms() -> u64 {
+    5000
 }

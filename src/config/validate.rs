@@ -334,6 +334,11 @@ impl Manifest {
             "$.server.client_queue",
             "must be 1 to 1000000",
         )?;
+        require(
+            (100..=3_600_000).contains(&server.client_max_lag_ms),
+            "$.server.client_max_lag_ms",
+            "must be 100 to 3600000",
+        )?;
         for (i, origin) in server.cors_origins.iter().enumerate() {
             let valid = origin == "*"
                 || ((origin.starts_with("https://") || origin.starts_with("http://"))
@@ -488,6 +493,11 @@ mod tests {
                 "/server",
                 serde_json::json!({"client_queue": 0}),
                 "$.server.client_queue",
+            ),
+            (
+                "/server",
+                serde_json::json!({"client_max_lag_ms": 10}),
+                "$.server.client_max_lag_ms",
             ),
             ("/auth", serde_json::json!({"mode": "maybe"}), "$.auth"),
             (

@@ -1,0 +1,527 @@
+//! One accepted TCP connection. Its request head is read into a buffer that is freed once
+//! parsed. A stream request (`GET /v1/streams…`) is answered on this task: the response head,
+//! then the connection's events written straight to the socket as HTTP/1.1 chunks — so that
+//! an open stream costs its socket, this task and its queue, and no HTTP library's buffers.
+//! Every other request (health, metrics, files, CORS preflight, anything malformed) is
+//! handed to hyper with the bytes read so far, one request per connection.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use warp::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::auth::Authenticator;
+use crate::http::{ApiError, Cors, open_stream};
+use crate::hub::{Hub, Subscription};
+
+/// Longest request head; a longer one is refused with 431.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Most header fields in a request head.
+const MAX_HEADERS: usize = 100;
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that takes no bytes for this long is gone: its stream is closed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The first read of a request head; most heads fit.
+const FIRST_READ: usize = 2048;
+
+/// What a stream connection needs: the hub, the token checks, the CORS allowlist.
+#[derive(Debug)]
+pub struct StreamService {
+    /// The hub connections subscribe to.
+    pub hub: Arc<Hub>,
+    /// Verifies tokens.
+    pub auth: Authenticator,
+    /// The origins allowed to read streams.
+    pub cors: Cors,
+}
+
+/// Serves a connection that is not a stream request: hyper and warp, given the socket with
+/// the bytes read from it so far.
+pub type Fallback = Arc<dyn Fn(Prefixed) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Serves one accepted connection to its end.
+pub async fn serve(mut socket: TcpStream, streams: Arc<StreamService>, fallback: Fallback) {
+    let mut buffer = Vec::with_capacity(FIRST_READ);
+    let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut socket, &mut buffer)).await;
+    match head {
+        Err(_elapsed) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "reading a request head failed");
+        }
+        Ok(Ok(Head::TooLarge)) => {
+            let refusal = ApiError::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header_too_large",
+                format!("the request head is larger than {MAX_HEAD} bytes"),
+            );
+            streams.hub.metrics().requests_refused.fetch_add(1, Relaxed);
+            let _ = socket.write_all(&error_response(&refusal, None)).await;
+        }
+        Ok(Ok(Head::Other)) => fallback(Prefixed::new(buffer, socket)).await,
+        Ok(Ok(Head::Stream(request))) => {
+            drop(buffer);
+            if let Err(error) = stream(socket, request, &streams).await {
+                tracing::debug!(%error, "stream connection ended with an error");
+            }
+        }
+    }
+}
+
+/// A parsed request head that asks for a stream.
+#[derive(Debug)]
+struct StreamHead {
+    /// `Some` for `/v1/streams/{endpoint}`.
+    path_endpoint: Option<String>,
+    query: String,
+    headers: HeaderMap,
+    /// HTTP/1.0 has no chunked encoding: the body ends when the connection closes.
+    chunked: bool,
+}
+
+#[derive(Debug)]
+enum Head {
+    Stream(StreamHead),
+    /// Any other request, or one this module does not understand: hyper answers it.
+    Other,
+    TooLarge,
+}
+
+/// Reads until the request head is complete, then sorts it.
+async fn read_head(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> io::Result<Head> {
+    loop {
+        if buffer.len() == buffer.capacity() {
+            if buffer.len() >= MAX_HEAD {
+                return Ok(Head::TooLarge);
+            }
+            buffer.reserve(buffer.len().min(MAX_HEAD - buffer.len()));
+        }
+        if socket.read_buf(buffer).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if let Some(head) = parse_head(buffer) {
+            return Ok(head);
+        }
+    }
+}
+
+/// The head in `buffer` once it is complete; `None` while more bytes are needed.
+fn parse_head(buffer: &[u8]) -> Option<Head> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut fields);
+    match request.parse(buffer) {
+        Ok(httparse::Status::Partial) => None,
+        Err(httparse::Error::TooManyHeaders) => Some(Head::TooLarge),
+        // hyper answers malformed requests with its own 400.
+        Err(_) => Some(Head::Other),
+        Ok(httparse::Status::Complete(_)) => {
+            Some(stream_head(&request).map_or(Head::Other, Head::Stream))
+        }
+    }
+}
+
+fn stream_head(request: &httparse::Request<'_, '_>) -> Option<StreamHead> {
+    if request.method != Some("GET") {
+        return None;
+    }
+    let target = request.path?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let path_endpoint = match path.strip_prefix("/v1/streams") {
+        Some("") => None,
+        Some(rest) => {
+            let name = rest.strip_prefix('/')?;
+            if name.is_empty() || name.contains('/') {
+                return None;
+            }
+            Some(name.to_owned())
+        }
+        None => return None,
+    };
+    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    for field in request.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(field.value).ok()?;
+        headers.append(name, value);
+    }
+    Some(StreamHead {
+        path_endpoint,
+        query: query.to_owned(),
+        headers,
+        chunked: request.version != Some(0),
+    })
+}
+
+/// Answers a stream request: refused with a JSON error, or streamed until the hub ends it or
+/// the client goes.
+async fn stream(
+    mut socket: TcpStream,
+    request: StreamHead,
+    service: &StreamService,
+) -> io::Result<()> {
+    let chunked = request.chunked;
+    let Some(mut subscription) = Box::pin(open(&mut socket, request, service)).await? else {
+        return socket.shutdown().await;
+    };
+    // The kernel closes a connection whose client took no bytes for this long, instead of a
+    // timer per write in every connection.
+    socket2::SockRef::from(&socket).set_tcp_user_timeout(Some(WRITE_TIMEOUT))?;
+    pump(&mut socket, &mut subscription, chunked).await?;
+    if chunked {
+        socket.write_all(b"0\r\n\r\n").await?;
+    }
+    socket.shutdown().await
+}
+
+/// Checks and subscribes a stream request, and writes the response head with the stream's
+/// first bytes; or writes its refusal and returns `None`. Boxed by its caller: verifying a
+/// token may fetch keys, a large future that would otherwise stay in every connection's task
+/// for as long as its stream is open.
+async fn open(
+    socket: &mut TcpStream,
+    request: StreamHead,
+    service: &StreamService,
+) -> io::Result<Option<Subscription>> {
+    let (opened, allow_origin) = match service.cors.allow(request.headers.get("origin")) {
+        Err(refusal) => (Err(refusal), None),
+        Ok(allow_origin) => {
+            let opened = open_stream(
+                &service.hub,
+                &service.auth,
+                request.path_endpoint.as_deref(),
+                &request.query,
+                &request.headers,
+            )
+            .await;
+            (opened, allow_origin)
+        }
+    };
+    match opened {
+        Err(refusal) => {
+            service.hub.metrics().requests_refused.fetch_add(1, Relaxed);
+            socket
+                .write_all(&error_response(&refusal, allow_origin.as_ref()))
+                .await?;
+            Ok(None)
+        }
+        Ok(mut subscription) => {
+            let mut head = stream_response_head(allow_origin.as_ref(), request.chunked);
+            // The prelude is ready at once: it goes out with the head, in one write.
+            if let Some(prelude) = subscription.next().await {
+                append_chunk(&mut head, &prelude, request.chunked);
+            }
+            socket.write_all(&head).await?;
+            Ok(Some(subscription))
+        }
+    }
+}
+
+/// Writes the subscription's bytes to the socket until either ends.
+async fn pump(
+    socket: &mut TcpStream,
+    subscription: &mut Subscription,
+    chunked: bool,
+) -> io::Result<()> {
+    let mut discard = [0_u8; 16];
+    loop {
+        tokio::select! {
+            biased;
+            bytes = subscription.next() => match bytes {
+                Some(bytes) => write_chunk(socket, &bytes, chunked).await?,
+                None => return Ok(()),
+            },
+            // A stream's client sends nothing more; reading tells when it has gone, so that
+            // an idle stream does not outlive its client until the next heartbeat.
+            readable = socket.readable() => {
+                readable?;
+                match socket.try_read(&mut discard) {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(_) => {}
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+    }
+}
+
+fn stream_response_head(allow_origin: Option<&HeaderValue>, chunked: bool) -> Vec<u8> {
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\n\
+          content-type: text/event-stream\r\n\
+          cache-control: no-cache, no-transform\r\n\
+          x-accel-buffering: no\r\n",
+    );
+    head.extend_from_slice(if chunked {
+        b"transfer-encoding: chunked\r\n"
+    } else {
+        b"connection: close\r\n"
+    });
+    append_allow_origin(&mut head, allow_origin);
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+fn append_allow_origin(out: &mut Vec<u8>, allow_origin: Option<&HeaderValue>) {
+    if let Some(origin) = allow_origin {
+        out.extend_from_slice(b"access-control-allow-origin: ");
+        out.extend_from_slice(origin.as_bytes());
+        out.extend_from_slice(b"\r\nvary: origin\r\n");
+    }
+}
+
+/// A complete response for a refused stream request; the connection closes after it.
+fn error_response(refusal: &ApiError, allow_origin: Option<&HeaderValue>) -> Vec<u8> {
+    let body = refusal.body();
+    let status = refusal.status();
+    let mut response = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    if let Some(challenge) = refusal.challenge() {
+        response.extend_from_slice(b"www-authenticate: ");
+        response.extend_from_slice(challenge.as_bytes());
+        response.extend_from_slice(b"\r\n");
+    }
+    append_allow_origin(&mut response, allow_origin);
+    response.extend_from_slice(b"\r\n");
+    response.extend_from_slice(body.as_bytes());
+    response
+}
+
+/// The size line of an HTTP/1.1 chunk of `len` bytes, written without allocating.
+fn chunk_size_line(len: usize) -> ([u8; 18], usize) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut line = [0_u8; 18];
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (position, digit) in line[..digits].iter_mut().enumerate() {
+        *digit = HEX[(len >> (4 * (digits - 1 - position))) & 0xF];
+    }
+    line[digits..digits + 2].copy_from_slice(b"\r\n");
+    (line, digits + 2)
+}
+
+fn append_chunk(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
+    if chunked {
+        let (line, len) = chunk_size_line(data.len());
+        out.extend_from_slice(&line[..len]);
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+/// Writes `data` as one chunk, in one `writev` when the socket takes it all.
+async fn write_chunk(socket: &mut TcpStream, data: &Bytes, chunked: bool) -> io::Result<()> {
+    if !chunked {
+        return socket.write_all(data).await;
+    }
+    let (line, len) = chunk_size_line(data.len());
+    write_all_vectored(socket, &[&line[..len], data, b"\r\n"]).await
+}
+
+async fn write_all_vectored(socket: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
+    // (part, offset in it) of the first byte not yet written.
+    let (mut part, mut offset) = (0, 0);
+    loop {
+        while part < parts.len() && parts[part].len() == offset {
+            part += 1;
+            offset = 0;
+        }
+        if part == parts.len() {
+            return Ok(());
+        }
+        let mut slices = [IoSlice::new(&[]); 3];
+        let mut count = 0;
+        for (index, bytes) in parts.iter().enumerate().skip(part).take(slices.len()) {
+            let start = if index == part { offset } else { 0 };
+            slices[count] = IoSlice::new(&bytes[start..]);
+            count += 1;
+        }
+        let mut written = socket.write_vectored(&slices[..count]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while part < parts.len() && written > 0 {
+            let left = parts[part].len() - offset;
+            if written >= left {
+                written -= left;
+                part += 1;
+                offset = 0;
+            } else {
+                offset += written;
+                written = 0;
+            }
+        }
+    }
+}
+
+/// A socket whose first bytes were already read: they are read again, then the socket.
+#[derive(Debug)]
+pub struct Prefixed {
+    prefix: Vec<u8>,
+    consumed: usize,
+    socket: TcpStream,
+}
+
+impl Prefixed {
+    fn new(prefix: Vec<u8>, socket: TcpStream) -> Self {
+        Self {
+            prefix,
+            consumed: 0,
+            socket,
+        }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.consumed < this.prefix.len() {
+            let left = &this.prefix[this.consumed..];
+            let n = left.len().min(buf.remaining());
+            buf.put_slice(&left[..n]);
+            this.consumed += n;
+            if this.consumed == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.consumed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.socket).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Option<Head> {
+        parse_head(text.as_bytes())
+    }
+
+    #[test]
+    fn stream_requests_are_told_apart() {
+        let Some(Head::Stream(one)) =
+            head("GET /v1/streams/orders?key=a HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1-0\r\n\r\n")
+        else {
+            panic!("a stream request");
+        };
+        assert_eq!(one.path_endpoint.as_deref(), Some("orders"));
+        assert_eq!(one.query, "key=a");
+        assert_eq!(one.headers["last-event-id"], "1-0");
+        assert!(one.chunked);
+
+        let Some(Head::Stream(several)) =
+            head("GET /v1/streams?endpoint=a&endpoint=b HTTP/1.0\r\n\r\n")
+        else {
+            panic!("a stream request");
+        };
+        assert_eq!(several.path_endpoint, None);
+        assert!(!several.chunked);
+
+        for other in [
+            "GET /healthz HTTP/1.1\r\n\r\n",
+            "OPTIONS /v1/streams/orders HTTP/1.1\r\n\r\n",
+            "POST /v1/streams/orders HTTP/1.1\r\n\r\n",
+            "GET /v1/streams/orders/ HTTP/1.1\r\n\r\n",
+            "GET /v1/streamsx HTTP/1.1\r\n\r\n",
+            "GARBAGE\r\n\r\n",
+        ] {
+            assert!(matches!(head(other), Some(Head::Other)), "{other}");
+        }
+        assert!(head("GET /v1/streams/orders HTTP/1.1\r\nHost:").is_none());
+    }
+
+    #[test]
+    fn too_many_header_fields_are_refused() {
+        let fields = "x-filler: 1\r\n".repeat(MAX_HEADERS + 1);
+        let text = format!("GET /v1/streams/orders HTTP/1.1\r\n{fields}\r\n");
+        assert!(matches!(head(&text), Some(Head::TooLarge)));
+    }
+
+    #[test]
+    fn chunks_carry_their_size_in_hex() {
+        let mut out = Vec::new();
+        append_chunk(&mut out, &[b'x'; 26], true);
+        assert_eq!(out, format!("1A\r\n{}\r\n", "x".repeat(26)).into_bytes());
+        for len in [0, 1, 15, 16, 255, 4096, 65_535, usize::MAX] {
+            let (line, used) = chunk_size_line(len);
+            assert_eq!(line[..used], *format!("{len:X}\r\n").as_bytes());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_sorted_without_panicking(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse_head(&bytes);
+        }
+
+        #[test]
+        fn every_split_of_a_write_is_written_in_order(
+            parts in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..50), 1..4),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let address = listener.local_addr().expect("address");
+                let mut writer = TcpStream::connect(address).await.expect("connect");
+                let (mut reader, _) = listener.accept().await.expect("accept");
+                let slices: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+                write_all_vectored(&mut writer, &slices).await.expect("written");
+                drop(writer);
+                let mut received = Vec::new();
+                reader.read_to_end(&mut received).await.expect("read");
+                proptest::prop_assert_eq!(received, parts.concat());
+                Ok(())
+            })?;
+        }
+    }
+}
