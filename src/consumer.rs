@@ -199,6 +199,10 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", offset_reset)
         .set("session.timeout.ms", "10000")
+        // The longest a fetch waits at the broker. Records mostly end the wait as they
+        // arrive, but not always: with librdkafka's 500 ms default, p99 produce → browser
+        // was 480 ms in BENCHMARKS.md's e2e scenario; with 100 ms, 13-25 ms.
+        .set("fetch.wait.max.ms", "100")
         .create_with_context(context)
         .map_err(|source| ConsumerError::Kafka {
             operation: "create consumer",
