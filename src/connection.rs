@@ -230,27 +230,40 @@ async fn pump(
     subscription: &mut Subscription,
     chunked: bool,
 ) -> io::Result<()> {
-    let mut discard = [0_u8; 16];
     loop {
-        tokio::select! {
-            biased;
-            bytes = subscription.next() => match bytes {
-                Some(bytes) => write_chunk(socket, &bytes, chunked).await?,
-                None => return Ok(()),
-            },
-            // A stream's client sends nothing more; reading tells when it has gone, so that
-            // an idle stream does not outlive its client until the next heartbeat.
-            readable = socket.readable() => {
-                readable?;
-                match socket.try_read(&mut discard) {
-                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    Ok(_) => {}
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(error) => return Err(error),
-                }
-            }
+        match std::future::poll_fn(|cx| next_or_gone(socket, subscription, cx)).await? {
+            Some(bytes) => write_chunk(socket, &bytes, chunked).await?,
+            None => return Ok(()),
         }
     }
+}
+
+/// The subscription's next bytes, or an error once the client has gone. A stream's client
+/// sends nothing more, so a readable socket means it closed: noticed at once, not at the next
+/// heartbeat. Read readiness is polled with the task's own waker, which costs nothing per
+/// event (`readable()` adds and removes a waiter each time).
+fn next_or_gone(
+    socket: &TcpStream,
+    subscription: &mut Subscription,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<Option<Bytes>>> {
+    if let Poll::Ready(bytes) = subscription.poll_next_unpin(cx) {
+        return Poll::Ready(Ok(bytes));
+    }
+    while let Poll::Ready(ready) = socket.poll_read_ready(cx) {
+        if let Err(error) = ready {
+            return Poll::Ready(Err(error));
+        }
+        let mut discard = [0_u8; 16];
+        match socket.try_read(&mut discard) {
+            Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+            // Readiness is cleared: the next poll registers the waker.
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Poll::Ready(Err(error)),
+        }
+    }
+    Poll::Pending
 }
 
 fn stream_response_head(allow_origin: Option<&HeaderValue>, chunked: bool) -> Vec<u8> {
