@@ -31,6 +31,9 @@ const MAX_HEADERS: usize = 100;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that takes no bytes for this long is gone: its stream is closed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The kernel's send buffer of a stream connection (Linux doubles it for its bookkeeping):
+/// a few hundred events, enough for any client that keeps up.
+const SEND_BUFFER: usize = 32 * 1024;
 /// The first read of a request head; most heads fit.
 const FIRST_READ: usize = 2048;
 
@@ -171,9 +174,13 @@ async fn stream(
     let Some(mut subscription) = Box::pin(open(&mut socket, request, service)).await? else {
         return socket.shutdown().await;
     };
+    let options = socket2::SockRef::from(&socket);
     // The kernel closes a connection whose client took no bytes for this long, instead of a
     // timer per write in every connection.
-    socket2::SockRef::from(&socket).set_tcp_user_timeout(Some(WRITE_TIMEOUT))?;
+    options.set_tcp_user_timeout(Some(WRITE_TIMEOUT))?;
+    // A fixed send buffer: autotuned, it grows to megabytes for a client that stopped
+    // reading, hiding it from the queue bound for minutes and holding kernel memory.
+    options.set_send_buffer_size(SEND_BUFFER)?;
     pump(&mut socket, &mut subscription, chunked).await?;
     if chunked {
         socket.write_all(b"0\r\n\r\n").await?;

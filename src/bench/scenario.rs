@@ -63,6 +63,10 @@ pub struct Scenario {
     pub slow_every: usize,
     /// The servers' `client_queue`, when not the default.
     pub client_queue: Option<usize>,
+    /// Servers on CPU 0, workers on CPU 1: so that the servers, not the load generator,
+    /// run out of CPU first.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 impl Scenario {
@@ -79,6 +83,7 @@ impl Scenario {
             measure_secs: 20,
             slow_every: 0,
             client_queue: None,
+            pinned: false,
         };
         let full = match name {
             "idle" => Self {
@@ -92,6 +97,18 @@ impl Scenario {
                 ..base
             },
             "fanout" => base,
+            // The same deliveries per second as fewer connections with more events each.
+            "floor-1k" => Self {
+                kind: Kind::Floor,
+                connections: 1_000,
+                rate: 100.0,
+                ..base
+            },
+            "fanout-1k" => Self {
+                connections: 1_000,
+                rate: 100.0,
+                ..base
+            },
             "keyed" => Self {
                 keyed: true,
                 ..base
@@ -101,6 +118,7 @@ impl Scenario {
                 measure_secs: 30,
                 slow_every: 20,
                 client_queue: Some(256),
+                pinned: true,
                 ..base
             },
             "e2e" => Self {
@@ -129,14 +147,15 @@ impl Scenario {
             warmup_secs: if full.kind == Kind::EndToEnd { 4 } else { 1 },
             measure_secs: 2,
             slow_every: full.slow_every.min(10),
+            pinned: false,
             ..full
         })
     }
 }
 
 /// Every standard scenario, in the order they run.
-pub(crate) const ALL: [&str; 7] = [
-    "idle", "floor", "fanout", "keyed", "overload", "e2e", "scale",
+pub(crate) const ALL: [&str; 9] = [
+    "idle", "floor", "fanout", "floor-1k", "fanout-1k", "keyed", "overload", "e2e", "scale",
 ];
 
 /// What one scenario measured.
@@ -435,8 +454,20 @@ impl Driven {
     }
 }
 
-fn server_command(env: &Env, binary: &str, manifest: &str) -> Command {
-    let mut command = Command::new(env.bin_dir.join(binary));
+/// `program`, on `cpu` alone when the scenario is pinned.
+fn on_cpu(program: impl AsRef<std::ffi::OsStr>, scenario: &Scenario, cpu: u32) -> Command {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if !scenario.pinned || cpus < 2 {
+        return Command::new(program);
+    }
+    // taskset execs the program: its pid is the one measured.
+    let mut command = Command::new("taskset");
+    command.arg("-c").arg(cpu.to_string()).arg(program);
+    command
+}
+
+fn server_command(env: &Env, scenario: &Scenario, binary: &str, manifest: &str) -> Command {
+    let mut command = on_cpu(env.bin_dir.join(binary), scenario, 0);
     command
         .env("FJORD_MANIFEST_JSON", manifest)
         // Connections the workers drop at the end are not news.
@@ -673,14 +704,14 @@ pub(crate) async fn run(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcom
             for _ in 0..scenario.servers.max(1) {
                 let port = free_port()?;
                 manifest_text = manifest(env, scenario, port, &prefix, &topic);
-                servers.push(server_command(env, "fjord-server", &manifest_text).spawn()?);
+                servers.push(server_command(env, scenario, "fjord-server", &manifest_text).spawn()?);
                 ports.push(port);
             }
             for &port in &ports {
                 wait_ready(port).await?;
             }
             if scenario.kind == Kind::EndToEnd {
-                consumer = Some(server_command(env, "fjord-consumer", &manifest_text).spawn()?);
+                consumer = Some(server_command(env, scenario, "fjord-consumer", &manifest_text).spawn()?);
             }
         }
     }
@@ -713,7 +744,7 @@ pub(crate) async fn run(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcom
         .collect();
     let mut workers = Vec::new();
     for spec in worker_specs(scenario, &addresses, deadline_secs) {
-        let mut command = Command::new(&env.me);
+        let mut command = on_cpu(&env.me, scenario, 1);
         command
             .args(["bench", "worker", "--spec", &serde_json::to_string(&spec)?])
             .env("RUST_LOG", "warn");
