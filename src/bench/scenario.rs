@@ -155,7 +155,15 @@ impl Scenario {
 
 /// Every standard scenario, in the order they run.
 pub(crate) const ALL: [&str; 9] = [
-    "idle", "floor", "fanout", "floor-1k", "fanout-1k", "keyed", "overload", "e2e", "scale",
+    "idle",
+    "floor",
+    "fanout",
+    "floor-1k",
+    "fanout-1k",
+    "keyed",
+    "overload",
+    "e2e",
+    "scale",
 ];
 
 /// What one scenario measured.
@@ -704,14 +712,16 @@ pub(crate) async fn run(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcom
             for _ in 0..scenario.servers.max(1) {
                 let port = free_port()?;
                 manifest_text = manifest(env, scenario, port, &prefix, &topic);
-                servers.push(server_command(env, scenario, "fjord-server", &manifest_text).spawn()?);
+                servers
+                    .push(server_command(env, scenario, "fjord-server", &manifest_text).spawn()?);
                 ports.push(port);
             }
             for &port in &ports {
                 wait_ready(port).await?;
             }
             if scenario.kind == Kind::EndToEnd {
-                consumer = Some(server_command(env, scenario, "fjord-consumer", &manifest_text).spawn()?);
+                consumer =
+                    Some(server_command(env, scenario, "fjord-consumer", &manifest_text).spawn()?);
             }
         }
     }
