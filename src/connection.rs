@@ -101,6 +101,7 @@ enum Head {
 
 /// Reads until the request head is complete, then sorts it.
 async fn read_head(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> io::Result<Head> {
+    let mut searched: usize = 0;
     loop {
         if buffer.len() == buffer.capacity() {
             if buffer.len() >= MAX_HEAD {
@@ -111,10 +112,21 @@ async fn read_head(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> io::Result<H
         if socket.read_buf(buffer).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
+        // Parsed only once the blank line that ends a head has arrived: parsing from the
+        // start after every read would take quadratic time for a head sent byte by byte.
+        let new_bytes = &buffer[searched.saturating_sub(2)..];
+        searched = buffer.len();
+        if !contains_blank_line(new_bytes) {
+            continue;
+        }
         if let Some(head) = parse_head(buffer) {
             return Ok(head);
         }
     }
+}
+
+fn contains_blank_line(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|pair| pair == b"\n\n") || bytes.windows(3).any(|three| three == b"\n\r\n")
 }
 
 /// The head in `buffer` once it is complete; `None` while more bytes are needed.
@@ -498,6 +510,39 @@ mod tests {
             assert!(matches!(head(other), Some(Head::Other)), "{other}");
         }
         assert!(head("GET /v1/streams/orders HTTP/1.1\r\nHost:").is_none());
+    }
+
+    #[test]
+    fn a_head_ends_at_its_blank_line() {
+        assert!(contains_blank_line(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(contains_blank_line(b"GET / HTTP/1.1\nHost: x\n\n"));
+        assert!(contains_blank_line(b"\n\r\n"));
+        assert!(!contains_blank_line(b"GET / HTTP/1.1\r\nHost: x\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_head_sent_byte_by_byte_is_read_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let sender = tokio::spawn(async move {
+            for byte in b"GET /v1/streams/orders HTTP/1.1\r\nHost: x\r\n\r\n" {
+                client.write_all(&[*byte]).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let mut buffer = Vec::with_capacity(FIRST_READ);
+        let head = read_head(&mut server, &mut buffer).await.expect("a head");
+        assert!(
+            matches!(&head, Head::Stream(request) if request.path_endpoint.as_deref() == Some("orders")),
+            "{head:?}"
+        );
+        drop(sender.await);
     }
 
     #[test]
