@@ -273,6 +273,7 @@ impl Hub {
         Subscription {
             prelude: Some(sse::prelude(self.retry_ms, &cursor)),
             backlog,
+            replayed_at: None,
             receiver,
             endpoints: interest.endpoints,
             keys: interest.keys,
@@ -501,6 +502,9 @@ type Backlog = BoxStream<'static, Result<ReplayItem, BusError>>;
 pub struct Subscription {
     prelude: Option<Bytes>,
     backlog: Option<Backlog>,
+    /// When its replay ended: events queued while it replayed waited for the replay, not
+    /// for the client, and do not count as lag.
+    replayed_at: Option<Instant>,
     receiver: mpsc::Receiver<Frame>,
     endpoints: Vec<usize>,
     keys: Option<Vec<String>>,
@@ -606,6 +610,7 @@ impl Subscription {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     self.backlog = None;
+                    self.replayed_at = Some(Instant::now());
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Some(Err(error))) => {
@@ -652,7 +657,11 @@ impl Stream for Subscription {
             // cannot keep up is shed, so that an overloaded server's latency stays bounded
             // for the others; it resumes by id.
             if let Frame::Event(event) = &first
-                && event.queued_at.elapsed() > self.hub.max_lag
+                && self
+                    .replayed_at
+                    .map_or(event.queued_at, |replayed| replayed.max(event.queued_at))
+                    .elapsed()
+                    > self.hub.max_lag
             {
                 self.hub.cut_off([self.id]);
                 self.receiver.close();
@@ -970,6 +979,20 @@ mod tests {
             rest.starts_with("event: fjord.shutdown"),
             "nothing at or before its id: {rest}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_queued_during_a_long_replay_do_not_count_as_lag() {
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
+        let ids = publish(&hub, &bus, &mut reader, 0, 5, Retention::default()).await;
+        let mut client = hub.subscribe(live(vec![1]), Some(&ResumeId(vec![ids[0]])), None);
+        publish(&hub, &bus, &mut reader, 5, 1, Retention::default()).await;
+        // The replay has not been read when the live event is older than the lag bound.
+        tokio::time::advance(ServerConfig::default().client_max_lag() + Duration::from_millis(1))
+            .await;
+        next_text(&mut client).await;
+        assert_eq!(read_offsets(&mut client, 5).await, vec![1, 2, 3, 4, 5]);
+        assert_eq!(hub.metrics().clients_dropped.load(Relaxed), 0);
     }
 
     #[tokio::test]
