@@ -13,12 +13,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
-use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
 
 use crate::bus::{Bus, BusEntry, BusError, BusReader, StreamId};
 use crate::config::{EndpointName, ServerConfig, StartPosition};
 use crate::metrics::Metrics;
+use crate::queue::{PushError, Queue};
 use crate::replay::{ReplayItem, ReplayRange, replay};
 use crate::sse::{self, RenderedEvent, ResumeId};
 
@@ -30,7 +30,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const READY_WINDOW_MS: u64 = 5_000;
 
 type ClientId = u64;
-type Sender = mpsc::Sender<Frame>;
+type Sender = Arc<Queue<Frame>>;
 
 /// An event as queued to every receiving connection: one allocation per event, shared.
 #[derive(Debug)]
@@ -209,7 +209,8 @@ impl Hub {
         resume: Option<&ResumeId>,
         expires_at: Option<u64>,
     ) -> Subscription {
-        let (sender, receiver) = mpsc::channel(self.queue_size);
+        let sender = Arc::new(Queue::new(self.queue_size));
+        let receiver = Arc::clone(&sender);
         let id = self.next_client.fetch_add(1, Relaxed);
         let mut live_start = Vec::with_capacity(interest.endpoints.len());
         for &endpoint in &interest.endpoints {
@@ -283,11 +284,14 @@ impl Hub {
         }
     }
 
-    /// Removes a connection from every index. Its stream ends once its queue is drained.
+    /// Removes a connection from every index and closes its queue: its stream ends once the
+    /// queue is drained.
     fn unsubscribe(&self, id: ClientId) -> bool {
         let Some(client) = self.clients().remove(&id) else {
             return false;
         };
+        // The connection gets what is queued, then the end of its stream.
+        client.sender.close();
         if let Some(at) = client.expires_at {
             self.expiries().remove(&(at, id));
         }
@@ -347,9 +351,7 @@ impl Hub {
                     .iter()
                     .chain(channel.by_key.values().flatten());
                 for (&client, sender) in everyone {
-                    if let Err(TrySendError::Full(_)) =
-                        sender.try_send(Frame::Raw(Arc::clone(&gap)))
-                    {
+                    if let Err(PushError::Full) = sender.push(Frame::Raw(Arc::clone(&gap))) {
                         too_slow.insert(client);
                     }
                 }
@@ -364,12 +366,12 @@ impl Hub {
                 if !too_slow.is_empty() && too_slow.contains(&client) {
                     continue;
                 }
-                match sender.try_send(Frame::Event(Arc::clone(&event))) {
+                match sender.push(Frame::Event(Arc::clone(&event))) {
                     Ok(()) => queued += 1,
-                    Err(TrySendError::Full(_)) => {
+                    Err(PushError::Full) => {
                         too_slow.insert(client);
                     }
-                    Err(TrySendError::Closed(_)) => {}
+                    Err(PushError::Closed) => {}
                 }
             }
             channel.last_ms.store(entry.id.ms, Relaxed);
@@ -402,9 +404,7 @@ impl Hub {
         let mut too_slow = Vec::new();
         let bytes = Arc::new(bytes.clone());
         for (&id, client) in self.clients().iter() {
-            if let Err(TrySendError::Full(_)) =
-                client.sender.try_send(Frame::Raw(Arc::clone(&bytes)))
-            {
+            if let Err(PushError::Full) = client.sender.push(Frame::Raw(Arc::clone(&bytes))) {
                 too_slow.push(id);
             }
         }
@@ -452,7 +452,7 @@ impl Hub {
         for id in expired {
             if let Some(client) = self.clients().get(&id) {
                 // A full queue needs no notice: the connection is being cut off anyway.
-                let _ = client.sender.try_send(Frame::Raw(Arc::clone(&notice)));
+                let _ = client.sender.push(Frame::Raw(Arc::clone(&notice)));
             }
             self.unsubscribe(id);
         }
@@ -505,7 +505,7 @@ pub struct Subscription {
     /// When its replay ended: events queued while it replayed waited for the replay, not
     /// for the client, and do not count as lag.
     replayed_at: Option<Instant>,
-    receiver: mpsc::Receiver<Frame>,
+    receiver: Sender,
     endpoints: Vec<usize>,
     keys: Option<Vec<String>>,
     /// The connection's position in each of its endpoints: an event at or before it was
@@ -618,8 +618,7 @@ impl Subscription {
                     // it got.
                     tracing::warn!(%error, client = self.id, "replay failed; closing the stream");
                     self.backlog = None;
-                    self.receiver.close();
-                    while self.receiver.try_recv().is_ok() {}
+                    self.receiver.close_and_clear();
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Some(Ok(item))) => item,
@@ -648,7 +647,7 @@ impl Stream for Subscription {
             }
         }
         loop {
-            let first = match self.receiver.poll_recv(cx) {
+            let first = match self.receiver.poll_next(cx) {
                 Poll::Ready(Some(frame)) => frame,
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
@@ -664,18 +663,17 @@ impl Stream for Subscription {
                     > self.hub.max_lag
             {
                 self.hub.cut_off([self.id]);
-                self.receiver.close();
-                while self.receiver.try_recv().is_ok() {}
+                self.receiver.close_and_clear();
                 return Poll::Ready(None);
             }
-            if let Ok(second) = self.receiver.try_recv() {
+            if let Some(second) = self.receiver.try_next() {
                 let mut out = BytesMut::with_capacity(4096);
                 self.write_frame(first, &mut out);
                 self.write_frame(second, &mut out);
                 for _ in 2..MAX_COALESCED_FRAMES {
-                    match self.receiver.try_recv() {
-                        Ok(frame) => self.write_frame(frame, &mut out),
-                        Err(_) => break,
+                    match self.receiver.try_next() {
+                        Some(frame) => self.write_frame(frame, &mut out),
+                        None => break,
                     }
                 }
                 if !out.is_empty() {

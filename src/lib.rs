@@ -14,6 +14,7 @@
 //! - [`consumer`]: consumer-group members that publish records to the bus (needs `kafka`).
 //! - [`bus`]: the link between consumers and servers: Redis Streams, or in process.
 //! - [`hub`]: a server's fan-out from the bus to its connections.
+//! - [`queue`]: a connection's bounded queue, from the hub to its task.
 //! - [`replay`]: reading back what a resuming client missed, and noticing gaps.
 //! - [`sse`]: the bytes on the wire: events, heartbeats, resume ids.
 //! - [`http`]: what a stream request asks for and may have, the other routes, CORS, JSON errors.
@@ -42,6 +43,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod process;
+pub mod queue;
 pub mod replay;
 pub mod server;
 pub mod setup;
