@@ -42,8 +42,8 @@ struct QueuedEvent {
     queued_at: Instant,
 }
 
-/// What goes into a connection's queue: one pointer, so that a queue's slots stay small
-/// (each connection's queue holds blocks of 32 of them).
+/// What goes into a connection's queue: one pointer and a tag, so that a queue of many
+/// events stays small.
 #[derive(Debug, Clone)]
 enum Frame {
     Event(Arc<QueuedEvent>),
