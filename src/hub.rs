@@ -30,7 +30,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const READY_WINDOW_MS: u64 = 5_000;
 
 type ClientId = u64;
-type Sender = Arc<Queue<Frame>>;
+/// A connection's queue, shared by the hub's indexes (which push) and its subscription (which takes).
+type ClientQueue = Arc<Queue<Frame>>;
 
 /// An event as queued to every receiving connection: one allocation per event, shared.
 #[derive(Debug)]
@@ -54,9 +55,9 @@ enum Frame {
 #[derive(Debug, Default)]
 struct Channel {
     /// Connections that receive every record.
-    everyone: HashMap<ClientId, Sender>,
+    everyone: HashMap<ClientId, ClientQueue>,
     /// Connections that receive only records with one of their keys, by key.
-    by_key: HashMap<String, HashMap<ClientId, Sender>>,
+    by_key: HashMap<String, HashMap<ClientId, ClientQueue>>,
     /// The id of the last entry queued to this channel's connections. Written under the
     /// read lock by the one dispatcher, read under the write lock by a new subscriber.
     last_ms: AtomicU64,
@@ -74,7 +75,7 @@ impl Channel {
 
 #[derive(Debug)]
 struct Client {
-    sender: Sender,
+    sender: ClientQueue,
     endpoints: Vec<usize>,
     keys: Option<Vec<String>>,
     /// When its token runs out, in seconds since the epoch.
@@ -505,7 +506,7 @@ pub struct Subscription {
     /// When its replay ended: events queued while it replayed waited for the replay, not
     /// for the client, and do not count as lag.
     replayed_at: Option<Instant>,
-    receiver: Sender,
+    receiver: ClientQueue,
     endpoints: Vec<usize>,
     keys: Option<Vec<String>>,
     /// The connection's position in each of its endpoints: an event at or before it was
