@@ -30,7 +30,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const READY_WINDOW_MS: u64 = 5_000;
 
 type ClientId = u64;
-/// A connection's queue, shared by the hub's indexes (which push) and its subscription (which takes).
+/// A connection's queue, shared by the hub's indexes (which push) and its subscription
+/// (which takes).
 type ClientQueue = Arc<Queue<Frame>>;
 
 /// An event as queued to every receiving connection: one allocation per event, shared.
