@@ -21,7 +21,7 @@ use warp::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::auth::Authenticator;
 use crate::http::{ApiError, Cors, open_stream};
-use crate::hub::{Hub, Subscription};
+use crate::hub::{DirectWrite, Hub, Outgoing, Subscription, WrittenNow};
 
 /// Longest request head; a longer one is refused with 431.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -177,14 +177,10 @@ fn stream_head(request: &httparse::Request<'_, '_>) -> Option<StreamHead> {
 
 /// Answers a stream request: refused with a JSON error, or streamed until the hub ends it or
 /// the client goes.
-async fn stream(
-    mut socket: TcpStream,
-    request: StreamHead,
-    service: &StreamService,
-) -> io::Result<()> {
+async fn stream(socket: TcpStream, request: StreamHead, service: &StreamService) -> io::Result<()> {
     let chunked = request.chunked;
-    let Some(mut subscription) = Box::pin(open(&mut socket, request, service)).await? else {
-        return socket.shutdown().await;
+    let Some(mut subscription) = Box::pin(open(&socket, request, service)).await? else {
+        return shut_down(&socket);
     };
     let options = socket2::SockRef::from(&socket);
     // The kernel closes a connection whose client took no bytes for this long, instead of a
@@ -193,11 +189,19 @@ async fn stream(
     // A fixed send buffer: autotuned, it grows to megabytes for a client that stopped
     // reading, hiding it from the queue bound for minutes and holding kernel memory.
     options.set_send_buffer_size(SEND_BUFFER)?;
-    pump(&mut socket, &mut subscription, chunked).await?;
+    let socket = Arc::new(socket);
     if chunked {
-        socket.write_all(b"0\r\n\r\n").await?;
+        subscription.write_directly(Arc::new(ChunkedSocket(Arc::clone(&socket))));
     }
-    socket.shutdown().await
+    pump(&socket, &mut subscription, chunked).await?;
+    if chunked {
+        write_all_vectored(&socket, &[b"0\r\n\r\n"]).await?;
+    }
+    shut_down(&socket)
+}
+
+fn shut_down(socket: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write)
 }
 
 /// Checks and subscribes a stream request, and writes the response head with the stream's
@@ -205,7 +209,7 @@ async fn stream(
 /// token may fetch keys, a large future that would otherwise stay in every connection's task
 /// for as long as its stream is open.
 async fn open(
-    socket: &mut TcpStream,
+    socket: &TcpStream,
     request: StreamHead,
     service: &StreamService,
 ) -> io::Result<Option<Subscription>> {
@@ -226,18 +230,17 @@ async fn open(
     match opened {
         Err(refusal) => {
             service.hub.metrics().requests_refused.fetch_add(1, Relaxed);
-            socket
-                .write_all(&error_response(&refusal, allow_origin.as_ref()))
-                .await?;
+            let response = error_response(&refusal, allow_origin.as_ref());
+            write_all_vectored(socket, &[&response]).await?;
             Ok(None)
         }
         Ok(mut subscription) => {
             let mut head = stream_response_head(allow_origin.as_ref(), request.chunked);
             // The prelude is ready at once: it goes out with the head, in one write.
-            if let Some(prelude) = subscription.next().await {
+            if let Some(Outgoing::Events(prelude)) = subscription.next().await {
                 append_chunk(&mut head, &prelude, request.chunked);
             }
-            socket.write_all(&head).await?;
+            write_all_vectored(socket, &[&head]).await?;
             Ok(Some(subscription))
         }
     }
@@ -245,14 +248,40 @@ async fn open(
 
 /// Writes the subscription's bytes to the socket until either ends.
 async fn pump(
-    socket: &mut TcpStream,
+    socket: &TcpStream,
     subscription: &mut Subscription,
     chunked: bool,
 ) -> io::Result<()> {
     loop {
         match std::future::poll_fn(|cx| next_or_gone(socket, subscription, cx)).await? {
-            Some(bytes) => write_chunk(socket, &bytes, chunked).await?,
+            Some(Outgoing::Events(bytes)) => write_chunk(socket, &bytes, chunked).await?,
+            Some(Outgoing::Wire(bytes)) => write_all_vectored(socket, &[&bytes]).await?,
             None => return Ok(()),
+        }
+    }
+}
+
+/// A stream socket the hub may write an event to in the connection task's place.
+#[derive(Debug)]
+struct ChunkedSocket(Arc<TcpStream>);
+
+impl DirectWrite for ChunkedSocket {
+    fn write_now(&self, sse: &[u8]) -> WrittenNow {
+        let (line, len) = chunk_size_line(sse.len());
+        let parts: [&[u8]; 3] = [&line[..len], sse, b"\r\n"];
+        let slices = parts.map(IoSlice::new);
+        match self.0.try_write_vectored(&slices) {
+            Ok(written) if written == len + sse.len() + 2 => WrittenNow::All,
+            Ok(written) if written > 0 => {
+                let (part, offset) = position_after(&parts, 0, 0, written);
+                let mut rest = Vec::with_capacity(len + sse.len() + 2 - written);
+                for (index, bytes) in parts.iter().enumerate().skip(part) {
+                    rest.extend_from_slice(&bytes[if index == part { offset } else { 0 }..]);
+                }
+                WrittenNow::Part(rest.into())
+            }
+            // Would block, or failed: the connection's task writes it, and meets the error.
+            Ok(_) | Err(_) => WrittenNow::Nothing,
         }
     }
 }
@@ -265,7 +294,7 @@ fn next_or_gone(
     socket: &TcpStream,
     subscription: &mut Subscription,
     cx: &mut Context<'_>,
-) -> Poll<io::Result<Option<Bytes>>> {
+) -> Poll<io::Result<Option<Outgoing>>> {
     if let Poll::Ready(bytes) = subscription.poll_next_unpin(cx) {
         return Poll::Ready(Ok(bytes));
     }
@@ -357,25 +386,19 @@ fn append_chunk(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
 }
 
 /// Writes `data` as one chunk, in one `writev` when the socket takes it all.
-async fn write_chunk(socket: &mut TcpStream, data: &Bytes, chunked: bool) -> io::Result<()> {
+async fn write_chunk(socket: &TcpStream, data: &Bytes, chunked: bool) -> io::Result<()> {
     if !chunked {
-        return socket.write_all(data).await;
+        return write_all_vectored(socket, &[data]).await;
     }
     let (line, len) = chunk_size_line(data.len());
     write_all_vectored(socket, &[&line[..len], data, b"\r\n"]).await
 }
 
-async fn write_all_vectored(socket: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
+/// Writes every part, waiting for the socket only when it is full.
+async fn write_all_vectored(socket: &TcpStream, parts: &[&[u8]]) -> io::Result<()> {
     // (part, offset in it) of the first byte not yet written.
-    let (mut part, mut offset) = (0, 0);
-    loop {
-        while part < parts.len() && parts[part].len() == offset {
-            part += 1;
-            offset = 0;
-        }
-        if part == parts.len() {
-            return Ok(());
-        }
+    let (mut part, mut offset) = position_after(parts, 0, 0, 0);
+    while part < parts.len() {
         let mut slices = [IoSlice::new(&[]); 3];
         let mut count = 0;
         for (index, bytes) in parts.iter().enumerate().skip(part).take(slices.len()) {
@@ -383,22 +406,38 @@ async fn write_all_vectored(socket: &mut TcpStream, parts: &[&[u8]]) -> io::Resu
             slices[count] = IoSlice::new(&bytes[start..]);
             count += 1;
         }
-        let mut written = socket.write_vectored(&slices[..count]).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while part < parts.len() && written > 0 {
-            let left = parts[part].len() - offset;
-            if written >= left {
-                written -= left;
-                part += 1;
-                offset = 0;
-            } else {
-                offset += written;
-                written = 0;
+        let written = match socket.try_write_vectored(&slices[..count]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => written,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                socket.writable().await?;
+                continue;
             }
-        }
+            Err(error) => return Err(error),
+        };
+        (part, offset) = position_after(parts, part, offset, written);
     }
+    Ok(())
+}
+
+/// Where the first unwritten byte of `parts` is once `written` more bytes went out from
+/// (`part`, `offset`); past empty parts, `(parts.len(), 0)` when all went out.
+fn position_after(
+    parts: &[&[u8]],
+    mut part: usize,
+    mut offset: usize,
+    mut written: usize,
+) -> (usize, usize) {
+    while part < parts.len() {
+        let left = parts[part].len() - offset;
+        if written < left {
+            return (part, offset + written);
+        }
+        written -= left;
+        part += 1;
+        offset = 0;
+    }
+    (part, offset)
 }
 
 /// A socket whose first bytes were already read: they are read again, then the socket.
@@ -545,6 +584,37 @@ mod tests {
         drop(sender.await);
     }
 
+    #[tokio::test]
+    async fn a_direct_write_the_socket_cannot_take_whole_leaves_its_framed_rest() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let writer = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (mut reader, _) = listener.accept().await.expect("accept");
+        socket2::SockRef::from(&writer)
+            .set_send_buffer_size(4096)
+            .expect("buffer");
+        let writer = Arc::new(writer);
+        let sse = vec![b'x'; 4 << 20];
+        let WrittenNow::Part(rest) = ChunkedSocket(Arc::clone(&writer)).write_now(&sse) else {
+            panic!("4 MiB do not fit a 4 KiB send buffer");
+        };
+        let finish = tokio::spawn(async move {
+            write_all_vectored(&writer, &[&rest])
+                .await
+                .expect("the rest");
+            drop(writer);
+        });
+        let mut received = Vec::new();
+        reader.read_to_end(&mut received).await.expect("read");
+        finish.await.expect("writer");
+        let mut expected = Vec::new();
+        append_chunk(&mut expected, &sse, true);
+        assert!(received == expected, "the chunk arrives whole and in order");
+    }
+
     #[test]
     fn too_many_header_fields_are_refused() {
         let fields = "x-filler: 1\r\n".repeat(MAX_HEADERS + 1);
@@ -577,10 +647,10 @@ mod tests {
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
                 let address = listener.local_addr().expect("address");
-                let mut writer = TcpStream::connect(address).await.expect("connect");
+                let writer = TcpStream::connect(address).await.expect("connect");
                 let (mut reader, _) = listener.accept().await.expect("accept");
                 let slices: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-                write_all_vectored(&mut writer, &slices).await.expect("written");
+                write_all_vectored(&writer, &slices).await.expect("written");
                 drop(writer);
                 let mut received = Vec::new();
                 reader.read_to_end(&mut received).await.expect("read");

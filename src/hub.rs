@@ -7,7 +7,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,10 +18,12 @@ use tokio::time::Instant;
 use crate::bus::{Bus, BusEntry, BusError, BusReader, StreamId};
 use crate::config::{EndpointName, ServerConfig, StartPosition};
 use crate::metrics::Metrics;
-use crate::queue::{PushError, Queue};
+use crate::queue::{Delivery, PushError, Queue};
 use crate::replay::{ReplayItem, ReplayRange, replay};
 use crate::sse::{self, RenderedEvent, ResumeId};
 
+/// Most receivers of an event that the hub writes to itself, about 10 ms of system calls.
+const MAX_DIRECT_WRITES: usize = 1_000;
 /// Most frames written to a connection in one write.
 const MAX_COALESCED_FRAMES: usize = 64;
 /// Longest pause between failed bus reads.
@@ -32,7 +34,66 @@ const READY_WINDOW_MS: u64 = 5_000;
 type ClientId = u64;
 /// A connection's queue, shared by the hub's indexes (which push) and its subscription
 /// (which takes).
-type ClientQueue = Arc<Queue<Frame>>;
+type ClientQueue = Arc<Outlet>;
+
+/// A connection as the hub reaches it: its queue, and once the connection is live, a way to
+/// write to its socket at once.
+#[derive(Debug)]
+struct Outlet {
+    queue: Queue<Frame>,
+    direct: OnceLock<Arc<dyn DirectWrite>>,
+}
+
+impl Outlet {
+    fn push(&self, frame: Frame) -> Result<(), PushError> {
+        self.queue.push(frame)
+    }
+
+    /// Queues an event, or writes it to the socket in the connection task's place when
+    /// the task waits on an empty queue and the socket takes it without waiting: one
+    /// system call instead of a queue, a wake-up and a poll.
+    fn push_event(&self, event: &Arc<QueuedEvent>, may_write: bool) -> Result<(), PushError> {
+        let frame = Frame::Event(Arc::clone(event));
+        match self.direct.get() {
+            Some(direct) if may_write => {
+                self.queue
+                    .push_or_deliver(frame, |_| match direct.write_now(event.event.bytes()) {
+                        WrittenNow::All => Delivery::Done,
+                        WrittenNow::Part(rest) => Delivery::Rest(Frame::Wire(Arc::new(rest))),
+                        WrittenNow::Nothing => Delivery::Refused,
+                    })
+            }
+            _ => self.queue.push(frame),
+        }
+    }
+}
+
+/// Writes an event to a connection's socket without waiting, framed as the connection's
+/// transfer encoding wants.
+pub trait DirectWrite: Send + Sync + std::fmt::Debug {
+    /// Writes `sse` now, as much of it as the socket takes.
+    fn write_now(&self, sse: &[u8]) -> WrittenNow;
+}
+
+/// How much of an event [`DirectWrite::write_now`] wrote.
+#[derive(Debug)]
+pub enum WrittenNow {
+    /// All of it.
+    All,
+    /// Part: these framed bytes are still to be written, before anything else.
+    Part(Bytes),
+    /// Nothing: the socket would have blocked, or failed.
+    Nothing,
+}
+
+/// What a connection writes next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// SSE text, to be framed as the connection's transfer encoding wants.
+    Events(Bytes),
+    /// Framed already: the rest of an event the hub began to write itself.
+    Wire(Bytes),
+}
 
 /// An event as queued to every receiving connection: one allocation per event, shared.
 #[derive(Debug)]
@@ -50,6 +111,8 @@ struct QueuedEvent {
 enum Frame {
     Event(Arc<QueuedEvent>),
     Raw(Arc<Bytes>),
+    /// The rest of an event the hub began to write itself; always first in its queue.
+    Wire(Arc<Bytes>),
 }
 
 /// The connections of one endpoint.
@@ -211,7 +274,10 @@ impl Hub {
         resume: Option<&ResumeId>,
         expires_at: Option<u64>,
     ) -> Subscription {
-        let sender = Arc::new(Queue::new(self.queue_size));
+        let sender = Arc::new(Outlet {
+            queue: Queue::new(self.queue_size),
+            direct: OnceLock::new(),
+        });
         let receiver = Arc::clone(&sender);
         let id = self.next_client.fetch_add(1, Relaxed);
         let mut live_start = Vec::with_capacity(interest.endpoints.len());
@@ -278,6 +344,7 @@ impl Hub {
             backlog,
             replayed_at: None,
             receiver,
+            direct: None,
             endpoints: interest.endpoints,
             keys: interest.keys,
             cursor,
@@ -293,7 +360,7 @@ impl Hub {
             return false;
         };
         // The connection gets what is queued, then the end of its stream.
-        client.sender.close();
+        client.sender.queue.close();
         if let Some(at) = client.expires_at {
             self.expiries().remove(&(at, id));
         }
@@ -324,6 +391,11 @@ impl Hub {
         // drain while the batch goes on, and a later event would move its last id past
         // the one it missed. It is cut off after the batch and resumes from before the hole.
         let mut too_slow = HashSet::new();
+        // Writing in the connection tasks' place saves a wake-up and a poll per delivery,
+        // but puts a system call per receiver on this one task: worth it while the feed
+        // keeps up (one entry per read) and an event has few enough receivers to be written
+        // in a few milliseconds; otherwise the tasks write in parallel and coalesce.
+        let may_write_now = batch.len() == 1;
         for (endpoint, entry) in batch {
             let Some(lock) = self.channels.get(*endpoint) else {
                 continue;
@@ -362,13 +434,15 @@ impl Hub {
                 .filter_key
                 .as_ref()
                 .and_then(|key| channel.by_key.get(key));
+            let write_now = may_write_now
+                && channel.everyone.len() + keyed.map_or(0, HashMap::len) <= MAX_DIRECT_WRITES;
             let receivers = channel.everyone.iter().chain(keyed.into_iter().flatten());
             let mut queued = 0;
             for (&client, sender) in receivers {
                 if !too_slow.is_empty() && too_slow.contains(&client) {
                     continue;
                 }
-                match sender.push(Frame::Event(Arc::clone(&event))) {
+                match sender.push_event(&event, write_now) {
                     Ok(()) => queued += 1,
                     Err(PushError::Full) => {
                         too_slow.insert(client);
@@ -508,6 +582,8 @@ pub struct Subscription {
     /// for the client, and do not count as lag.
     replayed_at: Option<Instant>,
     receiver: ClientQueue,
+    /// Handed to the hub once the connection is live (see [`Subscription::write_directly`]).
+    direct: Option<Arc<dyn DirectWrite>>,
     endpoints: Vec<usize>,
     keys: Option<Vec<String>>,
     /// The connection's position in each of its endpoints: an event at or before it was
@@ -528,6 +604,16 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
+    /// Lets the hub write this connection's events to its socket with `direct` in the
+    /// connection task's place, once the connection is live: past its replay and its first
+    /// live event, so that every later event is new to it. Not for a connection of several
+    /// endpoints, whose events carry ids of its own.
+    pub fn write_directly(&mut self, direct: Arc<dyn DirectWrite>) {
+        if !self.is_multi_endpoint() {
+            self.direct = Some(direct);
+        }
+    }
+
     fn is_multi_endpoint(&self) -> bool {
         self.endpoints.len() > 1
     }
@@ -565,6 +651,8 @@ impl Subscription {
         match frame {
             Frame::Raw(bytes) => out.extend_from_slice(&bytes),
             Frame::Event(event) => self.write_event(event.endpoint, event.id, &event.event, out),
+            // Never coalesced: it is taken alone, first (see `poll_next`).
+            Frame::Wire(_) => {}
         }
     }
 
@@ -620,7 +708,7 @@ impl Subscription {
                     // it got.
                     tracing::warn!(%error, client = self.id, "replay failed; closing the stream");
                     self.backlog = None;
-                    self.receiver.close_and_clear();
+                    self.receiver.queue.close_and_clear();
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Some(Ok(item))) => item,
@@ -635,21 +723,21 @@ impl Subscription {
 }
 
 impl Stream for Subscription {
-    type Item = Bytes;
+    type Item = Outgoing;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(prelude) = self.prelude.take() {
-            return Poll::Ready(Some(prelude));
+            return Poll::Ready(Some(Outgoing::Events(prelude)));
         }
         if self.backlog.is_some() {
             match self.poll_backlog(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(bytes)) => return Poll::Ready(Some(bytes)),
+                Poll::Ready(Some(bytes)) => return Poll::Ready(Some(Outgoing::Events(bytes))),
                 Poll::Ready(None) => {}
             }
         }
         loop {
-            let first = match self.receiver.poll_next(cx) {
+            let first = match self.receiver.queue.poll_next(cx) {
                 Poll::Ready(Some(frame)) => frame,
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
@@ -665,37 +753,48 @@ impl Stream for Subscription {
                     > self.hub.max_lag
             {
                 self.hub.cut_off([self.id]);
-                self.receiver.close_and_clear();
+                self.receiver.queue.close_and_clear();
                 return Poll::Ready(None);
             }
-            if let Some(second) = self.receiver.try_next() {
+            if let Frame::Wire(rest) = first {
+                return Poll::Ready(Some(Outgoing::Wire(Bytes::clone(&rest))));
+            }
+            let not_wire = |frame: &Frame| !matches!(frame, Frame::Wire(_));
+            if let Some(second) = self.receiver.queue.try_next_if(not_wire) {
                 let mut out = BytesMut::with_capacity(4096);
                 self.write_frame(first, &mut out);
                 self.write_frame(second, &mut out);
                 for _ in 2..MAX_COALESCED_FRAMES {
-                    match self.receiver.try_next() {
+                    match self.receiver.queue.try_next_if(not_wire) {
                         Some(frame) => self.write_frame(frame, &mut out),
                         None => break,
                     }
                 }
                 if !out.is_empty() {
-                    return Poll::Ready(Some(out.freeze()));
+                    return Poll::Ready(Some(Outgoing::Events(out.freeze())));
                 }
                 continue;
             }
             // The common case, one frame: its shared bytes go out without a copy.
             match first {
-                Frame::Raw(bytes) => return Poll::Ready(Some(Bytes::clone(&bytes))),
+                Frame::Raw(bytes) => {
+                    return Poll::Ready(Some(Outgoing::Events(Bytes::clone(&bytes))));
+                }
                 Frame::Event(event) if !self.is_multi_endpoint() => {
                     if self.advance(event.endpoint, event.id) {
-                        return Poll::Ready(Some(event.event.bytes().clone()));
+                        // Live, and past what it was sent before: every later event is new
+                        // to it, so the hub may write them itself.
+                        if let Some(direct) = self.direct.take() {
+                            let _ = self.receiver.direct.set(direct);
+                        }
+                        return Poll::Ready(Some(Outgoing::Events(event.event.bytes().clone())));
                     }
                 }
                 frame => {
                     let mut out = BytesMut::new();
                     self.write_frame(frame, &mut out);
                     if !out.is_empty() {
-                        return Poll::Ready(Some(out.freeze()));
+                        return Poll::Ready(Some(Outgoing::Events(out.freeze())));
                     }
                 }
             }
@@ -783,8 +882,10 @@ mod tests {
     }
 
     async fn next_text(subscription: &mut Subscription) -> String {
-        let bytes = subscription.next().await.expect("open");
-        String::from_utf8(bytes.to_vec()).expect("utf-8")
+        match subscription.next().await.expect("open") {
+            Outgoing::Events(bytes) => String::from_utf8(bytes.to_vec()).expect("utf-8"),
+            Outgoing::Wire(bytes) => panic!("no direct writes here: {bytes:?}"),
+        }
     }
 
     /// Publishes `count` records of `orders` with keys k0, k1, … to the bus and lets the hub
@@ -922,6 +1023,47 @@ mod tests {
         );
         assert_eq!(hub.metrics().clients_dropped.load(Relaxed), 1);
         assert!(next_text(&mut keeping_up).await.starts_with("id: 11-0"));
+    }
+
+    /// Records what the hub writes in a connection task's place; the socket takes it all.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        written: Mutex<Vec<String>>,
+    }
+
+    impl DirectWrite for Recorder {
+        fn write_now(&self, sse: &[u8]) -> WrittenNow {
+            let mut written = self.written.lock().expect("not poisoned");
+            written.push(String::from_utf8_lossy(sse).into_owned());
+            WrittenNow::All
+        }
+    }
+
+    #[tokio::test]
+    async fn once_live_a_waiting_connection_s_events_are_written_in_its_place_in_order() {
+        let hub = hub(8);
+        let recorder = Arc::new(Recorder::default());
+        let mut client = hub.subscribe(live(vec![1]), None, None);
+        client.write_directly(Arc::clone(&recorder) as Arc<dyn DirectWrite>);
+        next_text(&mut client).await;
+        // The first live event goes through the queue, and makes the connection live.
+        hub.dispatch(&[(1, entry(10, "a"))]);
+        assert!(next_text(&mut client).await.starts_with("id: 10-0"));
+        assert!(
+            futures_util::FutureExt::now_or_never(client.next()).is_none(),
+            "waits on its queue"
+        );
+        hub.dispatch(&[(1, entry(11, "a"))]);
+        // A heartbeat wakes the task: what follows queues behind it, in order.
+        hub.broadcast(&sse::HEARTBEAT);
+        hub.dispatch(&[(1, entry(12, "a"))]);
+        let written = recorder.written.lock().expect("not poisoned").clone();
+        assert_eq!(written.len(), 1);
+        assert!(written[0].starts_with("id: 11-0"), "{written:?}");
+        let queued = next_text(&mut client).await;
+        assert!(queued.starts_with(": heartbeat\n\n"), "{queued}");
+        assert!(queued.contains("id: 12-0"), "{queued}");
+        assert_eq!(hub.metrics().events_out.load(Relaxed), 3);
     }
 
     #[tokio::test]

@@ -10,6 +10,17 @@ use std::task::{Context, Poll, Waker};
 /// Above this many slots, a drained queue shrinks.
 const KEEP_SLOTS: usize = 16;
 
+/// What a direct delivery did with an item.
+#[derive(Debug)]
+pub enum Delivery<T> {
+    /// Delivered whole: nothing to queue.
+    Done,
+    /// Delivered in part: this is queued instead.
+    Rest(T),
+    /// Not delivered: the item is queued.
+    Refused,
+}
+
 /// Why an item was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
@@ -54,14 +65,35 @@ impl<T> Queue<T> {
 
     /// Queues `item` and wakes the consumer.
     pub fn push(&self, item: T) -> Result<(), PushError> {
+        self.push_or_deliver(item, |_| Delivery::Refused)
+    }
+
+    /// Hands `item` to `deliver` when the consumer waits on an empty queue — it would take
+    /// the item next and do nothing else meanwhile, so delivering in its place keeps the
+    /// order — and queues it (or what `deliver` left of it) otherwise. `deliver` runs under
+    /// the queue's lock: nothing is queued or taken while it runs.
+    pub fn push_or_deliver(
+        &self,
+        item: T,
+        deliver: impl FnOnce(&T) -> Delivery<T>,
+    ) -> Result<(), PushError> {
         let waker = {
             let mut state = self.lock();
             if state.closed {
                 return Err(PushError::Closed);
             }
-            if state.items.len() >= self.capacity {
+            let waiting = state.items.is_empty() && state.waker.is_some();
+            let item = if waiting {
+                match deliver(&item) {
+                    Delivery::Done => return Ok(()),
+                    Delivery::Rest(rest) => rest,
+                    Delivery::Refused => item,
+                }
+            } else if state.items.len() >= self.capacity {
                 return Err(PushError::Full);
-            }
+            } else {
+                item
+            };
             state.items.push_back(item);
             state.waker.take()
         };
@@ -109,9 +141,13 @@ impl<T> Queue<T> {
         Poll::Pending
     }
 
-    /// The next item, if one is queued.
-    pub fn try_next(&self) -> Option<T> {
-        Self::pop(&mut self.lock())
+    /// The next item, if one is queued and `wanted` accepts it.
+    pub fn try_next_if(&self, wanted: impl FnOnce(&T) -> bool) -> Option<T> {
+        let mut state = self.lock();
+        if !state.items.front().is_some_and(wanted) {
+            return None;
+        }
+        Self::pop(&mut state)
     }
 
     fn pop(state: &mut State<T>) -> Option<T> {
@@ -154,16 +190,34 @@ mod tests {
     }
 
     #[test]
+    fn only_a_waiting_consumer_s_items_are_delivered_directly_in_its_place() {
+        let queue = Queue::new(4);
+        let mut cx = Context::from_waker(Waker::noop());
+        // Nobody waits yet: queued.
+        assert_eq!(queue.push_or_deliver(1, |_| Delivery::Done), Ok(()));
+        assert_eq!(queue.poll_next(&mut cx), Poll::Ready(Some(1)));
+        // The consumer waits on an empty queue: delivered, or what is left of it queued.
+        assert_eq!(queue.poll_next(&mut cx), Poll::Pending);
+        assert_eq!(queue.push_or_deliver(2, |_| Delivery::Done), Ok(()));
+        assert_eq!(queue.push_or_deliver(3, |_| Delivery::Rest(30)), Ok(()));
+        // Woken by that, the consumer no longer waits: the next one queues behind.
+        assert_eq!(queue.push_or_deliver(4, |_| Delivery::Done), Ok(()));
+        assert_eq!(queue.try_next_if(|&item| item != 30), None);
+        assert_eq!(queue.try_next_if(|_| true), Some(30));
+        assert_eq!(queue.try_next_if(|_| true), Some(4));
+    }
+
+    #[test]
     fn a_cleared_queue_ends_at_once_and_a_drained_burst_is_given_back() {
         let queue = Queue::new(1000);
         for item in 0..100 {
             assert_eq!(queue.push(item), Ok(()));
         }
-        while queue.try_next().is_some() {}
+        while queue.try_next_if(|_| true).is_some() {}
         assert_eq!(queue.lock().items.capacity(), 0);
         assert_eq!(queue.push(1), Ok(()));
         queue.close_and_clear();
-        assert_eq!(queue.try_next(), None);
+        assert_eq!(queue.try_next_if(|_| true), None);
         let mut cx = Context::from_waker(Waker::noop());
         assert_eq!(queue.poll_next(&mut cx), Poll::Ready(None));
     }
