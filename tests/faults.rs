@@ -261,7 +261,13 @@ async fn a_resume_id_older_than_the_window_gets_a_gap_event() {
     .await;
     let live = ResumingClient::start(vec![pipeline.url(0)]);
     wait_until("the client connected", || live.connections() == 1).await;
-    let produced = pipeline.produce(0, 500, 1).await;
+    // A few at a time, each batch read before the next: the window holds ten records, and a
+    // live client is rightly told of a gap when the server reads more than ten behind.
+    let mut produced = Vec::new();
+    for batch in 0..20 {
+        produced.extend(pipeline.produce(batch * 5, 5, 1).await);
+        live.wait_for_records(produced.len()).await;
+    }
     let all = live.wait_for_records(produced.len()).await;
     assert_complete_and_ordered(&all, &produced);
 
