@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use warp::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
@@ -68,7 +68,7 @@ pub async fn serve(mut socket: TcpStream, streams: Arc<StreamService>, fallback:
                 format!("the request head is larger than {MAX_HEAD} bytes"),
             );
             streams.hub.metrics().requests_refused.fetch_add(1, Relaxed);
-            let _ = socket.write_all(&error_response(&refusal, None)).await;
+            let _ = write_all_vectored(&socket, &[&error_response(&refusal, None)]).await;
         }
         Ok(Ok(Head::Other)) => fallback(Prefixed::new(buffer, socket)).await,
         Ok(Ok(Head::Stream(request))) => {
@@ -267,19 +267,18 @@ struct ChunkedSocket(Arc<TcpStream>);
 
 impl DirectWrite for ChunkedSocket {
     fn write_now(&self, sse: &[u8]) -> WrittenNow {
-        let (line, len) = chunk_size_line(sse.len());
-        let parts: [&[u8]; 3] = [&line[..len], sse, b"\r\n"];
-        let slices = parts.map(IoSlice::new);
-        match self.0.try_write_vectored(&slices) {
-            Ok(written) if written == len + sse.len() + 2 => WrittenNow::All,
-            Ok(written) if written > 0 => {
-                let (part, offset) = position_after(&parts, 0, 0, written);
-                let mut rest = Vec::with_capacity(len + sse.len() + 2 - written);
-                for (index, bytes) in parts.iter().enumerate().skip(part) {
-                    rest.extend_from_slice(&bytes[if index == part { offset } else { 0 }..]);
-                }
-                WrittenNow::Part(rest.into())
-            }
+        let line = SizeLine::of(sse.len());
+        let parts = chunk_parts(&line, sse);
+        match self.0.try_write_vectored(&parts.map(IoSlice::new)) {
+            Ok(written) if written > 0 => match position_after(&parts, 0, 0, written) {
+                (part, _) if part == parts.len() => WrittenNow::All,
+                (part, offset) => WrittenNow::Part(
+                    unwritten(&parts, part, offset)
+                        .collect::<Vec<_>>()
+                        .concat()
+                        .into(),
+                ),
+            },
             // Would block, or failed: the connection's task writes it, and meets the error.
             Ok(_) | Err(_) => WrittenNow::Nothing,
         }
@@ -362,24 +361,42 @@ fn error_response(refusal: &ApiError, allow_origin: Option<&HeaderValue>) -> Vec
     response
 }
 
-/// The size line of an HTTP/1.1 chunk of `len` bytes, written without allocating.
-fn chunk_size_line(len: usize) -> ([u8; 18], usize) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut line = [0_u8; 18];
-    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
-    for (position, digit) in line[..digits].iter_mut().enumerate() {
-        *digit = HEX[(len >> (4 * (digits - 1 - position))) & 0xF];
+/// The size line of an HTTP/1.1 chunk, written without allocating.
+struct SizeLine {
+    bytes: [u8; 18],
+    len: usize,
+}
+
+impl SizeLine {
+    fn of(len: usize) -> Self {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        let mut bytes = [0_u8; 18];
+        let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+        for (position, digit) in bytes[..digits].iter_mut().enumerate() {
+            *digit = HEX[(len >> (4 * (digits - 1 - position))) & 0xF];
+        }
+        bytes[digits..digits + 2].copy_from_slice(b"\r\n");
+        Self {
+            bytes,
+            len: digits + 2,
+        }
     }
-    line[digits..digits + 2].copy_from_slice(b"\r\n");
-    (line, digits + 2)
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// An HTTP/1.1 chunk of `data`: its size line, the data, the closing line break.
+fn chunk_parts<'a>(line: &'a SizeLine, data: &'a [u8]) -> [&'a [u8]; 3] {
+    [line.as_bytes(), data, b"\r\n"]
 }
 
 fn append_chunk(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
     if chunked {
-        let (line, len) = chunk_size_line(data.len());
-        out.extend_from_slice(&line[..len]);
-        out.extend_from_slice(data);
-        out.extend_from_slice(b"\r\n");
+        for part in chunk_parts(&SizeLine::of(data.len()), data) {
+            out.extend_from_slice(part);
+        }
     } else {
         out.extend_from_slice(data);
     }
@@ -390,8 +407,8 @@ async fn write_chunk(socket: &TcpStream, data: &Bytes, chunked: bool) -> io::Res
     if !chunked {
         return write_all_vectored(socket, &[data]).await;
     }
-    let (line, len) = chunk_size_line(data.len());
-    write_all_vectored(socket, &[&line[..len], data, b"\r\n"]).await
+    let line = SizeLine::of(data.len());
+    write_all_vectored(socket, &chunk_parts(&line, data)).await
 }
 
 /// Writes every part, waiting for the socket only when it is full.
@@ -401,9 +418,8 @@ async fn write_all_vectored(socket: &TcpStream, parts: &[&[u8]]) -> io::Result<(
     while part < parts.len() {
         let mut slices = [IoSlice::new(&[]); 3];
         let mut count = 0;
-        for (index, bytes) in parts.iter().enumerate().skip(part).take(slices.len()) {
-            let start = if index == part { offset } else { 0 };
-            slices[count] = IoSlice::new(&bytes[start..]);
+        for (slice, bytes) in slices.iter_mut().zip(unwritten(parts, part, offset)) {
+            *slice = IoSlice::new(bytes);
             count += 1;
         }
         let written = match socket.try_write_vectored(&slices[..count]) {
@@ -418,6 +434,15 @@ async fn write_all_vectored(socket: &TcpStream, parts: &[&[u8]]) -> io::Result<(
         (part, offset) = position_after(parts, part, offset, written);
     }
     Ok(())
+}
+
+/// What is left of `parts` from (`part`, `offset`) on.
+fn unwritten<'a>(parts: &[&'a [u8]], part: usize, offset: usize) -> impl Iterator<Item = &'a [u8]> {
+    parts
+        .iter()
+        .enumerate()
+        .skip(part)
+        .map(move |(index, bytes)| &bytes[if index == part { offset } else { 0 }..])
 }
 
 /// Where the first unwritten byte of `parts` is once `written` more bytes went out from
@@ -512,6 +537,8 @@ impl AsyncWrite for Prefixed {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
     use super::*;
 
     fn head(text: &str) -> Option<Head> {
@@ -628,8 +655,10 @@ mod tests {
         append_chunk(&mut out, &[b'x'; 26], true);
         assert_eq!(out, format!("1A\r\n{}\r\n", "x".repeat(26)).into_bytes());
         for len in [0, 1, 15, 16, 255, 4096, 65_535, usize::MAX] {
-            let (line, used) = chunk_size_line(len);
-            assert_eq!(line[..used], *format!("{len:X}\r\n").as_bytes());
+            assert_eq!(
+                SizeLine::of(len).as_bytes(),
+                format!("{len:X}\r\n").as_bytes()
+            );
         }
     }
 
