@@ -2,8 +2,10 @@
 //! cluster and the target group are there, then works through the steps in order — ECR
 //! repositories, image pushes, log group, task definitions, services, autoscaling — each
 //! reading what AWS has first and changing only what differs from the plan. A dry run
-//! reads and reports but never changes. Each step reports as it finishes; a failing step
-//! ends the deploy with what was done and what was not.
+//! reads and reports but never changes. Everything created is tagged with the deployment's
+//! name, and the services of consumer groups gone from the manifest are pruned last. Each
+//! step reports as it finishes; a failing step ends the deploy with what was done and what
+//! was not.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -22,6 +24,7 @@ use base64::Engine as _;
 
 use crate::archive::Image;
 use crate::config::Deployment;
+use crate::destroy::{self, DEPLOYMENT_TAG, Family, FoundService};
 use crate::error::{DeployError, Progress};
 use crate::plan::{self, FINGERPRINT_TAG, Plan, Role, ServiceSpec, TaskDefinitionSpec};
 use crate::registry::{Endpoint, Registry};
@@ -46,6 +49,11 @@ pub struct Options {
     pub poll: Duration,
 }
 
+/// How long a pruned service may take to stop its tasks when the deploy does not wait.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
+/// Why a service or task definition is pruned.
+const GONE: &str = "(consumer group no longer in the manifest)";
+
 /// Prints a line of progress on stdout.
 pub(crate) fn say(line: impl std::fmt::Display) {
     let mut out = std::io::stdout().lock();
@@ -64,7 +72,7 @@ pub(crate) struct Clients {
 }
 
 impl Clients {
-    async fn connect(region: &str, endpoint_url: Option<&str>) -> Self {
+    pub(crate) async fn connect(region: &str, endpoint_url: Option<&str>) -> Self {
         let mut loader =
             aws_config::defaults(BehaviorVersion::latest()).region(Region::new(region.to_owned()));
         if let Some(url) = endpoint_url {
@@ -142,12 +150,23 @@ pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), De
         ));
     }
 
+    let names: Vec<&str> = plan.services.iter().map(|s| s.name.as_str()).collect();
+    let families: Vec<&str> = plan
+        .task_definitions
+        .iter()
+        .map(|t| t.family.as_str())
+        .collect();
+    let stale = Stale {
+        services: destroy::services(&aws, deployment, &names).await?,
+        families: destroy::families(&aws, deployment, &families).await?,
+    };
+
     let step = Step {
         aws: &aws,
         deployment,
         dry_run: options.dry_run,
     };
-    let mut ledger = Ledger::new(step_labels(deployment, &plan, options));
+    let mut ledger = Ledger::new(step_labels(deployment, &plan, &stale, options));
     for (role, _) in &images {
         let repository = plan::repository(deployment, *role);
         ledger
@@ -197,12 +216,34 @@ pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), De
             Box::pin(step.scaling(&plan.scaling)),
         )
         .await?;
+    for service in &stale.services {
+        ledger
+            .run(
+                format!("service {} {GONE}", service.name),
+                Box::pin(destroy::remove_service(
+                    &aws,
+                    &deploy.cluster,
+                    service,
+                    options.dry_run,
+                    options.wait.unwrap_or(DRAIN_TIMEOUT),
+                    options.poll,
+                )),
+            )
+            .await?;
+    }
+    for family in &stale.families {
+        ledger
+            .run(
+                format!("task definition {} {GONE}", family.name),
+                destroy::remove_family(&aws, family, options.dry_run),
+            )
+            .await?;
+    }
 
     if options.dry_run {
         say("Dry run: nothing was changed.");
         return Ok(());
     }
-    let names: Vec<&str> = plan.services.iter().map(|s| s.name.as_str()).collect();
     if let Some(timeout) = options.wait {
         ledger
             .run("services stable".to_owned(), async {
@@ -222,8 +263,19 @@ pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), De
     .await
 }
 
+/// What earlier deploys made that the manifest no longer wants.
+struct Stale {
+    services: Vec<FoundService>,
+    families: Vec<Family>,
+}
+
 /// The labels of every step, in order, for the report of what was not done.
-fn step_labels(deployment: &Deployment, plan: &Plan, options: &Options) -> Vec<String> {
+fn step_labels(
+    deployment: &Deployment,
+    plan: &Plan,
+    stale: &Stale,
+    options: &Options,
+) -> Vec<String> {
     let mut labels: Vec<String> = Role::ALL
         .iter()
         .map(|role| format!("ECR repository {}", plan::repository(deployment, *role)))
@@ -245,6 +297,18 @@ fn step_labels(deployment: &Deployment, plan: &Plan, options: &Options) -> Vec<S
             .map(|spec| format!("service {}", spec.name)),
     );
     labels.push(format!("autoscaling of {}", plan.scaling.resource_id));
+    labels.extend(
+        stale
+            .services
+            .iter()
+            .map(|s| format!("service {} {GONE}", s.name)),
+    );
+    labels.extend(
+        stale
+            .families
+            .iter()
+            .map(|f| format!("task definition {} {GONE}", f.name)),
+    );
     if options.wait.is_some() && !options.dry_run {
         labels.push("services stable".to_owned());
     }
@@ -252,13 +316,13 @@ fn step_labels(deployment: &Deployment, plan: &Plan, options: &Options) -> Vec<S
 }
 
 /// What ran, what is left.
-struct Ledger {
+pub(crate) struct Ledger {
     done: Vec<String>,
     pending: VecDeque<String>,
 }
 
 impl Ledger {
-    fn new(labels: Vec<String>) -> Self {
+    pub(crate) fn new(labels: Vec<String>) -> Self {
         Self {
             done: Vec::new(),
             pending: labels.into(),
@@ -267,7 +331,7 @@ impl Ledger {
 
     /// Runs one step; prints and records its outcome, or turns its failure into a report
     /// of what was done and what was not.
-    async fn run<T>(
+    pub(crate) async fn run<T>(
         &mut self,
         label: String,
         work: impl Future<Output = Result<(T, String), DeployError>>,
@@ -441,9 +505,25 @@ struct Step<'a> {
     dry_run: bool,
 }
 
-type Outcome<T> = Result<(T, String), DeployError>;
+/// What a step gives back, with the line it reports.
+pub(crate) type Outcome<T> = Result<(T, String), DeployError>;
 
 impl Step<'_> {
+    /// The tags of a task definition or service: its fingerprint, and the deployment that
+    /// made it (what prune and destroy go by).
+    fn tags(&self, fingerprint: &str) -> Vec<Tag> {
+        vec![
+            Tag::builder()
+                .key(FINGERPRINT_TAG)
+                .value(fingerprint)
+                .build(),
+            Tag::builder()
+                .key(DEPLOYMENT_TAG)
+                .value(&self.deployment.deploy.name)
+                .build(),
+        ]
+    }
+
     /// "would create" in a dry run, "created" otherwise.
     fn would(&self, action: &str, done: &str) -> String {
         if self.dry_run {
@@ -480,6 +560,13 @@ impl Step<'_> {
                         .scan_on_push(true)
                         .build(),
                 )
+                .tags(
+                    aws_sdk_ecr::types::Tag::builder()
+                        .key(DEPLOYMENT_TAG)
+                        .value(&self.deployment.deploy.name)
+                        .build()
+                        .map_err(|e| DeployError::request(&resource, &e))?,
+                )
                 .send()
                 .await
                 .map_err(|e| DeployError::aws(&resource, "CreateRepository", &e))?;
@@ -502,10 +589,21 @@ impl Step<'_> {
             ));
         }
         let pushed = registry.push(repository, image).await?;
+        if !pushed.tagged {
+            return Ok((
+                (),
+                format!(
+                    "unchanged: all {total} blobs already there and {} already tagged {}; nothing sent",
+                    image.manifest.digest, image.tag
+                ),
+            ));
+        }
+        #[allow(clippy::cast_precision_loss, reason = "a size shown to one decimal")]
+        let mib = pushed.bytes as f64 / (1024.0 * 1024.0);
         Ok((
             (),
             format!(
-                "pushed {} of {total} blobs ({} already there) to {}, tagged {} as {}",
+                "pushed {} of {total} blobs ({} already there) to {}, {mib:.1} MiB, tagged {} as {}",
                 pushed.sent,
                 pushed.present,
                 registry.host(),
@@ -538,6 +636,7 @@ impl Step<'_> {
                 .logs
                 .create_log_group()
                 .log_group_name(&logs.group)
+                .tags(DEPLOYMENT_TAG, &self.deployment.deploy.name)
                 .send()
                 .await
                 .map_err(|e| DeployError::aws(&resource, "CreateLogGroup", &e))?;
@@ -604,7 +703,7 @@ impl Step<'_> {
             .execution_role_arn(&spec.execution_role_arn)
             .set_task_role_arn(spec.task_role_arn.clone())
             .container_definitions(container)
-            .tags(fingerprint_tag(&fingerprint))
+            .set_tags(Some(self.tags(&fingerprint)))
             .send()
             .await
             .map_err(|e| DeployError::aws(&resource, "RegisterTaskDefinition", &e))?;
@@ -654,7 +753,7 @@ impl Step<'_> {
                     .deployment_configuration(spec.deployment_configuration())
                     .propagate_tags(PropagateTags::Service)
                     .enable_ecs_managed_tags(true)
-                    .tags(fingerprint_tag(&fingerprint))
+                    .set_tags(Some(self.tags(&fingerprint)))
                     .send()
                     .await
                     .map_err(|e| DeployError::aws(&resource, "CreateService", &e))?;
@@ -707,7 +806,7 @@ impl Step<'_> {
                     .ecs
                     .tag_resource()
                     .resource_arn(arn)
-                    .tags(fingerprint_tag(&fingerprint))
+                    .set_tags(Some(self.tags(&fingerprint)))
                     .send()
                     .await
                     .map_err(|e| DeployError::aws(&resource, "TagResource", &e))?;
@@ -804,13 +903,6 @@ impl Step<'_> {
             format!("{}: {}", self.would("set", "set"), changes.join(", ")),
         ))
     }
-}
-
-fn fingerprint_tag(fingerprint: &str) -> Tag {
-    Tag::builder()
-        .key(FINGERPRINT_TAG)
-        .value(fingerprint)
-        .build()
 }
 
 fn has_fingerprint(tags: &[Tag], fingerprint: &str) -> bool {

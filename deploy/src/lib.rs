@@ -10,12 +10,14 @@
 //! - [`registry`]: pushes images with an ECR token, skipping blobs already there.
 //! - [`plan`]: task definitions, services and scaling policies wanted, as AWS requests.
 //! - [`apply`]: the steps against AWS, read first, changing only what differs.
-//! - [`wait`]: waits for the services to settle and prints their state.
+//! - [`destroy`]: finds what deploys made by name and tag; prunes and tears it down.
+//! - [`wait`]: waits for the services to settle (or drain) and prints their state.
 //! - [`error`]: why a deploy stopped, and what it had done by then.
 
 pub mod apply;
 pub mod archive;
 pub mod config;
+pub mod destroy;
 pub mod error;
 pub mod plan;
 pub mod registry;
@@ -23,4 +25,5 @@ mod wait;
 
 pub use apply::{Options, deploy};
 pub use config::Deployment;
+pub use destroy::{DestroyOptions, destroy};
 pub use error::DeployError;

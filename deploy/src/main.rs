@@ -1,49 +1,113 @@
-//! `fjord-deploy`: pushes the images and deploys Fjord to ECS from the manifest.
+//! `fjord-deploy`: pushes the images and deploys Fjord to ECS from the manifest, or takes
+//! down what its deploys made.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use fjord_deploy::registry::Endpoint;
-use fjord_deploy::{Deployment, Options};
+use fjord_deploy::{Deployment, DestroyOptions, Options};
 
 /// Deploys Fjord to AWS ECS (Fargate) from the manifest's `deploy` section: ECR
 /// repositories and images, task definitions, services, autoscaling.
+///
+/// `fjord-deploy manifest.json` and `fjord-deploy deploy manifest.json` deploy;
+/// `fjord-deploy destroy manifest.json` removes what deploys created.
 #[derive(Debug, Parser)]
 #[command(version)]
-struct Args {
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Deploy (also what runs when the first argument is not a subcommand).
+    Deploy(DeployArgs),
+    /// Remove what deploys of the manifest created: services (drained first), their
+    /// autoscaling, task definitions; the log group and the ECR repositories only when
+    /// asked. Resources are recognised by name and by the `fjord:deployment` tag that a
+    /// deploy puts on what it creates: nothing else is touched. Running it again is harmless.
+    Destroy(DestroyArgs),
+}
+
+/// Where the AWS calls go, what a run may change, and how it waits.
+#[derive(Debug, Args)]
+struct Common {
     /// The manifest (the same file every Fjord binary reads).
     manifest: PathBuf,
-    /// The server's image archive (`nix build .#images`: result/fjord-server.tar.gz).
-    #[arg(long, env = "FJORD_SERVER_IMAGE")]
-    server_image: PathBuf,
-    /// The consumer's image archive.
-    #[arg(long, env = "FJORD_CONSUMER_IMAGE")]
-    consumer_image: PathBuf,
     /// Print what would change, and change nothing.
     #[arg(long)]
     dry_run: bool,
     /// Send AWS API calls to this endpoint (an emulator) instead of AWS.
     #[arg(long, env = "AWS_ENDPOINT_URL")]
     endpoint_url: Option<String>,
-    /// Push images to this registry (http:// or https://) instead of the account's ECR.
-    #[arg(long, env = "FJORD_REGISTRY_URL")]
-    registry_url: Option<String>,
-    /// Seconds to wait for the services to become stable.
-    #[arg(long, default_value_t = 900)]
-    wait_timeout: u64,
-    /// Do not wait for the services to become stable.
-    #[arg(long)]
-    no_wait: bool,
     /// Seconds between looks while waiting.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     poll_secs: u64,
 }
 
+#[derive(Debug, Args)]
+struct DeployArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The server's image archive (`nix build .#images`: result/fjord-server.tar.gz).
+    #[arg(long, env = "FJORD_SERVER_IMAGE")]
+    server_image: PathBuf,
+    /// The consumer's image archive.
+    #[arg(long, env = "FJORD_CONSUMER_IMAGE")]
+    consumer_image: PathBuf,
+    /// Push images to this registry (http:// or https://) instead of the account's ECR.
+    #[arg(long, env = "FJORD_REGISTRY_URL")]
+    registry_url: Option<String>,
+    /// Seconds to wait for the services to become stable (and for the services of removed
+    /// consumer groups to stop their tasks).
+    #[arg(long, default_value_t = 900)]
+    wait_timeout: u64,
+    /// Do not wait for the services to become stable.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+struct DestroyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Also delete the ECR repositories the deploy created, with every image in them.
+    #[arg(long)]
+    repositories: bool,
+    /// Also delete the log group the deploy created, with its logs.
+    #[arg(long)]
+    log_group: bool,
+    /// Seconds to wait for each service's tasks to stop.
+    #[arg(long, default_value_t = 900)]
+    drain_timeout: u64,
+}
+
+/// The arguments, with `deploy` put first when they do not start with a subcommand or a
+/// help or version flag: `fjord-deploy manifest.json ...` deploys, as it always has.
+fn arguments() -> Vec<OsString> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let first = args.get(1).and_then(|a| a.to_str());
+    let explicit = matches!(
+        first,
+        Some("deploy" | "destroy" | "help" | "-h" | "--help" | "-V" | "--version")
+    );
+    if !explicit && args.len() > 1 {
+        args.insert(1, "deploy".into());
+    }
+    args
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Args::parse()).await {
+    let result = match Cli::parse_from(arguments()).command {
+        Command::Destroy(args) => destroy(args).await,
+        Command::Deploy(args) => deploy(args).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // Each error's message already carries its cause, and a failure midway its
@@ -57,9 +121,9 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     // Everything in the manifest is checked before the first AWS call.
-    let deployment = Deployment::load(&args.manifest)?;
+    let deployment = Deployment::load(&args.common.manifest)?;
     let registry = args
         .registry_url
         .as_deref()
@@ -69,12 +133,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let options = Options {
         server_image: args.server_image,
         consumer_image: args.consumer_image,
-        dry_run: args.dry_run,
-        endpoint_url: args.endpoint_url,
+        dry_run: args.common.dry_run,
+        endpoint_url: args.common.endpoint_url,
         registry,
         wait: (!args.no_wait).then(|| Duration::from_secs(args.wait_timeout)),
-        poll: Duration::from_secs(args.poll_secs),
+        poll: Duration::from_secs(args.common.poll_secs),
     };
     Box::pin(fjord_deploy::deploy(&deployment, &options)).await?;
+    Ok(())
+}
+
+async fn destroy(args: DestroyArgs) -> anyhow::Result<()> {
+    let deployment = Deployment::load(&args.common.manifest)?;
+    let options = DestroyOptions {
+        dry_run: args.common.dry_run,
+        endpoint_url: args.common.endpoint_url,
+        repositories: args.repositories,
+        log_group: args.log_group,
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+        poll: Duration::from_secs(args.common.poll_secs),
+    };
+    Box::pin(fjord_deploy::destroy(&deployment, &options)).await?;
     Ok(())
 }

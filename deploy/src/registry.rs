@@ -1,6 +1,12 @@
 //! Pushes images to an OCI registry (ECR, or any distribution registry standing in for it)
 //! with the `oci-client` crate: each blob is checked first and sent only when the registry
-//! does not have it, then the manifest is put under the image's tag.
+//! does not have it, then the manifest is put under the image's tag unless the tag already
+//! names it, so an unchanged image sends nothing.
+//!
+//! Each blob goes up in one request (POST, then one PUT carrying the whole blob): ECR's
+//! chunked upload answers 201 instead of 202 to a PATCH, refuses parts under 5 MiB except
+//! the last, and has been seen to drop the body of every PATCH after the first, while a
+//! whole-blob PUT is what it handles for layers of any size.
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
@@ -57,8 +63,12 @@ impl Endpoint {
 pub struct Pushed {
     /// Blobs sent.
     pub sent: usize,
+    /// Bytes in the blobs sent.
+    pub bytes: usize,
     /// Blobs the registry already had.
     pub present: usize,
+    /// Whether the manifest was put; `false` when the tag already named it.
+    pub tagged: bool,
 }
 
 /// A logged-in registry client.
@@ -88,6 +98,7 @@ impl Registry {
         };
         let client = Client::new(ClientConfig {
             protocol,
+            use_monolithic_push: true,
             ..ClientConfig::default()
         });
         Self {
@@ -120,14 +131,16 @@ impl Registry {
     }
 
     /// Pushes the image to `repository` under its tag, sending only the blobs the registry
-    /// lacks. Returns what was sent.
+    /// lacks, and the manifest only when the tag does not name it yet. Returns what was sent.
     pub async fn push(&self, repository: &str, image: &Image) -> Result<Pushed, RegistryError> {
         let reference = self.reference(repository, image);
         self.login(&reference, RegistryOperation::Pull).await?;
         self.login(&reference, RegistryOperation::Push).await?;
         let mut pushed = Pushed {
             sent: 0,
+            bytes: 0,
             present: 0,
+            tagged: false,
         };
         for blob in image.blobs() {
             if self.has_blob(&reference, repository, &blob.digest).await? {
@@ -141,6 +154,11 @@ impl Registry {
                     self.error(repository, format!("pushing blob {}: {error}", blob.digest))
                 })?;
             pushed.sent += 1;
+            pushed.bytes += blob.data.len();
+        }
+        if pushed.sent == 0 && self.tagged(&reference).await == Some(image.manifest.digest.clone())
+        {
+            return Ok(pushed);
         }
         let content_type = MANIFEST_MEDIA_TYPE
             .parse()
@@ -154,7 +172,17 @@ impl Registry {
                     format!("pushing manifest {}: {error}", image.manifest.digest),
                 )
             })?;
+        pushed.tagged = true;
         Ok(pushed)
+    }
+
+    /// The digest the reference's tag names. Any failure to find out counts as not tagged:
+    /// the lookup only spares a request, and pushing the manifest is always correct.
+    async fn tagged(&self, reference: &Reference) -> Option<String> {
+        self.client
+            .fetch_manifest_digest(reference, &self.auth)
+            .await
+            .ok()
     }
 
     fn reference(&self, repository: &str, image: &Image) -> Reference {

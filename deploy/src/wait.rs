@@ -1,6 +1,7 @@
 //! After the changes: watches the services until each runs its desired count on a single
 //! deployment (or a deployment fails, or time runs out), printing each change of state,
-//! then prints where the load balancer answers and each service's state.
+//! then prints where the load balancer answers and each service's state. Also watches a
+//! service being removed until its last task has stopped.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -55,6 +56,46 @@ pub(crate) async fn until_stable(
                 "services not stable after {} s: {}",
                 timeout.as_secs(),
                 states.join("; ")
+            )));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Waits until the service `name` runs no task (after its desired count went to 0), up
+/// to `timeout`, printing each change; returns how long it took.
+pub(crate) async fn until_drained(
+    ecs: &aws_sdk_ecs::Client,
+    cluster: &str,
+    name: &str,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<Duration, DeployError> {
+    let started = Instant::now();
+    let mut last = None;
+    loop {
+        let services = describe(ecs, cluster, &[name]).await?;
+        let Some(service) = services.first() else {
+            return Ok(started.elapsed());
+        };
+        let tasks = (service.running_count(), service.pending_count());
+        if tasks == (0, 0) {
+            return Ok(started.elapsed());
+        }
+        if last != Some(tasks) {
+            say(format_args!(
+                "  … {name}: draining, {} running, {} pending ({} s)",
+                tasks.0,
+                tasks.1,
+                started.elapsed().as_secs()
+            ));
+            last = Some(tasks);
+        }
+        if started.elapsed() >= timeout {
+            return Err(DeployError::NotStable(format!(
+                "ECS service {name}: tasks still running after {} s: {}",
+                timeout.as_secs(),
+                state(service)
             )));
         }
         tokio::time::sleep(poll).await;

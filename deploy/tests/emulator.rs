@@ -57,10 +57,10 @@ fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
 
 /// A docker archive like `dockerTools.buildLayeredImage` writes: `manifest.json`, the
 /// config, one `layer.tar` per layer; gzipped when `gzip`.
-fn write_archive(path: &Path, tag: &str, layers: &[&str], architecture: &str, gzip: bool) {
+fn write_archive(path: &Path, tag: &str, layers: &[&[u8]], architecture: &str, gzip: bool) {
     let layers: Vec<Vec<u8>> = layers
         .iter()
-        .map(|content| tar_of(&[("hello.txt", content.as_bytes())]))
+        .map(|content| tar_of(&[("hello.txt", content)]))
         .collect();
     let diff_ids: Vec<String> = layers.iter().map(|layer| sha256(layer)).collect();
     let config = json!({
@@ -106,11 +106,17 @@ fn archives_give_stable_digests() {
     let dir = tempfile::tempdir().unwrap();
     let gz = dir.path().join("server.tar.gz");
     let plain = dir.path().join("server.tar");
-    write_archive(&gz, "fjord-server:0123abc", &["base", "app"], "amd64", true);
+    write_archive(
+        &gz,
+        "fjord-server:0123abc",
+        &[b"base", b"app"],
+        "amd64",
+        true,
+    );
     write_archive(
         &plain,
         "fjord-server:0123abc",
-        &["base", "app"],
+        &[b"base", b"app"],
         "amd64",
         false,
     );
@@ -430,7 +436,7 @@ impl Fixture {
             write_archive(
                 &self.path(&format!("{role}.tar.gz")),
                 &tag,
-                &["base", &app],
+                &[b"base", app.as_bytes()],
                 "amd64",
                 true,
             );
@@ -451,13 +457,27 @@ impl Fixture {
     }
 
     fn deploy_to(&self, aws: &Aws, registry: &str, args: &[&str]) -> Run {
-        let output = Command::new(env!("CARGO_BIN_EXE_fjord-deploy"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fjord-deploy"));
+        command
             .arg(self.path("manifest.json"))
             .arg("--server-image")
             .arg(self.path("server.tar.gz"))
             .arg("--consumer-image")
             .arg(self.path("consumer.tar.gz"))
-            .args(["--endpoint-url", &aws.endpoint, "--registry-url", registry])
+            .args(["--registry-url", registry]);
+        Self::run(command, aws, args)
+    }
+
+    /// Runs `fjord-deploy destroy manifest.json` with `args`, against the emulator.
+    fn destroy(&self, aws: &Aws, args: &[&str]) -> Run {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fjord-deploy"));
+        command.arg("destroy").arg(self.path("manifest.json"));
+        Self::run(command, aws, args)
+    }
+
+    fn run(mut command: Command, aws: &Aws, args: &[&str]) -> Run {
+        let output = command
+            .args(["--endpoint-url", &aws.endpoint])
             .args(args)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
@@ -699,7 +719,7 @@ async fn full_deploy_then_a_second_run_changes_nothing() {
     let run = fixture.deploy(&aws, &["--no-wait"]).succeeded();
     run.says(&format!("ECR repository {name}/server: exists"))
         .says(&format!(
-            "image {name}/server: pushed 0 of 3 blobs (3 already there)"
+            "image {name}/server: unchanged: all 3 blobs already there"
         ))
         .says(&format!(
             "task definition {}: unchanged ({}:1)",
@@ -938,4 +958,328 @@ async fn waits_until_the_services_are_stable() {
             "Service {}: ACTIVE, 2/2 running",
             fixture.consumer()
         ));
+}
+
+// ------------------------------------------------------------------------- ECR-shaped pushes, prune, destroy
+
+/// `len` bytes that gzip cannot shrink (xorshift; the seed makes them differ per test).
+fn incompressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut bytes = Vec::with_capacity(len + 8);
+    while bytes.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    bytes.truncate(len);
+    bytes
+}
+
+/// `host:port` of the test registry, as the deploy names it.
+fn fixture_registry_host() -> String {
+    let registry = required_env("FJORD_TEST_REGISTRY");
+    registry.trim_start_matches("http://").to_owned()
+}
+
+/// The size of a blob in the registry, by its HTTP API; `None` if it has none.
+async fn registry_blob_size(repository: &str, digest: &str) -> Option<u64> {
+    let registry = required_env("FJORD_TEST_REGISTRY");
+    let answer = reqwest::Client::new()
+        .head(format!("{registry}/v2/{repository}/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    if answer.status() == reqwest::StatusCode::NOT_FOUND {
+        return None;
+    }
+    assert!(answer.status().is_success(), "{answer:?}");
+    Some(
+        answer.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_multi_mib_layer_pushes_and_an_unchanged_image_sends_nothing() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("bigpush").await;
+    let name = &fixture.name;
+    // A 12 MiB layer: more than the 5 MiB that ECR wants of every part but the last, and
+    // more than oci-client's 4 MiB chunks, so a chunked upload would take several parts.
+    let seed = u64::from(fixture.name.len() as u32) << 32 | u64::from(std::process::id());
+    let big = incompressible(12 << 20, seed);
+    write_archive(
+        &fixture.path("server.tar.gz"),
+        "fjord-server:big",
+        &[b"base", &big],
+        "amd64",
+        true,
+    );
+    let image = Image::read(&fixture.path("server.tar.gz"), Architecture::X86_64).unwrap();
+    let layer = &image.layers[1];
+    assert!(layer.data.len() > 12 << 20, "the layer stays above 12 MiB");
+
+    fixture
+        .deploy(&aws, &["--no-wait"])
+        .succeeded()
+        .says(&format!(
+            "image {name}/server: pushed 3 of 3 blobs (0 already there) to {}, 12.0 MiB, tagged",
+            fixture_registry_host()
+        ))
+        .says(&format!("tagged {} as big", image.manifest.digest));
+    assert_eq!(
+        registry_blob_size(&format!("{name}/server"), &layer.digest).await,
+        Some(layer.data.len() as u64),
+        "the registry holds the whole layer"
+    );
+    assert_eq!(
+        registry_digest(&format!("{name}/server"), "big").await,
+        Some(image.manifest.digest.clone())
+    );
+
+    // The same image again: no blob, no manifest.
+    fixture
+        .deploy(&aws, &["--no-wait"])
+        .succeeded()
+        .says(&format!(
+            "image {name}/server: unchanged: all 3 blobs already there and {} already tagged big; nothing sent",
+            image.manifest.digest
+        ))
+        .says(&format!("image {name}/consumer: unchanged"));
+}
+
+/// The fixture's manifest with a second consumer group, `audit`, of one member, that
+/// takes one of the first group's two topics (a topic belongs to one group).
+fn with_audit_group(manifest: &mut Value) {
+    let groups = manifest["consumer_groups"].as_array_mut().unwrap();
+    let topic = groups[0]["topics"].as_array_mut().unwrap().pop().unwrap();
+    groups.push(json!({ "id": "audit", "topics": [topic], "members": 1 }));
+}
+
+#[tokio::test]
+async fn a_removed_consumer_group_is_pruned_after_a_dry_run_shows_it() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("prune").await;
+    let audit = format!("{}-consumer-audit", fixture.name);
+    fixture.write_edited(with_audit_group);
+    fixture
+        .deploy(&aws, &["--no-wait"])
+        .succeeded()
+        .says(&format!("service {audit}: created with 1 tasks"));
+    assert!(aws.service(&fixture.cluster, &audit).await.is_some());
+
+    // The group leaves the manifest: the dry run says what would go, and nothing goes.
+    fixture.write_manifest();
+    fixture
+        .deploy(&aws, &["--dry-run"])
+        .succeeded()
+        .says(&format!(
+            "service {audit} (consumer group no longer in the manifest): would remove: drain 1 task(s), then delete"
+        ))
+        .says(&format!(
+            "task definition {audit} (consumer group no longer in the manifest): would deregister 1 and delete 1 revision(s)"
+        ));
+    assert!(aws.service(&fixture.cluster, &audit).await.is_some());
+    assert_eq!(aws.revisions(&audit).await, 1);
+
+    let run = fixture
+        .deploy(&aws, &["--no-wait", "--poll-secs", "1"])
+        .succeeded();
+    run.says(&format!(
+        "service {audit} (consumer group no longer in the manifest): removed: drained 1 task(s) in"
+    ))
+    .says(&format!(
+        "task definition {audit} (consumer group no longer in the manifest): deregistered 1 and deleted 1 revision(s)"
+    ));
+    assert!(
+        aws.service(&fixture.cluster, &audit).await.is_none(),
+        "pruned"
+    );
+    assert_eq!(aws.revisions(&audit).await, 0);
+    // The group that stays keeps running.
+    assert!(
+        aws.service(&fixture.cluster, &fixture.consumer())
+            .await
+            .is_some()
+    );
+
+    // Pruned once: the next deploy has nothing to prune.
+    let run = fixture.deploy(&aws, &["--no-wait"]).succeeded();
+    assert!(
+        !run.stdout.contains("no longer in the manifest"),
+        "{}",
+        run.stdout
+    );
+}
+
+/// A service named like the deployment's consumers, made by hand, not by the tool.
+async fn handmade_service(aws: &Aws, fixture: &Fixture) -> String {
+    let name = format!("{}-consumer-handmade", fixture.name);
+    let container = aws_sdk_ecs::types::ContainerDefinition::builder()
+        .name("app")
+        .image("public.ecr.aws/docker/library/busybox:latest")
+        .memory(128)
+        .build();
+    aws.ecs
+        .register_task_definition()
+        .family(&name)
+        .container_definitions(container)
+        .send()
+        .await
+        .unwrap();
+    let network = aws_sdk_ecs::types::NetworkConfiguration::builder()
+        .awsvpc_configuration(
+            aws_sdk_ecs::types::AwsVpcConfiguration::builder()
+                .set_subnets(Some(aws.subnets.clone()))
+                .security_groups(&aws.security_group)
+                .build()
+                .unwrap(),
+        )
+        .build();
+    aws.ecs
+        .create_service()
+        .cluster(&fixture.cluster)
+        .service_name(&name)
+        .task_definition(&name)
+        .desired_count(1)
+        .network_configuration(network)
+        .send()
+        .await
+        .unwrap();
+    name
+}
+
+#[tokio::test]
+async fn destroy_removes_what_deploys_made_and_spares_the_rest() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("destroy").await;
+    let (name, cluster) = (fixture.name.clone(), fixture.cluster.clone());
+    // Made before the first deploy by someone else: the deploy uses it, destroy leaves it.
+    aws.ecr
+        .create_repository()
+        .repository_name(format!("{name}/consumer"))
+        .send()
+        .await
+        .unwrap();
+    fixture.deploy(&aws, &["--no-wait"]).succeeded();
+    let handmade = handmade_service(&aws, &fixture).await;
+    let resource = format!("service/{cluster}/{}", fixture.server());
+    let scaling = |aws: &Aws| {
+        let (scaling, resource) = (aws.scaling.clone(), resource.clone());
+        async move {
+            let targets = scaling
+                .describe_scalable_targets()
+                .service_namespace(ServiceNamespace::Ecs)
+                .resource_ids(&resource)
+                .send()
+                .await
+                .unwrap();
+            let policies = scaling
+                .describe_scaling_policies()
+                .service_namespace(ServiceNamespace::Ecs)
+                .resource_id(&resource)
+                .send()
+                .await
+                .unwrap();
+            (
+                targets.scalable_targets().len(),
+                policies.scaling_policies().len(),
+            )
+        }
+    };
+    let log_groups = |aws: &Aws| {
+        let (logs, prefix) = (aws.logs.clone(), format!("/ecs/{name}"));
+        async move {
+            let groups = logs
+                .describe_log_groups()
+                .log_group_name_prefix(prefix)
+                .send()
+                .await
+                .unwrap();
+            groups.log_groups().len()
+        }
+    };
+    assert_eq!(scaling(&aws).await, (1, 2));
+
+    // The dry run lists it all and removes nothing.
+    fixture
+        .destroy(&aws, &["--dry-run"])
+        .succeeded()
+        .says("(dry run: nothing will be changed)")
+        .says(&format!(
+            "service {}: would remove (with its scaling target and 2 policies): drain 2 task(s), then delete",
+            fixture.server()
+        ))
+        .says(&format!(
+            "service {}: would remove: drain 2 task(s), then delete",
+            fixture.consumer()
+        ))
+        .says(&format!(
+            "task definition {}: would deregister 1 and delete 1 revision(s)",
+            fixture.server()
+        ))
+        .says(&format!(
+            "left: ECR repository {name}/server (kept; --repositories removes it)"
+        ))
+        .says(&format!(
+            "left: log group /ecs/{name} (kept; --log-group removes it)"
+        ))
+        .says("Dry run: nothing was changed.");
+    assert!(aws.service(&cluster, &fixture.server()).await.is_some());
+    assert_eq!(aws.revisions(&fixture.server()).await, 1);
+    assert_eq!(scaling(&aws).await, (1, 2));
+
+    let run = fixture.destroy(&aws, &["--poll-secs", "1"]).succeeded();
+    run.says(&format!(
+        "service {}: removed (with its scaling target and 2 policies): drained 2 task(s) in",
+        fixture.server()
+    ))
+    .says(&format!(
+        "task definition {}: deregistered 1 and deleted 1 revision(s)",
+        fixture.consumer()
+    ));
+    assert!(!run.stdout.contains(&handmade), "{}", run.stdout);
+    for service in [fixture.server(), fixture.consumer()] {
+        assert!(aws.service(&cluster, &service).await.is_none(), "{service}");
+        assert_eq!(aws.revisions(&service).await, 0, "{service}");
+    }
+    assert_eq!(scaling(&aws).await, (0, 0));
+    // Not made by the tool: still there, untouched.
+    let spared = aws.service(&cluster, &handmade).await.unwrap();
+    assert_eq!(spared.desired_count(), 1);
+    assert_eq!(aws.revisions(&handmade).await, 1);
+    // Not asked for: repositories and logs stay.
+    assert_eq!(aws.repositories().await.len(), 2);
+    assert_eq!(log_groups(&aws).await, 1);
+
+    // Again: nothing left, and it says so.
+    fixture.destroy(&aws, &[]).succeeded().says(&format!(
+        "Nothing left of {name} that fjord-deploy created and this run removes."
+    ));
+
+    // Asked for: the repository and log group the deploy created go; the repository it
+    // found already there stays.
+    fixture
+        .destroy(&aws, &["--repositories", "--log-group"])
+        .succeeded()
+        .says(&format!(
+            "ECR repository {name}/server: deleted, with its images"
+        ))
+        .says(&format!("log group /ecs/{name}: deleted"))
+        .says(&format!(
+            "left: ECR repository {name}/consumer (not created by fjord-deploy: no fjord:deployment tag)"
+        ));
+    assert_eq!(aws.repositories().await, [format!("{name}/consumer")]);
+    assert_eq!(log_groups(&aws).await, 0);
+    fixture
+        .destroy(&aws, &["--repositories", "--log-group"])
+        .succeeded()
+        .says(&format!(
+            "Nothing left of {name} that fjord-deploy created and this run removes."
+        ));
+    assert!(aws.service(&cluster, &handmade).await.is_some());
 }
