@@ -976,10 +976,99 @@ fn incompressible(len: usize, seed: u64) -> Vec<u8> {
     bytes
 }
 
-/// `host:port` of the test registry, as the deploy names it.
-fn fixture_registry_host() -> String {
-    let registry = required_env("FJORD_TEST_REGISTRY");
-    registry.trim_start_matches("http://").to_owned()
+/// One request that passed through a [`Recorder`].
+#[derive(Debug, Clone)]
+struct Recorded {
+    method: String,
+    path: String,
+    body: usize,
+}
+
+/// A front for the test registry that passes every request through unchanged and
+/// records its method, path and body size, to show what a push sends on the wire.
+struct Recorder {
+    host: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+}
+
+impl Recorder {
+    fn start() -> Self {
+        let upstream = required_env("FJORD_TEST_REGISTRY")
+            .trim_start_matches("http://")
+            .to_owned();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let log = std::sync::Arc::default();
+        let shared = std::sync::Arc::clone(&log);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (upstream, log) = (upstream.clone(), std::sync::Arc::clone(&shared));
+                std::thread::spawn(move || Self::relay(client, &upstream, &log));
+            }
+        });
+        Self { host, log }
+    }
+
+    fn requests(&self) -> Vec<Recorded> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Relays HTTP/1.1 requests on one connection until the client closes it.
+    fn relay(client: std::net::TcpStream, upstream: &str, log: &std::sync::Mutex<Vec<Recorded>>) {
+        use std::io::{BufReader, Write as _};
+        let server = std::net::TcpStream::connect(upstream).unwrap();
+        let (mut to_client, mut to_server) =
+            (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let (mut from_client, mut from_server) = (BufReader::new(client), BufReader::new(server));
+        while let Some((head, body)) = Self::message(&mut from_client, false) {
+            let mut request_line = head.lines().next().unwrap().split(' ');
+            let method = request_line.next().unwrap().to_owned();
+            let path = request_line.next().unwrap().to_owned();
+            log.lock().unwrap().push(Recorded {
+                method: method.clone(),
+                path,
+                body: body.len(),
+            });
+            to_server.write_all(head.as_bytes()).unwrap();
+            to_server.write_all(&body).unwrap();
+            let (head, body) = Self::message(&mut from_server, method == "HEAD").unwrap();
+            to_client.write_all(head.as_bytes()).unwrap();
+            to_client.write_all(&body).unwrap();
+        }
+    }
+
+    /// Reads one message: its head (through the blank line) and its body, sized by
+    /// Content-Length (the registry and reqwest both send one). `None` at end of stream.
+    fn message(from: &mut impl std::io::BufRead, head_only: bool) -> Option<(String, Vec<u8>)> {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if from.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        assert!(
+            !head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{head}"
+        );
+        let length = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; if head_only { 0 } else { length }];
+        from.read_exact(&mut body).unwrap();
+        Some((head, body))
+    }
 }
 
 /// The size of a blob in the registry, by its HTTP API; `None` if it has none.
@@ -1023,14 +1112,35 @@ async fn a_multi_mib_layer_pushes_and_an_unchanged_image_sends_nothing() {
     let layer = &image.layers[1];
     assert!(layer.data.len() > 12 << 20, "the layer stays above 12 MiB");
 
+    let recorder = Recorder::start();
+    let registry = format!("http://{}", recorder.host);
     fixture
-        .deploy(&aws, &["--no-wait"])
+        .deploy_to(&aws, &registry, &["--no-wait"])
         .succeeded()
         .says(&format!(
-            "image {name}/server: pushed 3 of 3 blobs (0 already there) to {}, 12.0 MiB, tagged",
-            fixture_registry_host()
-        ))
-        .says(&format!("tagged {} as big", image.manifest.digest));
+            "image {name}/server: pushed 3 of 3 blobs (0 already there) to {}, 12.0 MiB, tagged {} as big",
+            recorder.host, image.manifest.digest
+        ));
+    // On the wire: no chunk (PATCH) at all; each blob is one PUT carrying all of it.
+    let requests = recorder.requests();
+    assert!(
+        requests.iter().all(|r| r.method != "PATCH"),
+        "{requests:#?}"
+    );
+    let server_uploads: Vec<usize> = requests
+        .iter()
+        .filter(|r| {
+            r.method == "PUT"
+                && r.path
+                    .starts_with(&format!("/v2/{name}/server/blobs/uploads/"))
+        })
+        .map(|r| r.body)
+        .collect();
+    let mut sizes: Vec<usize> = image.blobs().map(|b| b.data.len()).collect();
+    sizes.sort_unstable();
+    let mut sent = server_uploads.clone();
+    sent.sort_unstable();
+    assert_eq!(sent, sizes, "one whole-blob PUT per blob: {requests:#?}");
     assert_eq!(
         registry_blob_size(&format!("{name}/server"), &layer.digest).await,
         Some(layer.data.len() as u64),
@@ -1041,15 +1151,23 @@ async fn a_multi_mib_layer_pushes_and_an_unchanged_image_sends_nothing() {
         Some(image.manifest.digest.clone())
     );
 
-    // The same image again: no blob, no manifest.
+    // The same image again: no blob, no manifest; the registry only gets looked at.
+    let before = recorder.requests().len();
     fixture
-        .deploy(&aws, &["--no-wait"])
+        .deploy_to(&aws, &registry, &["--no-wait"])
         .succeeded()
         .says(&format!(
             "image {name}/server: unchanged: all 3 blobs already there and {} already tagged big; nothing sent",
             image.manifest.digest
         ))
         .says(&format!("image {name}/consumer: unchanged"));
+    let again = &recorder.requests()[before..];
+    assert!(
+        again
+            .iter()
+            .all(|r| r.method == "HEAD" || r.method == "GET"),
+        "{again:#?}"
+    );
 }
 
 /// The fixture's manifest with a second consumer group, `audit`, of one member, that
