@@ -3,7 +3,8 @@
 //! repositories, image pushes, log group, task definitions, services, autoscaling — each
 //! reading what AWS has first and changing only what differs from the plan. A dry run
 //! reads and reports but never changes. Everything created is tagged with the deployment's
-//! name, and the services of consumer groups gone from the manifest are pruned last. Each
+//! name; the services of consumer groups gone from the manifest are pruned once the wanted
+//! ones are in place. Each
 //! step reports as it finishes; a failing step ends the deploy with what was done and what
 //! was not.
 
@@ -578,6 +579,15 @@ impl Step<'_> {
         let total = image.layers.len() + 1;
         if self.dry_run {
             let missing = registry.missing_blobs(repository, image).await?;
+            if missing == 0 && registry.tagged(repository, image).await {
+                return Ok((
+                    (),
+                    format!(
+                        "unchanged: all {total} blobs already there and {} already tagged {}",
+                        image.manifest.digest, image.tag
+                    ),
+                ));
+            }
             return Ok((
                 (),
                 format!(

@@ -69,9 +69,10 @@ fn ecs_tags(tags: &[aws_sdk_ecs::types::Tag]) -> impl Iterator<Item = (&str, &st
 #[derive(Debug, Clone)]
 pub(crate) struct FoundService {
     pub(crate) name: String,
-    /// `ACTIVE`, or `DRAINING` once deleted while tasks still stop.
+    /// Deleted already, its tasks still stopping (`DRAINING`): only waited on.
     draining: bool,
-    running: i32,
+    /// Tasks running or pending.
+    tasks: i32,
 }
 
 /// The deployment's services in its cluster but those named in `except` (none if the
@@ -129,7 +130,7 @@ pub(crate) async fn services(
             found.push(FoundService {
                 name: service.service_name().unwrap_or_default().to_owned(),
                 draining: status == "DRAINING",
-                running: service.running_count() + service.pending_count(),
+                tasks: service.running_count() + service.pending_count(),
             });
         }
     }
@@ -255,7 +256,7 @@ pub(crate) async fn remove_service(
             (),
             format!(
                 "would remove{scaling}: drain {} task(s), then delete",
-                service.running
+                service.tasks
             ),
         ));
     }
@@ -284,7 +285,7 @@ pub(crate) async fn remove_service(
         (),
         format!(
             "removed{scaling}: drained {} task(s) in {} s, deleted",
-            service.running,
+            service.tasks,
             took.as_secs()
         ),
     ))

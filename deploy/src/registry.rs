@@ -156,8 +156,7 @@ impl Registry {
             pushed.sent += 1;
             pushed.bytes += blob.data.len();
         }
-        if pushed.sent == 0 && self.tagged(&reference).await == Some(image.manifest.digest.clone())
-        {
+        if pushed.sent == 0 && self.tagged(repository, image).await {
             return Ok(pushed);
         }
         let content_type = MANIFEST_MEDIA_TYPE
@@ -176,13 +175,15 @@ impl Registry {
         Ok(pushed)
     }
 
-    /// The digest the reference's tag names. Any failure to find out counts as not tagged:
-    /// the lookup only spares a request, and pushing the manifest is always correct.
-    async fn tagged(&self, reference: &Reference) -> Option<String> {
-        self.client
-            .fetch_manifest_digest(reference, &self.auth)
-            .await
-            .ok()
+    /// Whether the image's tag in `repository` already names its manifest. Any failure to
+    /// find out counts as no: the lookup only spares a request, and putting the manifest
+    /// is always correct.
+    pub async fn tagged(&self, repository: &str, image: &Image) -> bool {
+        let digest = self
+            .client
+            .fetch_manifest_digest(&self.reference(repository, image), &self.auth)
+            .await;
+        digest.is_ok_and(|digest| digest == image.manifest.digest)
     }
 
     fn reference(&self, repository: &str, image: &Image) -> Reference {

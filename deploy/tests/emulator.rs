@@ -962,7 +962,7 @@ async fn waits_until_the_services_are_stable() {
 
 // ------------------------------------------------------------------------- ECR-shaped pushes, prune, destroy
 
-/// `len` bytes that gzip cannot shrink (xorshift; the seed makes them differ per test).
+/// `len` bytes that gzip cannot shrink (xorshift from `seed`).
 fn incompressible(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
     let mut bytes = Vec::with_capacity(len + 8);
@@ -1099,7 +1099,10 @@ async fn a_multi_mib_layer_pushes_and_an_unchanged_image_sends_nothing() {
     let name = &fixture.name;
     // A 12 MiB layer: more than the 5 MiB that ECR wants of every part but the last, and
     // more than oci-client's 4 MiB chunks, so a chunked upload would take several parts.
-    let seed = u64::from(fixture.name.len() as u32) << 32 | u64::from(std::process::id());
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let big = incompressible(12 << 20, seed);
     write_archive(
         &fixture.path("server.tar.gz"),
@@ -1151,7 +1154,15 @@ async fn a_multi_mib_layer_pushes_and_an_unchanged_image_sends_nothing() {
         Some(image.manifest.digest.clone())
     );
 
-    // The same image again: no blob, no manifest; the registry only gets looked at.
+    // The same image again: the dry run and the deploy say so, and send nothing.
+    fixture
+        .deploy_to(&aws, &registry, &["--dry-run"])
+        .succeeded()
+        .says(&format!(
+            "image {name}/server: unchanged: all 3 blobs already there and {} already tagged big",
+            image.manifest.digest
+        ));
+    // The registry only gets looked at.
     let before = recorder.requests().len();
     fixture
         .deploy_to(&aws, &registry, &["--no-wait"])
