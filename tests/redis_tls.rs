@@ -1,7 +1,8 @@
 //! The bus on a Redis that speaks only TLS and wants a password: a real `redis-server` that
 //! each test starts on a free port, with a CA and a server certificate the test makes with
-//! `openssl`. Records cross it end to end, and each way of getting the connection wrong
-//! stops the process at start with a one-line reason.
+//! `openssl`. Records cross it end to end; each way of getting the connection wrong stops
+//! the process at start with a one-line reason, or, where it may yet pass, is retried with
+//! the reason logged.
 
 mod common;
 
@@ -443,4 +444,25 @@ async fn fjord_dev_streams_through_a_tls_redis() {
         assert_eq!(record.event.as_deref(), Some("orders"));
         assert!(record.json()["value"].is_object(), "{record:?}");
     }
+}
+
+#[tokio::test]
+async fn redis_url_to_a_tls_port_is_retried_with_a_hint() {
+    let services = services();
+    let redis = TlsRedis::start();
+    let mut manifest = tls_manifest(&services, &redis, "unused-topic", free_port());
+    manifest["redis"]["url"] = format!("redis://127.0.0.1:{}", redis.port).into();
+    let (_dir, path) = write_manifest(&manifest);
+    // A reset connection may also pass, so the process keeps trying and says why.
+    let server = Process::start(
+        env!("CARGO_BIN_EXE_fjord-server"),
+        &["--manifest", path.to_str().expect("utf-8 path")],
+        &[(PASSWORD_ENV, redis.user_password.as_str())],
+    );
+    server
+        .wait_for_log(&[
+            "redis is not reachable yet (if this port serves TLS, the URL needs rediss://)",
+            "Connection reset",
+        ])
+        .await;
 }

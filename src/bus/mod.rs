@@ -208,7 +208,19 @@ pub async fn connect_redis(config: &crate::config::RedisConfig) -> Result<Bus, B
             Ok(bus) => return Ok(Bus::Redis(Box::new(bus))),
             Err(error @ (BusError::Config(_) | BusError::Refused { .. })) => return Err(error),
             Err(error) => {
-                tracing::warn!(%error, url = %config.url, retry_in = ?backoff, "redis is not reachable yet");
+                // A TLS port resets a connection that does not start with a TLS greeting;
+                // that may also pass, so it is a hint rather than a reason to stop.
+                let hint = match &error {
+                    BusError::Redis { source, .. }
+                        if config.url.starts_with("redis://")
+                            && source.is_connection_dropped()
+                            && !source.is_connection_refusal() =>
+                    {
+                        " (if this port serves TLS, the URL needs rediss://)"
+                    }
+                    _ => "",
+                };
+                tracing::warn!(%error, url = %config.url, retry_in = ?backoff, "redis is not reachable yet{hint}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }
