@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use fjord::config::Manifest;
-use fjord::dev::DevOptions;
+use fjord::dev::{DevOptions, DevRedis};
 
 /// Fjord: a real-time API proxy for Kafka.
 #[derive(Debug, Parser)]
@@ -28,9 +28,15 @@ enum Command {
         /// Use these Kafka brokers (host:port,...) instead of the in-process cluster.
         #[arg(long, value_name = "BROKERS")]
         kafka: Option<String>,
-        /// Use this Redis (redis://host:port) instead of the in-process bus.
+        /// Use this Redis (redis://host:port, or rediss:// for TLS) instead of the in-process bus.
         #[arg(long, value_name = "URL")]
         redis: Option<String>,
+        /// Authenticate to --redis as this ACL user.
+        #[arg(long, value_name = "NAME", requires = "redis")]
+        redis_user: Option<String>,
+        /// The variable holding the --redis password [default: FJORD_REDIS_PASSWORD, when set].
+        #[arg(long, value_name = "VAR", requires = "redis")]
+        redis_password_env: Option<String>,
         /// Do not produce demo records.
         #[arg(long)]
         no_demo_producer: bool,
@@ -93,13 +99,19 @@ async fn main() -> anyhow::Result<()> {
             host,
             kafka,
             redis,
+            redis_user,
+            redis_password_env,
             no_demo_producer,
         } => {
             fjord::dev::run(DevOptions {
                 host,
                 port,
                 kafka,
-                redis,
+                redis: redis.map(|url| DevRedis {
+                    url,
+                    username: redis_user,
+                    password_env: redis_password_env,
+                }),
                 demo_producer: !no_demo_producer,
             })
             .await?;

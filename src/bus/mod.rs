@@ -119,6 +119,17 @@ pub enum BusError {
         /// What was unexpected.
         detail: String,
     },
+    /// Redis refused how Fjord connects (credentials, TLS, URL); retrying cannot help.
+    /// The client's error is part of the message, not a source, so that it reads as one line.
+    #[error("redis at {url}: {problem} ({error})")]
+    Refused {
+        /// The manifest's `redis.url`, which carries no credentials.
+        url: String,
+        /// What failed, and which setting to look at.
+        problem: String,
+        /// The client's error.
+        error: ::redis::RedisError,
+    },
     /// The manifest's secret for Redis is missing.
     #[error(transparent)]
     Config(#[from] crate::config::ManifestError),
@@ -187,16 +198,29 @@ impl Bus {
     }
 }
 
-/// Connects to Redis, retrying with backoff while it cannot be reached; fails at once on a
-/// configuration error such as a missing password variable.
+/// Connects to Redis, retrying with backoff while it cannot be reached; fails at once on
+/// what retrying cannot mend: a missing password variable, credentials Redis refuses, a
+/// certificate that is not trusted, a port that does not speak TLS.
 pub async fn connect_redis(config: &crate::config::RedisConfig) -> Result<Bus, BusError> {
     let mut backoff = std::time::Duration::from_millis(200);
     loop {
         match redis::RedisBus::connect(config).await {
             Ok(bus) => return Ok(Bus::Redis(Box::new(bus))),
-            Err(error @ BusError::Config(_)) => return Err(error),
+            Err(error @ (BusError::Config(_) | BusError::Refused { .. })) => return Err(error),
             Err(error) => {
-                tracing::warn!(%error, url = %config.url, retry_in = ?backoff, "redis is not reachable yet");
+                // A TLS port resets a connection that does not start with a TLS greeting;
+                // that may also pass, so it is a hint rather than a reason to stop.
+                let hint = match &error {
+                    BusError::Redis { source, .. }
+                        if config.url.starts_with("redis://")
+                            && source.is_connection_dropped()
+                            && !source.is_connection_refusal() =>
+                    {
+                        " (if this port serves TLS, the URL needs rediss://)"
+                    }
+                    _ => "",
+                };
+                tracing::warn!(%error, url = %config.url, retry_in = ?backoff, "redis is not reachable yet{hint}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::StreamReadReply;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, Script, Value};
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, Script, Value};
 
 use super::{BusEntry, BusError, Publication, Published, READ_BATCH, StreamId};
 use crate::config::{EndpointName, RedisConfig};
@@ -78,6 +78,138 @@ fn redis_error(operation: &'static str) -> impl FnOnce(redis::RedisError) -> Bus
     move |source| BusError::Redis { operation, source }
 }
 
+/// Sorts a failure to connect: [`BusError::Refused`] when retrying cannot help (credentials,
+/// TLS, the URL), else [`BusError::Redis`] for a Redis not reachable yet.
+fn refused_or_unreachable(
+    config: &RedisConfig,
+    operation: &'static str,
+) -> impl FnOnce(redis::RedisError) -> BusError {
+    move |source| match refusal(config, &source) {
+        Some(problem) => BusError::Refused {
+            url: config.url.clone(),
+            problem,
+            error: source,
+        },
+        None => BusError::Redis { operation, source },
+    }
+}
+
+/// Sorts a failed first connection. A plain-text Redis waits for the end of a command line
+/// that a TLS greeting never sends, so `rediss://` to its port times out rather than fails:
+/// a plain PING tells that case apart.
+async fn connect_failure(
+    config: &RedisConfig,
+    client: &Client,
+    error: redis::RedisError,
+) -> BusError {
+    if let ConnectionAddr::TcpTls { host, port, .. } = client.get_connection_info().addr()
+        && error.is_timeout()
+        && speaks_plain_redis(host, *port).await
+    {
+        return BusError::Refused {
+            url: config.url.clone(),
+            problem: "this port speaks Redis without TLS: use redis://, or Redis's TLS port"
+                .to_owned(),
+            error,
+        };
+    }
+    refused_or_unreachable(config, "connect")(error)
+}
+
+/// Whether `host:port` answers a plain-text PING as Redis without TLS does (`+PONG`, or an
+/// error such as `-NOAUTH`); a TLS port answers with an alert record or closes.
+async fn speaks_plain_redis(host: &str, port: u16) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        stream.write_all(b"PING\r\n").await.ok()?;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await.ok()?;
+        Some(matches!(first[0], b'+' | b'-'))
+    };
+    matches!(
+        tokio::time::timeout(CONNECT_TIMEOUT, probe).await,
+        Ok(Some(true))
+    )
+}
+
+/// What Redis refused, in words that point at the setting to fix; `None` for failures that
+/// may pass (refused or dropped connections, timeouts, name resolution, loading).
+fn refusal(config: &RedisConfig, error: &redis::RedisError) -> Option<String> {
+    let user = config.username.as_deref().map_or_else(
+        || "the default user".to_owned(),
+        |name| format!("user {name:?}"),
+    );
+    let password = config.password_env.as_ref().map_or_else(
+        || "no password (redis.password_env is not set)".to_owned(),
+        |secret| format!("the password in {}", secret.env_name()),
+    );
+    if error.kind() == redis::ErrorKind::AuthenticationFailed {
+        return Some(format!(
+            "authentication as {user} with {password} failed: wrong password, or an unknown or disabled user"
+        ));
+    }
+    match error.code() {
+        Some("NOAUTH") => {
+            return Some(format!(
+                "Redis requires a password and Fjord has {password}"
+            ));
+        }
+        Some("NOPERM") => return Some(format!("{user} may not run Fjord's commands")),
+        _ => {}
+    }
+    if error.kind() == redis::ErrorKind::InvalidClientConfig {
+        return Some("the URL cannot be used".to_owned());
+    }
+    let roots = std::env::var_os("SSL_CERT_FILE").map_or_else(
+        || "the system's CA certificates".to_owned(),
+        |file| {
+            format!(
+                "the CA bundle in SSL_CERT_FILE ({})",
+                file.to_string_lossy()
+            )
+        },
+    );
+    match tls_failure(error)? {
+        TlsFailure::TrustRoots => Some(format!("cannot load the TLS trust roots, {roots}")),
+        TlsFailure::Untrusted => Some(format!(
+            "its TLS certificate is not valid for this host or not signed by {roots}"
+        )),
+        TlsFailure::Handshake => Some(
+            "the TLS handshake failed: is this Redis's TLS port? (rediss:// needs one)".to_owned(),
+        ),
+    }
+}
+
+/// Why a TLS connection could not be set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsFailure {
+    /// The trust roots could not be read.
+    TrustRoots,
+    /// The server's certificate was not accepted.
+    Untrusted,
+    /// The peer does not speak TLS, or not a version or suite in common.
+    Handshake,
+}
+
+fn tls_failure(error: &redis::RedisError) -> Option<TlsFailure> {
+    // The client keeps I/O errors as `Arc<dyn Error>`; tokio-rustls wraps rustls's error in
+    // an `io::Error`.
+    let inner = std::error::Error::source(error)?
+        .downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>()?;
+    if inner.is::<rustls_native_certs::Error>() {
+        return Some(TlsFailure::TrustRoots);
+    }
+    let tls = inner
+        .downcast_ref::<std::io::Error>()?
+        .get_ref()?
+        .downcast_ref::<rustls::Error>()?;
+    Some(match tls {
+        rustls::Error::InvalidCertificate(_) => TlsFailure::Untrusted,
+        _ => TlsFailure::Handshake,
+    })
+}
+
 /// The key of an endpoint's stream.
 pub fn stream_key(prefix: &str, endpoint: &EndpointName) -> String {
     format!("{{{prefix}}}:stream:{endpoint}")
@@ -92,32 +224,50 @@ fn last_ids_key(prefix: &str) -> String {
 }
 
 impl RedisBus {
-    /// Connects to the Redis the manifest names, reading its password from the environment.
+    /// Connects to the Redis the manifest names, as its ACL user with the password from the
+    /// environment, over TLS for `rediss://`, and checks that Redis accepts commands.
     pub async fn connect(config: &RedisConfig) -> Result<Self, BusError> {
+        // The workspace builds rustls with two crypto providers, and rustls then refuses to
+        // pick one for the redis client's TLS config; an error means one is already set.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut info = config
             .url
             .as_str()
             .into_connection_info()
-            .map_err(redis_error("parse url"))?;
-        if let Some(secret) = &config.password_env {
-            let settings = info.redis_settings().clone().set_password(secret.read()?);
-            info = info.set_redis_settings(settings);
+            .map_err(refused_or_unreachable(config, "parse url"))?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(username) = &config.username {
+            settings = settings.set_username(username);
         }
-        let client = Client::open(info).map_err(redis_error("open"))?;
+        if let Some(secret) = &config.password_env {
+            settings = settings.set_password(secret.read()?);
+        }
+        info = info.set_redis_settings(settings);
+        let client = Client::open(info).map_err(refused_or_unreachable(config, "open"))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(2);
-        let commands = client
+        let commands = match client
             .get_connection_manager_with_config(manager_config)
             .await
-            .map_err(redis_error("connect"))?;
-        Ok(Self {
+        {
+            Ok(commands) => commands,
+            Err(error) => return Err(connect_failure(config, &client, error).await),
+        };
+        let bus = Self {
             client,
             commands,
             prefix: config.key_prefix.clone(),
             publish_script: Script::new(PUBLISH_SCRIPT),
-        })
+        };
+        // Without a password the connection succeeds and only commands fail (NOAUTH).
+        let mut connection = bus.commands.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(refused_or_unreachable(config, "ping"))?;
+        Ok(bus)
     }
 
     pub(super) async fn publish(

@@ -242,9 +242,13 @@ pub struct TlsSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port[/db]` or `rediss://` for TLS; no password in it.
+    /// `redis://host:port[/db]` or `rediss://` for TLS; no credentials in it.
     pub url: String,
-    /// The environment variable holding the Redis password (or ACL user's password).
+    /// The ACL user to authenticate as; Redis's `default` user when absent. A user name
+    /// is not a secret, so it is written here rather than read from the environment.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The environment variable holding the Redis password (or the ACL user's password).
     #[serde(default)]
     pub password_env: Option<Secret>,
     /// Prefix of every key Fjord writes, so that several deployments can share a Redis.

@@ -205,13 +205,40 @@ impl Manifest {
                     format!("{url:?} must start with redis:// or rediss://"),
                 )
             })?;
-        let authority = rest.split('/').next().unwrap_or_default();
+        require(
+            !rest.contains(['#', '?']),
+            "$.redis.url",
+            "takes no query or fragment (certificates are always verified; there is no #insecure)",
+        )?;
+        let (authority, database) = rest.split_once('/').unwrap_or((rest, ""));
         require(
             !authority.contains('@'),
             "$.redis.url",
-            "must not carry credentials; name the variable that holds the password in redis.password_env",
+            "must not carry credentials; write the ACL user in redis.username and name the variable that holds the password in redis.password_env",
         )?;
         require(!authority.is_empty(), "$.redis.url", "needs a host")?;
+        require(
+            database.len() <= 5 && database.bytes().all(|b| b.is_ascii_digit()),
+            "$.redis.url",
+            "the path is the database number, /0 to /99999, or nothing",
+        )?;
+        if let Some(username) = &self.redis.username {
+            let valid = !username.is_empty()
+                && username.len() <= 128
+                && !username
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control());
+            require(
+                valid,
+                "$.redis.username",
+                "an ACL user name: 1 to 128 characters, no spaces",
+            )?;
+            require(
+                self.redis.password_env.is_some(),
+                "$.redis.password_env",
+                "an ACL user (redis.username) needs the variable that holds its password",
+            )?;
+        }
         if let Some(secret) = &self.redis.password_env {
             check_env_name("$.redis.password_env", secret.env_name())?;
         }
@@ -453,6 +480,31 @@ mod tests {
                 serde_json::json!("redis://user:hunter2@x:6379"),
                 "$.redis.url",
             ),
+            (
+                "/redis/url",
+                serde_json::json!("rediss://x:6379/#insecure"),
+                "$.redis.url",
+            ),
+            (
+                "/redis/url",
+                serde_json::json!("rediss://x:6379?protocol=resp3"),
+                "$.redis.url",
+            ),
+            (
+                "/redis/url",
+                serde_json::json!("redis://x/db"),
+                "$.redis.url",
+            ),
+            (
+                "/redis/username",
+                serde_json::json!("a b"),
+                "$.redis.username",
+            ),
+            (
+                "/redis/username",
+                serde_json::json!("fjord"),
+                "$.redis.password_env",
+            ),
             ("/endpoints", serde_json::json!({}), "$.endpoints"),
             (
                 "/endpoints",
@@ -567,6 +619,22 @@ mod tests {
         assert!(error_of(&value).starts_with("$.kafka.security.password_env"));
         value["kafka"]["security"]["password"] = serde_json::json!("x");
         assert!(error_of(&value).contains("password"));
+    }
+
+    #[test]
+    fn redis_takes_an_acl_user_and_a_database() {
+        let mut value = minimal();
+        value["redis"] = serde_json::json!({
+            "url": "rediss://cache.internal:6380/2",
+            "username": "fjord",
+            "password_env": "FJORD_REDIS_PASSWORD"
+        });
+        let manifest = Manifest::parse(&value.to_string()).expect("valid");
+        assert_eq!(manifest.redis.username.as_deref(), Some("fjord"));
+        assert_eq!(
+            manifest.redis.password_env.as_ref().map(|s| s.env_name()),
+            Some("FJORD_REDIS_PASSWORD")
+        );
     }
 
     #[test]

@@ -45,9 +45,41 @@ pub struct DevOptions {
     /// Real Kafka brokers instead of the in-process cluster.
     pub kafka: Option<String>,
     /// A real Redis instead of the in-process bus.
-    pub redis: Option<String>,
+    pub redis: Option<DevRedis>,
     /// Whether to run the demo producer.
     pub demo_producer: bool,
+}
+
+/// The variable `fjord dev` reads a Redis password from, when it is set and no other is named.
+pub const DEFAULT_REDIS_PASSWORD_ENV: &str = "FJORD_REDIS_PASSWORD";
+
+/// A real Redis for `fjord dev`, with what its manifest section needs.
+#[derive(Debug, Clone)]
+pub struct DevRedis {
+    /// `redis://host:port` or `rediss://` for TLS, without credentials.
+    pub url: String,
+    /// The ACL user, if not Redis's default user.
+    pub username: Option<String>,
+    /// The variable holding the password; [`DEFAULT_REDIS_PASSWORD_ENV`] when that is set.
+    pub password_env: Option<String>,
+}
+
+impl DevRedis {
+    fn section(&self) -> serde_json::Value {
+        let mut section = serde_json::json!({"url": self.url, "key_prefix": "fjord-dev"});
+        if let Some(username) = &self.username {
+            section["username"] = username.as_str().into();
+        }
+        let password_env = self.password_env.as_deref().or_else(|| {
+            std::env::var_os(DEFAULT_REDIS_PASSWORD_ENV)
+                .is_some()
+                .then_some(DEFAULT_REDIS_PASSWORD_ENV)
+        });
+        if let Some(env) = password_env {
+            section["password_env"] = env.into();
+        }
+        section
+    }
 }
 
 /// Why `fjord dev` stopped.
@@ -138,7 +170,7 @@ impl InProcessKafka {
 /// The manifest `fjord dev` runs with.
 pub fn manifest(
     brokers: &str,
-    redis: Option<&str>,
+    redis: Option<&DevRedis>,
     host: IpAddr,
     port: u16,
 ) -> Result<Manifest, ManifestError> {
@@ -154,7 +186,11 @@ pub fn manifest(
         .collect();
     let manifest = serde_json::json!({
         "kafka": {"brokers": brokers.split(',').collect::<Vec<_>>()},
-        "redis": {"url": redis.unwrap_or("redis://127.0.0.1:6379"), "key_prefix": "fjord-dev"},
+        // The in-process bus ignores the section; it is only there to be valid.
+        "redis": redis.map_or_else(
+            || serde_json::json!({"url": "redis://127.0.0.1:6379"}),
+            DevRedis::section
+        ),
         "endpoints": endpoints,
         "consumer_groups": [{"id": "fjord-dev", "topics": DEMO_TOPICS, "offset_reset": "latest"}],
         "server": {"host": host.to_string(), "port": port, "cors_origins": ["*"]},
@@ -174,12 +210,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         (None, Some(kafka)) => kafka.bootstrap_servers().to_owned(),
         (None, None) => return Err(DevError::MockCluster("no brokers".into())),
     };
-    let manifest = manifest(
-        &brokers,
-        options.redis.as_deref(),
-        options.host,
-        options.port,
-    )?;
+    let manifest = manifest(&brokers, options.redis.as_ref(), options.host, options.port)?;
     if options.kafka.is_some() {
         producer::ensure_topics(&manifest, DEMO_PARTITIONS).await?;
     }
@@ -195,7 +226,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     announce(
         &brokers,
         in_process_kafka.is_some(),
-        options.redis.as_deref(),
+        options.redis.as_ref(),
         address,
     );
 
@@ -243,7 +274,12 @@ fn flatten<E: Into<DevError>>(
     clippy::print_stdout,
     reason = "the developer's instructions go to the terminal"
 )]
-fn announce(brokers: &str, in_process: bool, redis: Option<&str>, address: std::net::SocketAddr) {
+fn announce(
+    brokers: &str,
+    in_process: bool,
+    redis: Option<&DevRedis>,
+    address: std::net::SocketAddr,
+) {
     let page_host = if address.ip().is_unspecified() {
         "localhost".to_owned()
     } else {
@@ -256,7 +292,10 @@ fn announce(brokers: &str, in_process: bool, redis: Option<&str>, address: std::
     };
     let bus = redis.map_or_else(
         || "the in-process bus".to_owned(),
-        |url| format!("Redis at {url}"),
+        |redis| match &redis.username {
+            Some(user) => format!("Redis at {} as {user}", redis.url),
+            None => format!("Redis at {}", redis.url),
+        },
     );
     println!();
     println!("  Fjord dev is running.");
