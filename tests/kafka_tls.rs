@@ -3,6 +3,7 @@
 //! no TLS listener, so `openssl s_server` stands in for a broker's TLS layer: it requires a
 //! client certificate signed by the test's CA, and says whose it accepted. Certificates
 //! are made by the test with `openssl`.
+#![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
 mod common;
 
@@ -144,7 +145,7 @@ impl Drop for TlsServer {
 }
 
 /// A consumer's manifest for the broker at `port`, with `security`.
-fn manifest_with(port: u16, security: serde_json::Value) -> serde_json::Value {
+fn manifest_with(port: u16, security: &serde_json::Value) -> serde_json::Value {
     let services = services();
     let mut manifest = manifest(
         &services,
@@ -166,7 +167,7 @@ async fn the_client_certificate_and_key_as_pem_text_complete_a_tls_handshake() {
     let server = TlsServer::start(dir.path()).await;
     let manifest = manifest_with(
         server.port,
-        serde_json::json!({
+        &serde_json::json!({
             "protocol": "ssl",
             "ca_pem": read(dir.path(), "ca.pem"),
             "cert_pem": read(dir.path(), "client.pem"),
@@ -195,7 +196,7 @@ async fn a_key_that_is_not_pem_is_refused_with_its_variable() {
         "cert_pem": read(dir.path(), "client.pem"),
         "key_pem_env": KEY_ENV,
     });
-    let (_manifest_dir, path) = write_manifest(&manifest_with(free_port(), security));
+    let (_manifest_dir, path) = write_manifest(&manifest_with(free_port(), &security));
     let not_pem =
         format!("$.kafka.security.key_pem_env: {KEY_ENV} does not hold a PEM private key");
     let cases: [(String, &[&str]); 3] = [

@@ -488,7 +488,7 @@ impl DeployConfig {
             Some(setting) => Err(Bad::at(
                 setting.path,
                 format!(
-                    "names the file {}, which a task cannot have (its file system is the read-only image); use {} instead",
+                    "names the file {}, which a task cannot have (its file system is the read-only image); instead, use {}",
                     setting.file.display(),
                     setting.instead
                 ),
@@ -796,11 +796,11 @@ mod tests {
                 }),
             ),
             (
-                "$.kafka.security.ca_file: names the file /etc/kafka/ca.pem, which a task cannot have (its file system is the read-only image); use ca_pem, the CA certificates as PEM text",
+                "$.kafka.security.ca_file: names the file /etc/kafka/ca.pem, which a task cannot have (its file system is the read-only image); instead, use ca_pem, the CA certificates as PEM text",
                 Box::new(|v| v["kafka"]["security"]["ca_file"] = json!("/etc/kafka/ca.pem")),
             ),
             (
-                "$.kafka.security.key_file: names the file k.pem, which a task cannot have (its file system is the read-only image); use key_pem_env, the variable that holds the private key as PEM text",
+                "$.kafka.security.key_file: names the file k.pem, which a task cannot have (its file system is the read-only image); instead, use key_pem_env, the variable that holds the private key as PEM text",
                 Box::new(|v| {
                     v["kafka"]["security"] =
                         json!({"protocol": "ssl", "cert_pem": CERT, "key_file": "k.pem"});
@@ -813,7 +813,7 @@ mod tests {
                 }),
             ),
             (
-                "$.auth.keys[0].pem_file: names the file keys/public.pem, which a task cannot have (its file system is the read-only image); use pem, the public key as PEM text",
+                "$.auth.keys[0].pem_file: names the file keys/public.pem, which a task cannot have (its file system is the read-only image); instead, use pem, the public key as PEM text",
                 Box::new(|v| {
                     v["auth"] = json!({
                         "mode": "jwt", "algorithms": ["EdDSA"], "keys": [{"pem_file": "keys/public.pem"}]

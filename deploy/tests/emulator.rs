@@ -1043,7 +1043,7 @@ async fn each_container_gets_only_the_secrets_it_reads() {
         .says(
             "$.kafka.security.ca_file: names the file /etc/kafka/ca.pem, which a task cannot have",
         )
-        .says("use ca_pem");
+        .says("instead, use ca_pem, the CA certificates as PEM text");
     assert!(aws.repositories().await.is_empty(), "nothing was created");
 
     fixture.write_edited(|manifest| {
