@@ -59,7 +59,8 @@ pub enum ConsumerError {
 }
 
 /// The librdkafka settings for the manifest's brokers and security, secrets read from the
-/// environment.
+/// environment. PEM text (inline certificates, a private key from a variable) goes to
+/// librdkafka's `*.pem` settings, which need no file: an ECS task has none to give.
 pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, ManifestError> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", kafka.brokers.join(","));
@@ -71,14 +72,15 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, ManifestError>
         } else {
             "sasl_plaintext"
         };
-        config
-            .set("security.protocol", protocol)
-            .set("sasl.mechanism", mechanism)
-            .set("sasl.username", &credentials.username)
-            .set("sasl.password", credentials.password_env.read()?);
-        if let Some(ca) = &credentials.ca_file {
-            config.set("ssl.ca.location", ca.display().to_string());
-        }
+        trust(
+            &mut config,
+            credentials.ca_file.as_deref(),
+            credentials.ca_pem.as_deref(),
+        )
+        .set("security.protocol", protocol)
+        .set("sasl.mechanism", mechanism)
+        .set("sasl.username", &credentials.username)
+        .set("sasl.password", credentials.password_env.read()?);
         Ok(())
     };
     match &kafka.security {
@@ -89,14 +91,32 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, ManifestError>
         KafkaSecurity::SaslScramSha256(credentials) => sasl("SCRAM-SHA-256", credentials)?,
         KafkaSecurity::SaslScramSha512(credentials) => sasl("SCRAM-SHA-512", credentials)?,
         KafkaSecurity::Ssl(tls) => {
-            config.set("security.protocol", "ssl");
-            if let Some(ca) = &tls.ca_file {
-                config.set("ssl.ca.location", ca.display().to_string());
+            trust(&mut config, tls.ca_file.as_deref(), tls.ca_pem.as_deref())
+                .set("security.protocol", "ssl");
+            if let Some(cert) = &tls.cert_file {
+                config.set("ssl.certificate.location", cert.display().to_string());
             }
-            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-                config
-                    .set("ssl.certificate.location", cert.display().to_string())
-                    .set("ssl.key.location", key.display().to_string());
+            if let Some(cert) = &tls.cert_pem {
+                config.set("ssl.certificate.pem", cert);
+            }
+            if let Some(key) = &tls.key_file {
+                config.set("ssl.key.location", key.display().to_string());
+            }
+            if let Some(secret) = &tls.key_pem_env {
+                let key = secret.read()?;
+                // Caught here, a wrong variable is named; librdkafka would only say that
+                // ssl.key.pem is not a key.
+                if !(key.contains("-----BEGIN") && key.contains("PRIVATE KEY-----")) {
+                    return Err(ManifestError::Invalid {
+                        file: None,
+                        path: "$.kafka.security.key_pem_env".into(),
+                        message: format!(
+                            "{} does not hold a PEM private key (-----BEGIN ... PRIVATE KEY-----)",
+                            secret.env_name()
+                        ),
+                    });
+                }
+                config.set("ssl.key.pem", key);
             }
             if let Some(password) = &tls.key_password_env {
                 config.set("ssl.key.password", password.read()?);
@@ -107,6 +127,21 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, ManifestError>
     config.set("reconnect.backoff.max.ms", "2000");
     config.set_log_level(RDKafkaLogLevel::Warning);
     Ok(config)
+}
+
+/// The CA to trust instead of the system's, as a file or as PEM text.
+fn trust<'a>(
+    config: &'a mut ClientConfig,
+    file: Option<&std::path::Path>,
+    pem: Option<&str>,
+) -> &'a mut ClientConfig {
+    if let Some(file) = file {
+        config.set("ssl.ca.location", file.display().to_string());
+    }
+    if let Some(pem) = pem {
+        config.set("ssl.ca.pem", pem);
+    }
+    config
 }
 
 /// Sees librdkafka's errors and rebalances: logs assignments, and passes on the errors

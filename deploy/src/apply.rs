@@ -21,6 +21,7 @@ use aws_sdk_ecs::types::ServiceField;
 use aws_sdk_ecs::types::{
     Compatibility, LaunchType, NetworkMode, PropagateTags, Service, Tag, TaskDefinitionField,
 };
+use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum};
 use base64::Engine as _;
 
 use crate::archive::Image;
@@ -362,8 +363,22 @@ impl Ledger {
     }
 }
 
-/// Read-only checks before the first change: the cluster is active, the target group
-/// routes to IP targets, its load balancers keep idle connections longer than the
+/// The route the target group's health check must probe: whether a server can stream
+/// (bus reachable and caught up), where `/healthz` only says that the process lives.
+const HEALTH_CHECK_PATH: &str = "/readyz";
+/// The target group's deregistration delay that fits a drain, seconds. ECS deregisters a
+/// task, waits out the whole delay (an SSE stream never ends by itself, so the target
+/// never empties early), then sends SIGTERM; the load balancer cuts the task's streams
+/// when the delay ends. The low end covers the seconds in which load balancer nodes still
+/// send new streams to a deregistered task, which must still be serving them; above the
+/// high end each deploy wave only waits longer. The README's deploy guide says more.
+const DEREGISTRATION_DELAY_SECS: std::ops::RangeInclusive<u64> = 15..=60;
+/// What ELB uses when the attribute was never set.
+const DEFAULT_DEREGISTRATION_DELAY_SECS: u64 = 300;
+
+/// Read-only checks before the first change: the cluster is active; the target group
+/// routes to IP targets, probes `/readyz`, lets a task go within the drain, and a
+/// listener forwards to it; its load balancers keep idle connections longer than the
 /// heartbeat. Returns the load balancers' addresses.
 async fn check_prerequisites(
     aws: &Clients,
@@ -391,6 +406,10 @@ async fn check_prerequisites(
 
     let arn = &deploy.services.server.target_group_arn;
     let resource = format!("target group {arn}");
+    let refuse = |message: String| DeployError::Precondition {
+        resource: resource.clone(),
+        message,
+    };
     let groups = aws
         .elb
         .describe_target_groups()
@@ -399,20 +418,41 @@ async fn check_prerequisites(
         .await
         .map_err(|e| DeployError::aws(&resource, "DescribeTargetGroups", &e))?;
     let Some(group) = groups.target_groups().first() else {
-        return Err(DeployError::Precondition {
-            resource,
-            message: "not found".into(),
-        });
+        return Err(refuse("not found".into()));
     };
     if group.target_type().is_some_and(|t| t.as_str() != "ip") {
-        return Err(DeployError::Precondition {
-            resource,
-            message: "Fargate tasks register by IP: the target group needs target type `ip`".into(),
-        });
+        return Err(refuse(
+            "Fargate tasks register by IP: the target group needs target type `ip`".into(),
+        ));
+    }
+    if group.health_check_path() != Some(HEALTH_CHECK_PATH) {
+        return Err(refuse(format!(
+            "its health check path is {}; it must be {HEALTH_CHECK_PATH}, which answers 503 while a server cannot stream (bus unreachable or behind), where other paths would send clients to it",
+            group.health_check_path().unwrap_or("unset")
+        )));
+    }
+    let delay = deregistration_delay(aws, arn, &resource).await?;
+    if !DEREGISTRATION_DELAY_SECS.contains(&delay) {
+        let (low, high) = (
+            DEREGISTRATION_DELAY_SECS.start(),
+            DEREGISTRATION_DELAY_SECS.end(),
+        );
+        return Err(refuse(format!(
+            "its deregistration delay is {delay} s; it must be {low} to {high} s. ECS waits out the whole delay before it sends SIGTERM to a stopping task (streams never end by themselves), and the load balancer then cuts the task's streams: {} Set it with `aws elbv2 modify-target-group-attributes --target-group-arn {arn} --attributes Key=deregistration_delay.timeout_seconds,Value=20`",
+            if delay < *low {
+                format!(
+                    "below {low} s, load balancer nodes still send new streams to a task that is already shutting down."
+                )
+            } else {
+                "a longer delay only holds up every deploy wave.".to_owned()
+            }
+        )));
     }
     let balancers = group.load_balancer_arns().to_vec();
-    if balancers.is_empty() {
-        return Ok(Vec::new());
+    if balancers.is_empty() || !forwarded_to(aws, &balancers, arn, &resource).await? {
+        return Err(refuse(
+            "no load balancer listener forwards to it: ECS would refuse the server's service midway; add a listener (or a listener rule) that forwards to it".into(),
+        ));
     }
     let described = aws
         .elb
@@ -457,6 +497,80 @@ async fn check_prerequisites(
         .filter_map(|lb| lb.dns_name())
         .map(str::to_owned)
         .collect())
+}
+
+/// The target group's deregistration delay, seconds.
+async fn deregistration_delay(
+    aws: &Clients,
+    arn: &str,
+    resource: &str,
+) -> Result<u64, DeployError> {
+    let attributes = aws
+        .elb
+        .describe_target_group_attributes()
+        .target_group_arn(arn)
+        .send()
+        .await
+        .map_err(|e| DeployError::aws(resource, "DescribeTargetGroupAttributes", &e))?;
+    Ok(attributes
+        .attributes()
+        .iter()
+        .find(|a| a.key() == Some("deregistration_delay.timeout_seconds"))
+        .and_then(|a| a.value())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_DEREGISTRATION_DELAY_SECS))
+}
+
+/// Whether a listener of `balancers`, by its default action or by a rule, forwards to the
+/// target group `arn`.
+async fn forwarded_to(
+    aws: &Clients,
+    balancers: &[String],
+    arn: &str,
+    resource: &str,
+) -> Result<bool, DeployError> {
+    let forwards = |action: &Action| {
+        action.r#type() == Some(&ActionTypeEnum::Forward)
+            && (action.target_group_arn() == Some(arn)
+                || action.forward_config().is_some_and(|config| {
+                    config
+                        .target_groups()
+                        .iter()
+                        .any(|group| group.target_group_arn() == Some(arn))
+                }))
+    };
+    for balancer in balancers {
+        let listeners = aws
+            .elb
+            .describe_listeners()
+            .load_balancer_arn(balancer)
+            .send()
+            .await
+            .map_err(|e| DeployError::aws(resource, "DescribeListeners", &e))?;
+        for listener in listeners.listeners() {
+            if listener.default_actions().iter().any(forwards) {
+                return Ok(true);
+            }
+            let Some(listener_arn) = listener.listener_arn() else {
+                continue;
+            };
+            let rules = aws
+                .elb
+                .describe_rules()
+                .listener_arn(listener_arn)
+                .send()
+                .await
+                .map_err(|e| DeployError::aws(resource, "DescribeRules", &e))?;
+            if rules
+                .rules()
+                .iter()
+                .any(|rule| rule.actions().iter().any(forwards))
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Logs in to ECR's registry (or `registry`, standing in for it) with an authorization

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use fjord::config::{KafkaSecurity, Manifest, ManifestError};
+use fjord::config::{Manifest, ManifestError};
 use serde::{Deserialize, Serialize};
 
 /// Environment variables that the deploy sets itself; the manifest may not map them.
@@ -344,6 +344,7 @@ impl DeployConfig {
         )?;
         self.validate_network()?;
         self.validate_roles_and_logs()?;
+        Self::refuse_files(manifest)?;
         self.validate_secrets(manifest)?;
         self.validate_services()
     }
@@ -449,14 +450,51 @@ impl DeployConfig {
                 "must be the ARN of a Secrets Manager secret (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME) or an SSM parameter (arn:aws:ssm:REGION:ACCOUNT:parameter/NAME); secrets never go in the manifest".into()
             })?;
         }
-        for (env, named_by) in secret_envs(manifest) {
+        let named = manifest.secrets();
+        for secret in &named {
+            let env = secret.secret.env_name();
             require(self.secrets.contains_key(env), "$.deploy.secrets", || {
                 format!(
-                    "{env} (named by {named_by}) needs the ARN of the secret that ECS injects as it"
+                    "{env} (named by {}) needs the ARN of the secret that ECS injects as it",
+                    secret.path
                 )
             })?;
         }
+        for env in self.secrets.keys() {
+            // Each container gets only the secrets its process reads; a mapping that no
+            // field names would reach no process.
+            require(
+                named.iter().any(|s| s.secret.env_name() == env),
+                format!("$.deploy.secrets.{env}"),
+                || {
+                    format!(
+                        "no field of the manifest names {env}; secrets are mapped for the *_env fields that name them ({})",
+                        if named.is_empty() {
+                            "this manifest has none".to_owned()
+                        } else {
+                            named.iter().map(|s| s.path).collect::<Vec<_>>().join(", ")
+                        }
+                    )
+                },
+            )?;
+        }
         Ok(())
+    }
+
+    /// A task's file system is the read-only image: a setting that names a file cannot
+    /// work there, whatever the developer's machine has.
+    fn refuse_files(manifest: &Manifest) -> Result<(), Bad> {
+        match manifest.file_settings().into_iter().next() {
+            Some(setting) => Err(Bad::at(
+                setting.path,
+                format!(
+                    "names the file {}, which a task cannot have (its file system is the read-only image); instead, use {}",
+                    setting.file.display(),
+                    setting.instead
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn validate_services(&self) -> Result<(), Bad> {
@@ -525,31 +563,6 @@ impl DeployConfig {
             || "must be 0 to 86400".into(),
         )
     }
-}
-
-/// Every secret variable the runtime sections name, with the JSON path that names it.
-fn secret_envs(manifest: &Manifest) -> Vec<(&str, &'static str)> {
-    let mut envs = Vec::new();
-    if let Some(password) = &manifest.redis.password_env {
-        envs.push((password.env_name(), "$.redis.password_env"));
-    }
-    match &manifest.kafka.security {
-        KafkaSecurity::None => {}
-        KafkaSecurity::SaslPlain(sasl)
-        | KafkaSecurity::SaslScramSha256(sasl)
-        | KafkaSecurity::SaslScramSha512(sasl) => {
-            envs.push((
-                sasl.password_env.env_name(),
-                "$.kafka.security.password_env",
-            ));
-        }
-        KafkaSecurity::Ssl(tls) => {
-            if let Some(password) = &tls.key_password_env {
-                envs.push((password.env_name(), "$.kafka.security.key_password_env"));
-            }
-        }
-    }
-    envs
 }
 
 /// Fargate's CPU and memory pairs.
@@ -635,6 +648,8 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
 
     fn example() -> Value {
         serde_json::from_str(fjord::config::EXAMPLE).unwrap()
@@ -763,6 +778,46 @@ mod tests {
                             .unwrap()
                             .remove("FJORD_KAFKA_PASSWORD"),
                     )
+                }),
+            ),
+            (
+                "$.deploy.secrets: FJORD_HS256_SECRET (named by $.auth.hs256_secret_env) needs the ARN",
+                Box::new(|v| {
+                    v["auth"] = json!({
+                        "mode": "jwt", "algorithms": ["HS256"], "hs256_secret_env": "FJORD_HS256_SECRET"
+                    });
+                }),
+            ),
+            (
+                "$.deploy.secrets.FJORD_EXTRA: no field of the manifest names FJORD_EXTRA; secrets are mapped for the *_env fields that name them ($.redis.password_env, $.kafka.security.password_env)",
+                Box::new(|v| {
+                    v["deploy"]["secrets"]["FJORD_EXTRA"] =
+                        json!("arn:aws:ssm:eu-west-1:123456789012:parameter/x")
+                }),
+            ),
+            (
+                "$.kafka.security.ca_file: names the file /etc/kafka/ca.pem, which a task cannot have (its file system is the read-only image); instead, use ca_pem, the CA certificates as PEM text",
+                Box::new(|v| v["kafka"]["security"]["ca_file"] = json!("/etc/kafka/ca.pem")),
+            ),
+            (
+                "$.kafka.security.key_file: names the file k.pem, which a task cannot have (its file system is the read-only image); instead, use key_pem_env, the variable that holds the private key as PEM text",
+                Box::new(|v| {
+                    v["kafka"]["security"] =
+                        json!({"protocol": "ssl", "cert_pem": CERT, "key_file": "k.pem"});
+                    drop(
+                        v["deploy"]["secrets"]
+                            .as_object_mut()
+                            .unwrap()
+                            .remove("FJORD_KAFKA_PASSWORD"),
+                    );
+                }),
+            ),
+            (
+                "$.auth.keys[0].pem_file: names the file keys/public.pem, which a task cannot have (its file system is the read-only image); instead, use pem, the public key as PEM text",
+                Box::new(|v| {
+                    v["auth"] = json!({
+                        "mode": "jwt", "algorithms": ["EdDSA"], "keys": [{"pem_file": "keys/public.pem"}]
+                    });
                 }),
             ),
             (

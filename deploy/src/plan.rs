@@ -18,6 +18,7 @@ use aws_sdk_ecs::types::{
     LogConfiguration, LogDriver, NetworkConfiguration, OsFamily, PortMapping, RuntimePlatform,
     Secret, TransportProtocol, Ulimit, UlimitName,
 };
+use fjord::config::Process;
 use serde::Serialize;
 
 use crate::archive::sha256;
@@ -51,6 +52,33 @@ impl Role {
             Self::Consumer => "consumer",
         }
     }
+}
+
+impl Role {
+    /// The process the role's image runs.
+    fn process(self) -> Process {
+        match self {
+            Self::Server => Process::Server,
+            Self::Consumer => Process::Consumer,
+        }
+    }
+}
+
+/// The secrets a role's container gets: those its process reads, and no other.
+fn secrets_of(deployment: &Deployment, role: Role) -> BTreeMap<String, String> {
+    deployment
+        .manifest
+        .secrets()
+        .iter()
+        .filter(|named| named.readers.contains(&role.process()))
+        .filter_map(|named| {
+            deployment
+                .deploy
+                .secrets
+                .get_key_value(named.secret.env_name())
+        })
+        .map(|(env, arn)| (env.clone(), arn.clone()))
+        .collect()
 }
 
 /// The ECR repository of a role's image: `<name>/server`, `<name>/consumer`.
@@ -95,7 +123,7 @@ impl Plan {
                         ),
                         ("FJORD_LOG_FORMAT".to_owned(), "json".to_owned()),
                     ]),
-                    secrets: deploy.secrets.clone(),
+                    secrets: secrets_of(deployment, role),
                     health_check: None,
                     log_group: deploy.logs.group.clone(),
                     log_region: deploy.region.clone(),
@@ -583,6 +611,14 @@ mod tests {
         (deployment, plan)
     }
 
+    fn secrets(container: &ContainerDefinition) -> Vec<(&str, &str)> {
+        container
+            .secrets()
+            .iter()
+            .map(|s| (s.name(), s.value_from()))
+            .collect()
+    }
+
     fn env(container: &ContainerDefinition) -> BTreeMap<&str, &str> {
         container
             .environment()
@@ -617,23 +653,13 @@ mod tests {
         assert_eq!(env["FJORD_EMF_SERVICE"], "fjord-server");
         assert_eq!(env["FJORD_LOG_FORMAT"], "json");
         assert!(!env.contains_key("FJORD_CONSUMER_GROUP"));
-        let secrets: Vec<(&str, &str)> = container
-            .secrets()
-            .iter()
-            .map(|s| (s.name(), s.value_from()))
-            .collect();
+        // The server reads the bus, never Kafka: no Kafka password.
         assert_eq!(
-            secrets,
-            [
-                (
-                    "FJORD_KAFKA_PASSWORD",
-                    "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/kafka-AbCdEf"
-                ),
-                (
-                    "FJORD_REDIS_PASSWORD",
-                    "arn:aws:ssm:eu-west-1:123456789012:parameter/fjord/redis-password"
-                ),
-            ]
+            secrets(&container),
+            [(
+                "FJORD_REDIS_PASSWORD",
+                "arn:aws:ssm:eu-west-1:123456789012:parameter/fjord/redis-password"
+            )]
         );
         // No secret reaches the plain environment.
         assert!(env.values().all(|value| !value.contains("arn:aws:s")));
@@ -662,6 +688,19 @@ mod tests {
         assert_eq!(consumer.image(), Some(CONSUMER_IMAGE));
         assert_eq!(env(&consumer)["FJORD_CONSUMER_GROUP"], "fjord-superEats");
         assert!(consumer.port_mappings().is_empty() && consumer.health_check().is_none());
+        assert_eq!(
+            secrets(&consumer),
+            [
+                (
+                    "FJORD_KAFKA_PASSWORD",
+                    "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/kafka-AbCdEf"
+                ),
+                (
+                    "FJORD_REDIS_PASSWORD",
+                    "arn:aws:ssm:eu-west-1:123456789012:parameter/fjord/redis-password"
+                ),
+            ]
+        );
         assert_eq!(
             (
                 plan.task_definitions[1].cpu,

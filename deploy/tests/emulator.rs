@@ -17,7 +17,10 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_applicationautoscaling::types::{ScalableDimension, ServiceNamespace};
 use aws_sdk_ecs::config::Credentials;
 use aws_sdk_ecs::types::TaskDefinitionField;
-use aws_sdk_elasticloadbalancingv2::types::{LoadBalancerAttribute, TargetTypeEnum};
+use aws_sdk_elasticloadbalancingv2::types::{
+    Action, ActionTypeEnum, LoadBalancerAttribute, ProtocolEnum, RuleCondition,
+    TargetGroupAttribute, TargetTypeEnum,
+};
 use fjord_deploy::archive::{Image, sha256};
 use fjord_deploy::config::Architecture;
 use serde_json::{Value, json};
@@ -271,7 +274,7 @@ impl Aws {
         let group = elb
             .create_target_group()
             .name("fjord-server")
-            .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
+            .protocol(ProtocolEnum::Http)
             .port(8080)
             .vpc_id(&vpc)
             .target_type(TargetTypeEnum::Ip)
@@ -285,11 +288,11 @@ impl Aws {
             .to_owned();
         elb.create_listener()
             .load_balancer_arn(&load_balancer_arn)
-            .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
+            .protocol(ProtocolEnum::Http)
             .port(80)
             .default_actions(
-                aws_sdk_elasticloadbalancingv2::types::Action::builder()
-                    .r#type(aws_sdk_elasticloadbalancingv2::types::ActionTypeEnum::Forward)
+                Action::builder()
+                    .r#type(ActionTypeEnum::Forward)
                     .target_group_arn(&target_group_arn)
                     .build(),
             )
@@ -310,6 +313,8 @@ impl Aws {
             dns_name,
         };
         aws.set_idle_timeout(60).await;
+        aws.set_deregistration_delay(&aws.target_group_arn, 20)
+            .await;
         aws.ecs
             .create_cluster()
             .cluster_name(cluster)
@@ -332,6 +337,50 @@ impl Aws {
             .send()
             .await
             .unwrap();
+    }
+
+    async fn set_deregistration_delay(&self, target_group_arn: &str, secs: u32) {
+        self.elb
+            .modify_target_group_attributes()
+            .target_group_arn(target_group_arn)
+            .attributes(
+                TargetGroupAttribute::builder()
+                    .key("deregistration_delay.timeout_seconds")
+                    .value(secs.to_string())
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+
+    async fn set_health_check_path(&self, path: &str) {
+        self.elb
+            .modify_target_group()
+            .target_group_arn(&self.target_group_arn)
+            .health_check_path(path)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// The secrets of the latest task definition of `family`, by name.
+    async fn secret_names(&self, family: &str) -> Vec<String> {
+        let described = self
+            .ecs
+            .describe_task_definition()
+            .task_definition(family)
+            .send()
+            .await
+            .unwrap();
+        let container = &described.task_definition().unwrap().container_definitions()[0];
+        let mut names: Vec<String> = container
+            .secrets()
+            .iter()
+            .map(|s| s.name().to_owned())
+            .collect();
+        names.sort();
+        names
     }
 
     async fn repositories(&self) -> Vec<String> {
@@ -881,6 +930,157 @@ async fn refused_before_any_change() {
 
     assert!(aws.repositories().await.is_empty(), "nothing was created");
     assert_eq!(aws.revisions(&fixture.server()).await, 0);
+}
+
+#[tokio::test]
+async fn a_target_group_that_cannot_drain_is_refused() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("drain").await;
+    let resource = format!("target group {}", aws.target_group_arn);
+
+    // AWS's default delay: ECS would hold every stopping task five minutes.
+    aws.set_deregistration_delay(&aws.target_group_arn, 300)
+        .await;
+    fixture
+        .deploy(&aws, &[])
+        .failed()
+        .says(&format!(
+            "{resource}: its deregistration delay is 300 s; it must be 15 to 60 s"
+        ))
+        .says("a longer delay only holds up every deploy wave")
+        .says("Key=deregistration_delay.timeout_seconds,Value=20")
+        .says("(nothing was changed)");
+    aws.set_deregistration_delay(&aws.target_group_arn, 5).await;
+    fixture
+        .deploy(&aws, &[])
+        .failed()
+        .says("its deregistration delay is 5 s; it must be 15 to 60 s")
+        .says("below 15 s, load balancer nodes still send new streams");
+    aws.set_deregistration_delay(&aws.target_group_arn, 20)
+        .await;
+
+    // A health check on a path that does not say whether the server can stream.
+    aws.set_health_check_path("/healthz").await;
+    fixture.deploy(&aws, &[]).failed().says(&format!(
+        "{resource}: its health check path is /healthz; it must be /readyz"
+    ));
+    aws.set_health_check_path("/readyz").await;
+
+    // A target group no listener forwards to.
+    let vpc = aws
+        .elb
+        .describe_target_groups()
+        .target_group_arns(&aws.target_group_arn)
+        .send()
+        .await
+        .unwrap()
+        .target_groups()[0]
+        .vpc_id()
+        .unwrap()
+        .to_owned();
+    let created = aws
+        .elb
+        .create_target_group()
+        .name("fjord-unattached")
+        .protocol(ProtocolEnum::Http)
+        .port(8080)
+        .vpc_id(vpc)
+        .target_type(TargetTypeEnum::Ip)
+        .health_check_path("/readyz")
+        .send()
+        .await
+        .unwrap();
+    let unattached = created.target_groups()[0]
+        .target_group_arn()
+        .unwrap()
+        .to_owned();
+    aws.set_deregistration_delay(&unattached, 20).await;
+    fixture.write_edited(|manifest| {
+        manifest["deploy"]["services"]["server"]["target_group_arn"] = json!(unattached);
+    });
+    fixture
+        .deploy(&aws, &[])
+        .failed()
+        .says(&format!(
+            "target group {unattached}: no load balancer listener forwards to it"
+        ))
+        .says("(nothing was changed)");
+    assert!(aws.repositories().await.is_empty(), "nothing was created");
+
+    // Forwarded to by a listener rule (not the default action): good to go.
+    let listeners = aws
+        .elb
+        .describe_listeners()
+        .load_balancer_arn(&aws.load_balancer_arn)
+        .send()
+        .await
+        .unwrap();
+    aws.elb
+        .create_rule()
+        .listener_arn(listeners.listeners()[0].listener_arn().unwrap())
+        .priority(10)
+        .conditions(
+            RuleCondition::builder()
+                .field("path-pattern")
+                .values("/v2/*")
+                .build(),
+        )
+        .actions(
+            Action::builder()
+                .r#type(ActionTypeEnum::Forward)
+                .target_group_arn(&unattached)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    fixture
+        .deploy(&aws, &["--dry-run"])
+        .succeeded()
+        .says("Dry run: nothing was changed.");
+}
+
+#[tokio::test]
+async fn each_container_gets_only_the_secrets_it_reads() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("secrets").await;
+    let hs256 = json!({
+        "mode": "jwt", "algorithms": ["HS256"], "hs256_secret_env": "FJORD_HS256_SECRET"
+    });
+
+    // A secret the manifest names but does not map: refused before any AWS call.
+    fixture.write_edited(|manifest| manifest["auth"] = hs256.clone());
+    fixture.deploy(&aws, &[]).failed().says(
+        "$.deploy.secrets: FJORD_HS256_SECRET (named by $.auth.hs256_secret_env) needs the ARN",
+    );
+    // A file, which no task has: refused, naming the form to use instead.
+    fixture.write_edited(|manifest| {
+        manifest["kafka"]["security"]["ca_file"] = json!("/etc/kafka/ca.pem");
+    });
+    fixture
+        .deploy(&aws, &[])
+        .failed()
+        .says(
+            "$.kafka.security.ca_file: names the file /etc/kafka/ca.pem, which a task cannot have",
+        )
+        .says("instead, use ca_pem, the CA certificates as PEM text");
+    assert!(aws.repositories().await.is_empty(), "nothing was created");
+
+    fixture.write_edited(|manifest| {
+        manifest["auth"] = hs256.clone();
+        manifest["deploy"]["secrets"]["FJORD_HS256_SECRET"] =
+            json!("arn:aws:secretsmanager:us-east-1:123456789012:secret:fjord/hs256-AbCdEf");
+    });
+    fixture.deploy(&aws, &["--no-wait"]).succeeded();
+    // The server verifies tokens and reads the bus; the consumer reads Kafka and the bus.
+    assert_eq!(
+        aws.secret_names(&fixture.server()).await,
+        ["FJORD_HS256_SECRET", "FJORD_REDIS_PASSWORD"]
+    );
+    assert_eq!(
+        aws.secret_names(&fixture.consumer()).await,
+        ["FJORD_KAFKA_PASSWORD", "FJORD_REDIS_PASSWORD"]
+    );
 }
 
 #[tokio::test]

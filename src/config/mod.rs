@@ -103,6 +103,134 @@ impl Manifest {
     pub fn consumer_group(&self, id: &str) -> Option<&ConsumerGroupConfig> {
         self.consumer_groups.iter().find(|group| group.id == id)
     }
+
+    /// Every secret the manifest names, with the JSON path that names it and the
+    /// processes that read it. This is the one list of them: validation checks their
+    /// names, and `fjord-deploy` maps each to an ARN and hands it to its readers only, so
+    /// a secret field added to the manifest must be added here or it is never deployed.
+    pub fn secrets(&self) -> Vec<NamedSecret<'_>> {
+        const CONSUMER: &[Process] = &[Process::Consumer];
+        const SERVER: &[Process] = &[Process::Server];
+        const BOTH: &[Process] = &[Process::Server, Process::Consumer];
+        let named = |secret, path, readers| NamedSecret {
+            secret,
+            path,
+            readers,
+        };
+        let mut secrets = Vec::new();
+        if let Some(password) = &self.redis.password_env {
+            secrets.push(named(password, "$.redis.password_env", BOTH));
+        }
+        match &self.kafka.security {
+            KafkaSecurity::None => {}
+            KafkaSecurity::SaslPlain(sasl)
+            | KafkaSecurity::SaslScramSha256(sasl)
+            | KafkaSecurity::SaslScramSha512(sasl) => {
+                secrets.push(named(
+                    &sasl.password_env,
+                    "$.kafka.security.password_env",
+                    CONSUMER,
+                ));
+            }
+            KafkaSecurity::Ssl(tls) => {
+                if let Some(key) = &tls.key_pem_env {
+                    secrets.push(named(key, "$.kafka.security.key_pem_env", CONSUMER));
+                }
+                if let Some(password) = &tls.key_password_env {
+                    secrets.push(named(
+                        password,
+                        "$.kafka.security.key_password_env",
+                        CONSUMER,
+                    ));
+                }
+            }
+        }
+        if let AuthConfig::Jwt(jwt) = &self.auth
+            && let Some(shared) = &jwt.hs256_secret_env
+        {
+            secrets.push(named(shared, "$.auth.hs256_secret_env", SERVER));
+        }
+        secrets
+    }
+
+    /// Every setting that names a file, with its JSON path and the form that needs no
+    /// file. Files suit a developer's machine; an image's read-only file system has none
+    /// of them, so `fjord-deploy` refuses these.
+    pub fn file_settings(&self) -> Vec<FileSetting> {
+        let mut files = Vec::new();
+        let mut add = |file: &Option<PathBuf>, path: String, instead: &'static str| {
+            if let Some(file) = file {
+                files.push(FileSetting {
+                    path,
+                    file: file.clone(),
+                    instead,
+                });
+            }
+        };
+        const CA: &str = "ca_pem, the CA certificates as PEM text (certificates are public)";
+        match &self.kafka.security {
+            KafkaSecurity::None => {}
+            KafkaSecurity::SaslPlain(sasl)
+            | KafkaSecurity::SaslScramSha256(sasl)
+            | KafkaSecurity::SaslScramSha512(sasl) => {
+                add(&sasl.ca_file, "$.kafka.security.ca_file".into(), CA);
+            }
+            KafkaSecurity::Ssl(tls) => {
+                add(&tls.ca_file, "$.kafka.security.ca_file".into(), CA);
+                add(
+                    &tls.cert_file,
+                    "$.kafka.security.cert_file".into(),
+                    "cert_pem, the client certificate as PEM text (certificates are public)",
+                );
+                add(
+                    &tls.key_file,
+                    "$.kafka.security.key_file".into(),
+                    "key_pem_env, the variable that holds the private key as PEM text, mapped to its secret in deploy.secrets",
+                );
+            }
+        }
+        if let AuthConfig::Jwt(jwt) = &self.auth {
+            for (i, key) in jwt.keys.iter().enumerate() {
+                add(
+                    &key.pem_file,
+                    format!("$.auth.keys[{i}].pem_file"),
+                    "pem, the public key as PEM text",
+                );
+            }
+        }
+        files
+    }
+}
+
+/// A deployed process, as far as what it reads is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Process {
+    /// `fjord-server`.
+    Server,
+    /// `fjord-consumer`.
+    Consumer,
+}
+
+/// A secret the manifest names; see [`Manifest::secrets`].
+#[derive(Debug, Clone, Copy)]
+pub struct NamedSecret<'a> {
+    /// The environment variable.
+    pub secret: &'a Secret,
+    /// The JSON path of the field that names it.
+    pub path: &'static str,
+    /// The processes that read it.
+    pub readers: &'static [Process],
+}
+
+/// A setting that names a file; see [`Manifest::file_settings`].
+#[derive(Debug, Clone)]
+pub struct FileSetting {
+    /// The JSON path of the setting.
+    pub path: String,
+    /// The file it names.
+    pub file: PathBuf,
+    /// The setting to use where there are no files.
+    pub instead: &'static str,
 }
 
 /// Turns serde_path_to_error's `a.b[0].c` into a JSON path, `$.a.b[0].c`.
@@ -215,24 +343,37 @@ pub struct SaslCredentials {
     /// Whether the SASL listener is behind TLS (`SASL_SSL`); true unless said otherwise.
     #[serde(default = "default_true")]
     pub tls: bool,
-    /// A CA bundle to trust instead of the system's, for `tls`.
+    /// A CA bundle (PEM file) to trust instead of the system's, for `tls`.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// The same as PEM text, for where no file can be shipped (an ECS task).
+    #[serde(default)]
+    pub ca_pem: Option<String>,
 }
 
 /// `kafka.security` for `protocol: ssl`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSettings {
-    /// A CA bundle to trust instead of the system's.
+    /// A CA bundle (PEM file) to trust instead of the system's.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// A client certificate (PEM) for mutual TLS.
+    /// The same as PEM text.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+    /// A client certificate (PEM file) for mutual TLS.
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
+    /// The same as PEM text: a certificate is public, so it may sit in the manifest.
+    #[serde(default)]
+    pub cert_pem: Option<String>,
+    /// The client certificate's private key (PEM file).
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// The environment variable holding the private key as PEM text: a key is a secret,
+    /// so where no file can be shipped it comes from the environment, never the manifest.
+    #[serde(default)]
+    pub key_pem_env: Option<Secret>,
     /// The environment variable holding the private key's password, if it has one.
     #[serde(default)]
     pub key_password_env: Option<Secret>,

@@ -86,7 +86,11 @@ impl Manifest {
         self.validate_redis()?;
         self.validate_endpoints_and_groups()?;
         self.validate_server()?;
-        self.validate_auth()
+        self.validate_auth()?;
+        for named in self.secrets() {
+            check_env_name(named.path, named.secret.env_name())?;
+        }
+        Ok(())
     }
 
     fn validate_auth(&self) -> Result<(), ManifestError> {
@@ -110,9 +114,6 @@ impl Manifest {
             "$.auth.hs256_secret_env",
             "a shared secret is only used with HS256 in algorithms",
         )?;
-        if let Some(secret) = &jwt.hs256_secret_env {
-            check_env_name("$.auth.hs256_secret_env", secret.env_name())?;
-        }
         require(
             !public || !jwt.keys.is_empty() || jwt.jwks_url.is_some(),
             "$.auth.keys",
@@ -173,21 +174,34 @@ impl Manifest {
                     "$.kafka.security.username",
                     "must not be empty",
                 )?;
-                check_env_name(
-                    "$.kafka.security.password_env",
-                    sasl.password_env.env_name(),
-                )
+                check_ca(sasl.ca_file.as_ref(), sasl.ca_pem.as_deref())
             }
             KafkaSecurity::Ssl(tls) => {
+                check_ca(tls.ca_file.as_ref(), tls.ca_pem.as_deref())?;
                 require(
-                    tls.cert_file.is_some() == tls.key_file.is_some(),
+                    !(tls.cert_file.is_some() && tls.cert_pem.is_some()),
                     "$.kafka.security",
-                    "cert_file and key_file go together",
+                    "give the client certificate as cert_pem or as cert_file, not both",
                 )?;
-                match &tls.key_password_env {
-                    Some(secret) => {
-                        check_env_name("$.kafka.security.key_password_env", secret.env_name())
-                    }
+                require(
+                    !(tls.key_file.is_some() && tls.key_pem_env.is_some()),
+                    "$.kafka.security",
+                    "give the private key as key_pem_env or as key_file, not both",
+                )?;
+                let cert = tls.cert_file.is_some() || tls.cert_pem.is_some();
+                let key = tls.key_file.is_some() || tls.key_pem_env.is_some();
+                require(
+                    cert == key,
+                    "$.kafka.security",
+                    "a client certificate (cert_pem or cert_file) and its private key (key_pem_env or key_file) go together",
+                )?;
+                require(
+                    key || tls.key_password_env.is_none(),
+                    "$.kafka.security.key_password_env",
+                    "a key password is only used with a private key",
+                )?;
+                match &tls.cert_pem {
+                    Some(pem) => check_certificates("$.kafka.security.cert_pem", pem),
                     None => Ok(()),
                 }
             }
@@ -238,9 +252,6 @@ impl Manifest {
                 "$.redis.password_env",
                 "an ACL user (redis.username) needs the variable that holds its password",
             )?;
-        }
-        if let Some(secret) = &self.redis.password_env {
-            check_env_name("$.redis.password_env", secret.env_name())?;
         }
         let prefix_ok = !self.redis.key_prefix.is_empty()
             && self.redis.key_prefix.len() <= 64
@@ -381,6 +392,29 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// A CA given as a file or as PEM text, not both.
+fn check_ca(file: Option<&PathBuf>, pem: Option<&str>) -> Result<(), ManifestError> {
+    require(
+        file.is_none() || pem.is_none(),
+        "$.kafka.security",
+        "give the CA as ca_pem or as ca_file, not both",
+    )?;
+    match pem {
+        Some(pem) => check_certificates("$.kafka.security.ca_pem", pem),
+        None => Ok(()),
+    }
+}
+
+/// PEM text of one or more certificates. Only the armour is checked here; the TLS library
+/// reads the rest when the client is made, and names the setting if it cannot.
+fn check_certificates(path: &str, pem: &str) -> Result<(), ManifestError> {
+    require(
+        pem.contains("-----BEGIN CERTIFICATE-----") && pem.contains("-----END CERTIFICATE-----"),
+        path,
+        "not PEM certificates: expected the text from -----BEGIN CERTIFICATE----- to -----END CERTIFICATE----- (with its line breaks as \\n in JSON)",
+    )
 }
 
 fn check_topic(path: &str, topic: &str) -> Result<(), ManifestError> {
@@ -619,6 +653,192 @@ mod tests {
         assert!(error_of(&value).starts_with("$.kafka.security.password_env"));
         value["kafka"]["security"]["password"] = serde_json::json!("x");
         assert!(error_of(&value).contains("password"));
+    }
+
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn tls_material_is_checked_with_its_path() {
+        let cases: &[(serde_json::Value, &str)] = &[
+            (
+                serde_json::json!({"protocol": "ssl", "ca_file": "ca.pem", "ca_pem": CERT}),
+                "$.kafka.security: give the CA as ca_pem or as ca_file, not both",
+            ),
+            (
+                serde_json::json!({"protocol": "ssl", "ca_pem": "/etc/ssl/ca.pem"}),
+                "$.kafka.security.ca_pem: not PEM certificates",
+            ),
+            (
+                serde_json::json!({"protocol": "sasl_plain", "username": "u", "password_env": "P", "ca_pem": "x"}),
+                "$.kafka.security.ca_pem: not PEM certificates",
+            ),
+            (
+                serde_json::json!({"protocol": "ssl", "cert_pem": CERT}),
+                "$.kafka.security: a client certificate (cert_pem or cert_file) and its private key",
+            ),
+            (
+                serde_json::json!({"protocol": "ssl", "key_pem_env": "KEY"}),
+                "$.kafka.security: a client certificate",
+            ),
+            (
+                serde_json::json!({"protocol": "ssl", "cert_pem": CERT, "cert_file": "c.pem", "key_pem_env": "KEY"}),
+                "$.kafka.security: give the client certificate as cert_pem or as cert_file, not both",
+            ),
+            (
+                serde_json::json!({"protocol": "ssl", "cert_pem": CERT, "key_file": "k.pem", "key_pem_env": "KEY"}),
+                "$.kafka.security: give the private key as key_pem_env or as key_file, not both",
+            ),
+            (
+                serde_json::json!({"protocol": "ssl", "cert_pem": "MIIB", "key_pem_env": "KEY"}),
+                "$.kafka.security.cert_pem: not PEM certificates",
+            ),
+            (
+                serde_json::json!({"protocol": "ssl", "cert_pem": CERT, "key_pem_env": "-----BEGIN"}),
+                "$.kafka.security.key_pem_env: \"-----BEGIN\" is not an environment variable name",
+            ),
+            (
+                serde_json::json!({"protocol": "ssl", "key_password_env": "PASS"}),
+                "$.kafka.security.key_password_env: a key password is only used with a private key",
+            ),
+        ];
+        for (security, expected) in cases {
+            let mut value = minimal();
+            value["kafka"]["security"] = security.clone();
+            let error = error_of(&value);
+            assert!(error.starts_with(expected), "{security}: {error}");
+        }
+        let mut value = minimal();
+        value["kafka"]["security"] = serde_json::json!({
+            "protocol": "ssl", "ca_pem": CERT, "cert_pem": CERT, "key_pem_env": "KEY", "key_password_env": "PASS"
+        });
+        Manifest::parse(&value.to_string()).expect("PEM text and a key from the environment");
+    }
+
+    /// A manifest that names every secret it can, in `security`'s Kafka variant.
+    fn every_secret(security: serde_json::Value) -> Manifest {
+        let mut value = minimal();
+        value["kafka"]["security"] = security;
+        value["redis"]["password_env"] = "REDIS_PASSWORD".into();
+        value["auth"] = serde_json::json!({
+            "mode": "jwt", "algorithms": ["HS256"], "hs256_secret_env": "HS256_SECRET"
+        });
+        Manifest::parse(&value.to_string()).expect("valid")
+    }
+
+    #[test]
+    fn secrets_are_listed_with_their_paths_and_readers() {
+        use super::super::Process::{Consumer, Server};
+        let sasl = every_secret(serde_json::json!({
+            "protocol": "sasl_scram_sha_512", "username": "u", "password_env": "KAFKA_PASSWORD"
+        }));
+        let ssl = every_secret(serde_json::json!({
+            "protocol": "ssl", "cert_pem": CERT, "key_pem_env": "KAFKA_KEY", "key_password_env": "KAFKA_KEY_PASSWORD"
+        }));
+        let listed: Vec<(&str, &str, &[super::super::Process])> = sasl
+            .secrets()
+            .into_iter()
+            .chain(ssl.secrets())
+            .map(|named| (named.secret.env_name(), named.path, named.readers))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (
+                    "REDIS_PASSWORD",
+                    "$.redis.password_env",
+                    &[Server, Consumer][..]
+                ),
+                (
+                    "KAFKA_PASSWORD",
+                    "$.kafka.security.password_env",
+                    &[Consumer]
+                ),
+                ("HS256_SECRET", "$.auth.hs256_secret_env", &[Server]),
+                (
+                    "REDIS_PASSWORD",
+                    "$.redis.password_env",
+                    &[Server, Consumer]
+                ),
+                ("KAFKA_KEY", "$.kafka.security.key_pem_env", &[Consumer]),
+                (
+                    "KAFKA_KEY_PASSWORD",
+                    "$.kafka.security.key_password_env",
+                    &[Consumer]
+                ),
+                ("HS256_SECRET", "$.auth.hs256_secret_env", &[Server]),
+            ]
+        );
+
+        // Every field the schema names `*_env` is on the list: a new one cannot be left
+        // out of the deploy's secret mappings unnoticed.
+        fn env_fields(schema: &serde_json::Value, found: &mut std::collections::BTreeSet<String>) {
+            match schema {
+                serde_json::Value::Object(map) => {
+                    if let Some(serde_json::Value::Object(properties)) = map.get("properties") {
+                        found.extend(properties.keys().filter(|k| k.ends_with("_env")).cloned());
+                    }
+                    map.values().for_each(|v| env_fields(v, found));
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| env_fields(v, found)),
+                _ => {}
+            }
+        }
+        let schema: serde_json::Value =
+            serde_json::from_str(super::super::SCHEMA).expect("the schema is JSON");
+        let mut in_schema = std::collections::BTreeSet::new();
+        env_fields(&schema, &mut in_schema);
+        let listed: std::collections::BTreeSet<String> = listed
+            .iter()
+            .map(|(_, path, _)| path.rsplit('.').next().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(in_schema, listed);
+    }
+
+    #[test]
+    fn file_settings_are_listed_with_the_form_to_use_instead() {
+        let mut value = minimal();
+        value["kafka"]["security"] = serde_json::json!({
+            "protocol": "ssl", "ca_file": "ca.pem", "cert_file": "c.pem", "key_file": "k.pem"
+        });
+        value["auth"] = serde_json::json!({
+            "mode": "jwt", "algorithms": ["EdDSA"],
+            "keys": [{"pem": "x"}, {"kid": "b", "pem_file": "keys/b.pem"}]
+        });
+        let manifest = Manifest::parse(&value.to_string()).expect("valid");
+        let listed: Vec<(String, String, &str)> = manifest
+            .file_settings()
+            .into_iter()
+            .map(|f| {
+                (
+                    f.path,
+                    f.file.display().to_string(),
+                    f.instead.split(',').next().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("$.kafka.security.ca_file".into(), "ca.pem".into(), "ca_pem"),
+                (
+                    "$.kafka.security.cert_file".into(),
+                    "c.pem".into(),
+                    "cert_pem"
+                ),
+                (
+                    "$.kafka.security.key_file".into(),
+                    "k.pem".into(),
+                    "key_pem_env"
+                ),
+                ("$.auth.keys[1].pem_file".into(), "keys/b.pem".into(), "pem"),
+            ]
+        );
+        assert!(
+            Manifest::parse(&minimal().to_string())
+                .expect("valid")
+                .file_settings()
+                .is_empty()
+        );
     }
 
     #[test]
