@@ -344,8 +344,9 @@ struct Skipper<'a> {
     kafka: &'a KafkaConfig,
     group: &'a ConsumerGroupConfig,
     probe: Option<StreamConsumer<ProbeContext>>,
-    /// The next offset per partition, as the member read or skipped.
-    next: HashMap<(String, i32), i64>,
+    /// The next offset per topic and partition, as the member read or skipped; by topic
+    /// first, so that noting a record allocates nothing.
+    next: HashMap<String, HashMap<i32, i64>>,
     /// Records skipped since start.
     skipped: u64,
     /// Whether a failure to find the stuck partition was logged since the last skip.
@@ -366,10 +367,17 @@ impl<'a> Skipper<'a> {
 
     /// Notes a record the member read.
     fn read(&mut self, topic: &str, partition: i32, offset: i64) {
-        match self.next.get_mut(&(topic.to_owned(), partition)) {
-            Some(next) => *next = offset + 1,
+        self.set_next(topic, partition, offset + 1);
+    }
+
+    fn set_next(&mut self, topic: &str, partition: i32, next: i64) {
+        match self.next.get_mut(topic) {
+            Some(partitions) => {
+                partitions.insert(partition, next);
+            }
             None => {
-                self.next.insert((topic.to_owned(), partition), offset + 1);
+                self.next
+                    .insert(topic.to_owned(), HashMap::from([(partition, next)]));
             }
         }
     }
@@ -429,8 +437,7 @@ impl<'a> Skipper<'a> {
         {
             tracing::debug!(%store_error, "offset not stored");
         }
-        self.next
-            .insert((skipped.topic.clone(), skipped.partition), next);
+        self.set_next(&skipped.topic, skipped.partition, next);
         let count = skipped.last_offset - skipped.first_offset + 1;
         self.skipped += u64::try_from(count).unwrap_or(0);
         tracing::warn!(
@@ -463,7 +470,11 @@ impl<'a> Skipper<'a> {
                 Some(Offset::Offset(offset)) => Some(*offset),
                 _ => None,
             };
-            let read = self.next.get(&(topic.to_owned(), partition)).copied();
+            let read = self
+                .next
+                .get(topic)
+                .and_then(|partitions| partitions.get(&partition))
+                .copied();
             let (low, high) = consumer.fetch_watermarks(topic, partition, PROBE_PATIENCE)?;
             let from = match (read.max(committed), self.group.offset_reset) {
                 (Some(offset), _) => offset.max(low),
@@ -597,6 +608,28 @@ where
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_of_a_batch_that_cannot_be_read_are_unreadable() {
+        for code in UNREADABLE {
+            assert_eq!(
+                unreadable(&KafkaError::MessageConsumption(code)),
+                Some(code)
+            );
+        }
+        for error in [
+            KafkaError::PartitionEOF(0),
+            KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure),
+            KafkaError::Global(RDKafkaErrorCode::BadCompression),
+        ] {
+            assert_eq!(unreadable(&error), None, "{error}");
         }
     }
 }
