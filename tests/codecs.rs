@@ -1,8 +1,9 @@
 //! Every Kafka compression codec, through the real broker, fjord-consumer, Redis and
 //! fjord-server: records produced by another client (kcat) with gzip, snappy, lz4 and zstd
 //! reach SSE clients with their exact values. And a batch the consumer cannot read at all
-//! (its compressed payload corrupted on the broker's disk) does not stop its partition: it
-//! is skipped once, and clients — live and resuming — are sent `fjord.gap` for it.
+//! (its compressed payload corrupted, or its codec set to one no client knows, on the
+//! broker's disk) does not stop its partition: it is skipped once, and clients — live and
+//! resuming — are sent `fjord.gap` for it.
 
 mod common;
 
@@ -123,12 +124,35 @@ async fn records_of_every_codec_arrive_with_their_exact_values() {
     );
 }
 
+/// How the test makes a batch unreadable on the broker's disk. The broker serves fetches
+/// from the file as it is, without checking.
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    /// Garbles the first bytes of the compressed payload (zstd's frame header), which
+    /// starts 61 bytes into a v2 batch.
+    Payload,
+    /// Sets the batch's codec to 5, which no Kafka client knows: librdkafka fails it as
+    /// it failed zstd when built without it ("Not implemented").
+    UnknownCodec,
+}
+
 #[tokio::test]
-async fn an_unreadable_batch_is_skipped_once_with_a_gap_for_live_and_resuming_clients() {
+async fn a_batch_with_a_corrupt_payload_is_skipped_once_with_a_gap() {
+    an_unreadable_batch_is_skipped(Damage::Payload, "Invalid compressed data").await;
+}
+
+#[tokio::test]
+async fn a_batch_of_an_unknown_codec_is_skipped_once_with_a_gap() {
+    an_unreadable_batch_is_skipped(Damage::UnknownCodec, "Not implemented").await;
+}
+
+/// Offsets 0-4 readable, 5-24 one zstd batch that `damage` makes unreadable, 25-29
+/// readable: clients live and resuming get the readable ones and one `fjord.gap`, and the
+/// consumer logs one skip, whose `error` holds `error`.
+async fn an_unreadable_batch_is_skipped(damage: Damage, error: &str) {
     let services = services();
     let topic = unique("corrupt");
     create_topic(&services.brokers, &topic, 1).await;
-    // Offsets 0-4 readable, 5-24 one zstd batch that is then corrupted, 25-29 readable.
     let before = records("gzip", 0, 5);
     let bad = records("zstd", 5, 20);
     let after = records("lz4", 25, 5);
@@ -140,16 +164,19 @@ async fn an_unreadable_batch_is_skipped_once_with_a_gap_for_live_and_resuming_cl
     assert_eq!(corrupt.len(), 1, "one zstd batch: {batches:?}");
     let corrupt = *corrupt[0];
     assert_eq!((corrupt.base_offset, corrupt.last_offset), (5, 24));
-    // The records start 61 bytes into a v2 batch: garble the compressed payload's first
-    // bytes (zstd's frame header). The broker serves fetches from the file as it is.
     {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .open(segment_path(&topic, 0))
             .expect("the segment file");
-        file.seek(SeekFrom::Start(corrupt.position + 61))
+        let (at, bytes): (u64, &[u8]) = match damage {
+            Damage::Payload => (61, &[0xA5; 16]),
+            // The low byte of the attributes (i16 at 21): no flags, codec 5.
+            Damage::UnknownCodec => (22, &[5]),
+        };
+        file.seek(SeekFrom::Start(corrupt.position + at))
             .expect("seek");
-        file.write_all(&[0xA5; 16]).expect("write");
+        file.write_all(bytes).expect("write");
     }
 
     let port = free_port();
@@ -179,6 +206,12 @@ async fn an_unreadable_batch_is_skipped_once_with_a_gap_for_live_and_resuming_cl
     assert_eq!(data["partition"], 0);
     assert_eq!(data["first_offset"], 5);
     assert_eq!(data["last_offset"], 24);
+    assert!(
+        data["error"]
+            .as_str()
+            .is_some_and(|text| text.contains(error)),
+        "{data}"
+    );
     let rest = live.records(after.len()).await;
     assert_values(&rest, &after);
 
@@ -201,7 +234,9 @@ async fn an_unreadable_batch_is_skipped_once_with_a_gap_for_live_and_resuming_cl
         .collect();
     assert_eq!(skips.len(), 1, "{}", consumer.log().join("\n"));
     assert!(
-        skips[0].contains("skipped_total=20") && skips[0].contains("first_offset=5"),
+        skips[0].contains("skipped_total=20")
+            && skips[0].contains("first_offset=5")
+            && skips[0].contains(error),
         "{}",
         skips[0]
     );
