@@ -290,8 +290,9 @@ pub async fn run(
 }
 
 /// The error codes with which librdkafka reports a batch it cannot read at all: a corrupt
-/// or undecodable payload, an unknown codec or format. The error names neither the
-/// partition nor the offset, and librdkafka fetches the same batch again.
+/// or undecodable payload, an unknown codec or format. librdkafka fetches the same batch
+/// again; the error it raises carries the partition and offset, but rdkafka hands over
+/// only the code.
 const UNREADABLE: [RDKafkaErrorCode; 6] = [
     RDKafkaErrorCode::BadCompression,
     RDKafkaErrorCode::BadMessage,
@@ -336,8 +337,8 @@ enum Probe {
 
 /// Finds and skips what librdkafka cannot read. The member's own consumer cannot say which
 /// partition failed, so a probe — a consumer outside the group, one partition assigned at a
-/// time — reads each partition that is behind from where the member stands: the one whose
-/// first answer is the same kind of error is stuck. The probe then steps on one offset at a
+/// time — reads each partition that is behind from where the member stands: one whose
+/// first answer is an unreadable-batch error is stuck. The probe then steps on one offset at a
 /// time (a compressed batch holds several, and librdkafka fails all of them) to the first
 /// readable one. One fetch per step; a rare path, kept exact rather than fast.
 struct Skipper<'a> {
