@@ -55,7 +55,7 @@ REDIS_DIR="$STATE/redis"
 REDIS_PID="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
 
-APT_PACKAGES=(redis-server openssl cmake pkg-config libssl-dev zlib1g-dev libcurl4-openssl-dev build-essential)
+APT_PACKAGES=(redis-server openssl kcat cmake pkg-config libssl-dev zlib1g-dev libcurl4-openssl-dev build-essential)
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }

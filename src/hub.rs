@@ -2,7 +2,9 @@
 //! event once, and queues the shared bytes to the connections that should receive it —
 //! found through an index by endpoint and record key, so that the cost of a record follows
 //! its receivers, not the number of connections. Each connection has a bounded queue; one
-//! that fills up is cut off and resumes by id. One timer sends every heartbeat.
+//! that fills up is cut off and resumes by id. One timer sends every heartbeat. A marker of
+//! records the consumer could not read goes to every connection of its endpoint, whatever
+//! its keys, as `fjord.gap`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
@@ -15,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::time::Instant;
 
-use crate::bus::{Bus, BusEntry, BusError, BusReader, StreamId};
+use crate::bus::{Bus, BusEntry, BusError, BusReader, EntryKind, SkippedRecords, StreamId};
 use crate::config::{EndpointName, ServerConfig, StartPosition};
 use crate::metrics::Metrics;
 use crate::queue::{Delivery, PushError, Queue};
@@ -129,6 +131,16 @@ struct Channel {
 }
 
 impl Channel {
+    /// Every connection of the endpoint once, whatever its keys.
+    fn all_receivers(&self) -> impl Iterator<Item = (ClientId, &ClientQueue)> {
+        let mut seen = HashSet::new();
+        self.everyone
+            .iter()
+            .chain(self.by_key.values().flatten())
+            .filter(move |(client, _)| seen.insert(**client))
+            .map(|(&client, sender)| (client, sender))
+    }
+
     fn last_id(&self) -> StreamId {
         StreamId {
             ms: self.last_ms.load(Relaxed),
@@ -400,18 +412,13 @@ impl Hub {
             let Some(lock) = self.channels.get(*endpoint) else {
                 continue;
             };
-            if entry.envelope.contains(&b'\n') {
-                tracing::error!(endpoint = %self.endpoints[*endpoint], id = %entry.id, "dropping a bus entry with a line break; it was not written by fjord-consumer");
+            let Some(rendered) = self.render(*endpoint, entry) else {
                 continue;
-            }
+            };
             let event = Arc::new(QueuedEvent {
                 endpoint: *endpoint,
                 id: entry.id,
-                event: RenderedEvent::new(
-                    entry.id,
-                    self.endpoints[*endpoint].as_str(),
-                    &entry.envelope,
-                ),
+                event: rendered,
                 queued_at: Instant::now(),
             });
             let channel = read(lock);
@@ -420,27 +427,16 @@ impl Hub {
                 // Retention trimmed entries before this server read them: its live
                 // connections missed them, and are told so, as a resuming client would be.
                 let gap = Arc::new(sse::gap(self.endpoints[*endpoint].as_str(), last, entry.id));
-                let everyone = channel
-                    .everyone
-                    .iter()
-                    .chain(channel.by_key.values().flatten());
-                for (&client, sender) in everyone {
+                for (client, sender) in channel.all_receivers() {
                     if let Err(PushError::Full) = sender.push(Frame::Raw(Arc::clone(&gap))) {
                         too_slow.insert(client);
                     }
                 }
             }
-            let keyed = entry
-                .filter_key
-                .as_ref()
-                .and_then(|key| channel.by_key.get(key));
-            let write_now = may_write_now
-                && channel.everyone.len() + keyed.map_or(0, HashMap::len) <= MAX_DIRECT_WRITES;
-            let receivers = channel.everyone.iter().chain(keyed.into_iter().flatten());
             let mut queued = 0;
-            for (&client, sender) in receivers {
+            let mut deliver = |client: ClientId, sender: &ClientQueue, write_now: bool| {
                 if !too_slow.is_empty() && too_slow.contains(&client) {
-                    continue;
+                    return;
                 }
                 match sender.push_event(&event, write_now) {
                     Ok(()) => queued += 1,
@@ -448,6 +444,28 @@ impl Hub {
                         too_slow.insert(client);
                     }
                     Err(PushError::Closed) => {}
+                }
+            };
+            match entry.kind {
+                EntryKind::Record => {
+                    let keyed = entry
+                        .filter_key
+                        .as_ref()
+                        .and_then(|key| channel.by_key.get(key));
+                    let write_now = may_write_now
+                        && channel.everyone.len() + keyed.map_or(0, HashMap::len)
+                            <= MAX_DIRECT_WRITES;
+                    for (&client, sender) in
+                        channel.everyone.iter().chain(keyed.into_iter().flatten())
+                    {
+                        deliver(client, sender, write_now);
+                    }
+                }
+                // Whose keys the skipped records had is unknown: everyone is told.
+                EntryKind::Skipped => {
+                    for (client, sender) in channel.all_receivers() {
+                        deliver(client, sender, false);
+                    }
                 }
             }
             channel.last_ms.store(entry.id.ms, Relaxed);
@@ -464,6 +482,26 @@ impl Hub {
                 .store(now_ms().saturating_sub(newest.id.ms), Relaxed);
         }
         self.cut_off(too_slow);
+    }
+
+    /// The event of a bus entry of `endpoint`; `None` (logged) for one that
+    /// fjord-consumer did not write.
+    fn render(&self, endpoint: usize, entry: &BusEntry) -> Option<RenderedEvent> {
+        let name = self.endpoints.get(endpoint)?.as_str();
+        match entry.kind {
+            EntryKind::Record if entry.envelope.contains(&b'\n') => {
+                tracing::error!(endpoint = name, id = %entry.id, "dropping a bus entry with a line break; it was not written by fjord-consumer");
+                None
+            }
+            EntryKind::Record => Some(RenderedEvent::new(entry.id, name, &entry.envelope)),
+            EntryKind::Skipped => match serde_json::from_slice::<SkippedRecords>(&entry.envelope) {
+                Ok(skipped) => Some(sse::unreadable_gap(entry.id, name, &skipped)),
+                Err(error) => {
+                    tracing::error!(endpoint = name, id = %entry.id, %error, "dropping a skipped-records marker that fjord-consumer did not write");
+                    None
+                }
+            },
+        }
     }
 
     fn cut_off(&self, clients: impl IntoIterator<Item = ClientId>) {
@@ -672,18 +710,14 @@ impl Subscription {
             }
             ReplayItem::Entries(entries) => {
                 for (endpoint, entry) in entries {
-                    let wanted = match (&self.keys, &entry.filter_key) {
-                        (None, _) => true,
-                        (Some(keys), Some(key)) => keys.binary_search(key).is_ok(),
-                        (Some(_), None) => false,
+                    let wanted = match (entry.kind, &self.keys, &entry.filter_key) {
+                        (EntryKind::Skipped, _, _) | (EntryKind::Record, None, _) => true,
+                        (EntryKind::Record, Some(keys), Some(key)) => {
+                            keys.binary_search(key).is_ok()
+                        }
+                        (EntryKind::Record, Some(_), None) => false,
                     };
-                    if wanted {
-                        let name = self
-                            .hub
-                            .endpoints
-                            .get(endpoint)
-                            .map_or("", EndpointName::as_str);
-                        let event = RenderedEvent::new(entry.id, name, &entry.envelope);
+                    if wanted && let Some(event) = self.hub.render(endpoint, &entry) {
                         self.write_event(endpoint, entry.id, &event, out);
                     }
                 }
@@ -814,8 +848,8 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
-    use crate::bus::Publication;
     use crate::bus::memory::MemoryBus;
+    use crate::bus::{Publication, SkippedRecords};
     use crate::config::Retention;
     use crate::envelope::Envelope;
 
@@ -869,6 +903,7 @@ mod tests {
         BusEntry {
             id: StreamId { ms, seq: 0 },
             previous: StreamId::ZERO,
+            kind: EntryKind::Record,
             filter_key: Some(key.to_owned()),
             envelope: Bytes::from(format!("{{\"key\":\"{key}\"}}")),
         }
@@ -1243,5 +1278,82 @@ mod tests {
         let mut client = hub.subscribe(live(vec![1]), None, None);
         assert_eq!(next_text(&mut client).await, "retry: 2000\nid: 0-0\n\n");
         assert_eq!(read_offsets(&mut client, 3).await, vec![0, 1, 2]);
+    }
+
+    /// The `fjord.gap` events for skipped records in `text`, as JSON.
+    fn unreadable_gaps(text: &str) -> Vec<serde_json::Value> {
+        text.split("\n\n")
+            .filter(|event| event.contains("event: fjord.gap\n"))
+            .filter_map(|event| event.lines().find_map(|line| line.strip_prefix("data: ")))
+            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+            .filter(|data| data["reason"] == "unreadable_record")
+            .collect()
+    }
+
+    /// Reads until `count` records arrived; returns everything read.
+    async fn read_text(subscription: &mut Subscription, count: usize) -> String {
+        let mut text = String::new();
+        while offsets(&text).len() < count {
+            text.push_str(&next_text(subscription).await);
+        }
+        text
+    }
+
+    #[tokio::test]
+    async fn skipped_records_reach_every_connection_once_live_and_on_resume() {
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
+        let mut all = hub.subscribe(live(vec![1]), None, None);
+        let mut keyed = hub.subscribe(
+            Interest {
+                endpoints: vec![1],
+                keys: Some(vec!["k1".into(), "k6".into()]),
+            },
+            None,
+            None,
+        );
+        next_text(&mut all).await;
+        next_text(&mut keyed).await;
+        let ids = publish(&hub, &bus, &mut reader, 0, 3, Retention::default()).await;
+        let skipped = SkippedRecords {
+            topic: "orders".into(),
+            partition: 0,
+            first_offset: 3,
+            last_offset: 5,
+            error: "Local: Invalid compressed data".into(),
+        };
+        Bus::Memory(bus.clone())
+            .publish_skipped(&skipped, &[(name("orders"), Retention::default())])
+            .await
+            .expect("memory bus");
+        hub.dispatch(&reader.next_batch().await.expect("memory bus"));
+        publish(&hub, &bus, &mut reader, 6, 2, Retention::default()).await;
+
+        let text = read_text(&mut all, 5).await;
+        assert_eq!(offsets(&text), vec![0, 1, 2, 6, 7]);
+        let gaps = unreadable_gaps(&text);
+        assert_eq!(gaps.len(), 1, "{text}");
+        assert_eq!(gaps[0]["endpoint"], "orders");
+        assert_eq!(gaps[0]["first_offset"], 3);
+        assert_eq!(gaps[0]["last_offset"], 5);
+        assert!(
+            text.find("event: fjord.gap").expect("gap") > text.find("\"offset\":2").expect("2")
+                && text.find("event: fjord.gap").expect("gap")
+                    < text.find("\"offset\":6").expect("6"),
+            "in stream order: {text}"
+        );
+        let text = read_text(&mut keyed, 2).await;
+        assert_eq!(offsets(&text), vec![1, 6]);
+        assert_eq!(
+            unreadable_gaps(&text).len(),
+            1,
+            "once, whatever the keys: {text}"
+        );
+
+        // A client resuming from before the skipped records is told too.
+        let mut resumed = hub.subscribe(live(vec![1]), Some(&ResumeId(vec![ids[2]])), None);
+        next_text(&mut resumed).await;
+        let text = read_text(&mut resumed, 2).await;
+        assert_eq!(offsets(&text), vec![6, 7]);
+        assert_eq!(unreadable_gaps(&text), gaps);
     }
 }

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::bus::StreamId;
+use crate::bus::{SkippedRecords, StreamId};
 
 /// A heartbeat: a comment line, ignored by clients, that keeps proxies from closing the
 /// connection as idle.
@@ -18,7 +18,8 @@ pub const HEARTBEAT: Bytes = Bytes::from_static(b": heartbeat\n\n");
 
 /// Reserved event names.
 pub mod reserved {
-    /// The resume id was older than the retention window; records were missed.
+    /// Records were missed: the resume id was older than the retention window, or the
+    /// consumer skipped records it could not read.
     pub const GAP: &str = "fjord.gap";
     /// The instance is draining; reconnect now.
     pub const SHUTDOWN: &str = "fjord.shutdown";
@@ -94,6 +95,23 @@ pub fn gap(endpoint: &str, last_event_id: StreamId, oldest: StreamId) -> Bytes {
     )
 }
 
+/// The `fjord.gap` event for records of `endpoint` that the consumer could not read and
+/// skipped, at stream position `id`. Unlike a retention gap it has an id: it is an entry of
+/// the stream, which a client resuming from before it is sent again.
+pub fn unreadable_gap(id: StreamId, endpoint: &str, skipped: &SkippedRecords) -> RenderedEvent {
+    let data = serde_json::json!({
+        "endpoint": endpoint,
+        "reason": "unreadable_record",
+        "topic": skipped.topic,
+        "partition": skipped.partition,
+        "first_offset": skipped.first_offset,
+        "last_offset": skipped.last_offset,
+        "error": skipped.error,
+        "message": "records of this partition could not be read from Kafka and were skipped; their keys are unknown",
+    });
+    RenderedEvent::new(id, reserved::GAP, data.to_string().as_bytes())
+}
+
 /// A client's position: one stream id per endpoint of its connection, in the order of the
 /// connection's (sorted) endpoints. Rendered as the ids joined by `_`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +184,30 @@ mod tests {
             out.as_ref(),
             b"id: 5-0_1764000000000-2\nevent: orders\ndata: {\"a\":1}\n\n"
         );
+    }
+
+    #[test]
+    fn an_unreadable_gap_is_an_event_with_an_id() {
+        let skipped = SkippedRecords {
+            topic: "orders".into(),
+            partition: 3,
+            first_offset: 40,
+            last_offset: 59,
+            error: "Local: Invalid compressed data".into(),
+        };
+        let event = unreadable_gap(id(9, 1), "orders", &skipped);
+        let text = std::str::from_utf8(event.bytes()).expect("utf-8");
+        let data = text
+            .strip_prefix("id: 9-1\nevent: fjord.gap\ndata: ")
+            .and_then(|rest| rest.strip_suffix("\n\n"))
+            .expect(text);
+        let data: serde_json::Value = serde_json::from_str(data).expect("json");
+        assert_eq!(data["endpoint"], "orders");
+        assert_eq!(data["reason"], "unreadable_record");
+        assert_eq!(data["topic"], "orders");
+        assert_eq!(data["partition"], 3);
+        assert_eq!(data["first_offset"], 40);
+        assert_eq!(data["last_offset"], 59);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::{BusEntry, Publication, Published, READ_BATCH, StreamId};
+use super::{Append, BusEntry, Published, READ_BATCH, StreamId};
 use crate::config::EndpointName;
 
 /// How long [`MemoryReader::next_batch`] waits for an entry.
@@ -56,19 +56,20 @@ impl MemoryBus {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn publish(&self, publication: Publication<'_>) -> Published {
+    pub(super) fn append(&self, append: Append<'_>) -> Published {
         let mut state = self.lock();
-        let partition_key = (publication.topic.to_owned(), publication.partition);
+        let partition_key = (append.topic.to_owned(), append.partition);
         if state
             .published
             .get(&partition_key)
-            .is_some_and(|&last| last >= publication.offset)
+            .is_some_and(|&last| last >= append.offset)
         {
             return Published::Duplicate;
         }
         let now = now_ms();
-        let envelope = Bytes::copy_from_slice(&publication.envelope.json);
-        for (endpoint, retention) in publication.endpoints {
+        let envelope = Bytes::copy_from_slice(append.body);
+        let filter_key = append.filter_key.map(str::to_owned);
+        for (endpoint, retention) in append.endpoints {
             let stream = state.streams.entry(endpoint.clone()).or_default();
             let id = if now > stream.last_id.ms {
                 StreamId { ms: now, seq: 0 }
@@ -82,7 +83,8 @@ impl MemoryBus {
             stream.entries.push_back(BusEntry {
                 id,
                 previous,
-                filter_key: publication.envelope.filter_key.clone(),
+                kind: append.kind,
+                filter_key: filter_key.clone(),
                 envelope: envelope.clone(),
             });
             let oldest_kept_ms = now.saturating_sub(retention.max_age_secs.saturating_mul(1000));
@@ -98,7 +100,7 @@ impl MemoryBus {
                 }
             }
         }
-        state.published.insert(partition_key, publication.offset);
+        state.published.insert(partition_key, append.offset);
         drop(state);
         self.appended.notify_waiters();
         Published::Appended
@@ -209,6 +211,7 @@ impl MemoryReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::{Bus, EntryKind, Publication, SkippedRecords};
     use crate::config::Retention;
     use crate::envelope::Envelope;
 
@@ -230,13 +233,16 @@ mod tests {
         offset: i64,
     ) -> Published {
         let envelope = envelope(&format!("{partition}/{offset}"));
-        bus.publish(Publication {
-            topic: "t",
-            partition,
-            offset,
-            endpoints,
-            envelope: &envelope,
-        })
+        bus.append(
+            Publication {
+                topic: "t",
+                partition,
+                offset,
+                endpoints,
+                envelope: &envelope,
+            }
+            .append(),
+        )
     }
 
     #[tokio::test]
@@ -279,5 +285,53 @@ mod tests {
             kept,
             vec![Bytes::from("0/7"), Bytes::from("0/8"), Bytes::from("0/9")]
         );
+    }
+
+    #[tokio::test]
+    async fn a_skipped_records_marker_is_published_once_and_counts_as_published() {
+        let bus = MemoryBus::new();
+        let endpoints = [
+            (endpoint("a"), Retention::default()),
+            (endpoint("b"), Retention::default()),
+        ];
+        let mut reader = bus.reader(vec![endpoint("a"), endpoint("b")]);
+        publish(&bus, &endpoints, 0, 2);
+        let skipped = SkippedRecords {
+            topic: "t".into(),
+            partition: 0,
+            first_offset: 3,
+            last_offset: 7,
+            error: "Local: Invalid compressed data".into(),
+        };
+        let shared = Bus::Memory(bus.clone());
+        for expected in [Published::Appended, Published::Duplicate] {
+            assert_eq!(
+                shared
+                    .publish_skipped(&skipped, &endpoints)
+                    .await
+                    .expect("memory bus"),
+                expected
+            );
+        }
+        // A record of the skipped stretch read again after a restart is not published.
+        assert_eq!(publish(&bus, &endpoints, 0, 5), Published::Duplicate);
+        assert_eq!(publish(&bus, &endpoints, 0, 8), Published::Appended);
+        let batch = reader.next_batch().await;
+        let kinds: Vec<_> = batch.iter().map(|(i, e)| (*i, e.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, EntryKind::Record),
+                (0, EntryKind::Skipped),
+                (0, EntryKind::Record),
+                (1, EntryKind::Record),
+                (1, EntryKind::Skipped),
+                (1, EntryKind::Record),
+            ]
+        );
+        let marker = &batch[1].1;
+        assert_eq!(marker.filter_key, None);
+        let parsed: SkippedRecords = serde_json::from_slice(&marker.envelope).expect("json");
+        assert_eq!(parsed, skipped);
     }
 }

@@ -5,7 +5,9 @@
 //! Two implementations behind one type: Redis Streams in production ([`redis`]) and an
 //! in-process bus with the same semantics for `fjord dev` and unit tests ([`memory`]).
 //! Publishing is idempotent per (topic, partition, offset): a record consumed twice after
-//! a crash or a rebalance is published once.
+//! a crash or a rebalance is published once. Besides records, a stream carries markers for
+//! records the consumer could not read and skipped ([`SkippedRecords`]), published the
+//! same idempotent way, so that servers can tell every client of the endpoint.
 
 pub mod memory;
 pub mod redis;
@@ -62,7 +64,33 @@ impl FromStr for StreamId {
     }
 }
 
-/// One record as read from an endpoint's stream.
+/// What a stream entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A record's envelope.
+    Record,
+    /// A [`SkippedRecords`] marker, as JSON.
+    Skipped,
+}
+
+/// Records of one partition that the consumer could not read at all (a corrupt or
+/// undecodable batch) and skipped. Their keys are unknown, so every client of the
+/// endpoints that carry the topic is told.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SkippedRecords {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The first offset skipped.
+    pub first_offset: i64,
+    /// The last offset skipped.
+    pub last_offset: i64,
+    /// Why the records could not be read, as the Kafka client said.
+    pub error: String,
+}
+
+/// One entry as read from an endpoint's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusEntry {
     /// Its position in the endpoint's stream.
@@ -70,9 +98,11 @@ pub struct BusEntry {
     /// The position of the entry appended before it; a reader whose cursor is older has
     /// missed entries that retention trimmed.
     pub previous: StreamId,
-    /// The record key clients filter on.
+    /// What the entry holds.
+    pub kind: EntryKind,
+    /// The record key clients filter on; `None` for a marker.
     pub filter_key: Option<String>,
-    /// The envelope's JSON.
+    /// The envelope's JSON, or the marker's.
     pub envelope: Bytes,
 }
 
@@ -89,6 +119,34 @@ pub struct Publication<'a> {
     pub endpoints: &'a [(EndpointName, Retention)],
     /// The encoded record.
     pub envelope: &'a Envelope,
+}
+
+impl Publication<'_> {
+    fn append(&self) -> Append<'_> {
+        Append {
+            topic: self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            endpoints: self.endpoints,
+            kind: EntryKind::Record,
+            filter_key: self.envelope.filter_key.as_deref(),
+            body: &self.envelope.json,
+        }
+    }
+}
+
+/// One entry to append to the streams of `endpoints`, once per (topic, partition, offset):
+/// what both buses implement, for records and markers alike.
+#[derive(Debug, Clone, Copy)]
+struct Append<'a> {
+    topic: &'a str,
+    partition: i32,
+    /// The offset that counts as published afterwards: the record's, or a marker's last.
+    offset: i64,
+    endpoints: &'a [(EndpointName, Retention)],
+    kind: EntryKind,
+    filter_key: Option<&'a str>,
+    body: &'a [u8],
 }
 
 /// What publishing did.
@@ -147,9 +205,36 @@ pub enum Bus {
 impl Bus {
     /// Publishes one record to its endpoints' streams, once.
     pub async fn publish(&self, publication: Publication<'_>) -> Result<Published, BusError> {
+        self.append(publication.append()).await
+    }
+
+    /// Publishes a marker for records the consumer skipped to the streams of `endpoints`,
+    /// once: afterwards the partition counts as published up to the last skipped offset.
+    pub async fn publish_skipped(
+        &self,
+        skipped: &SkippedRecords,
+        endpoints: &[(EndpointName, Retention)],
+    ) -> Result<Published, BusError> {
+        let body = serde_json::to_vec(skipped).map_err(|error| BusError::Protocol {
+            operation: "encode skipped records",
+            detail: error.to_string(),
+        })?;
+        self.append(Append {
+            topic: &skipped.topic,
+            partition: skipped.partition,
+            offset: skipped.last_offset,
+            endpoints,
+            kind: EntryKind::Skipped,
+            filter_key: None,
+            body: &body,
+        })
+        .await
+    }
+
+    async fn append(&self, append: Append<'_>) -> Result<Published, BusError> {
         match self {
-            Self::Redis(bus) => bus.publish(publication).await,
-            Self::Memory(bus) => Ok(bus.publish(publication)),
+            Self::Redis(bus) => bus.append(append).await,
+            Self::Memory(bus) => Ok(bus.append(append)),
         }
     }
 

@@ -13,7 +13,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::streams::StreamReadReply;
 use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, Script, Value};
 
-use super::{BusEntry, BusError, Publication, Published, READ_BATCH, StreamId};
+use super::{Append, BusEntry, BusError, EntryKind, Published, READ_BATCH, StreamId};
 use crate::config::{EndpointName, RedisConfig};
 
 /// How long one blocking read waits for new entries.
@@ -21,15 +21,16 @@ const READ_BLOCK: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Appends one record to each endpoint stream unless its partition already reached its
-/// offset; then records the offset. Atomic, so a crash cannot leave half a publication.
+/// Appends one entry (a record, or a marker of skipped records) to each endpoint stream
+/// unless its partition already reached its offset; then records the offset. Atomic, so a crash cannot leave half a publication.
 /// Each entry carries the id of the entry before it (`p`): retention trims from the head,
 /// so the oldest kept entry's `p` tells exactly whether anything after a client's last id
 /// was trimmed. The last id per stream is kept in a hash, as the stream may be empty.
 ///
 /// KEYS: the endpoint streams, then the published-offsets hash, then the last-ids hash.
-/// ARGV: "topic/partition", offset, has key ("1"/"0"), key, envelope, then per stream
-/// its max records and max age in milliseconds.
+/// ARGV: "topic/partition", offset, kind ("1" keyed record, "0" record without a key, "s"
+/// skipped-records marker, stored with a field `s`), key, envelope or marker, then per
+/// stream its max records and max age in milliseconds.
 const PUBLISH_SCRIPT: &str = r"
 local streams = #KEYS - 2
 local published, last_ids = KEYS[streams + 1], KEYS[streams + 2]
@@ -45,6 +46,8 @@ for i = 1, streams do
   local id
   if ARGV[3] == '1' then
     id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5], 'p', previous, 'k', ARGV[4])
+  elseif ARGV[3] == 's' then
+    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5], 'p', previous, 's', '1')
   else
     id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5], 'p', previous)
   end
@@ -270,25 +273,23 @@ impl RedisBus {
         Ok(bus)
     }
 
-    pub(super) async fn publish(
-        &self,
-        publication: Publication<'_>,
-    ) -> Result<Published, BusError> {
+    pub(super) async fn append(&self, append: Append<'_>) -> Result<Published, BusError> {
         let mut invocation = self.publish_script.prepare_invoke();
-        for (endpoint, _) in publication.endpoints {
+        for (endpoint, _) in append.endpoints {
             invocation.key(stream_key(&self.prefix, endpoint));
         }
         invocation
             .key(published_key(&self.prefix))
             .key(last_ids_key(&self.prefix))
-            .arg(format!("{}/{}", publication.topic, publication.partition))
-            .arg(publication.offset);
-        match &publication.envelope.filter_key {
-            Some(key) => invocation.arg("1").arg(key.as_str()),
-            None => invocation.arg("0").arg(""),
+            .arg(format!("{}/{}", append.topic, append.partition))
+            .arg(append.offset);
+        match (append.kind, append.filter_key) {
+            (EntryKind::Skipped, _) => invocation.arg("s").arg(""),
+            (EntryKind::Record, Some(key)) => invocation.arg("1").arg(key),
+            (EntryKind::Record, None) => invocation.arg("0").arg(""),
         };
-        invocation.arg(publication.envelope.json.as_slice());
-        for (_, retention) in publication.endpoints {
+        invocation.arg(append.body);
+        for (_, retention) in append.endpoints {
             invocation
                 .arg(retention.max_records)
                 .arg(retention.max_age_secs.saturating_mul(1000));
@@ -416,6 +417,7 @@ impl RedisBus {
 }
 
 /// A stream entry as Fjord wrote it; `None` (logged) for an entry without an envelope.
+/// A marker of skipped records has a field `s`.
 fn entry_of(mut entry: redis::streams::StreamId) -> Result<Option<BusEntry>, BusError> {
     let id = parse_id(&entry.id)?;
     let Some(Value::BulkString(envelope)) = entry.map.remove("e") else {
@@ -430,9 +432,15 @@ fn entry_of(mut entry: redis::streams::StreamId) -> Result<Option<BusEntry>, Bus
         Some(Value::BulkString(previous)) => parse_id(&String::from_utf8_lossy(previous))?,
         _ => StreamId::ZERO,
     };
+    let kind = if entry.map.contains_key("s") {
+        EntryKind::Skipped
+    } else {
+        EntryKind::Record
+    };
     Ok(Some(BusEntry {
         id,
         previous,
+        kind,
         filter_key,
         envelope: Bytes::from(envelope),
     }))

@@ -575,3 +575,84 @@ pub fn services_command(command: &str) {
     let status = Command::new(script).arg(command).status().unwrap();
     assert!(status.success(), "ci/services.sh {command} failed");
 }
+
+/// Produces `records` (key, value; neither holding a tab or a line break) to one partition
+/// with `kcat -z codec` (Debian's kcat, its own librdkafka), all in one batch when they fit,
+/// and waits until Kafka acknowledged them.
+pub fn produce_with_kcat(
+    brokers: &str,
+    topic: &str,
+    partition: i32,
+    codec: &str,
+    records: &[(String, String)],
+) {
+    use std::io::Write as _;
+    let mut child = Command::new("kcat")
+        .args(["-P", "-b", brokers, "-t", topic, "-z", codec, "-K", "\t"])
+        .args(["-p", &partition.to_string()])
+        .args(["-X", "acks=all", "-X", "linger.ms=500"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("start kcat (ci/services.sh installs it): {error}"));
+    let mut stdin = child.stdin.take().unwrap();
+    for (key, value) in records {
+        assert!(!format!("{key}{value}").contains(['\t', '\n']));
+        writeln!(stdin, "{key}\t{value}").unwrap();
+    }
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && !stderr.contains("ERROR") && !stderr.contains("Failed"),
+        "kcat -z {codec} to {topic}: {stderr}"
+    );
+}
+
+/// A record batch in a partition's first log segment on the test broker's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentBatch {
+    /// Where the batch starts in the file.
+    pub position: u64,
+    pub base_offset: i64,
+    pub last_offset: i64,
+    /// The compression codec of the batch's attributes: 0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd.
+    pub codec: u8,
+}
+
+/// Where the first log segment of `topic`/`partition` lies on the broker's disk.
+pub fn segment_path(topic: &str, partition: i32) -> PathBuf {
+    Path::new(&required_env("FJORD_CI_STATE"))
+        .join("kafka/data")
+        .join(format!("{topic}-{partition}"))
+        .join("00000000000000000000.log")
+}
+
+/// The record batches (Kafka's v2 format) of a partition's first segment.
+pub fn segment_batches(topic: &str, partition: i32) -> Vec<SegmentBatch> {
+    let bytes = std::fs::read(segment_path(topic, partition)).unwrap();
+    let be = |at: usize, len: usize| -> i64 {
+        bytes[at..at + len]
+            .iter()
+            .fold(0_i64, |n, &b| (n << 8) | i64::from(b))
+    };
+    let mut batches = Vec::new();
+    let mut at = 0;
+    // baseOffset i64, batchLength i32, partitionLeaderEpoch i32, magic i8, crc u32,
+    // attributes i16, lastOffsetDelta i32, ...
+    while at + 27 <= bytes.len() {
+        let length = usize::try_from(be(at + 8, 4)).unwrap();
+        if length == 0 || at + 12 + length > bytes.len() {
+            break;
+        }
+        let base_offset = be(at, 8);
+        batches.push(SegmentBatch {
+            position: u64::try_from(at).unwrap(),
+            base_offset,
+            last_offset: base_offset + be(at + 23, 4),
+            codec: u8::try_from(be(at + 21, 2) & 0x7).unwrap(),
+        });
+        at += 12 + length;
+    }
+    batches
+}
