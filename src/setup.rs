@@ -111,7 +111,7 @@ pub fn setup(dir: &Path) -> Result<SetupOutcome, SetupError> {
         kept: Vec::new(),
     };
     for (name, contents) in [
-        ("manifest.json", manifest_skeleton()),
+        ("manifest.json", manifest_skeleton(&public_pem)),
         ("manifest.schema.json", crate::config::SCHEMA.to_owned()),
     ] {
         let path = dir.join(name);
@@ -125,7 +125,9 @@ pub fn setup(dir: &Path) -> Result<SetupOutcome, SetupError> {
 }
 
 /// A manifest for a local Kafka and Redis, with JWT auth on the key `fjord setup` writes.
-fn manifest_skeleton() -> String {
+/// The public key goes in inline: the same manifest then works in an ECS task, which has
+/// no files beside it (`fjord-deploy` refuses `pem_file`).
+fn manifest_skeleton(public_pem: &str) -> String {
     let manifest = serde_json::json!({
         "$schema": "./manifest.schema.json",
         "kafka": {"brokers": ["localhost:9092"]},
@@ -138,7 +140,7 @@ fn manifest_skeleton() -> String {
         "auth": {
             "mode": "jwt",
             "algorithms": ["EdDSA"],
-            "keys": [{"kid": "fjord-setup", "pem_file": PUBLIC_KEY_FILE}],
+            "keys": [{"kid": "fjord-setup", "pem": public_pem}],
             "issuer": DEFAULT_ISSUER,
             "audience": DEFAULT_AUDIENCE,
             "token_cookie": "fjord_token"
@@ -221,10 +223,6 @@ mod tests {
 
         let manifest_text =
             std::fs::read_to_string(dir.path().join("manifest.json")).expect("manifest");
-        let manifest_text = manifest_text.replace(
-            PUBLIC_KEY_FILE,
-            &dir.path().join(PUBLIC_KEY_FILE).display().to_string(),
-        );
         let manifest = Manifest::parse(&manifest_text).expect("the skeleton is valid");
         let auth = Authenticator::new(&manifest.auth).await.expect("keys load");
         let token = mint(

@@ -74,12 +74,12 @@ async fn start(edit_auth: impl FnOnce(&mut serde_json::Value)) -> AuthServer {
     )
     .expect("json");
     let mut auth = skeleton["auth"].clone();
-    auth["keys"][0]["pem_file"] = keys_dir
-        .path()
-        .join("fjord-public.pem")
-        .display()
-        .to_string()
-        .into();
+    let public_pem =
+        std::fs::read_to_string(keys_dir.path().join("fjord-public.pem")).expect("public key");
+    assert_eq!(
+        auth["keys"][0]["pem"], public_pem,
+        "the skeleton carries the public key inline"
+    );
     auth["leeway_secs"] = 0.into();
     auth["allow_query_token"] = true.into();
     edit_auth(&mut auth);
