@@ -54,10 +54,10 @@
       # The architecture of this machine's CPU: what `images` and `deploy` use.
       nativeArchitecture =
         system: if builtins.substring 0 8 system == "aarch64-" then "arm64" else "x86_64";
-      imagesFor = architecture: fjord.${linuxFor.${architecture}};
+      linuxFjord = architecture: fjord.${linuxFor.${architecture}};
       deployApp = fjordHere: architecture: {
         type = "app";
-        program = "${fjordHere.deployWith (imagesFor architecture).imageArchives}/bin/fjord-deploy";
+        program = "${fjordHere.deployWith (linuxFjord architecture).imageArchives}/bin/fjord-deploy";
       };
     in
     {
@@ -66,9 +66,9 @@
         {
           inherit (fjordHere) fjord-deploy;
           default = fjordHere.fjord-deploy;
-          images = (imagesFor (nativeArchitecture system)).images;
-          images-x86_64 = (imagesFor "x86_64").images;
-          images-arm64 = (imagesFor "arm64").images;
+          images = (linuxFjord (nativeArchitecture system)).images;
+          images-x86_64 = (linuxFjord "x86_64").images;
+          images-arm64 = (linuxFjord "arm64").images;
         }
         // nixpkgs.lib.optionalAttrs (isLinux system) {
           inherit (fjordHere) fjord-server fjord-consumer fjord-healthcheck;

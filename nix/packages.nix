@@ -36,7 +36,7 @@ let
       pkgs.cmake
       pkgs.perl
     ];
-    # Rust's std links libiconv on Darwin.
+    # Rust programs link libiconv on Darwin.
     buildInputs = lib.optionals isDarwin [ pkgs.libiconv ];
   };
 
