@@ -60,6 +60,7 @@ let
         genAttrs [
           "cmake"
           "perl"
+          "curl"
           "libiconv"
           "cacert"
           "makeWrapper"
@@ -224,14 +225,15 @@ let
       "aarch64-linux"
       "aarch64-linux"
     ]) "images-arm64 is not built for aarch64-linux")
-    # librdkafka, OpenSSL, zlib and zstd come from vendored sources, built with cmake and perl.
+    # librdkafka, OpenSSL, zlib and zstd come from vendored sources, built with cmake and
+    # perl; curl only for a header (ci/sandbox-build.sh's FJORD_SANDBOX_LIBS mirrors it).
     (expect (
       packages.fjord-consumer.args.nativeBuildInputs == [
         basePkgs.cmake
         basePkgs.perl
       ]
-      && packages.fjord-consumer.args.buildInputs == [ ]
-    ) "the build inputs are not cmake and perl alone")
+      && packages.fjord-consumer.args.buildInputs == [ basePkgs.curl ]
+    ) "the build inputs are not cmake and perl, and curl")
     (expect (hasInfix "--no-default-features --bin fjord-server" packages.fjord-server.args.cargoExtraArgs)
       "fjord-server is not built without librdkafka"
     )

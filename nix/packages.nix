@@ -31,13 +31,16 @@ let
     strictDeps = true;
     # librdkafka (the consumer's `kafka` feature) is built by rdkafka-sys with CMake, with
     # OpenSSL (perl runs its Configure), zlib and zstd from vendored sources: no system
-    # library is linked. ci/sandbox-build.sh rehearses this build without /usr/bin/env.
+    # library is linked. ci/sandbox-build.sh rehearses this build without /usr/bin/env,
+    # with the headers of the Debian packages that stand for these buildInputs.
     nativeBuildInputs = [
       pkgs.cmake
       pkgs.perl
     ];
-    # Rust programs link libiconv on Darwin.
-    buildInputs = lib.optionals isDarwin [ pkgs.libiconv ];
+    # curl for one header only: librdkafka 2.12's rdkafka_conf.c includes <curl/curl.h>
+    # under `#ifdef WITH_OAUTHBEARER_OIDC`, which its CMake config.h always defines (to 0
+    # without curl). libcurl itself is not linked. Rust programs link libiconv on Darwin.
+    buildInputs = [ pkgs.curl ] ++ lib.optionals isDarwin [ pkgs.libiconv ];
   };
 
   cargoArtifacts = craneLib.buildDepsOnly common;
