@@ -60,6 +60,7 @@ let
         genAttrs [
           "cmake"
           "perl"
+          "pkg-config"
           "curl"
           "libiconv"
           "cacert"
@@ -226,14 +227,16 @@ let
       "aarch64-linux"
     ]) "images-arm64 is not built for aarch64-linux")
     # librdkafka, OpenSSL, zlib and zstd come from vendored sources, built with cmake and
-    # perl; curl only for a header (ci/sandbox-build.sh's FJORD_SANDBOX_LIBS mirrors it).
+    # perl; curl only for a header. ci/sandbox-build.sh's PATH and FJORD_SANDBOX_LIBS
+    # mirror these lists: change both together.
     (expect (
       packages.fjord-consumer.args.nativeBuildInputs == [
         basePkgs.cmake
         basePkgs.perl
+        basePkgs.pkg-config
       ]
       && packages.fjord-consumer.args.buildInputs == [ basePkgs.curl ]
-    ) "the build inputs are not cmake and perl, and curl")
+    ) "the build inputs are not cmake, perl and pkg-config, and curl")
     (expect (hasInfix "--no-default-features --bin fjord-server" packages.fjord-server.args.cargoExtraArgs)
       "fjord-server is not built without librdkafka"
     )

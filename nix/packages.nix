@@ -32,10 +32,12 @@ let
     # librdkafka (the consumer's `kafka` feature) is built by rdkafka-sys with CMake, with
     # OpenSSL (perl runs its Configure), zlib and zstd from vendored sources: no system
     # library is linked. ci/sandbox-build.sh rehearses this build without /usr/bin/env,
-    # with the headers of the Debian packages that stand for these buildInputs.
+    # with the headers of the Debian packages that stand for these buildInputs, and these
+    # tools: pkg-config is kept so that librdkafka's CMake probes run as rehearsed there.
     nativeBuildInputs = [
       pkgs.cmake
       pkgs.perl
+      pkgs.pkg-config
     ];
     # curl for one header only: librdkafka 2.12's rdkafka_conf.c includes <curl/curl.h>
     # under `#ifdef WITH_OAUTHBEARER_OIDC`, which its CMake config.h always defines (to 0
