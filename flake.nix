@@ -11,7 +11,8 @@
   };
 
   # nix build .#images               result/fjord-server.tar.gz, result/fjord-consumer.tar.gz
-  # nix run .#deploy -- manifest.json  pushes those images and deploys them (see the README)
+  # nix run .#deploy -- manifest.json  pushes those images and deploys them (see the README);
+  #                                  also on macOS, with a Linux builder for the images
   # nix flake check                  clippy, unit tests, rustfmt, and every package
   # nix develop                      toolchain plus the services the tests start
   outputs =
@@ -23,46 +24,73 @@
       ...
     }:
     let
-      systems = [
+      linuxSystems = [
         "x86_64-linux"
         "aarch64-linux"
       ];
-      eachSystem =
-        f:
-        nixpkgs.lib.genAttrs systems (
-          system:
-          f (
-            import ./nix/packages.nix {
-              pkgs = nixpkgs.legacyPackages.${system}.extend rust-overlay.overlays.default;
-              inherit crane;
-              revision = self.rev or "dirty";
-            }
-          )
-        );
+      darwinSystems = [
+        "aarch64-darwin"
+        "x86_64-darwin"
+      ];
+      systems = linuxSystems ++ darwinSystems;
+      isLinux = system: builtins.elem system linuxSystems;
+      eachSystem = f: nixpkgs.lib.genAttrs systems (system: f system fjord.${system});
+
+      fjord = nixpkgs.lib.genAttrs systems (
+        system:
+        import ./nix/packages.nix {
+          pkgs = nixpkgs.legacyPackages.${system}.extend rust-overlay.overlays.default;
+          inherit crane;
+          revision = self.rev or "dirty";
+        }
+      );
+
+      # The images run on Linux, for the manifest's `deploy.architecture`. On a Mac they are
+      # built by a Linux builder (see the README); the deploy tool itself runs natively.
+      linuxFor = {
+        x86_64 = "x86_64-linux";
+        arm64 = "aarch64-linux";
+      };
+      # The architecture of this machine's CPU: what `images` and `deploy` use.
+      nativeArchitecture =
+        system: if builtins.substring 0 8 system == "aarch64-" then "arm64" else "x86_64";
+      linuxFjord = architecture: fjord.${linuxFor.${architecture}};
+      deployApp = fjordHere: architecture: {
+        type = "app";
+        program = "${fjordHere.deployWith (linuxFjord architecture).imageArchives}/bin/fjord-deploy";
+      };
     in
     {
-      packages = eachSystem (fjord: {
-        inherit (fjord)
-          fjord-server
-          fjord-consumer
-          fjord-deploy
-          fjord-healthcheck
-          images
-          ;
-        default = fjord.fjord-deploy;
-      });
+      packages = eachSystem (
+        system: fjordHere:
+        {
+          inherit (fjordHere) fjord-deploy;
+          default = fjordHere.fjord-deploy;
+          images = (linuxFjord (nativeArchitecture system)).images;
+          images-x86_64 = (linuxFjord "x86_64").images;
+          images-arm64 = (linuxFjord "arm64").images;
+        }
+        // nixpkgs.lib.optionalAttrs (isLinux system) {
+          inherit (fjordHere) fjord-server fjord-consumer fjord-healthcheck;
+        }
+      );
 
-      apps = eachSystem (fjord: {
-        deploy = {
-          type = "app";
-          program = "${fjord.deploy-with-images}/bin/fjord-deploy";
-        };
-      });
+      # nix run .#deploy         images for this machine's CPU architecture
+      # nix run .#deploy-arm64   images for `"architecture": "arm64"` (Graviton), and so on
+      apps = eachSystem (
+        system: fjordHere: {
+          deploy = deployApp fjordHere (nativeArchitecture system);
+          deploy-x86_64 = deployApp fjordHere "x86_64";
+          deploy-arm64 = deployApp fjordHere "arm64";
+        }
+      );
 
-      checks = eachSystem (fjord: fjord.checks);
+      checks = eachSystem (_: fjordHere: fjordHere.checks);
 
-      devShells = eachSystem (fjord: {
-        default = fjord.devShell;
-      });
+      devShells = eachSystem (
+        _: fjordHere: {
+          default = fjordHere.devShell;
+        }
+      );
     };
 }

@@ -4,8 +4,9 @@
 #   2. flake.lock pins exactly the revisions and hashes of shared/nix/pins.json, when
 #      that file is there (the steering copy of the real upstream locks);
 #   3. the flake's outputs evaluate, strictly, with stand-in inputs, to the expected
-#      structure (nix/eval-stub.nix: packages, apps.deploy, checks, devShells, and what
-#      the images are made of).
+#      structure (nix/eval-stub.nix: packages, the deploy apps of every system, Linux and
+#      Darwin, with the images of the right Linux, checks, devShells, the build inputs,
+#      and what the images are made of).
 # A real `nix build` needs the inputs and the cache: ci/release.sh does that where they
 # can be reached.
 set -euo pipefail

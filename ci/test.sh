@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: starts the real Kafka and Redis (installing what is missing), runs
-# formatting and lint checks, unit and integration tests, the deploy tool's tests against
-# moto and a registry, the Nix and workflow checks, and the JavaScript client's tests (unit
-# and in headless Chromium), then stops the services.
+# formatting and lint checks, unit and integration tests, the release build in a rehearsal
+# of the Nix build sandbox, the deploy tool's tests against moto and a registry, the Nix
+# and workflow checks, and the JavaScript client's tests (unit and in headless Chromium),
+# then stops the services.
 #   FJORD_CI_KEEP_SERVICES=1 ci/test.sh   leaves the services running for the next run
 #   ci/test.sh [cargo test arguments]     only the Rust tests, e.g. ci/test.sh --test pipeline
 set -euo pipefail
@@ -33,6 +34,9 @@ fi
 step "unit and integration tests"
 cargo test --locked "$@"
 [ $# -eq 0 ] || exit 0
+
+step "release binaries in a rehearsal of the Nix build sandbox (bubblewrap)"
+ci/sandbox-build.sh
 
 step "benchmark tool, tiny load (the real figures: ci/bench.sh, BENCHMARKS.md)"
 ci/bench.sh --tiny

@@ -10,10 +10,13 @@ let
   system = "x86_64-linux";
   rev = "0123456789abcdef0123456789abcdef01234567";
 
-  drv = name: args: {
+  # A stand-in derivation for one system; its path differs by name, system and script.
+  drv = system: name: args: {
     type = "derivation";
-    inherit name args;
-    outPath = "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
+    inherit name args system;
+    outPath = "/nix/store/${
+      builtins.substring 0 32 (builtins.hashString "sha256" "${system} ${name} ${args.script or ""}")
+    }-${name}";
   };
   genAttrs =
     names: f:
@@ -26,6 +29,8 @@ let
 
   lib = {
     inherit genAttrs;
+    optionals = cond: list: if cond then list else [ ];
+    optionalAttrs = cond: attrs: if cond then attrs else { };
     fileset = {
       unions = files: files;
       # Every file in the source set must exist.
@@ -38,54 +43,78 @@ let
     };
   };
 
-  pythonPackages = genAttrs [ "moto" "flask" "flask-cors" ] (name: drv name { });
-  basePkgs =
-    genAttrs [
-      "pkg-config"
-      "cmake"
-      "perl"
-      "openssl"
-      "zlib"
-      "cacert"
-      "makeWrapper"
-      "redis"
-      "jdk17_headless"
-      "maven"
-      "docker-distribution"
-      "actionlint"
-      "kcat"
-    ] (name: drv name { })
-    // {
-      inherit lib;
-      python3 = drv "python3" { } // {
-        withPackages = f: drv "python3-env" { packages = f pythonPackages; };
-      };
-      dockerTools.buildLayeredImage = args: drv "${args.name}.tar.gz" args;
-      runCommand =
-        name: env: script:
-        drv name { inherit env script; };
-      linkFarm = name: entries: drv name { inherit entries; };
-      extend =
-        overlay:
-        let
-          final = basePkgs // overlay final basePkgs;
-        in
-        final;
-    };
+  linuxSystems = [
+    "x86_64-linux"
+    "aarch64-linux"
+  ];
+  darwinSystems = [
+    "aarch64-darwin"
+    "x86_64-darwin"
+  ];
+  pkgsFor =
+    system:
+    let
+      drv' = drv system;
+      pythonPackages = genAttrs [ "moto" "flask" "flask-cors" ] (name: drv' name { });
+      basePkgs =
+        genAttrs [
+          "cmake"
+          "perl"
+          "pkg-config"
+          "curl"
+          "libiconv"
+          "cacert"
+          "makeWrapper"
+          "redis"
+          "jdk17_headless"
+          "maven"
+          "docker-distribution"
+          "actionlint"
+          "kcat"
+        ] (name: drv' name { })
+        // {
+          inherit lib;
+          stdenv.hostPlatform = {
+            inherit system;
+            isDarwin = builtins.elem system darwinSystems;
+          };
+          python3 = drv' "python3" { } // {
+            withPackages = f: drv' "python3-env" { packages = f pythonPackages; };
+          };
+          dockerTools.buildLayeredImage = args: drv' "${args.name}.tar.gz" args;
+          runCommand =
+            name: env: script:
+            drv' name { inherit env script; };
+          linkFarm = name: entries: drv' name { inherit entries; };
+          extend =
+            overlay:
+            let
+              final = basePkgs // overlay final basePkgs;
+            in
+            final;
+        };
+    in
+    basePkgs;
+  basePkgs = pkgsFor system;
 
-  mkCraneLib = pkgs: toolchain: {
-    overrideToolchain = f: mkCraneLib pkgs (f pkgs);
-    buildDepsOnly = args: drv "${args.pname}-deps" (args // { inherit toolchain; });
-    buildPackage = args: drv args.pname (args // { inherit toolchain; });
-    cargoClippy = args: drv "clippy" (args // { inherit toolchain; });
-    cargoTest = args: drv "tests" (args // { inherit toolchain; });
-    cargoFmt = args: drv "fmt" (args // { inherit toolchain; });
-    devShell = args: drv "devshell" (args // { inherit toolchain; });
-  };
+  mkCraneLib =
+    pkgs: toolchain:
+    let
+      drv' = drv pkgs.stdenv.hostPlatform.system;
+    in
+    {
+      overrideToolchain = f: mkCraneLib pkgs (f pkgs);
+      buildDepsOnly = args: drv' "${args.pname}-deps" (args // { inherit toolchain; });
+      buildPackage = args: drv' args.pname (args // { inherit toolchain; });
+      cargoClippy = args: drv' "clippy" (args // { inherit toolchain; });
+      cargoTest = args: drv' "tests" (args // { inherit toolchain; });
+      cargoFmt = args: drv' "fmt" (args // { inherit toolchain; });
+      devShell = args: drv' "devshell" (args // { inherit toolchain; });
+    };
 
   craneStub.mkLib = pkgs: mkCraneLib pkgs null;
   rustOverlay = final: prev: {
-    rust-bin.stable.latest.default = drv "rust-toolchain" { };
+    rust-bin.stable.latest.default = drv prev.stdenv.hostPlatform.system "rust-toolchain" { };
   };
 
   outputs = flake.outputs {
@@ -94,7 +123,7 @@ let
     };
     nixpkgs = {
       inherit lib;
-      legacyPackages = genAttrs [ "x86_64-linux" "aarch64-linux" ] (_: basePkgs);
+      legacyPackages = genAttrs (linuxSystems ++ darwinSystems) pkgsFor;
     };
     crane = craneStub;
     rust-overlay.overlays.default = rustOverlay;
@@ -108,12 +137,25 @@ let
   images = packages.images.args.entries;
   imageArgs = map (entry: entry.path.args) images;
   wrapper = builtins.head (builtins.match "/nix/store/[a-z0-9]{32}-(.*)/bin/fjord-deploy" program);
-  # The same packages the flake builds, to look inside the deploy app's wrapper.
-  fjord = import ./packages.nix {
-    pkgs = basePkgs.extend rustOverlay;
-    crane = craneStub;
-    revision = rev;
-  };
+  # The same packages the flake builds, to look inside the deploy app's wrappers.
+  fjordFor =
+    system:
+    import ./packages.nix {
+      pkgs = (pkgsFor system).extend rustOverlay;
+      crane = craneStub;
+      revision = rev;
+    };
+  wrapperFor = here: linux: (fjordFor here).deployWith (fjordFor linux).imageArchives;
+  # apps.${here}.${app} runs ${here}'s deploy tool with the images built for ${linux}.
+  deploysWith =
+    here: app: linux:
+    expect (
+      outputs.apps.${here}.${app}.program == "${wrapperFor here linux}/bin/fjord-deploy"
+    ) "apps.${here}.${app} does not deploy ${here}'s tool with ${linux}'s images";
+  imageSystems =
+    here: name: map (entry: entry.path.system) outputs.packages.${here}.${name}.args.entries;
+  darwin = "aarch64-darwin";
+  darwinDeploy = outputs.packages.${darwin}.fjord-deploy;
   expectations = [
     (expect (
       names packages == [
@@ -123,10 +165,25 @@ let
         "fjord-healthcheck"
         "fjord-server"
         "images"
+        "images-arm64"
+        "images-x86_64"
       ]
     ) "packages.${system} has ${toString (names packages)}")
+    (expect (builtins.all (apps: names apps == [
+      "deploy"
+      "deploy-arm64"
+      "deploy-x86_64"
+    ]) (builtins.attrValues outputs.apps)) "a system lacks apps.deploy, deploy-arm64 or deploy-x86_64")
     (expect (outputs.apps.${system}.deploy.type == "app") "apps.deploy is not an app")
     (expect (wrapper == "fjord-deploy-with-images") "apps.deploy runs ${program}")
+    (deploysWith system "deploy" "x86_64-linux")
+    (deploysWith system "deploy-arm64" "aarch64-linux")
+    (deploysWith "aarch64-linux" "deploy" "aarch64-linux")
+    (deploysWith "aarch64-linux" "deploy-x86_64" "x86_64-linux")
+    (deploysWith darwin "deploy" "aarch64-linux")
+    (deploysWith darwin "deploy-x86_64" "x86_64-linux")
+    (deploysWith "x86_64-darwin" "deploy" "x86_64-linux")
+    (deploysWith "x86_64-darwin" "deploy-arm64" "aarch64-linux")
     (expect (
       names outputs.checks.${system} == [
         "clippy"
@@ -140,9 +197,46 @@ let
     ) "checks has ${toString (names outputs.checks.${system})}")
     (expect (names outputs.devShells.${system} == [ "default" ]) "devShells has no default")
     (expect (names outputs.packages == [
+      "aarch64-darwin"
       "aarch64-linux"
+      "x86_64-darwin"
       "x86_64-linux"
     ]) "systems")
+    # On a Mac: the deploy tool built natively without librdkafka, the images for Linux.
+    (expect (
+      names outputs.packages.${darwin} == [
+        "default"
+        "fjord-deploy"
+        "images"
+        "images-arm64"
+        "images-x86_64"
+      ]
+    ) "packages.${darwin} has ${toString (names outputs.packages.${darwin})}")
+    (expect (names outputs.checks.${darwin} == [ "fjord-deploy" ]) "checks.${darwin} builds more than the deploy tool")
+    (expect (darwinDeploy.system == darwin) "the deploy tool on ${darwin} is built for ${darwinDeploy.system}")
+    (expect (
+      darwinDeploy.args.cargoArtifacts.args.cargoExtraArgs == "--locked -p fjord-deploy"
+    ) "the deploy tool on ${darwin} shares a dependency build that has librdkafka")
+    (expect (builtins.elem (pkgsFor darwin).libiconv darwinDeploy.args.buildInputs) "no libiconv on ${darwin}")
+    (expect (imageSystems darwin "images" == [
+      "aarch64-linux"
+      "aarch64-linux"
+    ]) "images on ${darwin} are not aarch64-linux's")
+    (expect (imageSystems system "images-arm64" == [
+      "aarch64-linux"
+      "aarch64-linux"
+    ]) "images-arm64 is not built for aarch64-linux")
+    # librdkafka, OpenSSL, zlib and zstd come from vendored sources, built with cmake and
+    # perl; curl only for a header. ci/sandbox-build.sh's PATH and FJORD_SANDBOX_LIBS
+    # mirror these lists: change both together.
+    (expect (
+      packages.fjord-consumer.args.nativeBuildInputs == [
+        basePkgs.cmake
+        basePkgs.perl
+        basePkgs.pkg-config
+      ]
+      && packages.fjord-consumer.args.buildInputs == [ basePkgs.curl ]
+    ) "the build inputs are not cmake, perl and pkg-config, and curl")
     (expect (hasInfix "--no-default-features --bin fjord-server" packages.fjord-server.args.cargoExtraArgs)
       "fjord-server is not built without librdkafka"
     )
@@ -169,7 +263,7 @@ let
       ) image.contents
     ) imageArgs) "an image has a shell")
     (expect (builtins.all (image: builtins.elem basePkgs.cacert image.contents) imageArgs) "an image lacks CA certificates")
-    (expect (hasInfix "--set-default FJORD_SERVER_IMAGE ${(builtins.head images).path}" fjord.deploy-with-images.args.script)
+    (expect (hasInfix "--set-default FJORD_SERVER_IMAGE ${(builtins.head images).path}" (wrapperFor system system).args.script)
       "the deploy app does not find the server image"
     )
   ];

@@ -1,6 +1,7 @@
 # The workspace built with crane: one dependency build shared by the packages and the
 # checks, a second one without the `kafka` feature for the server (which must not link
-# librdkafka), the images, the deploy tool wrapped to find them, and the dev shell.
+# librdkafka), the images, the deploy tool wrapped to find them, and the dev shell. On a
+# Mac only the deploy tool is built here; its images come from the Linux package set.
 {
   pkgs,
   crane,
@@ -8,6 +9,7 @@
 }:
 let
   inherit (pkgs) lib;
+  inherit (pkgs.stdenv.hostPlatform) isDarwin;
   craneLib = (crane.mkLib pkgs).overrideToolchain (p: p.rust-bin.stable.latest.default);
 
   src = lib.fileset.toSource {
@@ -27,17 +29,20 @@ let
     pname = "fjord";
     version = "0.1.0";
     strictDeps = true;
-    # librdkafka (the consumer's `kafka` feature) is built from source by rdkafka-sys.
+    # librdkafka (the consumer's `kafka` feature) is built by rdkafka-sys with CMake, with
+    # OpenSSL (perl runs its Configure), zlib and zstd from vendored sources: no system
+    # library is linked. ci/sandbox-build.sh rehearses this build without /usr/bin/env,
+    # with the headers of the Debian packages that stand for these buildInputs, and these
+    # tools: pkg-config is kept so that librdkafka's CMake probes run as rehearsed there.
     nativeBuildInputs = [
-      pkgs.pkg-config
       pkgs.cmake
       pkgs.perl
-      pkgs.python3
+      pkgs.pkg-config
     ];
-    buildInputs = [
-      pkgs.openssl
-      pkgs.zlib
-    ];
+    # curl for one header only: librdkafka 2.12's rdkafka_conf.c includes <curl/curl.h>
+    # under `#ifdef WITH_OAUTHBEARER_OIDC`, which its CMake config.h always defines (to 0
+    # without curl). libcurl itself is not linked. Rust programs link libiconv on Darwin.
+    buildInputs = [ pkgs.curl ] ++ lib.optionals isDarwin [ pkgs.libiconv ];
   };
 
   cargoArtifacts = craneLib.buildDepsOnly common;
@@ -48,6 +53,21 @@ let
       cargoExtraArgs = "--locked -p fjord --no-default-features";
     }
   );
+
+  # fjord-deploy needs the `fjord` library without librdkafka. On Linux it shares the
+  # workspace's dependency build; on a Mac, where nothing else is built, its own build
+  # keeps librdkafka and OpenSSL out.
+  deployArtifacts =
+    if isDarwin then
+      craneLib.buildDepsOnly (
+        common
+        // {
+          pname = "fjord-deploy";
+          cargoExtraArgs = "--locked -p fjord-deploy";
+        }
+      )
+    else
+      cargoArtifacts;
 
   binary =
     {
@@ -77,7 +97,7 @@ let
   };
   fjord-deploy = binary {
     pname = "fjord-deploy";
-    artifacts = cargoArtifacts;
+    artifacts = deployArtifacts;
     cargoExtraArgs = "--locked -p fjord-deploy";
   };
   fjord-healthcheck = binary {
@@ -96,7 +116,7 @@ let
       ;
   };
 
-  checks = {
+  linuxChecks = {
     inherit fjord-server fjord-consumer fjord-deploy;
     clippy = craneLib.cargoClippy (
       common
@@ -124,6 +144,8 @@ let
     );
     fmt = craneLib.cargoFmt { inherit src; };
   };
+  # On a Mac, `nix flake check` builds what runs there; the rest is checked on Linux.
+  checks = if isDarwin then { inherit fjord-deploy; } else linuxChecks;
 in
 {
   inherit
@@ -134,17 +156,22 @@ in
     checks
     ;
   images = images.both;
+  # The two archives, for deployWith.
+  imageArchives = {
+    inherit (images) server consumer;
+  };
 
-  # `nix run .#deploy`: the deploy tool, pointed at the images of the same revision
-  # unless FJORD_SERVER_IMAGE / FJORD_CONSUMER_IMAGE say otherwise.
-  deploy-with-images =
-    pkgs.runCommand "fjord-deploy-with-images" { nativeBuildInputs = [ pkgs.makeWrapper ]; }
-      ''
-        makeWrapper ${fjord-deploy}/bin/fjord-deploy $out/bin/fjord-deploy \
-          --set-default FJORD_SERVER_IMAGE ${images.server} \
-          --set-default FJORD_CONSUMER_IMAGE ${images.consumer} \
-          --set-default SSL_CERT_FILE ${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt
-      '';
+  # `nix run .#deploy`: this system's deploy tool, pointed at the given images (built for
+  # Linux, maybe by another machine) unless FJORD_SERVER_IMAGE / FJORD_CONSUMER_IMAGE say
+  # otherwise.
+  deployWith =
+    archives:
+    pkgs.runCommand "fjord-deploy-with-images" { nativeBuildInputs = [ pkgs.makeWrapper ]; } ''
+      makeWrapper ${fjord-deploy}/bin/fjord-deploy $out/bin/fjord-deploy \
+        --set-default FJORD_SERVER_IMAGE ${archives.server} \
+        --set-default FJORD_CONSUMER_IMAGE ${archives.consumer} \
+        --set-default SSL_CERT_FILE ${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt
+    '';
 
   devShell = craneLib.devShell {
     inherit checks;
