@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A rehearsal of the Nix build sandbox: builds the images' release binaries (fjord-server
-# without librdkafka, fjord-healthcheck, fjord-consumer) and fjord-deploy in a bubblewrap
+# without librdkafka, fjord-healthcheck, fjord-consumer), and on request fjord-deploy, in a bubblewrap
 # sandbox that has the properties of a Nix build which break builds elsewhere:
 #   - crates from `cargo vendor`, read-only, with CARGO_HOME pointing at them as crane does;
 #     `--offline --locked`, and no network at all (own network namespace);
@@ -23,7 +23,8 @@
 #                                  headers are kept in $FJORD_CI_STATE/sandbox, so that
 #                                  reruns are incremental
 #   FJORD_SANDBOX_JOBS=$(nproc)    cargo jobs (NIX_BUILD_CORES)
-#   FJORD_SANDBOX_DEPLOY=1         also build fjord-deploy (0 skips it)
+#   FJORD_SANDBOX_DEPLOY=0         1 also builds fjord-deploy (not in the images; the
+#                                  Nix job of ci.yml builds it for real; ~14 min more cold)
 #   FJORD_SANDBOX_LIBS=libcurl4-openssl-dev
 #                                  Debian -dev packages whose headers and pkg-config files
 #                                  stand for the flake's buildInputs (today pkgs.curl, for a
@@ -210,7 +211,7 @@ build "fjord-consumer, with librdkafka" -p fjord --bin fjord-consumer
 build "fjord-server, without librdkafka" -p fjord --no-default-features --bin fjord-server
 build "fjord-healthcheck" -p fjord-healthcheck
 binaries=(fjord-consumer fjord-server fjord-healthcheck)
-if [[ ${FJORD_SANDBOX_DEPLOY:-1} == 1 ]]; then
+if [[ ${FJORD_SANDBOX_DEPLOY:-0} == 1 ]]; then
     build "fjord-deploy" -p fjord-deploy
     binaries+=(fjord-deploy)
 fi
