@@ -10,86 +10,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use common::tls::{Certificates, make_certificates};
 use common::*;
 
 const KEY_ENV: &str = "FJORD_TEST_KAFKA_KEY";
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let output = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        output.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate `fjord-client`,
-/// all P-256, in `dir`.
-fn make_certificates(dir: &Path) {
-    let key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let request = |name: &str, subject: &str| {
-        let (key_file, csr) = (format!("{name}.key"), format!("{name}.csr"));
-        let mut args = vec!["req"];
-        args.extend(key);
-        args.extend(["-keyout", &key_file, "-out", &csr, "-subj", subject]);
-        openssl(dir, &args);
-    };
-    let sign = |name: &str, extensions: &[&str]| {
-        let (csr, pem) = (format!("{name}.csr"), format!("{name}.pem"));
-        let mut args = vec![
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-out",
-            &pem,
-        ];
-        args.extend(extensions);
-        openssl(dir, &args);
-    };
-    let mut args = vec!["req", "-x509"];
-    args.extend(key);
-    args.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=fjord-test-ca",
-    ]);
-    openssl(dir, &args);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    request("server", "/CN=localhost");
-    sign("server", &["-extfile", "server.ext"]);
-    request("client", "/CN=fjord-client");
-    sign("client", &[]);
-}
-
-fn read(dir: &Path, file: &str) -> String {
-    std::fs::read_to_string(dir.join(file)).unwrap()
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap()
 }
 
 /// `openssl s_server` on a free port, requiring a client certificate; killed when dropped.
@@ -100,21 +27,20 @@ struct TlsServer {
 }
 
 impl TlsServer {
-    async fn start(dir: &Path) -> Self {
+    async fn start(dir: &Path, certificates: &Certificates) -> Self {
         let port = free_port();
         let output = dir.join("s_server.out");
         let log = std::fs::File::create(&output).unwrap();
         let accept = format!("127.0.0.1:{port}");
         let child = Command::new("openssl")
-            .args([
-                "s_server",
-                "-accept",
-                &accept,
-                "-cert",
-                "server.pem",
-                "-key",
-            ])
-            .args(["server.key", "-CAfile", "ca.pem", "-Verify", "1"])
+            .args(["s_server", "-accept", &accept])
+            .arg("-cert")
+            .arg(&certificates.server_cert)
+            .arg("-key")
+            .arg(&certificates.server_key)
+            .arg("-CAfile")
+            .arg(&certificates.ca)
+            .args(["-Verify", "1"])
             .arg("-verify_return_error")
             .current_dir(dir)
             // s_server stops at the end of its input: keep it open.
@@ -163,19 +89,19 @@ fn manifest_with(port: u16, security: &serde_json::Value) -> serde_json::Value {
 #[tokio::test]
 async fn the_client_certificate_and_key_as_pem_text_complete_a_tls_handshake() {
     let dir = tempfile::tempdir().unwrap();
-    make_certificates(dir.path());
-    let server = TlsServer::start(dir.path()).await;
+    let certificates = make_certificates(dir.path(), Some("fjord-client"));
+    let server = TlsServer::start(dir.path(), &certificates).await;
     let manifest = manifest_with(
         server.port,
         &serde_json::json!({
             "protocol": "ssl",
-            "ca_pem": read(dir.path(), "ca.pem"),
-            "cert_pem": read(dir.path(), "client.pem"),
+            "ca_pem": read(&certificates.ca),
+            "cert_pem": read(certificates.client_cert.as_deref().unwrap()),
             "key_pem_env": KEY_ENV,
         }),
     );
     let (_manifest_dir, path) = write_manifest(&manifest);
-    let key = read(dir.path(), "client.key");
+    let key = read(certificates.client_key.as_deref().unwrap());
     let consumer = Process::consumer(&path, &[(KEY_ENV, &key)]);
     // The server accepted the client's certificate, which it sends only after it has
     // verified the server's against ca_pem.
@@ -189,11 +115,11 @@ async fn the_client_certificate_and_key_as_pem_text_complete_a_tls_handshake() {
 #[tokio::test]
 async fn a_key_that_is_not_pem_is_refused_with_its_variable() {
     let dir = tempfile::tempdir().unwrap();
-    make_certificates(dir.path());
+    let certificates = make_certificates(dir.path(), Some("fjord-client"));
     let security = serde_json::json!({
         "protocol": "ssl",
-        "ca_pem": read(dir.path(), "ca.pem"),
-        "cert_pem": read(dir.path(), "client.pem"),
+        "ca_pem": read(&certificates.ca),
+        "cert_pem": read(certificates.client_cert.as_deref().unwrap()),
         "key_pem_env": KEY_ENV,
     });
     let (_manifest_dir, path) = write_manifest(&manifest_with(free_port(), &security));
@@ -213,7 +139,7 @@ async fn a_key_that_is_not_pem_is_refused_with_its_variable() {
         ),
         // A real key that is not the certificate's.
         (
-            read(dir.path(), "server.key"),
+            read(&certificates.server_key),
             &["ssl.key.pem failed", "key values mismatch"],
         ),
     ];

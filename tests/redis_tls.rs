@@ -31,22 +31,29 @@ struct TlsRedis {
 impl TlsRedis {
     fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let ca_file = make_certificates(dir.path());
-        let file = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+        let certificates = tls::make_certificates(dir.path(), None);
+        let file = |path: &Path| path.to_string_lossy().into_owned();
         let port = free_port();
         let default_password = unique("default");
         let user_password = unique("user");
         let mut child = Command::new("redis-server")
             .args(["--port", "0", "--bind", "127.0.0.1"])
             .args(["--tls-port", &port.to_string()])
-            .args(["--tls-cert-file", &file("server.crt")])
-            .args(["--tls-key-file", &file("server.key")])
-            .args(["--tls-ca-cert-file", &file("ca.crt")])
+            .args(["--tls-cert-file", &file(&certificates.server_cert)])
+            .args(["--tls-key-file", &file(&certificates.server_key)])
+            .args(["--tls-ca-cert-file", &file(&certificates.ca)])
             .args(["--tls-auth-clients", "no"])
             .args(["--requirepass", &default_password])
             .args(["--user", USER, "on", &format!(">{user_password}")])
             .args(["~*", "&*", "+@all"])
-            .args(["--dir", &file(""), "--save", "", "--appendonly", "no"])
+            .args([
+                "--dir",
+                &file(dir.path()),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -74,7 +81,7 @@ impl TlsRedis {
         );
         Self {
             port,
-            ca_file,
+            ca_file: certificates.ca,
             default_password,
             user_password,
             child,
@@ -96,91 +103,6 @@ impl Drop for TlsRedis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Writes `ca.crt`, `server.crt` and `server.key` into `dir`: a CA, and a certificate it
-/// signed for `127.0.0.1` and `localhost`. Returns the CA's path.
-fn make_certificates(dir: &Path) -> PathBuf {
-    std::fs::write(
-        dir.join("openssl.cnf"),
-        "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = fjord test CA\n\
-         [ca]\nbasicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign, cRLSign\n\
-         subjectKeyIdentifier = hash\n\
-         [server]\nsubjectAltName = IP:127.0.0.1, DNS:localhost\n\
-         basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
-         extendedKeyUsage = serverAuth\nauthorityKeyIdentifier = keyid\n",
-    )
-    .expect("write openssl.cnf");
-    let openssl = |args: &[&str]| {
-        let output = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl (ci/services.sh installs it)");
-        assert!(
-            output.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    let key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &[
-                "req",
-                "-x509",
-                "-new",
-                "-config",
-                "openssl.cnf",
-                "-extensions",
-                "ca",
-            ][..],
-            &key,
-            &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2"],
-        ]
-        .concat(),
-    );
-    openssl(
-        &[
-            &[
-                "req",
-                "-new",
-                "-config",
-                "openssl.cnf",
-                "-subj",
-                "/CN=localhost",
-            ][..],
-            &key,
-            &["-keyout", "server.key", "-out", "server.csr"],
-        ]
-        .concat(),
-    );
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "openssl.cnf",
-        "-extensions",
-        "server",
-        "-out",
-        "server.crt",
-    ]);
-    dir.join("ca.crt")
 }
 
 /// A manifest for one endpoint on `redis`, as the ACL user.
@@ -329,7 +251,7 @@ async fn an_untrusted_certificate_or_a_plain_port_stops_the_process() {
 
     // Nor does another CA.
     let other = tempfile::tempdir().expect("temp dir");
-    let other_ca = make_certificates(other.path());
+    let other_ca = tls::make_certificates(other.path(), None).ca;
     let other_ca = other_ca.to_str().expect("utf-8 path");
     let log = failure_log(
         server,

@@ -7,6 +7,8 @@
 )]
 #![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
+pub mod tls;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
