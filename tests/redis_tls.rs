@@ -286,23 +286,28 @@ async fn an_untrusted_certificate_or_a_plain_port_stops_the_process() {
         "{log}"
     );
 
+    // The log of the failure with Redis at `url`, trusting the test CA.
+    let failure_at = async |url: String| {
+        let mut elsewhere = manifest.clone();
+        elsewhere["redis"]["url"] = url.into();
+        let (_dir, path) = write_manifest(&elsewhere);
+        failure_log(
+            server,
+            &path,
+            &[
+                ("SSL_CERT_FILE", redis.ca_file()),
+                (PASSWORD_ENV, redis.user_password.as_str()),
+            ],
+        )
+        .await
+    };
+
     // rediss:// to a port that speaks plain Redis.
-    let mut plain = manifest.clone();
     let plain_address = services
         .redis_url
         .strip_prefix("redis://")
         .expect("the test Redis URL is redis://");
-    plain["redis"]["url"] = format!("rediss://{plain_address}").into();
-    let (_dir, path) = write_manifest(&plain);
-    let log = failure_log(
-        server,
-        &path,
-        &[
-            ("SSL_CERT_FILE", redis.ca_file()),
-            (PASSWORD_ENV, redis.user_password.as_str()),
-        ],
-    )
-    .await;
+    let log = failure_at(format!("rediss://{plain_address}")).await;
     assert!(
         log.contains("this port speaks Redis without TLS: use redis://, or Redis's TLS port"),
         "{log}"
@@ -317,18 +322,7 @@ async fn an_untrusted_certificate_or_a_plain_port_stops_the_process() {
             let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
         }
     });
-    let mut elsewhere = manifest.clone();
-    elsewhere["redis"]["url"] = format!("rediss://{not_tls}").into();
-    let (_dir, path) = write_manifest(&elsewhere);
-    let log = failure_log(
-        server,
-        &path,
-        &[
-            ("SSL_CERT_FILE", redis.ca_file()),
-            (PASSWORD_ENV, redis.user_password.as_str()),
-        ],
-    )
-    .await;
+    let log = failure_at(format!("rediss://{not_tls}")).await;
     assert!(
         log.contains("the TLS handshake failed: is this Redis's TLS port?"),
         "{log}"
