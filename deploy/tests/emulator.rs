@@ -14,7 +14,10 @@ use std::process::{Command, Output};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_config::{BehaviorVersion, Region};
-use aws_sdk_applicationautoscaling::types::{ScalableDimension, ServiceNamespace};
+use aws_sdk_applicationautoscaling::types::{
+    ScalableDimension, ScalableTarget, ScalingPolicy, ServiceNamespace,
+};
+use aws_sdk_cloudwatchlogs::types::LogGroup;
 use aws_sdk_ecs::config::Credentials;
 use aws_sdk_ecs::types::TaskDefinitionField;
 use aws_sdk_elasticloadbalancingv2::types::{
@@ -420,6 +423,44 @@ impl Aws {
             .find(|s| s.status() == Some("ACTIVE"))
             .cloned()
     }
+
+    /// The scalable targets of the ECS service `resource` (`service/{cluster}/{name}`).
+    async fn scalable_targets(&self, resource: &str) -> Vec<ScalableTarget> {
+        let answer = self
+            .scaling
+            .describe_scalable_targets()
+            .service_namespace(ServiceNamespace::Ecs)
+            .resource_ids(resource)
+            .send()
+            .await
+            .unwrap();
+        answer.scalable_targets().to_vec()
+    }
+
+    /// The scaling policies of the ECS service `resource` (`service/{cluster}/{name}`).
+    async fn scaling_policies(&self, resource: &str) -> Vec<ScalingPolicy> {
+        let answer = self
+            .scaling
+            .describe_scaling_policies()
+            .service_namespace(ServiceNamespace::Ecs)
+            .resource_id(resource)
+            .send()
+            .await
+            .unwrap();
+        answer.scaling_policies().to_vec()
+    }
+
+    /// The log groups whose names start with `prefix`.
+    async fn log_groups(&self, prefix: &str) -> Vec<LogGroup> {
+        let answer = self
+            .logs
+            .describe_log_groups()
+            .log_group_name_prefix(prefix)
+            .send()
+            .await
+            .unwrap();
+        answer.log_groups().to_vec()
+    }
 }
 
 // ------------------------------------------------------------------------- a deploy
@@ -720,33 +761,15 @@ async fn full_deploy_then_a_second_run_changes_nothing() {
 
     // Autoscaling on CPU and on open connections per task.
     let resource = format!("service/{cluster}/{}", fixture.server());
-    let targets = aws
-        .scaling
-        .describe_scalable_targets()
-        .service_namespace(ServiceNamespace::Ecs)
-        .resource_ids(&resource)
-        .send()
-        .await
-        .unwrap();
-    let target = &targets.scalable_targets()[0];
+    let targets = aws.scalable_targets(&resource).await;
+    let target = &targets[0];
     assert_eq!((target.min_capacity(), target.max_capacity()), (2, 20));
     assert_eq!(
         target.scalable_dimension(),
         &ScalableDimension::EcsServiceDesiredCount
     );
-    let policies = aws
-        .scaling
-        .describe_scaling_policies()
-        .service_namespace(ServiceNamespace::Ecs)
-        .resource_id(&resource)
-        .send()
-        .await
-        .unwrap();
-    let mut names: Vec<&str> = policies
-        .scaling_policies()
-        .iter()
-        .map(|p| p.policy_name())
-        .collect();
+    let policies = aws.scaling_policies(&resource).await;
+    let mut names: Vec<&str> = policies.iter().map(|p| p.policy_name()).collect();
     names.sort_unstable();
     assert_eq!(
         names,
@@ -755,14 +778,7 @@ async fn full_deploy_then_a_second_run_changes_nothing() {
             format!("{}-cpu", fixture.server())
         ]
     );
-    let groups = aws
-        .logs
-        .describe_log_groups()
-        .log_group_name_prefix(format!("/ecs/{name}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(groups.log_groups().len(), 1);
+    assert_eq!(aws.log_groups(&format!("/ecs/{name}")).await.len(), 1);
 
     // The same again: nothing changes.
     let run = fixture.deploy(&aws, &["--no-wait"]).succeeded();
@@ -879,14 +895,7 @@ async fn dry_run_changes_nothing() {
         .await
         .unwrap();
     assert!(targets.scalable_targets().is_empty());
-    let groups = aws
-        .logs
-        .describe_log_groups()
-        .log_group_name_prefix(format!("/ecs/{name}"))
-        .send()
-        .await
-        .unwrap();
-    assert!(groups.log_groups().is_empty());
+    assert!(aws.log_groups(&format!("/ecs/{name}")).await.is_empty());
 }
 
 #[tokio::test]
@@ -1497,41 +1506,11 @@ async fn destroy_removes_what_deploys_made_and_spares_the_rest() {
     fixture.deploy(&aws, &["--no-wait"]).succeeded();
     let handmade = handmade_service(&aws, &fixture).await;
     let resource = format!("service/{cluster}/{}", fixture.server());
-    let scaling = |aws: &Aws| {
-        let (scaling, resource) = (aws.scaling.clone(), resource.clone());
-        async move {
-            let targets = scaling
-                .describe_scalable_targets()
-                .service_namespace(ServiceNamespace::Ecs)
-                .resource_ids(&resource)
-                .send()
-                .await
-                .unwrap();
-            let policies = scaling
-                .describe_scaling_policies()
-                .service_namespace(ServiceNamespace::Ecs)
-                .resource_id(&resource)
-                .send()
-                .await
-                .unwrap();
-            (
-                targets.scalable_targets().len(),
-                policies.scaling_policies().len(),
-            )
-        }
+    let scaling = async |aws: &Aws| {
+        let targets = aws.scalable_targets(&resource).await;
+        (targets.len(), aws.scaling_policies(&resource).await.len())
     };
-    let log_groups = |aws: &Aws| {
-        let (logs, prefix) = (aws.logs.clone(), format!("/ecs/{name}"));
-        async move {
-            let groups = logs
-                .describe_log_groups()
-                .log_group_name_prefix(prefix)
-                .send()
-                .await
-                .unwrap();
-            groups.log_groups().len()
-        }
-    };
+    let log_groups = async |aws: &Aws| aws.log_groups(&format!("/ecs/{name}")).await.len();
     assert_eq!(scaling(&aws).await, (1, 2));
 
     // The dry run lists it all and removes nothing.
