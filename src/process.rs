@@ -1,5 +1,6 @@
-//! Process plumbing the binaries share: structured logging to stderr and the shutdown
-//! signal (SIGTERM from ECS, Ctrl-C at a terminal).
+//! Process plumbing the binaries share: structured logging to stderr, a throttle that keeps
+//! repeated warnings from flooding it, and the shutdown signal (SIGTERM from ECS, Ctrl-C at a
+//! terminal).
 
 use std::io::IsTerminal as _;
 
@@ -42,5 +43,75 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Lets a repeated warning through at most once per interval, so a flood (failed accepts,
+/// refused origins, invalid bus entries) cannot fill the log; each line that passes tells how
+/// many were held back since the last one.
+#[derive(Debug)]
+pub struct LogThrottle {
+    interval: std::time::Duration,
+    state: std::sync::Mutex<ThrottleState>,
+}
+
+#[derive(Debug, Default)]
+struct ThrottleState {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    /// At most one line per `interval`.
+    pub const fn new(interval: std::time::Duration) -> Self {
+        Self {
+            interval,
+            state: std::sync::Mutex::new(ThrottleState {
+                last: None,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// `Some(n)` when this occurrence should be logged, `n` being how many were held back
+    /// since the last logged one; `None` when it should be counted and dropped.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(std::time::Instant::now())
+    }
+
+    fn admit_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match state.last {
+            Some(last) if now.saturating_duration_since(last) < self.interval => {
+                state.suppressed += 1;
+                None
+            }
+            _ => {
+                state.last = Some(now);
+                Some(std::mem::take(&mut state.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::LogThrottle;
+
+    #[test]
+    fn a_flood_is_logged_once_per_interval_with_the_count_held_back() {
+        let throttle = LogThrottle::new(Duration::from_secs(10));
+        let start = Instant::now();
+        assert_eq!(throttle.admit_at(start), Some(0));
+        for i in 1..=99 {
+            assert_eq!(throttle.admit_at(start + Duration::from_millis(i)), None);
+        }
+        assert_eq!(throttle.admit_at(start + Duration::from_secs(10)), Some(99));
+        assert_eq!(throttle.admit_at(start + Duration::from_secs(11)), None);
     }
 }
