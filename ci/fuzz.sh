@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Fuzzes every parser that takes outside input, on stable Rust: the `fuzz_*` property tests
+# (proptest) in the library, run with many more cases than the ordinary test run gives them.
+# Each one feeds arbitrary bytes and near-valid shapes to a parser (request head, query,
+# Last-Event-ID, tokens, JWKS, bus entries, envelopes, key filters) and requires a clear
+# error or a valid result, never a panic. A failing input is shrunk and written to
+# `proptest-regressions/`, which is checked in: every later run replays it first.
+#   FJORD_FUZZ_CASES    cases per target (default 20000; the ordinary `cargo test` runs 256)
+#   FJORD_FUZZ_SECONDS  the whole run's time bound (default 600); exceeding it fails the run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cases="${FJORD_FUZZ_CASES:-20000}"
+seconds="${FJORD_FUZZ_SECONDS:-600}"
+
+# Built first, so the time bound measures fuzzing, not compiling.
+cargo test --locked --lib --no-run
+started=$(date +%s)
+status=0
+PROPTEST_CASES="$cases" timeout --foreground "$seconds" \
+  cargo test --locked --lib -- fuzz_ || status=$?
+elapsed=$(( $(date +%s) - started ))
+if [ "$status" -eq 124 ]; then
+  echo "fuzz: not finished within ${seconds} s (FJORD_FUZZ_CASES=${cases}); lower the cases or raise the bound" >&2
+  exit 1
+fi
+[ "$status" -eq 0 ] || exit "$status"
+targets=$(grep -rhoE 'fn fuzz_[a-z0-9_]+' src | sort -u | wc -l)
+echo "fuzz: ${targets} targets × ${cases} cases in ${elapsed} s"
