@@ -46,6 +46,26 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Ends a binary that failed: one line on stderr naming the error and each of its causes,
+/// `error: connecting to redis: Connection refused` (the alternate form of the binaries'
+/// `anyhow` errors), and exit status 1. A user who needs more asks for it: `verbose` prints
+/// the debug form, with the causes and any backtrace the error carries.
+pub fn exit_with(
+    error: &(impl std::fmt::Display + std::fmt::Debug),
+    verbose: bool,
+) -> std::process::ExitCode {
+    #[allow(
+        clippy::print_stderr,
+        reason = "the failure is the command's last output"
+    )]
+    if verbose {
+        eprintln!("error: {error:?}");
+    } else {
+        eprintln!("error: {error:#}");
+    }
+    std::process::ExitCode::FAILURE
+}
+
 /// Lets a repeated warning through at most once per interval, so a flood (failed accepts,
 /// refused origins, invalid bus entries) cannot fill the log; each line that passes tells how
 /// many were held back since the last one.

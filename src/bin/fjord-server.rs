@@ -1,6 +1,7 @@
 //! `fjord-server`: streams the bus to clients over Server-Sent Events.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -19,12 +20,22 @@ struct Args {
     /// The manifest (`FJORD_MANIFEST_JSON`, when set, holds the manifest itself instead).
     #[arg(long, env = "FJORD_MANIFEST", default_value = "manifest.json")]
     manifest: PathBuf,
+    /// On failure, print the error's full chain and backtrace, not one line.
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
     fjord::process::init_logging();
+    match run(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fjord::process::exit_with(&error, args.verbose),
+    }
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
     let manifest = Manifest::load_from_env_or(&args.manifest)?;
     let bus = fjord::bus::connect_redis(&manifest.redis)
         .await

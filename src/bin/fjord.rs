@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fjord::config::Manifest;
@@ -13,6 +14,9 @@ use fjord::dev::{DevOptions, DevRedis};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// On failure, print the error's full chain and backtrace, not one line.
+    #[arg(long, global = true)]
+    verbose: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,10 +94,27 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     fjord::process::init_logging();
-    match cli.command {
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fjord::process::exit_with(&error, cli.verbose),
+    }
+}
+
+/// Prints a command's result, which is its output (not a log line).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        #[allow(clippy::print_stdout, reason = "a command's result is its output")]
+        {
+            println!($($arg)*);
+        }
+    }};
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Dev {
             port,
             host,
@@ -119,13 +140,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Setup { dir } => {
             let outcome = fjord::setup::setup(&dir)?;
             for path in &outcome.written {
-                tracing::info!(path = %path.display(), "wrote");
+                say!("wrote {}", path.display());
             }
             for path in &outcome.kept {
-                tracing::info!(path = %path.display(), "exists; left as it was");
+                say!("kept  {} (it exists; left as it was)", path.display());
             }
-            tracing::info!(
-                "next: fjord token --endpoint orders   (keep fjord-private.pem secret; servers need only fjord-public.pem)"
+            say!(
+                "\nnext: fjord token --endpoint orders\nKeep fjord-private.pem secret; servers need only the public key, which is in the manifest."
             );
         }
         Command::Token {
@@ -148,22 +169,14 @@ async fn main() -> anyhow::Result<()> {
                 key_id: Some(key_id),
             };
             let token = fjord::setup::mint(&private_key, &request)?;
-            #[allow(clippy::print_stdout, reason = "the token is the command's output")]
-            {
-                println!("{token}");
-            }
+            say!("{token}");
         }
         Command::Check { manifest } => {
             Manifest::load(&manifest)?;
-            tracing::info!(manifest = %manifest.display(), "manifest is valid");
+            say!("{} is valid", manifest.display());
         }
         Command::Bench { command } => fjord::bench::run(command).await?,
-        Command::Schema => {
-            #[allow(clippy::print_stdout, reason = "the schema is the command's output")]
-            {
-                println!("{}", fjord::config::SCHEMA);
-            }
-        }
+        Command::Schema => say!("{}", fjord::config::SCHEMA),
     }
     Ok(())
 }
