@@ -159,6 +159,41 @@ async fn setup_refuses_to_overwrite_its_keys() {
     );
 }
 
+#[test]
+fn cli_results_are_plain_output_and_a_failure_is_one_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let setup = fjord(&["setup"], dir.path());
+    let said = String::from_utf8_lossy(&setup.stdout);
+    assert!(
+        said.contains("wrote ") && said.contains("manifest.json"),
+        "{said}"
+    );
+    let check = fjord(&["check", "manifest.json"], dir.path());
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout),
+        "manifest.json is valid\n"
+    );
+
+    std::fs::write(dir.path().join("broken.json"), "{").expect("write");
+    let broken = Command::new(env!("CARGO_BIN_EXE_fjord"))
+        .args(["check", "broken.json"])
+        .current_dir(dir.path())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("fjord runs");
+    assert_eq!(broken.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: broken.json"), "{stderr}");
+    let verbose = Command::new(env!("CARGO_BIN_EXE_fjord"))
+        .args(["check", "broken.json", "--verbose"])
+        .current_dir(dir.path())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("fjord runs");
+    assert!(String::from_utf8_lossy(&verbose.stderr).contains("backtrace"));
+}
+
 #[tokio::test]
 async fn bad_tokens_are_refused_with_their_reason_and_never_logged() {
     let server = start(|_| {}).await;
