@@ -453,9 +453,42 @@ mod tests {
         }
     }
 
+    /// The validator's error for a mistake of form (an unknown field, a wrong type, a missing
+    /// section), which the schema must refuse as well, so an editor flags it too.
+    fn structural_error_of(value: &serde_json::Value) -> String {
+        assert!(
+            !schema_errors(value).is_empty(),
+            "the schema accepts {value}"
+        );
+        error_of(value)
+    }
+
+    /// Where the shipped JSON Schema refuses `value`, each as `path: message`.
+    fn schema_errors(value: &serde_json::Value) -> Vec<String> {
+        let schema: serde_json::Value = serde_json::from_str(super::super::SCHEMA).expect("JSON");
+        let validator = jsonschema::validator_for(&schema).expect("a valid JSON Schema");
+        validator
+            .iter_errors(value)
+            .map(|error| format!("{}: {error}", error.instance_path()))
+            .collect()
+    }
+
+    /// Parses a manifest the validator must accept, and requires the schema to accept it
+    /// too: the schema describes every field the validator takes, so editors never flag a
+    /// manifest Fjord runs with.
+    fn accepted(value: &serde_json::Value) -> Manifest {
+        let manifest = Manifest::parse(&value.to_string()).expect("a valid manifest");
+        let refused = schema_errors(value);
+        assert!(
+            refused.is_empty(),
+            "the validator accepts {value} but the schema refuses it: {refused:?}"
+        );
+        manifest
+    }
+
     #[test]
     fn minimal_manifest_gets_defaults() {
-        let manifest = Manifest::parse(&minimal().to_string()).expect("valid");
+        let manifest = accepted(&minimal());
         assert_eq!(manifest.server.port, 8080);
         assert_eq!(manifest.server.heartbeat_secs, 15);
         assert_eq!(manifest.redis.key_prefix, "fjord");
@@ -471,14 +504,139 @@ mod tests {
 
     #[test]
     fn shipped_example_is_valid() {
-        Manifest::parse(EXAMPLE).expect("the example manifest is valid");
+        accepted(&serde_json::from_str(EXAMPLE).expect("JSON"));
+    }
+
+    /// The property names the schema allows for the object at `path` of an instance: the
+    /// union over every branch (`oneOf`, `anyOf`, `allOf`) and `$ref` that applies there.
+    fn schema_fields_at(
+        root: &serde_json::Value,
+        node: &serde_json::Value,
+        path: &[String],
+    ) -> std::collections::BTreeSet<String> {
+        let node = match node.get("$ref").and_then(serde_json::Value::as_str) {
+            Some(reference) => {
+                let name = reference.trim_start_matches("#/$defs/");
+                &root["$defs"][name]
+            }
+            None => node,
+        };
+        let mut fields = std::collections::BTreeSet::new();
+        for branch in ["oneOf", "anyOf", "allOf"] {
+            for sub in node
+                .get(branch)
+                .and_then(serde_json::Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                fields.extend(schema_fields_at(root, sub, path));
+            }
+        }
+        match path.split_first() {
+            None => fields.extend(
+                node.get("properties")
+                    .and_then(serde_json::Value::as_object)
+                    .into_iter()
+                    .flat_map(|properties| properties.keys().cloned()),
+            ),
+            Some((step, rest)) => {
+                let next = node["properties"]
+                    .get(step)
+                    .or_else(|| node.get("items").filter(|_| step.parse::<usize>().is_ok()))
+                    .or_else(|| node.get("additionalProperties").filter(|a| a.is_object()));
+                if let Some(next) = next {
+                    fields.extend(schema_fields_at(root, next, rest));
+                }
+            }
+        }
+        fields
+    }
+
+    /// Every object of `value` with its path (object keys and array indexes).
+    fn objects_of(value: &serde_json::Value, path: &mut Vec<String>, found: &mut Vec<Vec<String>>) {
+        match value {
+            serde_json::Value::Object(object) => {
+                found.push(path.clone());
+                for (key, child) in object {
+                    path.push(key.clone());
+                    objects_of(child, path, found);
+                    path.pop();
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (index, child) in items.iter().enumerate() {
+                    path.push(index.to_string());
+                    objects_of(child, path, found);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The schema names every field the validator takes. For each object of manifests that
+    /// use every section and variant, an unknown field makes the validator list the fields
+    /// it expects there (serde's `deny_unknown_fields`), and each of them must be a property
+    /// of the schema at that path. A field added to the config structs without its schema
+    /// entry fails here, provided a manifest below uses the object that holds it.
+    #[test]
+    fn the_schema_describes_every_field_the_validator_takes() {
+        let root: serde_json::Value = serde_json::from_str(super::super::SCHEMA).expect("JSON");
+        let example: serde_json::Value = serde_json::from_str(EXAMPLE).expect("JSON");
+        let mut manifests = vec![example.clone()];
+        let mut jwt = example.clone();
+        jwt["auth"] = serde_json::json!({
+            "mode": "jwt", "algorithms": ["EdDSA"], "keys": [{"kid": "a", "pem": "x"}],
+            "jwks_url": "https://id.example/jwks", "hs256_secret_env": "S", "issuer": "i",
+            "audience": "a", "leeway_secs": 5, "token_cookie": "t", "allow_query_token": false
+        });
+        manifests.push(jwt);
+        let mut ssl = example;
+        ssl["kafka"]["security"] = serde_json::json!({
+            "protocol": "ssl", "ca_pem": "x", "cert_pem": "x", "key_pem_env": "K",
+            "key_password_env": "P"
+        });
+        manifests.push(ssl);
+        let mut undescribed = std::collections::BTreeSet::new();
+        for manifest in &manifests {
+            let mut objects = Vec::new();
+            objects_of(manifest, &mut Vec::new(), &mut objects);
+            for path in objects {
+                let mut probe = manifest.clone();
+                let target = path.iter().fold(&mut probe, |value, step| match value {
+                    serde_json::Value::Array(items) => {
+                        &mut items[step.parse::<usize>().expect("index")]
+                    }
+                    other => &mut other[step.as_str()],
+                });
+                target["__probe"] = serde_json::json!(1);
+                let Err(error) = Manifest::parse(&probe.to_string()) else {
+                    continue;
+                };
+                let error = error.to_string();
+                let Some((_, expected)) = error.split_once("unknown field `__probe`") else {
+                    continue;
+                };
+                let schema_fields = schema_fields_at(&root, &root, &path);
+                for field in expected.split('`').skip(1).step_by(2) {
+                    if !schema_fields.contains(field) {
+                        let at: String = path.iter().map(|step| format!(".{step}")).collect();
+                        undescribed.insert(format!("${at}.{field}"));
+                    }
+                }
+            }
+        }
+        assert!(
+            undescribed.is_empty(),
+            "fields the validator takes but the schema lacks: {undescribed:?}"
+        );
     }
 
     #[test]
     fn unknown_field_names_its_path() {
         let mut value = minimal();
         value["endpoints"]["orders"]["topicz"] = serde_json::json!(["x"]);
-        let error = error_of(&value);
+        let error = structural_error_of(&value);
         assert!(error.starts_with("$.endpoints.orders"), "{error}");
         assert!(error.contains("topicz"), "{error}");
     }
@@ -487,16 +645,16 @@ mod tests {
     fn wrong_type_names_its_path() {
         let mut value = minimal();
         value["server"] = serde_json::json!({"port": "eighty"});
-        assert!(error_of(&value).starts_with("$.server.port"));
+        assert!(structural_error_of(&value).starts_with("$.server.port"));
         value["server"] = serde_json::json!({"port": 70000});
-        assert!(error_of(&value).starts_with("$.server.port"));
+        assert!(structural_error_of(&value).starts_with("$.server.port"));
     }
 
     #[test]
     fn missing_section_is_named() {
         let mut value = minimal();
         value.as_object_mut().expect("object").remove("auth");
-        assert!(error_of(&value).contains("auth"));
+        assert!(structural_error_of(&value).contains("auth"));
     }
 
     #[test]
@@ -711,7 +869,7 @@ mod tests {
         value["kafka"]["security"] = serde_json::json!({
             "protocol": "ssl", "ca_pem": CERT, "cert_pem": CERT, "key_pem_env": "KEY", "key_password_env": "PASS"
         });
-        Manifest::parse(&value.to_string()).expect("PEM text and a key from the environment");
+        accepted(&value);
     }
 
     /// A manifest that names every secret it can, in `security`'s Kafka variant.
@@ -722,7 +880,7 @@ mod tests {
         value["auth"] = serde_json::json!({
             "mode": "jwt", "algorithms": ["HS256"], "hs256_secret_env": "HS256_SECRET"
         });
-        Manifest::parse(&value.to_string()).expect("valid")
+        accepted(&value)
     }
 
     #[test]
@@ -804,7 +962,7 @@ mod tests {
             "mode": "jwt", "algorithms": ["EdDSA"],
             "keys": [{"pem": "x"}, {"kid": "b", "pem_file": "keys/b.pem"}]
         });
-        let manifest = Manifest::parse(&value.to_string()).expect("valid");
+        let manifest = accepted(&value);
         let listed: Vec<(String, String, &str)> = manifest
             .file_settings()
             .into_iter()
@@ -833,12 +991,7 @@ mod tests {
                 ("$.auth.keys[1].pem_file".into(), "keys/b.pem".into(), "pem"),
             ]
         );
-        assert!(
-            Manifest::parse(&minimal().to_string())
-                .expect("valid")
-                .file_settings()
-                .is_empty()
-        );
+        assert!(accepted(&minimal()).file_settings().is_empty());
     }
 
     #[test]
@@ -849,7 +1002,7 @@ mod tests {
             "username": "fjord",
             "password_env": "FJORD_REDIS_PASSWORD"
         });
-        let manifest = Manifest::parse(&value.to_string()).expect("valid");
+        let manifest = accepted(&value);
         assert_eq!(manifest.redis.username.as_deref(), Some("fjord"));
         assert_eq!(
             manifest.redis.password_env.as_ref().map(|s| s.env_name()),
