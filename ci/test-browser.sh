@@ -39,9 +39,8 @@ if [ "$stale" = 1 ]; then
 fi
 
 cd client
-step "client: npm ci and build"
+step "client: npm ci (its prepare builds dist/)"
 npm ci --prefer-offline --no-audit --no-fund
-npm run build
 
 step "client: browser tests"
 npm run test:browser
