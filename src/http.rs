@@ -515,7 +515,12 @@ mod tests {
                 Some("1-0"),
                 "bad_last_event_id",
             ),
-            (Some("orders"), "key=%FF%FE", Some("1-0_2-0"), "bad_query"),
+            (
+                Some("orders"),
+                "key=%FF%FE",
+                Some("1-0_2-0"),
+                "bad_last_event_id",
+            ),
         ];
         for (path, query, header, code) in cases {
             let error = parse_stream_request(&hub(), *path, query, *header).expect_err("refused");
