@@ -4,7 +4,7 @@
 // it: both `require` and `import` of "@fjord/client" give `connect`. ci/test-client.sh runs it
 // after `npm ci` (a folder install uses this folder's dev dependencies).
 import { execFileSync } from "node:child_process";
-import { cpSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -31,10 +31,9 @@ try {
   // Without dist/, so that only `prepare` can have built it.
   rmSync(join(client, "dist"), { recursive: true, force: true });
   app("from-folder", client);
-  // A repository of the client's files as they are checked in (or would be): no dist/, no node_modules/.
+  // A repository of the client's sources: no dist/, no node_modules/.
   const repo = join(work, "repo");
-  const files = git(client, "ls-files", "-co", "--exclude-standard", ".").toString().split("\n").filter((f) => f !== "" && existsSync(join(client, f)));
-  for (const file of files) cpSync(join(client, file), join(repo, file));
+  cpSync(client, repo, { recursive: true, filter: (path) => !/[/\\](node_modules|dist)$/.test(path) });
   git(repo, "init", "-q");
   git(repo, "add", "-A");
   git(repo, "commit", "-qm", "client");
