@@ -2,9 +2,11 @@
 # End-to-end tests of the JavaScript client in headless Chromium (client/e2e): a page on
 # another origin streams from the real fjord-server and fjord-consumer through the Kafka and
 # Redis of `ci/services.sh up` (run that first), across a server kill, a drain, expiring and
-# refused tokens; and the demo page of `fjord dev` shows orders and drivers.
+# refused tokens, an origin the server does not allow (cors) and no server (network), a stale
+# saved id, and `online`/visibility waking a grown backoff; and the demo page of `fjord dev`
+# shows orders and drivers.
 # Installs Debian chromium when missing, builds the Rust binaries when they are missing or
-# older than src/, runs `npm ci` and the build in client/. Exits non-zero on failure.
+# older than src/, runs `npm ci` in client/ (its prepare builds). Exits non-zero on failure.
 #   FJORD_E2E_SCREENSHOTS=DIR  keep a screenshot of the demo page
 #   FJORD_E2E_KEEP=1           keep the temporary dirs (logs, manifest, keys)
 set -euo pipefail
@@ -39,9 +41,8 @@ if [ "$stale" = 1 ]; then
 fi
 
 cd client
-step "client: npm ci and build"
+step "client: npm ci (its prepare builds dist/)"
 npm ci --prefer-offline --no-audit --no-fund
-npm run build
 
 step "client: browser tests"
 npm run test:browser

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The JavaScript client (client/, @fjord/client): installs its locked dev dependencies
-# (npm ci, from the ~/.npm cache when it has them), builds dist/ with tsc and esbuild, and
-# runs the type check and the vitest suite, and checks that src/dev/fjord-client.js (the
-# bundle that `fjord dev` embeds) matches the fresh build. Needs Node 20+ and npm; exits
-# non-zero on failure. The browser tests are ci/test-browser.sh.
+# (npm ci, from the ~/.npm cache when it has them; its `prepare` builds dist/), runs the
+# build, the type check and the vitest suite (with `require` and `import` of the built package
+# and its size budget), checks that src/dev/fjord-client.js (the bundle that `fjord dev`
+# embeds) matches the fresh build, and installs the package from its folder and from a git
+# repository into throwaway apps. Needs Node 20+, npm and git; exits non-zero on failure. The
+# browser tests are ci/test-browser.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../client"
 
@@ -19,11 +21,11 @@ fi
 step "client: npm ci"
 npm ci --prefer-offline --no-audit --no-fund
 
-step "client: build"
-npm run build
-
-step "client: type check and tests"
+step "client: build, type check and tests"
 npm test
 
 step "client: the bundle fjord dev embeds is fresh"
 npm run --silent check:demo
+
+step "client: installs from a folder and from git build it (prepare)"
+npm run --silent check:install

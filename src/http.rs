@@ -71,6 +71,12 @@ impl ApiError {
         }
     }
 
+    /// A resume id that does not fit this stream: a code of its own, so that a client can
+    /// drop a stale saved id and continue live.
+    fn bad_last_event_id(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_last_event_id", message)
+    }
+
     fn unknown_endpoint(name: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
@@ -233,7 +239,7 @@ pub fn parse_stream_request(
         .filter(|id| !id.is_empty())
         .map(|id| ResumeId::parse(id, endpoints.len()))
         .transpose()
-        .map_err(|error| ApiError::bad_query(error.to_string()))?;
+        .map_err(|error| ApiError::bad_last_event_id(error.to_string()))?;
     Ok(StreamRequest {
         interest: Interest { endpoints, keys },
         resume,
@@ -265,7 +271,7 @@ pub async fn open_stream(
     let last_event_id = headers.get("last-event-id").map(|value| {
         value
             .to_str()
-            .map_err(|_| ApiError::bad_query("Last-Event-ID is not ASCII"))
+            .map_err(|_| ApiError::bad_last_event_id("Last-Event-ID is not ASCII"))
     });
     let last_event_id = last_event_id.transpose()?;
     let mut request = parse_stream_request(hub, path_endpoint, query, last_event_id)?;
@@ -502,14 +508,19 @@ mod tests {
             (None, "", None, "bad_query"),
             (Some("orders"), "endpoint=orders", None, "bad_query"),
             (Some("orders"), "colour=red", None, "bad_query"),
-            (Some("orders"), "", Some("yesterday"), "bad_query"),
+            (Some("orders"), "", Some("yesterday"), "bad_last_event_id"),
             (
                 None,
                 "endpoint=orders&endpoint=drivers",
                 Some("1-0"),
-                "bad_query",
+                "bad_last_event_id",
             ),
-            (Some("orders"), "key=%FF%FE", Some("1-0_2-0"), "bad_query"),
+            (
+                Some("orders"),
+                "key=%FF%FE",
+                Some("1-0_2-0"),
+                "bad_last_event_id",
+            ),
         ];
         for (path, query, header, code) in cases {
             let error = parse_stream_request(&hub(), *path, query, *header).expect_err("refused");

@@ -152,7 +152,10 @@ async fn bad_requests_get_json_errors_with_the_fitting_status() {
         .send()
         .await
         .expect("response");
-    assert_eq!(json_error(bad_resume).await, (400, "bad_query".into()));
+    assert_eq!(
+        json_error(bad_resume).await,
+        (400, "bad_last_event_id".into())
+    );
     assert_eq!(
         json_error(get("/nothing/here").await.expect("response")).await,
         (404, "not_found".into())

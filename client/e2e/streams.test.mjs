@@ -1,6 +1,8 @@
 // Headless Chromium against the real fjord-server and fjord-consumer, on the Kafka and Redis
 // of ci/services.sh: a page on another origin loads dist/fjord-client.js and streams with
-// JWTs minted by `fjord token`. Run by ci/test-browser.sh.
+// JWTs minted by `fjord token`; a page on an origin the server does not allow, or aimed at no
+// server, says which; a stale saved id is dropped; `online` and a page shown again cut a grown
+// backoff short. Run by ci/test-browser.sh.
 
 import assert from "node:assert/strict";
 import { rm } from "node:fs/promises";
@@ -23,7 +25,14 @@ import {
   writeManifest,
 } from "./harness.mjs";
 
-const ENDPOINTS = { receive: unique("e2e-receive"), restart: unique("e2e-restart"), expiry: unique("e2e-expiry"), other: unique("e2e-other") };
+const ENDPOINTS = {
+  receive: unique("e2e-receive"),
+  restart: unique("e2e-restart"),
+  expiry: unique("e2e-expiry"),
+  other: unique("e2e-other"),
+  stale: unique("e2e-stale"),
+  wake: unique("e2e-wake"),
+};
 const TIMEOUT = 60_000;
 
 let dir, keys, statics, port, manifest, consumer, server, producer, browser;
@@ -60,11 +69,17 @@ after(async () => {
   if (dir && !process.env.FJORD_E2E_KEEP) await rm(dir, { recursive: true, force: true });
 });
 
-/** Opens the test page on `name`'s endpoint and waits for the stream to open. */
-async function streamPage(name, query = {}) {
+/** Opens the test page on `name`'s endpoint (served from `origin`, by default the one the server allows). */
+async function streamPage(name, query = {}, origin = statics.origin) {
   const q = new URLSearchParams({ server: `http://127.0.0.1:${port}`, endpoint: ENDPOINTS[name], ...query });
-  const page = await openPage(browser, `${statics.origin}/page.html?${q}`);
+  const page = await openPage(browser, `${origin}/page.html?${q}`);
   return page;
+}
+
+/** The page's state and console, for failure messages. */
+async function describePage(page) {
+  const state = await page.evaluate(() => window.fjordTest);
+  return `state ${JSON.stringify({ ...state, records: state.records.length })}\nconsole:\n${page.consoleLines.join("\n")}`;
 }
 
 async function waitOpen(page) {
@@ -222,5 +237,116 @@ for (const [what, query, status, code] of [
     assert.deepEqual(state.tokenCalls, ["connect", "refused"]);
     assert.equal(state.records.length, 0);
     await page.close();
+  });
+}
+
+test("a refusal the page cannot read is named CORS, apart from a server that is not there", { timeout: TIMEOUT }, async () => {
+  // The same static server under another name: an origin the server does not allow.
+  const otherOrigin = statics.origin.replace("127.0.0.1", "localhost");
+  const cors = await streamPage("other", {}, otherOrigin);
+  const nowhere = await streamPage("other", { server: `http://127.0.0.1:${await freePort()}` });
+  for (const [page, code] of [
+    [cors, "cors"],
+    [nowhere, "network"],
+  ]) {
+    try {
+      await page.waitForFunction(() => window.fjordTest.errors.length >= 2, null, { timeout: TIMEOUT / 2 });
+    } catch (error) {
+      throw new Error(`${error.message}\n${await describePage(page)}`);
+    }
+    const state = await page.evaluate(() => window.fjordTest);
+    // Every attempt says the same, and none stops the client: the cause may be fixed meanwhile.
+    assert.deepEqual(
+      state.errors.map((e) => [e.code, e.fatal]),
+      state.errors.map(() => [code, false]),
+      JSON.stringify(state.errors),
+    );
+    assert.equal(state.statuses.at(-1), "reconnecting:error");
+    if (code === "cors") assert.match(state.errors[0].message, new RegExp(`most likely CORS, the server does not allow the origin ${otherOrigin}$`));
+    else assert.match(state.errors[0].message, /^cannot reach http:\/\/127\.0\.0\.1:\d+\/v1\/streams\//);
+    await page.close();
+  }
+});
+
+test("a saved id from another set of endpoints is dropped with a notice, and the stream goes on live", { timeout: TIMEOUT }, async () => {
+  const saved = "1-0_2-0"; // two positions; this stream has one endpoint
+  const page = await streamPage("stale", { last_event_id: saved });
+  await waitOpen(page);
+  await producer.produce(producer.topics.stale, 0, 10);
+  const state = await waitRecords(page, 10);
+  assertComplete(state.records, 10);
+  assert.equal(state.notices.length, 1, JSON.stringify(state.notices));
+  const [notice] = state.notices;
+  assert.equal(notice.code, "stale_id");
+  assert.equal(notice.lastEventId, saved);
+  assert.match(notice.message, /2 positions, but this stream has 1 endpoint/);
+  assert.deepEqual(state.errors, []);
+  assert.deepEqual(state.statuses.slice(0, 3), ["connecting:start", "reconnecting:stale_id", "open:opened"]);
+  await page.close();
+});
+
+test("online, and a hidden page shown again, reconnect at once instead of sitting out the backoff", { timeout: 4 * TIMEOUT }, async () => {
+  const page = await streamPage("wake");
+  await waitOpen(page);
+  const production = produceUntilStopped(producer.topics.wake, 30);
+  try {
+    await wakeTwice(page);
+  } finally {
+    await production.stop();
+  }
+  const state = await waitRecords(page, production.produced);
+  assertComplete(state.records, production.produced);
+  assert.ok(state.errors.every((e) => !e.fatal && e.code === "network"), JSON.stringify(state.errors));
+  await page.close();
+});
+
+/** Drops the page's stream twice, and wakes it once with `online` and once by showing it again. */
+async function wakeTwice(page) {
+  const log = () => page.evaluate(() => window.fjordTest.statusLog);
+  const isStream = (url) => url.port === String(port) && url.pathname.startsWith("/v1/streams");
+
+  /** Kills the stream server-side and fails every new attempt until the backoff has grown. */
+  async function dropAndHold() {
+    await page.route(isStream, (route) => route.abort("internetdisconnected"));
+    await server.stop("SIGKILL");
+    server = await startServer(manifest, port, dir);
+    const pending = await until(
+      "a reconnect delay of 2 s or more",
+      async () => {
+        const last = (await log()).at(-1);
+        return last?.status === "reconnecting:error" && last.delayMs >= 2000 && last;
+      },
+      TIMEOUT,
+    );
+    await page.unroute(isStream);
+    return pending;
+  }
+
+  /** After `wake()`, the page reconnects with `reason` and opens before the pending delay ran out. */
+  async function assertWokenBy(reason, pending, wake) {
+    await wake();
+    const opened = await until(`open again after ${reason}`, async () => {
+      const entries = (await log()).filter((e) => e.at >= pending.at);
+      const woken = entries.findIndex((e) => e.status === `reconnecting:${reason}`);
+      return woken >= 0 && entries.slice(woken).find((e) => e.status === "open:opened");
+    }, TIMEOUT);
+    assert.ok(opened.at < pending.at + pending.delayMs, `opened ${opened.at - pending.at} ms after a ${pending.delayMs} ms delay began`);
+    // One attempt, the woken one: the pending timer did not fire another.
+    const since = (await log()).filter((e) => e.at >= pending.at).map((e) => e.status);
+    assert.deepEqual(since.slice(0, 3), ["reconnecting:error", `reconnecting:${reason}`, "open:opened"], since.join(" "));
+  }
+
+  await assertWokenBy("online", await dropAndHold(), () => page.evaluate(() => window.dispatchEvent(new Event("online"))));
+
+  const pending = await dropAndHold();
+  await assertWokenBy("visible", pending, async () => {
+    await page.evaluate(() => {
+      let state = "hidden";
+      Object.defineProperty(document, "visibilityState", { configurable: true, get: () => state });
+      // Hidden: nothing happens.
+      document.dispatchEvent(new Event("visibilitychange"));
+      state = "visible";
+      document.dispatchEvent(new Event("visibilitychange"));
+    });
   });
 }

@@ -1,6 +1,8 @@
 // The reconnecting subscription behind `connect`: asks for a token before every attempt,
 // resumes from the last id, backs off between failures, turns records into `FjordRecord`s
 // delivered once, handles the reserved `fjord.*` events, and decides which errors are fatal.
+// It also ends with the caller's AbortSignal, drops a resume id that the server refuses, and
+// cuts a pending backoff short when the browser comes back online or a hidden page returns.
 
 import { backoffDelay } from "./backoff.js";
 import { RecentIds } from "./dedupe.js";
@@ -11,9 +13,10 @@ import type { Connection, Failure, Transport } from "./transport.js";
 import {
   FjordError,
   type ConnectOptions,
-  type FjordRecord,
+  type EndpointTypes,
   type GapInfo,
   type JsonValue,
+  type RecordOf,
   type Status,
   type StatusReason,
   type Subscription,
@@ -33,10 +36,10 @@ const RECENT_IDS = 1024;
  * Opens a stream of records and keeps it open until `close()` or a fatal error.
  *
  * @example
- * const sub = connect({ url: "https://stream.example.com", endpoints: "orders",
- *   onRecord: (r) => console.log(r.key, r.value) });
+ * const sub = connect<{ orders: Order }>({ url: "https://stream.example.com", endpoints: "orders",
+ *   onRecord: (r) => console.log(r.key, r.value.status) });
  */
-export function connect<V = JsonValue>(options: ConnectOptions<V>): Subscription {
+export function connect<T extends EndpointTypes = Record<string, JsonValue>>(options: NoInfer<ConnectOptions<T>>): Subscription {
   const stream = new Stream(options);
   return {
     close: () => stream.close(),
@@ -49,7 +52,7 @@ export function connect<V = JsonValue>(options: ConnectOptions<V>): Subscription
   };
 }
 
-class Stream<V> {
+class Stream<T extends EndpointTypes> {
   status: Status = "connecting";
   lastEventId: string | undefined;
   private readonly transport: Transport;
@@ -62,29 +65,51 @@ class Stream<V> {
   private refused = false;
   private openedAt: number | undefined;
   private connection: Connection | undefined;
+  /** Set while waiting to reconnect. */
   private timer: ReturnType<typeof setTimeout> | undefined;
 
-  constructor(private readonly options: ConnectOptions<V>) {
+  constructor(private readonly options: ConnectOptions<T>) {
     this.endpoints = typeof options.endpoints === "string" ? [options.endpoints] : [...options.endpoints];
     if (this.endpoints.length === 0) throw new TypeError("connect: at least one endpoint is needed");
     this.lastEventId = options.lastEventId;
     this.transport = makeTransport(options);
     this.emitStatus("connecting", "start");
+    if (options.signal?.aborted) {
+      this.close();
+      return;
+    }
+    options.signal?.addEventListener("abort", this.close);
+    globalThis.addEventListener?.("online", this.wake);
+    globalThis.document?.addEventListener("visibilitychange", this.wake);
     void this.open("connect");
   }
 
-  close(): void {
+  readonly close = (): void => {
     if (this.status === "closed") return;
     this.stop();
     this.emitStatus("closed", "closed");
-  }
+  };
 
   private stop(): void {
     clearTimeout(this.timer);
     this.connection?.close();
     this.connection = undefined;
     this.status = "closed";
+    this.options.signal?.removeEventListener("abort", this.close);
+    globalThis.removeEventListener?.("online", this.wake);
+    globalThis.document?.removeEventListener("visibilitychange", this.wake);
   }
+
+  /**
+   * Back online, or a hidden page shown again: a connection that died meanwhile should not
+   * sit out its backoff (which grew while the network was gone; timers of hidden pages run
+   * late too). An open connection is left alone: its idle watchdog judges it.
+   */
+  private readonly wake = (event: Event): void => {
+    const online = event.type === "online";
+    if (this.timer === undefined || (!online && document.visibilityState !== "visible")) return;
+    this.schedule(0, online ? "online" : "visible", "reconnect");
+  };
 
   private async open(reason: TokenRequest["reason"]): Promise<void> {
     let token: string | undefined;
@@ -162,7 +187,7 @@ class Stream<V> {
       return;
     }
     // The server builds the envelope; its shape is the contract, not checked field by field.
-    const record = { ...envelope, endpoint: event, id } as FjordRecord<V>;
+    const record = { ...envelope, endpoint: event, id } as RecordOf<T>;
     this.attempt = 0;
     this.lastEventId = id;
     guard(() => this.options.onRecord(record));
@@ -189,6 +214,15 @@ class Stream<V> {
 
   private failed(failure: Failure): void {
     const { code, message, status } = failure;
+    const dropped = this.lastEventId;
+    if (code === "bad_last_event_id" && dropped !== undefined) {
+      // An id saved for other endpoints, or by another deployment: going on live beats stopping.
+      this.lastEventId = undefined;
+      const onNotice = this.options.onNotice;
+      if (onNotice !== undefined) guard(() => onNotice({ code: "stale_id", message, lastEventId: dropped }));
+      this.schedule(0, "stale_id", "reconnect");
+      return;
+    }
     if (status === 401 || status === 403) {
       if (!this.refused) {
         this.refused = true;
@@ -212,9 +246,14 @@ class Stream<V> {
   private schedule(delayMs: number, reason: StatusReason, tokenReason: TokenRequest["reason"]): void {
     this.emitStatus("reconnecting", reason, delayMs);
     clearTimeout(this.timer);
+    this.timer = undefined;
     // `open` awaits the token before it connects, so even "at once" leaves the current handler first.
     if (delayMs === 0) void this.open(tokenReason);
-    else this.timer = setTimeout(() => void this.open(tokenReason), delayMs);
+    else
+      this.timer = setTimeout(() => {
+        this.timer = undefined;
+        void this.open(tokenReason);
+      }, delayMs);
   }
 
   private fatal(error: FjordError): void {
@@ -241,7 +280,7 @@ function isFatal({ code, status }: Failure): boolean {
   return status !== undefined && status >= 400 && status < 500 && status !== 408 && status !== 429;
 }
 
-function makeTransport<V>(options: ConnectOptions<V>): Transport {
+function makeTransport<T extends EndpointTypes>(options: ConnectOptions<T>): Transport {
   const fetchFn = options.fetch ?? (typeof fetch === "function" ? fetch.bind(globalThis) : undefined);
   const withCredentials = options.withCredentials ?? false;
   if (options.transport === "eventsource") {

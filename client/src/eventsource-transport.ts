@@ -4,7 +4,7 @@
 // status of a refused stream, a failure before the stream opened is probed once with `fetch`
 // to learn the status and the server's error code.
 
-import { failureFromResponse, type Attempt, type Connection, type Failure, type Transport, type TransportHandlers } from "./transport.js";
+import { failureFromResponse, failureFromThrow, type Attempt, type Connection, type Failure, type Transport, type TransportHandlers } from "./transport.js";
 import type { EventSourceConstructor } from "./types.js";
 import { streamUrl } from "./url.js";
 
@@ -96,7 +96,7 @@ class EventSourceConnection implements Connection {
         this.end(await failureFromResponse(response));
       }
     } catch (cause) {
-      this.end({ ...unknown, cause });
+      if (!this.ended) this.end(await failureFromThrow(fetchFn, url, cause, this.probe.signal));
     }
   }
 }

@@ -3,7 +3,7 @@
 // drops a connection on which nothing (not even a heartbeat) arrives.
 
 import { SseParser } from "./sse.js";
-import { failureFromResponse, type Attempt, type Connection, type Failure, type Transport, type TransportHandlers } from "./transport.js";
+import { describe, failureFromResponse, failureFromThrow, type Attempt, type Connection, type Failure, type Transport, type TransportHandlers } from "./transport.js";
 import { streamUrl } from "./url.js";
 
 export interface FetchTransportOptions {
@@ -70,7 +70,7 @@ class FetchConnection implements Connection {
         credentials: this.options.withCredentials ? "include" : "same-origin",
       });
     } catch (cause) {
-      this.end({ code: "network", message: `cannot reach ${url}: ${describe(cause)}`, cause });
+      if (!this.ended) this.end(await failureFromThrow(this.options.fetch, url, cause, this.controller.signal));
       return;
     }
     if (this.ended) {
@@ -125,8 +125,4 @@ class FetchConnection implements Connection {
       this.end({ code: "network", message: `stream interrupted: ${describe(cause)}`, cause });
     }
   }
-}
-
-function describe(cause: unknown): string {
-  return cause instanceof Error ? cause.message : String(cause);
 }

@@ -1,6 +1,7 @@
 // The contract between the reconnecting client and a transport: a transport makes exactly
 // one connection attempt, reports what arrives through `SseHandlers`, and reports once how
-// the connection ended. It never retries by itself.
+// the connection ended. It never retries by itself. Also here: what a failed attempt was, from
+// the server's JSON error, or, when the browser hid the answer, whether anything answered.
 
 import type { SseHandlers } from "./sse.js";
 
@@ -39,6 +40,7 @@ export type Transport = (attempt: Attempt, handlers: TransportHandlers) => Conne
 
 /** The failure an error response describes: `{"error":{"code","message"}}` when the server sent it. */
 export async function failureFromResponse(response: Response): Promise<Failure> {
+  if (response.type.startsWith("opaque")) return hidden(response.url);
   const status = response.status;
   const fallback: Failure = {
     code: `http_${status}`,
@@ -64,4 +66,30 @@ export async function failureFromResponse(response: Response): Promise<Failure> 
     // Not JSON: a proxy's page, for example.
   }
   return fallback;
+}
+
+/**
+ * Why `fetch` threw before any answer. A browser throws the same TypeError for a server it
+ * cannot reach and for an answer that CORS hides from the page; the same URL asked in
+ * `no-cors` mode tells them apart, as only an answer that reached the browser is `opaque`.
+ */
+export async function failureFromThrow(fetchFn: typeof fetch, url: string, cause: unknown, signal: AbortSignal): Promise<Failure> {
+  try {
+    if ((await fetchFn(url, { mode: "no-cors", signal })).type === "opaque") return { ...hidden(url), cause };
+  } catch {
+    // Nothing answered.
+  }
+  return { code: "network", message: `cannot reach ${url}: ${describe(cause)}`, cause };
+}
+
+function hidden(url: string): Failure {
+  const origin = (globalThis as { location?: Location }).location?.origin;
+  return {
+    code: "cors",
+    message: `${url} answered, but the browser hid the answer from this page: most likely CORS, the server does not allow the origin ${origin}`,
+  };
+}
+
+export function describe(cause: unknown): string {
+  return cause instanceof Error ? cause.message : String(cause);
 }

@@ -1,5 +1,6 @@
-// Public types: the record envelope as the server sends it, the options of `connect`, the
-// connection statuses and the notices (gap, status reasons) the client reports.
+// Public types: the record envelope as the server sends it, record value types per endpoint,
+// the options of `connect`, the connection statuses and the notices (gap, dropped id, status
+// reasons) the client reports.
 
 /** Any JSON value. */
 export type JsonValue =
@@ -23,11 +24,11 @@ export type HeaderValue = string | Base64;
  *
  * `value` is the record's JSON when it parses as JSON, a string when it is other UTF-8, a
  * `{ base64 }` object otherwise, and `null` for a tombstone. `V` lets an application name
- * the shape it expects (it is not checked).
+ * the shape it expects (it is not checked); `E`, the endpoint's name.
  */
-export interface FjordRecord<V = JsonValue> {
+export interface FjordRecord<V = JsonValue, E extends string = string> {
   /** The endpoint (SSE event name) that delivered the record. */
-  endpoint: string;
+  endpoint: E;
   /** The SSE id: an opaque position to resume after this record. */
   id: string;
   topic: string;
@@ -40,6 +41,17 @@ export interface FjordRecord<V = JsonValue> {
   headers: Record<string, HeaderValue | HeaderValue[]>;
   value: V;
 }
+
+/**
+ * Record value types by endpoint name, for `connect<Endpoints>`: `{ orders: Order; drivers:
+ * Driver }`. The default allows any endpoint name with any JSON value.
+ */
+export type EndpointTypes = Record<string, unknown>;
+
+/** A record of one of the endpoints of `T`: checking `endpoint` narrows `value`. */
+export type RecordOf<T extends EndpointTypes> = {
+  [E in keyof T & string]: FjordRecord<T[E], E>;
+}[keyof T & string];
 
 /** Data of a `fjord.gap` event: records between `last_event_id` and `oldest_id` were missed. */
 export interface GapInfo {
@@ -64,7 +76,13 @@ export type StatusReason =
   | "shutdown"
   /** The token expired (`fjord.expired`): reconnecting with a fresh token at once. */
   | "expired"
-  /** `close()` was called. */
+  /** The server refused the resume id: dropped (see `onNotice`), reconnecting at once. */
+  | "stale_id"
+  /** The browser came back online: the pending reconnect runs at once. */
+  | "online"
+  /** A hidden page became visible: the pending reconnect runs at once. */
+  | "visible"
+  /** `close()` was called or the `signal` aborted. */
   | "closed"
   /** A fatal error stopped the client; it was passed to `onError`. */
   | "fatal";
@@ -73,6 +91,19 @@ export interface StatusInfo {
   reason: StatusReason;
   /** For `reconnecting`: the delay before the next attempt, in milliseconds. */
   delayMs?: number;
+}
+
+/**
+ * Something the application should know that stops nothing. `stale_id`: the server refused
+ * the resume id (`bad_last_event_id`: an id saved for another set of endpoints, or not an id
+ * at all); the client dropped it and goes on from the endpoints' start position.
+ */
+export interface Notice {
+  code: "stale_id";
+  /** The server's reason. */
+  message: string;
+  /** The id that was dropped. */
+  lastEventId: string;
 }
 
 /** Why `getToken` is being asked. */
@@ -93,24 +124,28 @@ export type EventSourceConstructor = new (
   init?: { withCredentials?: boolean },
 ) => EventSource;
 
-/** Options of `connect`. */
-export interface ConnectOptions<V = JsonValue> {
+/** Options of `connect`; `T` maps endpoint names to their record value types. */
+export interface ConnectOptions<T extends EndpointTypes = Record<string, JsonValue>> {
   /** Server base URL, e.g. `https://stream.example.com` (a path prefix is kept). `""` for same origin. */
   url: string;
   /** One or more endpoint names. */
-  endpoints: string | readonly string[];
+  endpoints: (keyof T & string) | readonly (keyof T & string)[];
   /** Only records with one of these keys. */
   keys?: readonly string[] | undefined;
   /** Called before every connection attempt; return the bearer token (or nothing for cookie auth). */
   getToken?: ((request: TokenRequest) => TokenResult | Promise<TokenResult>) | undefined;
   /** Called once per record, in stream order, never twice for the same id. */
-  onRecord: (record: FjordRecord<V>) => void;
+  onRecord: (record: RecordOf<T>) => void;
   /** Called for every error; `error.fatal` means the client has stopped. */
   onError?: ((error: FjordError) => void) | undefined;
   /** Called on every status change. */
   onStatus?: ((status: Status, info: StatusInfo) => void) | undefined;
   /** Called when the server reports that records were missed (`fjord.gap`); the stream goes on. */
   onGap?: ((gap: GapInfo) => void) | undefined;
+  /** Called for what stops nothing but the application may show: a dropped resume id. */
+  onNotice?: ((notice: Notice) => void) | undefined;
+  /** Aborting it closes the stream for good, like `close()`. */
+  signal?: AbortSignal | undefined;
   /** Resume after this id (for example one saved before a page reload). */
   lastEventId?: string | undefined;
   /** `fetch` (default): token in the `Authorization` header. `eventsource`: the platform `EventSource`. */
@@ -142,8 +177,9 @@ export interface Subscription {
 /**
  * An error of the stream. `status` is the HTTP status when the server answered, `code` the
  * server's error code (`token_expired`, `forbidden`, `unknown_endpoint`, ...) or one of the
- * client's own: `network`, `idle_timeout`, `stream_ended`, `bad_content_type`, `bad_event`,
- * `token_error`, `http_<status>`.
+ * client's own: `cors` (the server answered but the browser hid the answer from this page),
+ * `network` (nothing answered, or the connection was cut), `idle_timeout`, `stream_ended`,
+ * `bad_content_type`, `bad_event`, `token_error`, `http_<status>`.
  */
 export class FjordError extends Error {
   override readonly name = "FjordError";

@@ -3,7 +3,7 @@
 // events, close and the idle watchdog. Only setTimeout and Date are faked.
 
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import { connect, type ConnectOptions, type FjordError, type FjordRecord, type GapInfo, type Status, type StatusInfo, type Subscription, type TokenRequest } from "../src/index.js";
+import { connect, type ConnectOptions, type FjordError, type FjordRecord, type GapInfo, type Notice, type Status, type StatusInfo, type Subscription, type TokenRequest } from "../src/index.js";
 import { recordEvent, ScriptedFetch, settle } from "./scripted.js";
 
 interface Harness {
@@ -393,5 +393,173 @@ describe("connect (fetch transport)", () => {
     await settle();
     expect(h.records[0]?.value).toBe("smørrebrød ☕");
     h.sub.close();
+  });
+});
+
+describe("connect: abort, stale ids, unreadable refusals, waking up", () => {
+  it("an aborted signal closes the stream and stops reconnects", async () => {
+    const controller = new AbortController();
+    const h = start({ signal: controller.signal });
+    const call = await h.server.next();
+    call.open().push(recordEvent("orders", "1-0"));
+    await settle();
+    call.stream?.end();
+    await settle();
+    expect(h.sub.status).toBe("reconnecting");
+    controller.abort();
+    expect(h.sub.status).toBe("closed");
+    expect(h.statuses.at(-1)).toEqual(["closed", { reason: "closed" }]);
+    await vi.advanceTimersByTimeAsync(60_000);
+    expect(h.server.calls.length).toBe(1);
+    // And during a stream: the request is aborted.
+    const again = new AbortController();
+    const h2 = start({ signal: again.signal });
+    const live = await h2.server.next();
+    live.open();
+    await settle();
+    again.abort();
+    expect(live.aborted).toBe(true);
+    expect(h2.sub.status).toBe("closed");
+    expect(h2.errors).toEqual([]);
+  });
+
+  it("a signal aborted before connect opens nothing", async () => {
+    const h = start({ signal: AbortSignal.abort() });
+    await settle();
+    expect(h.server.calls.length).toBe(0);
+    expect(h.statuses.map(([s, i]) => `${s}:${i.reason}`)).toEqual(["connecting:start", "closed:closed"]);
+  });
+
+  it("drops a resume id the server refuses, tells onNotice, and goes on live", async () => {
+    const notices: Notice[] = [];
+    const h = start({ lastEventId: "1-0_2-0", onNotice: (notice) => notices.push(notice) });
+    const first = await h.server.next();
+    expect(first.header("last-event-id")).toBe("1-0_2-0");
+    const reason = "last event id has 2 positions, but this stream has 1 endpoints";
+    first.error(400, "bad_last_event_id", reason);
+    await settle();
+    const second = await h.server.next();
+    expect(second.header("last-event-id")).toBeNull();
+    expect(notices).toEqual([{ code: "stale_id", message: reason, lastEventId: "1-0_2-0" }]);
+    expect(h.errors).toEqual([]);
+    expect(h.statuses.at(-1)).toEqual(["reconnecting", { reason: "stale_id", delayMs: 0 }]);
+    second.open().push(recordEvent("orders", "5-0"));
+    await settle();
+    expect(h.records.map((r) => r.id)).toEqual(["5-0"]);
+    expect(h.sub.status).toBe("open");
+    h.sub.close();
+  });
+
+  it("stops on bad_last_event_id when it sent no id (a server bug, not a stale id)", async () => {
+    const h = start();
+    (await h.server.next()).error(400, "bad_last_event_id");
+    await settle();
+    expect(h.errors.map((e) => [e.code, e.fatal])).toEqual([["bad_last_event_id", true]]);
+  });
+
+  it("tells a hidden answer (CORS) from a server that cannot be reached, and retries both", async () => {
+    const h = start();
+    (await h.server.next()).networkError();
+    await settle();
+    expect(h.server.probes).toEqual(["http://fjord.test/v1/streams/orders"]);
+    h.server.probeAnswer = "opaque";
+    await vi.advanceTimersByTimeAsync(2000);
+    (await h.server.next()).networkError();
+    await settle();
+    expect(h.errors.map((e) => [e.code, e.fatal])).toEqual([
+      ["network", false],
+      ["cors", false],
+    ]);
+    expect(h.errors[0]?.message).toMatch(/^cannot reach http:\/\/fjord\.test\/v1\/streams\/orders: fetch failed/);
+    expect(h.errors[1]?.message).toMatch(/answered, but the browser hid the answer from this page: most likely CORS/);
+    expect(h.sub.status).toBe("reconnecting");
+    h.sub.close();
+  });
+
+  it("reports an opaque answer as CORS", async () => {
+    const opaque = { type: "opaque", status: 0, ok: false, url: "" } as Response;
+    const h = start({ fetch: () => Promise.resolve(opaque) });
+    await settle();
+    expect(h.errors.map((e) => [e.code, e.status, e.fatal])).toEqual([["cors", undefined, false]]);
+    h.sub.close();
+  });
+
+  it("a server that answers 5xx is down, not CORS", async () => {
+    const h = start();
+    (await h.server.next()).error(502, "http_502");
+    await settle();
+    expect(h.server.probes).toEqual([]);
+    expect(h.errors.map((e) => [e.code, e.status])).toEqual([["http_502", 502]]);
+    h.sub.close();
+  });
+
+  describe("waking up", () => {
+    let visibility: DocumentVisibilityState;
+    const doc = new EventTarget();
+    const win = new EventTarget();
+
+    beforeEach(() => {
+      visibility = "visible";
+      Object.defineProperty(doc, "visibilityState", { get: () => visibility, configurable: true });
+      vi.stubGlobal("document", doc);
+      vi.stubGlobal("addEventListener", win.addEventListener.bind(win));
+      vi.stubGlobal("removeEventListener", win.removeEventListener.bind(win));
+    });
+
+    afterEach(() => {
+      vi.unstubAllGlobals();
+    });
+
+    async function waitingLong(): Promise<Harness> {
+      const h = start({ maxRetryMs: 60_000 });
+      const stream = (await h.server.next()).open();
+      stream.push("retry: 20000\nid: 3-0\n\n");
+      await settle();
+      stream.end();
+      await settle();
+      expect(h.statuses.at(-1)).toEqual(["reconnecting", { reason: "error", delayMs: 20_000 }]);
+      return h;
+    }
+
+    it("the online event cuts the backoff short", async () => {
+      const h = await waitingLong();
+      win.dispatchEvent(new Event("online"));
+      const next = await h.server.next();
+      expect(next.header("last-event-id")).toBe("3-0");
+      expect(h.statuses.at(-1)).toEqual(["reconnecting", { reason: "online", delayMs: 0 }]);
+      // Open again: online leaves a live connection alone.
+      next.open();
+      await settle();
+      win.dispatchEvent(new Event("online"));
+      await settle();
+      expect(h.server.calls.length).toBe(2);
+      expect(next.aborted).toBe(false);
+      h.sub.close();
+    });
+
+    it("a page shown again reconnects at once; while hidden it waits", async () => {
+      const h = await waitingLong();
+      visibility = "hidden";
+      doc.dispatchEvent(new Event("visibilitychange"));
+      await settle();
+      expect(h.server.calls.length).toBe(1);
+      visibility = "visible";
+      doc.dispatchEvent(new Event("visibilitychange"));
+      expect((await h.server.next()).header("last-event-id")).toBe("3-0");
+      expect(h.statuses.at(-1)).toEqual(["reconnecting", { reason: "visible", delayMs: 0 }]);
+      // The backoff timer it replaced does not fire a second attempt.
+      await vi.advanceTimersByTimeAsync(30_000);
+      expect(h.server.calls.length).toBe(2);
+      h.sub.close();
+    });
+
+    it("close() removes its listeners", async () => {
+      const h = await waitingLong();
+      h.sub.close();
+      win.dispatchEvent(new Event("online"));
+      doc.dispatchEvent(new Event("visibilitychange"));
+      await settle();
+      expect(h.server.calls.length).toBe(1);
+    });
   });
 });

@@ -3,7 +3,7 @@
 // stream is probed with fetch to learn its status.
 
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import { connect, type ConnectOptions, type EventSourceConstructor, type FjordError, type FjordRecord, type Subscription } from "../src/index.js";
+import { connect, type ConnectOptions, type EventSourceConstructor, type FjordError, type FjordRecord, type Notice, type Subscription } from "../src/index.js";
 import { FakeEventSource, ScriptedFetch, settle } from "./scripted.js";
 
 function start(options: Partial<ConnectOptions> = {}) {
@@ -103,5 +103,17 @@ describe("connect (eventsource transport)", () => {
       [401, "token_missing", true],
     ]);
     expect(h.sub.status).toBe("closed");
+  });
+
+  it("drops a resume id that the probe learns was refused, and goes on live", async () => {
+    const notices: Notice[] = [];
+    const h = start({ lastEventId: "1-0", onNotice: (notice) => notices.push(notice) });
+    (await source(0)).fail();
+    (await h.server.next()).error(400, "bad_last_event_id", "last event id has 1 positions, but this stream has 2 endpoints");
+    await settle();
+    expect(notices.map((n) => [n.code, n.lastEventId])).toEqual([["stale_id", "1-0"]]);
+    expect((await source(1)).url).toBe("https://fjord.test/v1/streams?endpoint=orders&endpoint=drivers");
+    expect(h.errors).toEqual([]);
+    h.sub.close();
   });
 });

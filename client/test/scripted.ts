@@ -1,6 +1,6 @@
 // Test helpers: a fake `fetch` whose every call the test answers by hand (a scripted SSE
-// stream, an error response, a network failure), a fake `EventSource`, and `settle()` to let
-// pending promises and stream reads run.
+// stream, an error response, a network failure) but for `no-cors` probes, which it answers as
+// told; a fake `EventSource`, and `settle()` to let pending promises and stream reads run.
 
 import { setImmediate as tick } from "node:timers/promises";
 
@@ -104,11 +104,21 @@ export class Call {
 /** A fake `fetch`: each call waits for the test to answer it. */
 export class ScriptedFetch {
   readonly calls: Call[] = [];
+  /** URLs of the `no-cors` probes. */
+  readonly probes: string[] = [];
+  /** How probes are answered: `opaque` as a server that answered does, else as no server. */
+  probeAnswer: "opaque" | "none" = "none";
   private taken = 0;
   private waiting: (() => void) | undefined;
 
   readonly fetch: typeof fetch = (input, init) => {
     const url = input instanceof Request ? input.url : String(input);
+    if (init?.mode === "no-cors") {
+      this.probes.push(url);
+      // Only a browser makes opaque responses: the client reads no more than `type`.
+      if (this.probeAnswer === "opaque") return Promise.resolve({ type: "opaque", status: 0 } as Response);
+      return Promise.reject(new TypeError("Failed to fetch"));
+    }
     const call = new Call(url, new Headers(init?.headers), init?.signal ?? undefined);
     this.calls.push(call);
     this.waiting?.();
