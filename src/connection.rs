@@ -98,8 +98,8 @@ pub async fn serve(
 }
 
 /// Answers a connection refused before its request was read, as far as the socket takes
-/// the answer at once, and closes it.
-pub fn refuse(socket: TcpStream, refusal: &ApiError) {
+/// the answer at once; the caller closes it.
+pub fn refuse(socket: &TcpStream, refusal: &ApiError) {
     let _ = socket.try_write(&error_response(refusal, None, false));
 }
 
@@ -898,10 +898,10 @@ mod tests {
 
     /// What a parsed stream head must hold, whatever the input.
     fn check_stream_head(head: Option<Head>) -> Result<(), proptest::test_runner::TestCaseError> {
-        if let Some(Head::Stream(request)) = head {
-            if let Some(name) = &request.path_endpoint {
-                proptest::prop_assert!(!name.is_empty() && !name.contains('/'));
-            }
+        if let Some(Head::Stream(request)) = head
+            && let Some(name) = &request.path_endpoint
+        {
+            proptest::prop_assert!(!name.is_empty() && !name.contains('/'));
         }
         Ok(())
     }

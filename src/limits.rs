@@ -305,30 +305,30 @@ fn open_file_limit() -> u64 {
 mod tests {
     use super::*;
 
-    fn limits(config: ServerConfig, nofile: u64) -> Arc<Limits> {
-        Arc::new(Limits::with_nofile(&config, nofile, Arc::default()))
+    fn limits(config: &ServerConfig, nofile: u64) -> Arc<Limits> {
+        Arc::new(Limits::with_nofile(config, nofile, Arc::default()))
     }
 
     #[test]
     fn streams_get_what_the_open_file_limit_affords_less_a_reserve() {
-        assert_eq!(limits(ServerConfig::default(), 256).max_streams(), 128);
+        assert_eq!(limits(&ServerConfig::default(), 256).max_streams(), 128);
         assert_eq!(
-            limits(ServerConfig::default(), 20_000).max_streams(),
+            limits(&ServerConfig::default(), 20_000).max_streams(),
             19_000
         );
         let asked = |max| ServerConfig {
             max_connections: Some(max),
             ..ServerConfig::default()
         };
-        assert_eq!(limits(asked(50), 20_000).max_streams(), 50);
-        assert_eq!(limits(asked(50_000), 20_000).max_streams(), 19_000);
-        assert_eq!(limits(ServerConfig::default(), 10).max_streams(), 1);
+        assert_eq!(limits(&asked(50), 20_000).max_streams(), 50);
+        assert_eq!(limits(&asked(50_000), 20_000).max_streams(), 19_000);
+        assert_eq!(limits(&ServerConfig::default(), 10).max_streams(), 1);
     }
 
     #[test]
     fn each_limit_refuses_and_a_closed_stream_gives_its_place_back() {
         let limits = limits(
-            ServerConfig {
+            &ServerConfig {
                 max_connections: Some(3),
                 max_connections_per_address: Some(2),
                 max_connections_per_subject: Some(1),
@@ -368,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_socket_still_sending_its_head_is_given_up_for_a_new_one() {
-        let limits = limits(ServerConfig::default(), 256);
+        let limits = limits(&ServerConfig::default(), 256);
         let mut slots: Vec<Slot> = (0..limits.max_sockets)
             .map(|_| limits.accept().expect("a descriptor"))
             .collect();

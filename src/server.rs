@@ -143,7 +143,7 @@ pub async fn serve(
             Ok(slot) => slot,
             Err(refusal) => {
                 metrics.requests_refused.fetch_add(1, Relaxed);
-                connection::refuse(socket, &refusal);
+                connection::refuse(&socket, &refusal);
                 continue;
             }
         };
