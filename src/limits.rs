@@ -107,11 +107,6 @@ impl Limits {
         }
     }
 
-    /// The most streams this server holds open.
-    pub fn max_streams(&self) -> usize {
-        self.max_streams
-    }
-
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -311,18 +306,15 @@ mod tests {
 
     #[test]
     fn streams_get_what_the_open_file_limit_affords_less_a_reserve() {
-        assert_eq!(limits(&ServerConfig::default(), 256).max_streams(), 128);
-        assert_eq!(
-            limits(&ServerConfig::default(), 20_000).max_streams(),
-            19_000
-        );
+        assert_eq!(limits(&ServerConfig::default(), 256).max_streams, 128);
+        assert_eq!(limits(&ServerConfig::default(), 20_000).max_streams, 19_000);
         let asked = |max| ServerConfig {
             max_connections: Some(max),
             ..ServerConfig::default()
         };
-        assert_eq!(limits(&asked(50), 20_000).max_streams(), 50);
-        assert_eq!(limits(&asked(50_000), 20_000).max_streams(), 19_000);
-        assert_eq!(limits(&ServerConfig::default(), 10).max_streams(), 1);
+        assert_eq!(limits(&asked(50), 20_000).max_streams, 50);
+        assert_eq!(limits(&asked(50_000), 20_000).max_streams, 19_000);
+        assert_eq!(limits(&ServerConfig::default(), 10).max_streams, 1);
     }
 
     #[test]

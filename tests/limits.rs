@@ -296,9 +296,11 @@ async fn with_a_low_open_file_limit_streams_are_refused_before_health_checks_fai
     assert_eq!(refused, 72);
 
     // Idle connections that never send a head take the rest of the descriptors; each new
-    // one displaces the oldest of them, so a health check still gets through.
+    // one displaces the oldest of them, so a health check still gets through. A burst can
+    // still run the process out of descriptors for a moment: accepts fail, and are logged
+    // at a bounded rate.
     let mut idle = Vec::new();
-    for _ in 0..300 {
+    for _ in 0..500 {
         idle.push(
             TcpStream::connect(("127.0.0.1", port))
                 .await
