@@ -27,7 +27,7 @@ const MAX_KEYS: usize = 1000;
 const MAX_KEY_BYTES: usize = 1024;
 /// The `Retry-After` of every 503: long enough for a load balancer to send the retry to
 /// another instance, or for streams to close.
-pub const RETRY_AFTER_SECS: u64 = 5;
+const RETRY_AFTER_SECS: u64 = 5;
 
 /// A request refused with a status and a stable error code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
