@@ -270,6 +270,28 @@ async fn streams_are_limited_per_client_address_and_per_token_subject() {
 }
 
 #[tokio::test]
+async fn behind_a_trusted_balancer_the_forwarded_address_is_counted() {
+    let server = start(None, |m| {
+        m["server"]["max_connections_per_address"] = 1.into();
+        m["server"]["trust_forwarded_for"] = true.into();
+    })
+    .await;
+    let from = |client: &str| {
+        format!(
+            "GET /v1/streams/orders HTTP/1.1\r\nHost: fjord\r\nX-Forwarded-For: {client}\r\n\r\n"
+        )
+    };
+    // One balancer address, two clients; the entries before the last are the client's own.
+    let first = raw_from([127, 0, 0, 1], server.port, &from("198.51.100.1")).await;
+    assert_eq!(first.status, 200, "{}", first.head);
+    let second = raw_from([127, 0, 0, 1], server.port, &from("10.9.9.9, 198.51.100.2")).await;
+    assert_eq!(second.status, 200, "{}", second.head);
+    let again = raw_from([127, 0, 0, 1], server.port, &from("10.8.8.8, 198.51.100.2")).await;
+    let message = assert_refused_at_a_limit(again).await;
+    assert!(message.contains("address"), "{message}");
+}
+
+#[tokio::test]
 async fn with_a_low_open_file_limit_streams_are_refused_before_health_checks_fail() {
     let server = start(Some(256), |_| {}).await;
     let port = server.port;
