@@ -2,7 +2,8 @@
 # End-to-end tests of the JavaScript client in headless Chromium (client/e2e): a page on
 # another origin streams from the real fjord-server and fjord-consumer through the Kafka and
 # Redis of `ci/services.sh up` (run that first), across a server kill, a drain, expiring and
-# refused tokens; and the demo page of `fjord dev` shows orders and drivers.
+# refused tokens; a plain EventSource with its token in a cookie streams cross-origin; and
+# the demo page of `fjord dev` shows orders and drivers.
 # Installs Debian chromium when missing, builds the Rust binaries when they are missing or
 # older than src/, runs `npm ci` and the build in client/. Exits non-zero on failure.
 #   FJORD_E2E_SCREENSHOTS=DIR  keep a screenshot of the demo page
