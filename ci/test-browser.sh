@@ -3,8 +3,8 @@
 # another origin streams from the real fjord-server and fjord-consumer through the Kafka and
 # Redis of `ci/services.sh up` (run that first), across a server kill, a drain, expiring and
 # refused tokens, an origin the server does not allow (cors) and no server (network), a stale
-# saved id, and `online`/visibility waking a grown backoff; and the demo page of `fjord dev`
-# shows orders and drivers.
+# saved id, and `online`/visibility waking a grown backoff; a plain EventSource with its token
+# in a cookie streams cross-origin; and the demo page of `fjord dev` shows orders and drivers.
 # Installs Debian chromium when missing, builds the Rust binaries when they are missing or
 # older than src/, runs `npm ci` in client/ (its prepare builds). Exits non-zero on failure.
 #   FJORD_E2E_SCREENSHOTS=DIR  keep a screenshot of the demo page

@@ -3,10 +3,12 @@
 //! then the connection's events written straight to the socket as HTTP/1.1 chunks — so that
 //! an open stream costs its socket, this task and its queue, and no HTTP library's buffers.
 //! Every other request (health, metrics, files, CORS preflight, anything malformed) is
-//! handed to hyper with the bytes read so far, one request per connection.
+//! handed to hyper with the bytes read so far, one request per connection. `HEAD` of a
+//! stream is checked like its `GET` and answered with the same head, without subscribing.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -20,8 +22,9 @@ use tokio::net::TcpStream;
 use warp::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::auth::Authenticator;
-use crate::http::{ApiError, Cors, open_stream};
+use crate::http::{AllowOrigin, ApiError, Cors, open_stream};
 use crate::hub::{DirectWrite, Hub, Outgoing, Subscription, WrittenNow};
+use crate::limits::Slot;
 
 /// Longest request head; a longer one is refused with 431.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -46,16 +49,30 @@ pub struct StreamService {
     pub auth: Authenticator,
     /// The origins allowed to read streams.
     pub cors: Cors,
+    /// Whether a client's address is `X-Forwarded-For`'s last entry.
+    pub trust_forwarded_for: bool,
 }
 
 /// Serves a connection that is not a stream request: hyper and warp, given the socket with
 /// the bytes read from it so far.
 pub type Fallback = Arc<dyn Fn(Prefixed) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// Serves one accepted connection to its end.
-pub async fn serve(mut socket: TcpStream, streams: Arc<StreamService>, fallback: Fallback) {
+/// Serves one accepted connection to its end; `slot` is its share of the limits.
+pub async fn serve(
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    mut slot: Slot,
+    streams: Arc<StreamService>,
+    fallback: Fallback,
+) {
     let mut buffer = Vec::with_capacity(FIRST_READ);
-    let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut socket, &mut buffer)).await;
+    let given_up = slot.given_up();
+    let head = tokio::select! {
+        head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut socket, &mut buffer)) => head,
+        // Its descriptor went to a newer connection.
+        () = given_up => return,
+    };
+    slot.head_read();
     match head {
         Err(_elapsed) => {}
         Ok(Err(error)) => {
@@ -68,16 +85,22 @@ pub async fn serve(mut socket: TcpStream, streams: Arc<StreamService>, fallback:
                 format!("the request head is larger than {MAX_HEAD} bytes"),
             );
             streams.hub.metrics().requests_refused.fetch_add(1, Relaxed);
-            let _ = write_all_vectored(&socket, &[&error_response(&refusal, None)]).await;
+            let _ = write_all_vectored(&socket, &[&error_response(&refusal, None, false)]).await;
         }
         Ok(Ok(Head::Other)) => fallback(Prefixed::new(buffer, socket)).await,
         Ok(Ok(Head::Stream(request))) => {
             drop(buffer);
-            if let Err(error) = stream(socket, request, &streams).await {
+            if let Err(error) = stream(socket, peer.ip(), slot, request, &streams).await {
                 tracing::debug!(%error, "stream connection ended with an error");
             }
         }
     }
+}
+
+/// Answers a connection refused before its request was read, as far as the socket takes
+/// the answer at once; the caller closes it.
+pub fn refuse(socket: &TcpStream, refusal: &ApiError) {
+    let _ = socket.try_write(&error_response(refusal, None, false));
 }
 
 /// A parsed request head that asks for a stream.
@@ -89,6 +112,8 @@ struct StreamHead {
     headers: HeaderMap,
     /// HTTP/1.0 has no chunked encoding: the body ends when the connection closes.
     chunked: bool,
+    /// `HEAD`: the response head only.
+    head_only: bool,
 }
 
 #[derive(Debug)]
@@ -145,10 +170,12 @@ fn parse_head(buffer: &[u8]) -> Option<Head> {
 }
 
 fn stream_head(request: &httparse::Request<'_, '_>) -> Option<StreamHead> {
-    if request.method != Some("GET") {
-        return None;
-    }
-    let target = request.path?;
+    let head_only = match request.method? {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return None,
+    };
+    let target = origin_form(request.path?);
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let path_endpoint = match path.strip_prefix("/v1/streams") {
         Some("") => None,
@@ -172,14 +199,47 @@ fn stream_head(request: &httparse::Request<'_, '_>) -> Option<StreamHead> {
         query: query.to_owned(),
         headers,
         chunked: request.version != Some(0),
+        head_only,
     })
+}
+
+/// The path and query of a request target. A proxy sends the absolute form,
+/// `http://host/path?query`, which a server must accept too (RFC 9112, section 3.2.2); its
+/// authority is ignored here, as the `Host` field is.
+fn origin_form(target: &str) -> &str {
+    let starts_with = |scheme: &[u8]| {
+        target
+            .as_bytes()
+            .get(..scheme.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(scheme))
+    };
+    let scheme_length = if starts_with(b"https://") {
+        8
+    } else if starts_with(b"http://") {
+        7
+    } else {
+        return target;
+    };
+    let after_authority = &target[scheme_length..];
+    match after_authority.find(['/', '?']) {
+        Some(start) if after_authority[start..].starts_with('/') => &after_authority[start..],
+        // `http://host` and `http://host?query` ask for `/`, which is no stream.
+        _ => "/",
+    }
 }
 
 /// Answers a stream request: refused with a JSON error, or streamed until the hub ends it or
 /// the client goes.
-async fn stream(socket: TcpStream, request: StreamHead, service: &StreamService) -> io::Result<()> {
+async fn stream(
+    socket: TcpStream,
+    peer: IpAddr,
+    mut slot: Slot,
+    request: StreamHead,
+    service: &StreamService,
+) -> io::Result<()> {
     let chunked = request.chunked;
-    let Some(mut subscription) = Box::pin(open(&socket, request, service)).await? else {
+    let Some(mut subscription) = Box::pin(open(&socket, peer, &mut slot, request, service)).await?
+    else {
         return shut_down(&socket);
     };
     let options = socket2::SockRef::from(&socket);
@@ -210,28 +270,43 @@ fn shut_down(socket: &TcpStream) -> io::Result<()> {
 /// for as long as its stream is open.
 async fn open(
     socket: &TcpStream,
+    peer: IpAddr,
+    slot: &mut Slot,
     request: StreamHead,
     service: &StreamService,
 ) -> io::Result<Option<Subscription>> {
-    let (opened, allow_origin) = match service.cors.allow(request.headers.get("origin")) {
+    let metrics = service.hub.metrics();
+    let (opened, allow_origin) = match service.cors.allow(request.headers.get("origin"), metrics) {
         Err(refusal) => (Err(refusal), None),
         Ok(allow_origin) => {
-            let opened = open_stream(
-                &service.hub,
-                &service.auth,
-                request.path_endpoint.as_deref(),
-                &request.query,
-                &request.headers,
-            )
-            .await;
+            let address = client_address(peer, &request.headers, service.trust_forwarded_for);
+            let opened = match slot.admit_stream(address) {
+                Err(refusal) => Err(refusal),
+                Ok(()) => {
+                    open_stream(
+                        &service.hub,
+                        &service.auth,
+                        request.path_endpoint.as_deref(),
+                        &request.query,
+                        &request.headers,
+                        slot,
+                    )
+                    .await
+                }
+            };
             (opened, allow_origin)
         }
     };
     match opened {
         Err(refusal) => {
-            service.hub.metrics().requests_refused.fetch_add(1, Relaxed);
-            let response = error_response(&refusal, allow_origin.as_ref());
+            metrics.requests_refused.fetch_add(1, Relaxed);
+            let response = error_response(&refusal, allow_origin.as_ref(), request.head_only);
             write_all_vectored(socket, &[&response]).await?;
+            Ok(None)
+        }
+        Ok(_) if request.head_only => {
+            let head = stream_response_head(allow_origin.as_ref(), request.chunked);
+            write_all_vectored(socket, &[&head]).await?;
             Ok(None)
         }
         Ok(mut subscription) => {
@@ -313,7 +388,24 @@ fn next_or_gone(
     Poll::Pending
 }
 
-fn stream_response_head(allow_origin: Option<&HeaderValue>, chunked: bool) -> Vec<u8> {
+/// Where a stream comes from, for the per-address limit: the peer, or behind a trusted load
+/// balancer the last entry of `X-Forwarded-For` (the one it appended; earlier ones are the
+/// client's to write).
+fn client_address(peer: IpAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
+    if !trust_forwarded_for {
+        return peer;
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.rsplit(',').next())
+        .and_then(|last| last.trim().parse().ok())
+        .unwrap_or(peer)
+}
+
+fn stream_response_head(allow_origin: Option<&AllowOrigin>, chunked: bool) -> Vec<u8> {
     let mut head = Vec::with_capacity(512);
     head.extend_from_slice(
         b"HTTP/1.1 200 OK\r\n\
@@ -331,16 +423,26 @@ fn stream_response_head(allow_origin: Option<&HeaderValue>, chunked: bool) -> Ve
     head
 }
 
-fn append_allow_origin(out: &mut Vec<u8>, allow_origin: Option<&HeaderValue>) {
-    if let Some(origin) = allow_origin {
-        out.extend_from_slice(b"access-control-allow-origin: ");
-        out.extend_from_slice(origin.as_bytes());
-        out.extend_from_slice(b"\r\nvary: origin\r\n");
+fn append_allow_origin(out: &mut Vec<u8>, allow_origin: Option<&AllowOrigin>) {
+    for (name, value) in allow_origin.into_iter().flat_map(AllowOrigin::fields) {
+        append_field(out, name.as_str(), value.as_bytes());
     }
 }
 
-/// A complete response for a refused stream request; the connection closes after it.
-fn error_response(refusal: &ApiError, allow_origin: Option<&HeaderValue>) -> Vec<u8> {
+fn append_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A complete response for a refused stream request (without its body for `HEAD`); the
+/// connection closes after it.
+fn error_response(
+    refusal: &ApiError,
+    allow_origin: Option<&AllowOrigin>,
+    head_only: bool,
+) -> Vec<u8> {
     let body = refusal.body();
     let status = refusal.status();
     let mut response = format!(
@@ -351,13 +453,16 @@ fn error_response(refusal: &ApiError, allow_origin: Option<&HeaderValue>) -> Vec
     )
     .into_bytes();
     if let Some(challenge) = refusal.challenge() {
-        response.extend_from_slice(b"www-authenticate: ");
-        response.extend_from_slice(challenge.as_bytes());
-        response.extend_from_slice(b"\r\n");
+        append_field(&mut response, "www-authenticate", challenge.as_bytes());
+    }
+    if let Some(seconds) = refusal.retry_after() {
+        append_field(&mut response, "retry-after", seconds.to_string().as_bytes());
     }
     append_allow_origin(&mut response, allow_origin);
     response.extend_from_slice(b"\r\n");
-    response.extend_from_slice(body.as_bytes());
+    if !head_only {
+        response.extend_from_slice(body.as_bytes());
+    }
     response
 }
 
@@ -474,7 +579,8 @@ pub struct Prefixed {
 }
 
 impl Prefixed {
-    fn new(prefix: Vec<u8>, socket: TcpStream) -> Self {
+    /// `socket`, with `prefix` read from it already.
+    pub fn new(prefix: Vec<u8>, socket: TcpStream) -> Self {
         Self {
             prefix,
             consumed: 0,
@@ -579,6 +685,77 @@ mod tests {
     }
 
     #[test]
+    fn head_of_a_stream_is_a_stream_request_without_a_body() {
+        let Some(Head::Stream(request)) = head("HEAD /v1/streams/orders HTTP/1.1\r\n\r\n") else {
+            panic!("a stream request");
+        };
+        assert!(request.head_only);
+        let Some(Head::Stream(request)) = head("GET /v1/streams/orders HTTP/1.1\r\n\r\n") else {
+            panic!("a stream request");
+        };
+        assert!(!request.head_only);
+    }
+
+    #[test]
+    fn absolute_form_targets_name_their_path() {
+        let Some(Head::Stream(request)) = head(
+            "GET http://fjord.example:8080/v1/streams/orders?key=a HTTP/1.1\r\nHost: fjord.example\r\n\r\n",
+        ) else {
+            panic!("a stream request");
+        };
+        assert_eq!(request.path_endpoint.as_deref(), Some("orders"));
+        assert_eq!(request.query, "key=a");
+        for (target, path) in [
+            ("HTTPS://h/v1/streams?endpoint=a", "/v1/streams?endpoint=a"),
+            ("http://h", "/"),
+            ("http://h?x=1", "/"),
+            ("http://h/", "/"),
+            ("/v1/streams/orders", "/v1/streams/orders"),
+            ("http:/x", "http:/x"),
+            ("httpé://h/x", "httpé://h/x"),
+            ("abcdefé/x", "abcdefé/x"),
+        ] {
+            assert_eq!(origin_form(target), path, "{target}");
+        }
+    }
+
+    #[test]
+    fn the_forwarded_address_counts_only_when_trusted() {
+        let peer: IpAddr = [10, 0, 0, 9].into();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.7"),
+        );
+        assert_eq!(client_address(peer, &headers, false), peer);
+        assert_eq!(
+            client_address(peer, &headers, true),
+            IpAddr::from([203, 0, 113, 7])
+        );
+        headers.insert("x-forwarded-for", HeaderValue::from_static("garbage"));
+        assert_eq!(client_address(peer, &headers, true), peer);
+    }
+
+    #[test]
+    fn a_refusal_at_a_limit_says_when_to_retry_and_head_leaves_the_body_out() {
+        let refusal = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "full",
+        );
+        let full = String::from_utf8(error_response(&refusal, None, false)).expect("utf-8");
+        assert!(
+            full.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{full}"
+        );
+        assert!(full.contains("\r\nretry-after: 5\r\n"), "{full}");
+        assert!(full.ends_with(&refusal.body()), "{full}");
+        let head_only = String::from_utf8(error_response(&refusal, None, true)).expect("utf-8");
+        assert!(head_only.ends_with("\r\n\r\n"), "{head_only}");
+        assert!(head_only.contains(&format!("content-length: {}", refusal.body().len())));
+    }
+
+    #[test]
     fn a_head_ends_at_its_blank_line() {
         assert!(contains_blank_line(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
         assert!(contains_blank_line(b"GET / HTTP/1.1\nHost: x\n\n"));
@@ -662,14 +839,97 @@ mod tests {
         }
     }
 
+    /// Request heads close to valid ones: a method, a target of path pieces, an optional
+    /// query, a version, a few fields, and either the end of the head or not.
+    fn near_valid_head() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let method = prop::sample::select(vec!["GET", "HEAD", "POST", "OPTIONS", "get", ""]);
+        let scheme = prop::sample::select(vec!["", "http://h", "HTTPS://h:1", "http://", "http:/"]);
+        let piece = prop::sample::select(vec![
+            "/v1",
+            "/streams",
+            "/orders",
+            "/",
+            "//",
+            "?",
+            "&",
+            "=",
+            "%FF",
+            "%",
+            "é",
+            "\0",
+            " ",
+            "endpoint=orders",
+            "key=a",
+            "last_event_id=1-0",
+        ]);
+        let version =
+            prop::sample::select(vec!["HTTP/1.1", "HTTP/1.0", "HTTP/2", "", "HTTP/1.1 x"]);
+        let field = prop::sample::select(vec![
+            "Host: x",
+            "Last-Event-ID: 1-0",
+            "Origin: http://a",
+            "X-Forwarded-For: 1.2.3.4",
+            "Bad Field: x",
+            ": x",
+            "Host:",
+            "x-a: \u{80}",
+            " folded",
+        ]);
+        let end = prop::sample::select(vec!["\r\n\r\n", "\n\n", "\r\n", ""]);
+        (
+            method,
+            scheme,
+            prop::collection::vec(piece, 0..8),
+            version,
+            prop::collection::vec(field, 0..6),
+            end,
+        )
+            .prop_map(|(method, scheme, pieces, version, fields, end)| {
+                let mut head = format!("{method} {scheme}{} {version}", pieces.concat());
+                for field in fields {
+                    head.push_str("\r\n");
+                    head.push_str(field);
+                }
+                head.push_str(end);
+                head.into_bytes()
+            })
+    }
+
+    /// What a parsed stream head must hold, whatever the input.
+    fn check_stream_head(head: Option<Head>) -> Result<(), proptest::test_runner::TestCaseError> {
+        if let Some(Head::Stream(request)) = head
+            && let Some(name) = &request.path_endpoint
+        {
+            proptest::prop_assert!(!name.is_empty() && !name.contains('/'));
+        }
+        Ok(())
+    }
+
     proptest::proptest! {
         #[test]
-        fn any_bytes_are_sorted_without_panicking(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
-            let _ = parse_head(&bytes);
+        fn fuzz_request_head_from_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            check_stream_head(parse_head(&bytes))?;
         }
 
         #[test]
-        fn every_split_of_a_write_is_written_in_order(
+        fn fuzz_request_head_near_valid(bytes in near_valid_head()) {
+            check_stream_head(parse_head(&bytes))?;
+        }
+
+        #[test]
+        fn fuzz_request_target_forms(target in "\\PC{0,40}", authority in "[a-zA-Z0-9.:@\\[\\]-]{0,20}") {
+            let path = origin_form(&target);
+            proptest::prop_assert!(target.ends_with(path) || path == "/");
+            for scheme in ["http://", "HTTP://", "https://"] {
+                let absolute = format!("{scheme}{authority}/{target}");
+                let path = origin_form(&absolute);
+                proptest::prop_assert_eq!(path, format!("/{target}"));
+            }
+        }
+
+        #[test]
+        fn fuzz_every_split_of_a_write_is_written_in_order(
             parts in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..50), 1..4),
         ) {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

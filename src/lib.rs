@@ -19,6 +19,7 @@
 //! - [`sse`]: the bytes on the wire: events, heartbeats, resume ids.
 //! - [`http`]: what a stream request asks for and may have, the other routes, CORS, JSON errors.
 //! - [`connection`]: one TCP connection: stream responses written straight to the socket.
+//! - [`limits`]: how many connections a server holds, and descriptors kept for health checks.
 //! - [`metrics`]: the counters behind `/metrics`.
 //! - [`server`]: wires bus, hub and routes into a running server with graceful drain.
 //! - [`process`]: logging and shutdown signals, shared by the binaries.
@@ -41,6 +42,7 @@ pub mod dev;
 pub mod envelope;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod process;
 pub mod queue;

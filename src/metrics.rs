@@ -23,6 +23,20 @@ pub struct Metrics {
     pub bus_lag_ms: AtomicU64,
     /// Requests refused with an error status.
     pub requests_refused: AtomicU64,
+    /// The most streams this server holds open, after the open-file limit.
+    pub connection_limit: AtomicU64,
+    /// Streams refused at `server.max_connections`.
+    pub refused_global: AtomicU64,
+    /// Streams refused at `server.max_connections_per_address`.
+    pub refused_per_address: AtomicU64,
+    /// Streams refused at `server.max_connections_per_subject`.
+    pub refused_per_subject: AtomicU64,
+    /// Connections refused because every file descriptor the server may use was taken.
+    pub refused_descriptors: AtomicU64,
+    /// Failed `accept` calls (out of file descriptors, most often).
+    pub accept_errors: AtomicU64,
+    /// Requests refused because their `Origin` is not in `server.cors_origins`.
+    pub cors_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -78,6 +92,37 @@ impl Metrics {
             "Requests answered with an error status.",
             self.requests_refused.load(Relaxed).to_string(),
         );
+        metric(
+            "fjord_connection_limit",
+            "gauge",
+            "The most streams this server holds open.",
+            self.connection_limit.load(Relaxed).to_string(),
+        );
+        metric(
+            "fjord_accept_errors_total",
+            "counter",
+            "Failed accepts of new connections.",
+            self.accept_errors.load(Relaxed).to_string(),
+        );
+        metric(
+            "fjord_cors_refused_total",
+            "counter",
+            "Requests refused because their origin is not in server.cors_origins.",
+            self.cors_refused.load(Relaxed).to_string(),
+        );
+        let name = "fjord_connections_refused_total";
+        let _ = write!(
+            out,
+            "# HELP {name} Connections refused with 503 at a limit, by limit.\n# TYPE {name} counter\n"
+        );
+        for (limit, count) in [
+            ("global", &self.refused_global),
+            ("address", &self.refused_per_address),
+            ("subject", &self.refused_per_subject),
+            ("file_descriptors", &self.refused_descriptors),
+        ] {
+            let _ = writeln!(out, "{name}{{limit=\"{limit}\"}} {}", count.load(Relaxed));
+        }
         out
     }
 }
@@ -168,5 +213,9 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("# TYPE fjord_events_out_total counter\nfjord_events_out_total 3\n"));
         assert!(text.contains("fjord_open_connections 0"));
+        metrics.refused_per_subject.fetch_add(2, Relaxed);
+        let text = metrics.render();
+        assert!(text.contains("fjord_connections_refused_total{limit=\"subject\"} 2\n"));
+        assert!(text.contains("fjord_connections_refused_total{limit=\"global\"} 0\n"));
     }
 }

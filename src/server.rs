@@ -1,24 +1,28 @@
 //! A running `fjord-server`: reads the bus into the hub, serves the routes, sends the
 //! heartbeats, and on shutdown drains — tells every client to reconnect elsewhere, stops
-//! accepting, and exits within the grace period.
+//! accepting, and exits within the grace period. A failed accept (out of descriptors, most
+//! often) is logged at a bounded rate and backed off from, never spun on.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::Authenticator;
 use crate::bus::{Bus, BusError};
-use crate::config::Manifest;
 use crate::config::ManifestError;
-use crate::connection::{self, Fallback, StreamService};
+use crate::config::{AuthConfig, Manifest};
+use crate::connection::{self, Fallback, Prefixed, StreamService};
 use crate::http::{Cors, StaticFile};
 use crate::hub::Hub;
+use crate::limits::Limits;
 use crate::metrics::{EmfTarget, Metrics};
+use crate::process::LogThrottle;
 
 /// How long a draining server waits for its connections to close; below ECS's 30 s
 /// default stop timeout.
@@ -26,6 +30,10 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(20);
 
 /// How often the open-connections metric goes to CloudWatch.
 const EMF_INTERVAL: Duration = Duration::from_secs(60);
+/// The first wait after a failed accept; it doubles with each failure in a row, up to
+/// [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -88,37 +96,75 @@ pub async fn serve(
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, endpoints = hub.endpoints().len(), "fjord-server listening");
     }
+    let limits = Arc::new(Limits::new(&manifest.server, Arc::clone(&metrics)));
+    // Cookies are the one credential a browser sends by itself, and only where allowed to.
+    let cookies = matches!(&manifest.auth, AuthConfig::Jwt(jwt) if jwt.token_cookie.is_some());
+    let cors = Cors::new(&manifest.server.cors_origins, cookies);
     let streams = Arc::new(StreamService {
         hub: Arc::clone(&hub),
         auth,
-        cors: Cors::new(&manifest.server.cors_origins),
+        cors: cors.clone(),
+        trust_forwarded_for: manifest.server.trust_forwarded_for,
     });
-    let fallback = fallback(crate::http::routes(&hub, &manifest.server, static_files));
+    let fallback = fallback(crate::http::routes(
+        &hub,
+        &manifest.server,
+        cors,
+        static_files,
+    ));
+    let probes = match &manifest.server.metrics_listener {
+        Some(config) => {
+            let address = SocketAddr::new(config.host, config.port);
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|source| ServerError::Bind { address, source })?;
+            if let Ok(address) = listener.local_addr() {
+                tracing::info!(%address, "metrics listening");
+            }
+            let probes = self::fallback(crate::http::probe_routes(&hub));
+            Some(tokio::spawn(serve_probes(
+                listener,
+                probes,
+                Arc::clone(&metrics),
+            )))
+        }
+        None => None,
+    };
     // Every connection task holds a receiver; the drain waits until all are gone.
     let (connections_open, _) = tokio::sync::watch::channel(());
+    let mut acceptor = Acceptor::new(listener, Arc::clone(&metrics));
     tokio::pin!(shutdown);
     loop {
-        let socket = tokio::select! {
+        let (socket, peer) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((socket, _)) => socket,
-                Err(error) => {
-                    // Out of file descriptors, most likely: wait for connections to close.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = acceptor.accept() => accepted,
+        };
+        let slot = match limits.accept() {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                metrics.requests_refused.fetch_add(1, Relaxed);
+                connection::refuse(&socket, &refusal);
+                continue;
+            }
         };
         let _ = socket.set_nodelay(true);
         let open = connections_open.subscribe();
-        let served = connection::serve(socket, Arc::clone(&streams), Arc::clone(&fallback));
+        let served = connection::serve(
+            socket,
+            peer,
+            slot,
+            Arc::clone(&streams),
+            Arc::clone(&fallback),
+        );
         tokio::spawn(async move {
             served.await;
             drop(open);
         });
     }
-    drop(listener);
+    drop(acceptor);
+    if let Some(probes) = probes {
+        probes.abort();
+    }
     tracing::info!("draining: telling clients to reconnect elsewhere");
     hub.drain();
     tokio::select! {
@@ -132,6 +178,59 @@ pub async fn serve(
         emf.abort();
     }
     Ok(())
+}
+
+/// Accepts connections; a failed accept is logged at a bounded rate and waited out, longer
+/// with each failure in a row, instead of being retried at once.
+struct Acceptor {
+    listener: TcpListener,
+    backoff: Duration,
+    metrics: Arc<Metrics>,
+}
+
+static ACCEPT_FAILURES: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+
+impl Acceptor {
+    fn new(listener: TcpListener, metrics: Arc<Metrics>) -> Self {
+        Self {
+            listener,
+            backoff: ACCEPT_BACKOFF_MIN,
+            metrics,
+        }
+    }
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            match self.listener.accept().await {
+                Ok(accepted) => {
+                    self.backoff = ACCEPT_BACKOFF_MIN;
+                    return accepted;
+                }
+                Err(error) => {
+                    self.metrics.accept_errors.fetch_add(1, Relaxed);
+                    if let Some(held_back) = ACCEPT_FAILURES.admit() {
+                        tracing::warn!(
+                            %error,
+                            held_back,
+                            backoff_ms = self.backoff.as_millis(),
+                            "accept failed; waiting for connections to close"
+                        );
+                    }
+                    tokio::time::sleep(self.backoff).await;
+                    self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// The metrics listener: health, readiness and metrics, one request per connection.
+async fn serve_probes(listener: TcpListener, probes: Fallback, metrics: Arc<Metrics>) {
+    let mut acceptor = Acceptor::new(listener, metrics);
+    loop {
+        let (socket, _) = acceptor.accept().await;
+        tokio::spawn(probes(Prefixed::new(Vec::new(), socket)));
+    }
 }
 
 /// hyper with warp's routes, for every request that is not a stream: one request per

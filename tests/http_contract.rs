@@ -7,7 +7,7 @@ use common::*;
 
 struct Server {
     port: u16,
-    _process: Process,
+    process: Process,
     _dir: tempfile::TempDir,
 }
 
@@ -26,7 +26,7 @@ async fn start_server(edit: impl FnOnce(&mut serde_json::Value)) -> Server {
     wait_ready(port).await;
     Server {
         port,
-        _process: process,
+        process,
         _dir: dir,
     }
 }
@@ -305,4 +305,206 @@ async fn a_malformed_manifest_fails_with_its_path_before_binding() {
         log.contains("$.endpoints.a") && log.contains("colour"),
         "{log}"
     );
+}
+
+/// Sends `request` on a new connection and reads until the server closes it.
+async fn exchange(port: u16, request: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    socket.write_all(request.as_bytes()).await.expect("request");
+    let mut received = Vec::new();
+    tokio::time::timeout(PATIENCE, socket.read_to_end(&mut received))
+        .await
+        .expect("the server closes the connection")
+        .expect("read");
+    String::from_utf8(received).expect("utf-8")
+}
+
+#[tokio::test]
+async fn head_is_answered_like_get_without_a_body() {
+    let server = start_server(|_| {}).await;
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let response = exchange(
+            server.port,
+            &format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let (head, body) = response.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        assert!(head.contains("content-length: "), "{path}: {head}");
+        assert_eq!(body, "", "{path}");
+    }
+    // A stream's HEAD is checked like its GET and gets the same head, then the connection
+    // closes: no stream is opened.
+    let response = exchange(
+        server.port,
+        "HEAD /v1/streams/orders HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let (head, body) = response.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert_eq!(body, "");
+    let response = exchange(
+        server.port,
+        "HEAD /v1/streams/nope HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let (head, body) = response.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert_eq!(body, "");
+    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", server.port))
+        .await
+        .expect("response")
+        .text()
+        .await
+        .expect("body");
+    assert!(text.contains("fjord_open_connections 0"), "{text}");
+}
+
+#[tokio::test]
+async fn absolute_form_targets_are_served_like_their_paths() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let server = start_server(|_| {}).await;
+    let port = server.port;
+    let response = exchange(
+        port,
+        &format!("GET http://127.0.0.1:{port}/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    socket
+        .write_all(
+            b"GET http://fjord.example/v1/streams/orders?key=a HTTP/1.1\r\nHost: fjord.example\r\n\r\n",
+        )
+        .await
+        .expect("request");
+    let mut received = Vec::new();
+    while !String::from_utf8_lossy(&received).contains("retry: ") {
+        let mut chunk = [0_u8; 1024];
+        let n = socket.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&received));
+        received.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("content-type: text/event-stream"), "{text}");
+}
+
+#[tokio::test]
+async fn cors_star_sends_a_literal_star_without_credentials() {
+    let server = start_server(|m| m["server"]["cors_origins"] = serde_json::json!(["*"])).await;
+    let url = format!("http://127.0.0.1:{}/v1/streams/orders", server.port);
+    let stream = SseStream::connect(&url, &[("origin", "https://anyone.example")]).await;
+    assert_eq!(stream.status, 200);
+    assert_eq!(stream.headers["access-control-allow-origin"], "*");
+    assert!(
+        !stream
+            .headers
+            .contains_key("access-control-allow-credentials")
+    );
+    let client = reqwest::Client::new();
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://anyone.example")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(preflight.status(), 200);
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
+    assert!(
+        !preflight
+            .headers()
+            .contains_key("access-control-allow-credentials")
+    );
+    let health = client
+        .get(format!("http://127.0.0.1:{}/healthz", server.port))
+        .header("origin", "https://anyone.example")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(health.headers()["access-control-allow-origin"], "*");
+}
+
+#[tokio::test]
+async fn listed_origins_get_credentials_in_cookie_mode_and_refusals_are_logged() {
+    let server = start_server(|m| {
+        m["server"]["cors_origins"] = serde_json::json!(["https://app.example.com"]);
+        m["auth"] = serde_json::json!({
+            "mode": "jwt", "algorithms": ["RS256"], "jwks_url": "https://127.0.0.1:9/jwks",
+            "token_cookie": "fjord_token"
+        });
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{}/v1/streams/orders", server.port);
+    let origin = "https://app.example.com";
+    let client = reqwest::Client::new();
+    // Without a token: a 401, which a page on the origin may read, cookies and all.
+    let refused = client
+        .get(&url)
+        .header("origin", origin)
+        .send()
+        .await
+        .expect("response");
+    let headers = refused.headers().clone();
+    assert_eq!(json_error(refused).await.0, 401);
+    assert_eq!(headers["access-control-allow-origin"], origin);
+    assert_eq!(headers["access-control-allow-credentials"], "true");
+    assert_eq!(headers["vary"], "origin");
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", origin)
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "last-event-id")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(preflight.status(), 200);
+    assert_eq!(preflight.headers()["access-control-allow-origin"], origin);
+    assert_eq!(
+        preflight.headers()["access-control-allow-credentials"],
+        "true"
+    );
+    assert_eq!(preflight.headers()["vary"], "origin");
+
+    // A page on an origin not listed is refused, and the log says which and what is listed.
+    let stranger = client
+        .get(&url)
+        .header("origin", "http://127.0.0.1:5173")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(json_error(stranger).await, (403, "cors_forbidden".into()));
+    let line = server
+        .process
+        .wait_for_log(&[
+            "http://127.0.0.1:5173",
+            "https://app.example.com",
+            "cors_origins",
+        ])
+        .await;
+    assert!(line.contains("WARN"), "{line}");
+    // At a bounded rate: a flood of refusals adds no line within the interval.
+    for _ in 0..20 {
+        let _ = client
+            .get(&url)
+            .header("origin", "http://127.0.0.1:5173")
+            .send()
+            .await
+            .expect("response");
+    }
+    let lines = server
+        .process
+        .log()
+        .iter()
+        .filter(|line| line.contains("http://127.0.0.1:5173"))
+        .count();
+    assert_eq!(lines, 1);
 }

@@ -333,6 +333,15 @@ impl DeployConfig {
             "must be a fixed port to deploy: the target group and the health check need it".into()
         })?;
         require(
+            manifest
+                .server
+                .metrics_listener
+                .as_ref()
+                .is_none_or(|metrics| metrics.port != 0),
+            "$.server.metrics_listener.port",
+            || "must be a fixed port to deploy: scrapers need to know it".into(),
+        )?;
+        require(
             manifest.server.host.is_unspecified(),
             "$.server.host",
             || {
@@ -899,6 +908,10 @@ mod tests {
             (
                 "$.server.port: must be a fixed port",
                 Box::new(|v| v["server"]["port"] = json!(0)),
+            ),
+            (
+                "$.server.metrics_listener.port: must be a fixed port",
+                Box::new(|v| v["server"]["metrics_listener"]["port"] = json!(0)),
             ),
             (
                 "$.redis.url",

@@ -115,7 +115,7 @@ impl Plan {
                 container: ContainerSpec {
                     name: role,
                     image: image.to_owned(),
-                    port: None,
+                    ports: Vec::new(),
                     environment: BTreeMap::from([
                         (
                             "FJORD_MANIFEST_JSON".to_owned(),
@@ -138,7 +138,11 @@ impl Plan {
             server_image,
             deploy.services.server.size(),
         );
-        server.container.port = Some(port);
+        server.container.ports.push(port);
+        // A scraper inside the VPC reaches the metrics listener; the target group never does.
+        if let Some(metrics) = &deployment.manifest.server.metrics_listener {
+            server.container.ports.push(metrics.port);
+        }
         server.container.health_check = Some(vec![
             "CMD".to_owned(),
             HEALTHCHECK_BIN.to_owned(),
@@ -277,8 +281,8 @@ pub struct ContainerSpec {
     pub name: Role,
     /// The image, pinned by digest.
     pub image: String,
-    /// The TCP port it listens on.
-    pub port: Option<u16>,
+    /// The TCP ports it listens on: the public one first.
+    pub ports: Vec<u16>,
     /// Plain environment: the runtime manifest and the deploy's own variables.
     pub environment: BTreeMap<String, String>,
     /// Variable → secret ARN, injected by ECS.
@@ -346,14 +350,14 @@ impl TaskDefinitionSpec {
             })
             .transpose()?;
         let port_mappings = container
-            .port
-            .map(|port| {
+            .ports
+            .iter()
+            .map(|&port| {
                 PortMapping::builder()
                     .container_port(i32::from(port))
                     .protocol(TransportProtocol::Tcp)
                     .build()
             })
-            .into_iter()
             .collect();
         Ok(ContainerDefinition::builder()
             .name(container.name.as_str())
@@ -638,7 +642,16 @@ mod tests {
         assert_eq!(container.image(), Some(SERVER_IMAGE));
         assert_eq!(container.essential(), Some(true));
         assert_eq!(container.stop_timeout(), Some(30));
-        assert_eq!(container.port_mappings()[0].container_port(), Some(8080));
+        let ports: Vec<_> = container
+            .port_mappings()
+            .iter()
+            .map(|mapping| mapping.container_port())
+            .collect();
+        assert_eq!(
+            ports,
+            [Some(8080), Some(9090)],
+            "the public port, then metrics"
+        );
         assert_eq!(
             container.health_check().unwrap().command(),
             [

@@ -92,6 +92,8 @@ pub struct Grant {
     pub keys: Option<Vec<String>>,
     /// When it expires, in seconds since the epoch; `None` when auth is disabled.
     pub expires_at: Option<u64>,
+    /// The token's `sub`, whose streams `server.max_connections_per_subject` counts.
+    pub subject: Option<String>,
 }
 
 impl Grant {
@@ -101,6 +103,7 @@ impl Grant {
             endpoints: None,
             keys: None,
             expires_at: None,
+            subject: None,
         }
     }
 
@@ -132,6 +135,8 @@ impl Grant {
 #[derive(Debug, Deserialize)]
 struct Claims {
     exp: u64,
+    #[serde(default)]
+    sub: Option<String>,
     #[serde(default)]
     fjord: Option<FjordClaim>,
 }
@@ -386,6 +391,7 @@ fn grant_of(claims: Claims) -> Grant {
         endpoints,
         keys,
         expires_at: Some(claims.exp),
+        subject: claims.sub,
     }
 }
 
@@ -595,6 +601,7 @@ mod tests {
             endpoints: Some(vec!["orders".into()]),
             keys: Some(vec!["a".into(), "b".into()]),
             expires_at: None,
+            subject: None,
         };
         assert_eq!(
             grant.authorize(&["orders"], None),
@@ -616,6 +623,7 @@ mod tests {
             endpoints: Some(vec!["*".into()]),
             keys: None,
             expires_at: None,
+            subject: None,
         };
         assert_eq!(
             all.authorize(&["orders", "drivers"], Some(vec!["z".into()])),

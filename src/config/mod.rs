@@ -496,6 +496,38 @@ pub struct ServerConfig {
     /// event waited longer is too slow, and is disconnected so that the others keep up.
     #[serde(default = "default_client_max_lag_ms")]
     pub client_max_lag_ms: u64,
+    /// Most open streams on one server; `None` derives it from the open-file limit, keeping
+    /// descriptors in reserve for health checks, metrics and the bus.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Most open streams from one client address; `None` for no such limit.
+    #[serde(default)]
+    pub max_connections_per_address: Option<usize>,
+    /// Most open streams for one token subject (`sub`); `None` for no such limit.
+    #[serde(default)]
+    pub max_connections_per_subject: Option<usize>,
+    /// Whether a client's address is the last entry of `X-Forwarded-For` (what a load
+    /// balancer in front appends) rather than the connection's peer, for the per-address limit.
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
+    /// A separate listener for `/metrics` (and the health routes), for a scraper inside the
+    /// network; without it `/metrics` is served on the public port.
+    #[serde(default)]
+    pub metrics_listener: Option<MetricsListener>,
+}
+
+/// `server.metrics_listener`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsListener {
+    /// The address to listen on.
+    #[serde(default = "default_host")]
+    pub host: std::net::IpAddr,
+    /// The TCP port.
+    pub port: u16,
+    /// Whether `/metrics` is still served on the public port as well.
+    #[serde(default)]
+    pub keep_on_public_port: bool,
 }
 
 impl ServerConfig {
@@ -507,6 +539,13 @@ impl ServerConfig {
     /// How long an event may wait in a client's queue.
     pub fn client_max_lag(&self) -> Duration {
         Duration::from_millis(self.client_max_lag_ms)
+    }
+
+    /// Whether the public port serves `/metrics`.
+    pub fn metrics_on_public_port(&self) -> bool {
+        self.metrics_listener
+            .as_ref()
+            .is_none_or(|listener| listener.keep_on_public_port)
     }
 }
 
@@ -520,6 +559,11 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             client_queue: default_client_queue(),
             client_max_lag_ms: default_client_max_lag_ms(),
+            max_connections: None,
+            max_connections_per_address: None,
+            max_connections_per_subject: None,
+            trust_forwarded_for: false,
+            metrics_listener: None,
         }
     }
 }

@@ -377,6 +377,33 @@ impl Manifest {
             "$.server.client_max_lag_ms",
             "must be 100 to 3600000",
         )?;
+        for (limit, path) in [
+            (server.max_connections, "$.server.max_connections"),
+            (
+                server.max_connections_per_address,
+                "$.server.max_connections_per_address",
+            ),
+            (
+                server.max_connections_per_subject,
+                "$.server.max_connections_per_subject",
+            ),
+        ] {
+            require(
+                limit.is_none_or(|limit| (1..=10_000_000).contains(&limit)),
+                path,
+                "must be 1 to 10000000, or absent for the default",
+            )?;
+        }
+        if let Some(metrics) = &server.metrics_listener {
+            require(
+                metrics.port == 0 || metrics.port != server.port,
+                "$.server.metrics_listener.port",
+                format!(
+                    "must differ from server.port ({}); leave metrics_listener out to serve /metrics on the public port",
+                    server.port
+                ),
+            )?;
+        }
         for (i, origin) in server.cors_origins.iter().enumerate() {
             let valid = origin == "*"
                 || ((origin.starts_with("https://") || origin.starts_with("http://"))
@@ -742,6 +769,31 @@ mod tests {
                 "/server",
                 serde_json::json!({"client_max_lag_ms": 10}),
                 "$.server.client_max_lag_ms",
+            ),
+            (
+                "/server",
+                serde_json::json!({"max_connections": 0}),
+                "$.server.max_connections",
+            ),
+            (
+                "/server",
+                serde_json::json!({"max_connections_per_address": 0}),
+                "$.server.max_connections_per_address",
+            ),
+            (
+                "/server",
+                serde_json::json!({"max_connections_per_subject": 0}),
+                "$.server.max_connections_per_subject",
+            ),
+            (
+                "/server",
+                serde_json::json!({"port": 8080, "metrics_listener": {"port": 8080}}),
+                "$.server.metrics_listener.port",
+            ),
+            (
+                "/server",
+                serde_json::json!({"metrics_listener": {"host": "127.0.0.1"}}),
+                "$.server.metrics_listener",
             ),
             ("/auth", serde_json::json!({"mode": "maybe"}), "$.auth"),
             (
