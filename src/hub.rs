@@ -6,7 +6,7 @@
 //! records the consumer could not read goes to every connection of its endpoint, whatever
 //! its keys, as `fjord.gap`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
@@ -28,6 +28,9 @@ use crate::sse::{self, RenderedEvent, ResumeId};
 const MAX_DIRECT_WRITES: usize = 1_000;
 /// Most frames written to a connection in one write.
 const MAX_COALESCED_FRAMES: usize = 64;
+/// About the most replayed bytes written to a connection in one write (one event may pass
+/// it): a resuming connection holds its replay's page and this.
+const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
 /// Longest pause between failed bus reads.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The bus counts as unreachable when no read succeeded for this long.
@@ -349,11 +352,21 @@ impl Hub {
             }
         }
         let cursor = ResumeId(cursor);
-        let backlog =
-            (!ranges.is_empty()).then(|| replay(self.bus.clone(), self.endpoints.clone(), ranges));
+        let backlog = (!ranges.is_empty()).then(|| {
+            replay(
+                self.bus.clone(),
+                self.endpoints.clone(),
+                ranges,
+                self.queue_size,
+            )
+        });
         Subscription {
             prelude: Some(sse::prelude(self.retry_ms, &cursor)),
             backlog,
+            page: VecDeque::new(),
+            page_bytes: 0,
+            replay_held: 0,
+            handed_at: None,
             replayed_at: None,
             receiver,
             direct: None,
@@ -616,6 +629,14 @@ type Backlog = BoxStream<'static, Result<ReplayItem, BusError>>;
 pub struct Subscription {
     prelude: Option<Bytes>,
     backlog: Option<Backlog>,
+    /// The replayed entries of the backlog's current page not yet written, and their bytes.
+    page: VecDeque<(usize, BusEntry)>,
+    page_bytes: usize,
+    /// The replay's bytes this connection holds — its page, and the chunk it was handed
+    /// last, written by the time it asks for more — as counted in the metrics.
+    replay_held: usize,
+    /// When it was handed its last replayed chunk.
+    handed_at: Option<Instant>,
     /// When its replay ended: events queued while it replayed waited for the replay, not
     /// for the client, and do not count as lag.
     replayed_at: Option<Instant>,
@@ -694,46 +715,89 @@ impl Subscription {
         }
     }
 
-    fn write_replayed(&mut self, item: ReplayItem, out: &mut BytesMut) {
-        match item {
-            ReplayItem::Gap {
-                endpoint,
-                requested,
-                oldest,
-            } => {
-                let name = self
-                    .hub
-                    .endpoints
-                    .get(endpoint)
-                    .map_or("", EndpointName::as_str);
-                out.extend_from_slice(&sse::gap(name, requested, oldest));
-            }
-            ReplayItem::Entries(entries) => {
-                for (endpoint, entry) in entries {
-                    let wanted = match (entry.kind, &self.keys, &entry.filter_key) {
-                        (EntryKind::Skipped, _, _) | (EntryKind::Record, None, _) => true,
-                        (EntryKind::Record, Some(keys), Some(key)) => {
-                            keys.binary_search(key).is_ok()
-                        }
-                        (EntryKind::Record, Some(_), None) => false,
-                    };
-                    if wanted && let Some(event) = self.hub.render(endpoint, &entry) {
-                        self.write_event(endpoint, entry.id, &event, out);
-                    }
-                }
-            }
+    fn write_replayed(&mut self, endpoint: usize, entry: &BusEntry, out: &mut BytesMut) {
+        let wanted = match (entry.kind, &self.keys, &entry.filter_key) {
+            (EntryKind::Skipped, _, _) | (EntryKind::Record, None, _) => true,
+            (EntryKind::Record, Some(keys), Some(key)) => keys.binary_search(key).is_ok(),
+            (EntryKind::Record, Some(_), None) => false,
+        };
+        if wanted && let Some(event) = self.hub.render(endpoint, entry) {
+            self.write_event(endpoint, entry.id, &event, out);
         }
     }
 
+    /// Counts `bytes` as what this connection's replay holds now.
+    fn hold_replay(&mut self, bytes: usize) {
+        let metric = &self.hub.metrics.replay_buffered_bytes;
+        metric.fetch_add(i64::try_from(bytes).unwrap_or(i64::MAX), Relaxed);
+        metric.fetch_sub(i64::try_from(self.replay_held).unwrap_or(i64::MAX), Relaxed);
+        self.replay_held = bytes;
+    }
+
+    /// Ends the replay early: the connection gets nothing more and resumes from what it got.
+    fn abandon_replay(&mut self) {
+        self.backlog = None;
+        self.page = VecDeque::new();
+        self.page_bytes = 0;
+        self.hold_replay(0);
+        self.receiver.queue.close_and_clear();
+    }
+
+    /// The next chunk of the replay: a page is read from the bus only once the last one is
+    /// written, and written a chunk at a time, so that a connection holds at most a page
+    /// and a chunk, however big the records.
     fn poll_backlog(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        // Asked for more, the connection has written what it was handed. One that took too
+        // long is shed, as a live one whose events wait too long is, and resumes from what
+        // it got.
+        let too_slow = self
+            .handed_at
+            .take()
+            .is_some_and(|handed| handed.elapsed() > self.hub.max_lag);
+        if too_slow {
+            self.hub.cut_off([self.id]);
+            self.abandon_replay();
+            return Poll::Ready(None);
+        }
+        if self.receiver.queue.is_closed() {
+            // Cut off by the hub (its queue filled while it replayed), drained or expired:
+            // its notices still go out, not the live events after what it was not sent.
+            let mut notices = BytesMut::new();
+            while let Some(frame) = self.receiver.queue.try_next_if(|_| true) {
+                if let Frame::Raw(bytes) = frame {
+                    notices.extend_from_slice(&bytes);
+                }
+            }
+            self.abandon_replay();
+            return Poll::Ready((!notices.is_empty()).then(|| notices.freeze()));
+        }
         loop {
+            if !self.page.is_empty() {
+                let mut out = BytesMut::new();
+                let mut frames = 0;
+                while out.len() < REPLAY_CHUNK_BYTES && frames < MAX_COALESCED_FRAMES {
+                    let Some((endpoint, entry)) = self.page.pop_front() else {
+                        break;
+                    };
+                    self.page_bytes -= entry.envelope.len();
+                    self.write_replayed(endpoint, &entry, &mut out);
+                    frames += 1;
+                }
+                self.hold_replay(self.page_bytes + out.len());
+                if !out.is_empty() {
+                    self.handed_at = Some(Instant::now());
+                    return Poll::Ready(Some(out.freeze()));
+                }
+                continue;
+            }
             let Some(backlog) = &mut self.backlog else {
                 return Poll::Ready(None);
             };
-            let item = match backlog.poll_next_unpin(cx) {
+            match backlog.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     self.backlog = None;
+                    self.hold_replay(0);
                     self.replayed_at = Some(Instant::now());
                     return Poll::Ready(None);
                 }
@@ -741,16 +805,27 @@ impl Subscription {
                     // Ending the stream makes the client reconnect and resume from what
                     // it got.
                     tracing::warn!(%error, client = self.id, "replay failed; closing the stream");
-                    self.backlog = None;
-                    self.receiver.queue.close_and_clear();
+                    self.abandon_replay();
                     return Poll::Ready(None);
                 }
-                Poll::Ready(Some(Ok(item))) => item,
-            };
-            let mut out = BytesMut::new();
-            self.write_replayed(item, &mut out);
-            if !out.is_empty() {
-                return Poll::Ready(Some(out.freeze()));
+                Poll::Ready(Some(Ok(ReplayItem::Gap {
+                    endpoint,
+                    requested,
+                    oldest,
+                }))) => {
+                    self.hold_replay(0);
+                    let name = self
+                        .hub
+                        .endpoints
+                        .get(endpoint)
+                        .map_or("", EndpointName::as_str);
+                    return Poll::Ready(Some(sse::gap(name, requested, oldest)));
+                }
+                Poll::Ready(Some(Ok(ReplayItem::Entries(entries)))) => {
+                    self.page_bytes = entries.iter().map(|(_, entry)| entry.envelope.len()).sum();
+                    self.page = entries.into();
+                    self.hold_replay(self.page_bytes);
+                }
             }
         }
     }
@@ -838,6 +913,7 @@ impl Stream for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        self.hold_replay(0);
         self.hub.unsubscribe(self.id);
         self.hub.metrics.open_connections.fetch_sub(1, Relaxed);
     }
@@ -933,11 +1009,25 @@ mod tests {
         count: i64,
         retention: Retention,
     ) -> Vec<StreamId> {
+        publish_padded(hub, bus, reader, first_offset, count, retention, 0).await
+    }
+
+    /// [`publish`] with `pad` more bytes in each record.
+    async fn publish_padded(
+        hub: &Hub,
+        bus: &MemoryBus,
+        reader: &mut BusReader,
+        first_offset: i64,
+        count: i64,
+        retention: Retention,
+        pad: usize,
+    ) -> Vec<StreamId> {
         let endpoints = [(name("orders"), retention)];
+        let pad = "x".repeat(pad);
         for offset in first_offset..first_offset + count {
             let envelope = Envelope {
                 filter_key: Some(format!("k{offset}")),
-                json: format!("{{\"offset\":{offset}}}").into_bytes(),
+                json: format!("{{\"offset\":{offset},\"pad\":\"{pad}\"}}").into_bytes(),
             };
             Bus::Memory(bus.clone())
                 .publish(Publication {
@@ -1224,6 +1314,78 @@ mod tests {
         assert!(next_text(&mut client).await.starts_with("id: "));
     }
 
+    const BIG: usize = 100 * 1024;
+
+    fn replay_held(hub: &Hub) -> usize {
+        usize::try_from(hub.metrics().replay_buffered_bytes.load(Relaxed)).expect("not negative")
+    }
+
+    #[tokio::test]
+    async fn a_replay_of_big_records_holds_about_a_page_and_is_written_in_chunks() {
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
+        let ids = publish_padded(&hub, &bus, &mut reader, 0, 40, Retention::default(), BIG).await;
+        let mut client = hub.subscribe(live(vec![1]), Some(&ResumeId(vec![ids[0]])), None);
+        next_text(&mut client).await;
+        let mut seen = Vec::new();
+        let mut most_held = 0;
+        while seen.len() < 39 {
+            let text = next_text(&mut client).await;
+            assert!(
+                text.len() < REPLAY_CHUNK_BYTES + BIG + 100,
+                "{}",
+                text.len()
+            );
+            most_held = most_held.max(replay_held(&hub));
+            seen.extend(offsets(&text));
+        }
+        assert_eq!(seen, (1..40).collect::<Vec<_>>());
+        assert!(most_held > BIG, "counted: {most_held}");
+        assert!(
+            most_held < crate::replay::PAGE_BYTES + REPLAY_CHUNK_BYTES + 2 * (BIG + 100),
+            "held {most_held}"
+        );
+        publish(&hub, &bus, &mut reader, 40, 1, Retention::default()).await;
+        assert_eq!(read_offsets(&mut client, 1).await, vec![40]);
+        assert_eq!(replay_held(&hub), 0, "given back once replayed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumer_that_takes_too_long_to_write_its_replay_is_shed() {
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
+        let ids = publish_padded(&hub, &bus, &mut reader, 0, 5, Retention::default(), BIG).await;
+        let mut client = hub.subscribe(live(vec![1]), Some(&ResumeId(vec![ids[0]])), None);
+        next_text(&mut client).await;
+        assert_eq!(offsets(&next_text(&mut client).await), vec![1]);
+        assert!(replay_held(&hub) > BIG);
+        tokio::time::advance(ServerConfig::default().client_max_lag() + Duration::from_millis(1))
+            .await;
+        assert!(client.next().await.is_none(), "shed");
+        assert_eq!(hub.metrics().clients_dropped.load(Relaxed), 1);
+        assert_eq!(replay_held(&hub), 0);
+    }
+
+    #[tokio::test]
+    async fn a_resumer_cut_off_while_it_replays_gets_no_more_of_it() {
+        let bus = MemoryBus::new();
+        let mut reader = Bus::Memory(bus.clone())
+            .reader(vec![name("drivers"), name("orders")])
+            .await
+            .expect("reader");
+        let hub = hub_with(2, bus.clone(), reader.cursors(), StartPosition::Live);
+        let ids = publish_padded(&hub, &bus, &mut reader, 0, 5, Retention::default(), BIG).await;
+        let mut client = hub.subscribe(live(vec![1]), Some(&ResumeId(vec![ids[0]])), None);
+        next_text(&mut client).await;
+        assert_eq!(offsets(&next_text(&mut client).await), vec![1]);
+        // Live records fill its queue of two while it replays.
+        publish(&hub, &bus, &mut reader, 5, 3, Retention::default()).await;
+        assert_eq!(hub.metrics().clients_dropped.load(Relaxed), 1);
+        assert!(
+            client.next().await.is_none(),
+            "neither the replay nor its live events"
+        );
+        assert_eq!(replay_held(&hub), 0);
+    }
+
     #[tokio::test]
     async fn keyed_and_multi_endpoint_connections_resume_too() {
         let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
@@ -1241,7 +1403,7 @@ mod tests {
             next_text(&mut client).await,
             format!("retry: 2000\nid: 0-0_{}\n\n", ids[0])
         );
-        let replayed = next_text(&mut client).await;
+        let replayed = read_text(&mut client, 2).await;
         assert_eq!(offsets(&replayed), vec![2, 5]);
         assert!(
             replayed.starts_with(&format!("id: 0-0_{}\n", ids[2])),
