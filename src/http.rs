@@ -15,11 +15,12 @@ use warp::{Filter, Rejection, Reply};
 use crate::auth::{AuthError, Authenticator, Forbidden, find_token};
 use crate::config::ServerConfig;
 use crate::hub::{Hub, Interest, Subscription};
+use crate::keys::KeySet;
 use crate::sse::ResumeId;
 
 /// Most keys one connection may filter on.
 const MAX_KEYS: usize = 1000;
-/// Longest key filter.
+/// Longest key filter, in bytes of the record key.
 const MAX_KEY_BYTES: usize = 1024;
 
 /// A request refused with a status and a stable error code.
@@ -172,7 +173,7 @@ pub fn parse_stream_request(
     last_event_id: Option<&str>,
 ) -> Result<StreamRequest, ApiError> {
     let mut endpoints = Vec::new();
-    let mut keys: Option<Vec<String>> = None;
+    let mut keys: Option<Vec<Vec<u8>>> = None;
     let mut query_last_event_id = None;
     let mut add_endpoint = |name: &str| -> Result<(), ApiError> {
         let index = hub
@@ -192,8 +193,16 @@ pub fn parse_stream_request(
                 ));
             }
             "endpoint" => add_endpoint(&value)?,
-            "key" => {
-                if value.len() > MAX_KEY_BYTES {
+            // A key is the bytes of a record's key: `key=` the UTF-8 of its text,
+            // `key_base64=` any bytes, as the envelope shows a key that is not text. The
+            // two match the same record only when they are the same bytes.
+            "key" | "key_base64" => {
+                let key = if name == "key" {
+                    value.into_owned().into_bytes()
+                } else {
+                    decode_key(&value)?
+                };
+                if key.len() > MAX_KEY_BYTES {
                     return Err(ApiError::bad_query(format!(
                         "a key is longer than {MAX_KEY_BYTES} bytes"
                     )));
@@ -202,14 +211,14 @@ pub fn parse_stream_request(
                 if keys.len() == MAX_KEYS {
                     return Err(ApiError::bad_query(format!("at most {MAX_KEYS} keys")));
                 }
-                keys.push(value.into_owned());
+                keys.push(key);
             }
             "last_event_id" => query_last_event_id = Some(value.into_owned()),
             // Taken by the auth layer, where the manifest allows it.
             "access_token" => {}
             other => {
                 return Err(ApiError::bad_query(format!(
-                    "unknown query parameter {:?}; expected endpoint, key, last_event_id or access_token",
+                    "unknown query parameter {:?}; expected endpoint, key, key_base64, last_event_id or access_token",
                     other.chars().take(100).collect::<String>()
                 )));
             }
@@ -222,10 +231,7 @@ pub fn parse_stream_request(
     }
     endpoints.sort_unstable();
     endpoints.dedup();
-    if let Some(keys) = &mut keys {
-        keys.sort_unstable();
-        keys.dedup();
-    }
+    let keys = keys.map(KeySet::new);
     // The header wins: EventSource sends it on reconnect, after a first request whose
     // query id is stale.
     let resume = last_event_id
@@ -238,6 +244,23 @@ pub fn parse_stream_request(
         interest: Interest { endpoints, keys },
         resume,
     })
+}
+
+/// The bytes of a `key_base64=` value: standard base64 with padding, as the envelope has it.
+fn decode_key(value: &str) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine as _;
+    if value.len() > MAX_KEY_BYTES.div_ceil(3) * 4 {
+        return Err(ApiError::bad_query(format!(
+            "a key is longer than {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .map_err(|error| {
+            ApiError::bad_query(format!(
+                "key_base64 is not standard base64 ({error}); percent-encode + / = as %2B %2F %3D"
+            ))
+        })
 }
 
 /// The value of the first `name=` of a query string.
@@ -459,7 +482,7 @@ mod tests {
         let request =
             parse_stream_request(&hub(), Some("orders"), "key=b&key=a&key=b", None).expect("valid");
         assert_eq!(request.interest.endpoints, vec![1]);
-        assert_eq!(request.interest.keys, Some(vec!["a".into(), "b".into()]));
+        assert_eq!(request.interest.keys, Some(KeySet::new(["a", "b"])));
         assert_eq!(request.resume, None);
     }
 

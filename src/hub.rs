@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::bus::{Bus, BusEntry, BusError, BusReader, EntryKind, SkippedRecords, StreamId};
 use crate::config::{EndpointName, ServerConfig, StartPosition};
+use crate::keys::{ClientId, KeyIndex, KeySet};
 use crate::metrics::Metrics;
 use crate::queue::{Delivery, PushError, Queue};
 use crate::replay::{ReplayItem, ReplayRange, replay};
@@ -36,7 +37,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The bus counts as unreachable when no read succeeded for this long.
 const READY_WINDOW_MS: u64 = 5_000;
 
-type ClientId = u64;
 /// A connection's queue, shared by the hub's indexes (which push) and its subscription
 /// (which takes).
 type ClientQueue = Arc<Outlet>;
@@ -126,7 +126,7 @@ struct Channel {
     /// Connections that receive every record.
     everyone: HashMap<ClientId, ClientQueue>,
     /// Connections that receive only records with one of their keys, by key.
-    by_key: HashMap<String, HashMap<ClientId, ClientQueue>>,
+    by_key: KeyIndex<ClientQueue>,
     /// The id of the last entry queued to this channel's connections. Written under the
     /// read lock by the one dispatcher, read under the write lock by a new subscriber.
     last_ms: AtomicU64,
@@ -136,12 +136,10 @@ struct Channel {
 impl Channel {
     /// Every connection of the endpoint once, whatever its keys.
     fn all_receivers(&self) -> impl Iterator<Item = (ClientId, &ClientQueue)> {
-        let mut seen = HashSet::new();
         self.everyone
             .iter()
-            .chain(self.by_key.values().flatten())
-            .filter(move |(client, _)| seen.insert(**client))
             .map(|(&client, sender)| (client, sender))
+            .chain(self.by_key.all())
     }
 
     fn last_id(&self) -> StreamId {
@@ -156,7 +154,7 @@ impl Channel {
 struct Client {
     sender: ClientQueue,
     endpoints: Vec<usize>,
-    keys: Option<Vec<String>>,
+    keys: Option<Arc<KeySet>>,
     /// When its token runs out, in seconds since the epoch.
     expires_at: Option<u64>,
 }
@@ -203,7 +201,7 @@ pub struct Interest {
     /// Indexes into the hub's endpoints, sorted, without repeats.
     pub endpoints: Vec<usize>,
     /// Only records with one of these keys; `None` for all.
-    pub keys: Option<Vec<String>>,
+    pub keys: Option<KeySet>,
 }
 
 impl Hub {
@@ -296,21 +294,16 @@ impl Hub {
         let receiver = Arc::clone(&sender);
         let id = self.next_client.fetch_add(1, Relaxed);
         let mut live_start = Vec::with_capacity(interest.endpoints.len());
+        // One set for the connection, shared with every endpoint's index, and with other
+        // connections that asked for the same keys.
+        let mut keys = interest.keys.map(Arc::new);
         for &endpoint in &interest.endpoints {
             let mut channel = write(&self.channels[endpoint]);
-            match &interest.keys {
+            match &mut keys {
                 None => {
                     channel.everyone.insert(id, sender.clone());
                 }
-                Some(keys) => {
-                    for key in keys {
-                        channel
-                            .by_key
-                            .entry(key.clone())
-                            .or_default()
-                            .insert(id, sender.clone());
-                    }
-                }
+                Some(keys) => *keys = channel.by_key.insert(keys, id, sender.clone()),
             }
             live_start.push(channel.last_id());
         }
@@ -319,7 +312,7 @@ impl Hub {
             Client {
                 sender,
                 endpoints: interest.endpoints.clone(),
-                keys: interest.keys.clone(),
+                keys: keys.clone(),
                 expires_at,
             },
         );
@@ -371,7 +364,7 @@ impl Hub {
             receiver,
             direct: None,
             endpoints: interest.endpoints,
-            keys: interest.keys,
+            keys,
             cursor,
             hub: Arc::clone(self),
             id,
@@ -396,14 +389,7 @@ impl Hub {
                     channel.everyone.remove(&id);
                 }
                 Some(keys) => {
-                    for key in keys {
-                        if let Some(clients) = channel.by_key.get_mut(key) {
-                            clients.remove(&id);
-                            if clients.is_empty() {
-                                channel.by_key.remove(key);
-                            }
-                        }
-                    }
+                    channel.by_key.remove(keys, id);
                 }
             }
         }
@@ -461,15 +447,18 @@ impl Hub {
             };
             match entry.kind {
                 EntryKind::Record => {
-                    let keyed = entry
-                        .filter_key
-                        .as_ref()
-                        .and_then(|key| channel.by_key.get(key));
+                    let key = entry.filter_key.as_deref();
                     let write_now = may_write_now
-                        && channel.everyone.len() + keyed.map_or(0, HashMap::len)
+                        && channel.everyone.len() + key.map_or(0, |key| channel.by_key.count(key))
                             <= MAX_DIRECT_WRITES;
-                    for (&client, sender) in
-                        channel.everyone.iter().chain(keyed.into_iter().flatten())
+                    let keyed = key
+                        .into_iter()
+                        .flat_map(|key| channel.by_key.receivers(key));
+                    for (client, sender) in channel
+                        .everyone
+                        .iter()
+                        .map(|(&client, sender)| (client, sender))
+                        .chain(keyed)
                     {
                         deliver(client, sender, write_now);
                     }
@@ -644,7 +633,7 @@ pub struct Subscription {
     /// Handed to the hub once the connection is live (see [`Subscription::write_directly`]).
     direct: Option<Arc<dyn DirectWrite>>,
     endpoints: Vec<usize>,
-    keys: Option<Vec<String>>,
+    keys: Option<Arc<KeySet>>,
     /// The connection's position in each of its endpoints: an event at or before it was
     /// sent already and is skipped.
     cursor: ResumeId,
@@ -718,7 +707,7 @@ impl Subscription {
     fn write_replayed(&mut self, endpoint: usize, entry: &BusEntry, out: &mut BytesMut) {
         let wanted = match (entry.kind, &self.keys, &entry.filter_key) {
             (EntryKind::Skipped, _, _) | (EntryKind::Record, None, _) => true,
-            (EntryKind::Record, Some(keys), Some(key)) => keys.binary_search(key).is_ok(),
+            (EntryKind::Record, Some(keys), Some(key)) => keys.contains(key),
             (EntryKind::Record, Some(_), None) => false,
         };
         if wanted && let Some(event) = self.hub.render(endpoint, entry) {
@@ -980,7 +969,7 @@ mod tests {
             id: StreamId { ms, seq: 0 },
             previous: StreamId::ZERO,
             kind: EntryKind::Record,
-            filter_key: Some(key.to_owned()),
+            filter_key: Some(Bytes::copy_from_slice(key.as_bytes())),
             envelope: Bytes::from(format!("{{\"key\":\"{key}\"}}")),
         }
     }
@@ -1026,7 +1015,7 @@ mod tests {
         let pad = "x".repeat(pad);
         for offset in first_offset..first_offset + count {
             let envelope = Envelope {
-                filter_key: Some(format!("k{offset}")),
+                filter_key: Some(format!("k{offset}").into_bytes()),
                 json: format!("{{\"offset\":{offset},\"pad\":\"{pad}\"}}").into_bytes(),
             };
             Bus::Memory(bus.clone())
@@ -1068,7 +1057,7 @@ mod tests {
         let mut keyed = hub.subscribe(
             Interest {
                 endpoints: vec![1],
-                keys: Some(vec!["a".into(), "c".into()]),
+                keys: Some(KeySet::new(["a", "c"])),
             },
             None,
             None,
@@ -1392,7 +1381,7 @@ mod tests {
         let ids = publish(&hub, &bus, &mut reader, 0, 6, Retention::default()).await;
         let interest = Interest {
             endpoints: vec![0, 1],
-            keys: Some(vec!["k2".into(), "k5".into()]),
+            keys: Some(KeySet::new(["k2", "k5"])),
         };
         let mut client = hub.subscribe(
             interest,
@@ -1409,6 +1398,93 @@ mod tests {
             replayed.starts_with(&format!("id: 0-0_{}\n", ids[2])),
             "{replayed}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_text_key_and_a_binary_key_match_only_their_own_bytes() {
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
+        // The binary key FF FE 00 6B shows as {"base64":"//4Aaw=="}; the text key is that.
+        let binary: &[u8] = &[0xff, 0xfe, 0x00, 0x6b];
+        let text: &[u8] = b"//4Aaw==";
+        let mut by_text = subscribe_query(&hub, "key=%2F%2F4Aaw%3D%3D");
+        let mut by_base64 = subscribe_query(&hub, "key_base64=%2F%2F4Aaw%3D%3D");
+        let mut by_both = subscribe_query(&hub, "key=%2F%2F4Aaw%3D%3D&key_base64=%2F%2F4Aaw%3D%3D");
+        for subscription in [&mut by_text, &mut by_base64, &mut by_both] {
+            next_text(subscription).await;
+        }
+        let endpoints = [(name("orders"), Retention::default())];
+        for (offset, key) in [(0, binary), (1, text)] {
+            let envelope = Envelope::encode(
+                crate::envelope::RecordParts {
+                    topic: "orders",
+                    partition: 0,
+                    offset,
+                    key: Some(key),
+                    timestamp: None,
+                    value: Some(b"{}"),
+                },
+                [],
+            )
+            .expect("encodes");
+            Bus::Memory(bus.clone())
+                .publish(Publication {
+                    topic: "orders",
+                    partition: 0,
+                    offset,
+                    endpoints: &endpoints,
+                    envelope: &envelope,
+                })
+                .await
+                .expect("memory bus");
+        }
+        hub.dispatch(&reader.next_batch().await.expect("memory bus"));
+        let keys_of = |text: String| -> Vec<serde_json::Value> {
+            text.lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .map(|data| {
+                    serde_json::from_str::<serde_json::Value>(data).expect("JSON")["key"].clone()
+                })
+                .collect()
+        };
+        let text_key = serde_json::json!("//4Aaw==");
+        let binary_key = serde_json::json!({"base64": "//4Aaw=="});
+        assert_eq!(
+            keys_of(next_text(&mut by_text).await),
+            vec![text_key.clone()]
+        );
+        assert_eq!(
+            keys_of(next_text(&mut by_base64).await),
+            vec![binary_key.clone()]
+        );
+        assert_eq!(
+            keys_of(read_text(&mut by_both, 2).await),
+            vec![binary_key, text_key]
+        );
+        // The same on resume.
+        let mut resumed = hub.subscribe(
+            crate::http::parse_stream_request(
+                &hub,
+                Some("orders"),
+                "key=%2F%2F4Aaw%3D%3D",
+                Some("0-1"),
+            )
+            .expect("valid")
+            .interest,
+            Some(&ResumeId(vec![StreamId { ms: 0, seq: 1 }])),
+            None,
+        );
+        next_text(&mut resumed).await;
+        assert_eq!(
+            keys_of(next_text(&mut resumed).await),
+            vec![serde_json::json!("//4Aaw==")]
+        );
+    }
+
+    /// A live connection to `orders` with the key filters of `query`.
+    fn subscribe_query(hub: &Arc<Hub>, query: &str) -> Subscription {
+        let request =
+            crate::http::parse_stream_request(hub, Some("orders"), query, None).expect("valid");
+        hub.subscribe(request.interest, None, None)
     }
 
     #[tokio::test]
@@ -1468,7 +1544,7 @@ mod tests {
         let mut keyed = hub.subscribe(
             Interest {
                 endpoints: vec![1],
-                keys: Some(vec!["k1".into(), "k6".into()]),
+                keys: Some(KeySet::new(["k1", "k6"])),
             },
             None,
             None,

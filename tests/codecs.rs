@@ -295,7 +295,7 @@ async fn the_redis_bus_publishes_a_skipped_records_marker_once() {
         Published::Duplicate
     );
     let record = |offset| Envelope {
-        filter_key: Some("k".into()),
+        filter_key: Some(b"k".to_vec()),
         json: format!("{{\"offset\":{offset}}}").into_bytes(),
     };
     for (offset, expected) in [(7, Published::Duplicate), (8, Published::Appended)] {
@@ -319,6 +319,6 @@ async fn the_redis_bus_publishes_a_skipped_records_marker_once() {
     let parsed: SkippedRecords = serde_json::from_slice(&marker.envelope).expect("a marker");
     assert_eq!(parsed, skipped);
     assert_eq!(entries[1].1.kind, EntryKind::Record);
-    assert_eq!(entries[1].1.filter_key.as_deref(), Some("k"));
+    assert_eq!(entries[1].1.filter_key.as_deref(), Some(&b"k"[..]));
     assert_eq!(entries.len(), 2);
 }

@@ -17,6 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
 use crate::config::{AuthConfig, JwtAlgorithm, JwtConfig, ManifestError};
+use crate::keys::KeySet;
 pub use token::{TokenSources, find_token};
 
 /// Why a request's token was refused (401).
@@ -105,12 +106,13 @@ impl Grant {
     }
 
     /// Checks `endpoints`, and narrows `keys` (the request's filter) to the pinned keys:
-    /// a request may narrow what the token allows, never widen it.
+    /// a request may narrow what the token allows, never widen it. A pinned key is text,
+    /// and opens the record key of the same bytes.
     pub fn authorize(
         &self,
         endpoints: &[&str],
-        keys: Option<Vec<String>>,
-    ) -> Result<Option<Vec<String>>, Forbidden> {
+        keys: Option<KeySet>,
+    ) -> Result<Option<KeySet>, Forbidden> {
         if let Some(allowed) = &self.endpoints
             && let Some(refused) = endpoints
                 .iter()
@@ -120,11 +122,17 @@ impl Grant {
         }
         match (&self.keys, keys) {
             (None, keys) => Ok(keys),
-            (Some(pinned), None) => Ok(Some(pinned.clone())),
-            (Some(pinned), Some(asked)) => match asked.iter().find(|key| !pinned.contains(key)) {
-                Some(refused) => Err(Forbidden::Key(refused.clone())),
-                None => Ok(Some(asked)),
-            },
+            (Some(pinned), None) => Ok(Some(KeySet::new(pinned))),
+            (Some(pinned), Some(asked)) => {
+                let refused = asked
+                    .iter()
+                    .find(|key| !pinned.iter().any(|pin| pin.as_bytes() == *key))
+                    .map(|key| String::from_utf8_lossy(key).into_owned());
+                match refused {
+                    Some(refused) => Err(Forbidden::Key(refused)),
+                    None => Ok(Some(asked)),
+                }
+            }
         }
     }
 }
@@ -598,14 +606,14 @@ mod tests {
         };
         assert_eq!(
             grant.authorize(&["orders"], None),
-            Ok(Some(vec!["a".into(), "b".into()]))
+            Ok(Some(KeySet::new(["a", "b"])))
         );
         assert_eq!(
-            grant.authorize(&["orders"], Some(vec!["b".into()])),
-            Ok(Some(vec!["b".into()]))
+            grant.authorize(&["orders"], Some(KeySet::new(["b"]))),
+            Ok(Some(KeySet::new(["b"])))
         );
         assert_eq!(
-            grant.authorize(&["orders"], Some(vec!["c".into()])),
+            grant.authorize(&["orders"], Some(KeySet::new(["c"]))),
             Err(Forbidden::Key("c".into()))
         );
         assert_eq!(
@@ -618,8 +626,8 @@ mod tests {
             expires_at: None,
         };
         assert_eq!(
-            all.authorize(&["orders", "drivers"], Some(vec!["z".into()])),
-            Ok(Some(vec!["z".into()]))
+            all.authorize(&["orders", "drivers"], Some(KeySet::new(["z"]))),
+            Ok(Some(KeySet::new(["z"])))
         );
     }
 
