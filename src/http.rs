@@ -542,6 +542,79 @@ mod tests {
         assert!(parse_stream_request(&hub(), Some("orders"), &long_key, None).is_err());
     }
 
+    #[test]
+    fn key_filters_are_bytes_bounded_in_count_and_length() {
+        let parse = |query: &str| parse_stream_request(&hub(), Some("orders"), query, None);
+        let keys = |query: &str| parse(query).expect("valid").interest.keys;
+        // The same bytes, as text and as base64, are one key.
+        assert_eq!(
+            keys("key=ab&key_base64=YWI%3D&key_base64=%2F%2F4Aaw%3D%3D"),
+            Some(KeySet::new([&b"ab"[..], &[0xff, 0xfe, 0x00, 0x6b]]))
+        );
+        for bad in [
+            "key_base64=not+base64!",
+            "key_base64=YWI",
+            &format!("key_base64={}", "QUFB".repeat(MAX_KEY_BYTES / 3 + 1)),
+            &vec!["key=k"; MAX_KEYS + 1].join("&"),
+        ] {
+            let error = parse(bad).expect_err("refused");
+            assert_eq!(error.code, "bad_query", "{bad}: {error}");
+        }
+        let most = (0..MAX_KEYS)
+            .map(|k| format!("key=k{k}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        assert_eq!(keys(&most).map(|keys| keys.len()), Some(MAX_KEYS));
+    }
+
+    /// Every byte percent-encoded.
+    fn percent_encoded(bytes: &[u8]) -> String {
+        bytes.iter().map(|byte| format!("%{byte:02X}")).collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fuzz_key_filters_parse_to_the_bytes_of_the_keys_asked_for(
+            asked in proptest::collection::vec(
+                (proptest::bool::ANY, proptest::collection::vec(proptest::num::u8::ANY, 0..12)),
+                1..20,
+            ),
+        ) {
+            use base64::Engine as _;
+            let query: Vec<String> = asked
+                .iter()
+                .map(|(as_text, key)| match std::str::from_utf8(key) {
+                    Ok(text) if *as_text => format!("key={}", percent_encoded(text.as_bytes())),
+                    _ => format!(
+                        "key_base64={}",
+                        percent_encoded(base64::engine::general_purpose::STANDARD.encode(key).as_bytes())
+                    ),
+                })
+                .collect();
+            let request = parse_stream_request(&hub(), Some("orders"), &query.join("&"), None)
+                .map_err(|error| proptest::test_runner::TestCaseError::fail(error.to_string()))?;
+            let expected = KeySet::new(asked.iter().map(|(_, key)| key));
+            proptest::prop_assert_eq!(request.interest.keys, Some(expected));
+        }
+
+        #[test]
+        fn fuzz_key_filter_values_get_a_filter_or_a_clear_error(
+            pairs in proptest::collection::vec(
+                ("key|key_base64", "\\PC{0,30}|[A-Za-z0-9+/=%]{0,30}"),
+                0..12,
+            ),
+        ) {
+            let query: Vec<String> = pairs.iter().map(|(name, value)| format!("{name}={value}")).collect();
+            match parse_stream_request(&hub(), Some("orders"), &query.join("&"), None) {
+                Ok(request) => proptest::prop_assert!(request
+                    .interest
+                    .keys
+                    .is_none_or(|keys| keys.len() <= MAX_KEYS && keys.iter().all(|key| key.len() <= MAX_KEY_BYTES))),
+                Err(error) => proptest::prop_assert_eq!(error.code, "bad_query"),
+            }
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn any_query_and_resume_id_is_answered_without_panicking(
