@@ -717,9 +717,11 @@ impl Subscription {
 
     /// Counts `bytes` as what this connection's replay holds now.
     fn hold_replay(&mut self, bytes: usize) {
-        let metric = &self.hub.metrics.replay_buffered_bytes;
-        metric.fetch_add(i64::try_from(bytes).unwrap_or(i64::MAX), Relaxed);
-        metric.fetch_sub(i64::try_from(self.replay_held).unwrap_or(i64::MAX), Relaxed);
+        let signed = |bytes: usize| i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.hub
+            .metrics
+            .replay_buffered_bytes
+            .fetch_add(signed(bytes) - signed(self.replay_held), Relaxed);
         self.replay_held = bytes;
     }
 

@@ -10,6 +10,7 @@ use common::*;
 use fjord::bus::{Bus, Publication};
 use fjord::config::{EndpointName, Manifest, Retention};
 use fjord::envelope::{Envelope, RecordParts};
+use fjord::replay::PAGE_BYTES;
 use tokio::io::AsyncWriteExt as _;
 
 /// Resumers that never read.
@@ -17,9 +18,9 @@ const RESUMERS: usize = 8;
 /// Records in the replay window, each about `RECORD_BYTES`: more than a page of 512.
 const RECORDS: i64 = 600;
 const RECORD_BYTES: usize = 100 * 1024;
-/// What one replay may hold at once: its page (at most `REPLAY_PAGE_BYTES` plus one record),
-/// plus the chunk its connection is writing (at most 64 KiB plus one event).
-const BOUND_PER_RESUMER: u64 = 1024 * 1024 + 2 * (RECORD_BYTES as u64 + 1024) + 64 * 1024;
+/// What one replay may hold at once: its page (about `PAGE_BYTES`, or one record when a
+/// record is bigger), plus the chunk its connection is writing (64 KiB, or one event).
+const BOUND_PER_RESUMER: u64 = PAGE_BYTES as u64 + 2 * (RECORD_BYTES as u64 + 1024) + 64 * 1024;
 
 async fn publish(bus: &Bus, endpoints: &[(EndpointName, Retention)], offset: i64, bytes: usize) {
     let value = format!("{{\"pad\":\"{}\"}}", "x".repeat(bytes));
