@@ -185,6 +185,7 @@ pub fn parse_stream_request(
     if let Some(name) = path_endpoint {
         add_endpoint(name)?;
     }
+    refuse_keys_that_are_not_text(query)?;
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         match name.as_ref() {
             "endpoint" if path_endpoint.is_some() => {
@@ -244,6 +245,25 @@ pub fn parse_stream_request(
         interest: Interest { endpoints, keys },
         resume,
     })
+}
+
+/// Refuses a `key=` whose percent-decoded bytes are not UTF-8, which form decoding would
+/// turn into other text, matching no record, instead of the key meant.
+fn refuse_keys_that_are_not_text(query: &str) -> Result<(), ApiError> {
+    let not_text = query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("key="))
+        .any(|value| {
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .is_err()
+        });
+    if not_text {
+        return Err(ApiError::bad_query(
+            "a key= is not UTF-8 once percent-decoded; give a key that is not text as key_base64=",
+        ));
+    }
+    Ok(())
 }
 
 /// The bytes of a `key_base64=` value: standard base64 with padding, as the envelope has it.
@@ -552,6 +572,7 @@ mod tests {
             Some(KeySet::new([&b"ab"[..], &[0xff, 0xfe, 0x00, 0x6b]]))
         );
         for bad in [
+            "key=%FF%FE%00k",
             "key_base64=not+base64!",
             "key_base64=YWI",
             &format!("key_base64={}", "QUFB".repeat(MAX_KEY_BYTES / 3 + 1)),
