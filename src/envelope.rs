@@ -34,9 +34,10 @@ pub struct RecordParts<'a> {
 /// One encoded record: what is published to the bus.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
-    /// The key as clients filter on it (`?key=`): the key's text, or its base64 when it is
-    /// not UTF-8; `None` when the record has no key.
-    pub filter_key: Option<String>,
+    /// The key as clients filter on it: the record key's bytes, whether text or not, so
+    /// that `?key=` text and `?key_base64=` bytes match it only when they are those bytes;
+    /// `None` when the record has no key.
+    pub filter_key: Option<Vec<u8>>,
     /// The envelope's JSON, one line.
     pub json: Vec<u8>,
 }
@@ -152,11 +153,10 @@ impl Envelope {
             value: Value::of(record.value),
         };
         let json = serde_json::to_vec(&json)?;
-        let filter_key = record.key.map(|key| match std::str::from_utf8(key) {
-            Ok(text) => text.to_owned(),
-            Err(_) => BASE64.encode(key),
-        });
-        Ok(Self { filter_key, json })
+        Ok(Self {
+            filter_key: record.key.map(<[u8]>::to_vec),
+            json,
+        })
     }
 }
 
@@ -202,7 +202,7 @@ mod tests {
                 "value": {"total": 23.5, "items": [1, 2]}
             })
         );
-        assert_eq!(envelope.filter_key.as_deref(), Some("order-17"));
+        assert_eq!(envelope.filter_key.as_deref(), Some(&b"order-17"[..]));
     }
 
     #[test]
@@ -231,7 +231,7 @@ mod tests {
             json["headers"]["bin"],
             serde_json::json!({"base64": "gA=="})
         );
-        assert_eq!(envelope.filter_key.as_deref(), Some("/wA="));
+        assert_eq!(envelope.filter_key.as_deref(), Some(&[0xff, 0x00][..]));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use warp::{Filter, Rejection, Reply};
 use crate::auth::{AuthError, Authenticator, Forbidden, find_token};
 use crate::config::ServerConfig;
 use crate::hub::{Hub, Interest, Subscription};
+use crate::keys::KeySet;
 use crate::limits::Slot;
 use crate::metrics::Metrics;
 use crate::process::LogThrottle;
@@ -23,7 +24,7 @@ use crate::sse::ResumeId;
 
 /// Most keys one connection may filter on.
 const MAX_KEYS: usize = 1000;
-/// Longest key filter.
+/// Longest key filter, in bytes of the record key.
 const MAX_KEY_BYTES: usize = 1024;
 /// The `Retry-After` of every 503: long enough for a load balancer to send the retry to
 /// another instance, or for streams to close.
@@ -252,7 +253,7 @@ pub fn parse_stream_request(
     last_event_id: Option<&str>,
 ) -> Result<StreamRequest, ApiError> {
     let mut endpoints = Vec::new();
-    let mut keys: Option<Vec<String>> = None;
+    let mut keys: Option<Vec<Vec<u8>>> = None;
     let mut query_last_event_id = None;
     let mut add_endpoint = |name: &str| -> Result<(), ApiError> {
         let index = hub
@@ -264,6 +265,7 @@ pub fn parse_stream_request(
     if let Some(name) = path_endpoint {
         add_endpoint(name)?;
     }
+    refuse_keys_that_are_not_text(query)?;
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         match name.as_ref() {
             "endpoint" if path_endpoint.is_some() => {
@@ -272,8 +274,16 @@ pub fn parse_stream_request(
                 ));
             }
             "endpoint" => add_endpoint(&value)?,
-            "key" => {
-                if value.len() > MAX_KEY_BYTES {
+            // A key is the bytes of a record's key: `key=` the UTF-8 of its text,
+            // `key_base64=` any bytes, as the envelope shows a key that is not text. The
+            // two match the same record only when they are the same bytes.
+            "key" | "key_base64" => {
+                let key = if name == "key" {
+                    value.into_owned().into_bytes()
+                } else {
+                    decode_key(&value)?
+                };
+                if key.len() > MAX_KEY_BYTES {
                     return Err(ApiError::bad_query(format!(
                         "a key is longer than {MAX_KEY_BYTES} bytes"
                     )));
@@ -282,14 +292,14 @@ pub fn parse_stream_request(
                 if keys.len() == MAX_KEYS {
                     return Err(ApiError::bad_query(format!("at most {MAX_KEYS} keys")));
                 }
-                keys.push(value.into_owned());
+                keys.push(key);
             }
             "last_event_id" => query_last_event_id = Some(value.into_owned()),
             // Taken by the auth layer, where the manifest allows it.
             "access_token" => {}
             other => {
                 return Err(ApiError::bad_query(format!(
-                    "unknown query parameter {:?}; expected endpoint, key, last_event_id or access_token",
+                    "unknown query parameter {:?}; expected endpoint, key, key_base64, last_event_id or access_token",
                     other.chars().take(100).collect::<String>()
                 )));
             }
@@ -302,10 +312,7 @@ pub fn parse_stream_request(
     }
     endpoints.sort_unstable();
     endpoints.dedup();
-    if let Some(keys) = &mut keys {
-        keys.sort_unstable();
-        keys.dedup();
-    }
+    let keys = keys.map(KeySet::new);
     // The header wins: EventSource sends it on reconnect, after a first request whose
     // query id is stale.
     let resume = last_event_id
@@ -318,6 +325,42 @@ pub fn parse_stream_request(
         interest: Interest { endpoints, keys },
         resume,
     })
+}
+
+/// Refuses a `key=` whose percent-decoded bytes are not UTF-8, which form decoding would
+/// turn into other text, matching no record, instead of the key meant.
+fn refuse_keys_that_are_not_text(query: &str) -> Result<(), ApiError> {
+    let not_text = query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("key="))
+        .any(|value| {
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .is_err()
+        });
+    if not_text {
+        return Err(ApiError::bad_query(
+            "a key= is not UTF-8 once percent-decoded; give a key that is not text as key_base64=",
+        ));
+    }
+    Ok(())
+}
+
+/// The bytes of a `key_base64=` value: standard base64 with padding, as the envelope has it.
+fn decode_key(value: &str) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine as _;
+    if value.len() > MAX_KEY_BYTES.div_ceil(3) * 4 {
+        return Err(ApiError::bad_query(format!(
+            "a key is longer than {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .map_err(|error| {
+            ApiError::bad_query(format!(
+                "key_base64 is not standard base64 ({error}); percent-encode + / = as %2B %2F %3D"
+            ))
+        })
 }
 
 /// The value of the first `name=` of a query string.
@@ -596,7 +639,7 @@ mod tests {
         let request =
             parse_stream_request(&hub(), Some("orders"), "key=b&key=a&key=b", None).expect("valid");
         assert_eq!(request.interest.endpoints, vec![1]);
-        assert_eq!(request.interest.keys, Some(vec!["a".into(), "b".into()]));
+        assert_eq!(request.interest.keys, Some(KeySet::new(["a", "b"])));
         assert_eq!(request.resume, None);
     }
 
@@ -782,6 +825,80 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn key_filters_are_bytes_bounded_in_count_and_length() {
+        let parse = |query: &str| parse_stream_request(&hub(), Some("orders"), query, None);
+        let keys = |query: &str| parse(query).expect("valid").interest.keys;
+        // The same bytes, as text and as base64, are one key.
+        assert_eq!(
+            keys("key=ab&key_base64=YWI%3D&key_base64=%2F%2F4Aaw%3D%3D"),
+            Some(KeySet::new([&b"ab"[..], &[0xff, 0xfe, 0x00, 0x6b]]))
+        );
+        for bad in [
+            "key=%FF%FE%00k",
+            "key_base64=not+base64!",
+            "key_base64=YWI",
+            &format!("key_base64={}", "QUFB".repeat(MAX_KEY_BYTES / 3 + 1)),
+            &vec!["key=k"; MAX_KEYS + 1].join("&"),
+        ] {
+            let error = parse(bad).expect_err("refused");
+            assert_eq!(error.code, "bad_query", "{bad}: {error}");
+        }
+        let most = (0..MAX_KEYS)
+            .map(|k| format!("key=k{k}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        assert_eq!(keys(&most).map(|keys| keys.len()), Some(MAX_KEYS));
+    }
+
+    /// Every byte percent-encoded.
+    fn percent_encoded(bytes: &[u8]) -> String {
+        bytes.iter().map(|byte| format!("%{byte:02X}")).collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fuzz_key_filters_parse_to_the_bytes_of_the_keys_asked_for(
+            asked in proptest::collection::vec(
+                (proptest::bool::ANY, proptest::collection::vec(proptest::num::u8::ANY, 0..12)),
+                1..20,
+            ),
+        ) {
+            use base64::Engine as _;
+            let query: Vec<String> = asked
+                .iter()
+                .map(|(as_text, key)| match std::str::from_utf8(key) {
+                    Ok(text) if *as_text => format!("key={}", percent_encoded(text.as_bytes())),
+                    _ => format!(
+                        "key_base64={}",
+                        percent_encoded(base64::engine::general_purpose::STANDARD.encode(key).as_bytes())
+                    ),
+                })
+                .collect();
+            let request = parse_stream_request(&hub(), Some("orders"), &query.join("&"), None)
+                .map_err(|error| proptest::test_runner::TestCaseError::fail(error.to_string()))?;
+            let expected = KeySet::new(asked.iter().map(|(_, key)| key));
+            proptest::prop_assert_eq!(request.interest.keys, Some(expected));
+        }
+
+        #[test]
+        fn fuzz_key_filter_values_get_a_filter_or_a_clear_error(
+            pairs in proptest::collection::vec(
+                ("key|key_base64", "\\PC{0,30}|[A-Za-z0-9+/=%]{0,30}"),
+                0..12,
+            ),
+        ) {
+            let query: Vec<String> = pairs.iter().map(|(name, value)| format!("{name}={value}")).collect();
+            match parse_stream_request(&hub(), Some("orders"), &query.join("&"), None) {
+                Ok(request) => proptest::prop_assert!(request
+                    .interest
+                    .keys
+                    .is_none_or(|keys| keys.len() <= MAX_KEYS && keys.iter().all(|key| key.len() <= MAX_KEY_BYTES))),
+                Err(error) => proptest::prop_assert_eq!(error.code, "bad_query"),
+            }
+        }
     }
 
     proptest::proptest! {

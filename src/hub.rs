@@ -6,7 +6,7 @@
 //! records the consumer could not read goes to every connection of its endpoint, whatever
 //! its keys, as `fjord.gap`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::bus::{Bus, BusEntry, BusError, BusReader, EntryKind, SkippedRecords, StreamId};
 use crate::config::{EndpointName, ServerConfig, StartPosition};
+use crate::keys::{ClientId, KeyIndex, KeySet};
 use crate::metrics::Metrics;
 use crate::queue::{Delivery, PushError, Queue};
 use crate::replay::{ReplayItem, ReplayRange, replay};
@@ -28,12 +29,14 @@ use crate::sse::{self, RenderedEvent, ResumeId};
 const MAX_DIRECT_WRITES: usize = 1_000;
 /// Most frames written to a connection in one write.
 const MAX_COALESCED_FRAMES: usize = 64;
+/// About the most replayed bytes written to a connection in one write (one event may pass
+/// it): a resuming connection holds its replay's page and this.
+const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
 /// Longest pause between failed bus reads.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The bus counts as unreachable when no read succeeded for this long.
 const READY_WINDOW_MS: u64 = 5_000;
 
-type ClientId = u64;
 /// A connection's queue, shared by the hub's indexes (which push) and its subscription
 /// (which takes).
 type ClientQueue = Arc<Outlet>;
@@ -123,7 +126,7 @@ struct Channel {
     /// Connections that receive every record.
     everyone: HashMap<ClientId, ClientQueue>,
     /// Connections that receive only records with one of their keys, by key.
-    by_key: HashMap<String, HashMap<ClientId, ClientQueue>>,
+    by_key: KeyIndex<ClientQueue>,
     /// The id of the last entry queued to this channel's connections. Written under the
     /// read lock by the one dispatcher, read under the write lock by a new subscriber.
     last_ms: AtomicU64,
@@ -133,12 +136,10 @@ struct Channel {
 impl Channel {
     /// Every connection of the endpoint once, whatever its keys.
     fn all_receivers(&self) -> impl Iterator<Item = (ClientId, &ClientQueue)> {
-        let mut seen = HashSet::new();
         self.everyone
             .iter()
-            .chain(self.by_key.values().flatten())
-            .filter(move |(client, _)| seen.insert(**client))
             .map(|(&client, sender)| (client, sender))
+            .chain(self.by_key.all())
     }
 
     fn last_id(&self) -> StreamId {
@@ -153,7 +154,7 @@ impl Channel {
 struct Client {
     sender: ClientQueue,
     endpoints: Vec<usize>,
-    keys: Option<Vec<String>>,
+    keys: Option<Arc<KeySet>>,
     /// When its token runs out, in seconds since the epoch.
     expires_at: Option<u64>,
 }
@@ -200,7 +201,7 @@ pub struct Interest {
     /// Indexes into the hub's endpoints, sorted, without repeats.
     pub endpoints: Vec<usize>,
     /// Only records with one of these keys; `None` for all.
-    pub keys: Option<Vec<String>>,
+    pub keys: Option<KeySet>,
 }
 
 impl Hub {
@@ -293,21 +294,16 @@ impl Hub {
         let receiver = Arc::clone(&sender);
         let id = self.next_client.fetch_add(1, Relaxed);
         let mut live_start = Vec::with_capacity(interest.endpoints.len());
+        // One set for the connection, shared with every endpoint's index, and with other
+        // connections that asked for the same keys.
+        let mut keys = interest.keys.map(Arc::new);
         for &endpoint in &interest.endpoints {
             let mut channel = write(&self.channels[endpoint]);
-            match &interest.keys {
+            match &mut keys {
                 None => {
                     channel.everyone.insert(id, sender.clone());
                 }
-                Some(keys) => {
-                    for key in keys {
-                        channel
-                            .by_key
-                            .entry(key.clone())
-                            .or_default()
-                            .insert(id, sender.clone());
-                    }
-                }
+                Some(keys) => *keys = channel.by_key.insert(keys, id, sender.clone()),
             }
             live_start.push(channel.last_id());
         }
@@ -316,7 +312,7 @@ impl Hub {
             Client {
                 sender,
                 endpoints: interest.endpoints.clone(),
-                keys: interest.keys.clone(),
+                keys: keys.clone(),
                 expires_at,
             },
         );
@@ -349,16 +345,26 @@ impl Hub {
             }
         }
         let cursor = ResumeId(cursor);
-        let backlog =
-            (!ranges.is_empty()).then(|| replay(self.bus.clone(), self.endpoints.clone(), ranges));
+        let backlog = (!ranges.is_empty()).then(|| {
+            replay(
+                self.bus.clone(),
+                self.endpoints.clone(),
+                ranges,
+                self.queue_size,
+            )
+        });
         Subscription {
             prelude: Some(sse::prelude(self.retry_ms, &cursor)),
             backlog,
+            page: VecDeque::new(),
+            page_bytes: 0,
+            replay_held: 0,
+            handed_at: None,
             replayed_at: None,
             receiver,
             direct: None,
             endpoints: interest.endpoints,
-            keys: interest.keys,
+            keys,
             cursor,
             hub: Arc::clone(self),
             id,
@@ -383,14 +389,7 @@ impl Hub {
                     channel.everyone.remove(&id);
                 }
                 Some(keys) => {
-                    for key in keys {
-                        if let Some(clients) = channel.by_key.get_mut(key) {
-                            clients.remove(&id);
-                            if clients.is_empty() {
-                                channel.by_key.remove(key);
-                            }
-                        }
-                    }
+                    channel.by_key.remove(keys, id);
                 }
             }
         }
@@ -448,15 +447,18 @@ impl Hub {
             };
             match entry.kind {
                 EntryKind::Record => {
-                    let keyed = entry
-                        .filter_key
-                        .as_ref()
-                        .and_then(|key| channel.by_key.get(key));
+                    let key = entry.filter_key.as_deref();
                     let write_now = may_write_now
-                        && channel.everyone.len() + keyed.map_or(0, HashMap::len)
+                        && channel.everyone.len() + key.map_or(0, |key| channel.by_key.count(key))
                             <= MAX_DIRECT_WRITES;
-                    for (&client, sender) in
-                        channel.everyone.iter().chain(keyed.into_iter().flatten())
+                    let keyed = key
+                        .into_iter()
+                        .flat_map(|key| channel.by_key.receivers(key));
+                    for (client, sender) in channel
+                        .everyone
+                        .iter()
+                        .map(|(&client, sender)| (client, sender))
+                        .chain(keyed)
                     {
                         deliver(client, sender, write_now);
                     }
@@ -616,6 +618,14 @@ type Backlog = BoxStream<'static, Result<ReplayItem, BusError>>;
 pub struct Subscription {
     prelude: Option<Bytes>,
     backlog: Option<Backlog>,
+    /// The replayed entries of the backlog's current page not yet written, and their bytes.
+    page: VecDeque<(usize, BusEntry)>,
+    page_bytes: usize,
+    /// The replay's bytes this connection holds — its page, and the chunk it was handed
+    /// last, written by the time it asks for more — as counted in the metrics.
+    replay_held: usize,
+    /// When it was handed its last replayed chunk.
+    handed_at: Option<Instant>,
     /// When its replay ended: events queued while it replayed waited for the replay, not
     /// for the client, and do not count as lag.
     replayed_at: Option<Instant>,
@@ -623,7 +633,7 @@ pub struct Subscription {
     /// Handed to the hub once the connection is live (see [`Subscription::write_directly`]).
     direct: Option<Arc<dyn DirectWrite>>,
     endpoints: Vec<usize>,
-    keys: Option<Vec<String>>,
+    keys: Option<Arc<KeySet>>,
     /// The connection's position in each of its endpoints: an event at or before it was
     /// sent already and is skipped.
     cursor: ResumeId,
@@ -694,46 +704,91 @@ impl Subscription {
         }
     }
 
-    fn write_replayed(&mut self, item: ReplayItem, out: &mut BytesMut) {
-        match item {
-            ReplayItem::Gap {
-                endpoint,
-                requested,
-                oldest,
-            } => {
-                let name = self
-                    .hub
-                    .endpoints
-                    .get(endpoint)
-                    .map_or("", EndpointName::as_str);
-                out.extend_from_slice(&sse::gap(name, requested, oldest));
-            }
-            ReplayItem::Entries(entries) => {
-                for (endpoint, entry) in entries {
-                    let wanted = match (entry.kind, &self.keys, &entry.filter_key) {
-                        (EntryKind::Skipped, _, _) | (EntryKind::Record, None, _) => true,
-                        (EntryKind::Record, Some(keys), Some(key)) => {
-                            keys.binary_search(key).is_ok()
-                        }
-                        (EntryKind::Record, Some(_), None) => false,
-                    };
-                    if wanted && let Some(event) = self.hub.render(endpoint, &entry) {
-                        self.write_event(endpoint, entry.id, &event, out);
-                    }
-                }
-            }
+    fn write_replayed(&mut self, endpoint: usize, entry: &BusEntry, out: &mut BytesMut) {
+        let wanted = match (entry.kind, &self.keys, &entry.filter_key) {
+            (EntryKind::Skipped, _, _) | (EntryKind::Record, None, _) => true,
+            (EntryKind::Record, Some(keys), Some(key)) => keys.contains(key),
+            (EntryKind::Record, Some(_), None) => false,
+        };
+        if wanted && let Some(event) = self.hub.render(endpoint, entry) {
+            self.write_event(endpoint, entry.id, &event, out);
         }
     }
 
+    /// Counts `bytes` as what this connection's replay holds now.
+    fn hold_replay(&mut self, bytes: usize) {
+        let signed = |bytes: usize| i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.hub
+            .metrics
+            .replay_buffered_bytes
+            .fetch_add(signed(bytes) - signed(self.replay_held), Relaxed);
+        self.replay_held = bytes;
+    }
+
+    /// Ends the replay early: the connection gets nothing more and resumes from what it got.
+    fn abandon_replay(&mut self) {
+        self.backlog = None;
+        self.page = VecDeque::new();
+        self.page_bytes = 0;
+        self.hold_replay(0);
+        self.receiver.queue.close_and_clear();
+    }
+
+    /// The next chunk of the replay: a page is read from the bus only once the last one is
+    /// written, and written a chunk at a time, so that a connection holds at most a page
+    /// and a chunk, however big the records.
     fn poll_backlog(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        // Asked for more, the connection has written what it was handed. One that took too
+        // long is shed, as a live one whose events wait too long is, and resumes from what
+        // it got.
+        let too_slow = self
+            .handed_at
+            .take()
+            .is_some_and(|handed| handed.elapsed() > self.hub.max_lag);
+        if too_slow {
+            self.hub.cut_off([self.id]);
+            self.abandon_replay();
+            return Poll::Ready(None);
+        }
+        if self.receiver.queue.is_closed() {
+            // Cut off by the hub (its queue filled while it replayed), drained or expired:
+            // its notices still go out, not the live events after what it was not sent.
+            let mut notices = BytesMut::new();
+            while let Some(frame) = self.receiver.queue.try_next_if(|_| true) {
+                if let Frame::Raw(bytes) = frame {
+                    notices.extend_from_slice(&bytes);
+                }
+            }
+            self.abandon_replay();
+            return Poll::Ready((!notices.is_empty()).then(|| notices.freeze()));
+        }
         loop {
+            if !self.page.is_empty() {
+                let mut out = BytesMut::new();
+                let mut frames = 0;
+                while out.len() < REPLAY_CHUNK_BYTES && frames < MAX_COALESCED_FRAMES {
+                    let Some((endpoint, entry)) = self.page.pop_front() else {
+                        break;
+                    };
+                    self.page_bytes -= entry.envelope.len();
+                    self.write_replayed(endpoint, &entry, &mut out);
+                    frames += 1;
+                }
+                self.hold_replay(self.page_bytes + out.len());
+                if !out.is_empty() {
+                    self.handed_at = Some(Instant::now());
+                    return Poll::Ready(Some(out.freeze()));
+                }
+                continue;
+            }
             let Some(backlog) = &mut self.backlog else {
                 return Poll::Ready(None);
             };
-            let item = match backlog.poll_next_unpin(cx) {
+            match backlog.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     self.backlog = None;
+                    self.hold_replay(0);
                     self.replayed_at = Some(Instant::now());
                     return Poll::Ready(None);
                 }
@@ -741,16 +796,27 @@ impl Subscription {
                     // Ending the stream makes the client reconnect and resume from what
                     // it got.
                     tracing::warn!(%error, client = self.id, "replay failed; closing the stream");
-                    self.backlog = None;
-                    self.receiver.queue.close_and_clear();
+                    self.abandon_replay();
                     return Poll::Ready(None);
                 }
-                Poll::Ready(Some(Ok(item))) => item,
-            };
-            let mut out = BytesMut::new();
-            self.write_replayed(item, &mut out);
-            if !out.is_empty() {
-                return Poll::Ready(Some(out.freeze()));
+                Poll::Ready(Some(Ok(ReplayItem::Gap {
+                    endpoint,
+                    requested,
+                    oldest,
+                }))) => {
+                    self.hold_replay(0);
+                    let name = self
+                        .hub
+                        .endpoints
+                        .get(endpoint)
+                        .map_or("", EndpointName::as_str);
+                    return Poll::Ready(Some(sse::gap(name, requested, oldest)));
+                }
+                Poll::Ready(Some(Ok(ReplayItem::Entries(entries)))) => {
+                    self.page_bytes = entries.iter().map(|(_, entry)| entry.envelope.len()).sum();
+                    self.page = entries.into();
+                    self.hold_replay(self.page_bytes);
+                }
             }
         }
     }
@@ -838,6 +904,7 @@ impl Stream for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        self.hold_replay(0);
         self.hub.unsubscribe(self.id);
         self.hub.metrics.open_connections.fetch_sub(1, Relaxed);
     }
@@ -904,7 +971,7 @@ mod tests {
             id: StreamId { ms, seq: 0 },
             previous: StreamId::ZERO,
             kind: EntryKind::Record,
-            filter_key: Some(key.to_owned()),
+            filter_key: Some(Bytes::copy_from_slice(key.as_bytes())),
             envelope: Bytes::from(format!("{{\"key\":\"{key}\"}}")),
         }
     }
@@ -933,11 +1000,25 @@ mod tests {
         count: i64,
         retention: Retention,
     ) -> Vec<StreamId> {
+        publish_padded(hub, bus, reader, first_offset, count, retention, 0).await
+    }
+
+    /// [`publish`] with `pad` more bytes in each record.
+    async fn publish_padded(
+        hub: &Hub,
+        bus: &MemoryBus,
+        reader: &mut BusReader,
+        first_offset: i64,
+        count: i64,
+        retention: Retention,
+        pad: usize,
+    ) -> Vec<StreamId> {
         let endpoints = [(name("orders"), retention)];
+        let pad = "x".repeat(pad);
         for offset in first_offset..first_offset + count {
             let envelope = Envelope {
-                filter_key: Some(format!("k{offset}")),
-                json: format!("{{\"offset\":{offset}}}").into_bytes(),
+                filter_key: Some(format!("k{offset}").into_bytes()),
+                json: format!("{{\"offset\":{offset},\"pad\":\"{pad}\"}}").into_bytes(),
             };
             Bus::Memory(bus.clone())
                 .publish(Publication {
@@ -978,7 +1059,7 @@ mod tests {
         let mut keyed = hub.subscribe(
             Interest {
                 endpoints: vec![1],
-                keys: Some(vec!["a".into(), "c".into()]),
+                keys: Some(KeySet::new(["a", "c"])),
             },
             None,
             None,
@@ -1224,13 +1305,85 @@ mod tests {
         assert!(next_text(&mut client).await.starts_with("id: "));
     }
 
+    const BIG: usize = 100 * 1024;
+
+    fn replay_held(hub: &Hub) -> usize {
+        usize::try_from(hub.metrics().replay_buffered_bytes.load(Relaxed)).expect("not negative")
+    }
+
+    #[tokio::test]
+    async fn a_replay_of_big_records_holds_about_a_page_and_is_written_in_chunks() {
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
+        let ids = publish_padded(&hub, &bus, &mut reader, 0, 40, Retention::default(), BIG).await;
+        let mut client = hub.subscribe(live(vec![1]), Some(&ResumeId(vec![ids[0]])), None);
+        next_text(&mut client).await;
+        let mut seen = Vec::new();
+        let mut most_held = 0;
+        while seen.len() < 39 {
+            let text = next_text(&mut client).await;
+            assert!(
+                text.len() < REPLAY_CHUNK_BYTES + BIG + 100,
+                "{}",
+                text.len()
+            );
+            most_held = most_held.max(replay_held(&hub));
+            seen.extend(offsets(&text));
+        }
+        assert_eq!(seen, (1..40).collect::<Vec<_>>());
+        assert!(most_held > BIG, "counted: {most_held}");
+        assert!(
+            most_held < crate::replay::PAGE_BYTES + REPLAY_CHUNK_BYTES + 2 * (BIG + 100),
+            "held {most_held}"
+        );
+        publish(&hub, &bus, &mut reader, 40, 1, Retention::default()).await;
+        assert_eq!(read_offsets(&mut client, 1).await, vec![40]);
+        assert_eq!(replay_held(&hub), 0, "given back once replayed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumer_that_takes_too_long_to_write_its_replay_is_shed() {
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
+        let ids = publish_padded(&hub, &bus, &mut reader, 0, 5, Retention::default(), BIG).await;
+        let mut client = hub.subscribe(live(vec![1]), Some(&ResumeId(vec![ids[0]])), None);
+        next_text(&mut client).await;
+        assert_eq!(offsets(&next_text(&mut client).await), vec![1]);
+        assert!(replay_held(&hub) > BIG);
+        tokio::time::advance(ServerConfig::default().client_max_lag() + Duration::from_millis(1))
+            .await;
+        assert!(client.next().await.is_none(), "shed");
+        assert_eq!(hub.metrics().clients_dropped.load(Relaxed), 1);
+        assert_eq!(replay_held(&hub), 0);
+    }
+
+    #[tokio::test]
+    async fn a_resumer_cut_off_while_it_replays_gets_no_more_of_it() {
+        let bus = MemoryBus::new();
+        let mut reader = Bus::Memory(bus.clone())
+            .reader(vec![name("drivers"), name("orders")])
+            .await
+            .expect("reader");
+        let hub = hub_with(2, bus.clone(), reader.cursors(), StartPosition::Live);
+        let ids = publish_padded(&hub, &bus, &mut reader, 0, 5, Retention::default(), BIG).await;
+        let mut client = hub.subscribe(live(vec![1]), Some(&ResumeId(vec![ids[0]])), None);
+        next_text(&mut client).await;
+        assert_eq!(offsets(&next_text(&mut client).await), vec![1]);
+        // Live records fill its queue of two while it replays.
+        publish(&hub, &bus, &mut reader, 5, 3, Retention::default()).await;
+        assert_eq!(hub.metrics().clients_dropped.load(Relaxed), 1);
+        assert!(
+            client.next().await.is_none(),
+            "neither the replay nor its live events"
+        );
+        assert_eq!(replay_held(&hub), 0);
+    }
+
     #[tokio::test]
     async fn keyed_and_multi_endpoint_connections_resume_too() {
         let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
         let ids = publish(&hub, &bus, &mut reader, 0, 6, Retention::default()).await;
         let interest = Interest {
             endpoints: vec![0, 1],
-            keys: Some(vec!["k2".into(), "k5".into()]),
+            keys: Some(KeySet::new(["k2", "k5"])),
         };
         let mut client = hub.subscribe(
             interest,
@@ -1241,12 +1394,99 @@ mod tests {
             next_text(&mut client).await,
             format!("retry: 2000\nid: 0-0_{}\n\n", ids[0])
         );
-        let replayed = next_text(&mut client).await;
+        let replayed = read_text(&mut client, 2).await;
         assert_eq!(offsets(&replayed), vec![2, 5]);
         assert!(
             replayed.starts_with(&format!("id: 0-0_{}\n", ids[2])),
             "{replayed}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_text_key_and_a_binary_key_match_only_their_own_bytes() {
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
+        // The binary key FF FE 00 6B shows as {"base64":"//4Aaw=="}; the text key is that.
+        let binary: &[u8] = &[0xff, 0xfe, 0x00, 0x6b];
+        let text: &[u8] = b"//4Aaw==";
+        let mut by_text = subscribe_query(&hub, "key=%2F%2F4Aaw%3D%3D");
+        let mut by_base64 = subscribe_query(&hub, "key_base64=%2F%2F4Aaw%3D%3D");
+        let mut by_both = subscribe_query(&hub, "key=%2F%2F4Aaw%3D%3D&key_base64=%2F%2F4Aaw%3D%3D");
+        for subscription in [&mut by_text, &mut by_base64, &mut by_both] {
+            next_text(subscription).await;
+        }
+        let endpoints = [(name("orders"), Retention::default())];
+        for (offset, key) in [(0, binary), (1, text)] {
+            let envelope = Envelope::encode(
+                crate::envelope::RecordParts {
+                    topic: "orders",
+                    partition: 0,
+                    offset,
+                    key: Some(key),
+                    timestamp: None,
+                    value: Some(b"{}"),
+                },
+                [],
+            )
+            .expect("encodes");
+            Bus::Memory(bus.clone())
+                .publish(Publication {
+                    topic: "orders",
+                    partition: 0,
+                    offset,
+                    endpoints: &endpoints,
+                    envelope: &envelope,
+                })
+                .await
+                .expect("memory bus");
+        }
+        hub.dispatch(&reader.next_batch().await.expect("memory bus"));
+        let keys_of = |text: String| -> Vec<serde_json::Value> {
+            text.lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .map(|data| {
+                    serde_json::from_str::<serde_json::Value>(data).expect("JSON")["key"].clone()
+                })
+                .collect()
+        };
+        let text_key = serde_json::json!("//4Aaw==");
+        let binary_key = serde_json::json!({"base64": "//4Aaw=="});
+        assert_eq!(
+            keys_of(next_text(&mut by_text).await),
+            vec![text_key.clone()]
+        );
+        assert_eq!(
+            keys_of(next_text(&mut by_base64).await),
+            vec![binary_key.clone()]
+        );
+        assert_eq!(
+            keys_of(read_text(&mut by_both, 2).await),
+            vec![binary_key, text_key]
+        );
+        // The same on resume.
+        let mut resumed = hub.subscribe(
+            crate::http::parse_stream_request(
+                &hub,
+                Some("orders"),
+                "key=%2F%2F4Aaw%3D%3D",
+                Some("0-1"),
+            )
+            .expect("valid")
+            .interest,
+            Some(&ResumeId(vec![StreamId { ms: 0, seq: 1 }])),
+            None,
+        );
+        next_text(&mut resumed).await;
+        assert_eq!(
+            keys_of(next_text(&mut resumed).await),
+            vec![serde_json::json!("//4Aaw==")]
+        );
+    }
+
+    /// A live connection to `orders` with the key filters of `query`.
+    fn subscribe_query(hub: &Arc<Hub>, query: &str) -> Subscription {
+        let request =
+            crate::http::parse_stream_request(hub, Some("orders"), query, None).expect("valid");
+        hub.subscribe(request.interest, None, None)
     }
 
     #[tokio::test]
@@ -1306,7 +1546,7 @@ mod tests {
         let mut keyed = hub.subscribe(
             Interest {
                 endpoints: vec![1],
-                keys: Some(vec!["k1".into(), "k6".into()]),
+                keys: Some(KeySet::new(["k1", "k6"])),
             },
             None,
             None,

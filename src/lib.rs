@@ -14,6 +14,7 @@
 //! - [`consumer`]: consumer-group members that publish records to the bus (needs `kafka`).
 //! - [`bus`]: the link between consumers and servers: Redis Streams, or in process.
 //! - [`hub`]: a server's fan-out from the bus to its connections.
+//! - [`keys`]: key filters, stored once per distinct set, and the index by key.
 //! - [`queue`]: a connection's bounded queue, from the hub to its task.
 //! - [`replay`]: reading back what a resuming client missed, and noticing gaps.
 //! - [`sse`]: the bytes on the wire: events, heartbeats, resume ids.
@@ -42,6 +43,7 @@ pub mod dev;
 pub mod envelope;
 pub mod http;
 pub mod hub;
+pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod process;

@@ -15,7 +15,8 @@ pub struct Metrics {
     pub records_in: AtomicU64,
     /// Events queued to clients (one per record per receiving client).
     pub events_out: AtomicU64,
-    /// Clients disconnected because their queue was full.
+    /// Clients disconnected because they could not keep up: their queue filled, or an event
+    /// or a replayed chunk waited longer than the lag bound.
     pub clients_dropped: AtomicU64,
     /// Failed bus reads.
     pub bus_errors: AtomicU64,
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub accept_errors: AtomicU64,
     /// Requests refused because their `Origin` is not in `server.cors_origins`.
     pub cors_refused: AtomicU64,
+    /// Bytes read back from the bus for resuming clients and not yet written to them.
+    pub replay_buffered_bytes: AtomicI64,
 }
 
 impl Metrics {
@@ -85,6 +88,12 @@ impl Metrics {
             "gauge",
             "Seconds between the bus taking the newest record and this server reading it.",
             format!("{:.3}", self.bus_lag_ms.load(Relaxed) as f64 / 1000.0),
+        );
+        metric(
+            "fjord_replay_buffered_bytes",
+            "gauge",
+            "Bytes read back from the bus for resuming clients and not yet written to them.",
+            self.replay_buffered_bytes.load(Relaxed).to_string(),
         );
         metric(
             "fjord_requests_refused_total",

@@ -115,6 +115,11 @@ impl<T> Queue<T> {
         }
     }
 
+    /// Whether the queue was closed.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Closes the queue and drops what it holds.
     pub fn close_and_clear(&self) {
         let dropped = {

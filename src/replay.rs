@@ -1,6 +1,7 @@
 //! Replay: reading back from the bus what a resuming client missed — the records of each
 //! endpoint between the client's last id and the point where its live subscription began —
-//! and noticing when retention already trimmed some of them (a gap).
+//! and noticing when retention already trimmed some of them (a gap). Pages are bounded in
+//! entries and, for big records, in bytes: a resuming client holds one page at a time.
 
 use std::collections::VecDeque;
 
@@ -9,8 +10,11 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use crate::bus::{Bus, BusEntry, BusError, StreamId};
 use crate::config::EndpointName;
 
-/// Entries fetched per bus round trip.
+/// Most entries fetched per bus round trip.
 const PAGE: usize = 512;
+/// About the most envelope bytes one page holds. Redis cannot count bytes for us, so a
+/// page's count follows the entries seen: this over the largest entry of the last page.
+pub const PAGE_BYTES: usize = 1024 * 1024;
 
 /// One endpoint's stretch to read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,19 +50,43 @@ struct State {
     bus: Bus,
     names: Vec<EndpointName>,
     ranges: VecDeque<ReplayRange>,
+    /// Entries to ask for next.
+    count: usize,
+    /// The most a page may have.
+    max_count: usize,
 }
 
-/// Reads `ranges` back in order, one page at a time. `names` maps endpoint indexes to names.
-/// Ends after the first error: the client reconnects and resumes from what it got.
+/// How many entries the page after `page` may have, at most `max_count`: as many as fit in
+/// [`PAGE_BYTES`] at the size of its largest entry, and at most twice as many as it had,
+/// so that a run of small records followed by big ones costs a few pages, not a
+/// multiple of the bound.
+fn next_count(page: &[BusEntry], count: usize, max_count: usize) -> usize {
+    let largest = page
+        .iter()
+        .map(|entry| entry.envelope.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    (PAGE_BYTES / largest).clamp(1, count.saturating_mul(2).min(max_count))
+}
+
+/// Reads `ranges` back in order, one page at a time, of at most `max_count` entries (and
+/// about [`PAGE_BYTES`]); the first page has one entry, to learn how big they are. `names`
+/// maps endpoint indexes to names. Ends after the first error: the client reconnects and
+/// resumes from what it got.
 pub fn replay(
     bus: Bus,
     names: Vec<EndpointName>,
     ranges: Vec<ReplayRange>,
+    max_count: usize,
 ) -> BoxStream<'static, Result<ReplayItem, BusError>> {
+    let max_count = max_count.clamp(1, PAGE);
     let state = State {
         bus,
         names,
         ranges: ranges.into(),
+        count: 1,
+        max_count,
     };
     stream::unfold(state, |mut state| async move {
         let item = next_item(&mut state).await;
@@ -91,13 +119,15 @@ async fn next_item(state: &mut State) -> Option<Result<ReplayItem, BusError>> {
                 Ok(None) => {}
             }
         }
-        let entries = match state.bus.range(name, range.after, range.until, PAGE).await {
+        let count = state.count;
+        let entries = match state.bus.range(name, range.after, range.until, count).await {
             Err(error) => return Some(Err(error)),
             Ok(entries) => entries,
         };
+        state.count = next_count(&entries, count, state.max_count);
         let endpoint = range.endpoint;
         match entries.last() {
-            Some(last) if entries.len() == PAGE && last.id < range.until => range.after = last.id,
+            Some(last) if entries.len() == count && last.id < range.until => range.after = last.id,
             _ => {
                 state.ranges.pop_front();
             }
@@ -107,5 +137,44 @@ async fn next_item(state: &mut State) -> Option<Result<ReplayItem, BusError>> {
                 entries.into_iter().map(|entry| (endpoint, entry)).collect(),
             )));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::bus::EntryKind;
+
+    fn entries(sizes: &[usize]) -> Vec<BusEntry> {
+        sizes
+            .iter()
+            .map(|&size| BusEntry {
+                id: StreamId::ZERO,
+                previous: StreamId::ZERO,
+                kind: EntryKind::Record,
+                filter_key: None,
+                envelope: Bytes::from(vec![b'x'; size]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pages_grow_at_most_twofold_and_shrink_to_fit_their_bytes() {
+        assert_eq!(next_count(&entries(&[100]), 1, 512), 2);
+        assert_eq!(next_count(&entries(&[100; 256]), 256, 512), 512);
+        assert_eq!(
+            next_count(&entries(&[100; 4]), 4, 16),
+            8,
+            "never above the queue"
+        );
+        assert_eq!(next_count(&entries(&[100 * 1024; 8]), 8, 512), 10);
+        assert_eq!(
+            next_count(&entries(&[2 * PAGE_BYTES]), 1, 512),
+            1,
+            "one at least"
+        );
+        assert_eq!(next_count(&[], 4, 512), 8);
     }
 }

@@ -240,6 +240,6 @@ mod tests {
         .expect("mint");
         let grant = auth.grant(Some(&token)).await.expect("valid");
         assert_eq!(grant.endpoints, Some(vec!["orders".to_owned()]));
-        assert_eq!(grant.keys, Some(vec!["driver-42".to_owned()]));
+        assert_eq!(grant.keys, Some(crate::keys::KeySet::new(["driver-42"])));
     }
 }

@@ -5,7 +5,8 @@
 //! keys it pins. Tokens are never logged.
 //!
 //! The claim: `"fjord": {"endpoints": ["orders"], "keys": ["driver-42"]}`; `"*"` opens every
-//! endpoint; without `keys` the token sees every record of its endpoints.
+//! endpoint; without `keys` the token sees every record of its endpoints. A key is text, or
+//! `{"base64": "..."}` for a key that is not UTF-8.
 
 mod jwks;
 mod token;
@@ -17,6 +18,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
 use crate::config::{AuthConfig, JwtAlgorithm, JwtConfig, ManifestError};
+use crate::keys::KeySet;
 pub use token::{TokenSources, find_token};
 
 /// Why a request's token was refused (401).
@@ -89,7 +91,7 @@ pub struct Grant {
     /// The endpoints it opens; `None` for all.
     pub endpoints: Option<Vec<String>>,
     /// The only record keys it may see; `None` for all.
-    pub keys: Option<Vec<String>>,
+    pub keys: Option<KeySet>,
     /// When it expires, in seconds since the epoch; `None` when auth is disabled.
     pub expires_at: Option<u64>,
     /// The token's `sub`, whose streams `server.max_connections_per_subject` counts.
@@ -112,8 +114,8 @@ impl Grant {
     pub fn authorize(
         &self,
         endpoints: &[&str],
-        keys: Option<Vec<String>>,
-    ) -> Result<Option<Vec<String>>, Forbidden> {
+        keys: Option<KeySet>,
+    ) -> Result<Option<KeySet>, Forbidden> {
         if let Some(allowed) = &self.endpoints
             && let Some(refused) = endpoints
                 .iter()
@@ -124,10 +126,16 @@ impl Grant {
         match (&self.keys, keys) {
             (None, keys) => Ok(keys),
             (Some(pinned), None) => Ok(Some(pinned.clone())),
-            (Some(pinned), Some(asked)) => match asked.iter().find(|key| !pinned.contains(key)) {
-                Some(refused) => Err(Forbidden::Key(refused.clone())),
-                None => Ok(Some(asked)),
-            },
+            (Some(pinned), Some(asked)) => {
+                let refused = asked
+                    .iter()
+                    .find(|key| !pinned.contains(key))
+                    .map(|key| String::from_utf8_lossy(key).into_owned());
+                match refused {
+                    Some(refused) => Err(Forbidden::Key(refused)),
+                    None => Ok(Some(asked)),
+                }
+            }
         }
     }
 }
@@ -146,7 +154,31 @@ struct FjordClaim {
     #[serde(default)]
     endpoints: Vec<String>,
     #[serde(default)]
-    keys: Option<Vec<String>>,
+    keys: Option<Vec<PinnedKey>>,
+}
+
+/// A record key a token pins, as the envelope shows keys: text for the key of those UTF-8
+/// bytes, `{"base64": "..."}` for any bytes.
+#[derive(Debug)]
+struct PinnedKey(Vec<u8>);
+
+impl<'de> Deserialize<'de> for PinnedKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use base64::Engine as _;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Shape {
+            Text(String),
+            Bytes { base64: String },
+        }
+        match Shape::deserialize(deserializer)? {
+            Shape::Text(text) => Ok(Self(text.into_bytes())),
+            Shape::Bytes { base64 } => base64::engine::general_purpose::STANDARD
+                .decode(base64)
+                .map(Self)
+                .map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 fn algorithm(alg: JwtAlgorithm) -> Algorithm {
@@ -383,7 +415,12 @@ fn unsupported_algorithm(token: &str) -> Option<String> {
 
 fn grant_of(claims: Claims) -> Grant {
     let (endpoints, keys) = match claims.fjord {
-        Some(claim) => (Some(claim.endpoints), claim.keys),
+        Some(claim) => (
+            Some(claim.endpoints),
+            claim
+                .keys
+                .map(|keys| KeySet::new(keys.iter().map(|key| &key.0))),
+        ),
         // A valid token without the claim opens nothing.
         None => (Some(Vec::new()), None),
     };
@@ -480,8 +517,32 @@ mod tests {
             .await
             .expect("valid");
         assert_eq!(grant.endpoints, Some(vec!["orders".to_owned()]));
-        assert_eq!(grant.keys, Some(vec!["driver-42".to_owned()]));
+        assert_eq!(grant.keys, Some(KeySet::new(["driver-42"])));
         assert!(grant.expires_at.is_some_and(|at| at > now()));
+    }
+
+    #[tokio::test]
+    async fn a_token_pins_text_keys_and_keys_in_base64_apart() {
+        let pinned =
+            |pins: serde_json::Value| sign_ed(&keys(1), &claims(|c| c["fjord"]["keys"] = pins));
+        let grant = verdict(&pinned(
+            serde_json::json!(["//4Aaw==", {"base64": "//4Aaw=="}]),
+        ))
+        .await
+        .expect("valid");
+        let binary: &[u8] = &[0xff, 0xfe, 0x00, 0x6b];
+        assert_eq!(grant.keys, Some(KeySet::new([&b"//4Aaw=="[..], binary])));
+        let only_text = verdict(&pinned(serde_json::json!(["//4Aaw=="])))
+            .await
+            .expect("valid");
+        assert_eq!(
+            only_text.authorize(&["orders"], Some(KeySet::new([binary]))),
+            Err(Forbidden::Key(String::from_utf8_lossy(binary).into_owned()))
+        );
+        let error = verdict(&pinned(serde_json::json!([{"base64": "not base64"}])))
+            .await
+            .expect_err("refused");
+        assert_eq!(error.code(), "token_claims");
     }
 
     #[tokio::test]
@@ -599,20 +660,20 @@ mod tests {
     fn requests_may_narrow_never_widen() {
         let grant = Grant {
             endpoints: Some(vec!["orders".into()]),
-            keys: Some(vec!["a".into(), "b".into()]),
+            keys: Some(KeySet::new(["a", "b"])),
             expires_at: None,
             subject: None,
         };
         assert_eq!(
             grant.authorize(&["orders"], None),
-            Ok(Some(vec!["a".into(), "b".into()]))
+            Ok(Some(KeySet::new(["a", "b"])))
         );
         assert_eq!(
-            grant.authorize(&["orders"], Some(vec!["b".into()])),
-            Ok(Some(vec!["b".into()]))
+            grant.authorize(&["orders"], Some(KeySet::new(["b"]))),
+            Ok(Some(KeySet::new(["b"])))
         );
         assert_eq!(
-            grant.authorize(&["orders"], Some(vec!["c".into()])),
+            grant.authorize(&["orders"], Some(KeySet::new(["c"]))),
             Err(Forbidden::Key("c".into()))
         );
         assert_eq!(
@@ -626,8 +687,8 @@ mod tests {
             subject: None,
         };
         assert_eq!(
-            all.authorize(&["orders", "drivers"], Some(vec!["z".into()])),
-            Ok(Some(vec!["z".into()]))
+            all.authorize(&["orders", "drivers"], Some(KeySet::new(["z"]))),
+            Ok(Some(KeySet::new(["z"])))
         );
     }
 

@@ -597,7 +597,7 @@ async fn publish_to_bus(
         };
         let envelope = Envelope {
             json: event_envelope(sent, key.as_deref(), seq, now_us()),
-            filter_key: key,
+            filter_key: key.map(String::into_bytes),
         };
         bus.publish(Publication {
             topic: "bench",

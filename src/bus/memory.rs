@@ -68,7 +68,7 @@ impl MemoryBus {
         }
         let now = now_ms();
         let envelope = Bytes::copy_from_slice(append.body);
-        let filter_key = append.filter_key.map(str::to_owned);
+        let filter_key = append.filter_key.map(Bytes::copy_from_slice);
         for (endpoint, retention) in append.endpoints {
             let stream = state.streams.entry(endpoint.clone()).or_default();
             let id = if now > stream.last_id.ms {
@@ -221,7 +221,7 @@ mod tests {
 
     fn envelope(text: &str) -> Envelope {
         Envelope {
-            filter_key: Some(text.to_owned()),
+            filter_key: Some(text.as_bytes().to_vec()),
             json: text.as_bytes().to_vec(),
         }
     }

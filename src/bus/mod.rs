@@ -100,8 +100,9 @@ pub struct BusEntry {
     pub previous: StreamId,
     /// What the entry holds.
     pub kind: EntryKind,
-    /// The record key clients filter on; `None` for a marker.
-    pub filter_key: Option<String>,
+    /// The bytes of the record's key, which clients filter on; `None` for a record without
+    /// a key, and for a marker.
+    pub filter_key: Option<Bytes>,
     /// The envelope's JSON, or the marker's.
     pub envelope: Bytes,
 }
@@ -145,7 +146,7 @@ struct Append<'a> {
     offset: i64,
     endpoints: &'a [(EndpointName, Retention)],
     kind: EntryKind,
-    filter_key: Option<&'a str>,
+    filter_key: Option<&'a [u8]>,
     body: &'a [u8],
 }
 

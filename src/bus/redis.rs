@@ -424,8 +424,8 @@ fn entry_of(mut entry: redis::streams::StreamId) -> Result<Option<BusEntry>, Bus
         tracing::warn!(%id, "skipping a stream entry without an envelope");
         return Ok(None);
     };
-    let filter_key = match entry.map.get("k") {
-        Some(Value::BulkString(key)) => Some(String::from_utf8_lossy(key).into_owned()),
+    let filter_key = match entry.map.remove("k") {
+        Some(Value::BulkString(key)) => Some(Bytes::from(key)),
         _ => None,
     };
     let previous = match entry.map.get("p") {

@@ -1,0 +1,440 @@
+//! Key filters: the record keys a connection asks for (`?key=`, `?key_base64=`, a token's
+//! `keys`), compared as the bytes of the record's Kafka key, and the index by key through
+//! which the hub finds a record's receivers. A connection's keys are stored once, in one
+//! [`KeySet`]: connections that ask for the same keys share it, and the index of every
+//! endpoint refers to it rather than copying its keys.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+/// Record keys, sorted, without repeats, in one allocation for the bytes and one for where
+/// each key ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct KeySet {
+    bytes: Box<[u8]>,
+    /// The end of each key in `bytes`.
+    ends: Box<[u32]>,
+}
+
+impl KeySet {
+    /// The set of `keys`; repeats count once. Keys past 4 GiB in all are dropped, far beyond
+    /// what a request head can carry.
+    pub fn new<K: AsRef<[u8]>>(keys: impl IntoIterator<Item = K>) -> Self {
+        let mut keys: Vec<K> = keys.into_iter().collect();
+        keys.sort_unstable_by(|a, b| a.as_ref().cmp(b.as_ref()));
+        keys.dedup_by(|a, b| a.as_ref() == b.as_ref());
+        let mut bytes = Vec::with_capacity(keys.iter().map(|key| key.as_ref().len()).sum());
+        let mut ends = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let Ok(end) = u32::try_from(bytes.len() + key.as_ref().len()) else {
+                break;
+            };
+            bytes.extend_from_slice(key.as_ref());
+            ends.push(end);
+        }
+        Self {
+            bytes: bytes.into(),
+            ends: ends.into(),
+        }
+    }
+
+    /// How many keys.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The key at `index` in sorted order; empty past the end.
+    pub fn get(&self, index: usize) -> &[u8] {
+        let start = match index.checked_sub(1) {
+            None => 0,
+            Some(before) => self.ends.get(before).map_or(0, |&end| end as usize),
+        };
+        let end = self.ends.get(index).map_or(start, |&end| end as usize);
+        self.bytes.get(start..end).unwrap_or_default()
+    }
+
+    /// The keys in sorted order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        (0..self.len()).map(|index| self.get(index))
+    }
+
+    /// Where `key` is in sorted order, if it is one of the keys.
+    pub fn position(&self, key: &[u8]) -> Option<usize> {
+        let (mut low, mut high) = (0, self.len());
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match self.get(middle).cmp(key) {
+                std::cmp::Ordering::Less => low = middle + 1,
+                std::cmp::Ordering::Greater => high = middle,
+                std::cmp::Ordering::Equal => return Some(middle),
+            }
+        }
+        None
+    }
+
+    /// Whether `key` is one of the keys.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        self.position(key).is_some()
+    }
+}
+
+/// A connection's id in the hub.
+pub type ClientId = u64;
+type GroupId = u64;
+
+/// A key of the index: the bytes of one key of a set, borrowed from that set.
+#[derive(Debug)]
+struct KeyRef {
+    set: Arc<KeySet>,
+    index: usize,
+}
+
+impl KeyRef {
+    fn bytes(&self) -> &[u8] {
+        self.set.get(self.index)
+    }
+}
+
+impl Borrow<[u8]> for KeyRef {
+    fn borrow(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+// Hashed and compared as its bytes, so that the index is searched with a record's key.
+impl Hash for KeyRef {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.bytes().hash(state);
+    }
+}
+
+impl PartialEq for KeyRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for KeyRef {}
+
+/// The groups whose set holds one key: nearly always one.
+#[derive(Debug)]
+enum Groups {
+    One(GroupId),
+    Many(Vec<GroupId>),
+}
+
+impl Groups {
+    fn as_slice(&self) -> &[GroupId] {
+        match self {
+            Self::One(group) => std::slice::from_ref(group),
+            Self::Many(groups) => groups,
+        }
+    }
+
+    fn push(&mut self, group: GroupId) {
+        match self {
+            Self::One(first) => *self = Self::Many(vec![*first, group]),
+            Self::Many(groups) => groups.push(group),
+        }
+    }
+
+    /// Removes `group`; whether any is left.
+    fn remove(&mut self, group: GroupId) -> bool {
+        match self {
+            Self::One(only) => *only != group,
+            Self::Many(groups) => {
+                groups.retain(|&g| g != group);
+                if let [only] = groups.as_slice() {
+                    *self = Self::One(*only);
+                }
+                !self.as_slice().is_empty()
+            }
+        }
+    }
+}
+
+/// The connections that asked for the same keys.
+#[derive(Debug)]
+struct Group<T> {
+    keys: Arc<KeySet>,
+    members: HashMap<ClientId, T>,
+}
+
+/// One endpoint's keyed connections, found by key. Connections with the same keys form one
+/// group, so that the index has an entry per key and distinct set, not per connection:
+/// a connection whose keys another one has asked for already costs one map entry.
+#[derive(Debug)]
+pub struct KeyIndex<T> {
+    groups: HashMap<GroupId, Group<T>>,
+    group_of: HashMap<Arc<KeySet>, GroupId>,
+    by_key: HashMap<KeyRef, Groups>,
+    next_group: GroupId,
+}
+
+impl<T> Default for KeyIndex<T> {
+    fn default() -> Self {
+        Self {
+            groups: HashMap::new(),
+            group_of: HashMap::new(),
+            by_key: HashMap::new(),
+            next_group: 0,
+        }
+    }
+}
+
+impl<T> KeyIndex<T> {
+    /// Adds `client` with `keys`; returns the set the index keeps for them (an equal one
+    /// already kept, or `keys`), for the caller to keep instead of its own.
+    pub fn insert(&mut self, keys: &Arc<KeySet>, client: ClientId, value: T) -> Arc<KeySet> {
+        if let Some(group) = self
+            .group_of
+            .get(&**keys)
+            .and_then(|id| self.groups.get_mut(id))
+        {
+            group.members.insert(client, value);
+            return Arc::clone(&group.keys);
+        }
+        let id = self.next_group;
+        self.next_group += 1;
+        for index in 0..keys.len() {
+            match self.by_key.entry(KeyRef {
+                set: Arc::clone(keys),
+                index,
+            }) {
+                Entry::Occupied(mut entry) => entry.get_mut().push(id),
+                Entry::Vacant(entry) => {
+                    entry.insert(Groups::One(id));
+                }
+            }
+        }
+        self.group_of.insert(Arc::clone(keys), id);
+        self.groups.insert(
+            id,
+            Group {
+                keys: Arc::clone(keys),
+                members: HashMap::from([(client, value)]),
+            },
+        );
+        Arc::clone(keys)
+    }
+
+    /// Removes `client`, added with `keys`; returns its value.
+    pub fn remove(&mut self, keys: &KeySet, client: ClientId) -> Option<T> {
+        let id = *self.group_of.get(keys)?;
+        let group = self.groups.get_mut(&id)?;
+        let value = group.members.remove(&client)?;
+        if !group.members.is_empty() {
+            return Some(value);
+        }
+        let group = self.groups.remove(&id)?;
+        self.group_of.remove(&*group.keys);
+        for key in group.keys.iter() {
+            let Some((key_ref, mut rest)) = self.by_key.remove_entry(key) else {
+                continue;
+            };
+            if !rest.remove(id) {
+                continue;
+            }
+            // The entry's key may be the bytes of the set going away: take them from a set
+            // that stays, so that the set is freed.
+            let key_ref = match rest.as_slice().first().and_then(|g| self.groups.get(g)) {
+                Some(other) if Arc::ptr_eq(&key_ref.set, &group.keys) => {
+                    other.keys.position(key).map_or(key_ref, |index| KeyRef {
+                        set: Arc::clone(&other.keys),
+                        index,
+                    })
+                }
+                _ => key_ref,
+            };
+            self.by_key.insert(key_ref, rest);
+        }
+        Some(value)
+    }
+
+    /// The connections that asked for `key`, each once.
+    pub fn receivers<'a>(&'a self, key: &[u8]) -> impl Iterator<Item = (ClientId, &'a T)> {
+        self.by_key
+            .get(key)
+            .map_or(&[][..], Groups::as_slice)
+            .iter()
+            .filter_map(|id| self.groups.get(id))
+            .flat_map(|group| group.members.iter().map(|(&client, value)| (client, value)))
+    }
+
+    /// How many connections asked for `key`.
+    pub fn count(&self, key: &[u8]) -> usize {
+        self.by_key
+            .get(key)
+            .map_or(&[][..], Groups::as_slice)
+            .iter()
+            .filter_map(|id| self.groups.get(id))
+            .map(|group| group.members.len())
+            .sum()
+    }
+
+    /// Every connection, each once.
+    pub fn all(&self) -> impl Iterator<Item = (ClientId, &T)> {
+        self.groups
+            .values()
+            .flat_map(|group| group.members.iter().map(|(&client, value)| (client, value)))
+    }
+
+    /// Whether it holds no connection.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty() && self.by_key.is_empty() && self.group_of.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Whether every key of the index is borrowed from one of its groups' sets.
+    fn keys_are_borrowed_from_groups<T>(index: &KeyIndex<T>) -> bool {
+        index.by_key.keys().all(|key| {
+            index
+                .groups
+                .values()
+                .any(|group| Arc::ptr_eq(&key.set, &group.keys))
+        })
+    }
+
+    #[test]
+    fn a_set_is_sorted_without_repeats_and_searchable() {
+        let set = KeySet::new(["b", "a", "", "b", "ab"]);
+        assert_eq!(
+            set.iter().collect::<Vec<_>>(),
+            vec![&b""[..], b"a", b"ab", b"b"]
+        );
+        assert!(set.contains(b"ab") && set.contains(b"") && !set.contains(b"c"));
+        assert_eq!(set.get(9), b"");
+        assert!(KeySet::new(Vec::<String>::new()).is_empty());
+    }
+
+    #[test]
+    fn keys_are_stored_once_for_every_endpoint_and_every_connection_with_the_same_set() {
+        let mut orders = KeyIndex::default();
+        let mut drivers = KeyIndex::default();
+        let keys = Arc::new(KeySet::new((0..1000).map(|k| format!("k{k}"))));
+        // One connection on two endpoints: both indexes borrow its one set.
+        assert!(Arc::ptr_eq(&orders.insert(&keys, 1, ()), &keys));
+        assert!(Arc::ptr_eq(&drivers.insert(&keys, 1, ()), &keys));
+        assert_eq!(orders.by_key.len(), 1000);
+        assert!(keys_are_borrowed_from_groups(&orders) && keys_are_borrowed_from_groups(&drivers));
+        // A second connection with the same keys, parsed apart, gets the set already kept
+        // and adds one entry to the group, none to the index.
+        let same = Arc::new(KeySet::new((0..1000).rev().map(|k| format!("k{k}"))));
+        assert!(Arc::ptr_eq(&orders.insert(&same, 2, ()), &keys));
+        assert_eq!((orders.groups.len(), orders.by_key.len()), (1, 1000));
+        drop(same);
+        // What each index holds of the set: its group's, the group's lookup and one per key.
+        assert_eq!(Arc::strong_count(&keys), 1 + 2 * (1 + 1 + 1000));
+        assert_eq!(orders.count(b"k7"), 2);
+    }
+
+    #[test]
+    fn a_set_that_goes_is_freed_though_others_share_its_keys() {
+        let mut index = KeyIndex::default();
+        let first = Arc::new(KeySet::new(["a", "b"]));
+        let second = Arc::new(KeySet::new(["b", "c"]));
+        index.insert(&first, 1, ());
+        index.insert(&second, 2, ());
+        assert_eq!(index.remove(&first, 1), Some(()));
+        assert_eq!(Arc::strong_count(&first), 1, "no longer borrowed for b");
+        assert!(keys_are_borrowed_from_groups(&index));
+        assert_eq!(
+            index.receivers(b"b").map(|(c, _)| c).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(index.receivers(b"a").count(), 0);
+        assert_eq!(index.remove(&first, 1), None);
+        assert_eq!(index.remove(&second, 2), Some(()));
+        assert!(index.is_empty());
+    }
+
+    /// Keys from a small alphabet, so that sets overlap and repeat; some not UTF-8.
+    fn key() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(prop_oneof![Just(b'a'), Just(b'b'), Just(0xff)], 0..3),
+            proptest::collection::vec(any::<u8>(), 0..6),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(ClientId, Vec<Vec<u8>>),
+        Remove(ClientId),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..8_u64, proptest::collection::vec(key(), 0..5))
+                .prop_map(|(client, keys)| Op::Insert(client, keys)),
+            (0..8_u64).prop_map(Op::Remove),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_key_set_agrees_with_a_sorted_set(keys in proptest::collection::vec(key(), 0..40), probe in key()) {
+            let set = KeySet::new(&keys);
+            let reference: BTreeSet<Vec<u8>> = keys.iter().cloned().collect();
+            prop_assert_eq!(set.iter().map(<[u8]>::to_vec).collect::<Vec<_>>(), reference.iter().cloned().collect::<Vec<_>>());
+            prop_assert_eq!(set.contains(&probe), reference.contains(&probe));
+            for key in &keys {
+                prop_assert!(set.contains(key));
+            }
+        }
+
+        #[test]
+        fn fuzz_key_index_matches_a_naive_reference(ops in proptest::collection::vec(op(), 0..60), probes in proptest::collection::vec(key(), 0..8)) {
+            let mut index = KeyIndex::default();
+            // The naive reference: each connection with its keys.
+            let mut clients: BTreeMap<ClientId, Arc<KeySet>> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Insert(client, keys) => {
+                        if let Some(old) = clients.remove(&client) {
+                            prop_assert_eq!(index.remove(&old, client), Some(client));
+                        }
+                        let kept = index.insert(&Arc::new(KeySet::new(&keys)), client, client);
+                        prop_assert_eq!(&*kept, &KeySet::new(&keys));
+                        clients.insert(client, kept);
+                    }
+                    Op::Remove(client) => {
+                        let removed = clients.get(&client).and_then(|keys| index.remove(keys, client));
+                        prop_assert_eq!(removed, clients.remove(&client).map(|_| client));
+                    }
+                }
+                prop_assert!(keys_are_borrowed_from_groups(&index));
+                let every_key = clients.values().flat_map(|keys| keys.iter().map(<[u8]>::to_vec)).chain(probes.iter().cloned());
+                for key in every_key {
+                    let mut found: Vec<ClientId> = index.receivers(&key).map(|(client, &value)| { assert_eq!(client, value); client }).collect();
+                    found.sort_unstable();
+                    let expected: Vec<ClientId> = clients.iter().filter(|(_, keys)| keys.contains(&key)).map(|(&client, _)| client).collect();
+                    prop_assert_eq!(index.count(&key), expected.len());
+                    prop_assert_eq!(found, expected);
+                }
+                let mut all: Vec<ClientId> = index.all().map(|(client, _)| client).collect();
+                all.sort_unstable();
+                prop_assert_eq!(all, clients.keys().copied().collect::<Vec<_>>());
+            }
+            for (client, keys) in std::mem::take(&mut clients) {
+                prop_assert_eq!(index.remove(&keys, client), Some(client));
+            }
+            prop_assert!(index.is_empty());
+        }
+    }
+}
