@@ -4,7 +4,8 @@
 //! its receivers, not the number of connections. Each connection has a bounded queue; one
 //! that fills up is cut off and resumes by id. One timer sends every heartbeat. A marker of
 //! records the consumer could not read goes to every connection of its endpoint, whatever
-//! its keys, as `fjord.gap`.
+//! its keys, as `fjord.gap`; so does an entry the bus found invalid, to the connections that
+//! would have had its record (all of them when its key is unknown).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
@@ -17,9 +18,10 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::time::Instant;
 
-use crate::bus::{Bus, BusEntry, BusError, BusReader, EntryKind, SkippedRecords, StreamId};
+use crate::bus::{Bus, BusEntry, BusError, BusReader, EntryKind, Receivers, StreamId};
 use crate::config::{EndpointName, ServerConfig, StartPosition};
 use crate::metrics::Metrics;
+use crate::process::LogThrottle;
 use crate::queue::{Delivery, PushError, Queue};
 use crate::replay::{ReplayItem, ReplayRange, replay};
 use crate::sse::{self, RenderedEvent, ResumeId};
@@ -415,6 +417,13 @@ impl Hub {
             let Some(rendered) = self.render(*endpoint, entry) else {
                 continue;
             };
+            if let EntryKind::Invalid(invalid) = &entry.kind {
+                self.metrics.bus_invalid_entries.fetch_add(1, Relaxed);
+                static INVALID: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                if let Some(held_back) = INVALID.admit() {
+                    tracing::warn!(endpoint = self.endpoints[*endpoint].as_str(), id = %entry.id, problem = %invalid.problem, held_back, "a bus entry not written by fjord-consumer; clients get fjord.gap in its place");
+                }
+            }
             let event = Arc::new(QueuedEvent {
                 endpoint: *endpoint,
                 id: entry.id,
@@ -446,12 +455,9 @@ impl Hub {
                     Err(PushError::Closed) => {}
                 }
             };
-            match entry.kind {
-                EntryKind::Record => {
-                    let keyed = entry
-                        .filter_key
-                        .as_ref()
-                        .and_then(|key| channel.by_key.get(key));
+            match entry.receivers() {
+                Receivers::Key(key) => {
+                    let keyed = key.and_then(|key| channel.by_key.get(key));
                     let write_now = may_write_now
                         && channel.everyone.len() + keyed.map_or(0, HashMap::len)
                             <= MAX_DIRECT_WRITES;
@@ -461,8 +467,7 @@ impl Hub {
                         deliver(client, sender, write_now);
                     }
                 }
-                // Whose keys the skipped records had is unknown: everyone is told.
-                EntryKind::Skipped => {
+                Receivers::All => {
                     for (client, sender) in channel.all_receivers() {
                         deliver(client, sender, false);
                     }
@@ -484,24 +489,16 @@ impl Hub {
         self.cut_off(too_slow);
     }
 
-    /// The event of a bus entry of `endpoint`; `None` (logged) for one that
-    /// fjord-consumer did not write.
+    /// The event of a bus entry of `endpoint`; `None` for an endpoint the hub does not have.
     fn render(&self, endpoint: usize, entry: &BusEntry) -> Option<RenderedEvent> {
         let name = self.endpoints.get(endpoint)?.as_str();
-        match entry.kind {
-            EntryKind::Record if entry.envelope.contains(&b'\n') => {
-                tracing::error!(endpoint = name, id = %entry.id, "dropping a bus entry with a line break; it was not written by fjord-consumer");
-                None
+        Some(match &entry.kind {
+            EntryKind::Record { envelope, .. } => {
+                RenderedEvent::new(entry.id, name, envelope.as_bytes())
             }
-            EntryKind::Record => Some(RenderedEvent::new(entry.id, name, &entry.envelope)),
-            EntryKind::Skipped => match serde_json::from_slice::<SkippedRecords>(&entry.envelope) {
-                Ok(skipped) => Some(sse::unreadable_gap(entry.id, name, &skipped)),
-                Err(error) => {
-                    tracing::error!(endpoint = name, id = %entry.id, %error, "dropping a skipped-records marker that fjord-consumer did not write");
-                    None
-                }
-            },
-        }
+            EntryKind::Skipped(skipped) => sse::unreadable_gap(entry.id, name, skipped),
+            EntryKind::Invalid(invalid) => sse::invalid_gap(entry.id, name, invalid.problem),
+        })
     }
 
     fn cut_off(&self, clients: impl IntoIterator<Item = ClientId>) {
@@ -710,12 +707,12 @@ impl Subscription {
             }
             ReplayItem::Entries(entries) => {
                 for (endpoint, entry) in entries {
-                    let wanted = match (entry.kind, &self.keys, &entry.filter_key) {
-                        (EntryKind::Skipped, _, _) | (EntryKind::Record, None, _) => true,
-                        (EntryKind::Record, Some(keys), Some(key)) => {
-                            keys.binary_search(key).is_ok()
+                    let wanted = match (&self.keys, entry.receivers()) {
+                        (None, _) | (_, Receivers::All) => true,
+                        (Some(keys), Receivers::Key(Some(key))) => {
+                            keys.binary_search_by(|k| k.as_str().cmp(key)).is_ok()
                         }
-                        (EntryKind::Record, Some(_), None) => false,
+                        (Some(_), Receivers::Key(None)) => false,
                     };
                     if wanted && let Some(event) = self.hub.render(endpoint, &entry) {
                         self.write_event(endpoint, entry.id, &event, out);
@@ -849,7 +846,7 @@ mod tests {
 
     use super::*;
     use crate::bus::memory::MemoryBus;
-    use crate::bus::{Publication, SkippedRecords};
+    use crate::bus::{Publication, SkippedRecords, WireJson};
     use crate::config::Retention;
     use crate::envelope::Envelope;
 
@@ -903,9 +900,11 @@ mod tests {
         BusEntry {
             id: StreamId { ms, seq: 0 },
             previous: StreamId::ZERO,
-            kind: EntryKind::Record,
-            filter_key: Some(key.to_owned()),
-            envelope: Bytes::from(format!("{{\"key\":\"{key}\"}}")),
+            kind: EntryKind::Record {
+                filter_key: Some(key.to_owned()),
+                envelope: WireJson::new(Bytes::from(format!("{{\"key\":\"{key}\"}}")))
+                    .expect("an object"),
+            },
         }
     }
 
