@@ -61,8 +61,10 @@ impl Serialize for TextOrBase64<'_> {
 /// A record's value: its JSON when it parses, else text or base64.
 enum Value<'a> {
     Json(&'a RawValue),
-    /// JSON that spans several lines, made compact.
-    ReformattedJson(serde_json::Value),
+    /// JSON that spans several lines, made one: its text without the line breaks, which
+    /// valid JSON holds only between tokens. Not parsed into values and written again,
+    /// which would change numbers that do not round-trip through `f64`.
+    ReformattedJson(Box<RawValue>),
     Other(TextOrBase64<'a>),
     Null,
 }
@@ -74,10 +76,13 @@ impl<'a> Value<'a> {
         };
         match serde_json::from_slice::<&RawValue>(bytes) {
             Ok(raw) if !raw.get().contains(['\n', '\r']) => Self::Json(raw),
-            Ok(raw) => match serde_json::from_str(raw.get()) {
-                Ok(value) => Self::ReformattedJson(value),
-                Err(_) => Self::Other(TextOrBase64(bytes)),
-            },
+            Ok(raw) => {
+                let one_line = raw.get().replace(['\n', '\r'], "");
+                match RawValue::from_string(one_line) {
+                    Ok(value) => Self::ReformattedJson(value),
+                    Err(_) => Self::Other(TextOrBase64(bytes)),
+                }
+            }
             Err(_) => Self::Other(TextOrBase64(bytes)),
         }
     }
@@ -162,6 +167,8 @@ impl Envelope {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn parts<'a>(key: Option<&'a [u8]>, value: Option<&'a [u8]>) -> RecordParts<'a> {
@@ -210,6 +217,20 @@ mod tests {
         let (_, json) = encode(None, Some(b"{\n  \"a\": 1\n}\r\n"), &[]);
         assert_eq!(json["value"], serde_json::json!({"a": 1}));
         assert_eq!(json["key"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn multi_line_json_keeps_its_numbers_as_written() {
+        let (envelope, json) = encode(
+            None,
+            Some(b"[\n  {\"\": 5.294316068335519e+257, \"n\": 1.10}\r\n]"),
+            &[],
+        );
+        assert!(
+            String::from_utf8_lossy(&envelope.json)
+                .ends_with(r#""value":[  {"": 5.294316068335519e+257, "n": 1.10}]}"#),
+            "{json}"
+        );
     }
 
     #[test]
@@ -272,6 +293,119 @@ mod tests {
         ] {
             let (_, json) = encode(None, Some(input.as_bytes()), &[]);
             assert_eq!(json["value"], expected, "{input}");
+        }
+    }
+
+    /// A JSON value, as text: compact, pretty (several lines) or with CRLF.
+    fn json_text() -> impl Strategy<Value = Vec<u8>> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            any::<String>().prop_map(serde_json::Value::from),
+        ];
+        let value = leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(any::<String>(), inner, 0..4)
+                    .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+            ]
+        });
+        (value, 0..3_u8).prop_map(|(value, style)| match style {
+            0 => serde_json::to_vec(&value).unwrap_or_default(),
+            1 => serde_json::to_vec_pretty(&value).unwrap_or_default(),
+            _ => serde_json::to_string_pretty(&value)
+                .unwrap_or_default()
+                .replace('\n', "\r\n")
+                .into_bytes(),
+        })
+    }
+
+    /// Bytes of any kind: JSON, other text, or not UTF-8.
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            json_text(),
+            any::<String>().prop_map(String::into_bytes),
+            prop::collection::vec(any::<u8>(), 0..48),
+        ]
+    }
+
+    /// What the envelope says for bytes that are text or base64.
+    fn text_or_base64(bytes: &[u8]) -> serde_json::Value {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => serde_json::Value::from(text),
+            Err(_) => serde_json::json!({"base64": BASE64.encode(bytes)}),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_envelope_encoding(
+            topic in any::<String>(),
+            partition in any::<i32>(),
+            offset in any::<i64>(),
+            key in prop::option::of(payload()),
+            timestamp in prop::option::of(any::<i64>()),
+            value in prop::option::of(payload()),
+            headers in prop::collection::vec(
+                (prop_oneof![any::<String>(), Just("h".to_owned())], prop::option::of(payload())),
+                0..5,
+            ),
+        ) {
+            let envelope = Envelope::encode(
+                RecordParts {
+                    topic: &topic,
+                    partition,
+                    offset,
+                    key: key.as_deref(),
+                    timestamp,
+                    value: value.as_deref(),
+                },
+                headers.iter().map(|(name, value)| (name.as_str(), value.as_deref())),
+            )
+            .map_err(|error| TestCaseError::fail(error.to_string()))?;
+            // What the bus checks every entry for, so that each envelope passes.
+            prop_assert!(
+                crate::bus::WireJson::new(bytes::Bytes::from(envelope.json.clone())).is_ok(),
+                "{:?}",
+                String::from_utf8_lossy(&envelope.json)
+            );
+            let json: serde_json::Value = serde_json::from_slice(&envelope.json)
+                .map_err(|error| TestCaseError::fail(error.to_string()))?;
+            prop_assert_eq!(&json["topic"], &serde_json::Value::from(topic.as_str()));
+            prop_assert_eq!(&json["partition"], &serde_json::Value::from(partition));
+            prop_assert_eq!(&json["offset"], &serde_json::Value::from(offset));
+            prop_assert_eq!(&json["timestamp"], &serde_json::Value::from(timestamp));
+            let expected_key = key.as_deref().map_or(serde_json::Value::Null, text_or_base64);
+            prop_assert_eq!(&json["key"], &expected_key);
+            prop_assert_eq!(
+                envelope.filter_key.is_some(),
+                key.is_some()
+            );
+            let expected_value = value.as_deref().map_or(serde_json::Value::Null, |bytes| {
+                serde_json::from_slice(bytes).unwrap_or_else(|_| text_or_base64(bytes))
+            });
+            prop_assert_eq!(&json["value"], &expected_value);
+            let mut expected_headers: BTreeMap<&str, Vec<serde_json::Value>> = BTreeMap::new();
+            for (name, value) in &headers {
+                expected_headers
+                    .entry(name)
+                    .or_default()
+                    .push(value.as_deref().map_or(serde_json::Value::Null, text_or_base64));
+            }
+            let expected_headers: serde_json::Map<String, serde_json::Value> = expected_headers
+                .into_iter()
+                .map(|(name, mut values)| {
+                    let value = if values.len() == 1 {
+                        values.remove(0)
+                    } else {
+                        serde_json::Value::from(values)
+                    };
+                    (name.to_owned(), value)
+                })
+                .collect();
+            prop_assert_eq!(&json["headers"], &serde_json::Value::Object(expected_headers));
         }
     }
 }

@@ -691,7 +691,7 @@ mod tests {
             ),
             (
                 Some("orders"),
-                "key=%FF%FE",
+                "key=%C3%A9",
                 Some("1-0_2-0"),
                 "bad_last_event_id",
             ),

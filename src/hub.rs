@@ -4,7 +4,8 @@
 //! its receivers, not the number of connections. Each connection has a bounded queue; one
 //! that fills up is cut off and resumes by id. One timer sends every heartbeat. A marker of
 //! records the consumer could not read goes to every connection of its endpoint, whatever
-//! its keys, as `fjord.gap`.
+//! its keys, as `fjord.gap`; so does an entry the bus found invalid, to the connections that
+//! would have had its record (all of them when its key is unknown).
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
@@ -17,10 +18,11 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::time::Instant;
 
-use crate::bus::{Bus, BusEntry, BusError, BusReader, EntryKind, SkippedRecords, StreamId};
+use crate::bus::{Bus, BusEntry, BusError, BusReader, EntryKind, Receivers, StreamId};
 use crate::config::{EndpointName, ServerConfig, StartPosition};
 use crate::keys::{ClientId, KeyIndex, KeySet};
 use crate::metrics::Metrics;
+use crate::process::LogThrottle;
 use crate::queue::{Delivery, PushError, Queue};
 use crate::replay::{ReplayItem, ReplayRange, replay};
 use crate::sse::{self, RenderedEvent, ResumeId};
@@ -414,6 +416,13 @@ impl Hub {
             let Some(rendered) = self.render(*endpoint, entry) else {
                 continue;
             };
+            if let EntryKind::Invalid(invalid) = &entry.kind {
+                self.metrics.bus_invalid_entries.fetch_add(1, Relaxed);
+                static INVALID: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                if let Some(held_back) = INVALID.admit() {
+                    tracing::warn!(endpoint = self.endpoints[*endpoint].as_str(), id = %entry.id, problem = %invalid.problem, held_back, "a bus entry not written by fjord-consumer; clients get fjord.gap in its place");
+                }
+            }
             let event = Arc::new(QueuedEvent {
                 endpoint: *endpoint,
                 id: entry.id,
@@ -445,9 +454,8 @@ impl Hub {
                     Err(PushError::Closed) => {}
                 }
             };
-            match entry.kind {
-                EntryKind::Record => {
-                    let key = entry.filter_key.as_deref();
+            match entry.receivers() {
+                Receivers::Key(key) => {
                     let write_now = may_write_now
                         && channel.everyone.len() + key.map_or(0, |key| channel.by_key.count(key))
                             <= MAX_DIRECT_WRITES;
@@ -463,8 +471,7 @@ impl Hub {
                         deliver(client, sender, write_now);
                     }
                 }
-                // Whose keys the skipped records had is unknown: everyone is told.
-                EntryKind::Skipped => {
+                Receivers::All => {
                     for (client, sender) in channel.all_receivers() {
                         deliver(client, sender, false);
                     }
@@ -486,24 +493,16 @@ impl Hub {
         self.cut_off(too_slow);
     }
 
-    /// The event of a bus entry of `endpoint`; `None` (logged) for one that
-    /// fjord-consumer did not write.
+    /// The event of a bus entry of `endpoint`; `None` for an endpoint the hub does not have.
     fn render(&self, endpoint: usize, entry: &BusEntry) -> Option<RenderedEvent> {
         let name = self.endpoints.get(endpoint)?.as_str();
-        match entry.kind {
-            EntryKind::Record if entry.envelope.contains(&b'\n') => {
-                tracing::error!(endpoint = name, id = %entry.id, "dropping a bus entry with a line break; it was not written by fjord-consumer");
-                None
+        Some(match &entry.kind {
+            EntryKind::Record { envelope, .. } => {
+                RenderedEvent::new(entry.id, name, envelope.as_bytes())
             }
-            EntryKind::Record => Some(RenderedEvent::new(entry.id, name, &entry.envelope)),
-            EntryKind::Skipped => match serde_json::from_slice::<SkippedRecords>(&entry.envelope) {
-                Ok(skipped) => Some(sse::unreadable_gap(entry.id, name, &skipped)),
-                Err(error) => {
-                    tracing::error!(endpoint = name, id = %entry.id, %error, "dropping a skipped-records marker that fjord-consumer did not write");
-                    None
-                }
-            },
-        }
+            EntryKind::Skipped(skipped) => sse::unreadable_gap(entry.id, name, skipped),
+            EntryKind::Invalid(invalid) => sse::invalid_gap(entry.id, name, invalid.problem),
+        })
     }
 
     fn cut_off(&self, clients: impl IntoIterator<Item = ClientId>) {
@@ -705,10 +704,10 @@ impl Subscription {
     }
 
     fn write_replayed(&mut self, endpoint: usize, entry: &BusEntry, out: &mut BytesMut) {
-        let wanted = match (entry.kind, &self.keys, &entry.filter_key) {
-            (EntryKind::Skipped, _, _) | (EntryKind::Record, None, _) => true,
-            (EntryKind::Record, Some(keys), Some(key)) => keys.contains(key),
-            (EntryKind::Record, Some(_), None) => false,
+        let wanted = match (&self.keys, entry.receivers()) {
+            (None, _) | (_, Receivers::All) => true,
+            (Some(keys), Receivers::Key(Some(key))) => keys.contains(key),
+            (Some(_), Receivers::Key(None)) => false,
         };
         if wanted && let Some(event) = self.hub.render(endpoint, entry) {
             self.write_event(endpoint, entry.id, &event, out);
@@ -770,7 +769,7 @@ impl Subscription {
                     let Some((endpoint, entry)) = self.page.pop_front() else {
                         break;
                     };
-                    self.page_bytes -= entry.envelope.len();
+                    self.page_bytes -= entry.size();
                     self.write_replayed(endpoint, &entry, &mut out);
                     frames += 1;
                 }
@@ -813,7 +812,7 @@ impl Subscription {
                     return Poll::Ready(Some(sse::gap(name, requested, oldest)));
                 }
                 Poll::Ready(Some(Ok(ReplayItem::Entries(entries)))) => {
-                    self.page_bytes = entries.iter().map(|(_, entry)| entry.envelope.len()).sum();
+                    self.page_bytes = entries.iter().map(|(_, entry)| entry.size()).sum();
                     self.page = entries.into();
                     self.hold_replay(self.page_bytes);
                 }
@@ -916,7 +915,7 @@ mod tests {
 
     use super::*;
     use crate::bus::memory::MemoryBus;
-    use crate::bus::{Publication, SkippedRecords};
+    use crate::bus::{Publication, SkippedRecords, WireJson};
     use crate::config::Retention;
     use crate::envelope::Envelope;
 
@@ -970,9 +969,11 @@ mod tests {
         BusEntry {
             id: StreamId { ms, seq: 0 },
             previous: StreamId::ZERO,
-            kind: EntryKind::Record,
-            filter_key: Some(Bytes::copy_from_slice(key.as_bytes())),
-            envelope: Bytes::from(format!("{{\"key\":\"{key}\"}}")),
+            kind: EntryKind::Record {
+                filter_key: Some(Bytes::copy_from_slice(key.as_bytes())),
+                envelope: WireJson::new(Bytes::from(format!("{{\"key\":\"{key}\"}}")))
+                    .expect("an object"),
+            },
         }
     }
 

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub clients_dropped: AtomicU64,
     /// Failed bus reads.
     pub bus_errors: AtomicU64,
+    /// Bus entries that could not be sent, read live (each once per server).
+    pub bus_invalid_entries: AtomicU64,
     /// Milliseconds between the bus taking the newest record and this server reading it.
     pub bus_lag_ms: AtomicU64,
     /// Requests refused with an error status.
@@ -82,6 +84,12 @@ impl Metrics {
             "counter",
             "Failed bus reads.",
             self.bus_errors.load(Relaxed).to_string(),
+        );
+        metric(
+            "fjord_bus_invalid_entries_total",
+            "counter",
+            "Bus entries not written by Fjord, sent to clients as fjord.gap instead.",
+            self.bus_invalid_entries.load(Relaxed).to_string(),
         );
         metric(
             "fjord_bus_lag_seconds",

@@ -61,12 +61,7 @@ struct State {
 /// so that a run of small records followed by big ones costs a few pages, not a
 /// multiple of the bound.
 fn next_count(page: &[BusEntry], count: usize, max_count: usize) -> usize {
-    let largest = page
-        .iter()
-        .map(|entry| entry.envelope.len())
-        .max()
-        .unwrap_or(0)
-        .max(1);
+    let largest = page.iter().map(BusEntry::size).max().unwrap_or(0).max(1);
     (PAGE_BYTES / largest).clamp(1, count.saturating_mul(2).min(max_count))
 }
 
@@ -145,7 +140,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::bus::EntryKind;
+    use crate::bus::{EntryKind, WireJson};
 
     fn entries(sizes: &[usize]) -> Vec<BusEntry> {
         sizes
@@ -153,9 +148,14 @@ mod tests {
             .map(|&size| BusEntry {
                 id: StreamId::ZERO,
                 previous: StreamId::ZERO,
-                kind: EntryKind::Record,
-                filter_key: None,
-                envelope: Bytes::from(vec![b'x'; size]),
+                kind: EntryKind::Record {
+                    filter_key: None,
+                    envelope: WireJson::new(Bytes::from(format!(
+                        "{{\"x\":\"{}\"}}",
+                        "x".repeat(size.saturating_sub(8))
+                    )))
+                    .expect("an object"),
+                },
             })
             .collect()
     }

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::bus::{SkippedRecords, StreamId};
+use crate::bus::{Problem, SkippedRecords, StreamId};
 
 /// A heartbeat: a comment line, ignored by clients, that keeps proxies from closing the
 /// connection as idle.
@@ -18,8 +18,9 @@ pub const HEARTBEAT: Bytes = Bytes::from_static(b": heartbeat\n\n");
 
 /// Reserved event names.
 pub mod reserved {
-    /// Records were missed: the resume id was older than the retention window, or the
-    /// consumer skipped records it could not read.
+    /// Records were missed: the resume id was older than the retention window, the
+    /// consumer skipped records it could not read, or the bus held an entry that cannot be
+    /// sent.
     pub const GAP: &str = "fjord.gap";
     /// The instance is draining; reconnect now.
     pub const SHUTDOWN: &str = "fjord.shutdown";
@@ -108,6 +109,20 @@ pub fn unreadable_gap(id: StreamId, endpoint: &str, skipped: &SkippedRecords) ->
         "last_offset": skipped.last_offset,
         "error": skipped.error,
         "message": "records of this partition could not be read from Kafka and were skipped; their keys are unknown",
+    });
+    RenderedEvent::new(id, reserved::GAP, data.to_string().as_bytes())
+}
+
+/// The `fjord.gap` event for an entry of `endpoint`'s stream at `id` that cannot be sent (it
+/// was not written by fjord-consumer): whatever record it held is lost to clients. Like an
+/// unreadable-record gap it has an id, so that a client resuming from before it is told too.
+pub fn invalid_gap(id: StreamId, endpoint: &str, problem: Problem) -> RenderedEvent {
+    let data = serde_json::json!({
+        "endpoint": endpoint,
+        "reason": "invalid_entry",
+        "id": id.to_string(),
+        "problem": problem.to_string(),
+        "message": "an entry of this stream was not written by Fjord and cannot be sent; a record may be missing here",
     });
     RenderedEvent::new(id, reserved::GAP, data.to_string().as_bytes())
 }
@@ -208,6 +223,21 @@ mod tests {
         assert_eq!(data["partition"], 3);
         assert_eq!(data["first_offset"], 40);
         assert_eq!(data["last_offset"], 59);
+    }
+
+    #[test]
+    fn an_invalid_entry_gap_is_an_event_with_an_id() {
+        let event = invalid_gap(id(9, 2), "orders", Problem::LineBreak);
+        let text = std::str::from_utf8(event.bytes()).expect("utf-8");
+        let data = text
+            .strip_prefix("id: 9-2\nevent: fjord.gap\ndata: ")
+            .and_then(|rest| rest.strip_suffix("\n\n"))
+            .expect(text);
+        let data: serde_json::Value = serde_json::from_str(data).expect("json");
+        assert_eq!(data["endpoint"], "orders");
+        assert_eq!(data["reason"], "invalid_entry");
+        assert_eq!(data["id"], "9-2");
+        assert_eq!(data["problem"], "the envelope holds a line break");
     }
 
     #[test]

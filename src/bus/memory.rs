@@ -1,5 +1,7 @@
 //! The in-process bus of `fjord dev`: the same semantics as the Redis bus — per-endpoint
 //! streams with ordered ids, retention by count and age, idempotent publishing — in memory.
+//! An entry is written as the Redis bus writes it, as fields, and decoded by the same
+//! [`decode`] once, when it is appended.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -8,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::{Append, BusEntry, Published, READ_BATCH, StreamId};
+use super::entry::{decode, field};
+use super::{Append, AppendKind, BusEntry, Published, READ_BATCH, StreamId};
 use crate::config::EndpointName;
 
 /// How long [`MemoryReader::next_batch`] waits for an entry.
@@ -67,8 +70,12 @@ impl MemoryBus {
             return Published::Duplicate;
         }
         let now = now_ms();
-        let envelope = Bytes::copy_from_slice(append.body);
-        let filter_key = append.filter_key.map(Bytes::copy_from_slice);
+        let body = Bytes::copy_from_slice(append.body);
+        let tag = match (append.kind, append.filter_key) {
+            (AppendKind::Skipped, _) => Some((field::SKIPPED, Bytes::from_static(b"1"))),
+            (AppendKind::Record, Some(key)) => Some((field::KEY, Bytes::copy_from_slice(key))),
+            (AppendKind::Record, None) => None,
+        };
         for (endpoint, retention) in append.endpoints {
             let stream = state.streams.entry(endpoint.clone()).or_default();
             let id = if now > stream.last_id.ms {
@@ -80,13 +87,16 @@ impl MemoryBus {
                 }
             };
             let previous = std::mem::replace(&mut stream.last_id, id);
-            stream.entries.push_back(BusEntry {
-                id,
-                previous,
-                kind: append.kind,
-                filter_key: filter_key.clone(),
-                envelope: envelope.clone(),
-            });
+            let fields = [
+                Some((field::ENVELOPE, body.clone())),
+                Some((field::PREVIOUS, Bytes::from(previous.to_string()))),
+                tag.clone(),
+            ];
+            let fields = fields
+                .into_iter()
+                .flatten()
+                .map(|(name, value)| (Bytes::from_static(name), value));
+            stream.entries.push_back(decode(id, fields));
             let oldest_kept_ms = now.saturating_sub(retention.max_age_secs.saturating_mul(1000));
             let max_records = usize::try_from(retention.max_records).unwrap_or(usize::MAX);
             while stream.entries.len() > max_records
@@ -205,133 +215,5 @@ impl MemoryReader {
             return Vec::new();
         }
         self.bus.entries_after(&self.endpoints, &mut self.cursors)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::bus::{Bus, EntryKind, Publication, SkippedRecords};
-    use crate::config::Retention;
-    use crate::envelope::Envelope;
-
-    fn endpoint(name: &str) -> EndpointName {
-        EndpointName::try_from(name.to_owned()).expect("valid name")
-    }
-
-    fn envelope(text: &str) -> Envelope {
-        Envelope {
-            filter_key: Some(text.as_bytes().to_vec()),
-            json: text.as_bytes().to_vec(),
-        }
-    }
-
-    fn publish(
-        bus: &MemoryBus,
-        endpoints: &[(EndpointName, Retention)],
-        partition: i32,
-        offset: i64,
-    ) -> Published {
-        let envelope = envelope(&format!("{partition}/{offset}"));
-        bus.append(
-            Publication {
-                topic: "t",
-                partition,
-                offset,
-                endpoints,
-                envelope: &envelope,
-            }
-            .append(),
-        )
-    }
-
-    #[tokio::test]
-    async fn readers_see_new_entries_in_order_once() {
-        let bus = MemoryBus::new();
-        let endpoints = [
-            (endpoint("a"), Retention::default()),
-            (endpoint("b"), Retention::default()),
-        ];
-        assert_eq!(publish(&bus, &endpoints, 0, 0), Published::Appended);
-        let mut reader = bus.reader(vec![endpoint("b")]);
-        assert_eq!(publish(&bus, &endpoints, 0, 1), Published::Appended);
-        assert_eq!(publish(&bus, &endpoints, 0, 1), Published::Duplicate);
-        assert_eq!(publish(&bus, &endpoints, 0, 0), Published::Duplicate);
-        assert_eq!(publish(&bus, &endpoints, 1, 0), Published::Appended);
-        let batch = reader.next_batch().await;
-        let seen: Vec<_> = batch
-            .iter()
-            .map(|(i, e)| (*i, e.envelope.clone()))
-            .collect();
-        assert_eq!(seen, vec![(0, Bytes::from("0/1")), (0, Bytes::from("1/0"))]);
-        assert!(batch[0].1.id < batch[1].1.id);
-    }
-
-    #[test]
-    fn retention_trims_by_count() {
-        let bus = MemoryBus::new();
-        let retention = Retention {
-            max_records: 3,
-            max_age_secs: 60,
-        };
-        let endpoints = [(endpoint("a"), retention)];
-        for offset in 0..10 {
-            publish(&bus, &endpoints, 0, offset);
-        }
-        let mut cursors = [StreamId::ZERO];
-        let kept = bus.entries_after(&[endpoint("a")], &mut cursors);
-        let kept: Vec<_> = kept.into_iter().map(|(_, e)| e.envelope).collect();
-        assert_eq!(
-            kept,
-            vec![Bytes::from("0/7"), Bytes::from("0/8"), Bytes::from("0/9")]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_skipped_records_marker_is_published_once_and_counts_as_published() {
-        let bus = MemoryBus::new();
-        let endpoints = [
-            (endpoint("a"), Retention::default()),
-            (endpoint("b"), Retention::default()),
-        ];
-        let mut reader = bus.reader(vec![endpoint("a"), endpoint("b")]);
-        publish(&bus, &endpoints, 0, 2);
-        let skipped = SkippedRecords {
-            topic: "t".into(),
-            partition: 0,
-            first_offset: 3,
-            last_offset: 7,
-            error: "Local: Invalid compressed data".into(),
-        };
-        let shared = Bus::Memory(bus.clone());
-        for expected in [Published::Appended, Published::Duplicate] {
-            assert_eq!(
-                shared
-                    .publish_skipped(&skipped, &endpoints)
-                    .await
-                    .expect("memory bus"),
-                expected
-            );
-        }
-        // A record of the skipped stretch read again after a restart is not published.
-        assert_eq!(publish(&bus, &endpoints, 0, 5), Published::Duplicate);
-        assert_eq!(publish(&bus, &endpoints, 0, 8), Published::Appended);
-        let batch = reader.next_batch().await;
-        let kinds: Vec<_> = batch.iter().map(|(i, e)| (*i, e.kind)).collect();
-        assert_eq!(
-            kinds,
-            vec![
-                (0, EntryKind::Record),
-                (0, EntryKind::Skipped),
-                (0, EntryKind::Record),
-                (1, EntryKind::Record),
-                (1, EntryKind::Skipped),
-                (1, EntryKind::Record),
-            ]
-        );
-        let marker = &batch[1].1;
-        assert_eq!(marker.filter_key, None);
-        let parsed: SkippedRecords = serde_json::from_slice(&marker.envelope).expect("json");
-        assert_eq!(parsed, skipped);
     }
 }

@@ -7,18 +7,22 @@
 //! Publishing is idempotent per (topic, partition, offset): a record consumed twice after
 //! a crash or a rebalance is published once. Besides records, a stream carries markers for
 //! records the consumer could not read and skipped ([`SkippedRecords`]), published the
-//! same idempotent way, so that servers can tell every client of the endpoint.
+//! same idempotent way, so that servers can tell every client of the endpoint. Every entry
+//! read, by either bus, is decoded and checked once, in [`entry`], before a server sees it.
 
+pub mod entry;
 pub mod memory;
 pub mod redis;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::config::{EndpointName, Retention};
 use crate::envelope::Envelope;
+pub use entry::{InvalidEntry, Problem, WireJson};
 
 /// A position in an endpoint's stream, `<milliseconds>-<sequence>` as Redis Streams number
 /// entries. Ordered; the same entry has the same id on every server instance.
@@ -64,13 +68,21 @@ impl FromStr for StreamId {
     }
 }
 
-/// What a stream entry holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a stream entry holds, decoded and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryKind {
-    /// A record's envelope.
-    Record,
-    /// A [`SkippedRecords`] marker, as JSON.
-    Skipped,
+    /// A record.
+    Record {
+        /// The bytes of the record's key, which clients filter on; `None` for a record
+        /// without a key.
+        filter_key: Option<Bytes>,
+        /// Its envelope, fit for the wire.
+        envelope: WireJson,
+    },
+    /// A marker of records the consumer skipped.
+    Skipped(Arc<SkippedRecords>),
+    /// An entry Fjord did not write, or not so: it cannot be sent, only reported.
+    Invalid(InvalidEntry),
 }
 
 /// Records of one partition that the consumer could not read at all (a corrupt or
@@ -90,21 +102,49 @@ pub struct SkippedRecords {
     pub error: String,
 }
 
-/// One entry as read from an endpoint's stream.
+/// One entry as read from an endpoint's stream (see [`entry::decode`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusEntry {
     /// Its position in the endpoint's stream.
     pub id: StreamId,
     /// The position of the entry appended before it; a reader whose cursor is older has
-    /// missed entries that retention trimmed.
+    /// missed entries that retention trimmed. `ZERO` when an invalid entry does not say.
     pub previous: StreamId,
     /// What the entry holds.
     pub kind: EntryKind,
-    /// The bytes of the record's key, which clients filter on; `None` for a record without
-    /// a key, and for a marker.
-    pub filter_key: Option<Bytes>,
-    /// The envelope's JSON, or the marker's.
-    pub envelope: Bytes,
+}
+
+/// Which clients of an endpoint an entry concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receivers<'a> {
+    /// Those that take every record, and those of this key (`None`: a record without one).
+    Key(Option<&'a [u8]>),
+    /// Every client of the endpoint, whatever its keys: what the entry held is unknown.
+    All,
+}
+
+impl BusEntry {
+    /// About how many bytes the entry holds, which bounds what a page of them costs.
+    pub fn size(&self) -> usize {
+        match &self.kind {
+            EntryKind::Record { envelope, .. } => envelope.as_bytes().len(),
+            EntryKind::Skipped(_) | EntryKind::Invalid(_) => size_of::<Self>(),
+        }
+    }
+
+    /// Which clients of its endpoint the entry concerns: a record's, or an invalid entry's
+    /// that names a readable key, go by key; a marker of skipped records, or an invalid
+    /// entry whose key is unknown, to everyone.
+    pub fn receivers(&self) -> Receivers<'_> {
+        match &self.kind {
+            EntryKind::Record { filter_key, .. } => Receivers::Key(filter_key.as_deref()),
+            EntryKind::Invalid(InvalidEntry {
+                filter_key: Some(key),
+                ..
+            }) => Receivers::Key(Some(key)),
+            EntryKind::Skipped(_) | EntryKind::Invalid(_) => Receivers::All,
+        }
+    }
 }
 
 /// Where one record goes: the endpoints that carry its topic, with their retention.
@@ -129,7 +169,7 @@ impl Publication<'_> {
             partition: self.partition,
             offset: self.offset,
             endpoints: self.endpoints,
-            kind: EntryKind::Record,
+            kind: AppendKind::Record,
             filter_key: self.envelope.filter_key.as_deref(),
             body: &self.envelope.json,
         }
@@ -145,9 +185,18 @@ struct Append<'a> {
     /// The offset that counts as published afterwards: the record's, or a marker's last.
     offset: i64,
     endpoints: &'a [(EndpointName, Retention)],
-    kind: EntryKind,
+    kind: AppendKind,
     filter_key: Option<&'a [u8]>,
     body: &'a [u8],
+}
+
+/// What an [`Append`] appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppendKind {
+    /// A record's envelope.
+    Record,
+    /// A [`SkippedRecords`] marker, as JSON.
+    Skipped,
 }
 
 /// What publishing did.
@@ -225,7 +274,7 @@ impl Bus {
             partition: skipped.partition,
             offset: skipped.last_offset,
             endpoints,
-            kind: EntryKind::Skipped,
+            kind: AppendKind::Skipped,
             filter_key: None,
             body: &body,
         })

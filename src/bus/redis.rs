@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::streams::StreamReadReply;
 use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, Script, Value};
 
-use super::{Append, BusEntry, BusError, EntryKind, Published, READ_BATCH, StreamId};
+use super::entry::decode;
+use super::{Append, AppendKind, BusEntry, BusError, Published, READ_BATCH, StreamId};
 use crate::config::{EndpointName, RedisConfig};
 
 /// How long one blocking read waits for new entries.
@@ -284,9 +284,9 @@ impl RedisBus {
             .arg(format!("{}/{}", append.topic, append.partition))
             .arg(append.offset);
         match (append.kind, append.filter_key) {
-            (EntryKind::Skipped, _) => invocation.arg("s").arg(""),
-            (EntryKind::Record, Some(key)) => invocation.arg("1").arg(key),
-            (EntryKind::Record, None) => invocation.arg("0").arg(""),
+            (AppendKind::Skipped, _) => invocation.arg("s").arg(""),
+            (AppendKind::Record, Some(key)) => invocation.arg("1").arg(key),
+            (AppendKind::Record, None) => invocation.arg("0").arg(""),
         };
         invocation.arg(append.body);
         for (_, retention) in append.endpoints {
@@ -316,7 +316,7 @@ impl RedisBus {
 
     async fn last_id(&self, key: &str) -> Result<StreamId, BusError> {
         let mut connection = self.commands.clone();
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+        let reply: Value = redis::cmd("XREVRANGE")
             .arg(key)
             .arg("+")
             .arg("-")
@@ -325,10 +325,9 @@ impl RedisBus {
             .query_async(&mut connection)
             .await
             .map_err(redis_error("read last id"))?;
-        match reply.ids.first() {
-            Some(entry) => parse_id(&entry.id),
-            None => Ok(StreamId::ZERO),
-        }
+        Ok(raw_entries(reply)?
+            .first()
+            .map_or(StreamId::ZERO, |(id, _)| *id))
     }
 
     pub(super) async fn range(
@@ -339,7 +338,7 @@ impl RedisBus {
         count: usize,
     ) -> Result<Vec<BusEntry>, BusError> {
         let mut connection = self.commands.clone();
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        let reply: Value = redis::cmd("XRANGE")
             .arg(stream_key(&self.prefix, endpoint))
             .arg(format!("({after}"))
             .arg(until.to_string())
@@ -348,11 +347,10 @@ impl RedisBus {
             .query_async(&mut connection)
             .await
             .map_err(redis_error("replay"))?;
-        reply
-            .ids
+        Ok(raw_entries(reply)?
             .into_iter()
-            .filter_map(|entry| entry_of(entry).transpose())
-            .collect()
+            .map(|(id, fields)| decode(id, fields))
+            .collect())
     }
 
     pub(super) async fn trimmed_after(
@@ -362,7 +360,7 @@ impl RedisBus {
     ) -> Result<Option<StreamId>, BusError> {
         let key = stream_key(&self.prefix, endpoint);
         let mut connection = self.commands.clone();
-        let oldest: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        let oldest: Value = redis::cmd("XRANGE")
             .arg(&key)
             .arg("-")
             .arg("+")
@@ -371,13 +369,10 @@ impl RedisBus {
             .query_async(&mut connection)
             .await
             .map_err(redis_error("read oldest entry"))?;
-        if let Some(oldest) = oldest
-            .ids
+        if let Some(oldest) = raw_entries(oldest)?
             .into_iter()
             .next()
-            .map(entry_of)
-            .transpose()?
-            .flatten()
+            .map(|(id, fields)| decode(id, fields))
         {
             return Ok((oldest.id > after && oldest.previous > after).then_some(oldest.id));
         }
@@ -416,34 +411,88 @@ impl RedisBus {
     }
 }
 
-/// A stream entry as Fjord wrote it; `None` (logged) for an entry without an envelope.
-/// A marker of skipped records has a field `s`.
-fn entry_of(mut entry: redis::streams::StreamId) -> Result<Option<BusEntry>, BusError> {
-    let id = parse_id(&entry.id)?;
-    let Some(Value::BulkString(envelope)) = entry.map.remove("e") else {
-        tracing::warn!(%id, "skipping a stream entry without an envelope");
-        return Ok(None);
-    };
-    let filter_key = match entry.map.remove("k") {
-        Some(Value::BulkString(key)) => Some(Bytes::from(key)),
-        _ => None,
-    };
-    let previous = match entry.map.get("p") {
-        Some(Value::BulkString(previous)) => parse_id(&String::from_utf8_lossy(previous))?,
-        _ => StreamId::ZERO,
-    };
-    let kind = if entry.map.contains_key("s") {
-        EntryKind::Skipped
-    } else {
-        EntryKind::Record
-    };
-    Ok(Some(BusEntry {
-        id,
-        previous,
-        kind,
-        filter_key,
-        envelope: Bytes::from(envelope),
-    }))
+/// A reply Fjord cannot read as Redis documents it.
+fn unexpected(what: &str) -> BusError {
+    BusError::Protocol {
+        operation: "read",
+        detail: format!("expected {what}"),
+    }
+}
+
+/// The bytes of a string reply.
+fn bytes_of(value: Value) -> Result<Bytes, BusError> {
+    match value {
+        Value::BulkString(bytes) => Ok(Bytes::from(bytes)),
+        Value::SimpleString(text) => Ok(Bytes::from(text)),
+        _ => Err(unexpected("a string")),
+    }
+}
+
+/// The items of an array reply; nothing for nil.
+fn items_of(value: Value) -> Result<Vec<Value>, BusError> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        _ => Err(unexpected("an array")),
+    }
+}
+
+/// An entry's id and fields (name, value), as Redis holds them.
+type RawEntry = (StreamId, Vec<(Bytes, Bytes)>);
+
+/// The entries of an `XRANGE` reply, or of one stream in an `XREAD` reply, as ids with their
+/// fields (name, value) in order. Read from the reply as it is, not through the client's
+/// typed replies, which need UTF-8 field names and keep one value per name: one entry that
+/// someone else wrote must not make the whole reply unreadable.
+fn raw_entries(reply: Value) -> Result<Vec<RawEntry>, BusError> {
+    items_of(reply)?
+        .into_iter()
+        .map(|entry| {
+            let mut parts = items_of(entry)?.into_iter();
+            let (Some(id), fields, None) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(unexpected("an entry of an id and its fields"));
+            };
+            let id = parse_id(&String::from_utf8_lossy(&bytes_of(id)?))?;
+            let fields = match fields {
+                Some(Value::Map(pairs)) => pairs,
+                other => {
+                    let mut flat = items_of(other.unwrap_or(Value::Nil))?.into_iter();
+                    let mut pairs = Vec::with_capacity(flat.len() / 2);
+                    while let Some(name) = flat.next() {
+                        pairs.push((name, flat.next().unwrap_or(Value::Nil)));
+                    }
+                    pairs
+                }
+            };
+            let fields = fields
+                .into_iter()
+                // A field without a value cannot come from Redis; it counts as absent.
+                .filter(|(_, value)| *value != Value::Nil)
+                .map(|(name, value)| Ok((bytes_of(name)?, bytes_of(value)?)))
+                .collect::<Result<_, BusError>>()?;
+            Ok((id, fields))
+        })
+        .collect()
+}
+
+/// The streams of an `XREAD` reply, as (key, reply of its entries); nothing when it timed out.
+fn streams_of(reply: Value) -> Result<Vec<(Bytes, Value)>, BusError> {
+    if let Value::Map(streams) = reply {
+        return streams
+            .into_iter()
+            .map(|(key, entries)| Ok((bytes_of(key)?, entries)))
+            .collect();
+    }
+    items_of(reply)?
+        .into_iter()
+        .map(|stream| {
+            let mut parts = items_of(stream)?.into_iter();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(key), Some(entries), None) => Ok((bytes_of(key)?, entries)),
+                _ => Err(unexpected("a stream of a key and its entries")),
+            }
+        })
+        .collect()
 }
 
 fn parse_id(id: &str) -> Result<StreamId, BusError> {
@@ -505,7 +554,7 @@ impl RedisReader {
             command.arg(cursor.to_string());
         }
         let connection = self.connection().await?;
-        let reply: Option<StreamReadReply> = match command.query_async(connection).await {
+        let reply: Value = match command.query_async(connection).await {
             Ok(reply) => reply,
             Err(source) => {
                 // Start over on a fresh connection; the cursors stay where they were.
@@ -516,16 +565,19 @@ impl RedisReader {
                 });
             }
         };
-        let mut batch = Vec::new();
-        for stream in reply.map(|reply| reply.keys).unwrap_or_default() {
-            let Some(index) = self.keys.iter().position(|key| *key == stream.key) else {
+        // Read whole before any cursor moves: a reply that cannot be read is read again.
+        let mut streams = Vec::new();
+        for (key, entries) in streams_of(reply)? {
+            let Some(index) = self.keys.iter().position(|k| k.as_bytes() == key) else {
                 continue;
             };
-            for entry in stream.ids {
-                self.cursors[index] = parse_id(&entry.id)?;
-                if let Some(entry) = entry_of(entry)? {
-                    batch.push((index, entry));
-                }
+            streams.push((index, raw_entries(entries)?));
+        }
+        let mut batch = Vec::new();
+        for (index, entries) in streams {
+            for (id, fields) in entries {
+                self.cursors[index] = id;
+                batch.push((index, decode(id, fields)));
             }
         }
         Ok(batch)

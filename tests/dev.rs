@@ -1,0 +1,67 @@
+//! `fjord dev`, the real binary with its in-process Kafka, bus and demo producer: a client
+//! that keeps dropping its connection and resuming with `Last-Event-ID` loses nothing.
+#![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test]
+async fn a_hundred_drop_and_resume_cycles_lose_nothing() {
+    let port = free_port();
+    let port_text = port.to_string();
+    let _dev = Process::start(
+        env!("CARGO_BIN_EXE_fjord"),
+        &["dev", "--host", "127.0.0.1", "--port", &port_text],
+        &[],
+    );
+    wait_ready(port).await;
+    let url = format!("http://127.0.0.1:{port}/v1/streams?endpoint=drivers&endpoint=orders");
+    // The last offset seen per (topic, partition).
+    let mut last_offsets: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    let mut last_id: Option<String> = None;
+    let mut records = 0;
+    for cycle in 0..100 {
+        let headers: Vec<(&str, &str)> = last_id
+            .as_deref()
+            .map(|id| ("last-event-id", id))
+            .into_iter()
+            .collect();
+        let mut stream = SseStream::connect(&url, &headers).await;
+        assert_eq!(stream.status, 200);
+        let mut got = 0;
+        while got < 3 {
+            let event = stream.next().await.expect("an open stream");
+            if let Some(id) = &event.id {
+                last_id = Some(id.clone());
+            }
+            match event.event.as_deref() {
+                Some("orders" | "drivers") => {
+                    let envelope = event.json();
+                    let partition = (
+                        envelope["topic"].as_str().unwrap().to_owned(),
+                        envelope["partition"].as_i64().unwrap(),
+                    );
+                    let offset = envelope["offset"].as_i64().unwrap();
+                    if let Some(previous) = last_offsets.insert(partition.clone(), offset) {
+                        assert_eq!(
+                            offset,
+                            previous + 1,
+                            "cycle {cycle}: {partition:?} went from {previous} to {offset} without fjord.gap"
+                        );
+                    }
+                    got += 1;
+                    records += 1;
+                }
+                Some(other) => panic!("cycle {cycle}: unexpected {other}: {event:?}"),
+                None => {}
+            }
+        }
+        drop(stream);
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..400))).await;
+    }
+    assert_eq!(records, 300);
+}
