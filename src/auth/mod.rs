@@ -1075,10 +1075,10 @@ mod tests {
         }
 
         #[test]
-        fn fuzz_tampered_tokens(position in 0_usize..200, byte in any::<u8>()) {
+        fn fuzz_tampered_tokens(position in any::<usize>(), byte in any::<u8>()) {
             let mut token = sign_ed(&keys(1), &claims(|_| {})).into_bytes();
             let index = position % token.len();
-            prop_assume!(token[index] != byte && byte.is_ascii_graphic());
+            prop_assume!(token[index] != byte);
             token[index] = byte;
             let token = String::from_utf8_lossy(&token).into_owned();
             prop_assert!(verdict_now(&token).is_err());
