@@ -859,13 +859,11 @@ mod tests {
         })
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_slow_jwks_refresh_holds_up_no_valid_token_and_runs_once_for_a_flood() {
-        let mut jwks =
-            SlowJwks::start(serde_json::json!({"keys": [ed25519_jwk("current", &keys(1))]})).await;
-        // An interval longer than the test, so that the number of fetches is exact.
+    /// Verifies with the keys of `jwks` only, refreshed at most once an hour: longer than
+    /// any test, so that the number of fetches is exact.
+    async fn jwks_authenticator(jwks: &SlowJwks) -> Authenticator {
         let cache = jwks::JwksCache::start(jwks.url.clone(), Duration::from_secs(3600)).await;
-        let auth = Authenticator {
+        Authenticator {
             jwt: Some(Arc::new(JwtVerifier {
                 algorithms: vec![Algorithm::EdDSA],
                 keys: Vec::new(),
@@ -875,7 +873,42 @@ mod tests {
                 leeway_secs: 0,
             })),
             sources: TokenSources::default(),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_waiting_for_a_refresh_that_never_answers_gets_its_401() {
+        let mut jwks =
+            SlowJwks::start(serde_json::json!({"keys": [ed25519_jwk("current", &keys(1))]})).await;
+        let auth = jwks_authenticator(&jwks).await;
+        let unknown = sign_ed_as(&keys(2), Some("made-up"), &claims(|_| {}));
+        // The JWKS server is never released: the fetch's own timeout bounds the wait.
+        let verdict = tokio::spawn({
+            let auth = auth.clone();
+            let unknown = unknown.clone();
+            async move { auth.grant(Some(&unknown)).await }
+        });
+        assert_eq!(jwks.started.recv().await, Some(2));
+        assert_eq!(verdict.await.expect("task"), Err(AuthError::UnknownKey));
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while !jwks.events().contains(&"fetch 2 abandoned".to_owned()) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the server gave up the fetch");
+        // The abandoned fetch counts as the last: no new one, and an answer at once.
+        assert_eq!(auth.grant(Some(&unknown)).await, Err(AuthError::UnknownKey));
+        assert_eq!(jwks.fetches(), 2);
+        let valid = sign_ed_as(&keys(1), Some("current"), &claims(|_| {}));
+        assert!(auth.grant(Some(&valid)).await.is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_jwks_refresh_holds_up_no_valid_token_and_runs_once_for_a_flood() {
+        let mut jwks =
+            SlowJwks::start(serde_json::json!({"keys": [ed25519_jwk("current", &keys(1))]})).await;
+        let auth = jwks_authenticator(&jwks).await;
         assert_eq!(jwks.fetches(), 1, "fetched once at start");
         let valid = sign_ed_as(&keys(1), Some("current"), &claims(|_| {}));
         assert!(auth.grant(Some(&valid)).await.is_ok());
