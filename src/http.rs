@@ -13,7 +13,7 @@ use warp::http::{HeaderName, HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::auth::{AuthError, Authenticator, Forbidden, find_token};
+use crate::auth::{AuthError, Authenticator, Forbidden, Grant, find_token};
 use crate::config::ServerConfig;
 use crate::hub::{Hub, Interest, Subscription};
 use crate::keys::KeySet;
@@ -245,9 +245,12 @@ pub struct StreamRequest {
 }
 
 /// Parses a stream request: `path_endpoint` from `/v1/streams/{endpoint}` (else the query's
-/// `endpoint=` values), the raw query string, and the `Last-Event-ID` header.
+/// `endpoint=` values), the raw query string, and the `Last-Event-ID` header. An endpoint
+/// name that `grant` does not open is refused before it is looked up, so that the refusal
+/// is the same whether the endpoint exists or not.
 pub fn parse_stream_request(
     hub: &Hub,
+    grant: &Grant,
     path_endpoint: Option<&str>,
     query: &str,
     last_event_id: Option<&str>,
@@ -256,6 +259,9 @@ pub fn parse_stream_request(
     let mut keys: Option<Vec<Vec<u8>>> = None;
     let mut query_last_event_id = None;
     let mut add_endpoint = |name: &str| -> Result<(), ApiError> {
+        grant
+            .open(name)
+            .map_err(|error| ApiError::forbidden(&error))?;
         let index = hub
             .endpoint_index(name)
             .ok_or_else(|| ApiError::unknown_endpoint(name))?;
@@ -395,15 +401,9 @@ pub async fn open_stream(
             .map_err(|_| ApiError::bad_last_event_id("Last-Event-ID is not ASCII"))
     });
     let last_event_id = last_event_id.transpose()?;
-    let mut request = parse_stream_request(hub, path_endpoint, query, last_event_id)?;
-    let names: Vec<&str> = request
-        .interest
-        .endpoints
-        .iter()
-        .filter_map(|&i| hub.endpoints().get(i).map(|name| name.as_str()))
-        .collect();
+    let mut request = parse_stream_request(hub, &grant, path_endpoint, query, last_event_id)?;
     request.interest.keys = grant
-        .authorize(&names, request.interest.keys.take())
+        .narrow_keys(request.interest.keys.take())
         .map_err(|error| ApiError::forbidden(&error))?;
     Ok(hub.subscribe(request.interest, request.resume.as_ref(), grant.expires_at))
 }
@@ -636,8 +636,14 @@ mod tests {
 
     #[test]
     fn one_endpoint_with_keys() {
-        let request =
-            parse_stream_request(&hub(), Some("orders"), "key=b&key=a&key=b", None).expect("valid");
+        let request = parse_stream_request(
+            &hub(),
+            &Grant::everything(),
+            Some("orders"),
+            "key=b&key=a&key=b",
+            None,
+        )
+        .expect("valid");
         assert_eq!(request.interest.endpoints, vec![1]);
         assert_eq!(request.interest.keys, Some(KeySet::new(["a", "b"])));
         assert_eq!(request.resume, None);
@@ -647,6 +653,7 @@ mod tests {
     fn several_endpoints_are_sorted_and_resume_with_a_position_each() {
         let request = parse_stream_request(
             &hub(),
+            &Grant::everything(),
             None,
             "endpoint=orders&endpoint=drivers&last_event_id=1-0_2-0",
             None,
@@ -660,9 +667,14 @@ mod tests {
 
     #[test]
     fn the_header_wins_over_the_query() {
-        let request =
-            parse_stream_request(&hub(), Some("orders"), "last_event_id=1-0", Some("9-9"))
-                .expect("valid");
+        let request = parse_stream_request(
+            &hub(),
+            &Grant::everything(),
+            Some("orders"),
+            "last_event_id=1-0",
+            Some("9-9"),
+        )
+        .expect("valid");
         assert_eq!(
             request.resume,
             Some(ResumeId(vec![StreamId { ms: 9, seq: 9 }]))
@@ -697,11 +709,53 @@ mod tests {
             ),
         ];
         for (path, query, header, code) in cases {
-            let error = parse_stream_request(&hub(), *path, query, *header).expect_err("refused");
+            let error = parse_stream_request(&hub(), &Grant::everything(), *path, query, *header)
+                .expect_err("refused");
             assert_eq!(error.code, *code, "{path:?} {query} {header:?}: {error}");
         }
         let long_key = format!("key={}", "k".repeat(MAX_KEY_BYTES + 1));
-        assert!(parse_stream_request(&hub(), Some("orders"), &long_key, None).is_err());
+        assert!(
+            parse_stream_request(
+                &hub(),
+                &Grant::everything(),
+                Some("orders"),
+                &long_key,
+                None
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_narrow_token_gets_the_same_refusal_for_existing_and_unknown_endpoints() {
+        let narrow = Grant {
+            endpoints: Some(vec!["orders".into()]),
+            keys: None,
+            expires_at: None,
+            subject: None,
+        };
+        let refusal = |path: Option<&str>, query: &str| {
+            let error =
+                parse_stream_request(&hub(), &narrow, path, query, None).expect_err("refused");
+            (
+                error.status,
+                error
+                    .body()
+                    .replace("drivers", "NAME")
+                    .replace("ghost", "NAME"),
+            )
+        };
+        let existing = refusal(Some("drivers"), "");
+        assert_eq!(existing.0, StatusCode::FORBIDDEN);
+        assert_eq!(existing, refusal(Some("ghost"), ""));
+        assert_eq!(
+            refusal(None, "endpoint=orders&endpoint=drivers"),
+            refusal(None, "endpoint=orders&endpoint=ghost")
+        );
+        // Without auth, an unknown endpoint is a plain 404.
+        let open = parse_stream_request(&hub(), &Grant::everything(), Some("ghost"), "", None)
+            .expect_err("unknown");
+        assert_eq!(open.status, StatusCode::NOT_FOUND);
     }
 
     #[test]
@@ -805,7 +859,7 @@ mod tests {
         query: &str,
         last_event_id: Option<&str>,
     ) -> Result<(), proptest::test_runner::TestCaseError> {
-        match parse_stream_request(hub, path, query, last_event_id) {
+        match parse_stream_request(hub, &Grant::everything(), path, query, last_event_id) {
             Ok(request) => {
                 proptest::prop_assert!(!request.interest.endpoints.is_empty());
                 proptest::prop_assert!(
@@ -829,7 +883,9 @@ mod tests {
 
     #[test]
     fn key_filters_are_bytes_bounded_in_count_and_length() {
-        let parse = |query: &str| parse_stream_request(&hub(), Some("orders"), query, None);
+        let parse = |query: &str| {
+            parse_stream_request(&hub(), &Grant::everything(), Some("orders"), query, None)
+        };
         let keys = |query: &str| parse(query).expect("valid").interest.keys;
         // The same bytes, as text and as base64, are one key.
         assert_eq!(
@@ -877,7 +933,7 @@ mod tests {
                     ),
                 })
                 .collect();
-            let request = parse_stream_request(&hub(), Some("orders"), &query.join("&"), None)
+            let request = parse_stream_request(&hub(), &Grant::everything(), Some("orders"), &query.join("&"), None)
                 .map_err(|error| proptest::test_runner::TestCaseError::fail(error.to_string()))?;
             let expected = KeySet::new(asked.iter().map(|(_, key)| key));
             proptest::prop_assert_eq!(request.interest.keys, Some(expected));
@@ -891,7 +947,7 @@ mod tests {
             ),
         ) {
             let query: Vec<String> = pairs.iter().map(|(name, value)| format!("{name}={value}")).collect();
-            match parse_stream_request(&hub(), Some("orders"), &query.join("&"), None) {
+            match parse_stream_request(&hub(), &Grant::everything(), Some("orders"), &query.join("&"), None) {
                 Ok(request) => proptest::prop_assert!(request
                     .interest
                     .keys

@@ -1467,6 +1467,7 @@ mod tests {
         let mut resumed = hub.subscribe(
             crate::http::parse_stream_request(
                 &hub,
+                &crate::auth::Grant::everything(),
                 Some("orders"),
                 "key=%2F%2F4Aaw%3D%3D",
                 Some("0-1"),
@@ -1485,8 +1486,14 @@ mod tests {
 
     /// A live connection to `orders` with the key filters of `query`.
     fn subscribe_query(hub: &Arc<Hub>, query: &str) -> Subscription {
-        let request =
-            crate::http::parse_stream_request(hub, Some("orders"), query, None).expect("valid");
+        let request = crate::http::parse_stream_request(
+            hub,
+            &crate::auth::Grant::everything(),
+            Some("orders"),
+            query,
+            None,
+        )
+        .expect("valid");
         hub.subscribe(request.interest, None, None)
     }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey, KeypairBytes};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rand::RngCore;
 
@@ -97,9 +97,14 @@ pub fn setup(dir: &Path) -> Result<SetupOutcome, SetupError> {
         path: private_path.clone(),
         message,
     };
-    let private_pem = signing
-        .to_pkcs8_pem(LineEnding::LF)
-        .map_err(|e| key_error(e.to_string()))?;
+    // PKCS#8 v1 (RFC 5208), without the public key: the v2 form that `SigningKey` writes
+    // is refused by OpenSSL 3.0, Node 20 and Python's cryptography.
+    let private_pem = KeypairBytes {
+        secret_key: signing.to_bytes(),
+        public_key: None,
+    }
+    .to_pkcs8_pem(LineEnding::LF)
+    .map_err(|e| key_error(e.to_string()))?;
     let public_pem = signing
         .verifying_key()
         .to_public_key_pem(LineEnding::LF)
@@ -201,6 +206,8 @@ pub fn mint(private_key: &Path, request: &TokenRequest) -> Result<String, SetupE
 
 #[cfg(test)]
 mod tests {
+    use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+
     use super::*;
     use crate::auth::Authenticator;
     use crate::config::Manifest;
@@ -220,6 +227,14 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+
+        let private_pem =
+            std::fs::read_to_string(dir.path().join(PRIVATE_KEY_FILE)).expect("private key");
+        let pair = KeypairBytes::from_pkcs8_pem(&private_pem).expect("PKCS#8");
+        assert!(
+            pair.public_key.is_none(),
+            "PKCS#8 v1, without the public key, as OpenSSL 3.0 and Node read it"
+        );
 
         let manifest_text =
             std::fs::read_to_string(dir.path().join("manifest.json")).expect("manifest");

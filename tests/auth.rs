@@ -8,6 +8,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
 use warp::Filter;
 
@@ -120,6 +122,14 @@ impl AuthServer {
     }
 
     async fn refusal(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let (status, body) = self.raw_refusal(path, headers).await;
+        (
+            status,
+            body["error"]["code"].as_str().expect("code").to_owned(),
+        )
+    }
+
+    async fn raw_refusal(&self, path: &str, headers: &[(&str, &str)]) -> (u16, serde_json::Value) {
         let mut request = reqwest::Client::new().get(self.url(path));
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -129,10 +139,7 @@ impl AuthServer {
         let challenge = response.headers().get("www-authenticate").is_some();
         let body: serde_json::Value = response.json().await.expect("JSON error");
         assert_eq!(challenge, status == 401, "401s carry WWW-Authenticate");
-        (
-            status,
-            body["error"]["code"].as_str().expect("code").to_owned(),
-        )
+        (status, body)
     }
 }
 
@@ -195,6 +202,76 @@ fn cli_results_are_plain_output_and_a_failure_is_one_line() {
 }
 
 #[tokio::test]
+async fn setup_writes_a_private_key_that_openssl_and_node_read() {
+    let dir = tempfile::tempdir().expect("dir");
+    assert!(fjord(&["setup"], dir.path()).status.success());
+    let key = dir.path().join("fjord-private.pem");
+    let openssl = Command::new("openssl")
+        .args(["pkey", "-noout", "-in"])
+        .arg(&key)
+        .output()
+        .expect("openssl runs (ci/services.sh installs it)");
+    assert!(
+        openssl.status.success(),
+        "openssl refuses the key: {}",
+        String::from_utf8_lossy(&openssl.stderr)
+    );
+    // Node is optional on a developer's machine; CI has it for the client tests.
+    if Command::new("node").arg("--version").output().is_ok() {
+        let node = Command::new("node")
+            .args([
+                "-e",
+                "require('crypto').createPrivateKey(require('fs').readFileSync(process.argv[1]))",
+            ])
+            .arg(&key)
+            .output()
+            .expect("node runs");
+        assert!(
+            node.status.success(),
+            "node refuses the key: {}",
+            String::from_utf8_lossy(&node.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_server_refuses_an_hs256_secret_shorter_than_32_bytes() {
+    let services = services();
+    let port = free_port();
+    let mut manifest = manifest(
+        &services,
+        &[("orders", "orders-unused")],
+        &unique("group"),
+        port,
+    );
+    manifest["auth"] = serde_json::json!({
+        "mode": "jwt", "algorithms": ["HS256"], "hs256_secret_env": "FJORD_TEST_HS256_SECRET"
+    });
+    let (_dir, path) = write_manifest(&manifest);
+    let short = "s3cr3t-but-only-31-bytes-long!!";
+    assert_eq!(short.len(), 31);
+    for secret in ["", short] {
+        let mut server = Process::start(
+            env!("CARGO_BIN_EXE_fjord-server"),
+            &["--manifest", path.to_str().expect("utf-8")],
+            &[("FJORD_TEST_HS256_SECRET", secret)],
+        );
+        assert_ne!(server.wait_exit().await, Some(0), "{} bytes", secret.len());
+        let log = server.log().join("\n");
+        assert!(
+            log.contains("$.auth.hs256_secret_env")
+                && log.contains("FJORD_TEST_HS256_SECRET")
+                && log.contains("32 random bytes"),
+            "{log}"
+        );
+        assert!(
+            secret.is_empty() || !log.contains(secret),
+            "the secret reached the log"
+        );
+    }
+}
+
+#[tokio::test]
 async fn bad_tokens_are_refused_with_their_reason_and_never_logged() {
     let server = start(|_| {}).await;
     let other_keys = tempfile::tempdir().expect("dir");
@@ -219,6 +296,17 @@ async fn bad_tokens_are_refused_with_their_reason_and_never_logged() {
         (
             vec![("authorization", "Bearer garbage".into())],
             (401, "token_malformed"),
+        ),
+        (
+            vec![(
+                "authorization",
+                format!(
+                    "Bearer {}.{}",
+                    URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA","kid":7}"#),
+                    foreign.split_once('.').expect("a JWT").1
+                ),
+            )],
+            (401, "token_header"),
         ),
         (
             vec![("authorization", format!("Bearer {foreign}"))],
@@ -262,8 +350,25 @@ async fn a_token_opens_its_endpoints_and_only_its_pinned_keys() {
     ]);
     let bearer = format!("Bearer {driver}");
     let auth = [("authorization", bearer.as_str())];
+    // The same answer for an endpoint that exists and one that does not: a narrow token
+    // cannot list the endpoints.
+    let existing = server.raw_refusal("/v1/streams/drivers", &auth).await;
+    assert_eq!(existing.0, 403);
+    assert_eq!(existing.1["error"]["code"], "forbidden");
+    let unknown = server.raw_refusal("/v1/streams/dr1vers", &auth).await;
+    let masked = |(status, body): (u16, serde_json::Value)| {
+        (
+            status,
+            body.to_string()
+                .replace("drivers", "NAME")
+                .replace("dr1vers", "NAME"),
+        )
+    };
+    assert_eq!(masked(existing), masked(unknown));
     assert_eq!(
-        server.refusal("/v1/streams/drivers", &auth).await,
+        server
+            .refusal("/v1/streams?endpoint=orders&endpoint=nope", &auth)
+            .await,
         (403, "forbidden".into())
     );
     assert_eq!(
@@ -344,8 +449,40 @@ async fn a_stream_is_closed_with_expired_when_its_token_runs_out() {
 }
 
 #[tokio::test]
+async fn a_stream_admitted_within_the_leeway_is_cut_at_exp_plus_leeway_not_before() {
+    const LEEWAY: u64 = 4;
+    let server = start(|auth| auth["leeway_secs"] = LEEWAY.into()).await;
+    // Expired a second ago: admitted only thanks to the leeway.
+    let exp = now() - 1;
+    let token = sign(
+        server.keys_dir.path(),
+        &serde_json::json!({
+            "iss": "fjord-setup", "aud": "fjord", "exp": exp, "fjord": {"endpoints": ["orders"]}
+        }),
+    );
+    let bearer = format!("Bearer {token}");
+    let mut stream = SseStream::connect(
+        &server.url("/v1/streams/orders"),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(stream.status, 200, "admitted within the leeway");
+    let mut expired_at = None;
+    while let Some(event) = stream.next().await {
+        if event.event.as_deref() == Some("fjord.expired") {
+            expired_at = Some(now());
+        }
+    }
+    let expired_at = expired_at.expect("the stream ended with fjord.expired");
+    assert!(
+        expired_at >= exp + LEEWAY,
+        "cut at {expired_at}, before exp + leeway = {}",
+        exp + LEEWAY
+    );
+}
+
+#[tokio::test]
 async fn jwks_keys_are_fetched_again_for_an_unknown_key_id_but_not_on_every_request() {
-    use base64::Engine as _;
     use ed25519_dalek::pkcs8::DecodePublicKey;
 
     let jwks_dir = tempfile::tempdir().expect("dir");
@@ -356,7 +493,7 @@ async fn jwks_keys_are_fetched_again_for_an_unknown_key_id_but_not_on_every_requ
     .expect("public key");
     let jwk = serde_json::json!({
         "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "kid": "rotated",
-        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(public.as_bytes())
+        "x": URL_SAFE_NO_PAD.encode(public.as_bytes())
     });
     // The identity provider publishes the rotated key only after the server started.
     let published = Arc::new(std::sync::Mutex::new(serde_json::json!({"keys": []})));

@@ -103,6 +103,65 @@ async fn cors_preflight_allows_listed_origins_only() {
 }
 
 #[tokio::test]
+async fn with_auth_on_a_narrow_token_cannot_tell_which_endpoints_exist() {
+    const SECRET: &str = "http-contract-hs256-secret-of-48-random-bytes!!!";
+    let services = services();
+    let port = free_port();
+    let mut manifest = manifest(
+        &services,
+        &[("orders", "orders-unused"), ("drivers", "drivers-unused")],
+        &unique("group"),
+        port,
+    );
+    manifest["auth"] = serde_json::json!({
+        "mode": "jwt", "algorithms": ["HS256"], "hs256_secret_env": "FJORD_TEST_HS256_SECRET"
+    });
+    let (_dir, path) = write_manifest(&manifest);
+    let _server = Process::start(
+        env!("CARGO_BIN_EXE_fjord-server"),
+        &["--manifest", path.to_str().expect("utf-8")],
+        &[("FJORD_TEST_HS256_SECRET", SECRET)],
+    );
+    wait_ready(port).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"exp": exp, "fjord": {"endpoints": ["orders"]}}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let client = reqwest::Client::new();
+    let ask = |endpoint: &str| {
+        client
+            .get(format!("http://127.0.0.1:{port}/v1/streams/{endpoint}"))
+            .bearer_auth(&token)
+            .send()
+    };
+    let answer = |response: reqwest::Response, name: &'static str| async move {
+        let status = response.status().as_u16();
+        let content_type = response.headers()["content-type"].clone();
+        let body = response.text().await.expect("body").replace(name, "NAME");
+        (status, content_type, body)
+    };
+    let existing = answer(ask("drivers").await.expect("response"), "drivers").await;
+    let unknown = answer(ask("dr1vers").await.expect("response"), "dr1vers").await;
+    assert_eq!(existing.0, 403, "{existing:?}");
+    assert!(existing.2.contains(r#""code":"forbidden""#), "{existing:?}");
+    assert_eq!(existing, unknown);
+    // The endpoint the token opens streams.
+    let stream = SseStream::connect(
+        &format!("http://127.0.0.1:{port}/v1/streams/orders"),
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    assert_eq!(stream.status, 200);
+}
+
+#[tokio::test]
 async fn heartbeats_arrive_at_the_configured_interval() {
     let server = start_server(|m| m["server"]["heartbeat_secs"] = 1.into()).await;
     let mut stream = SseStream::connect(

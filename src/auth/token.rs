@@ -119,7 +119,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_header_cookie_or_query_is_handled(
+        fn fuzz_token_sources(
             authorization in "\\PC*",
             cookie_header in "\\PC*",
             query in proptest::option::of("\\PC*"),

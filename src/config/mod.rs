@@ -294,7 +294,9 @@ impl Secret {
         &self.env
     }
 
-    /// Reads the secret from the environment.
+    /// Reads the secret from the environment, whatever its length: a reader that needs
+    /// a minimum checks it (the HS256 secret, in `auth`), while a Redis or Kafka password
+    /// is whatever the service was given.
     pub fn read(&self) -> Result<String, ManifestError> {
         std::env::var(&self.env).map_err(|_| ManifestError::MissingSecret {
             env: self.env.clone(),

@@ -127,11 +127,7 @@ impl Manifest {
             )?;
         }
         if let Some(url) = &jwt.jwks_url {
-            require(
-                url.starts_with("https://") || url.starts_with("http://"),
-                "$.auth.jwks_url",
-                format!("{url:?} is not an http(s) URL"),
-            )?;
+            check_jwks_url(url)?;
         }
         require(jwt.leeway_secs <= 300, "$.auth.leeway_secs", "at most 300")?;
         if let Some(cookie) = &jwt.token_cookie {
@@ -418,6 +414,41 @@ impl Manifest {
             )?;
         }
         Ok(())
+    }
+}
+
+/// A JWKS URL: `https://`, or plain `http://` only to a loopback host (a local identity
+/// provider, tests). Keys fetched over plain HTTP can be swapped on the way, and whoever
+/// swaps them can sign tokens that open every endpoint.
+fn check_jwks_url(url: &str) -> Result<(), ManifestError> {
+    const PATH: &str = "$.auth.jwks_url";
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|error| ManifestError::invalid(PATH, format!("{url:?} is not a URL: {error}")))?;
+    require(
+        parsed.username().is_empty() && parsed.password().is_none(),
+        PATH,
+        "must not carry credentials",
+    )?;
+    let host = parsed.host_str().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" => require(
+            loopback,
+            PATH,
+            format!(
+                "{url:?} is plain http://, which lets anyone on the way replace the keys; use https:// (http:// is allowed only for loopback hosts: 127.0.0.0/8, ::1, localhost)"
+            ),
+        ),
+        _ => Err(ManifestError::invalid(
+            PATH,
+            format!("{url:?} is not an https:// URL"),
+        )),
     }
 }
 
@@ -828,6 +859,31 @@ mod tests {
             ),
             (
                 "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["RS256"], "jwks_url": "http://idp.example.com/jwks.json"}),
+                "$.auth.jwks_url: \"http://idp.example.com/jwks.json\" is plain http://",
+            ),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["RS256"], "jwks_url": "http://localhost.example.com/jwks.json"}),
+                "$.auth.jwks_url: \"http://localhost.example.com/jwks.json\" is plain http://",
+            ),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["RS256"], "jwks_url": "http://10.0.0.1/jwks.json"}),
+                "$.auth.jwks_url: \"http://10.0.0.1/jwks.json\" is plain http://",
+            ),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["RS256"], "jwks_url": "https://user:pass@idp.example.com/jwks.json"}),
+                "$.auth.jwks_url: must not carry credentials",
+            ),
+            (
+                "/auth",
+                serde_json::json!({"mode": "jwt", "algorithms": ["RS256"], "jwks_url": "idp.example.com/jwks.json"}),
+                "$.auth.jwks_url: \"idp.example.com/jwks.json\" is not a URL",
+            ),
+            (
+                "/auth",
                 serde_json::json!({"mode": "jwt", "algorithms": ["RS256"], "jwks_url": "https://x", "token_cookie": "a b"}),
                 "$.auth.token_cookie",
             ),
@@ -841,6 +897,24 @@ mod tests {
                 error.starts_with(expected_path),
                 "{pointer} = {replacement}: {error}"
             );
+        }
+    }
+
+    #[test]
+    fn jwks_urls_are_https_or_loopback_http() {
+        for url in [
+            "https://idp.example.com/.well-known/jwks.json",
+            "http://127.0.0.1:8080/jwks.json",
+            "http://127.8.9.10/jwks.json",
+            "http://[::1]:9000/jwks.json",
+            "http://localhost/jwks.json",
+            "http://LOCALHOST:1/jwks.json",
+        ] {
+            let mut value = minimal();
+            value["auth"] =
+                serde_json::json!({"mode": "jwt", "algorithms": ["RS256"], "jwks_url": url});
+            let parsed = Manifest::parse(&value.to_string());
+            assert!(parsed.is_ok(), "{url}: {parsed:?}");
         }
     }
 
