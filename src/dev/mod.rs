@@ -272,6 +272,8 @@ impl DevKeys {
             }
             DevAuth::Keys(dir) => (dir.clone(), None),
         };
+        // Absolute, so that the `fjord token` line of the banner works from any folder.
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
         let private_key = dir.join(setup::PRIVATE_KEY_FILE);
         let public_key = dir.join(setup::PUBLIC_KEY_FILE);
         // A folder of `fjord setup` (or of an earlier run) keeps its keys; setup refuses to
