@@ -498,3 +498,62 @@ fn announce(
     println!("  Ctrl-C stops everything.");
     println!();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Authenticator;
+    use crate::config::StartPosition;
+
+    #[tokio::test]
+    async fn auth_keys_sign_the_token_the_manifest_verifies_and_a_folder_keeps_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let keys = DevKeys::new(&DevAuth::Keys(dir.path().to_owned()))
+            .expect("keys")
+            .expect("auth is on");
+        let manifest = manifest(
+            "127.0.0.1:9092",
+            None,
+            IpAddr::from([127, 0, 0, 1]),
+            0,
+            Some(&keys.public_pem),
+        )
+        .expect("the dev manifest is valid");
+        let auth = Authenticator::new(&manifest.auth).await.expect("keys load");
+        let grant = auth
+            .grant(Some(&keys.token))
+            .await
+            .expect("the banner's token");
+        assert_eq!(
+            grant.endpoints,
+            Some(vec!["orders".to_owned(), "drivers".to_owned()])
+        );
+        assert_eq!(grant.keys, None);
+        assert!(auth.grant(None).await.is_err(), "no token, no stream");
+
+        // A second run on the same folder signs with the same key.
+        let again = DevKeys::new(&DevAuth::Keys(dir.path().to_owned()))
+            .expect("keys")
+            .expect("auth is on");
+        assert_eq!(again.public_pem, keys.public_pem);
+        auth.grant(Some(&again.token)).await.expect("same key");
+        assert!(
+            manifest
+                .endpoints
+                .values()
+                .all(|e| e.start == StartPosition::Oldest)
+        );
+    }
+
+    #[test]
+    fn temporary_keys_go_away_with_the_run() {
+        let keys = DevKeys::new(&DevAuth::TemporaryKeys)
+            .expect("keys")
+            .expect("auth is on");
+        let private_key = keys.private_key.clone();
+        assert!(private_key.exists());
+        drop(keys);
+        assert!(!private_key.exists());
+        assert!(DevKeys::new(&DevAuth::Off).expect("no keys").is_none());
+    }
+}
