@@ -249,8 +249,8 @@ pub fn manifest(
     Manifest::parse(&manifest.to_string())
 }
 
-/// The key pair of `fjord dev --auth`, and the token it prints.
-#[derive(Debug)]
+/// The key pair of `fjord dev --auth`, and the token it prints (no `Debug`: nothing
+/// should print the token but the banner).
 struct DevKeys {
     private_key: PathBuf,
     token: String,
