@@ -5,7 +5,8 @@
 #   try-it      `fjord dev --auth`: a token that streams driver-3's records, a 403 and a 401
 #   running-it  the Kafka and Redis of ci/services.sh, fjord-consumer and fjord-server, a
 #               record produced with kcat and streamed with curl
-# and the dev banner: its `curl` line, pasted, streams demo records with its token.
+# and the dev banner: its `curl` line, pasted, streams demo records with its token, its
+# `fjord token` line mints one that opens, and its temporary key folder goes when it stops.
 # The only change to a block is the HTTP port (8080 becomes a free one), so that it runs
 # beside anything on 8080. Kafka and Redis are those of ci/services.sh (their ports are
 # the README's); running-it runs `ci/services.sh up`, which is idempotent, and never stops
@@ -123,7 +124,15 @@ status=$(curl -s -o /dev/null -w '%{http_code}' --max-time 3 -H "Authorization: 
   "http://127.0.0.1:$port/v1/streams/drivers?key=driver-3" || true)
 # A stream that opens runs until --max-time: curl then reports the 200 it got.
 [ "$status" = 200 ] || fail "a token from the banner's fjord token line got $status"
-echo "banner: its curl streamed $records orders; its fjord token line mints a token that opens drivers"
+key_dir=$(dirname "$(sed -n 's/.*--private-key \([^ ]*\).*/\1/p' <<<"$mint")")
+dev_group=${groups[-1]}
+kill -TERM -- "-$dev_group"
+for _ in $(seq 1 100); do
+  kill -0 -- "-$dev_group" 2>/dev/null || break
+  sleep 0.1
+done
+[ ! -e "$key_dir" ] || fail "fjord dev --auth left its temporary key folder $key_dir behind"
+echo "banner: its curl streamed $records orders; its fjord token line mints a token that opens drivers; $key_dir is gone once it stopped"
 
 step "README: Running it (ci/services.sh, fjord-consumer, fjord-server, kcat)"
 mkdir -p "$work/running-it"
