@@ -4,7 +4,10 @@
 # Redis of `ci/services.sh up` (run that first), across a server kill, a drain, expiring and
 # refused tokens, an origin the server does not allow (cors) and no server (network), a stale
 # saved id, and `online`/visibility waking a grown backoff; a plain EventSource with its token
-# in a cookie streams cross-origin; and the demo page of `fjord dev` shows orders and drivers.
+# in a cookie streams cross-origin; and the demo page of `fjord dev` (client/e2e/demo.test.mjs):
+# full of history at once, orders and drivers with labels that do not overlap, Drop connection
+# resuming with no record missed, the key filter, the open connections, the phone layout, no
+# 404 (favicon), and `fjord dev --auth` with the banner's token.
 # Installs Debian chromium when missing, builds the Rust binaries when they are missing or
 # older than src/, runs `npm ci` in client/ (its prepare builds). Exits non-zero on failure.
 #   FJORD_E2E_SCREENSHOTS=DIR  keep a screenshot of the demo page

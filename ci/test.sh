@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: starts the real Kafka and Redis (installing what is missing), runs
-# formatting and lint checks, unit and integration tests, a bounded fuzzing run of the
-# parsers, the release build in a rehearsal of the Nix build sandbox, the deploy tool's
-# tests against moto and a registry, the Nix and workflow checks, and the JavaScript
-# client's tests (unit and in headless Chromium), then stops the services.
+# formatting and lint checks, unit and integration tests, the README's walkthroughs run as
+# written (ci/test-readme.sh), a bounded fuzzing run of the parsers, the release build in
+# a rehearsal of the Nix build sandbox, the deploy tool's tests against moto and a
+# registry, the Nix and workflow checks, and the JavaScript client's tests (unit and in
+# headless Chromium), then stops the services.
 #   FJORD_CI_KEEP_SERVICES=1 ci/test.sh   leaves the services running for the next run
 #   ci/test.sh [cargo test arguments]     only the Rust tests, e.g. ci/test.sh --test pipeline
 set -euo pipefail
@@ -34,6 +35,9 @@ fi
 step "unit and integration tests"
 cargo test --locked "$@"
 [ $# -eq 0 ] || exit 0
+
+step "the README's walkthroughs, run as written (Access control, Running it)"
+ci/test-readme.sh
 
 step "fuzzing the parsers on stable Rust (bounded; failures kept in proptest-regressions/)"
 ci/fuzz.sh

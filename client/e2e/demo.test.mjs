@@ -1,6 +1,10 @@
 // The demo page of `fjord dev` in headless Chromium: it loads the embedded @fjord/client from
-// /fjord-client.js and shows orders appearing and drivers moving. Needs no Kafka or Redis
-// (fjord dev runs its own). Set FJORD_E2E_SCREENSHOTS=DIR to keep a screenshot.
+// /fjord-client.js, is full of recent history at once, shows orders appearing and drivers
+// moving with labels that never overlap, resumes after "Drop connection" with no record
+// missed, follows one driver on a key-filtered connection, shows the open connections,
+// puts the live data first on a phone, asks nothing the server lacks (no 404, favicon
+// included), and with `fjord dev --auth` streams with the token of the banner's address.
+// Needs no Kafka or Redis (fjord dev runs its own). FJORD_E2E_SCREENSHOTS=DIR keeps screenshots.
 
 import assert from "node:assert/strict";
 import { readFile, rm } from "node:fs/promises";
@@ -41,6 +45,45 @@ test("fjord dev serves the client it embeds", async () => {
   assert.match(await res.text(), /export\s*\{[^}]*\bconnect\b/);
 });
 
+/** Opens the demo page, noting every answer of 400 or more (a missing favicon, say). */
+async function openDemo(url, viewport) {
+  const page = await browser.context.newPage();
+  if (viewport) await page.setViewportSize(viewport);
+  page.consoleLines = [];
+  page.failedRequests = [];
+  page.on("console", (m) => page.consoleLines.push(`${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => page.consoleLines.push(`pageerror: ${e.message}`));
+  page.on("response", (r) => r.status() >= 400 && page.failedRequests.push(`${r.status()} ${r.url()}`));
+  await page.goto(url);
+  return page;
+}
+
+function explain(error, page) {
+  return new Error(`${error.message}\nconsole:\n${page.consoleLines.join("\n")}\nfjord dev:\n${dev.tail(20)}`);
+}
+
+test("the demo page is full of recent history at once, with no request the server lacks", { timeout: TIMEOUT }, async () => {
+  const page = await openDemo(`http://127.0.0.1:${port}/`);
+  const opened = Date.now();
+  try {
+    // The endpoints start at the oldest record they keep, and fjord dev writes 40 s of
+    // history at start: the board and the map fill from the first response.
+    await page.waitForFunction(
+      () => document.querySelectorAll("#orders .order").length >= 20 && document.querySelectorAll("#drivers-layer .drv").length === 8,
+      null,
+      { timeout: 5_000 },
+    );
+  } catch (error) {
+    throw explain(error, page);
+  }
+  console.log(`full page (20 orders, 8 drivers) ${Date.now() - opened} ms after opening it`);
+  await page.waitForTimeout(500); // the favicon and /dev.json are asked for by now
+  assert.deepEqual(page.failedRequests, []);
+  assert.deepEqual(page.consoleLines.filter((l) => /^(error|pageerror)/.test(l)), []);
+  assert.match(await page.locator("#produce-one").textContent(), /\| kcat -b 127\.0\.0\.1:\d+ -t orders -k order-mine -P$/);
+  await page.close();
+});
+
 test("the demo page shows orders appearing and drivers moving, with the stream's status", { timeout: 2 * TIMEOUT }, async () => {
   const page = await openPage(browser, `http://127.0.0.1:${port}/`);
   try {
@@ -68,6 +111,148 @@ test("the demo page shows orders appearing and drivers moving, with the stream's
     await page.screenshot({ path: join(process.env.FJORD_E2E_SCREENSHOTS, "demo.png"), fullPage: true });
   }
   await page.close();
+});
+
+test("Drop connection: the client resumes from its last id and no record is missed or repeated", { timeout: TIMEOUT }, async () => {
+  const page = await openDemo(`http://127.0.0.1:${port}/`);
+  let drop;
+  try {
+    await page.locator('#conn[data-state="live"]').waitFor({ timeout: TIMEOUT / 2 });
+    await page.waitForFunction(() => window.fjordDemo.arrivals.length > 50, null, { timeout: TIMEOUT / 2 });
+    await page.click("#drop");
+    await page.locator('#conn[data-state="reconnecting"]').waitFor({ timeout: 5_000 });
+    drop = await page.waitForFunction(() => window.fjordDemo.drops[0], null, { timeout: TIMEOUT / 2 }).then((h) => h.jsonValue());
+  } catch (error) {
+    throw explain(error, page);
+  }
+  assert.equal(drop.missed, 0);
+  assert.equal(drop.repeated, 0);
+  assert.ok(drop.reopenedAt - drop.at >= 500, `the connection was really down (${drop.reopenedAt - drop.at} ms)`);
+  assert.ok(drop.replayed > 0, "records made while the page was disconnected were replayed");
+  // Checked here too, from what the page received: per partition, offsets follow one another.
+  const arrivals = await page.evaluate(() => window.fjordDemo.arrivals);
+  const last = new Map();
+  let during = 0;
+  for (const [topic, partition, offset, timestamp] of arrivals) {
+    const key = `${topic}/${partition}`;
+    if (last.has(key)) assert.equal(offset, last.get(key) + 1, `${key}: offset ${offset} after ${last.get(key)}`);
+    last.set(key, offset);
+    if (timestamp > drop.at && timestamp < drop.reopenedAt) during++;
+  }
+  assert.ok(during > 0, "some records were made while the page was disconnected");
+  assert.match(await page.locator("#drop-info").textContent(), /replayed; 0 missed, 0 repeated/);
+  console.log(`drop: down ${drop.reopenedAt - drop.at} ms, ${drop.replayed} records replayed, ${arrivals.length} records checked in order`);
+  await page.close();
+});
+
+test("the key filter follows one driver on a connection of its own, and the panel counts connections", { timeout: TIMEOUT }, async () => {
+  const page = await openDemo(`http://127.0.0.1:${port}/`);
+  try {
+    await page.locator('#filter-key option[value="driver-3"]').waitFor({ state: "attached", timeout: TIMEOUT / 2 });
+    await page.selectOption("#filter-key", "driver-3");
+    await page.waitForFunction(() => window.fjordDemo.filter.count >= 3, null, { timeout: TIMEOUT / 2 });
+    await page.waitForFunction(() => Number(document.getElementById("conns-open").textContent) >= 2, null, { timeout: 10_000 });
+  } catch (error) {
+    throw explain(error, page);
+  }
+  const filter = await page.evaluate(() => window.fjordDemo.filter);
+  assert.equal(filter.others, 0);
+  assert.equal(filter.status, "open");
+  assert.match(await page.locator("#filter-info").textContent(), /\/v1\/streams\/drivers\?key=driver-3: \d+ records, all driver-3/);
+  assert.match(await page.locator("#conns-list").textContent(), /key filter: driver-3 open/);
+  assert.equal(await page.locator("#drivers-layer .drv.followed").count(), 1);
+  await page.close();
+});
+
+test("driver labels never overlap", { timeout: TIMEOUT }, async () => {
+  const page = await openDemo(`http://127.0.0.1:${port}/`);
+  await page.emulateMedia({ reducedMotion: "reduce" }); // no transitions: the boxes are final
+  try {
+    await page.waitForFunction(() => document.querySelectorAll("#drivers-layer .drv").length === 8, null, { timeout: TIMEOUT / 2 });
+  } catch (error) {
+    throw explain(error, page);
+  }
+  let shown = 0;
+  for (let sample = 0; sample < 8; sample++) {
+    await page.waitForTimeout(400);
+    const labels = await page.$$eval("#drivers-layer .drv", (gs) =>
+      gs.map((g) =>
+        [...g.querySelectorAll(".lbl, .sub")]
+          .filter((t) => !t.hasAttribute("hidden") && t.textContent !== "")
+          .map((t) => {
+            const r = t.getBoundingClientRect();
+            return { text: t.textContent, box: [r.left, r.top, r.right, r.bottom] };
+          }),
+      ),
+    );
+    shown = Math.max(shown, labels.filter((l) => l.length > 0).length);
+    for (let a = 0; a < labels.length; a++) {
+      for (let b = a + 1; b < labels.length; b++) {
+        for (const x of labels[a]) {
+          for (const y of labels[b]) {
+            const overlap = x.box[0] < y.box[2] && y.box[0] < x.box[2] && x.box[1] < y.box[3] && y.box[1] < x.box[3];
+            assert.ok(!overlap, `labels overlap: ${x.text} ${x.box.map(Math.round)} and ${y.text} ${y.box.map(Math.round)}`);
+          }
+        }
+      }
+    }
+  }
+  assert.ok(shown >= 5, `only ${shown} of 8 drivers have a label`);
+  await page.close();
+});
+
+test("on a phone the live data comes first: the map, then the orders", { timeout: TIMEOUT }, async () => {
+  const viewport = { width: 390, height: 844 };
+  const page = await openDemo(`http://127.0.0.1:${port}/`, viewport);
+  try {
+    await page.waitForFunction(() => document.querySelectorAll("#orders .order").length >= 5, null, { timeout: TIMEOUT / 2 });
+  } catch (error) {
+    throw explain(error, page);
+  }
+  const top = (selector) => page.locator(selector).evaluate((e) => e.getBoundingClientRect().top);
+  const map = await top("#map");
+  const orders = await top("#orders");
+  assert.ok(map < viewport.height / 3, `the map starts at ${map} px`);
+  assert.ok(orders < viewport.height, `the orders start at ${orders} px, below the first screen`);
+  assert.ok(map < orders && orders < (await top(".hood")) && orders < (await top(".stats")), "map, orders, then the panels");
+  assert.equal(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), true, "no sideways scrolling");
+  if (process.env.FJORD_E2E_SCREENSHOTS) {
+    await page.screenshot({ path: join(process.env.FJORD_E2E_SCREENSHOTS, "demo-phone.png"), fullPage: true });
+  }
+  await page.close();
+});
+
+test("fjord dev --auth: the banner's page address streams with its token; without one the page says why", { timeout: 2 * TIMEOUT }, async () => {
+  const authPort = await freePort();
+  const authDev = new Proc("fjord-dev-auth", bin("fjord"), ["dev", "--auth", "--port", String(authPort)], dir);
+  try {
+    const address = await until(
+      "the banner's demo page address",
+      () => {
+        if (!authDev.running) throw new Error(`fjord dev --auth exited:\n${authDev.tail()}`);
+        return /^ {2}Demo page +(\S+)$/m.exec(authDev.tail(60))?.[1];
+      },
+      TIMEOUT,
+    );
+    assert.match(address, new RegExp(`^http://127\\.0\\.0\\.1:${authPort}/#token=ey`));
+    const page = await openDemo(address);
+    try {
+      await page.locator('#conn[data-state="live"]').waitFor({ timeout: TIMEOUT / 2 });
+      await page.waitForFunction(() => document.querySelectorAll("#orders .order").length >= 5, null, { timeout: TIMEOUT / 2 });
+    } catch (error) {
+      throw explain(error, page);
+    }
+    assert.equal(new URL(page.url()).hash, "", "the token left the address bar");
+    assert.equal(await page.locator("#auth-needed").isHidden(), true);
+    await page.close();
+
+    const bare = await openDemo(`http://127.0.0.1:${authPort}/`);
+    await bare.locator("#auth-needed").waitFor({ state: "visible", timeout: TIMEOUT / 2 });
+    assert.equal(await bare.locator("#orders .order").count(), 0);
+    await bare.close();
+  } finally {
+    await authDev.stop();
+  }
 });
 
 test("the README's page snippet, served from another origin, shows live orders", { timeout: TIMEOUT }, async () => {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fjord::config::Manifest;
-use fjord::dev::{DevOptions, DevRedis};
+use fjord::dev::{DevAuth, DevOptions, DevRedis};
 
 /// Fjord: a real-time API proxy for Kafka.
 #[derive(Debug, Parser)]
@@ -44,6 +44,13 @@ enum Command {
         /// Do not produce demo records.
         #[arg(long)]
         no_demo_producer: bool,
+        /// Turn access control on: streams need a JWT, signed by a key pair made for this run
+        /// in a temporary folder; the banner prints a token and how to mint others.
+        #[arg(long)]
+        auth: bool,
+        /// With --auth, use the key pair in DIR (`fjord setup`'s files), made there if missing.
+        #[arg(long, value_name = "DIR", requires = "auth")]
+        keys: Option<PathBuf>,
     },
     /// Writes an Ed25519 key pair and a manifest skeleton (never overwriting keys).
     Setup {
@@ -123,6 +130,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             redis_user,
             redis_password_env,
             no_demo_producer,
+            auth,
+            keys,
         } => {
             fjord::dev::run(DevOptions {
                 host,
@@ -134,6 +143,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     password_env: redis_password_env,
                 }),
                 demo_producer: !no_demo_producer,
+                auth: match (auth, keys) {
+                    (false, _) => DevAuth::Off,
+                    (true, None) => DevAuth::TemporaryKeys,
+                    (true, Some(dir)) => DevAuth::Keys(dir),
+                },
             })
             .await?;
         }

@@ -1,20 +1,23 @@
 //! `fjord dev`: the whole pipeline in one process with no external service — an in-process
 //! Kafka (librdkafka's mock cluster), the in-process bus, the consumer, the server with a
 //! demo page at `/`, and a producer of SuperEats-style events. Flags point it at a real
-//! Kafka and Redis instead.
+//! Kafka and Redis instead, and turn access control on with a key pair made for the run.
 
 mod producer;
 
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
 
 use crate::bus::{Bus, BusError};
-use crate::config::{Manifest, ManifestError};
+use crate::config::{Manifest, ManifestError, OffsetReset};
 use crate::consumer::ConsumerError;
 use crate::http::StaticFile;
 use crate::server::ServerError;
+use crate::setup::{self, SetupError, TokenRequest};
 
 /// What `fjord dev` serves besides the streams: the demo page at `/`, and the JavaScript
 /// client it imports (built from `client/`; `ci/test-client.sh` keeps the copy fresh).
@@ -34,6 +37,22 @@ pub const DEMO_FILES: &[StaticFile] = &[
 /// The topics (and endpoints) of the demo.
 pub const DEMO_TOPICS: [&str; 2] = ["orders", "drivers"];
 const DEMO_PARTITIONS: i32 = 3;
+/// How long the token that `fjord dev --auth` prints lives.
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
+/// The key id that `fjord setup` writes and `fjord token` signs with by default.
+const DEV_KEY_ID: &str = "fjord-setup";
+
+/// Access control of `fjord dev`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevAuth {
+    /// Every endpoint open to anyone.
+    Off,
+    /// JWTs signed by a key pair made in a temporary folder, removed at exit.
+    TemporaryKeys,
+    /// JWTs signed by the key pair in this folder (`fjord setup`'s files), made there when
+    /// missing and kept.
+    Keys(PathBuf),
+}
 
 /// What `fjord dev` runs against.
 #[derive(Debug, Clone)]
@@ -48,6 +67,8 @@ pub struct DevOptions {
     pub redis: Option<DevRedis>,
     /// Whether to run the demo producer.
     pub demo_producer: bool,
+    /// Access control.
+    pub auth: DevAuth,
 }
 
 /// The variable `fjord dev` reads a Redis password from, when it is set and no other is named.
@@ -114,6 +135,12 @@ pub enum DevError {
     /// The demo producer failed.
     #[error("demo producer: {0}")]
     Producer(#[from] rdkafka::error::KafkaError),
+    /// The key pair for `--auth` could not be made, read or used.
+    #[error("access control keys: {0}")]
+    Keys(#[from] SetupError),
+    /// The temporary folder for the keys could not be made.
+    #[error("a temporary folder for the keys: {0}")]
+    TempDir(std::io::Error),
 }
 
 /// An in-process Kafka cluster on a thread of its own (the mock cluster is not `Send`).
@@ -167,23 +194,46 @@ impl InProcessKafka {
     }
 }
 
-/// The manifest `fjord dev` runs with.
+/// The manifest `fjord dev` runs with; with `public_pem`, streams need a JWT it verifies.
+///
+/// The endpoints start at the oldest record they keep, and keep only the last minutes, so
+/// that a page or a `curl` that connects gets the recent past at once and then goes on live.
 pub fn manifest(
     brokers: &str,
     redis: Option<&DevRedis>,
     host: IpAddr,
     port: u16,
+    public_pem: Option<&str>,
 ) -> Result<Manifest, ManifestError> {
     let endpoints: serde_json::Map<String, serde_json::Value> = DEMO_TOPICS
         .iter()
         .map(|topic| {
+            // Drivers matter only where they are now; orders live for some minutes.
+            let retention = if *topic == "drivers" {
+                serde_json::json!({"max_records": 250, "max_age_secs": 60})
+            } else {
+                serde_json::json!({"max_records": 600, "max_age_secs": 300})
+            };
             let endpoint = serde_json::json!({
                 "topics": [topic],
-                "retention": {"max_records": 10_000, "max_age_secs": 3600}
+                "start": "oldest",
+                "retention": retention
             });
             ((*topic).to_owned(), endpoint)
         })
         .collect();
+    let auth = public_pem.map_or_else(
+        || serde_json::json!({"mode": "disabled"}),
+        |pem| {
+            serde_json::json!({
+                "mode": "jwt",
+                "algorithms": ["EdDSA"],
+                "keys": [{"kid": DEV_KEY_ID, "pem": pem}],
+                "issuer": setup::DEFAULT_ISSUER,
+                "audience": setup::DEFAULT_AUDIENCE
+            })
+        },
+    );
     let manifest = serde_json::json!({
         "kafka": {"brokers": brokers.split(',').collect::<Vec<_>>()},
         // The in-process bus ignores the section; it is only there to be valid.
@@ -194,9 +244,91 @@ pub fn manifest(
         "endpoints": endpoints,
         "consumer_groups": [{"id": "fjord-dev", "topics": DEMO_TOPICS, "offset_reset": "latest"}],
         "server": {"host": host.to_string(), "port": port, "cors_origins": ["*"]},
-        "auth": {"mode": "disabled"}
+        "auth": auth
     });
     Manifest::parse(&manifest.to_string())
+}
+
+/// The key pair of `fjord dev --auth`, and the token it prints (no `Debug`: nothing
+/// should print the token but the banner).
+struct DevKeys {
+    private_key: PathBuf,
+    token: String,
+    public_pem: String,
+    /// Removes the temporary folder when dropped.
+    _temporary: Option<tempfile::TempDir>,
+}
+
+impl DevKeys {
+    fn new(auth: &DevAuth) -> Result<Option<Self>, DevError> {
+        let (dir, temporary) = match auth {
+            DevAuth::Off => return Ok(None),
+            DevAuth::TemporaryKeys => {
+                let temporary = tempfile::Builder::new()
+                    .prefix("fjord-dev-")
+                    .tempdir()
+                    .map_err(DevError::TempDir)?;
+                (temporary.path().to_owned(), Some(temporary))
+            }
+            DevAuth::Keys(dir) => (dir.clone(), None),
+        };
+        // Absolute, so that the `fjord token` line of the banner works from any folder.
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        let private_key = dir.join(setup::PRIVATE_KEY_FILE);
+        let public_key = dir.join(setup::PUBLIC_KEY_FILE);
+        // A folder of `fjord setup` (or of an earlier run) keeps its keys; setup refuses to
+        // overwrite either, so a folder with only one of them is an error that names it.
+        if !(private_key.exists() && public_key.exists()) {
+            setup::setup(&dir)?;
+        }
+        let public_pem = std::fs::read_to_string(&public_key).map_err(|source| SetupError::Io {
+            path: public_key.clone(),
+            source,
+        })?;
+        let token = setup::mint(
+            &private_key,
+            &TokenRequest {
+                subject: "fjord-dev".into(),
+                endpoints: DEMO_TOPICS.iter().map(|t| (*t).to_owned()).collect(),
+                keys: Vec::new(),
+                ttl: DEV_TOKEN_TTL,
+                issuer: setup::DEFAULT_ISSUER.into(),
+                audience: setup::DEFAULT_AUDIENCE.into(),
+                key_id: Some(DEV_KEY_ID.into()),
+            },
+        )?;
+        Ok(Some(Self {
+            private_key,
+            token,
+            public_pem,
+            _temporary: temporary,
+        }))
+    }
+}
+
+/// The `kcat` line that produces records into the demo's `orders`.
+fn produce_command(brokers: &str) -> String {
+    format!("kcat -b {brokers} -t orders -k order-1 -P")
+}
+
+/// The demo files, and `/dev.json`: what the page shows of this run (where to produce,
+/// whether streams need a token).
+fn demo_files(brokers: &str, in_process: bool, auth: bool) -> &'static [StaticFile] {
+    let info = serde_json::json!({
+        "kafka": brokers,
+        "in_process_kafka": in_process,
+        "topics": DEMO_TOPICS,
+        "produce": produce_command(brokers),
+        "auth": auth,
+    });
+    let mut files = DEMO_FILES.to_vec();
+    files.push(StaticFile {
+        path: "/dev.json",
+        content_type: "application/json",
+        // Made once per process and served until it exits: leaking it is the 'static.
+        body: Box::leak(info.to_string().into_boxed_str()),
+    });
+    Box::leak(files.into_boxed_slice())
 }
 
 /// Runs `fjord dev` until Ctrl-C.
@@ -210,9 +342,22 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         (None, Some(kafka)) => kafka.bootstrap_servers().to_owned(),
         (None, None) => return Err(DevError::MockCluster("no brokers".into())),
     };
-    let manifest = manifest(&brokers, options.redis.as_ref(), options.host, options.port)?;
-    if options.kafka.is_some() {
-        producer::ensure_topics(&manifest, DEMO_PARTITIONS).await?;
+    let keys = DevKeys::new(&options.auth)?;
+    let mut manifest = manifest(
+        &brokers,
+        options.redis.as_ref(),
+        options.host,
+        options.port,
+        keys.as_ref().map(|keys| keys.public_pem.as_str()),
+    )?;
+    let fresh_topics = match &options.kafka {
+        Some(_) => producer::ensure_topics(&manifest, DEMO_PARTITIONS).await?,
+        None => true,
+    };
+    // Topics that hold only this run's records are read from their start, so that the
+    // history the producer writes first is not lost while the consumer joins its group.
+    if fresh_topics && let Some(group) = manifest.consumer_groups.first_mut() {
+        group.offset_reset = OffsetReset::Earliest;
     }
     let bus = match &options.redis {
         Some(_) => crate::bus::connect_redis(&manifest.redis).await?,
@@ -227,8 +372,10 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         &brokers,
         in_process_kafka.is_some(),
         options.redis.as_ref(),
+        keys.as_ref(),
         address,
     );
+    let files = demo_files(&brokers, in_process_kafka.is_some(), keys.is_some());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
@@ -245,9 +392,9 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     });
     let server = {
         let (manifest, bus, stop) = (manifest.clone(), bus.clone(), stopped(stop_rx.clone()));
-        tokio::spawn(async move {
-            crate::server::serve(&manifest, &bus, listener, DEMO_FILES, stop).await
-        })
+        tokio::spawn(
+            async move { crate::server::serve(&manifest, &bus, listener, files, stop).await },
+        )
     };
 
     crate::process::shutdown_signal().await;
@@ -258,6 +405,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     flatten(consumer.await)?;
     flatten(server.await)?;
     drop(in_process_kafka);
+    drop(keys);
     Ok(())
 }
 
@@ -270,6 +418,17 @@ fn flatten<E: Into<DevError>>(
     }
 }
 
+/// How to run this program again from the user's shell: the name it was started by when
+/// that came from the `PATH`, else its full path (`cargo run` starts `target/debug/fjord`).
+fn program() -> String {
+    let by_name = std::env::args_os()
+        .next()
+        .filter(|arg0| Path::new(arg0).components().count() == 1);
+    by_name
+        .or_else(|| std::env::current_exe().ok().map(PathBuf::into_os_string))
+        .map_or_else(|| "fjord".to_owned(), |p| p.to_string_lossy().into_owned())
+}
+
 #[allow(
     clippy::print_stdout,
     reason = "the developer's instructions go to the terminal"
@@ -278,6 +437,7 @@ fn announce(
     brokers: &str,
     in_process: bool,
     redis: Option<&DevRedis>,
+    keys: Option<&DevKeys>,
     address: std::net::SocketAddr,
 ) {
     let page_host = if address.ip().is_unspecified() {
@@ -285,6 +445,7 @@ fn announce(
     } else {
         address.ip().to_string()
     };
+    let base = format!("http://{page_host}:{}", address.port());
     let kafka = if in_process {
         "in-process Kafka"
     } else {
@@ -298,22 +459,101 @@ fn announce(
         },
     );
     println!();
-    println!("  Fjord dev is running.");
-    println!();
-    println!("  Demo page       http://{page_host}:{}/", address.port());
-    println!(
-        "  Stream          curl -N http://{page_host}:{}/v1/streams/orders",
-        address.port()
-    );
+    match keys {
+        None => {
+            println!("  Fjord dev is running.");
+            println!();
+            println!("  Demo page       {base}/");
+            println!("  Stream          curl -N {base}/v1/streams/orders");
+        }
+        Some(keys) => {
+            let token = &keys.token;
+            let hours = DEV_TOKEN_TTL.as_secs() / 3600;
+            println!("  Fjord dev is running, with access control on.");
+            println!();
+            // The token rides in the fragment, which the browser never sends to a server.
+            println!("  Demo page       {base}/#token={token}");
+            println!(
+                "  Stream          curl -N -H \"Authorization: Bearer {token}\" {base}/v1/streams/orders"
+            );
+            println!("  Token           {token}");
+            println!("                  (orders and drivers, every key, valid {hours} h)");
+            println!(
+                "  More tokens     {} token --private-key {} --endpoint drivers --key driver-3",
+                program(),
+                keys.private_key.display()
+            );
+        }
+    }
     println!(
         "  {kafka:<15} {brokers}   (topics: {})",
         DEMO_TOPICS.join(", ")
     );
     println!(
-        "  Produce         kcat -b {brokers} -t orders -k order-1 -P   (then type JSON lines)"
+        "  Produce         {}   (then type JSON lines)",
+        produce_command(brokers)
     );
     println!("  Bus             {bus}");
     println!();
     println!("  Ctrl-C stops everything.");
     println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Authenticator;
+    use crate::config::StartPosition;
+
+    #[tokio::test]
+    async fn auth_keys_sign_the_token_the_manifest_verifies_and_a_folder_keeps_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let keys = DevKeys::new(&DevAuth::Keys(dir.path().to_owned()))
+            .expect("keys")
+            .expect("auth is on");
+        let manifest = manifest(
+            "127.0.0.1:9092",
+            None,
+            IpAddr::from([127, 0, 0, 1]),
+            0,
+            Some(&keys.public_pem),
+        )
+        .expect("the dev manifest is valid");
+        let auth = Authenticator::new(&manifest.auth).await.expect("keys load");
+        let grant = auth
+            .grant(Some(&keys.token))
+            .await
+            .expect("the banner's token");
+        assert_eq!(
+            grant.endpoints,
+            Some(vec!["orders".to_owned(), "drivers".to_owned()])
+        );
+        assert_eq!(grant.keys, None);
+        assert!(auth.grant(None).await.is_err(), "no token, no stream");
+
+        // A second run on the same folder signs with the same key.
+        let again = DevKeys::new(&DevAuth::Keys(dir.path().to_owned()))
+            .expect("keys")
+            .expect("auth is on");
+        assert_eq!(again.public_pem, keys.public_pem);
+        auth.grant(Some(&again.token)).await.expect("same key");
+        assert!(
+            manifest
+                .endpoints
+                .values()
+                .all(|e| e.start == StartPosition::Oldest)
+        );
+    }
+
+    #[test]
+    fn temporary_keys_go_away_with_the_run() {
+        let keys = DevKeys::new(&DevAuth::TemporaryKeys)
+            .expect("keys")
+            .expect("auth is on");
+        let private_key = keys.private_key.clone();
+        assert!(private_key.exists());
+        drop(keys);
+        assert!(!private_key.exists());
+        assert!(DevKeys::new(&DevAuth::Off).expect("no keys").is_none());
+    }
 }

@@ -51,20 +51,23 @@ const STATUSES: [&str; 4] = ["placed", "preparing", "picked_up", "delivered"];
 const LAT: (f64, f64) = (59.90, 59.94);
 const LON: (f64, f64) = (10.70, 10.80);
 
-/// Creates the demo topics on a real Kafka if they are missing.
-pub(super) async fn ensure_topics(manifest: &Manifest, partitions: i32) -> Result<(), DevError> {
+/// Creates the demo topics on a real Kafka if they are missing; true when it created them
+/// all, so that they hold only what this run produces.
+pub(super) async fn ensure_topics(manifest: &Manifest, partitions: i32) -> Result<bool, DevError> {
     let admin: AdminClient<DefaultClientContext> = client_config(&manifest.kafka)?.create()?;
     let topics: Vec<NewTopic<'_>> = super::DEMO_TOPICS
         .iter()
         .map(|topic| NewTopic::new(topic, partitions, TopicReplication::Fixed(1)))
         .collect();
+    let mut created_all = true;
     for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
         match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => created_all = false,
             Err((topic, code)) => return Err(DevError::CreateTopic { topic, code }),
         }
     }
-    Ok(())
+    Ok(created_all)
 }
 
 struct Driver {
@@ -217,7 +220,54 @@ impl Simulation {
     }
 }
 
-/// Produces demo records until `stop` resolves.
+/// How often the simulation moves on.
+const TICK: Duration = Duration::from_millis(250);
+/// Rounds of history simulated at start (40 s), so that a page opened at once is full.
+const HISTORY_ROUNDS: u32 = 160;
+
+impl Simulation {
+    /// The records of one round: a new order every fourth, an order moved on every second,
+    /// and one driver moved every round.
+    fn round(&mut self, round: u64) -> Vec<(&'static str, (String, serde_json::Value))> {
+        let mut records = Vec::new();
+        if round.is_multiple_of(4) && self.orders.len() < 40 {
+            records.push(("orders", self.place_order()));
+        }
+        if round % 2 == 1
+            && let Some(record) = self.advance_order()
+        {
+            records.push(("orders", record));
+        }
+        let driver = usize::try_from(round).unwrap_or(0) % DRIVERS.len();
+        records.push(("drivers", self.move_driver(driver)));
+        records
+    }
+}
+
+/// Produces one demo record; a failure is logged, as the next round makes up for it.
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    (key, value): &(String, serde_json::Value),
+    timestamp: i64,
+) {
+    let payload = value.to_string();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "source",
+        value: Some("fjord-dev"),
+    });
+    let record = FutureRecord::to(topic)
+        .key(key)
+        .payload(&payload)
+        .timestamp(timestamp)
+        .headers(headers);
+    if let Err((error, _)) = producer.send(record, Duration::from_secs(5)).await {
+        tracing::warn!(topic, %error, "demo record not produced");
+    }
+}
+
+/// Produces demo records until `stop` resolves: first the last 40 s of the simulation at
+/// once, with the timestamps they would have had, then a round every 250 ms.
 pub(super) async fn run(
     manifest: &Manifest,
     stop: impl Future<Output = ()>,
@@ -227,39 +277,33 @@ pub(super) async fn run(
         .set("message.timeout.ms", "10000")
         .create()?;
     let mut simulation = Simulation::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let tick_ms = i64::try_from(TICK.as_millis()).unwrap_or(250);
+    let started = now_ms() - i64::from(HISTORY_ROUNDS) * tick_ms;
+    let history: Vec<_> = (0..u64::from(HISTORY_ROUNDS))
+        .flat_map(|round| {
+            let at = started + i64::try_from(round).unwrap_or(0) * tick_ms;
+            simulation
+                .round(round)
+                .into_iter()
+                .map(move |(topic, record)| (topic, record, at))
+        })
+        .collect();
+    // Sent together, so librdkafka batches them; each is queued when first polled, in order.
+    futures_util::future::join_all(
+        history
+            .iter()
+            .map(|(topic, record, at)| produce(&producer, topic, record, *at)),
+    )
+    .await;
+    let mut tick = tokio::time::interval(TICK);
     tokio::pin!(stop);
-    for round in 0_u64.. {
+    for round in u64::from(HISTORY_ROUNDS).. {
         tokio::select! {
             () = &mut stop => break,
             _ = tick.tick() => {}
         }
-        let mut records = Vec::new();
-        if round % 4 == 0 && simulation.orders.len() < 40 {
-            records.push(("orders", simulation.place_order()));
-        }
-        if round % 2 == 1
-            && let Some(record) = simulation.advance_order()
-        {
-            records.push(("orders", record));
-        }
-        let driver = usize::try_from(round).unwrap_or(0) % DRIVERS.len();
-        records.push(("drivers", simulation.move_driver(driver)));
-        for (topic, (key, value)) in records {
-            let payload = value.to_string();
-            let timestamp = now_ms();
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "source",
-                value: Some("fjord-dev"),
-            });
-            let record = FutureRecord::to(topic)
-                .key(&key)
-                .payload(&payload)
-                .timestamp(timestamp)
-                .headers(headers);
-            if let Err((error, _)) = producer.send(record, Duration::from_secs(5)).await {
-                tracing::warn!(topic, %error, "demo record not produced");
-            }
+        for (topic, record) in simulation.round(round) {
+            produce(&producer, topic, &record, now_ms()).await;
         }
     }
     Ok(())
