@@ -5,22 +5,28 @@
 # Last-Event-ID, tokens, JWKS, bus entries, envelopes, key filters) and requires a clear
 # error or a valid result, never a panic. A failing input is shrunk and written to
 # `proptest-regressions/`, which is checked in: every later run replays it first.
-#   FJORD_FUZZ_CASES    cases per target (default 20000; the ordinary `cargo test` runs 256)
+#   FJORD_FUZZ_CASES    cases per target (default 5000; the ordinary `cargo test` runs 256;
+#                       the nightly fuzz workflow runs 100000 in release mode)
 #   FJORD_FUZZ_SECONDS  the whole run's time bound (default 600); exceeding it fails the run
+#   FJORD_FUZZ_RELEASE=1  build the tests optimized (slower to build, far more cases a second)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cases="${FJORD_FUZZ_CASES:-20000}"
+cases="${FJORD_FUZZ_CASES:-5000}"
 seconds="${FJORD_FUZZ_SECONDS:-600}"
 
+profile=()
+[ "${FJORD_FUZZ_RELEASE:-0}" = 1 ] && profile=(--release)
+
 # Built first, so the time bound measures fuzzing, not compiling.
-cargo test --locked --lib --no-run
+cargo test --locked "${profile[@]}" --lib --no-run
 started=$(date +%s)
 status=0
-PROPTEST_CASES="$cases" timeout --foreground "$seconds" \
-  cargo test --locked --lib -- fuzz_ || status=$?
+# Not --foreground: on expiry timeout signals its whole process group, the test binary too.
+PROPTEST_CASES="$cases" timeout --kill-after=10 "$seconds" \
+  cargo test --locked "${profile[@]}" --lib -- fuzz_ || status=$?
 elapsed=$(( $(date +%s) - started ))
-if [ "$status" -eq 124 ]; then
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
   echo "fuzz: not finished within ${seconds} s (FJORD_FUZZ_CASES=${cases}); lower the cases or raise the bound" >&2
   exit 1
 fi
