@@ -1004,6 +1004,25 @@ mod tests {
         publish_padded(hub, bus, reader, first_offset, count, retention, 0).await
     }
 
+    /// Publishes `envelope` as record `offset` of partition 0 of the topic `orders`.
+    async fn publish_envelope(
+        bus: &MemoryBus,
+        endpoints: &[(EndpointName, Retention)],
+        offset: i64,
+        envelope: &Envelope,
+    ) {
+        Bus::Memory(bus.clone())
+            .publish(Publication {
+                topic: "orders",
+                partition: 0,
+                offset,
+                endpoints,
+                envelope,
+            })
+            .await
+            .expect("memory bus");
+    }
+
     /// [`publish`] with `pad` more bytes in each record.
     async fn publish_padded(
         hub: &Hub,
@@ -1021,16 +1040,7 @@ mod tests {
                 filter_key: Some(format!("k{offset}").into_bytes()),
                 json: format!("{{\"offset\":{offset},\"pad\":\"{pad}\"}}").into_bytes(),
             };
-            Bus::Memory(bus.clone())
-                .publish(Publication {
-                    topic: "orders",
-                    partition: 0,
-                    offset,
-                    endpoints: &endpoints,
-                    envelope: &envelope,
-                })
-                .await
-                .expect("memory bus");
+            publish_envelope(bus, &endpoints, offset, &envelope).await;
         }
         let batch = reader.next_batch().await.expect("memory bus");
         hub.dispatch(&batch);
@@ -1429,16 +1439,7 @@ mod tests {
                 [],
             )
             .expect("encodes");
-            Bus::Memory(bus.clone())
-                .publish(Publication {
-                    topic: "orders",
-                    partition: 0,
-                    offset,
-                    endpoints: &endpoints,
-                    envelope: &envelope,
-                })
-                .await
-                .expect("memory bus");
+            publish_envelope(&bus, &endpoints, offset, &envelope).await;
         }
         hub.dispatch(&reader.next_batch().await.expect("memory bus"));
         let keys_of = |text: String| -> Vec<serde_json::Value> {

@@ -10,15 +10,6 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 const CONNECTIONS: usize = 200;
 const KEYS: usize = 1000;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// Opens a stream of `orders` filtered on `keys` and waits for its prelude.
 async fn open(port: u16, keys: &[String]) -> tokio::net::TcpStream {
     let query: Vec<String> = keys.iter().map(|key| format!("key={key}")).collect();

@@ -53,15 +53,6 @@ fn metric(text: &str, name: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// A stream request that resumes from the start of the window, on a socket that is never
 /// read, with a small receive buffer so that the server's writes block early.
 async fn resume_without_reading(port: u16) -> tokio::net::TcpStream {

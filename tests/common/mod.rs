@@ -663,3 +663,13 @@ pub fn segment_batches(topic: &str, partition: i32) -> Vec<SegmentBatch> {
     }
     batches
 }
+
+/// The resident memory of process `pid`, in KiB (Linux).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
