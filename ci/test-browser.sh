@@ -33,15 +33,7 @@ fi
 # shellcheck disable=SC1090
 source "$env_file"
 
-bins=(target/debug/fjord target/debug/fjord-server target/debug/fjord-consumer)
-stale=0
-for b in "${bins[@]}"; do
-  if [ ! -x "$b" ] || [ -n "$(find src Cargo.toml Cargo.lock -newer "$b" -print -quit)" ]; then stale=1; fi
-done
-if [ "$stale" = 1 ]; then
-  step "rust: cargo build --bins"
-  cargo build --bins --locked
-fi
+ci/build-bins.sh
 
 cd client
 step "client: npm ci (its prepare builds dist/)"

@@ -22,15 +22,7 @@ fail() {
   exit 1
 }
 
-bins=(target/debug/fjord target/debug/fjord-server target/debug/fjord-consumer)
-stale=0
-for b in "${bins[@]}"; do
-  if [ ! -x "$b" ] || [ -n "$(find src Cargo.toml Cargo.lock -newer "$b" -print -quit)" ]; then stale=1; fi
-done
-if [ "$stale" = 1 ]; then
-  step "rust: cargo build --bins"
-  cargo build --bins --locked
-fi
+ci/build-bins.sh
 export PATH="$repo/target/debug:$PATH"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/fjord-readme-XXXXXX")
