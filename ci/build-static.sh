@@ -48,8 +48,10 @@ mkdir -p "$include"
 cp -r "$(dirname "$curl_h")" "$include/"
 include=$(cd "$include" && pwd)
 # Debian's musl-tools has `musl-gcc` only, which the cc crate finds for x86_64 by itself
-# but not for aarch64 (it asks for aarch64-linux-musl-gcc).
-export "CC_${target//-/_}=musl-gcc" "CFLAGS_${target//-/_}=-isystem $include"
+# but not for aarch64 (it asks for aarch64-linux-musl-gcc). It has no C++ compiler:
+# librdkafka's CMake project wants one for its C++ wrapper, which rdkafka-sys does not link,
+# so the host's g++ stands in.
+export "CC_${target//-/_}=musl-gcc" "CFLAGS_${target//-/_}=-isystem $include" "CXX_${target//-/_}=g++"
 
 start=$SECONDS
 log "cargo build --release --target $target: fjord, fjord-consumer…"

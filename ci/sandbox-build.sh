@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A rehearsal of the Nix build sandbox: builds the images' release binaries (fjord-server
-# without librdkafka, fjord-healthcheck, fjord-consumer), and on request fjord-deploy, in a bubblewrap
+# without librdkafka, fjord-healthcheck, fjord-consumer, fjord), and on request fjord-deploy, in a bubblewrap
 # sandbox that has the properties of a Nix build which break builds elsewhere:
 #   - crates from `cargo vendor`, read-only, with CARGO_HOME pointing at them as crane does;
 #     `--offline --locked`, and no network at all (own network namespace);
@@ -238,10 +238,10 @@ if ((fresh)); then
 fi
 
 total=$SECONDS
-build "fjord-consumer, with librdkafka" -p fjord --bin fjord-consumer
+build "fjord-consumer and fjord (the dev image's), with librdkafka" -p fjord --bin fjord-consumer --bin fjord
 build "fjord-server, without librdkafka" -p fjord --no-default-features --bin fjord-server
 build "fjord-healthcheck" -p fjord-healthcheck
-binaries=(fjord-consumer fjord-server fjord-healthcheck)
+binaries=(fjord-consumer fjord fjord-server fjord-healthcheck)
 if [[ ${FJORD_SANDBOX_DEPLOY:-0} == 1 ]]; then
     build "fjord-deploy" -p fjord-deploy
     binaries+=(fjord-deploy)
