@@ -71,7 +71,7 @@ for binary in "${binaries[@]}"; do
         die "$binary links shared libraries: $(readelf -d "$file" | grep '(NEEDED)' | tr -s ' ')"
     fi
     cp "$file" "$stage/"
-    log "$binary: $(du -h "$file" | cut -f1), static: $(file -b "$file" | cut -d, -f1-2)"
+    log "$binary: $(du -h "$file" | cut -f1), $(file -b "$file" | grep -oE '(static-pie|statically|dynamically) linked')"
 done
 if nm --defined-only "$stage/fjord-server" 2>/dev/null | grep -q 'rd_kafka_'; then
     die "fjord-server links librdkafka"
