@@ -10,7 +10,8 @@
     };
   };
 
-  # nix build .#images               result/fjord-server.tar.gz, result/fjord-consumer.tar.gz
+  # nix build .#images               result/fjord-server.tar.gz, result/fjord-consumer.tar.gz,
+  #                                  result/fjord-dev.tar.gz (`fjord dev`, see the README)
   # nix run .#deploy -- manifest.json  pushes those images and deploys them (see the README);
   #                                  also on macOS, with a Linux builder for the images
   # nix flake check                  clippy, unit tests, rustfmt, and every package
@@ -71,7 +72,12 @@
           images-arm64 = (linuxFjord "arm64").images;
         }
         // nixpkgs.lib.optionalAttrs (isLinux system) {
-          inherit (fjordHere) fjord-server fjord-consumer fjord-healthcheck;
+          inherit (fjordHere)
+            fjord
+            fjord-server
+            fjord-consumer
+            fjord-healthcheck
+            ;
         }
       );
 

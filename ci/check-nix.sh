@@ -6,7 +6,7 @@
 #   3. the flake's outputs evaluate, strictly, with stand-in inputs, to the expected
 #      structure (nix/eval-stub.nix: packages, the deploy apps of every system, Linux and
 #      Darwin, with the images of the right Linux, checks, devShells, the build inputs,
-#      and what the images are made of).
+#      what the images are made of, and that the dev image runs `fjord dev --host 0.0.0.0`).
 # A real `nix build` needs the inputs and the cache: ci/release.sh does that where they
 # can be reached.
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A rehearsal of the Nix build sandbox: builds the images' release binaries (fjord-server
-# without librdkafka, fjord-healthcheck, fjord-consumer), and on request fjord-deploy, in a bubblewrap
+# without librdkafka, fjord-healthcheck, fjord-consumer, fjord), and on request fjord-deploy, in a bubblewrap
 # sandbox that has the properties of a Nix build which break builds elsewhere:
 #   - crates from `cargo vendor`, read-only, with CARGO_HOME pointing at them as crane does;
 #     `--offline --locked`, and no network at all (own network namespace);
@@ -16,6 +16,12 @@
 # It is a rehearsal, not Nix: README.md ("The Nix sandbox rehearsal") lists what it cannot
 # catch.
 #
+# With FJORD_SANDBOX_FRESH=1 it rehearses a fresh machine instead: `cargo build --bin fjord`
+# (what `cargo run -- dev` builds, debug) into an empty target dir, with the same libc and
+# compiler headers, curl's, and the same tools minus pkg-config: Rust and what
+# ci/install-build-deps.sh installs, nothing else. It prints how long the build took and
+# removes that target dir afterwards.
+#
 #   ci/sandbox-build.sh [SOURCE_DIR]   build SOURCE_DIR (default: this checkout)
 #
 # Environment (defaults):
@@ -25,6 +31,7 @@
 #   FJORD_SANDBOX_JOBS=$(nproc)    cargo jobs (NIX_BUILD_CORES)
 #   FJORD_SANDBOX_DEPLOY=0         1 also builds fjord-deploy (not in the images; the
 #                                  Nix job of ci.yml builds it for real; ~14 min more cold)
+#   FJORD_SANDBOX_FRESH=0          1: the fresh-machine rehearsal (see above)
 #   FJORD_SANDBOX_LIBS=libcurl4-openssl-dev
 #                                  Debian -dev packages whose headers and pkg-config files
 #                                  stand for the flake's buildInputs (today pkgs.curl, for a
@@ -42,6 +49,7 @@ die() {
 src=$(cd "${1:-$(dirname "$0")/..}" && pwd)
 [[ -f $src/Cargo.lock ]] || die "$src has no Cargo.lock"
 state=${FJORD_CI_STATE:-/tmp/fjord-ci}/sandbox
+fresh=${FJORD_SANDBOX_FRESH:-0}
 jobs=${FJORD_SANDBOX_JOBS:-$(nproc)}
 mkdir -p "$state"
 
@@ -109,8 +117,9 @@ fi
 # nothing else of /usr/bin is reachable. /tools/lib, /tools/libexec and /tools/share lead to
 # /usr's, where gcc and cmake look for their own parts, relative to where they run from.
 tools=(cc c++ gcc g++ cpp ld ld.bfd as ar ranlib nm strip objcopy objdump readelf
-    make cmake perl pkg-config bash sed grep awk find xargs diff cmp tar gzip bzip2 xz
-    patch)
+    make cmake perl bash sed grep awk find xargs diff cmp tar gzip bzip2 xz patch)
+# A fresh machine has no pkg-config unless something installs it.
+((fresh)) || tools+=(pkg-config)
 # dpkg lists coreutils under /bin or /usr/bin, depending on the release.
 mapfile -t coreutils < <(dpkg -L coreutils | sed -n 's|^/\(usr/\)\{0,1\}bin/||p' | grep -v '[[]' | sort -u)
 tools+=("${coreutils[@]}")
@@ -130,7 +139,13 @@ printf '%s\n' 'root:x:0:0:Nix build user:/build:/noshell' 'nixbld:x:1000:100:Nix
 printf '%s\n' 'root:x:0:' 'nixbld:!:100:' 'nogroup:x:65534:' >"$etc/group"
 printf '%s\n' '127.0.0.1 localhost' '::1 localhost' >"$etc/hosts"
 
-mkdir -p "$state/target"
+# The fresh-machine rehearsal starts from an empty target dir, its own.
+target=$state/target
+if ((fresh)); then
+    target=$state/fresh-target
+    rm -rf "$target"
+fi
+mkdir -p "$target"
 cat >"$state/cargo-config.toml" <<'EOF'
 [source.crates-io]
 replace-with = "vendored-sources"
@@ -158,7 +173,7 @@ sandbox+=("${binds[@]}"
     --ro-bind "$vendor" /nix/store/fjord-vendor-cargo-deps
     --ro-bind "$src" /build/source
     --ro-bind "$state/cargo-config.toml" /build/.cargo-home/config.toml
-    --bind "$state/target" /build/target
+    --bind "$target" /build/target
     --ro-bind "$etc/passwd" /etc/passwd --ro-bind "$etc/group" /etc/group --ro-bind "$etc/hosts" /etc/hosts
     --proc /proc --dev /dev --tmpfs /dev/shm
     --chmod 0755 /build --chdir /build/source
@@ -206,11 +221,27 @@ build() {
     log "$what built in $((SECONDS - start)) s"
 }
 
+if ((fresh)); then
+    start=$SECONDS
+    load=$(cut -d' ' -f1-3 /proc/loadavg)
+    log "cargo build --bin fjord (debug, empty target dir, $jobs jobs, load average $load)…"
+    # CPU time as well as wall time: on a shared machine the wall time says little. Timed
+    # inside the sandbox, where cargo waits for every compiler it starts.
+    # shellcheck disable=SC2016 # expanded by the sandbox's shell
+    in_sandbox /bin/sh -c 'TIMEFORMAT="[sandbox-build] cargo build: %0R s wall, %0U s user and %0S s system CPU"
+        time cargo build --offline --locked -p fjord --bin fjord' ||
+        die "fjord does not build on a machine with only Rust and ci/install-build-deps.sh's list"
+    log "fjord built from nothing in $((SECONDS - start)) s (load average $load before, $(cut -d' ' -f1-3 /proc/loadavg) after)"
+    in_sandbox /build/target/debug/fjord --version
+    rm -rf "$target"
+    exit 0
+fi
+
 total=$SECONDS
-build "fjord-consumer, with librdkafka" -p fjord --bin fjord-consumer
+build "fjord-consumer and fjord (the dev image's), with librdkafka" -p fjord --bin fjord-consumer --bin fjord
 build "fjord-server, without librdkafka" -p fjord --no-default-features --bin fjord-server
 build "fjord-healthcheck" -p fjord-healthcheck
-binaries=(fjord-consumer fjord-server fjord-healthcheck)
+binaries=(fjord-consumer fjord fjord-server fjord-healthcheck)
 if [[ ${FJORD_SANDBOX_DEPLOY:-0} == 1 ]]; then
     build "fjord-deploy" -p fjord-deploy
     binaries+=(fjord-deploy)

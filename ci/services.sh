@@ -55,7 +55,8 @@ REDIS_DIR="$STATE/redis"
 REDIS_PID="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
 
-APT_PACKAGES=(redis-server openssl kcat cmake pkg-config libssl-dev zlib1g-dev libcurl4-openssl-dev build-essential)
+# What the tests run; the build's own dependencies are ci/install-build-deps.sh's list.
+APT_PACKAGES=(redis-server openssl kcat)
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -67,6 +68,7 @@ source "$SERVICES_DIR/common.sh"
 # ---------------------------------------------------------------------------- installs
 
 install_packages() {
+    "$SCRIPT_DIR/install-build-deps.sh"
     local packages=("${APT_PACKAGES[@]}")
     command -v java >/dev/null 2>&1 || packages+=(openjdk-17-jdk-headless)
     command -v mvn >/dev/null 2>&1 || packages+=(maven)

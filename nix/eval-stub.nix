@@ -136,6 +136,7 @@ let
   program = outputs.apps.${system}.deploy.program;
   images = packages.images.args.entries;
   imageArgs = map (entry: entry.path.args) images;
+  devImage = (builtins.head (builtins.filter (entry: entry.name == "fjord-dev.tar.gz") images)).path.args;
   wrapper = builtins.head (builtins.match "/nix/store/[a-z0-9]{32}-(.*)/bin/fjord-deploy" program);
   # The same packages the flake builds, to look inside the deploy app's wrappers.
   fjordFor =
@@ -160,6 +161,7 @@ let
     (expect (
       names packages == [
         "default"
+        "fjord"
         "fjord-consumer"
         "fjord-deploy"
         "fjord-healthcheck"
@@ -188,6 +190,7 @@ let
       names outputs.checks.${system} == [
         "clippy"
         "clippy-server"
+        "fjord"
         "fjord-consumer"
         "fjord-deploy"
         "fjord-server"
@@ -221,8 +224,10 @@ let
     (expect (imageSystems darwin "images" == [
       "aarch64-linux"
       "aarch64-linux"
+      "aarch64-linux"
     ]) "images on ${darwin} are not aarch64-linux's")
     (expect (imageSystems system "images-arm64" == [
+      "aarch64-linux"
       "aarch64-linux"
       "aarch64-linux"
     ]) "images-arm64 is not built for aarch64-linux")
@@ -244,8 +249,28 @@ let
       map (entry: entry.name) images == [
         "fjord-server.tar.gz"
         "fjord-consumer.tar.gz"
+        "fjord-dev.tar.gz"
       ]
-    ) "images are not the server's and the consumer's archives")
+    ) "images are not the server's, the consumer's and dev mode's archives")
+    # `docker run -p 8080:8080 fjord-dev:TAG` runs `fjord dev` reachable from outside the
+    # container: the CLI binary (with librdkafka), on every interface, /tmp writable.
+    (expect (
+      devImage.config.Entrypoint == [ "/bin/fjord" ]
+      && devImage.config.Cmd == [
+        "dev"
+        "--host"
+        "0.0.0.0"
+      ]
+      && devImage.config.ExposedPorts ? "8080/tcp"
+      && devImage.extraCommands == "mkdir -m 1777 tmp"
+      && builtins.elem packages.fjord devImage.contents
+      && hasInfix "-p fjord --bin fjord$" packages.fjord.args.cargoExtraArgs
+      && !(hasInfix "--no-default-features" packages.fjord.args.cargoExtraArgs)
+    ) "the dev image does not run `fjord dev --host 0.0.0.0` with the CLI binary")
+    # The deploy's images keep their config: no command, JSON logs.
+    (expect (builtins.all (
+      image: !(image.config ? Cmd) && builtins.elem "FJORD_LOG_FORMAT=json" image.config.Env
+    ) (builtins.filter (image: image.name != "fjord-dev") imageArgs)) "a deploy image changed its command or log format")
     (expect (builtins.all (image: image.config.User == "10001:10001") imageArgs) "an image runs as root")
     (expect (builtins.all (
       image: image.config.Labels."org.opencontainers.image.revision" == rev

@@ -1,10 +1,12 @@
-# Minimal OCI images of the two runtime binaries, as docker archives: the binary and its
-# shared libraries, CA certificates, a non-root user, no shell. Timestamps are fixed, so
-# the same revision always gives the same image digests, and the image is labelled with
-# the source revision.
+# Minimal OCI images as docker archives (`docker load` / `podman load`): the two runtime
+# binaries that a deploy runs, and `fjord dev` to try Fjord without building it. Each holds
+# the binary and its shared libraries, CA certificates, a non-root user, no shell.
+# Timestamps are fixed, so the same revision always gives the same image digests, and the
+# image is labelled with the source revision.
 {
   pkgs,
   revision,
+  fjord,
   fjord-server,
   fjord-consumer,
   fjord-healthcheck,
@@ -22,10 +24,14 @@ let
     {
       name,
       contents,
+      binary ? name,
+      command ? [ ],
       ports ? { },
+      env ? [ "FJORD_LOG_FORMAT=json" ],
+      extraCommands ? "",
     }:
     pkgs.dockerTools.buildLayeredImage {
-      inherit name;
+      inherit name extraCommands;
       tag = builtins.substring 0 12 revision;
       contents = contents ++ [
         pkgs.cacert
@@ -33,12 +39,9 @@ let
       ];
       created = "1970-01-01T00:00:01Z";
       config = {
-        Entrypoint = [ "/bin/${name}" ];
+        Entrypoint = [ "/bin/${binary}" ];
         User = "${uid}:${uid}";
-        Env = [
-          "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt"
-          "FJORD_LOG_FORMAT=json"
-        ];
+        Env = [ "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt" ] ++ env;
         ExposedPorts = ports;
         Labels = {
           "org.opencontainers.image.revision" = revision;
@@ -46,7 +49,8 @@ let
           "org.opencontainers.image.source" = "https://github.com/fjord-rs/fjord";
           "org.opencontainers.image.licenses" = "Apache-2.0";
         };
-      };
+      }
+      // pkgs.lib.optionalAttrs (command != [ ]) { Cmd = command; };
     };
 
   server = image {
@@ -64,10 +68,29 @@ let
     name = "fjord-consumer";
     contents = [ fjord-consumer ];
   };
+  # `docker run -p 8080:8080 fjord-dev:TAG`: the whole pipeline in one process, listening
+  # on every interface of the container so that the published port reaches it. Other
+  # subcommands replace the command (`docker run fjord-dev:TAG token ...`). Logs are for
+  # people here, not JSON, and /tmp is writable for what dev mode keeps there.
+  dev = image {
+    name = "fjord-dev";
+    contents = [ fjord ];
+    binary = "fjord";
+    command = [
+      "dev"
+      "--host"
+      "0.0.0.0"
+    ];
+    ports = {
+      "8080/tcp" = { };
+    };
+    env = [ ];
+    extraCommands = "mkdir -m 1777 tmp";
+  };
 in
 {
-  inherit server consumer;
-  both = pkgs.linkFarm "fjord-images" [
+  inherit server consumer dev;
+  all = pkgs.linkFarm "fjord-images" [
     {
       name = "fjord-server.tar.gz";
       path = server;
@@ -75,6 +98,10 @@ in
     {
       name = "fjord-consumer.tar.gz";
       path = consumer;
+    }
+    {
+      name = "fjord-dev.tar.gz";
+      path = dev;
     }
   ];
 }

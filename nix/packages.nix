@@ -95,6 +95,12 @@ let
     artifacts = cargoArtifacts;
     cargoExtraArgs = "--locked -p fjord --bin fjord-consumer";
   };
+  # The developer CLI (`fjord dev`, `setup`, `token`, `check`), for the dev image.
+  fjord = binary {
+    pname = "fjord";
+    artifacts = cargoArtifacts;
+    cargoExtraArgs = "--locked -p fjord --bin fjord";
+  };
   fjord-deploy = binary {
     pname = "fjord-deploy";
     artifacts = deployArtifacts;
@@ -110,6 +116,7 @@ let
     inherit
       pkgs
       revision
+      fjord
       fjord-server
       fjord-consumer
       fjord-healthcheck
@@ -117,7 +124,12 @@ let
   };
 
   linuxChecks = {
-    inherit fjord-server fjord-consumer fjord-deploy;
+    inherit
+      fjord
+      fjord-server
+      fjord-consumer
+      fjord-deploy
+      ;
     clippy = craneLib.cargoClippy (
       common
       // {
@@ -149,13 +161,14 @@ let
 in
 {
   inherit
+    fjord
     fjord-server
     fjord-consumer
     fjord-deploy
     fjord-healthcheck
     checks
     ;
-  images = images.both;
+  images = images.all;
   # The two archives, for deployWith.
   imageArchives = {
     inherit (images) server consumer;
