@@ -2143,6 +2143,38 @@ async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
     assert!(!again.stdout.contains("created"), "{}", again.stdout);
     assert_eq!(read_manifest(&fixture), written_text);
 
+    // An interrupted run: the ids never written, the cluster and a role never made. A
+    // run then finds the rest by its tags, makes what is missing, writes the same ids.
+    account
+        .ecs
+        .delete_cluster()
+        .cluster(&name)
+        .send()
+        .await
+        .unwrap();
+    let task_role = format!("{name}-task");
+    account
+        .iam
+        .delete_role()
+        .role_name(&task_role)
+        .send()
+        .await
+        .unwrap();
+    std::fs::write(fixture.path("manifest.json"), &before).unwrap();
+    bootstrap_run(&fixture, aws, &[])
+        .succeeded()
+        .says("network: exists: vpc-")
+        .says("Redis: exists: ")
+        .says("ECS cluster: created the cluster")
+        .says(&format!("created {task_role}"));
+    let resumed: Value = serde_json::from_str(&read_manifest(&fixture)).unwrap();
+    assert_eq!(resumed["deploy"]["network"], written["deploy"]["network"]);
+    assert_eq!(resumed["redis"], written["redis"]);
+    assert_eq!(
+        resumed["deploy"]["services"]["server"]["target_group_arn"],
+        written["deploy"]["services"]["server"]["target_group_arn"]
+    );
+
     // A deploy onto it.
     fixture
         .deploy(aws, &["--no-wait"])
