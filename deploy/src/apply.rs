@@ -71,6 +71,10 @@ pub(crate) struct Clients {
     pub(crate) scaling: aws_sdk_applicationautoscaling::Client,
     pub(crate) logs: aws_sdk_cloudwatchlogs::Client,
     pub(crate) elb: aws_sdk_elasticloadbalancingv2::Client,
+    pub(crate) ec2: aws_sdk_ec2::Client,
+    pub(crate) elasticache: aws_sdk_elasticache::Client,
+    pub(crate) iam: aws_sdk_iam::Client,
+    pub(crate) secrets: aws_sdk_secretsmanager::Client,
 }
 
 impl Clients {
@@ -87,6 +91,10 @@ impl Clients {
             scaling: aws_sdk_applicationautoscaling::Client::new(&config),
             logs: aws_sdk_cloudwatchlogs::Client::new(&config),
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
+            ec2: aws_sdk_ec2::Client::new(&config),
+            elasticache: aws_sdk_elasticache::Client::new(&config),
+            iam: aws_sdk_iam::Client::new(&config),
+            secrets: aws_sdk_secretsmanager::Client::new(&config),
         }
     }
 }
@@ -365,14 +373,14 @@ impl Ledger {
 
 /// The route the target group's health check must probe: whether a server can stream
 /// (bus reachable and caught up), where `/healthz` only says that the process lives.
-const HEALTH_CHECK_PATH: &str = "/readyz";
+pub(crate) const HEALTH_CHECK_PATH: &str = "/readyz";
 /// The target group's deregistration delay that fits a drain, seconds. ECS deregisters a
 /// task, waits out the whole delay (an SSE stream never ends by itself, so the target
 /// never empties early), then sends SIGTERM; the load balancer cuts the task's streams
 /// when the delay ends. The low end covers the seconds in which load balancer nodes still
 /// send new streams to a deregistered task, which must still be serving them; above the
 /// high end each deploy wave only waits longer. The README's deploy guide says more.
-const DEREGISTRATION_DELAY_SECS: std::ops::RangeInclusive<u64> = 15..=60;
+pub(crate) const DEREGISTRATION_DELAY_SECS: std::ops::RangeInclusive<u64> = 15..=60;
 /// What ELB uses when the attribute was never set.
 const DEFAULT_DEREGISTRATION_DELAY_SECS: u64 = 300;
 

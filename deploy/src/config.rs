@@ -87,6 +87,87 @@ pub struct DeployConfig {
     pub secrets: BTreeMap<String, String>,
     /// Sizes and scaling of the services.
     pub services: ServicesConfig,
+    /// What `fjord-deploy bootstrap` creates; a deploy ignores it.
+    #[serde(default)]
+    pub bootstrap: BootstrapConfig,
+}
+
+/// `deploy.bootstrap`: the shape of what `fjord-deploy bootstrap` creates. Each part it
+/// would create is used as it is instead when the manifest already names one: the tasks'
+/// subnets (`deploy.network.subnets`, a VPC of your own), their security groups, the
+/// target group, the cluster, the roles; Redis when `redis.create` is false.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapConfig {
+    /// Availability zones the VPC spans: 2 or 3.
+    #[serde(default = "default_zones")]
+    pub availability_zones: u8,
+    /// One NAT gateway for all zones (cheaper), or one per zone (a zone's outage does not
+    /// cut the others off from Kafka).
+    #[serde(default)]
+    pub nat_gateways: NatGateways,
+    /// The new VPC's address range, `/16` to `/24`; each subnet gets a sixteenth of it.
+    #[serde(default = "default_vpc_cidr")]
+    pub vpc_cidr: String,
+    /// Public subnets for the load balancer, needed only with a VPC of your own.
+    #[serde(default)]
+    pub load_balancer_subnets: Vec<String>,
+    /// An ACM certificate: the load balancer listens with HTTPS on 443 (and redirects 80);
+    /// without one it listens with HTTP on 80.
+    #[serde(default)]
+    pub certificate_arn: Option<String>,
+    /// The ElastiCache replication group.
+    #[serde(default)]
+    pub redis: RedisBootstrap,
+}
+
+impl Default for BootstrapConfig {
+    fn default() -> Self {
+        Self {
+            availability_zones: default_zones(),
+            nat_gateways: NatGateways::default(),
+            vpc_cidr: default_vpc_cidr(),
+            load_balancer_subnets: Vec::new(),
+            certificate_arn: None,
+            redis: RedisBootstrap::default(),
+        }
+    }
+}
+
+/// `deploy.bootstrap.nat_gateways`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatGateways {
+    /// One NAT gateway, in the first zone, for every private subnet.
+    #[default]
+    One,
+    /// One NAT gateway in each zone.
+    PerZone,
+}
+
+/// `deploy.bootstrap.redis`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisBootstrap {
+    /// Whether bootstrap creates ElastiCache; false: `redis.url` names your own Redis.
+    #[serde(default = "default_true")]
+    pub create: bool,
+    /// `valkey` or `redis`.
+    #[serde(default = "default_engine")]
+    pub engine: String,
+    /// The node type, like `cache.t4g.micro`.
+    #[serde(default = "default_node_type")]
+    pub node_type: String,
+}
+
+impl Default for RedisBootstrap {
+    fn default() -> Self {
+        Self {
+            create: true,
+            engine: default_engine(),
+            node_type: default_node_type(),
+        }
+    }
 }
 
 /// The CPU architecture of the images and of the Fargate tasks.
@@ -209,6 +290,21 @@ pub struct AutoscalingConfig {
 fn default_name() -> String {
     "fjord".into()
 }
+fn default_zones() -> u8 {
+    2
+}
+fn default_vpc_cidr() -> String {
+    "10.0.0.0/16".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_engine() -> String {
+    "valkey".into()
+}
+fn default_node_type() -> String {
+    "cache.t4g.micro".into()
+}
 fn default_server_count() -> u32 {
     2
 }
@@ -249,21 +345,7 @@ impl Deployment {
     }
 
     fn with_deploy(text: &str, manifest: Manifest) -> Result<Self, Bad> {
-        let section = manifest.deploy.clone().ok_or_else(|| {
-            Bad::at(
-                "$.deploy",
-                "missing: fjord-deploy needs the deploy section (see the deployment guide)",
-            )
-        })?;
-        let deploy: DeployConfig = serde_path_to_error::deserialize(section).map_err(|error| {
-            let path = error.path().to_string();
-            let path = if path == "." {
-                "$.deploy".to_owned()
-            } else {
-                format!("$.deploy.{path}")
-            };
-            Bad::at(path, error.inner().to_string())
-        })?;
+        let deploy: DeployConfig = section(&manifest)?;
         deploy.validate(&manifest)?;
         let mut runtime: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(text).map_err(|error| Bad::at("$", error.to_string()))?;
@@ -275,6 +357,193 @@ impl Deployment {
             deploy,
             runtime_manifest,
         })
+    }
+}
+
+/// The `deploy` section as `T`, with the JSON path of the first value that does not fit.
+fn section<T: serde::de::DeserializeOwned>(manifest: &Manifest) -> Result<T, Bad> {
+    let section = manifest.deploy.clone().ok_or_else(|| {
+        Bad::at(
+            "$.deploy",
+            "missing: fjord-deploy needs the deploy section (see the deployment guide)",
+        )
+    })?;
+    serde_path_to_error::deserialize(section).map_err(|error| {
+        let path = error.path().to_string();
+        let path = if path == "." {
+            "$.deploy".to_owned()
+        } else {
+            format!("$.deploy.{path}")
+        };
+        Bad::at(path, error.inner().to_string())
+    })
+}
+
+/// A manifest as `fjord-deploy bootstrap` reads it: the runtime sections validated as
+/// every binary validates them, and of the `deploy` section what bootstrap needs, where
+/// the parts it can create may still be missing. What it writes back is then checked
+/// whole, as a deploy reads it.
+#[derive(Debug, Clone)]
+pub struct Blueprint {
+    /// The validated runtime sections.
+    pub manifest: Manifest,
+    /// The `deploy` section as far as bootstrap reads it.
+    pub deploy: BootstrapSection,
+}
+
+/// The `deploy` section as bootstrap reads it. Unknown fields are left to the full check
+/// of the manifest it writes.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BootstrapSection {
+    /// `$.deploy.region`.
+    pub region: String,
+    /// `$.deploy.name`: names and tags everything bootstrap creates.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// `$.deploy.cluster`, when named.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// `$.deploy.network`, as far as it is filled in.
+    #[serde(default)]
+    pub network: PartialNetwork,
+    /// `$.deploy.roles`, as far as it is filled in.
+    #[serde(default)]
+    pub roles: PartialRoles,
+    /// `$.deploy.logs`.
+    #[serde(default)]
+    pub logs: Option<LogsConfig>,
+    /// `$.deploy.secrets`.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+    /// `$.deploy.services`, for the target group only.
+    #[serde(default)]
+    pub services: Option<PartialServices>,
+    /// `$.deploy.bootstrap`.
+    #[serde(default)]
+    pub bootstrap: BootstrapConfig,
+}
+
+/// `$.deploy.network` before bootstrap.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PartialNetwork {
+    /// The tasks' subnets: a VPC of your own.
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    /// The tasks' security groups.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+}
+
+/// `$.deploy.roles` before bootstrap.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PartialRoles {
+    /// An execution role of your own.
+    #[serde(default)]
+    pub execution_role_arn: Option<String>,
+    /// A task role of your own.
+    #[serde(default)]
+    pub task_role_arn: Option<String>,
+}
+
+/// `$.deploy.services` before bootstrap.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PartialServices {
+    /// `$.deploy.services.server`.
+    #[serde(default)]
+    pub server: Option<PartialServer>,
+}
+
+/// `$.deploy.services.server` before bootstrap.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PartialServer {
+    /// A target group of your own.
+    #[serde(default)]
+    pub target_group_arn: Option<String>,
+}
+
+impl BootstrapSection {
+    /// The target group the manifest names.
+    pub fn target_group_arn(&self) -> Option<&str> {
+        self.services
+            .as_ref()?
+            .server
+            .as_ref()?
+            .target_group_arn
+            .as_deref()
+    }
+
+    /// The cluster's name: the one named, else the deployment's.
+    pub fn cluster_name(&self) -> &str {
+        self.cluster.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The log group's name: the one named, else `/ecs/<name>`.
+    pub fn log_group(&self) -> String {
+        self.logs
+            .as_ref()
+            .map_or_else(|| format!("/ecs/{}", self.name), |logs| logs.group.clone())
+    }
+}
+
+/// The longest `$.deploy.name` bootstrap takes: the target group's name, `<name>-server`,
+/// has at most 32 characters.
+pub const BOOTSTRAP_NAME_MAX: usize = 25;
+
+impl Blueprint {
+    /// Reads the manifest at `file` and validates what bootstrap needs of it.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, file)
+    }
+
+    /// Validates a manifest's text; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let manifest = Manifest::parse(text).map_err(|source| ConfigError::Runtime {
+            file: file.to_owned(),
+            source,
+        })?;
+        let invalid = |Bad { path, message }| ConfigError::Invalid {
+            file: file.to_owned(),
+            path,
+            message,
+        };
+        let deploy: BootstrapSection = section(&manifest).map_err(invalid)?;
+        deploy.validate(&manifest).map_err(invalid)?;
+        Ok(Self { manifest, deploy })
+    }
+}
+
+impl BootstrapSection {
+    fn validate(&self, manifest: &Manifest) -> Result<(), Bad> {
+        validate_region_and_name(&self.region, &self.name)?;
+        require(
+            self.name.len() <= BOOTSTRAP_NAME_MAX,
+            "$.deploy.name",
+            || {
+                format!(
+                    "{:?} is longer than the {BOOTSTRAP_NAME_MAX} characters bootstrap allows (the target group is named <name>-server, at most 32)",
+                    self.name
+                )
+            },
+        )?;
+        validate_server(manifest)?;
+        validate_ids(&self.network.subnets, "subnet-", "$.deploy.network.subnets")?;
+        validate_ids(
+            &self.network.security_groups,
+            "sg-",
+            "$.deploy.network.security_groups",
+        )?;
+        require(
+            self.network.security_groups.is_empty() || !self.network.subnets.is_empty(),
+            "$.deploy.network.security_groups",
+            || {
+                "security groups belong to a VPC: name that VPC's subnets in $.deploy.network.subnets too, or leave both out for bootstrap to create them".into()
+            },
+        )?;
+        self.bootstrap.validate()
     }
 }
 
@@ -303,9 +572,7 @@ fn require(ok: bool, path: impl Into<String>, message: impl FnOnce() -> String) 
 
 impl DeployConfig {
     fn validate(&self, manifest: &Manifest) -> Result<(), Bad> {
-        require(is_region(&self.region), "$.deploy.region", || {
-            format!("{:?} is not an AWS region like \"eu-west-1\"", self.region)
-        })?;
+        validate_region_and_name(&self.region, &self.name)?;
         require(
             (1..=255).contains(&self.cluster.len()) && self.cluster.chars().all(is_name_char),
             "$.deploy.cluster",
@@ -316,45 +583,12 @@ impl DeployConfig {
                 )
             },
         )?;
-        let name_ok = (1..=32).contains(&self.name.len())
-            && self.name.starts_with(|c: char| c.is_ascii_lowercase())
-            && !self.name.ends_with('-')
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        require(name_ok, "$.deploy.name", || {
-            format!(
-                "{:?} must be 1 to 32 of a-z 0-9 -, starting with a letter (it prefixes repository, task and service names)",
-                self.name
-            )
-        })?;
-        require(manifest.server.port != 0, "$.server.port", || {
-            "must be a fixed port to deploy: the target group and the health check need it".into()
-        })?;
-        require(
-            manifest
-                .server
-                .metrics_listener
-                .as_ref()
-                .is_none_or(|metrics| metrics.port != 0),
-            "$.server.metrics_listener.port",
-            || "must be a fixed port to deploy: scrapers need to know it".into(),
-        )?;
-        require(
-            manifest.server.host.is_unspecified(),
-            "$.server.host",
-            || {
-                format!(
-                    "{} would be unreachable for the load balancer: deployed servers listen on 0.0.0.0 (or ::)",
-                    manifest.server.host
-                )
-            },
-        )?;
+        validate_server(manifest)?;
         self.validate_network()?;
         self.validate_roles_and_logs()?;
         Self::refuse_files(manifest)?;
         self.validate_secrets(manifest)?;
+        self.bootstrap.validate()?;
         self.validate_services()
     }
 
@@ -365,25 +599,17 @@ impl DeployConfig {
             "$.deploy.network.subnets",
             || "at least one subnet is needed".into(),
         )?;
-        for (i, subnet) in network.subnets.iter().enumerate() {
-            require(
-                is_aws_id(subnet, "subnet-"),
-                format!("$.deploy.network.subnets[{i}]"),
-                || format!("{subnet:?} is not a subnet id like \"subnet-0123456789abcdef0\""),
-            )?;
-        }
+        validate_ids(&network.subnets, "subnet-", "$.deploy.network.subnets")?;
         require(
             !network.security_groups.is_empty(),
             "$.deploy.network.security_groups",
             || "at least one security group is needed".into(),
         )?;
-        for (i, group) in network.security_groups.iter().enumerate() {
-            require(
-                is_aws_id(group, "sg-"),
-                format!("$.deploy.network.security_groups[{i}]"),
-                || format!("{group:?} is not a security group id like \"sg-0123456789abcdef0\""),
-            )?;
-        }
+        validate_ids(
+            &network.security_groups,
+            "sg-",
+            "$.deploy.network.security_groups",
+        )?;
         Ok(())
     }
 
@@ -572,6 +798,123 @@ impl DeployConfig {
             || "must be 0 to 86400".into(),
         )
     }
+}
+
+fn validate_region_and_name(region: &str, name: &str) -> Result<(), Bad> {
+    require(is_region(region), "$.deploy.region", || {
+        format!("{region:?} is not an AWS region like \"eu-west-1\"")
+    })?;
+    let name_ok = (1..=32).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    require(name_ok, "$.deploy.name", || {
+        format!(
+            "{name:?} must be 1 to 32 of a-z 0-9 -, starting with a letter (it prefixes repository, task and service names)"
+        )
+    })
+}
+
+fn validate_server(manifest: &Manifest) -> Result<(), Bad> {
+    require(manifest.server.port != 0, "$.server.port", || {
+        "must be a fixed port to deploy: the target group and the health check need it".into()
+    })?;
+    require(
+        manifest
+            .server
+            .metrics_listener
+            .as_ref()
+            .is_none_or(|metrics| metrics.port != 0),
+        "$.server.metrics_listener.port",
+        || "must be a fixed port to deploy: scrapers need to know it".into(),
+    )?;
+    require(
+        manifest.server.host.is_unspecified(),
+        "$.server.host",
+        || {
+            format!(
+                "{} would be unreachable for the load balancer: deployed servers listen on 0.0.0.0 (or ::)",
+                manifest.server.host
+            )
+        },
+    )
+}
+
+fn validate_ids(ids: &[String], prefix: &str, at: &str) -> Result<(), Bad> {
+    for (i, id) in ids.iter().enumerate() {
+        require(is_aws_id(id, prefix), format!("{at}[{i}]"), || {
+            format!("{id:?} is not an id like \"{prefix}0123456789abcdef0\"")
+        })?;
+    }
+    Ok(())
+}
+
+impl BootstrapConfig {
+    fn validate(&self) -> Result<(), Bad> {
+        let at = "$.deploy.bootstrap";
+        require(
+            (2..=3).contains(&self.availability_zones),
+            format!("{at}.availability_zones"),
+            || format!("{} zones: bootstrap spans 2 or 3", self.availability_zones),
+        )?;
+        require(
+            vpc_prefix(&self.vpc_cidr).is_some(),
+            format!("{at}.vpc_cidr"),
+            || {
+                format!(
+                    "{:?} is not an IPv4 range from /16 to /24 like \"10.0.0.0/16\"",
+                    self.vpc_cidr
+                )
+            },
+        )?;
+        validate_ids(
+            &self.load_balancer_subnets,
+            "subnet-",
+            &format!("{at}.load_balancer_subnets"),
+        )?;
+        if let Some(arn) = &self.certificate_arn {
+            require(
+                arn_parts(arn, "acm").is_some_and(|(region, resource)| {
+                    !region.is_empty() && resource.starts_with("certificate/")
+                }),
+                format!("{at}.certificate_arn"),
+                || {
+                    format!(
+                        "{arn:?} is not an ACM certificate ARN (arn:aws:acm:REGION:ACCOUNT:certificate/ID)"
+                    )
+                },
+            )?;
+        }
+        let redis = &self.redis;
+        require(
+            matches!(redis.engine.as_str(), "valkey" | "redis"),
+            format!("{at}.redis.engine"),
+            || format!("{:?}: one of \"valkey\", \"redis\"", redis.engine),
+        )?;
+        require(
+            redis.node_type.strip_prefix("cache.").is_some_and(|rest| {
+                rest.contains('.') && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+            }),
+            format!("{at}.redis.node_type"),
+            || {
+                format!(
+                    "{:?} is not an ElastiCache node type like \"cache.t4g.micro\"",
+                    redis.node_type
+                )
+            },
+        )
+    }
+}
+
+/// The network address and prefix length of an IPv4 range from /16 to /24.
+pub fn vpc_prefix(cidr: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (address, prefix) = cidr.split_once('/')?;
+    let address: std::net::Ipv4Addr = address.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok()?;
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    ((16..=24).contains(&prefix) && u32::from(address) & !mask == 0).then_some((address, prefix))
 }
 
 /// Fargate's CPU and memory pairs.
@@ -927,6 +1270,112 @@ mod tests {
                 "expected {expected:?}, got {error:?}"
             );
         }
+    }
+
+    /// The example as a new user has it before bootstrap.
+    fn before_bootstrap() -> Value {
+        let mut value = example();
+        let deploy = value["deploy"].as_object_mut().unwrap();
+        for field in ["cluster", "network", "roles", "logs"] {
+            deploy.remove(field);
+        }
+        deploy["services"]["server"]
+            .as_object_mut()
+            .unwrap()
+            .remove("target_group_arn");
+        value
+    }
+
+    #[test]
+    fn bootstrap_reads_a_manifest_a_deploy_cannot_yet() {
+        let text = before_bootstrap().to_string();
+        let blueprint = Blueprint::parse(&text, Path::new("m.json")).unwrap();
+        let deploy = &blueprint.deploy;
+        assert_eq!(deploy.cluster_name(), "fjord");
+        assert_eq!(deploy.log_group(), "/ecs/fjord");
+        assert_eq!(deploy.target_group_arn(), None);
+        assert_eq!(deploy.bootstrap.nat_gateways, NatGateways::One);
+        assert!(deploy.bootstrap.redis.create);
+        let error = Deployment::parse(&text, Path::new("m.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("missing field `target_group_arn`"),
+            "{error}"
+        );
+        // The complete example reads for bootstrap too: it names every part.
+        let full = Blueprint::parse(fjord::config::EXAMPLE, Path::new("m.json")).unwrap();
+        assert_eq!(full.deploy.network.subnets.len(), 2);
+    }
+
+    #[test]
+    fn bad_bootstrap_settings_name_their_path() {
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            (
+                "$.deploy.bootstrap.availability_zones: 4 zones",
+                Box::new(|v| v["deploy"]["bootstrap"]["availability_zones"] = json!(4)),
+            ),
+            (
+                "$.deploy.bootstrap.vpc_cidr:",
+                Box::new(|v| v["deploy"]["bootstrap"]["vpc_cidr"] = json!("10.0.0.0/8")),
+            ),
+            (
+                "$.deploy.bootstrap.vpc_cidr:",
+                Box::new(|v| v["deploy"]["bootstrap"]["vpc_cidr"] = json!("10.0.0.1/16")),
+            ),
+            (
+                "$.deploy.bootstrap.nat_gateways: unknown variant `two`",
+                Box::new(|v| v["deploy"]["bootstrap"]["nat_gateways"] = json!("two")),
+            ),
+            (
+                "$.deploy.bootstrap.certificate_arn:",
+                Box::new(|v| v["deploy"]["bootstrap"]["certificate_arn"] = json!("my-cert")),
+            ),
+            (
+                "$.deploy.bootstrap.load_balancer_subnets[0]:",
+                Box::new(|v| v["deploy"]["bootstrap"]["load_balancer_subnets"] = json!(["x"])),
+            ),
+            (
+                "$.deploy.bootstrap.redis.engine:",
+                Box::new(|v| v["deploy"]["bootstrap"]["redis"]["engine"] = json!("memcached")),
+            ),
+            (
+                "$.deploy.bootstrap.redis.node_type:",
+                Box::new(|v| v["deploy"]["bootstrap"]["redis"]["node_type"] = json!("t4g.micro")),
+            ),
+            (
+                "$.deploy.bootstrap.colour: unknown field `colour`",
+                Box::new(|v| v["deploy"]["bootstrap"]["colour"] = json!("blue")),
+            ),
+            (
+                "$.deploy.name: \"a-name-of-twenty-six-chars\" is longer than the 25",
+                Box::new(|v| v["deploy"]["name"] = json!("a-name-of-twenty-six-chars")),
+            ),
+            (
+                "$.deploy.network.security_groups: security groups belong to a VPC",
+                Box::new(|v| {
+                    v["deploy"]["network"] = json!({ "security_groups": ["sg-0123456789abcdef0"] });
+                }),
+            ),
+        ];
+        for (expected, mutate) in cases {
+            let mut value = before_bootstrap();
+            mutate(&mut value);
+            let error = Blueprint::parse(&value.to_string(), Path::new("manifest.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with(&format!("manifest.json: {expected}")),
+                "expected {expected:?}, got {error:?}"
+            );
+        }
+        // A deploy checks the section too.
+        let mut value = example();
+        value["deploy"]["bootstrap"]["availability_zones"] = json!(1);
+        assert!(
+            error_of(&value).starts_with("manifest.json: $.deploy.bootstrap.availability_zones")
+        );
     }
 
     #[test]

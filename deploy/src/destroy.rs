@@ -5,7 +5,8 @@
 //! so that nothing the tool did not create is touched. A deploy uses it to prune the
 //! services of consumer groups gone from the manifest; `fjord-deploy destroy` uses it to
 //! remove the whole deployment. Services are drained (desired count 0, then waited on
-//! until no task is left) before they are deleted, with their scaling target.
+//! until no task is left) before they are deleted, with their scaling target. What
+//! `bootstrap` created goes last, by [`crate::teardown`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,9 +17,10 @@ use aws_sdk_ecs::types::{
 };
 
 use crate::apply::{Clients, Ledger, Outcome, say};
-use crate::config::Deployment;
+use crate::config::{Blueprint, Deployment};
 use crate::error::DeployError;
 use crate::plan::{self, FINGERPRINT_TAG, Role};
+use crate::teardown::Removal;
 use crate::wait;
 
 /// The tag a deploy puts on everything it creates; its value is `$.deploy.name`.
@@ -501,6 +503,53 @@ impl Found {
     }
 }
 
+/// Removes what bootstrap created for a manifest that a deploy cannot read yet (a
+/// bootstrap that was interrupted before it wrote the ids back): there are no services.
+pub async fn destroy_bootstrapped(
+    blueprint: &Blueprint,
+    options: &DestroyOptions,
+) -> Result<(), DeployError> {
+    let deploy = &blueprint.deploy;
+    let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
+    say(format_args!(
+        "{} what bootstrap created for {} in {}{}",
+        if options.dry_run {
+            "Planning the removal of"
+        } else {
+            "Removing"
+        },
+        deploy.name,
+        deploy.region,
+        if options.dry_run {
+            " (dry run: nothing will be changed)"
+        } else {
+            ""
+        },
+    ));
+    let removal = Removal {
+        aws: &aws,
+        name: &deploy.name,
+        region: &deploy.region,
+        dry_run: options.dry_run,
+        timeout: options.drain_timeout,
+        poll: options.poll,
+    };
+    let infrastructure = removal.find(deploy.cluster_name()).await?;
+    let labels = infrastructure.labels();
+    if labels.is_empty() {
+        say(format_args!(
+            "Nothing left of {} that fjord-deploy created and this run removes.",
+            deploy.name
+        ));
+    }
+    let mut ledger = Ledger::new(labels);
+    Box::pin(infrastructure.remove(&removal, &mut ledger)).await?;
+    if options.dry_run {
+        say("Dry run: nothing was changed.");
+    }
+    Ok(())
+}
+
 /// Removes what deploys of `deployment` created, as `options` say.
 pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Result<(), DeployError> {
     let deploy = &deployment.deploy;
@@ -566,6 +615,16 @@ pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Resul
         .map(|(_, name)| name)
         .collect();
 
+    let removal = Removal {
+        aws: &aws,
+        name: &deploy.name,
+        region: &deploy.region,
+        dry_run: options.dry_run,
+        timeout: options.drain_timeout,
+        poll: options.poll,
+    };
+    let infrastructure = removal.find(&deploy.cluster).await?;
+
     let mut labels: Vec<String> = services
         .iter()
         .map(|s| format!("service {}", s.name))
@@ -579,6 +638,7 @@ pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Resul
         labels.push(format!("log group {}", deploy.logs.group));
     }
     labels.extend(repositories.iter().map(|r| format!("ECR repository {r}")));
+    labels.extend(infrastructure.labels());
     let nothing = labels.is_empty();
 
     let mut ledger = Ledger::new(labels);
@@ -652,6 +712,7 @@ pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Resul
             })
             .await?;
     }
+    Box::pin(infrastructure.remove(&removal, &mut ledger)).await?;
     for line in &kept {
         say(format_args!("  left: {line}"));
     }

@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use aws_sdk_ecs::error::ProvideErrorMetadata;
+
 use crate::archive::ArchiveError;
 use crate::registry::RegistryError;
 
@@ -48,18 +50,32 @@ pub enum DeployError {
 }
 
 impl DeployError {
-    /// An AWS error on `resource` in `operation`, with the SDK's full error chain.
-    pub fn aws(
-        resource: impl Into<String>,
-        operation: &str,
-        error: &(dyn std::error::Error + 'static),
-    ) -> Self {
-        Self::Aws {
-            resource: resource.into(),
-            message: format!(
+    /// An AWS error on `resource` in `operation` (`ec2:CreateVpc`, the IAM action's
+    /// name where the caller gives it), with the SDK's full error chain. A call that AWS
+    /// denied names the permission that is missing.
+    pub fn aws<E>(resource: impl Into<String>, operation: &str, error: &E) -> Self
+    where
+        E: std::error::Error + ProvideErrorMetadata + 'static,
+    {
+        let message = if is_denied(error.code()) {
+            let permission = if operation.contains(':') {
+                format!("the IAM permission {operation}")
+            } else {
+                format!("the IAM permission for {operation}")
+            };
+            format!(
+                "{operation}: access denied: the AWS credentials in use lack {permission} ({})",
+                error.message().unwrap_or("no message")
+            )
+        } else {
+            format!(
                 "{operation}: {}",
                 aws_sdk_ecs::error::DisplayErrorContext(error)
-            ),
+            )
+        };
+        Self::Aws {
+            resource: resource.into(),
+            message,
         }
     }
 
@@ -70,6 +86,22 @@ impl DeployError {
             message: format!("building the request: {error}"),
         }
     }
+}
+
+/// Whether an AWS error code says the caller may not make the call: IAM's, the query
+/// services' and EC2's spellings of it.
+fn is_denied(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some(
+            "AccessDenied"
+                | "AccessDeniedException"
+                | "UnauthorizedOperation"
+                | "UnauthorizedAccess"
+                | "AuthorizationError"
+                | "NotAuthorized"
+        )
+    )
 }
 
 /// The steps of a deploy that ran and those that did not.
@@ -95,5 +127,41 @@ impl fmt::Display for Progress {
             write!(f, "\n  - {step}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_ec2::error::{ErrorMetadata, SdkError};
+    use aws_sdk_ec2::operation::create_vpc::CreateVpcError;
+
+    use super::*;
+
+    fn failure(code: &str, message: &str) -> SdkError<CreateVpcError, ()> {
+        let error =
+            CreateVpcError::generic(ErrorMetadata::builder().code(code).message(message).build());
+        SdkError::service_error(error, ())
+    }
+
+    #[test]
+    fn a_denied_call_names_the_missing_permission() {
+        let error = DeployError::aws(
+            "VPC fjord",
+            "ec2:CreateVpc",
+            &failure(
+                "UnauthorizedOperation",
+                "You are not authorized to perform this operation.",
+            ),
+        );
+        assert_eq!(
+            error.to_string(),
+            "VPC fjord: ec2:CreateVpc: access denied: the AWS credentials in use lack the IAM permission ec2:CreateVpc (You are not authorized to perform this operation.)"
+        );
+        let other = DeployError::aws(
+            "VPC fjord",
+            "ec2:CreateVpc",
+            &failure("VpcLimitExceeded", "too many"),
+        );
+        assert!(!other.to_string().contains("access denied"), "{other}");
     }
 }

@@ -1,29 +1,38 @@
 //! `fjord-deploy`: deploys Fjord to AWS ECS on Fargate from the manifest's `deploy` section.
 //!
 //! ```text
+//! manifest.json ──► config ──► bootstrap ──► document (ids written back)
 //! manifest.json ──► config ──► plan ──► apply ──► wait
 //! image archives ──► archive ──► registry (ECR)
 //! ```
 //!
+//! - [`bootstrap`]: from an empty account, what a deploy runs on (VPC, load balancer,
+//!   ElastiCache, cluster, roles, log group), tagged, idempotent, resumable.
+//! - [`document`]: the manifest file edited in place, its key order kept.
 //! - [`config`]: the `deploy` section, typed and validated with the runtime sections.
 //! - [`archive`]: Nix-built docker archives turned into registry blobs and a manifest.
 //! - [`registry`]: pushes images with an ECR token, skipping blobs already there.
 //! - [`plan`]: task definitions, services and scaling policies wanted, as AWS requests.
 //! - [`apply`]: the steps against AWS, read first, changing only what differs.
-//! - [`destroy`]: finds what deploys made by name and tag; prunes and tears it down.
+//! - [`destroy`]: finds what deploys and bootstrap made by name and tag; prunes and
+//!   tears it down, bootstrap's part in [`teardown`].
 //! - [`wait`]: waits for the services to settle (or drain) and prints their state.
 //! - [`error`]: why a deploy stopped, and what it had done by then.
 
 pub mod apply;
 pub mod archive;
+pub mod bootstrap;
 pub mod config;
 pub mod destroy;
+pub mod document;
 pub mod error;
 pub mod plan;
 pub mod registry;
+mod teardown;
 mod wait;
 
 pub use apply::{Options, deploy};
+pub use bootstrap::{BootstrapOptions, bootstrap};
 pub use config::Deployment;
 pub use destroy::{DestroyOptions, destroy};
 pub use error::DeployError;

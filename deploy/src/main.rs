@@ -1,5 +1,5 @@
-//! `fjord-deploy`: pushes the images and deploys Fjord to ECS from the manifest, or takes
-//! down what its deploys made.
+//! `fjord-deploy`: creates what Fjord runs on in an empty account, pushes the images and
+//! deploys Fjord to ECS from the manifest, or takes down what it made.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -7,14 +7,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use fjord_deploy::config::Blueprint;
 use fjord_deploy::registry::Endpoint;
-use fjord_deploy::{Deployment, DestroyOptions, Options};
+use fjord_deploy::{BootstrapOptions, Deployment, DestroyOptions, Options};
 
 /// Deploys Fjord to AWS ECS (Fargate) from the manifest's `deploy` section: ECR
 /// repositories and images, task definitions, services, autoscaling.
 ///
+/// `fjord-deploy bootstrap manifest.json` creates what a deploy runs on;
 /// `fjord-deploy manifest.json` and `fjord-deploy deploy manifest.json` deploy;
-/// `fjord-deploy destroy manifest.json` removes what deploys created.
+/// `fjord-deploy destroy manifest.json` removes what bootstrap and deploys created.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -24,12 +26,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create what a deploy runs on, from an empty account: VPC (public and private
+    /// subnets, internet gateway, NAT gateways), security groups, load balancer with its
+    /// target group and listener, ElastiCache with an AUTH token in Secrets Manager, the
+    /// ECS cluster, the roles and the log group; then write their ids into the manifest.
+    /// What the manifest already names is used as it is. Everything is tagged
+    /// `fjord:deployment=<name>`; running it again changes nothing, or resumes.
+    Bootstrap(BootstrapArgs),
     /// Deploy (also what runs when the first argument is not a subcommand).
     Deploy(DeployArgs),
     /// Remove what deploys of the manifest created: services (drained first), their
     /// autoscaling, task definitions; the log group and the ECR repositories only when
-    /// asked. Resources are recognised by name and by the `fjord:deployment` tag that a
-    /// deploy puts on what it creates: nothing else is touched. Running it again is harmless.
+    /// asked; then what bootstrap created, in dependency order, waiting for each deletion.
+    /// Resources are recognised by name and by the `fjord:deployment` tag put on what the
+    /// tool creates: nothing else is touched. Running it again is harmless.
     Destroy(DestroyArgs),
 }
 
@@ -72,6 +82,18 @@ struct DeployArgs {
 }
 
 #[derive(Debug, Args)]
+struct BootstrapArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Print the values to add to the manifest instead of writing them into it.
+    #[arg(long)]
+    no_write: bool,
+    /// Seconds to wait for each slow part (NAT gateways, ElastiCache, load balancer).
+    #[arg(long, default_value_t = 1800)]
+    wait_timeout: u64,
+}
+
+#[derive(Debug, Args)]
 struct DestroyArgs {
     #[command(flatten)]
     common: Common,
@@ -81,7 +103,8 @@ struct DestroyArgs {
     /// Also delete the log group the deploy created, with its logs.
     #[arg(long)]
     log_group: bool,
-    /// Seconds to wait for each service's tasks to stop.
+    /// Seconds to wait for each service's tasks to stop, and for each slow deletion
+    /// (load balancer, ElastiCache, NAT gateways, network interfaces).
     #[arg(long, default_value_t = 900)]
     drain_timeout: u64,
 }
@@ -93,7 +116,7 @@ fn arguments() -> Vec<OsString> {
     let first = args.get(1).and_then(|a| a.to_str());
     let explicit = matches!(
         first,
-        Some("deploy" | "destroy" | "help" | "-h" | "--help" | "-V" | "--version")
+        Some("bootstrap" | "deploy" | "destroy" | "help" | "-h" | "--help" | "-V" | "--version")
     );
     if !explicit && args.len() > 1 {
         args.insert(1, "deploy".into());
@@ -104,6 +127,7 @@ fn arguments() -> Vec<OsString> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let result = match Cli::parse_from(arguments()).command {
+        Command::Bootstrap(args) => bootstrap(args).await,
         Command::Destroy(args) => destroy(args).await,
         Command::Deploy(args) => deploy(args).await,
     };
@@ -143,8 +167,25 @@ async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
+    let blueprint = Blueprint::load(&args.common.manifest)?;
+    let options = BootstrapOptions {
+        dry_run: args.common.dry_run,
+        endpoint_url: args.common.endpoint_url,
+        write: !args.no_write,
+        timeout: Duration::from_secs(args.wait_timeout),
+        poll: Duration::from_secs(args.common.poll_secs),
+    };
+    Box::pin(fjord_deploy::bootstrap(
+        &args.common.manifest,
+        &blueprint,
+        &options,
+    ))
+    .await?;
+    Ok(())
+}
+
 async fn destroy(args: DestroyArgs) -> anyhow::Result<()> {
-    let deployment = Deployment::load(&args.common.manifest)?;
     let options = DestroyOptions {
         dry_run: args.common.dry_run,
         endpoint_url: args.common.endpoint_url,
@@ -152,6 +193,27 @@ async fn destroy(args: DestroyArgs) -> anyhow::Result<()> {
         log_group: args.log_group,
         drain_timeout: Duration::from_secs(args.drain_timeout),
         poll: Duration::from_secs(args.common.poll_secs),
+    };
+    let deployment = match Deployment::load(&args.common.manifest) {
+        Ok(deployment) => deployment,
+        Err(error) => {
+            // A bootstrap interrupted before it wrote the ids back leaves a manifest a
+            // deploy cannot read; what it created is still found by its tags.
+            let Ok(blueprint) = Blueprint::load(&args.common.manifest) else {
+                return Err(error.into());
+            };
+            #[allow(clippy::print_stdout, reason = "the CLI's report")]
+            {
+                println!(
+                    "The manifest is not complete for a deploy ({error}): removing only what bootstrap created."
+                );
+            }
+            Box::pin(fjord_deploy::destroy::destroy_bootstrapped(
+                &blueprint, &options,
+            ))
+            .await?;
+            return Ok(());
+        }
     };
     Box::pin(fjord_deploy::destroy(&deployment, &options)).await?;
     Ok(())

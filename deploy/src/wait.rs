@@ -1,15 +1,52 @@
 //! After the changes: watches the services until each runs its desired count on a single
 //! deployment (or a deployment fails, or time runs out), printing each change of state,
 //! then prints where the load balancer answers and each service's state. Also watches a
-//! service being removed until its last task has stopped.
+//! service being removed until its last task has stopped, and any slow AWS resource
+//! (a NAT gateway, an ElastiCache group, a load balancer) until it is ready or gone.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ecs::types::{DeploymentRolloutState, Service};
 
 use crate::apply::{revision, say};
 use crate::error::DeployError;
+
+/// Looks at a slow resource every `poll` until `look` says it is done (`None`), printing
+/// each new state it reports (`Some(state)`) with the seconds waited, up to `timeout`.
+pub(crate) async fn until<F, Fut>(
+    what: &str,
+    timeout: Duration,
+    poll: Duration,
+    mut look: F,
+) -> Result<Duration, DeployError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<String>, DeployError>>,
+{
+    let started = Instant::now();
+    let mut last = None;
+    loop {
+        let Some(state) = look().await? else {
+            return Ok(started.elapsed());
+        };
+        if last.as_ref() != Some(&state) {
+            say(format_args!(
+                "  … {what}: {state} ({} s)",
+                started.elapsed().as_secs()
+            ));
+            last = Some(state.clone());
+        }
+        if started.elapsed() >= timeout {
+            return Err(DeployError::NotStable(format!(
+                "{what}: still {state} after {} s; running the command again resumes the wait",
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
 
 /// Waits until every service in `names` is stable, up to `timeout`.
 pub(crate) async fn until_stable(

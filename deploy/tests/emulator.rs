@@ -1591,3 +1591,735 @@ async fn destroy_removes_what_deploys_made_and_spares_the_rest() {
         ));
     assert!(aws.service(&cluster, &handmade).await.is_some());
 }
+
+// ------------------------------------------------------------------------- bootstrap
+
+/// What moto lacks for ElastiCache, stood in for between the tool and moto (the tool
+/// itself talks to AWS as it is): moto has no DeleteCacheSubnetGroup, and a replication
+/// group it deletes stays `deleting` forever where AWS removes it after a few minutes.
+/// This proxy answers DeleteCacheSubnetGroup itself and, from then on, answers for a
+/// deleted subnet group or replication group as AWS does once it is gone (not found);
+/// every other request goes to moto unchanged.
+struct MotoProxy {
+    endpoint: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MotoProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Names deleted through the proxy, by kind.
+#[derive(Default)]
+struct Gone {
+    subnet_groups: std::collections::HashSet<String>,
+    replication_groups: std::collections::HashSet<String>,
+}
+
+fn form(body: &str) -> std::collections::HashMap<String, String> {
+    body.split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| {
+            let v = v
+                .replace("%2F", "/")
+                .replace("%3A", ":")
+                .replace("%2D", "-");
+            (k.to_owned(), v)
+        })
+        .collect()
+}
+
+fn query_answer(status: u16, body: &str) -> (u16, String) {
+    (status, body.to_owned())
+}
+
+fn not_found(code: &str) -> (u16, String) {
+    query_answer(
+        404,
+        &format!(
+            r#"<ErrorResponse xmlns="http://elasticache.amazonaws.com/doc/2015-02-02/"><Error><Type>Sender</Type><Code>{code}</Code><Message>not found</Message></Error><RequestId>proxy</RequestId></ErrorResponse>"#
+        ),
+    )
+}
+
+impl MotoProxy {
+    async fn start(moto: &str) -> Self {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let moto = moto.to_owned();
+        let gone = std::sync::Arc::new(std::sync::Mutex::new(Gone::default()));
+        let http = reqwest::Client::new();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let (moto, gone, http) = (moto.clone(), gone.clone(), http.clone());
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    loop {
+                        // One request: the head, then Content-Length bytes of body.
+                        let head_end = loop {
+                            if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break at + 4;
+                            }
+                            let mut chunk = [0u8; 8192];
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+                        let mut lines = head.split("\r\n");
+                        let request_line = lines.next().unwrap_or_default().to_owned();
+                        let headers: Vec<(String, String)> = lines
+                            .filter_map(|l| l.split_once(':'))
+                            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                            .collect();
+                        let length: usize = headers
+                            .iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                            .and_then(|(_, v)| v.parse().ok())
+                            .unwrap_or(0);
+                        while buffer.len() < head_end + length {
+                            let mut chunk = [0u8; 8192];
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let body: Vec<u8> = buffer[head_end..head_end + length].to_vec();
+                        buffer.drain(..head_end + length);
+                        let fields = form(&String::from_utf8_lossy(&body));
+                        let action = fields.get("Action").map(String::as_str).unwrap_or_default();
+                        let answered = {
+                            let mut gone = gone.lock().unwrap();
+                            match action {
+                                "DeleteCacheSubnetGroup" => {
+                                    let name = fields
+                                        .get("CacheSubnetGroupName")
+                                        .cloned()
+                                        .unwrap_or_default();
+                                    gone.subnet_groups.insert(name);
+                                    Some(query_answer(
+                                        200,
+                                        r#"<DeleteCacheSubnetGroupResponse xmlns="http://elasticache.amazonaws.com/doc/2015-02-02/"><ResponseMetadata><RequestId>proxy</RequestId></ResponseMetadata></DeleteCacheSubnetGroupResponse>"#,
+                                    ))
+                                }
+                                "DescribeCacheSubnetGroups"
+                                    if fields
+                                        .get("CacheSubnetGroupName")
+                                        .is_some_and(|n| gone.subnet_groups.contains(n)) =>
+                                {
+                                    Some(not_found("CacheSubnetGroupNotFoundFault"))
+                                }
+                                "DescribeReplicationGroups"
+                                    if fields
+                                        .get("ReplicationGroupId")
+                                        .is_some_and(|n| gone.replication_groups.contains(n)) =>
+                                {
+                                    Some(not_found("ReplicationGroupNotFoundFault"))
+                                }
+                                "DeleteReplicationGroup" => {
+                                    if let Some(id) = fields.get("ReplicationGroupId") {
+                                        gone.replication_groups.insert(id.clone());
+                                    }
+                                    None
+                                }
+                                _ => None,
+                            }
+                        };
+                        let (status, content_type, answer) = match answered {
+                            Some((status, answer)) => {
+                                (status, "text/xml".to_owned(), answer.into_bytes())
+                            }
+                            None => {
+                                let mut parts = request_line.split(' ');
+                                let method = parts.next().unwrap_or("GET");
+                                let path = parts.next().unwrap_or("/");
+                                let mut request = http.request(
+                                    reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                                    format!("{moto}{path}"),
+                                );
+                                for (k, v) in &headers {
+                                    if !k.eq_ignore_ascii_case("host")
+                                        && !k.eq_ignore_ascii_case("content-length")
+                                    {
+                                        request = request.header(k, v);
+                                    }
+                                }
+                                let response = request.body(body).send().await.unwrap();
+                                let status = response.status().as_u16();
+                                let content_type = response
+                                    .headers()
+                                    .get("content-type")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("text/xml")
+                                    .to_owned();
+                                (
+                                    status,
+                                    content_type,
+                                    response.bytes().await.unwrap().to_vec(),
+                                )
+                            }
+                        };
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+                            answer.len()
+                        );
+                        if socket.write_all(head.as_bytes()).await.is_err()
+                            || socket.write_all(&answer).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { endpoint, task }
+    }
+}
+
+/// A bootstrap test's AWS: moto freshly reset, clients, and the proxy the tool talks to.
+struct Empty {
+    /// Kept for the test's length: dropping it stops the proxy.
+    _proxy: MotoProxy,
+    ec2: aws_sdk_ec2::Client,
+    elb: aws_sdk_elasticloadbalancingv2::Client,
+    elasticache: aws_sdk_elasticache::Client,
+    iam: aws_sdk_iam::Client,
+    secrets: aws_sdk_secretsmanager::Client,
+    ecs: aws_sdk_ecs::Client,
+    /// For the deploy onto what bootstrap made.
+    aws: Aws,
+}
+
+impl Empty {
+    async fn account() -> Self {
+        let endpoint = required_env("FJORD_TEST_AWS_ENDPOINT");
+        reqwest::Client::new()
+            .post(format!("{endpoint}/moto-api/reset"))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+        let config = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(REGION))
+            .endpoint_url(&endpoint)
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+            .load()
+            .await;
+        let proxy = MotoProxy::start(&endpoint).await;
+        Self {
+            ec2: aws_sdk_ec2::Client::new(&config),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
+            elasticache: aws_sdk_elasticache::Client::new(&config),
+            iam: aws_sdk_iam::Client::new(&config),
+            secrets: aws_sdk_secretsmanager::Client::new(&config),
+            ecs: aws_sdk_ecs::Client::new(&config),
+            aws: Aws {
+                endpoint: proxy.endpoint.clone(),
+                ecs: aws_sdk_ecs::Client::new(&config),
+                ecr: aws_sdk_ecr::Client::new(&config),
+                elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
+                scaling: aws_sdk_applicationautoscaling::Client::new(&config),
+                logs: aws_sdk_cloudwatchlogs::Client::new(&config),
+                subnets: Vec::new(),
+                security_group: String::new(),
+                target_group_arn: String::new(),
+                load_balancer_arn: String::new(),
+                dns_name: String::new(),
+            },
+            _proxy: proxy,
+        }
+    }
+
+    fn tagged(name: &str) -> aws_sdk_ec2::types::Filter {
+        aws_sdk_ec2::types::Filter::builder()
+            .name("tag:fjord:deployment")
+            .values(name)
+            .build()
+    }
+
+    /// Everything left in the account that carries the deployment's tag, by kind.
+    async fn tagged_resources(&self, name: &str) -> Vec<String> {
+        let mut left = Vec::new();
+        let vpcs = self
+            .ec2
+            .describe_vpcs()
+            .filters(Self::tagged(name))
+            .send()
+            .await
+            .unwrap();
+        left.extend(vpcs.vpcs().iter().map(|v| format!("vpc {:?}", v.vpc_id())));
+        let subnets = self
+            .ec2
+            .describe_subnets()
+            .filters(Self::tagged(name))
+            .send()
+            .await
+            .unwrap();
+        left.extend(
+            subnets
+                .subnets()
+                .iter()
+                .map(|s| format!("subnet {:?}", s.subnet_id())),
+        );
+        let groups = self
+            .ec2
+            .describe_security_groups()
+            .filters(Self::tagged(name))
+            .send()
+            .await
+            .unwrap();
+        left.extend(
+            groups
+                .security_groups()
+                .iter()
+                .map(|g| format!("sg {:?}", g.group_id())),
+        );
+        let nats = self
+            .ec2
+            .describe_nat_gateways()
+            .filter(Self::tagged(name))
+            .send()
+            .await
+            .unwrap();
+        left.extend(
+            nats.nat_gateways()
+                .iter()
+                .filter(|n| n.state().map(|s| s.as_str()) != Some("deleted"))
+                .map(|n| format!("nat {:?}", n.nat_gateway_id())),
+        );
+        let addresses = self
+            .ec2
+            .describe_addresses()
+            .filters(Self::tagged(name))
+            .send()
+            .await
+            .unwrap();
+        left.extend(
+            addresses
+                .addresses()
+                .iter()
+                .map(|a| format!("eip {:?}", a.allocation_id())),
+        );
+        let tables = self
+            .ec2
+            .describe_route_tables()
+            .filters(Self::tagged(name))
+            .send()
+            .await
+            .unwrap();
+        left.extend(
+            tables
+                .route_tables()
+                .iter()
+                .map(|t| format!("rtb {:?}", t.route_table_id())),
+        );
+        let gateways = self
+            .ec2
+            .describe_internet_gateways()
+            .filters(Self::tagged(name))
+            .send()
+            .await
+            .unwrap();
+        left.extend(
+            gateways
+                .internet_gateways()
+                .iter()
+                .map(|g| format!("igw {:?}", g.internet_gateway_id())),
+        );
+        let balancers = self.elb.describe_load_balancers().send().await.unwrap();
+        left.extend(
+            balancers
+                .load_balancers()
+                .iter()
+                .map(|b| format!("lb {:?}", b.load_balancer_name())),
+        );
+        let groups = self.elb.describe_target_groups().send().await.unwrap();
+        left.extend(
+            groups
+                .target_groups()
+                .iter()
+                .map(|g| format!("tg {:?}", g.target_group_name())),
+        );
+        // moto keeps a deleted replication group as `deleting` for ever (see MotoProxy).
+        let redis = self
+            .elasticache
+            .describe_replication_groups()
+            .send()
+            .await
+            .unwrap();
+        left.extend(
+            redis
+                .replication_groups()
+                .iter()
+                .filter(|g| g.status() != Some("deleting"))
+                .map(|g| format!("redis {:?}", g.replication_group_id())),
+        );
+        let secrets = self.secrets.list_secrets().send().await.unwrap();
+        left.extend(
+            secrets
+                .secret_list()
+                .iter()
+                .map(|s| format!("secret {:?}", s.name())),
+        );
+        let roles = self.iam.list_roles().send().await.unwrap();
+        left.extend(
+            roles
+                .roles()
+                .iter()
+                .filter(|r| r.role_name().starts_with(name))
+                .map(|r| format!("role {}", r.role_name())),
+        );
+        // A deleted cluster stays described, INACTIVE, for a while (in AWS too).
+        let arns = self.ecs.list_clusters().send().await.unwrap();
+        let clusters = self
+            .ecs
+            .describe_clusters()
+            .set_clusters(Some(arns.cluster_arns().to_vec()))
+            .send()
+            .await
+            .unwrap();
+        left.extend(
+            clusters
+                .clusters()
+                .iter()
+                .filter(|c| c.status() == Some("ACTIVE"))
+                .map(|c| format!("cluster {:?}", c.cluster_name())),
+        );
+        left
+    }
+}
+
+/// The shipped example as a new user has it before bootstrap: no network, roles,
+/// cluster, target group or Redis secret yet.
+fn empty_account_manifest(name: &str) -> Value {
+    let mut manifest: Value = serde_json::from_str(fjord::config::EXAMPLE).unwrap();
+    let deploy = manifest["deploy"].as_object_mut().unwrap();
+    for field in ["cluster", "network", "roles", "logs"] {
+        deploy.remove(field);
+    }
+    deploy["region"] = json!(REGION);
+    deploy["name"] = json!(name);
+    deploy["secrets"]
+        .as_object_mut()
+        .unwrap()
+        .remove("FJORD_REDIS_PASSWORD");
+    deploy["services"]["server"]
+        .as_object_mut()
+        .unwrap()
+        .remove("target_group_arn");
+    manifest
+}
+
+fn bootstrap_run(fixture: &Fixture, aws: &Aws, args: &[&str]) -> Run {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fjord-deploy"));
+    command
+        .arg("bootstrap")
+        .arg(fixture.path("manifest.json"))
+        .args(["--poll-secs", "1"]);
+    Fixture::run(command, aws, args)
+}
+
+fn read_manifest(fixture: &Fixture) -> String {
+    std::fs::read_to_string(fixture.path("manifest.json")).unwrap()
+}
+
+// The tool runs as a blocking child process: the proxy needs a worker of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
+    let _one = EMULATOR.lock().await;
+    let account = Empty::account().await;
+    let aws = &account.aws;
+    let name = unique("boot");
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        name: name.clone(),
+        cluster: name.clone(),
+        manifest: empty_account_manifest(&name),
+    };
+    fixture.write_manifest();
+    fixture.write_images("v1");
+    let before = read_manifest(&fixture);
+
+    // The plan first: nothing made, nothing written.
+    bootstrap_run(&fixture, aws, &["--dry-run"])
+        .succeeded()
+        .says("network: would create VPC, 4 subnets, internet gateway")
+        .says("Redis: would create AUTH token secret, cache subnet group, replication group")
+        .says("Would set in")
+        .says("$.deploy.network.subnets = ");
+    assert_eq!(read_manifest(&fixture), before);
+    assert!(account.tagged_resources(&name).await.is_empty());
+
+    let run = bootstrap_run(&fixture, aws, &[]).succeeded();
+    run.says("network: vpc-")
+        .says("Kafka must accept connections from the NAT gateways' addresses: ")
+        .says("Wrote ")
+        .says("Next: fjord-deploy deploy");
+    let written: Value = serde_json::from_str(&read_manifest(&fixture)).unwrap();
+    let deploy = &written["deploy"];
+    assert_eq!(deploy["cluster"], json!(name));
+    assert_eq!(deploy["network"]["subnets"].as_array().unwrap().len(), 2);
+    assert_eq!(deploy["logs"]["group"], json!(format!("/ecs/{name}")));
+    assert!(
+        written["redis"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("rediss://"),
+        "{written}"
+    );
+    assert!(written["redis"].get("username").is_none());
+    assert!(
+        deploy["secrets"]["FJORD_REDIS_PASSWORD"]
+            .as_str()
+            .unwrap()
+            .starts_with("arn:aws:secretsmanager:")
+    );
+    // The rest of the file as it was, in its order.
+    let order = |text: &str| match fjord_deploy::document::Json::parse(text).unwrap() {
+        fjord_deploy::document::Json::Object(entries) => {
+            entries.into_iter().map(|(k, _)| k).collect::<Vec<_>>()
+        }
+        other => panic!("not an object: {other:?}"),
+    };
+    assert_eq!(order(&read_manifest(&fixture)), order(&before));
+    assert_eq!(written["endpoints"], fixture.manifest["endpoints"]);
+    fjord_deploy::Deployment::load(&fixture.path("manifest.json")).unwrap();
+
+    // What a deploy checks and the streams need.
+    let target_group = deploy["services"]["server"]["target_group_arn"]
+        .as_str()
+        .unwrap();
+    let groups = account
+        .elb
+        .describe_target_groups()
+        .target_group_arns(target_group)
+        .send()
+        .await
+        .unwrap();
+    let group = &groups.target_groups()[0];
+    assert_eq!(group.health_check_path(), Some("/readyz"));
+    assert_eq!(group.target_type().map(|t| t.as_str()), Some("ip"));
+    let redis = account
+        .elasticache
+        .describe_replication_groups()
+        .replication_group_id(&name)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        redis.replication_groups()[0].transit_encryption_enabled(),
+        Some(true)
+    );
+    let nats = account
+        .ec2
+        .describe_nat_gateways()
+        .filter(Empty::tagged(&name))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        nats.nat_gateways().len(),
+        1,
+        "one NAT gateway unless the manifest asks for one per zone"
+    );
+
+    // Again: nothing changes, the file included.
+    let written_text = read_manifest(&fixture);
+    let again = bootstrap_run(&fixture, aws, &[]).succeeded();
+    again
+        .says("network: exists: vpc-")
+        .says("load balancer: exists: ")
+        .says("Redis: exists: rediss://")
+        .says("ECS cluster: exists")
+        .says("already names all of it");
+    assert!(!again.stdout.contains("created"), "{}", again.stdout);
+    assert_eq!(read_manifest(&fixture), written_text);
+
+    // An interrupted run: the ids never written, the cluster and a role never made. A
+    // run then finds the rest by its tags, makes what is missing, writes the same ids.
+    account
+        .ecs
+        .delete_cluster()
+        .cluster(&name)
+        .send()
+        .await
+        .unwrap();
+    let task_role = format!("{name}-task");
+    account
+        .iam
+        .delete_role()
+        .role_name(&task_role)
+        .send()
+        .await
+        .unwrap();
+    std::fs::write(fixture.path("manifest.json"), &before).unwrap();
+    bootstrap_run(&fixture, aws, &[])
+        .succeeded()
+        .says("network: exists: vpc-")
+        .says("Redis: exists: ")
+        .says("ECS cluster: created the cluster")
+        .says(&format!("created {task_role}"));
+    let resumed: Value = serde_json::from_str(&read_manifest(&fixture)).unwrap();
+    assert_eq!(resumed["deploy"]["network"], written["deploy"]["network"]);
+    assert_eq!(resumed["redis"], written["redis"]);
+    assert_eq!(
+        resumed["deploy"]["services"]["server"]["target_group_arn"],
+        written["deploy"]["services"]["server"]["target_group_arn"]
+    );
+
+    // A deploy onto it.
+    fixture
+        .deploy(aws, &["--no-wait"])
+        .succeeded()
+        .says(&format!(
+            "service {}: created with 2 tasks",
+            fixture.server()
+        ));
+
+    // Destroy: services, then everything bootstrap made, in order; nothing tagged is left.
+    fixture
+        .destroy(aws, &["--repositories", "--log-group", "--poll-secs", "1"])
+        .succeeded()
+        .says(&format!("service {}: removed", fixture.server()))
+        .says("load balancer: deleted")
+        .says("ElastiCache replication group: deleted")
+        .says("NAT gateways: deleted 1 NAT gateway(s)")
+        .says("VPC: deleted 1 VPC(s)");
+    assert_eq!(account.tagged_resources(&name).await, Vec::<String>::new());
+    assert!(aws.log_groups(&format!("/ecs/{name}")).await.is_empty());
+    fixture
+        .destroy(aws, &["--repositories", "--log-group"])
+        .succeeded()
+        .says(&format!(
+            "Nothing left of {name} that fjord-deploy created and this run removes."
+        ));
+}
+
+// The tool runs as a blocking child process: the proxy needs a worker of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_uses_your_own_vpc_and_redis_as_they_are() {
+    let _one = EMULATOR.lock().await;
+    let account = Empty::account().await;
+    let aws = &account.aws;
+    let ec2 = &account.ec2;
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("10.9.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let vpc = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
+    let mut subnets = Vec::new();
+    for (cidr, zone) in [
+        ("10.9.1.0/24", "us-east-1a"),
+        ("10.9.2.0/24", "us-east-1b"),
+        ("10.9.11.0/24", "us-east-1a"),
+        ("10.9.12.0/24", "us-east-1b"),
+    ] {
+        let subnet = ec2
+            .create_subnet()
+            .vpc_id(&vpc)
+            .cidr_block(cidr)
+            .availability_zone(zone)
+            .send()
+            .await
+            .unwrap();
+        subnets.push(subnet.subnet().unwrap().subnet_id().unwrap().to_owned());
+    }
+    let (public, private) = subnets.split_at(2);
+    let name = unique("byo");
+    let mut manifest = empty_account_manifest(&name);
+    manifest["deploy"]["network"] = json!({ "subnets": private });
+    manifest["deploy"]["bootstrap"] = json!({
+        "load_balancer_subnets": public,
+        "redis": { "create": false }
+    });
+    manifest["redis"]["url"] = json!("rediss://my-redis.example.internal:6379");
+    manifest["deploy"]["secrets"]["FJORD_REDIS_PASSWORD"] =
+        json!("arn:aws:secretsmanager:us-east-1:123456789012:secret:mine/redis-AbCdEf");
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        name: name.clone(),
+        cluster: name.clone(),
+        manifest,
+    };
+    fixture.write_manifest();
+
+    bootstrap_run(&fixture, aws, &[])
+        .succeeded()
+        .says(&format!("network: yours: {vpc}"))
+        .says("Redis: yours: rediss://my-redis.example.internal:6379");
+    let written: Value = serde_json::from_str(&read_manifest(&fixture)).unwrap();
+    assert_eq!(written["deploy"]["network"]["subnets"], json!(private));
+    assert_eq!(
+        written["redis"]["url"],
+        "rediss://my-redis.example.internal:6379"
+    );
+    assert_eq!(
+        written["redis"]["username"], "fjord",
+        "your Redis's user stays"
+    );
+    // Nothing of the network made, no Redis; the security groups go into your VPC.
+    let vpcs = ec2
+        .describe_vpcs()
+        .filters(Empty::tagged(&name))
+        .send()
+        .await
+        .unwrap();
+    assert!(vpcs.vpcs().is_empty());
+    let redis = account
+        .elasticache
+        .describe_replication_groups()
+        .send()
+        .await
+        .unwrap();
+    assert!(redis.replication_groups().is_empty());
+    let groups = ec2
+        .describe_security_groups()
+        .filters(Empty::tagged(&name))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        groups.security_groups().len(),
+        2,
+        "load balancer and tasks, no Redis"
+    );
+    assert!(
+        groups
+            .security_groups()
+            .iter()
+            .all(|g| g.vpc_id() == Some(vpc.as_str()))
+    );
+
+    fixture
+        .destroy(aws, &["--log-group", "--poll-secs", "1"])
+        .succeeded();
+    assert_eq!(account.tagged_resources(&name).await, Vec::<String>::new());
+    // Yours stays.
+    let left = ec2
+        .describe_subnets()
+        .subnet_ids(&subnets[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.subnets().len(), 1);
+    assert_eq!(
+        ec2.describe_vpcs()
+            .vpc_ids(&vpc)
+            .send()
+            .await
+            .unwrap()
+            .vpcs()
+            .len(),
+        1
+    );
+}
