@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use aws_sdk_ecs::error::ProvideErrorMetadata;
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 
 use crate::archive::ArchiveError;
 use crate::registry::RegistryError;
@@ -47,6 +47,25 @@ pub enum DeployError {
         /// What was done and what was not.
         progress: Progress,
     },
+}
+
+/// An SDK call's result, where the service error that `absent` recognises (a "not found",
+/// or a state that means the work is already under way) is `Ok(None)`; any other error
+/// is mapped as [`DeployError::aws`] maps it.
+pub(crate) fn none_if<T, E, R>(
+    result: Result<T, SdkError<E, R>>,
+    absent: impl FnOnce(&E) -> bool,
+    resource: &str,
+    operation: &str,
+) -> Result<Option<T>, DeployError>
+where
+    SdkError<E, R>: std::error::Error + ProvideErrorMetadata + 'static,
+{
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if e.as_service_error().is_some_and(absent) => Ok(None),
+        Err(e) => Err(DeployError::aws(resource, operation, &e)),
+    }
 }
 
 impl DeployError {

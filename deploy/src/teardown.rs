@@ -14,7 +14,7 @@ use std::future::Future;
 use crate::apply::{Clients, Ledger};
 use crate::bootstrap::{self, Ctx, Names};
 use crate::config::BootstrapConfig;
-use crate::error::DeployError;
+use crate::error::{DeployError, none_if};
 use crate::wait;
 
 /// What bootstrap created for a deployment, as found by name and tag.
@@ -50,6 +50,41 @@ pub(crate) struct Removal<'a> {
 }
 
 impl Removal<'_> {
+    /// Runs one deletion as a ledger step, labelled `label`, its outcome naming `what`;
+    /// in a dry run `work` is not run, only said.
+    async fn step(
+        &self,
+        ledger: &mut Ledger,
+        label: &str,
+        what: &str,
+        work: impl Future<Output = Result<(), DeployError>>,
+    ) -> Result<(), DeployError> {
+        let dry = self.dry_run;
+        ledger
+            .run(
+                label.to_owned(),
+                Box::pin(async {
+                    if dry {
+                        return Ok(((), format!("would delete {what}")));
+                    }
+                    work.await?;
+                    Ok(((), format!("deleted {what}")))
+                }),
+            )
+            .await
+    }
+
+    /// Waits, within the removal's timeout, until `look` finds `resource` gone (`None`).
+    async fn until_gone<F, Fut>(&self, resource: &str, look: F) -> Result<(), DeployError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Option<String>, DeployError>>,
+    {
+        wait::until(resource, self.timeout, self.poll, look)
+            .await
+            .map(drop)
+    }
+
     fn ctx<'a>(&'a self, settings: &'a BootstrapConfig) -> Ctx<'a> {
         Ctx::removing(self.aws, self.name, self.region, settings, self.dry_run)
     }
@@ -251,246 +286,153 @@ impl Infrastructure {
         ledger: &mut Ledger,
     ) -> Result<(), DeployError> {
         let aws = removal.aws;
-        let dry = removal.dry_run;
-        let done = |what: String| -> crate::apply::Outcome<()> {
-            Ok((
-                (),
-                if dry {
-                    format!("would delete {what}")
-                } else {
-                    format!("deleted {what}")
-                },
-            ))
-        };
         if let Some(arn) = &self.load_balancer {
-            ledger
-                .run(
-                    "load balancer".into(),
-                    Box::pin(async {
-                        if !dry {
-                            let resource = &format!("load balancer {arn}");
+            let resource = &format!("load balancer {arn}");
+            let work = async {
+                aws.elb
+                    .delete_load_balancer()
+                    .load_balancer_arn(arn)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        DeployError::aws(resource, "elasticloadbalancing:DeleteLoadBalancer", &e)
+                    })?;
+                removal
+                    .until_gone(resource, move || async move {
+                        let found = none_if(
                             aws.elb
-                                .delete_load_balancer()
-                                .load_balancer_arn(arn)
+                                .describe_load_balancers()
+                                .load_balancer_arns(arn)
                                 .send()
-                                .await
-                                .map_err(|e| {
-                                    DeployError::aws(
-                                        resource,
-                                        "elasticloadbalancing:DeleteLoadBalancer",
-                                        &e,
-                                    )
-                                })?;
-                            wait::until(
-                                resource,
-                                removal.timeout,
-                                removal.poll,
-                                move || async move {
-                                    match aws
-                                        .elb
-                                        .describe_load_balancers()
-                                        .load_balancer_arns(arn)
-                                        .send()
-                                        .await
-                                    {
-                                        Ok(found) if found.load_balancers().is_empty() => Ok(None),
-                                        Ok(_) => Ok(Some("deleting".to_owned())),
-                                        Err(e)
-                                            if e.as_service_error().is_some_and(|e| {
-                                                e.is_load_balancer_not_found_exception()
-                                            }) =>
-                                        {
-                                            Ok(None)
-                                        }
-                                        Err(e) => Err(DeployError::aws(
-                                            resource,
-                                            "elasticloadbalancing:DescribeLoadBalancers",
-                                            &e,
-                                        )),
-                                    }
-                                },
-                            )
-                            .await?;
-                        }
-                        done(arn.clone())
-                    }),
-                )
-                .await?;
+                                .await,
+                            |e| e.is_load_balancer_not_found_exception(),
+                            resource,
+                            "elasticloadbalancing:DescribeLoadBalancers",
+                        )?;
+                        Ok(found
+                            .filter(|f| !f.load_balancers().is_empty())
+                            .map(|_| "deleting".to_owned()))
+                    })
+                    .await
+            };
+            removal.step(ledger, "load balancer", arn, work).await?;
         }
         if let Some(arn) = &self.target_group {
-            ledger
-                .run(
-                    "target group".into(),
-                    Box::pin(async {
-                        if !dry {
-                            aws.elb
-                                .delete_target_group()
-                                .target_group_arn(arn)
-                                .send()
-                                .await
-                                .map_err(|e| {
-                                    DeployError::aws(
-                                        format!("target group {arn}"),
-                                        "elasticloadbalancing:DeleteTargetGroup",
-                                        &e,
-                                    )
-                                })?;
-                        }
-                        done(arn.clone())
-                    }),
-                )
-                .await?;
+            let work = async {
+                aws.elb
+                    .delete_target_group()
+                    .target_group_arn(arn)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        DeployError::aws(
+                            format!("target group {arn}"),
+                            "elasticloadbalancing:DeleteTargetGroup",
+                            &e,
+                        )
+                    })?;
+                Ok(())
+            };
+            removal.step(ledger, "target group", arn, work).await?;
         }
         if let Some(id) = &self.redis {
-            ledger
-                .run(
-                    "ElastiCache replication group".into(),
-                    Box::pin(async {
-                        if !dry {
-                            let resource = &format!("ElastiCache replication group {id}");
-                            let deleting = aws
-                                .elasticache
-                                .delete_replication_group()
+            let resource = &format!("ElastiCache replication group {id}");
+            let work = async {
+                // Already being deleted by an earlier run (an invalid state): only waited on.
+                none_if(
+                    aws.elasticache
+                        .delete_replication_group()
+                        .replication_group_id(id)
+                        .send()
+                        .await,
+                    |e| e.is_invalid_replication_group_state_fault(),
+                    resource,
+                    "elasticache:DeleteReplicationGroup",
+                )?;
+                removal
+                    .until_gone(resource, move || async move {
+                        let found = none_if(
+                            aws.elasticache
+                                .describe_replication_groups()
                                 .replication_group_id(id)
                                 .send()
-                                .await;
-                            match deleting {
-                                Ok(_) => {}
-                                // Already being deleted by an earlier run: only waited on.
-                                Err(e)
-                                    if e.as_service_error().is_some_and(|e| {
-                                        e.is_invalid_replication_group_state_fault()
-                                    }) => {}
-                                Err(e) => {
-                                    return Err(DeployError::aws(
-                                        resource,
-                                        "elasticache:DeleteReplicationGroup",
-                                        &e,
-                                    ));
-                                }
-                            }
-                            wait::until(
-                                resource,
-                                removal.timeout,
-                                removal.poll,
-                                move || async move {
-                                    match aws
-                                        .elasticache
-                                        .describe_replication_groups()
-                                        .replication_group_id(id)
-                                        .send()
-                                        .await
-                                    {
-                                        Ok(found) => Ok(Some(
-                                            found
-                                                .replication_groups()
-                                                .first()
-                                                .and_then(|g| g.status())
-                                                .unwrap_or("deleting")
-                                                .to_owned(),
-                                        )),
-                                        Err(e)
-                                            if e.as_service_error().is_some_and(|e| {
-                                                e.is_replication_group_not_found_fault()
-                                            }) =>
-                                        {
-                                            Ok(None)
-                                        }
-                                        Err(e) => Err(DeployError::aws(
-                                            resource,
-                                            "elasticache:DescribeReplicationGroups",
-                                            &e,
-                                        )),
-                                    }
-                                },
-                            )
-                            .await?;
-                        }
-                        done(id.clone())
-                    }),
-                )
+                                .await,
+                            |e| e.is_replication_group_not_found_fault(),
+                            resource,
+                            "elasticache:DescribeReplicationGroups",
+                        )?;
+                        Ok(found.map(|f| {
+                            f.replication_groups()
+                                .first()
+                                .and_then(|g| g.status())
+                                .unwrap_or("deleting")
+                                .to_owned()
+                        }))
+                    })
+                    .await
+            };
+            removal
+                .step(ledger, "ElastiCache replication group", id, work)
                 .await?;
         }
         if let Some(name) = &self.subnet_group {
-            ledger
-                .run(
-                    "cache subnet group".into(),
-                    Box::pin(async {
-                        if !dry {
-                            aws.elasticache
-                                .delete_cache_subnet_group()
-                                .cache_subnet_group_name(name)
-                                .send()
-                                .await
-                                .map_err(|e| {
-                                    DeployError::aws(
-                                        format!("cache subnet group {name}"),
-                                        "elasticache:DeleteCacheSubnetGroup",
-                                        &e,
-                                    )
-                                })?;
-                        }
-                        done(name.clone())
-                    }),
-                )
+            let work = async {
+                aws.elasticache
+                    .delete_cache_subnet_group()
+                    .cache_subnet_group_name(name)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        DeployError::aws(
+                            format!("cache subnet group {name}"),
+                            "elasticache:DeleteCacheSubnetGroup",
+                            &e,
+                        )
+                    })?;
+                Ok(())
+            };
+            removal
+                .step(ledger, "cache subnet group", name, work)
                 .await?;
         }
         if let Some(arn) = &self.secret {
-            ledger
-                .run(
-                    "Redis AUTH token secret".into(),
-                    Box::pin(async {
-                        if !dry {
-                            // Without the recovery window, so that a bootstrap of the same
-                            // name can run again at once.
-                            aws.secrets
-                                .delete_secret()
-                                .secret_id(arn)
-                                .force_delete_without_recovery(true)
-                                .send()
-                                .await
-                                .map_err(|e| {
-                                    DeployError::aws(
-                                        format!("secret {arn}"),
-                                        "secretsmanager:DeleteSecret",
-                                        &e,
-                                    )
-                                })?;
-                        }
-                        done(arn.clone())
-                    }),
-                )
+            let work = async {
+                // Without the recovery window, so that a bootstrap of the same name can
+                // run again at once.
+                aws.secrets
+                    .delete_secret()
+                    .secret_id(arn)
+                    .force_delete_without_recovery(true)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        DeployError::aws(format!("secret {arn}"), "secretsmanager:DeleteSecret", &e)
+                    })?;
+                Ok(())
+            };
+            removal
+                .step(ledger, "Redis AUTH token secret", arn, work)
                 .await?;
         }
         if let Some(cluster) = &self.cluster {
-            ledger
-                .run(
-                    "ECS cluster".into(),
-                    Box::pin(async {
-                        if !dry {
-                            aws.ecs
-                                .delete_cluster()
-                                .cluster(cluster)
-                                .send()
-                                .await
-                                .map_err(|e| {
-                                    DeployError::aws(
-                                        format!("ECS cluster {cluster}"),
-                                        "ecs:DeleteCluster",
-                                        &e,
-                                    )
-                                })?;
-                        }
-                        done(cluster.clone())
-                    }),
-                )
-                .await?;
+            let work = async {
+                aws.ecs
+                    .delete_cluster()
+                    .cluster(cluster)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        DeployError::aws(format!("ECS cluster {cluster}"), "ecs:DeleteCluster", &e)
+                    })?;
+                Ok(())
+            };
+            removal.step(ledger, "ECS cluster", cluster, work).await?;
         }
         for role in &self.roles {
             ledger
                 .run(
                     format!("IAM role {role}"),
-                    Box::pin(remove_role(aws, role, dry)),
+                    Box::pin(remove_role(aws, role, removal.dry_run)),
                 )
                 .await?;
         }
@@ -503,229 +445,158 @@ impl Infrastructure {
         ledger: &mut Ledger,
     ) -> Result<(), DeployError> {
         let ec2 = &removal.aws.ec2;
-        let dry = removal.dry_run;
-        let count = |n: usize, what: &str| -> crate::apply::Outcome<()> {
-            Ok((
-                (),
-                if dry {
-                    format!("would delete {n} {what}")
-                } else {
-                    format!("deleted {n} {what}")
-                },
-            ))
-        };
+        // Each kind goes as one step: its label, and how many went.
+        let counted = |n: usize, what: &str| format!("{n} {what}");
         if !self.nat_gateways.is_empty() {
-            ledger
-                .run(
-                    "NAT gateways".into(),
-                    Box::pin(async {
-                        if !dry {
-                            for id in &self.nat_gateways {
-                                let resource = format!("NAT gateway {id}");
-                                ec2.delete_nat_gateway()
-                                    .nat_gateway_id(id)
-                                    .send()
-                                    .await
-                                    .map_err(|e| {
-                                        DeployError::aws(&resource, "ec2:DeleteNatGateway", &e)
-                                    })?;
-                            }
-                            for id in &self.nat_gateways {
-                                let resource = &format!("NAT gateway {id}");
-                                wait::until(
-                                    resource,
-                                    removal.timeout,
-                                    removal.poll,
-                                    move || async move {
-                                        let found = ec2
-                                            .describe_nat_gateways()
-                                            .nat_gateway_ids(id)
-                                            .send()
-                                            .await
-                                            .map_err(|e| {
-                                                DeployError::aws(
-                                                    resource,
-                                                    "ec2:DescribeNatGateways",
-                                                    &e,
-                                                )
-                                            })?;
-                                        let state = found
-                                            .nat_gateways()
-                                            .first()
-                                            .and_then(|n| n.state())
-                                            .map(|s| s.as_str().to_owned());
-                                        Ok(match state.as_deref() {
-                                            None | Some("deleted") => None,
-                                            Some(state) => Some(state.to_owned()),
-                                        })
-                                    },
-                                )
-                                .await?;
-                            }
-                        }
-                        count(self.nat_gateways.len(), "NAT gateway(s)")
-                    }),
-                )
-                .await?;
+            let work = async {
+                for id in &self.nat_gateways {
+                    let resource = format!("NAT gateway {id}");
+                    ec2.delete_nat_gateway()
+                        .nat_gateway_id(id)
+                        .send()
+                        .await
+                        .map_err(|e| DeployError::aws(&resource, "ec2:DeleteNatGateway", &e))?;
+                }
+                for id in &self.nat_gateways {
+                    let resource = &format!("NAT gateway {id}");
+                    removal
+                        .until_gone(resource, move || async move {
+                            let found = ec2
+                                .describe_nat_gateways()
+                                .nat_gateway_ids(id)
+                                .send()
+                                .await
+                                .map_err(|e| {
+                                    DeployError::aws(resource, "ec2:DescribeNatGateways", &e)
+                                })?;
+                            let state = found
+                                .nat_gateways()
+                                .first()
+                                .and_then(|n| n.state())
+                                .map(|s| s.as_str().to_owned());
+                            Ok(match state.as_deref() {
+                                None | Some("deleted") => None,
+                                Some(state) => Some(state.to_owned()),
+                            })
+                        })
+                        .await?;
+                }
+                Ok(())
+            };
+            let what = counted(self.nat_gateways.len(), "NAT gateway(s)");
+            removal.step(ledger, "NAT gateways", &what, work).await?;
         }
         if !self.addresses.is_empty() {
-            ledger
-                .run(
-                    "Elastic IPs".into(),
-                    Box::pin(async {
-                        if !dry {
-                            for id in &self.addresses {
-                                in_use_retry(
-                                    removal,
-                                    &format!("Elastic IP {id}"),
-                                    "ec2:ReleaseAddress",
-                                    || ec2.release_address().allocation_id(id).send(),
-                                )
-                                .await?;
-                            }
-                        }
-                        count(self.addresses.len(), "Elastic IP(s)")
-                    }),
-                )
-                .await?;
+            let work = async {
+                for id in &self.addresses {
+                    in_use_retry(
+                        removal,
+                        &format!("Elastic IP {id}"),
+                        "ec2:ReleaseAddress",
+                        || ec2.release_address().allocation_id(id).send(),
+                    )
+                    .await?;
+                }
+                Ok(())
+            };
+            let what = counted(self.addresses.len(), "Elastic IP(s)");
+            removal.step(ledger, "Elastic IPs", &what, work).await?;
         }
         if !self.security_groups.is_empty() {
-            ledger
-                .run(
-                    "security groups".into(),
-                    Box::pin(async {
-                        if !dry {
-                            for (id, name) in &self.security_groups {
-                                in_use_retry(
-                                    removal,
-                                    &format!("security group {name} ({id})"),
-                                    "ec2:DeleteSecurityGroup",
-                                    || ec2.delete_security_group().group_id(id).send(),
-                                )
-                                .await?;
-                            }
-                        }
-                        count(self.security_groups.len(), "security group(s)")
-                    }),
-                )
-                .await?;
+            let work = async {
+                for (id, name) in &self.security_groups {
+                    in_use_retry(
+                        removal,
+                        &format!("security group {name} ({id})"),
+                        "ec2:DeleteSecurityGroup",
+                        || ec2.delete_security_group().group_id(id).send(),
+                    )
+                    .await?;
+                }
+                Ok(())
+            };
+            let what = counted(self.security_groups.len(), "security group(s)");
+            removal.step(ledger, "security groups", &what, work).await?;
         }
         if !self.route_tables.is_empty() {
-            ledger
-                .run(
-                    "route tables".into(),
-                    Box::pin(async {
-                        if !dry {
-                            for (id, associations) in &self.route_tables {
-                                let resource = format!("route table {id}");
-                                // A table with subnets cannot go; they fall back to the
-                                // VPC's main table until they go themselves.
-                                for association in associations {
-                                    ec2.disassociate_route_table()
-                                        .association_id(association)
-                                        .send()
-                                        .await
-                                        .map_err(|e| {
-                                            DeployError::aws(
-                                                &resource,
-                                                "ec2:DisassociateRouteTable",
-                                                &e,
-                                            )
-                                        })?;
-                                }
-                                in_use_retry(removal, &resource, "ec2:DeleteRouteTable", || {
-                                    ec2.delete_route_table().route_table_id(id).send()
-                                })
-                                .await?;
-                            }
-                        }
-                        count(self.route_tables.len(), "route table(s)")
-                    }),
-                )
-                .await?;
+            let work = async {
+                for (id, associations) in &self.route_tables {
+                    let resource = format!("route table {id}");
+                    // A table with subnets cannot go; they fall back to the VPC's main
+                    // table until they go themselves.
+                    for association in associations {
+                        ec2.disassociate_route_table()
+                            .association_id(association)
+                            .send()
+                            .await
+                            .map_err(|e| {
+                                DeployError::aws(&resource, "ec2:DisassociateRouteTable", &e)
+                            })?;
+                    }
+                    in_use_retry(removal, &resource, "ec2:DeleteRouteTable", || {
+                        ec2.delete_route_table().route_table_id(id).send()
+                    })
+                    .await?;
+                }
+                Ok(())
+            };
+            let what = counted(self.route_tables.len(), "route table(s)");
+            removal.step(ledger, "route tables", &what, work).await?;
         }
         if !self.subnets.is_empty() {
-            ledger
-                .run(
-                    "subnets".into(),
-                    Box::pin(async {
-                        if !dry {
-                            for id in &self.subnets {
-                                in_use_retry(
-                                    removal,
-                                    &format!("subnet {id}"),
-                                    "ec2:DeleteSubnet",
-                                    || ec2.delete_subnet().subnet_id(id).send(),
-                                )
-                                .await?;
-                            }
-                        }
-                        count(self.subnets.len(), "subnet(s)")
-                    }),
-                )
-                .await?;
+            let work = async {
+                for id in &self.subnets {
+                    in_use_retry(removal, &format!("subnet {id}"), "ec2:DeleteSubnet", || {
+                        ec2.delete_subnet().subnet_id(id).send()
+                    })
+                    .await?;
+                }
+                Ok(())
+            };
+            let what = counted(self.subnets.len(), "subnet(s)");
+            removal.step(ledger, "subnets", &what, work).await?;
         }
         if !self.gateways.is_empty() {
-            ledger
-                .run(
-                    "internet gateway".into(),
-                    Box::pin(async {
-                        if !dry {
-                            for (id, vpcs) in &self.gateways {
-                                let resource = format!("internet gateway {id}");
-                                for vpc in vpcs {
-                                    in_use_retry(
-                                        removal,
-                                        &resource,
-                                        "ec2:DetachInternetGateway",
-                                        || {
-                                            ec2.detach_internet_gateway()
-                                                .internet_gateway_id(id)
-                                                .vpc_id(vpc)
-                                                .send()
-                                        },
-                                    )
-                                    .await?;
-                                }
-                                in_use_retry(
-                                    removal,
-                                    &resource,
-                                    "ec2:DeleteInternetGateway",
-                                    || ec2.delete_internet_gateway().internet_gateway_id(id).send(),
-                                )
-                                .await?;
-                            }
-                        }
-                        count(self.gateways.len(), "internet gateway(s)")
-                    }),
-                )
+            let work = async {
+                for (id, vpcs) in &self.gateways {
+                    let resource = format!("internet gateway {id}");
+                    for vpc in vpcs {
+                        in_use_retry(removal, &resource, "ec2:DetachInternetGateway", || {
+                            ec2.detach_internet_gateway()
+                                .internet_gateway_id(id)
+                                .vpc_id(vpc)
+                                .send()
+                        })
+                        .await?;
+                    }
+                    in_use_retry(removal, &resource, "ec2:DeleteInternetGateway", || {
+                        ec2.delete_internet_gateway().internet_gateway_id(id).send()
+                    })
+                    .await?;
+                }
+                Ok(())
+            };
+            let what = counted(self.gateways.len(), "internet gateway(s)");
+            removal
+                .step(ledger, "internet gateway", &what, work)
                 .await?;
         }
         if !self.vpcs.is_empty() {
-            ledger
-                .run(
-                    "VPC".into(),
-                    Box::pin(async {
-                        if !dry {
-                            for id in &self.vpcs {
-                                in_use_retry(
-                                    removal,
-                                    &format!("VPC {id}"),
-                                    "ec2:DeleteVpc",
-                                    || ec2.delete_vpc().vpc_id(id).send(),
-                                )
-                                .await?;
-                            }
-                        }
-                        count(self.vpcs.len(), "VPC(s)")
-                    }),
-                )
-                .await?;
+            let work = async {
+                for id in &self.vpcs {
+                    in_use_retry(removal, &format!("VPC {id}"), "ec2:DeleteVpc", || {
+                        ec2.delete_vpc().vpc_id(id).send()
+                    })
+                    .await?;
+                }
+                Ok(())
+            };
+            let what = counted(self.vpcs.len(), "VPC(s)");
+            removal.step(ledger, "VPC", &what, work).await?;
         }
         Ok(())
     }
 }
-
 /// Makes an EC2 deletion, again while EC2 says something still uses the resource (the
 /// network interfaces of what was just deleted take minutes to go).
 async fn in_use_retry<F, Fut, T, E>(
@@ -739,20 +610,20 @@ where
     Fut: Future<Output = Result<T, E>>,
     E: std::error::Error + ProvideErrorMetadata + 'static,
 {
-    wait::until(resource, removal.timeout, removal.poll, move || {
-        let attempt = call();
-        async move {
-            match attempt.await {
-                Ok(_) => Ok(None),
-                Err(e) if e.code() == Some("DependencyViolation") => {
-                    Ok(Some("still in use, waiting".to_owned()))
+    removal
+        .until_gone(resource, move || {
+            let attempt = call();
+            async move {
+                match attempt.await {
+                    Ok(_) => Ok(None),
+                    Err(e) if e.code() == Some("DependencyViolation") => {
+                        Ok(Some("still in use, waiting".to_owned()))
+                    }
+                    Err(e) => Err(DeployError::aws(resource, operation, &e)),
                 }
-                Err(e) => Err(DeployError::aws(resource, operation, &e)),
             }
-        }
-    })
-    .await
-    .map(drop)
+        })
+        .await
 }
 
 /// Deletes a role with its inline and attached policies.
