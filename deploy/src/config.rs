@@ -321,22 +321,31 @@ fn default_scale_out_cooldown() -> i32 {
     60
 }
 
+/// The manifest's text, read from `file`.
+fn read(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: file.to_owned(),
+        source,
+    })
+}
+
+/// The manifest as the server parses it; `file` names it in errors.
+fn runtime(text: &str, file: &Path) -> Result<Manifest, ConfigError> {
+    Manifest::parse(text).map_err(|source| ConfigError::Runtime {
+        file: file.to_owned(),
+        source,
+    })
+}
+
 impl Deployment {
     /// Reads the manifest at `file` and validates all of it.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-            file: file.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, file)
+        Self::parse(&read(file)?, file)
     }
 
     /// Validates a manifest's text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
-        let manifest = Manifest::parse(text).map_err(|source| ConfigError::Runtime {
-            file: file.to_owned(),
-            source,
-        })?;
+        let manifest = runtime(text, file)?;
         Self::with_deploy(text, manifest).map_err(|Bad { path, message }| ConfigError::Invalid {
             file: file.to_owned(),
             path,
@@ -492,19 +501,12 @@ pub const BOOTSTRAP_NAME_MAX: usize = 25;
 impl Blueprint {
     /// Reads the manifest at `file` and validates what bootstrap needs of it.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-            file: file.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, file)
+        Self::parse(&read(file)?, file)
     }
 
     /// Validates a manifest's text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
-        let manifest = Manifest::parse(text).map_err(|source| ConfigError::Runtime {
-            file: file.to_owned(),
-            source,
-        })?;
+        let manifest = runtime(text, file)?;
         let invalid = |Bad { path, message }| ConfigError::Invalid {
             file: file.to_owned(),
             path,
