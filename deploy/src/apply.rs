@@ -27,7 +27,7 @@ use base64::Engine as _;
 use crate::archive::Image;
 use crate::config::Deployment;
 use crate::destroy::{self, DEPLOYMENT_TAG, Family, FoundService};
-use crate::error::{DeployError, Progress};
+use crate::error::{DeployError, Progress, none_if};
 use crate::plan::{self, FINGERPRINT_TAG, Plan, Role, ServiceSpec, TaskDefinitionSpec};
 use crate::registry::{Endpoint, Registry};
 use crate::wait;
@@ -658,19 +658,19 @@ impl Step<'_> {
 
     async fn repository(&self, name: &str) -> Outcome<()> {
         let resource = format!("ECR repository {name}");
-        match self
-            .aws
-            .ecr
-            .describe_repositories()
-            .repository_names(name)
-            .send()
-            .await
-        {
-            Ok(_) => return Ok(((), "exists".into())),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_repository_not_found_exception()) => {}
-            Err(e) => return Err(DeployError::aws(resource, "DescribeRepositories", &e)),
+        let found = none_if(
+            self.aws
+                .ecr
+                .describe_repositories()
+                .repository_names(name)
+                .send()
+                .await,
+            |e| e.is_repository_not_found_exception(),
+            &resource,
+            "DescribeRepositories",
+        )?;
+        if found.is_some() {
+            return Ok(((), "exists".into()));
         }
         if !self.dry_run {
             self.aws

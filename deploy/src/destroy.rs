@@ -18,7 +18,7 @@ use aws_sdk_ecs::types::{
 
 use crate::apply::{Clients, Ledger, Outcome, say};
 use crate::config::{Blueprint, Deployment};
-use crate::error::DeployError;
+use crate::error::{DeployError, none_if};
 use crate::plan::{self, FINGERPRINT_TAG, Role};
 use crate::teardown::Removal;
 use crate::wait;
@@ -95,15 +95,14 @@ pub(crate) async fn services(
         .send()
         .collect::<Result<Vec<String>, _>>()
         .await;
-    let arns = match listed {
-        Ok(arns) => arns,
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_cluster_not_found_exception()) =>
-        {
-            return Ok(Vec::new());
-        }
-        Err(e) => return Err(DeployError::aws(resource, "ListServices", &e)),
+    let Some(arns) = none_if(
+        listed,
+        |e| e.is_cluster_not_found_exception(),
+        &resource,
+        "ListServices",
+    )?
+    else {
+        return Ok(Vec::new());
     };
     let candidates: Vec<String> = arns
         .iter()
@@ -448,21 +447,18 @@ async fn repository(
     name: &str,
 ) -> Result<Found, DeployError> {
     let resource = format!("ECR repository {name}");
-    let found = match aws
-        .ecr
-        .describe_repositories()
-        .repository_names(name)
-        .send()
-        .await
-    {
-        Ok(found) => found,
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_repository_not_found_exception()) =>
-        {
-            return Ok(Found::Absent);
-        }
-        Err(e) => return Err(DeployError::aws(resource, "DescribeRepositories", &e)),
+    let Some(found) = none_if(
+        aws.ecr
+            .describe_repositories()
+            .repository_names(name)
+            .send()
+            .await,
+        |e| e.is_repository_not_found_exception(),
+        &resource,
+        "DescribeRepositories",
+    )?
+    else {
+        return Ok(Found::Absent);
     };
     let Some(arn) = found
         .repositories()
@@ -503,6 +499,17 @@ impl Found {
     }
 }
 
+/// Says what a removal removes, or plans to in a dry run.
+fn announce(dry_run: bool, what: std::fmt::Arguments<'_>) {
+    if dry_run {
+        say(format_args!(
+            "Planning the removal of {what} (dry run: nothing will be changed)"
+        ));
+    } else {
+        say(format_args!("Removing {what}"));
+    }
+}
+
 /// Removes what bootstrap created for a manifest that a deploy cannot read yet (a
 /// bootstrap that was interrupted before it wrote the ids back): there are no services.
 pub async fn destroy_bootstrapped(
@@ -511,21 +518,13 @@ pub async fn destroy_bootstrapped(
 ) -> Result<(), DeployError> {
     let deploy = &blueprint.deploy;
     let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
-    say(format_args!(
-        "{} what bootstrap created for {} in {}{}",
-        if options.dry_run {
-            "Planning the removal of"
-        } else {
-            "Removing"
-        },
-        deploy.name,
-        deploy.region,
-        if options.dry_run {
-            " (dry run: nothing will be changed)"
-        } else {
-            ""
-        },
-    ));
+    announce(
+        options.dry_run,
+        format_args!(
+            "what bootstrap created for {} in {}",
+            deploy.name, deploy.region
+        ),
+    );
     let removal = Removal {
         aws: &aws,
         name: &deploy.name,
@@ -554,22 +553,13 @@ pub async fn destroy_bootstrapped(
 pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Result<(), DeployError> {
     let deploy = &deployment.deploy;
     let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
-    say(format_args!(
-        "{} {} from ECS cluster {} in {}{}",
-        if options.dry_run {
-            "Planning the removal of"
-        } else {
-            "Removing"
-        },
-        deploy.name,
-        deploy.cluster,
-        deploy.region,
-        if options.dry_run {
-            " (dry run: nothing will be changed)"
-        } else {
-            ""
-        },
-    ));
+    announce(
+        options.dry_run,
+        format_args!(
+            "{} from ECS cluster {} in {}",
+            deploy.name, deploy.cluster, deploy.region
+        ),
+    );
 
     // Everything is found first, with read-only calls, so that a failure midway can say
     // what was removed and what was not.

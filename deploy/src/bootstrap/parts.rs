@@ -14,7 +14,7 @@ use aws_sdk_elasticloadbalancingv2::types::{
 use super::{Ctx, PLANNED};
 use crate::apply::{DEREGISTRATION_DELAY_SECS, HEALTH_CHECK_PATH, Outcome};
 use crate::destroy::DEPLOYMENT_TAG;
-use crate::error::DeployError;
+use crate::error::{DeployError, none_if};
 use crate::wait;
 
 /// The deregistration delay bootstrap sets: inside what a deploy accepts, short enough
@@ -147,28 +147,19 @@ async fn elb_ours(ctx: &Ctx<'_>, arn: &str, resource: &str) -> Result<bool, Depl
 pub(crate) async fn find_target_group(ctx: &Ctx<'_>) -> Result<Owned<String>, DeployError> {
     let name = Names::of(ctx.name).target_group;
     let resource = format!("target group {name}");
-    let found = match ctx
-        .aws
-        .elb
-        .describe_target_groups()
-        .names(&name)
-        .send()
-        .await
-    {
-        Ok(found) => found,
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_target_group_not_found_exception()) =>
-        {
-            return Ok(Owned::Absent);
-        }
-        Err(e) => {
-            return Err(DeployError::aws(
-                resource,
-                "elasticloadbalancing:DescribeTargetGroups",
-                &e,
-            ));
-        }
+    let Some(found) = none_if(
+        ctx.aws
+            .elb
+            .describe_target_groups()
+            .names(&name)
+            .send()
+            .await,
+        |e| e.is_target_group_not_found_exception(),
+        &resource,
+        "elasticloadbalancing:DescribeTargetGroups",
+    )?
+    else {
+        return Ok(Owned::Absent);
     };
     let Some(arn) = found
         .target_groups()
@@ -190,28 +181,19 @@ pub(crate) async fn find_load_balancer(
 ) -> Result<Owned<(String, String)>, DeployError> {
     let name = Names::of(ctx.name).load_balancer;
     let resource = format!("load balancer {name}");
-    let found = match ctx
-        .aws
-        .elb
-        .describe_load_balancers()
-        .names(&name)
-        .send()
-        .await
-    {
-        Ok(found) => found,
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_load_balancer_not_found_exception()) =>
-        {
-            return Ok(Owned::Absent);
-        }
-        Err(e) => {
-            return Err(DeployError::aws(
-                &resource,
-                "elasticloadbalancing:DescribeLoadBalancers",
-                &e,
-            ));
-        }
+    let Some(found) = none_if(
+        ctx.aws
+            .elb
+            .describe_load_balancers()
+            .names(&name)
+            .send()
+            .await,
+        |e| e.is_load_balancer_not_found_exception(),
+        &resource,
+        "elasticloadbalancing:DescribeLoadBalancers",
+    )?
+    else {
+        return Ok(Owned::Absent);
     };
     let Some(balancer) = found.load_balancers().first() else {
         return Ok(Owned::Absent);
@@ -568,34 +550,27 @@ pub(super) struct Redis {
 /// The AUTH token's secret, by name: its ARN.
 pub(crate) async fn find_secret(ctx: &Ctx<'_>, name: &str) -> Result<Owned<String>, DeployError> {
     let resource = format!("secret {name}");
-    match ctx
-        .aws
-        .secrets
-        .describe_secret()
-        .secret_id(name)
-        .send()
-        .await
-    {
-        Ok(found) => Ok(judge(
+    let found = none_if(
+        ctx.aws
+            .secrets
+            .describe_secret()
+            .secret_id(name)
+            .send()
+            .await,
+        |e| e.is_resource_not_found_exception(),
+        &resource,
+        "secretsmanager:DescribeSecret",
+    )?;
+    Ok(found.map_or(Owned::Absent, |found| {
+        judge(
             ctx,
             found
                 .tags()
                 .iter()
                 .filter_map(|t| Some((t.key()?, t.value()?))),
             found.arn().unwrap_or_default().to_owned(),
-        )),
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_resource_not_found_exception()) =>
-        {
-            Ok(Owned::Absent)
-        }
-        Err(e) => Err(DeployError::aws(
-            resource,
-            "secretsmanager:DescribeSecret",
-            &e,
-        )),
-    }
+        )
+    }))
 }
 
 /// The deployment's replication group, by name.
@@ -604,28 +579,19 @@ pub(crate) async fn find_redis(
 ) -> Result<Owned<aws_sdk_elasticache::types::ReplicationGroup>, DeployError> {
     let name = Names::of(ctx.name).redis;
     let resource = format!("ElastiCache replication group {name}");
-    let found = match ctx
-        .aws
-        .elasticache
-        .describe_replication_groups()
-        .replication_group_id(&name)
-        .send()
-        .await
-    {
-        Ok(found) => found,
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_replication_group_not_found_fault()) =>
-        {
-            return Ok(Owned::Absent);
-        }
-        Err(e) => {
-            return Err(DeployError::aws(
-                resource,
-                "elasticache:DescribeReplicationGroups",
-                &e,
-            ));
-        }
+    let Some(found) = none_if(
+        ctx.aws
+            .elasticache
+            .describe_replication_groups()
+            .replication_group_id(&name)
+            .send()
+            .await,
+        |e| e.is_replication_group_not_found_fault(),
+        &resource,
+        "elasticache:DescribeReplicationGroups",
+    )?
+    else {
+        return Ok(Owned::Absent);
     };
     let Some(group) = found.replication_groups().first().cloned() else {
         return Ok(Owned::Absent);
@@ -662,28 +628,19 @@ async fn cache_owned<T>(
 pub(crate) async fn find_subnet_group(ctx: &Ctx<'_>) -> Result<Owned<String>, DeployError> {
     let name = Names::of(ctx.name).redis;
     let resource = format!("cache subnet group {name}");
-    let found = match ctx
-        .aws
-        .elasticache
-        .describe_cache_subnet_groups()
-        .cache_subnet_group_name(&name)
-        .send()
-        .await
-    {
-        Ok(found) => found,
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_cache_subnet_group_not_found_fault()) =>
-        {
-            return Ok(Owned::Absent);
-        }
-        Err(e) => {
-            return Err(DeployError::aws(
-                resource,
-                "elasticache:DescribeCacheSubnetGroups",
-                &e,
-            ));
-        }
+    let Some(found) = none_if(
+        ctx.aws
+            .elasticache
+            .describe_cache_subnet_groups()
+            .cache_subnet_group_name(&name)
+            .send()
+            .await,
+        |e| e.is_cache_subnet_group_not_found_fault(),
+        &resource,
+        "elasticache:DescribeCacheSubnetGroups",
+    )?
+    else {
+        return Ok(Owned::Absent);
     };
     let Some(arn) = found
         .cache_subnet_groups()
@@ -966,23 +923,20 @@ const EXECUTION_POLICY: &str = "fjord-execution";
 /// The deployment's role `name`: its ARN.
 pub(crate) async fn find_role(ctx: &Ctx<'_>, name: &str) -> Result<Owned<String>, DeployError> {
     let resource = format!("IAM role {name}");
-    match ctx.aws.iam.get_role().role_name(name).send().await {
-        Ok(found) => Ok(match found.role() {
-            Some(role) => judge(
-                ctx,
-                role.tags().iter().map(|t| (t.key(), t.value())),
-                role.arn().to_owned(),
-            ),
-            None => Owned::Absent,
-        }),
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_no_such_entity_exception()) =>
-        {
-            Ok(Owned::Absent)
-        }
-        Err(e) => Err(DeployError::aws(resource, "iam:GetRole", &e)),
-    }
+    let found = none_if(
+        ctx.aws.iam.get_role().role_name(name).send().await,
+        |e| e.is_no_such_entity_exception(),
+        &resource,
+        "iam:GetRole",
+    )?;
+    Ok(match found.as_ref().and_then(|found| found.role()) {
+        Some(role) => judge(
+            ctx,
+            role.tags().iter().map(|t| (t.key(), t.value())),
+            role.arn().to_owned(),
+        ),
+        None => Owned::Absent,
+    })
 }
 
 /// Finds or creates the role `name` that ECS tasks assume; returns its ARN and whether it
@@ -1085,24 +1039,19 @@ pub(super) async fn put_policy(
     policy: &serde_json::Value,
 ) -> Result<bool, DeployError> {
     let resource = format!("IAM role {role}");
-    let current = match ctx
-        .aws
-        .iam
-        .get_role_policy()
-        .role_name(role)
-        .policy_name(EXECUTION_POLICY)
-        .send()
-        .await
-    {
-        Ok(found) => Some(found.policy_document().to_owned()),
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_no_such_entity_exception()) =>
-        {
-            None
-        }
-        Err(e) => return Err(DeployError::aws(&resource, "iam:GetRolePolicy", &e)),
-    };
+    let current = none_if(
+        ctx.aws
+            .iam
+            .get_role_policy()
+            .role_name(role)
+            .policy_name(EXECUTION_POLICY)
+            .send()
+            .await,
+        |e| e.is_no_such_entity_exception(),
+        &resource,
+        "iam:GetRolePolicy",
+    )?
+    .map(|found| found.policy_document().to_owned());
     // IAM hands policy documents back URL-encoded.
     let same = current.is_some_and(|document| {
         let decoded = percent_decode(&document);
