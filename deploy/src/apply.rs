@@ -31,6 +31,7 @@ use crate::error::{DeployError, Progress, none_if};
 use crate::plan::{self, FINGERPRINT_TAG, Plan, Role, ServiceSpec, TaskDefinitionSpec};
 use crate::registry::{Endpoint, Registry};
 use crate::wait;
+use aws_sdk_ecr::operation::describe_repositories::DescribeRepositoriesOutput;
 
 /// How to run a deploy.
 #[derive(Debug, Clone)]
@@ -658,18 +659,7 @@ impl Step<'_> {
 
     async fn repository(&self, name: &str) -> Outcome<()> {
         let resource = format!("ECR repository {name}");
-        let found = none_if(
-            self.aws
-                .ecr
-                .describe_repositories()
-                .repository_names(name)
-                .send()
-                .await,
-            |e| e.is_repository_not_found_exception(),
-            &resource,
-            "DescribeRepositories",
-        )?;
-        if found.is_some() {
+        if find_repository(self.aws, name, &resource).await?.is_some() {
             return Ok(((), "exists".into()));
         }
         if !self.dry_run {
@@ -1040,6 +1030,24 @@ impl Step<'_> {
 fn has_fingerprint(tags: &[Tag], fingerprint: &str) -> bool {
     tags.iter()
         .any(|t| t.key() == Some(FINGERPRINT_TAG) && t.value() == Some(fingerprint))
+}
+
+/// The ECR repository `name`, or `None` where there is none.
+pub(crate) async fn find_repository(
+    aws: &Clients,
+    name: &str,
+    resource: &str,
+) -> Result<Option<DescribeRepositoriesOutput>, DeployError> {
+    none_if(
+        aws.ecr
+            .describe_repositories()
+            .repository_names(name)
+            .send()
+            .await,
+        |e| e.is_repository_not_found_exception(),
+        resource,
+        "DescribeRepositories",
+    )
 }
 
 /// `family:revision` of a task definition ARN.

@@ -16,7 +16,7 @@ use aws_sdk_ecs::types::{
     ServiceField, TaskDefinitionFamilyStatus, TaskDefinitionField, TaskDefinitionStatus,
 };
 
-use crate::apply::{Clients, Ledger, Outcome, say};
+use crate::apply::{Clients, Ledger, Outcome, find_repository, say};
 use crate::config::{Blueprint, Deployment};
 use crate::error::{DeployError, none_if};
 use crate::plan::{self, FINGERPRINT_TAG, Role};
@@ -41,6 +41,20 @@ pub struct DestroyOptions {
     pub drain_timeout: Duration,
     /// How often to look while waiting.
     pub poll: Duration,
+}
+
+impl DestroyOptions {
+    /// The teardown of what bootstrap created for `name` in `region`, as these options say.
+    fn removal<'a>(&self, aws: &'a Clients, name: &'a str, region: &'a str) -> Removal<'a> {
+        Removal {
+            aws,
+            name,
+            region,
+            dry_run: self.dry_run,
+            timeout: self.drain_timeout,
+            poll: self.poll,
+        }
+    }
 }
 
 /// Whether a resource of `deployment` carrying `tags` was created by a deploy of it.
@@ -447,17 +461,7 @@ async fn repository(
     name: &str,
 ) -> Result<Found, DeployError> {
     let resource = format!("ECR repository {name}");
-    let Some(found) = none_if(
-        aws.ecr
-            .describe_repositories()
-            .repository_names(name)
-            .send()
-            .await,
-        |e| e.is_repository_not_found_exception(),
-        &resource,
-        "DescribeRepositories",
-    )?
-    else {
+    let Some(found) = find_repository(aws, name, &resource).await? else {
         return Ok(Found::Absent);
     };
     let Some(arn) = found
@@ -525,14 +529,7 @@ pub async fn destroy_bootstrapped(
             deploy.name, deploy.region
         ),
     );
-    let removal = Removal {
-        aws: &aws,
-        name: &deploy.name,
-        region: &deploy.region,
-        dry_run: options.dry_run,
-        timeout: options.drain_timeout,
-        poll: options.poll,
-    };
+    let removal = options.removal(&aws, &deploy.name, &deploy.region);
     let infrastructure = removal.find(deploy.cluster_name()).await?;
     let labels = infrastructure.labels();
     if labels.is_empty() {
@@ -605,14 +602,7 @@ pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Resul
         .map(|(_, name)| name)
         .collect();
 
-    let removal = Removal {
-        aws: &aws,
-        name: &deploy.name,
-        region: &deploy.region,
-        dry_run: options.dry_run,
-        timeout: options.drain_timeout,
-        poll: options.poll,
-    };
+    let removal = options.removal(&aws, &deploy.name, &deploy.region);
     let infrastructure = removal.find(&deploy.cluster).await?;
 
     let mut labels: Vec<String> = services
