@@ -54,23 +54,41 @@ pub enum ServerError {
     },
 }
 
-/// Binds the manifest's `server.host` and `server.port`.
-pub async fn bind(manifest: &Manifest) -> Result<TcpListener, ServerError> {
+/// A server ready to serve: its keys and secrets loaded, then its port bound.
+#[derive(Debug)]
+pub struct Bound {
+    listener: TcpListener,
+    auth: Authenticator,
+}
+
+impl Bound {
+    /// The address it listens on (the port the OS chose, for port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Loads the keys and secrets that access control needs, then binds the manifest's
+/// `server.host` and `server.port`: a manifest whose secret is refused never holds the
+/// port, even for a moment.
+pub async fn bind(manifest: &Manifest) -> Result<Bound, ServerError> {
+    let auth = Authenticator::new(&manifest.auth).await?;
     let address = SocketAddr::new(manifest.server.host, manifest.server.port);
-    TcpListener::bind(address)
+    let listener = TcpListener::bind(address)
         .await
-        .map_err(|source| ServerError::Bind { address, source })
+        .map_err(|source| ServerError::Bind { address, source })?;
+    Ok(Bound { listener, auth })
 }
 
 /// Serves until `shutdown` resolves, then drains.
 pub async fn serve(
     manifest: &Manifest,
     bus: &Bus,
-    listener: TcpListener,
+    bound: Bound,
     static_files: &'static [StaticFile],
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let auth = Authenticator::new(&manifest.auth).await?;
+    let Bound { listener, auth } = bound;
     let reader = bus
         .reader(manifest.endpoints.keys().cloned().collect())
         .await?;

@@ -40,11 +40,11 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let bus = fjord::bus::connect_redis(&manifest.redis)
         .await
         .context("connecting to redis")?;
-    let listener = fjord::server::bind(&manifest).await?;
+    let bound = fjord::server::bind(&manifest).await?;
     fjord::server::serve(
         &manifest,
         &bus,
-        listener,
+        bound,
         &[],
         fjord::process::shutdown_signal(),
     )

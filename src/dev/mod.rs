@@ -363,8 +363,8 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         Some(_) => crate::bus::connect_redis(&manifest.redis).await?,
         None => Bus::Memory(crate::bus::memory::MemoryBus::new()),
     };
-    let listener = crate::server::bind(&manifest).await?;
-    let address = listener.local_addr().map_err(|source| ServerError::Bind {
+    let bound = crate::server::bind(&manifest).await?;
+    let address = bound.local_addr().map_err(|source| ServerError::Bind {
         address: std::net::SocketAddr::new(options.host, options.port),
         source,
     })?;
@@ -392,9 +392,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     });
     let server = {
         let (manifest, bus, stop) = (manifest.clone(), bus.clone(), stopped(stop_rx.clone()));
-        tokio::spawn(
-            async move { crate::server::serve(&manifest, &bus, listener, files, stop).await },
-        )
+        tokio::spawn(async move { crate::server::serve(&manifest, &bus, bound, files, stop).await })
     };
 
     crate::process::shutdown_signal().await;
