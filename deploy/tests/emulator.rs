@@ -1848,91 +1848,52 @@ impl Empty {
     /// Everything left in the account that carries the deployment's tag, by kind.
     async fn tagged_resources(&self, name: &str) -> Vec<String> {
         let mut left = Vec::new();
-        let vpcs = self
-            .ec2
-            .describe_vpcs()
-            .filters(Self::tagged(name))
-            .send()
-            .await
-            .unwrap();
-        left.extend(vpcs.vpcs().iter().map(|v| format!("vpc {:?}", v.vpc_id())));
-        let subnets = self
-            .ec2
-            .describe_subnets()
-            .filters(Self::tagged(name))
-            .send()
-            .await
-            .unwrap();
-        left.extend(
-            subnets
-                .subnets()
-                .iter()
-                .map(|s| format!("subnet {:?}", s.subnet_id())),
+        // One EC2 kind: its Describe call filtered by the tag, each left one as `label id`.
+        macro_rules! ec2_tagged {
+            ($describe:ident . $filter:ident, $list:ident, $label:literal, $id:ident $(, $keep:expr)?) => {
+                let found = self
+                    .ec2
+                    .$describe()
+                    .$filter(Self::tagged(name))
+                    .send()
+                    .await
+                    .unwrap();
+                left.extend(
+                    found
+                        .$list()
+                        .iter()
+                        $(.filter($keep))?
+                        .map(|item| format!(concat!($label, " {:?}"), item.$id())),
+                );
+            };
+        }
+        ec2_tagged!(describe_vpcs.filters, vpcs, "vpc", vpc_id);
+        ec2_tagged!(describe_subnets.filters, subnets, "subnet", subnet_id);
+        ec2_tagged!(
+            describe_security_groups.filters,
+            security_groups,
+            "sg",
+            group_id
         );
-        let groups = self
-            .ec2
-            .describe_security_groups()
-            .filters(Self::tagged(name))
-            .send()
-            .await
-            .unwrap();
-        left.extend(
-            groups
-                .security_groups()
-                .iter()
-                .map(|g| format!("sg {:?}", g.group_id())),
+        ec2_tagged!(
+            describe_nat_gateways.filter,
+            nat_gateways,
+            "nat",
+            nat_gateway_id,
+            |n: &&aws_sdk_ec2::types::NatGateway| n.state().map(|s| s.as_str()) != Some("deleted")
         );
-        let nats = self
-            .ec2
-            .describe_nat_gateways()
-            .filter(Self::tagged(name))
-            .send()
-            .await
-            .unwrap();
-        left.extend(
-            nats.nat_gateways()
-                .iter()
-                .filter(|n| n.state().map(|s| s.as_str()) != Some("deleted"))
-                .map(|n| format!("nat {:?}", n.nat_gateway_id())),
+        ec2_tagged!(describe_addresses.filters, addresses, "eip", allocation_id);
+        ec2_tagged!(
+            describe_route_tables.filters,
+            route_tables,
+            "rtb",
+            route_table_id
         );
-        let addresses = self
-            .ec2
-            .describe_addresses()
-            .filters(Self::tagged(name))
-            .send()
-            .await
-            .unwrap();
-        left.extend(
-            addresses
-                .addresses()
-                .iter()
-                .map(|a| format!("eip {:?}", a.allocation_id())),
-        );
-        let tables = self
-            .ec2
-            .describe_route_tables()
-            .filters(Self::tagged(name))
-            .send()
-            .await
-            .unwrap();
-        left.extend(
-            tables
-                .route_tables()
-                .iter()
-                .map(|t| format!("rtb {:?}", t.route_table_id())),
-        );
-        let gateways = self
-            .ec2
-            .describe_internet_gateways()
-            .filters(Self::tagged(name))
-            .send()
-            .await
-            .unwrap();
-        left.extend(
-            gateways
-                .internet_gateways()
-                .iter()
-                .map(|g| format!("igw {:?}", g.internet_gateway_id())),
+        ec2_tagged!(
+            describe_internet_gateways.filters,
+            internet_gateways,
+            "igw",
+            internet_gateway_id
         );
         let balancers = self.elb.describe_load_balancers().send().await.unwrap();
         left.extend(
