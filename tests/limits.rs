@@ -36,7 +36,7 @@ async fn start(nofile: Option<u32>, edit: impl FnOnce(&mut serde_json::Value)) -
     let server = env!("CARGO_BIN_EXE_fjord-server");
     let manifest = path.to_str().expect("utf-8 path");
     let envs = [(SECRET_ENV, SECRET)];
-    let process = match nofile {
+    let mut process = match nofile {
         None => Process::start(server, &["--manifest", manifest], &envs),
         Some(nofile) => Process::start(
             "sh",
@@ -49,7 +49,7 @@ async fn start(nofile: Option<u32>, edit: impl FnOnce(&mut serde_json::Value)) -
             &envs,
         ),
     };
-    wait_ready(port).await;
+    process.wait_ready(port).await;
     Server {
         port,
         process,

@@ -56,13 +56,38 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:016x}", fastrand::u64(..))
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, and that this test process has not handed out
+/// before.
+///
+/// It is drawn below the kernel's ephemeral range when that leaves room: a port from `bind(0)`
+/// is free again once its probe closes, and the outgoing connections of tests running in
+/// parallel may take it as their local port before the server binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let below_ephemeral = ephemeral_range_start()
+        .filter(|start| *start > 25_000)
+        .map(|start| 20_000..start);
+    loop {
+        let wanted = below_ephemeral.clone().map_or(0, fastrand::u16);
+        let Ok(probe) = std::net::TcpListener::bind(("127.0.0.1", wanted)) else {
+            continue;
+        };
+        let port = probe.local_addr().unwrap().port();
+        let mut handed_out = HANDED_OUT.lock().unwrap();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
+}
+
+fn ephemeral_range_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Creates a topic and waits until the broker has it.
@@ -245,6 +270,32 @@ impl Process {
         }
     }
 
+    /// Waits until this server answers `/readyz` on `port` with 200; fails at once, with the
+    /// log, if the process exits first.
+    pub async fn wait_ready(&mut self, port: u16) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if is_ready(&client, port).await {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited ({status}) before it was ready on port {port}; its log:\n{}",
+                    self.name,
+                    self.log().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} on port {port} never became ready; its log:\n{}",
+                self.name,
+                self.log().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits for the process to exit by itself; returns its exit code.
     pub async fn wait_exit(&mut self) -> Option<i32> {
         let deadline = Instant::now() + PATIENCE;
@@ -283,17 +334,20 @@ impl Drop for Process {
     }
 }
 
+async fn is_ready(client: &reqwest::Client, port: u16) -> bool {
+    client
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|response| response.status() == 200)
+}
+
 /// Waits until the server at `port` answers `/readyz` with 200.
 pub async fn wait_ready(port: u16) {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let ready = client
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|response| response.status() == 200);
-        if ready {
+        if is_ready(&client, port).await {
             return;
         }
         assert!(
