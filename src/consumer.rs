@@ -12,10 +12,11 @@
 //! covers with a probe of its own, publishes a marker of the skipped records to the bus
 //! (clients get `fjord.gap`), and seeks past them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -27,7 +28,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::bus::{Bus, BusError, Publication, SkippedRecords};
+use crate::bus::{Batch, Bus, BusError, SkippedRecords};
 use crate::config::{
     ConsumerGroupConfig, EndpointName, KafkaConfig, KafkaSecurity, Manifest, ManifestError,
     OffsetReset, Retention,
@@ -264,17 +265,31 @@ pub async fn run(
 
     let routes = routes_by_topic(manifest, group);
     let mut skipper = Skipper::new(&manifest.kafka, group);
-    let mut published = 0_u64;
+    let mut batches = Batches::new(&group.id);
+    // One batch per partition in flight: the bus's idempotence counts on each endpoint
+    // taking a partition's records in offset order.
+    let mut in_flight = FuturesUnordered::new();
     tokio::pin!(shutdown);
     let outcome = loop {
         let message = tokio::select! {
             () = &mut shutdown => break Ok(()),
             Some(reason) = fatal_rx.recv() => break Err(ConsumerError::Fatal(reason)),
-            message = consumer.recv() => message,
+            Some(done) = in_flight.next() => {
+                if let Some(next) = batches.settle(&consumer, &done) {
+                    in_flight.push(publish(bus, &routes, next));
+                }
+                continue;
+            }
+            message = consumer.recv(), if batches.waiting < MAX_WAITING => message,
         };
         let message = match message {
             Ok(message) => message,
             Err(error) if unreadable(&error).is_some() => {
+                // The marker must follow every record of the partition read before it.
+                tokio::select! {
+                    () = &mut shutdown => break Ok(()),
+                    () = settle_all(&mut in_flight, &mut batches, &consumer, |next| publish(bus, &routes, next)) => {}
+                }
                 tokio::select! {
                     () = &mut shutdown => break Ok(()),
                     () = skipper.skip_unreadable(&consumer, &routes, bus, &error) => {}
@@ -287,32 +302,30 @@ pub async fn run(
             }
         };
         skipper.read(message.topic(), message.partition(), message.offset());
-        let Some(endpoints) = routes.get(message.topic()) else {
+        if !routes.contains_key(message.topic()) {
             continue;
-        };
+        }
         let envelope = encode(&message)?;
-        let publication = Publication {
-            topic: message.topic(),
-            partition: message.partition(),
-            offset: message.offset(),
-            endpoints,
-            envelope: &envelope,
-        };
-        tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            () = until_accepted(publication.topic, publication.partition, publication.offset, || bus.publish(publication)) => {}
-        }
-        if let Err(error) = consumer.store_offset_from_message(&message) {
-            // The partition was revoked meanwhile; its new owner reads the record again
-            // and the idempotent publish drops it.
-            tracing::debug!(%error, "offset not stored");
-        }
-        published += 1;
-        if published.is_multiple_of(10_000) {
-            tracing::info!(group = %group.id, published, "records published");
+        if let Some(batch) = batches.add(
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            envelope,
+        ) {
+            in_flight.push(publish(bus, &routes, batch));
         }
     };
-    tracing::info!(group = %group.id, published, skipped = skipper.skipped, "leaving the group");
+    // What is in flight gets a moment to land, so that the final commit covers it.
+    let settled = settle_all(&mut in_flight, &mut batches, &consumer, |next| {
+        publish(bus, &routes, next)
+    });
+    if tokio::time::timeout(SHUTDOWN_SETTLE, settled)
+        .await
+        .is_err()
+    {
+        tracing::warn!(group = %group.id, "records still in flight at shutdown; the next member publishes them again, once");
+    }
+    tracing::info!(group = %group.id, published = batches.published, skipped = skipper.skipped, "leaving the group");
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => {}
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
@@ -322,6 +335,184 @@ pub async fn run(
     }
     drop(consumer);
     outcome
+}
+
+/// Most records read but not yet published, over all partitions: past it the member stops
+/// reading until the bus catches up.
+const MAX_WAITING: usize = 8192;
+
+/// Most records in one batch, and about most bytes.
+const BATCH_RECORDS: usize = 1024;
+const BATCH_BYTES: usize = 1 << 20;
+
+/// How long a member that stops waits for its publishes in flight.
+const SHUTDOWN_SETTLE: Duration = Duration::from_secs(5);
+
+/// Waits for every batch in flight, and publishes what waits behind them, storing offsets
+/// as they land.
+async fn settle_all<F>(
+    in_flight: &mut FuturesUnordered<F>,
+    batches: &mut Batches,
+    consumer: &StreamConsumer<MemberContext>,
+    publish: impl Fn(OwnedBatch) -> F,
+) where
+    F: Future<Output = PublishedBatch>,
+{
+    while let Some(done) = in_flight.next().await {
+        if let Some(next) = batches.settle(consumer, &done) {
+            in_flight.push(publish(next));
+        }
+    }
+}
+
+/// Records read and not yet published, per partition, and which partitions have a batch in
+/// flight. While one is, the records that arrive make the next, so a batch grows with the
+/// load and the bus's round trip: one record when idle, up to [`BATCH_RECORDS`] under load.
+struct Batches {
+    group: String,
+    /// By topic, then partition: the records waiting, and whether a batch is in flight.
+    partitions: HashMap<String, HashMap<i32, PartitionBatches>>,
+    /// Records waiting, over all partitions.
+    waiting: usize,
+    /// Records published since start.
+    published: u64,
+}
+
+#[derive(Default)]
+struct PartitionBatches {
+    waiting: VecDeque<(i64, Envelope)>,
+    in_flight: bool,
+}
+
+/// A batch taken to publish.
+struct OwnedBatch {
+    topic: String,
+    partition: i32,
+    records: Vec<(i64, Envelope)>,
+}
+
+/// A batch the bus accepted.
+struct PublishedBatch {
+    topic: String,
+    partition: i32,
+    last_offset: i64,
+    records: u64,
+}
+
+impl Batches {
+    fn new(group: &str) -> Self {
+        Self {
+            group: group.to_owned(),
+            partitions: HashMap::new(),
+            waiting: 0,
+            published: 0,
+        }
+    }
+
+    /// Stores the offset of a batch the bus accepted; returns its partition's next batch,
+    /// if records wait.
+    fn settle(
+        &mut self,
+        consumer: &StreamConsumer<MemberContext>,
+        done: &PublishedBatch,
+    ) -> Option<OwnedBatch> {
+        if let Err(error) = consumer.store_offset(&done.topic, done.partition, done.last_offset) {
+            // The partition was revoked meanwhile; its new owner reads the records again
+            // and the idempotent publish drops them.
+            tracing::debug!(%error, "offset not stored");
+        }
+        let before = self.published;
+        self.published += done.records;
+        if before / 10_000 != self.published / 10_000 {
+            tracing::info!(group = %self.group, published = self.published, "records published");
+        }
+        let entry = self
+            .partitions
+            .get_mut(&done.topic)?
+            .get_mut(&done.partition)?;
+        entry.in_flight = false;
+        self.take(&done.topic, done.partition)
+    }
+
+    /// Adds a record; returns a batch to publish now if its partition has none in flight.
+    fn add(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        envelope: Envelope,
+    ) -> Option<OwnedBatch> {
+        let partitions = match self.partitions.get_mut(topic) {
+            Some(partitions) => partitions,
+            None => self.partitions.entry(topic.to_owned()).or_default(),
+        };
+        let entry = partitions.entry(partition).or_default();
+        entry.waiting.push_back((offset, envelope));
+        self.waiting += 1;
+        if entry.in_flight {
+            return None;
+        }
+        self.take(topic, partition)
+    }
+
+    fn take(&mut self, topic: &str, partition: i32) -> Option<OwnedBatch> {
+        let entry = self.partitions.get_mut(topic)?.get_mut(&partition)?;
+        if entry.waiting.is_empty() {
+            return None;
+        }
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        while let Some((_, envelope)) = entry.waiting.front() {
+            if records.len() == BATCH_RECORDS
+                || (bytes > 0 && bytes + envelope.json.len() > BATCH_BYTES)
+            {
+                break;
+            }
+            bytes += envelope.json.len();
+            records.extend(entry.waiting.pop_front());
+        }
+        entry.in_flight = true;
+        self.waiting -= records.len();
+        Some(OwnedBatch {
+            topic: topic.to_owned(),
+            partition,
+            records,
+        })
+    }
+}
+
+/// Publishes `batch`, retrying for as long as the bus refuses.
+async fn publish(
+    bus: &Bus,
+    routes: &HashMap<String, Vec<(EndpointName, Retention)>>,
+    batch: OwnedBatch,
+) -> PublishedBatch {
+    let OwnedBatch {
+        topic,
+        partition,
+        records,
+    } = batch;
+    let (first_offset, last_offset) = match (records.first(), records.last()) {
+        (Some((first, _)), Some((last, _))) => (*first, *last),
+        _ => (0, -1),
+    };
+    if let Some(endpoints) = routes.get(&topic) {
+        until_accepted(&topic, partition, first_offset, || {
+            bus.publish_batch(Batch {
+                topic: &topic,
+                partition,
+                endpoints,
+                records: &records,
+            })
+        })
+        .await;
+    }
+    PublishedBatch {
+        topic,
+        partition,
+        last_offset,
+        records: u64::try_from(records.len()).unwrap_or(u64::MAX),
+    }
 }
 
 /// The error codes with which librdkafka reports a batch it cannot read at all: a corrupt

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::entry::{decode, field};
-use super::{Append, AppendKind, BusEntry, Published, READ_BATCH, StreamId};
-use crate::config::EndpointName;
+use super::{Append, AppendEntry, AppendKind, BusEntry, READ_BATCH, StreamId};
+use crate::config::{EndpointName, Retention};
 
 /// How long [`MemoryReader::next_batch`] waits for an entry.
 const READ_WAIT: Duration = Duration::from_secs(1);
@@ -25,11 +25,57 @@ struct Stream {
     max_deleted: StreamId,
 }
 
+impl Stream {
+    /// Appends `entry` with the next id, as Redis's `XADD *` numbers it.
+    fn push(&mut self, now: u64, entry: &AppendEntry<'_>) {
+        let id = if now > self.last_id.ms {
+            StreamId { ms: now, seq: 0 }
+        } else {
+            StreamId {
+                ms: self.last_id.ms,
+                seq: self.last_id.seq + 1,
+            }
+        };
+        let previous = std::mem::replace(&mut self.last_id, id);
+        let tag = match (entry.kind, entry.filter_key) {
+            (AppendKind::Skipped, _) => Some((field::SKIPPED, Bytes::from_static(b"1"))),
+            (AppendKind::Record, Some(key)) => Some((field::KEY, Bytes::copy_from_slice(key))),
+            (AppendKind::Record, None) => None,
+        };
+        let fields = [
+            Some((field::ENVELOPE, Bytes::copy_from_slice(entry.body))),
+            Some((field::PREVIOUS, Bytes::from(previous.to_string()))),
+            tag,
+        ];
+        let fields = fields
+            .into_iter()
+            .flatten()
+            .map(|(name, value)| (Bytes::from_static(name), value));
+        self.entries.push_back(decode(id, fields));
+    }
+
+    /// Drops what `retention` no longer keeps.
+    fn trim(&mut self, now: u64, retention: Retention) {
+        let oldest_kept_ms = now.saturating_sub(retention.max_age_secs.saturating_mul(1000));
+        let max_records = usize::try_from(retention.max_records).unwrap_or(usize::MAX);
+        while self.entries.len() > max_records
+            || self
+                .entries
+                .front()
+                .is_some_and(|entry| entry.id.ms < oldest_kept_ms)
+        {
+            if let Some(trimmed) = self.entries.pop_front() {
+                self.max_deleted = trimmed.id;
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     streams: HashMap<EndpointName, Stream>,
-    /// Highest offset published per (topic, partition).
-    published: HashMap<(String, i32), i64>,
+    /// Highest offset published per (endpoint, topic, partition).
+    published: HashMap<(EndpointName, String, i32), i64>,
 }
 
 /// The in-process bus.
@@ -59,61 +105,32 @@ impl MemoryBus {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn append(&self, append: Append<'_>) -> Published {
+    pub(super) fn append(&self, append: &Append<'_>) -> usize {
         let mut state = self.lock();
-        let partition_key = (append.topic.to_owned(), append.partition);
-        if state
-            .published
-            .get(&partition_key)
-            .is_some_and(|&last| last >= append.offset)
-        {
-            return Published::Duplicate;
-        }
         let now = now_ms();
-        let body = Bytes::copy_from_slice(append.body);
-        let tag = match (append.kind, append.filter_key) {
-            (AppendKind::Skipped, _) => Some((field::SKIPPED, Bytes::from_static(b"1"))),
-            (AppendKind::Record, Some(key)) => Some((field::KEY, Bytes::copy_from_slice(key))),
-            (AppendKind::Record, None) => None,
-        };
+        let mut appended = 0;
         for (endpoint, retention) in append.endpoints {
+            let partition_key = (endpoint.clone(), append.topic.to_owned(), append.partition);
+            let mut done = state.published.get(&partition_key).copied();
             let stream = state.streams.entry(endpoint.clone()).or_default();
-            let id = if now > stream.last_id.ms {
-                StreamId { ms: now, seq: 0 }
-            } else {
-                StreamId {
-                    ms: stream.last_id.ms,
-                    seq: stream.last_id.seq + 1,
+            for entry in &append.entries {
+                if done.is_some_and(|done| done >= entry.offset) {
+                    continue;
                 }
-            };
-            let previous = std::mem::replace(&mut stream.last_id, id);
-            let fields = [
-                Some((field::ENVELOPE, body.clone())),
-                Some((field::PREVIOUS, Bytes::from(previous.to_string()))),
-                tag.clone(),
-            ];
-            let fields = fields
-                .into_iter()
-                .flatten()
-                .map(|(name, value)| (Bytes::from_static(name), value));
-            stream.entries.push_back(decode(id, fields));
-            let oldest_kept_ms = now.saturating_sub(retention.max_age_secs.saturating_mul(1000));
-            let max_records = usize::try_from(retention.max_records).unwrap_or(usize::MAX);
-            while stream.entries.len() > max_records
-                || stream
-                    .entries
-                    .front()
-                    .is_some_and(|entry| entry.id.ms < oldest_kept_ms)
-            {
-                if let Some(trimmed) = stream.entries.pop_front() {
-                    stream.max_deleted = trimmed.id;
-                }
+                done = Some(entry.offset);
+                appended += 1;
+                stream.push(now, entry);
+            }
+            stream.trim(now, *retention);
+            if let Some(done) = done {
+                state.published.insert(partition_key, done);
             }
         }
-        state.published.insert(partition_key, append.offset);
         drop(state);
-        self.appended.notify_waiters();
-        Published::Appended
+        if appended > 0 {
+            self.appended.notify_waiters();
+        }
+        appended
     }
 
     pub(super) fn reader(&self, endpoints: Vec<EndpointName>) -> MemoryReader {

@@ -4,8 +4,8 @@
 //!
 //! Two implementations behind one type: Redis Streams in production ([`redis`]) and an
 //! in-process bus with the same semantics for `fjord dev` and unit tests ([`memory`]).
-//! Publishing is idempotent per (topic, partition, offset): a record consumed twice after
-//! a crash or a rebalance is published once. Besides records, a stream carries markers for
+//! Publishing is idempotent per (endpoint, topic, partition, offset): a record consumed
+//! twice after a crash or a rebalance is published once to each endpoint. Besides records, a stream carries markers for
 //! records the consumer could not read and skipped ([`SkippedRecords`]), published the
 //! same idempotent way, so that servers can tell every client of the endpoint. Every entry
 //! read, by either bus, is decoded and checked once, in [`entry`], before a server sees it.
@@ -167,30 +167,59 @@ impl Publication<'_> {
         Append {
             topic: self.topic,
             partition: self.partition,
-            offset: self.offset,
             endpoints: self.endpoints,
-            kind: AppendKind::Record,
-            filter_key: self.envelope.filter_key.as_deref(),
-            body: &self.envelope.json,
+            entries: vec![AppendEntry::record(self.offset, self.envelope)],
         }
     }
 }
 
-/// One entry to append to the streams of `endpoints`, once per (topic, partition, offset):
-/// what both buses implement, for records and markers alike.
+/// Records of one partition, in offset order, and the endpoints that carry their topic:
+/// what the consumer publishes in one round trip per endpoint.
 #[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    /// The records' topic.
+    pub topic: &'a str,
+    /// Their partition.
+    pub partition: i32,
+    /// The endpoints to publish to.
+    pub endpoints: &'a [(EndpointName, Retention)],
+    /// The records, as (offset, encoded record), offsets rising.
+    pub records: &'a [(i64, Envelope)],
+}
+
+/// Entries of one partition to append to the streams of `endpoints`, each once per
+/// endpoint and offset: what both buses implement, for records and markers alike.
+#[derive(Debug, Clone)]
 struct Append<'a> {
     topic: &'a str,
     partition: i32,
+    endpoints: &'a [(EndpointName, Retention)],
+    /// Offsets rising.
+    entries: Vec<AppendEntry<'a>>,
+}
+
+/// One entry of an [`Append`].
+#[derive(Debug, Clone, Copy)]
+struct AppendEntry<'a> {
     /// The offset that counts as published afterwards: the record's, or a marker's last.
     offset: i64,
-    endpoints: &'a [(EndpointName, Retention)],
     kind: AppendKind,
     filter_key: Option<&'a [u8]>,
     body: &'a [u8],
 }
 
-/// What an [`Append`] appends.
+impl<'a> AppendEntry<'a> {
+    fn record(offset: i64, envelope: &'a Envelope) -> Self {
+        Self {
+            offset,
+            kind: AppendKind::Record,
+            filter_key: envelope.filter_key.as_deref(),
+            body: &envelope.json,
+        }
+    }
+}
+
+/// What an [`AppendEntry`] appends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AppendKind {
     /// A record's envelope.
@@ -206,6 +235,17 @@ pub enum Published {
     Appended,
     /// The record (or a later one of its partition) had been published before; nothing changed.
     Duplicate,
+}
+
+impl Published {
+    /// What appending `appended` entries (over all endpoints) means.
+    fn of(appended: usize) -> Self {
+        if appended > 0 {
+            Self::Appended
+        } else {
+            Self::Duplicate
+        }
+    }
 }
 
 /// A bus operation that failed.
@@ -238,6 +278,17 @@ pub enum BusError {
         /// The client's error.
         error: ::redis::RedisError,
     },
+    /// Fewer replicas than `redis.commit_after_replicas` asks for acknowledged a publish in
+    /// time; it is retried, and its offsets are not committed until then.
+    #[error(
+        "only {acknowledged} of the {wanted} Redis replicas that must hold a record before its offset is committed acknowledged it (redis.commit_after_replicas)"
+    )]
+    NotReplicated {
+        /// How many did.
+        acknowledged: u32,
+        /// How many must.
+        wanted: u32,
+    },
     /// The manifest's secret for Redis is missing.
     #[error(transparent)]
     Config(#[from] crate::config::ManifestError),
@@ -253,9 +304,26 @@ pub enum Bus {
 }
 
 impl Bus {
-    /// Publishes one record to its endpoints' streams, once.
+    /// Publishes one record to its endpoints' streams, once per endpoint.
     pub async fn publish(&self, publication: Publication<'_>) -> Result<Published, BusError> {
-        self.append(publication.append()).await
+        Ok(Published::of(self.append(&publication.append()).await?))
+    }
+
+    /// Publishes a batch of one partition's records, each once per endpoint: those an
+    /// endpoint already holds (up to the offset it last took from the partition) are
+    /// skipped there. Returns how many records were new, over all endpoints.
+    pub async fn publish_batch(&self, batch: Batch<'_>) -> Result<usize, BusError> {
+        self.append(&Append {
+            topic: batch.topic,
+            partition: batch.partition,
+            endpoints: batch.endpoints,
+            entries: batch
+                .records
+                .iter()
+                .map(|(offset, envelope)| AppendEntry::record(*offset, envelope))
+                .collect(),
+        })
+        .await
     }
 
     /// Publishes a marker for records the consumer skipped to the streams of `endpoints`,
@@ -269,19 +337,23 @@ impl Bus {
             operation: "encode skipped records",
             detail: error.to_string(),
         })?;
-        self.append(Append {
-            topic: &skipped.topic,
-            partition: skipped.partition,
-            offset: skipped.last_offset,
-            endpoints,
-            kind: AppendKind::Skipped,
-            filter_key: None,
-            body: &body,
-        })
-        .await
+        let appended = self
+            .append(&Append {
+                topic: &skipped.topic,
+                partition: skipped.partition,
+                endpoints,
+                entries: vec![AppendEntry {
+                    offset: skipped.last_offset,
+                    kind: AppendKind::Skipped,
+                    filter_key: None,
+                    body: &body,
+                }],
+            })
+            .await?;
+        Ok(Published::of(appended))
     }
 
-    async fn append(&self, append: Append<'_>) -> Result<Published, BusError> {
+    async fn append(&self, append: &Append<'_>) -> Result<usize, BusError> {
         match self {
             Self::Redis(bus) => bus.append(append).await,
             Self::Memory(bus) => Ok(bus.append(append)),

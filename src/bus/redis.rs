@@ -1,72 +1,95 @@
-//! The bus on Redis Streams: one stream per endpoint (`{prefix}:stream:<endpoint>`), trimmed
-//! to the endpoint's retention by count and age; a hash of the highest offset published per
-//! topic partition (`{prefix}:published`) that makes publishing idempotent; and a hash of
-//! each stream's last id (`{prefix}:last-ids`) for telling trimmed records (a gap) apart.
-//! The braces are a Redis Cluster hash tag: every key of one deployment lives in one slot,
-//! so the publish script may touch them all atomically. Streams and ids survive a Redis
-//! restart when Redis persists (AOF), which resuming depends on.
+//! The bus on Redis Streams, on one Redis or a Redis Cluster. Each endpoint owns three keys
+//! under its own hash tag `{<prefix>:<endpoint>}`: its stream, trimmed to the endpoint's
+//! retention by count and age; a hash of the highest offset published to it per topic
+//! partition, which makes publishing idempotent per endpoint; and the stream's last id, for
+//! telling trimmed records (a gap) apart. One tag per endpoint puts an endpoint's keys in one
+//! slot, so the publish script may touch them atomically, while a cluster spreads endpoints
+//! over its shards. Streams and ids survive a Redis restart when Redis persists (AOF),
+//! which resuming depends on.
+//!
+//! Servers read each endpoint's stream with a blocking `XREAD` on a connection of its own,
+//! to the node that serves the stream: its primary, or in a cluster that reads from
+//! replicas, one of its replicas. With `redis.commit_after_replicas` a publish returns only
+//! once `WAIT` says that many replicas hold it.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, Script, Value};
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisFuture,
+    Script, Value,
+};
 
 use super::entry::decode;
-use super::{Append, AppendKind, BusEntry, BusError, Published, READ_BATCH, StreamId};
-use crate::config::{EndpointName, RedisConfig};
+use super::{Append, AppendKind, BusEntry, BusError, READ_BATCH, StreamId};
+use crate::config::{EndpointName, ReadFrom, RedisConfig, ReplicaAcks, Retention};
 
 /// How long one blocking read waits for new entries.
 const READ_BLOCK: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Appends one entry (a record, or a marker of skipped records) to each endpoint stream
-/// unless its partition already reached its offset; then records the offset. Atomic, so a crash cannot leave half a publication.
+/// Appends a batch of entries (records, or a marker of skipped records) of one partition to
+/// one endpoint's stream, skipping those whose offset the endpoint already holds; then
+/// records the last offset appended. Atomic, so a crash cannot leave half a batch.
 /// Each entry carries the id of the entry before it (`p`): retention trims from the head,
 /// so the oldest kept entry's `p` tells exactly whether anything after a client's last id
-/// was trimmed. The last id per stream is kept in a hash, as the stream may be empty.
+/// was trimmed. The last id is kept apart, as the stream may be empty.
 ///
-/// KEYS: the endpoint streams, then the published-offsets hash, then the last-ids hash.
-/// ARGV: "topic/partition", offset, kind ("1" keyed record, "0" record without a key, "s"
-/// skipped-records marker, stored with a field `s`), key, envelope or marker, then per
-/// stream its max records and max age in milliseconds.
+/// KEYS: the stream, the published-offsets hash, the last-id string.
+/// ARGV: "topic/partition", the stream's max records, its max age in milliseconds, then per
+/// entry: offset, kind ("1" keyed record, "0" record without a key, "s" skipped-records
+/// marker, stored with a field `s`), key, envelope or marker. Returns how many it appended.
 const PUBLISH_SCRIPT: &str = r"
-local streams = #KEYS - 2
-local published, last_ids = KEYS[streams + 1], KEYS[streams + 2]
-local offset = tonumber(ARGV[2])
-local last = redis.call('HGET', published, ARGV[1])
-if last and tonumber(last) >= offset then return 0 end
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-for i = 1, streams do
-  local max_records = ARGV[4 + 2 * i]
-  local max_age_ms = tonumber(ARGV[5 + 2 * i])
-  local previous = redis.call('HGET', last_ids, KEYS[i]) or '0-0'
-  local id
-  if ARGV[3] == '1' then
-    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5], 'p', previous, 'k', ARGV[4])
-  elseif ARGV[3] == 's' then
-    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5], 'p', previous, 's', '1')
-  else
-    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_records, '*', 'e', ARGV[5], 'p', previous)
-  end
-  redis.call('HSET', last_ids, KEYS[i], id)
-  if now_ms > max_age_ms then
-    redis.call('XTRIM', KEYS[i], 'MINID', '~', now_ms - max_age_ms)
+local stream, published, last_id = KEYS[1], KEYS[2], KEYS[3]
+local done_text = redis.call('HGET', published, ARGV[1])
+local done = tonumber(done_text or '-1')
+local previous = redis.call('GET', last_id) or '0-0'
+local appended = 0
+for i = 4, #ARGV, 4 do
+  local offset = tonumber(ARGV[i])
+  if offset > done then
+    local kind = ARGV[i + 1]
+    if kind == '1' then
+      previous = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[i + 3], 'p', previous, 'k', ARGV[i + 2])
+    elseif kind == 's' then
+      previous = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[i + 3], 'p', previous, 's', '1')
+    else
+      previous = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[i + 3], 'p', previous)
+    end
+    done, done_text = offset, ARGV[i]
+    appended = appended + 1
   end
 end
-redis.call('HSET', published, ARGV[1], ARGV[2])
-return 1
+if appended > 0 then
+  redis.call('SET', last_id, previous)
+  redis.call('HSET', published, ARGV[1], done_text)
+  local time = redis.call('TIME')
+  local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local max_age_ms = tonumber(ARGV[3])
+  if now_ms > max_age_ms then
+    redis.call('XTRIM', stream, 'MINID', '~', now_ms - max_age_ms)
+  end
+end
+return appended
 ";
 
 /// The Redis bus.
 #[derive(Clone)]
 pub struct RedisBus {
-    client: Client,
-    commands: ConnectionManager,
+    commands: Commands,
+    nodes: Nodes,
     prefix: String,
     publish_script: Script,
+    replica_acks: Option<ReplicaAcks>,
 }
 
 impl std::fmt::Debug for RedisBus {
@@ -75,6 +98,55 @@ impl std::fmt::Debug for RedisBus {
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
+}
+
+/// The connection that commands other than blocking reads share: one Redis, or every node
+/// of a cluster, each command routed to the node serving its key.
+#[derive(Clone)]
+enum Commands {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Commands {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// Where the blocking reads of a stream connect.
+#[derive(Clone)]
+enum Nodes {
+    /// The one Redis.
+    Single(Client),
+    /// The node the cluster says serves the stream's slot; `template` holds how to reach
+    /// any node (TLS, user, password), its address replaced by the node's.
+    Cluster {
+        template: ConnectionInfo,
+        read_from: ReadFrom,
+    },
 }
 
 fn redis_error(operation: &'static str) -> impl FnOnce(redis::RedisError) -> BusError {
@@ -213,56 +285,114 @@ fn tls_failure(error: &redis::RedisError) -> Option<TlsFailure> {
     })
 }
 
+/// The hash tag of an endpoint's keys: one slot per endpoint.
+fn tag(prefix: &str, endpoint: &EndpointName) -> String {
+    format!("{{{prefix}:{endpoint}}}")
+}
+
 /// The key of an endpoint's stream.
 pub fn stream_key(prefix: &str, endpoint: &EndpointName) -> String {
-    format!("{{{prefix}}}:stream:{endpoint}")
+    format!("{}:stream", tag(prefix, endpoint))
 }
 
-fn published_key(prefix: &str) -> String {
-    format!("{{{prefix}}}:published")
+fn published_key(prefix: &str, endpoint: &EndpointName) -> String {
+    format!("{}:published", tag(prefix, endpoint))
 }
 
-fn last_ids_key(prefix: &str) -> String {
-    format!("{{{prefix}}}:last-ids")
+fn last_id_key(prefix: &str, endpoint: &EndpointName) -> String {
+    format!("{}:last-id", tag(prefix, endpoint))
+}
+
+/// The manifest's URLs as connection settings, with the user and the password applied.
+fn connection_infos(config: &RedisConfig) -> Result<Vec<ConnectionInfo>, BusError> {
+    let password = config
+        .password_env
+        .as_ref()
+        .map(crate::config::Secret::read)
+        .transpose()?;
+    let seeds = config.cluster.iter().flat_map(|cluster| &cluster.seed_urls);
+    std::iter::once(&config.url)
+        .chain(seeds)
+        .map(|url| {
+            let info = url
+                .as_str()
+                .into_connection_info()
+                .map_err(refused_or_unreachable(config, "parse url"))?;
+            let mut settings = info.redis_settings().clone();
+            if let Some(username) = &config.username {
+                settings = settings.set_username(username);
+            }
+            if let Some(password) = &password {
+                settings = settings.set_password(password);
+            }
+            Ok(info.set_redis_settings(settings))
+        })
+        .collect()
 }
 
 impl RedisBus {
-    /// Connects to the Redis the manifest names, as its ACL user with the password from the
-    /// environment, over TLS for `rediss://`, and checks that Redis accepts commands.
+    /// Connects to the Redis (or the Redis Cluster) the manifest names, as its ACL user with
+    /// the password from the environment, over TLS for `rediss://`, and checks that Redis
+    /// accepts commands.
     pub async fn connect(config: &RedisConfig) -> Result<Self, BusError> {
         // The workspace builds rustls with two crypto providers, and rustls then refuses to
         // pick one for the redis client's TLS config; an error means one is already set.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut info = config
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(refused_or_unreachable(config, "parse url"))?;
-        let mut settings = info.redis_settings().clone();
-        if let Some(username) = &config.username {
-            settings = settings.set_username(username);
-        }
-        if let Some(secret) = &config.password_env {
-            settings = settings.set_password(secret.read()?);
-        }
-        info = info.set_redis_settings(settings);
-        let client = Client::open(info).map_err(refused_or_unreachable(config, "open"))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(2);
-        let commands = match client
-            .get_connection_manager_with_config(manager_config)
-            .await
-        {
-            Ok(commands) => commands,
-            Err(error) => return Err(connect_failure(config, &client, error).await),
+        let mut infos = connection_infos(config)?;
+        // A WAIT holds its reply for up to its own timeout.
+        let response_timeout = RESPONSE_TIMEOUT
+            + config.commit_after_replicas.map_or(Duration::ZERO, |acks| {
+                Duration::from_millis(acks.timeout_ms)
+            });
+        let (commands, nodes) = match &config.cluster {
+            None => {
+                let info = infos.swap_remove(0);
+                let client = Client::open(info).map_err(refused_or_unreachable(config, "open"))?;
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(response_timeout))
+                    .set_number_of_retries(2);
+                let commands = match client
+                    .get_connection_manager_with_config(manager_config)
+                    .await
+                {
+                    Ok(commands) => commands,
+                    Err(error) => return Err(connect_failure(config, &client, error).await),
+                };
+                (Commands::Single(commands), Nodes::Single(client))
+            }
+            Some(cluster) => {
+                let template = infos[0].clone();
+                let client = ClusterClient::builder(infos)
+                    .build()
+                    .map_err(refused_or_unreachable(config, "open"))?;
+                let cluster_config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(response_timeout);
+                let commands = match client
+                    .get_async_connection_with_config(cluster_config)
+                    .await
+                {
+                    Ok(commands) => commands,
+                    Err(error) => {
+                        let seed = Client::open(template.clone())
+                            .map_err(refused_or_unreachable(config, "open"))?;
+                        return Err(connect_failure(config, &seed, error).await);
+                    }
+                };
+                let nodes = Nodes::Cluster {
+                    template,
+                    read_from: cluster.read_from,
+                };
+                (Commands::Cluster(commands), nodes)
+            }
         };
         let bus = Self {
-            client,
             commands,
+            nodes,
             prefix: config.key_prefix.clone(),
             publish_script: Script::new(PUBLISH_SCRIPT),
+            replica_acks: config.commit_after_replicas,
         };
         // Without a password the connection succeeds and only commands fail (NOAUTH).
         let mut connection = bus.commands.clone();
@@ -273,37 +403,65 @@ impl RedisBus {
         Ok(bus)
     }
 
-    pub(super) async fn append(&self, append: Append<'_>) -> Result<Published, BusError> {
-        let mut invocation = self.publish_script.prepare_invoke();
-        for (endpoint, _) in append.endpoints {
-            invocation.key(stream_key(&self.prefix, endpoint));
+    /// Appends `append`'s entries to each endpoint's stream, the endpoints side by side;
+    /// then, if the manifest asks, waits until enough replicas hold them. Returns how many
+    /// entries were new, over all endpoints.
+    pub(super) async fn append(&self, append: &Append<'_>) -> Result<usize, BusError> {
+        let appended = futures_util::future::try_join_all(
+            append
+                .endpoints
+                .iter()
+                .map(|(endpoint, retention)| self.append_to(endpoint, *retention, append)),
+        )
+        .await?;
+        if let Some(acks) = self.replica_acks {
+            // Every earlier write on the connection counts, so a batch found already
+            // published (written before a crash, say) is waited for too.
+            let mut connection = self.commands.clone();
+            let acknowledged: u32 = redis::cmd("WAIT")
+                .arg(acks.count)
+                .arg(acks.timeout_ms)
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error("wait for replicas"))?;
+            if acknowledged < acks.count {
+                return Err(BusError::NotReplicated {
+                    acknowledged,
+                    wanted: acks.count,
+                });
+            }
         }
+        Ok(appended.into_iter().sum())
+    }
+
+    async fn append_to(
+        &self,
+        endpoint: &EndpointName,
+        retention: Retention,
+        append: &Append<'_>,
+    ) -> Result<usize, BusError> {
+        let mut invocation = self.publish_script.prepare_invoke();
         invocation
-            .key(published_key(&self.prefix))
-            .key(last_ids_key(&self.prefix))
+            .key(stream_key(&self.prefix, endpoint))
+            .key(published_key(&self.prefix, endpoint))
+            .key(last_id_key(&self.prefix, endpoint))
             .arg(format!("{}/{}", append.topic, append.partition))
-            .arg(append.offset);
-        match (append.kind, append.filter_key) {
-            (AppendKind::Skipped, _) => invocation.arg("s").arg(""),
-            (AppendKind::Record, Some(key)) => invocation.arg("1").arg(key),
-            (AppendKind::Record, None) => invocation.arg("0").arg(""),
-        };
-        invocation.arg(append.body);
-        for (_, retention) in append.endpoints {
-            invocation
-                .arg(retention.max_records)
-                .arg(retention.max_age_secs.saturating_mul(1000));
+            .arg(retention.max_records)
+            .arg(retention.max_age_secs.saturating_mul(1000));
+        for entry in &append.entries {
+            invocation.arg(entry.offset);
+            match (entry.kind, entry.filter_key) {
+                (AppendKind::Skipped, _) => invocation.arg("s").arg(""),
+                (AppendKind::Record, Some(key)) => invocation.arg("1").arg(key),
+                (AppendKind::Record, None) => invocation.arg("0").arg(""),
+            };
+            invocation.arg(entry.body);
         }
         let mut connection = self.commands.clone();
-        let appended: i64 = invocation
+        invocation
             .invoke_async(&mut connection)
             .await
-            .map_err(redis_error("publish"))?;
-        Ok(if appended == 1 {
-            Published::Appended
-        } else {
-            Published::Duplicate
-        })
+            .map_err(redis_error("publish"))
     }
 
     pub(super) async fn ping(&self) -> Result<(), BusError> {
@@ -337,6 +495,7 @@ impl RedisBus {
         until: StreamId,
         count: usize,
     ) -> Result<Vec<BusEntry>, BusError> {
+        // From the primary: a replica may lag behind `until`, which the live reads reached.
         let mut connection = self.commands.clone();
         let reply: Value = redis::cmd("XRANGE")
             .arg(stream_key(&self.prefix, endpoint))
@@ -358,10 +517,9 @@ impl RedisBus {
         endpoint: &EndpointName,
         after: StreamId,
     ) -> Result<Option<StreamId>, BusError> {
-        let key = stream_key(&self.prefix, endpoint);
         let mut connection = self.commands.clone();
         let oldest: Value = redis::cmd("XRANGE")
-            .arg(&key)
+            .arg(stream_key(&self.prefix, endpoint))
             .arg("-")
             .arg("+")
             .arg("COUNT")
@@ -377,9 +535,8 @@ impl RedisBus {
             return Ok((oldest.id > after && oldest.previous > after).then_some(oldest.id));
         }
         // Everything expired: a gap if anything was ever added after `after`.
-        let last: Option<String> = redis::cmd("HGET")
-            .arg(last_ids_key(&self.prefix))
-            .arg(&key)
+        let last: Option<String> = redis::cmd("GET")
+            .arg(last_id_key(&self.prefix, endpoint))
             .query_async(&mut connection)
             .await
             .map_err(redis_error("read last id"))?;
@@ -403,11 +560,117 @@ impl RedisBus {
             cursors.push(self.last_id(key).await?);
         }
         Ok(RedisReader {
-            client: self.client.clone(),
-            connection: None,
+            bus: self.clone(),
+            connections: vec![None; keys.len()],
+            reading: vec![false; keys.len()],
+            reads: FuturesUnordered::new(),
             keys,
             cursors,
         })
+    }
+
+    /// A connection of its own for blocking reads of `key`, to the node that serves it.
+    async fn read_connection(&self, key: &str) -> Result<MultiplexedConnection, BusError> {
+        // A blocking read must not share a connection with other commands, and needs a
+        // response timeout longer than its block.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(READ_BLOCK + RESPONSE_TIMEOUT));
+        let (template, read_from) = match &self.nodes {
+            Nodes::Single(client) => {
+                return client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(redis_error("connect reader"));
+            }
+            Nodes::Cluster {
+                template,
+                read_from,
+            } => (template, *read_from),
+        };
+        let (primary, replicas) = self.nodes_of(key).await?;
+        let mut candidates = Vec::new();
+        if read_from == ReadFrom::Replica {
+            candidates.extend(replicas.into_iter().map(|node| (node, true)));
+            fastrand::shuffle(&mut candidates);
+        }
+        candidates.push((primary, false));
+        let mut last_error = None;
+        for ((host, port), replica) in candidates {
+            let addr = match template.addr() {
+                ConnectionAddr::TcpTls { .. } => ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                },
+                _ => ConnectionAddr::Tcp(host, port),
+            };
+            let attempt = async {
+                let client = Client::open(template.clone().set_addr(addr))?;
+                let mut connection = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                if replica {
+                    redis::cmd("READONLY")
+                        .query_async::<()>(&mut connection)
+                        .await?;
+                }
+                Ok::<_, redis::RedisError>(connection)
+            };
+            match attempt.await {
+                Ok(connection) => return Ok(connection),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.map_or_else(
+            || unexpected("a node serving the stream"),
+            redis_error("connect reader"),
+        ))
+    }
+
+    /// The primary and the replicas that serve `key`'s slot, as the cluster says now.
+    async fn nodes_of(&self, key: &str) -> Result<((String, u16), Vec<(String, u16)>), BusError> {
+        let mut connection = self.commands.clone();
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error("find slot"))?;
+        let ranges: Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error("read cluster slots"))?;
+        for range in items_of(ranges)? {
+            let mut parts = items_of(range)?.into_iter();
+            let (Some(Value::Int(first)), Some(Value::Int(last))) = (parts.next(), parts.next())
+            else {
+                return Err(unexpected("a slot range"));
+            };
+            if !(first..=last).contains(&slot) {
+                continue;
+            }
+            let mut nodes = parts.map(node_address);
+            let primary = nodes.next().ok_or_else(|| unexpected("a primary"))??;
+            let replicas = nodes.collect::<Result<_, _>>()?;
+            return Ok((primary, replicas));
+        }
+        Err(unexpected("a node serving the stream's slot"))
+    }
+}
+
+/// A node of a `CLUSTER SLOTS` reply, as host and port.
+fn node_address(node: Value) -> Result<(String, u16), BusError> {
+    let mut fields = items_of(node)?.into_iter();
+    match (fields.next(), fields.next()) {
+        (Some(host), Some(Value::Int(port))) => {
+            let host = String::from_utf8_lossy(&bytes_of(host)?).into_owned();
+            let port = u16::try_from(port).map_err(|_| unexpected("a port"))?;
+            Ok((host, port))
+        }
+        _ => Err(unexpected("a node of host and port")),
     }
 }
 
@@ -503,12 +766,19 @@ fn parse_id(id: &str) -> Result<StreamId, BusError> {
         })
 }
 
-/// Reads endpoint streams with blocking `XREAD` on a connection of its own.
+/// A blocking read of one endpoint's stream, as (index of the endpoint, reply).
+type Read = BoxFuture<'static, (usize, Result<Value, redis::RedisError>)>;
+
+/// Reads endpoint streams, each with blocking `XREAD`s on a connection of its own to the
+/// node that serves it. A read left waiting when [`RedisReader::next_batch`] returns stays
+/// in flight for the next call, so no reply is dropped and no connection has two reads.
 pub struct RedisReader {
-    client: Client,
-    connection: Option<MultiplexedConnection>,
+    bus: RedisBus,
     keys: Vec<String>,
     pub(super) cursors: Vec<StreamId>,
+    connections: Vec<Option<MultiplexedConnection>>,
+    reading: Vec<bool>,
+    reads: FuturesUnordered<Read>,
 }
 
 impl std::fmt::Debug for RedisReader {
@@ -521,57 +791,71 @@ impl std::fmt::Debug for RedisReader {
 }
 
 impl RedisReader {
-    async fn connection(&mut self) -> Result<&mut MultiplexedConnection, BusError> {
-        if self.connection.is_none() {
-            // A blocking read must not share a connection with other commands, and needs
-            // a response timeout longer than its block.
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                .set_response_timeout(Some(READ_BLOCK + RESPONSE_TIMEOUT));
-            let connection = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-                .map_err(redis_error("connect reader"))?;
-            self.connection = Some(connection);
+    /// Starts a read of every stream that has none in flight.
+    async fn start_reads(&mut self) -> Result<(), BusError> {
+        for index in 0..self.keys.len() {
+            if self.reading[index] {
+                continue;
+            }
+            let mut connection = match &self.connections[index] {
+                Some(connection) => connection.clone(),
+                None => {
+                    let connection = self.bus.read_connection(&self.keys[index]).await?;
+                    self.connections[index] = Some(connection.clone());
+                    connection
+                }
+            };
+            let mut command = redis::cmd("XREAD");
+            command
+                .arg("COUNT")
+                .arg(READ_BATCH)
+                .arg("BLOCK")
+                .arg(READ_BLOCK.as_millis().to_string())
+                .arg("STREAMS")
+                .arg(&self.keys[index])
+                .arg(self.cursors[index].to_string());
+            self.reads.push(Box::pin(async move {
+                (index, command.query_async(&mut connection).await)
+            }));
+            self.reading[index] = true;
         }
-        self.connection.as_mut().ok_or(BusError::Protocol {
-            operation: "connect reader",
-            detail: "no connection".into(),
-        })
+        Ok(())
     }
 
     pub(super) async fn next_batch(&mut self) -> Result<Vec<(usize, BusEntry)>, BusError> {
-        let mut command = redis::cmd("XREAD");
-        command
-            .arg("COUNT")
-            .arg(READ_BATCH)
-            .arg("BLOCK")
-            .arg(READ_BLOCK.as_millis().to_string())
-            .arg("STREAMS")
-            .arg(&self.keys);
-        for cursor in &self.cursors {
-            command.arg(cursor.to_string());
-        }
-        let connection = self.connection().await?;
-        let reply: Value = match command.query_async(connection).await {
-            Ok(reply) => reply,
-            Err(source) => {
-                // Start over on a fresh connection; the cursors stay where they were.
-                self.connection = None;
-                return Err(BusError::Redis {
-                    operation: "read",
-                    source,
-                });
-            }
+        self.start_reads().await?;
+        let Some(first) = self.reads.next().await else {
+            // No endpoints: nothing will come.
+            tokio::time::sleep(READ_BLOCK).await;
+            return Ok(Vec::new());
         };
-        // Read whole before any cursor moves: a reply that cannot be read is read again.
+        let mut replies = vec![first];
+        while let Some(Some(reply)) = self.reads.next().now_or_never() {
+            replies.push(reply);
+        }
+        // Read every reply whole before any cursor moves: on a failure, all are read again.
         let mut streams = Vec::new();
-        for (key, entries) in streams_of(reply)? {
-            let Some(index) = self.keys.iter().position(|k| k.as_bytes() == key) else {
-                continue;
-            };
-            streams.push((index, raw_entries(entries)?));
+        let mut failure = None;
+        for (index, reply) in replies {
+            self.reading[index] = false;
+            let entries = reply.map_err(redis_error("read")).and_then(|reply| {
+                streams_of(reply)?
+                    .into_iter()
+                    .map(|(_, entries)| raw_entries(entries))
+                    .collect::<Result<Vec<_>, _>>()
+            });
+            match entries {
+                Ok(entries) => streams.push((index, entries.into_iter().flatten())),
+                Err(error) => {
+                    // Start over on a fresh connection, to the node that serves the stream
+                    // now (a failover moves it); the cursor stays where it was.
+                    self.connections[index] = None;
+                    failure = Some(error);
+                }
+            }
+        }
+        if let Some(error) = failure {
+            return Err(error);
         }
         let mut batch = Vec::new();
         for (index, entries) in streams {

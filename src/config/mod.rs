@@ -397,6 +397,53 @@ pub struct RedisConfig {
     /// Prefix of every key Fjord writes, so that several deployments can share a Redis.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
+    /// Present when the bus is a Redis Cluster (ElastiCache cluster mode): `url` is then one
+    /// seed node (or the configuration endpoint) and the rest are discovered.
+    #[serde(default)]
+    pub cluster: Option<RedisClusterConfig>,
+    /// When present, the consumer stores a record's Kafka offset only once this many
+    /// replicas hold it too (`WAIT`), so promoting a replica loses nothing committed.
+    #[serde(default)]
+    pub commit_after_replicas: Option<ReplicaAcks>,
+}
+
+/// `redis.cluster`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisClusterConfig {
+    /// More seed nodes besides `redis.url`, in the same form.
+    #[serde(default)]
+    pub seed_urls: Vec<String>,
+    /// Where servers read the live streams from.
+    #[serde(default)]
+    pub read_from: ReadFrom,
+}
+
+/// `redis.cluster.read_from`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadFrom {
+    /// Each stream's primary.
+    #[default]
+    Primary,
+    /// A replica of each stream's shard, the primary when it has none reachable: every
+    /// server reads every record, so this takes that egress off the primaries.
+    Replica,
+}
+
+/// `redis.commit_after_replicas`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaAcks {
+    /// How many replicas must hold a record before its offset is committed.
+    pub count: u32,
+    /// How long one `WAIT` waits; a publish acknowledged by fewer replicas is retried.
+    #[serde(default = "default_replica_ack_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_replica_ack_timeout_ms() -> u64 {
+    1000
 }
 
 /// `endpoints.<name>`.

@@ -67,6 +67,37 @@ fn require(
     }
 }
 
+/// A `redis://` or `rediss://` URL without credentials, query or fragment.
+fn validate_redis_url(path: &str, url: &str) -> Result<(), ManifestError> {
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+        .ok_or_else(|| {
+            ManifestError::invalid(
+                path,
+                format!("{url:?} must start with redis:// or rediss://"),
+            )
+        })?;
+    require(
+        !rest.contains(['#', '?']),
+        path,
+        "takes no query or fragment (certificates are always verified; there is no #insecure)",
+    )?;
+    let (authority, database) = rest.split_once('/').unwrap_or((rest, ""));
+    require(
+        !authority.contains('@'),
+        path,
+        "must not carry credentials; write the ACL user in redis.username and name the variable that holds the password in redis.password_env",
+    )?;
+    require(!authority.is_empty(), path, "needs a host")?;
+    require(
+        database.len() <= 5 && database.bytes().all(|b| b.is_ascii_digit()),
+        path,
+        "the path is the database number, /0 to /99999, or nothing",
+    )?;
+    Ok(())
+}
+
 fn check_env_name(path: &str, env: &str) -> Result<(), ManifestError> {
     let valid = !env.is_empty()
         && !env.starts_with(|c: char| c.is_ascii_digit())
@@ -205,33 +236,46 @@ impl Manifest {
     }
 
     fn validate_redis(&self) -> Result<(), ManifestError> {
-        let url = &self.redis.url;
-        let rest = url
-            .strip_prefix("redis://")
-            .or_else(|| url.strip_prefix("rediss://"))
-            .ok_or_else(|| {
-                ManifestError::invalid(
-                    "$.redis.url",
-                    format!("{url:?} must start with redis:// or rediss://"),
-                )
-            })?;
-        require(
-            !rest.contains(['#', '?']),
-            "$.redis.url",
-            "takes no query or fragment (certificates are always verified; there is no #insecure)",
-        )?;
-        let (authority, database) = rest.split_once('/').unwrap_or((rest, ""));
-        require(
-            !authority.contains('@'),
-            "$.redis.url",
-            "must not carry credentials; write the ACL user in redis.username and name the variable that holds the password in redis.password_env",
-        )?;
-        require(!authority.is_empty(), "$.redis.url", "needs a host")?;
-        require(
-            database.len() <= 5 && database.bytes().all(|b| b.is_ascii_digit()),
-            "$.redis.url",
-            "the path is the database number, /0 to /99999, or nothing",
-        )?;
+        validate_redis_url("$.redis.url", &self.redis.url)?;
+        if let Some(cluster) = &self.redis.cluster {
+            fn database(url: &str) -> &str {
+                url.split_once("://")
+                    .and_then(|(_, rest)| rest.split_once('/'))
+                    .map_or("", |(_, database)| database)
+            }
+            require(
+                matches!(database(&self.redis.url), "" | "0"),
+                "$.redis.url",
+                "a Redis Cluster has only database 0: no /N path",
+            )?;
+            let tls = self.redis.url.starts_with("rediss://");
+            for (index, url) in cluster.seed_urls.iter().enumerate() {
+                let path = format!("$.redis.cluster.seed_urls[{index}]");
+                validate_redis_url(&path, url)?;
+                require(
+                    matches!(database(url), "" | "0"),
+                    &path,
+                    "a Redis Cluster has only database 0: no /N path",
+                )?;
+                require(
+                    url.starts_with("rediss://") == tls,
+                    &path,
+                    "every node of a cluster is reached the same way: all redis:// or all rediss://, like redis.url",
+                )?;
+            }
+        }
+        if let Some(acks) = &self.redis.commit_after_replicas {
+            require(
+                (1..=5).contains(&acks.count),
+                "$.redis.commit_after_replicas.count",
+                "1 to 5 replicas",
+            )?;
+            require(
+                (10..=60_000).contains(&acks.timeout_ms),
+                "$.redis.commit_after_replicas.timeout_ms",
+                "10 to 60000 milliseconds",
+            )?;
+        }
         if let Some(username) = &self.redis.username {
             let valid = !username.is_empty()
                 && username.len() <= 128
