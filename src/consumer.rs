@@ -3,8 +3,12 @@
 //! next commit — so a record is committed only after the bus holds it (at-least-once), and
 //! the bus's idempotent publish turns a second delivery after a crash into a no-op.
 //!
-//! While the bus is unreachable the member stops reading (backpressure) and retries the
-//! same record; it never skips one it can read.
+//! Each partition has one batch in flight at a time; the records read meanwhile make its
+//! next batch, so a Redis round trip carries as many records as arrived during the last
+//! one, in offset order, and offsets are stored in that order as batches land.
+//!
+//! While the bus is unreachable the member stops reading once 8,192 records wait
+//! (backpressure) and retries the same batch; it never skips a record it can read.
 //!
 //! A batch that cannot be read at all (a corrupt compressed payload, an unknown codec) would
 //! stop its partition for good: librdkafka reports an error without saying where and fetches

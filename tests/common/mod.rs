@@ -192,6 +192,8 @@ pub struct Process {
     name: String,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// The thread that collects stderr; it ends when the process's stderr closes.
+    collector: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -215,12 +217,17 @@ impl Process {
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        std::thread::spawn(move || {
+        let collector = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
         });
-        Self { name, child, log }
+        Self {
+            name,
+            child,
+            log,
+            collector: Some(collector),
+        }
     }
 
     pub fn server(manifest: &Path) -> Self {
@@ -301,6 +308,10 @@ impl Process {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // Its last lines may still be in the pipe.
+                if let Some(collector) = self.collector.take() {
+                    let _ = collector.join();
+                }
                 return status.code();
             }
             if Instant::now() > deadline {
