@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Real services for Fjord's integration tests: a one-node KRaft Kafka (jars from Maven
-# Central via mvn) and Redis (Debian redis-server), on non-default loopback ports.
+# Central via mvn), Redis (Debian redis-server) and a Redis Cluster of three primaries and
+# three replicas (ci/redis-cluster.sh), on non-default loopback ports.
 #
 #   ci/services.sh up             install what is missing, start what is not running, wait
 #                                 until ready, write $FJORD_CI_STATE/env (idempotent)
-#   ci/services.sh down           stop both (SIGTERM, then SIGKILL), remove the env file; idempotent
+#   ci/services.sh down           stop them all (SIGTERM, then SIGKILL), remove the env file;
+#                                 idempotent
 #   ci/services.sh restart-redis  stop and start Redis, keeping its data (AOF)
 #   ci/services.sh restart-kafka  stop and start Kafka, keeping its log dirs
-#   ci/services.sh stop-redis|start-redis|stop-kafka|start-kafka
-#                                 stop one service, or start it again keeping its data
-#   ci/services.sh status         show what runs; exit 0 only if both are ready
+#   ci/services.sh stop-redis|start-redis|stop-kafka|start-kafka|stop-redis-cluster|start-redis-cluster
+#                                 stop one service, or start it again keeping its data (the
+#                                 cluster's start also brings back a node a test killed)
+#   ci/services.sh status         show what runs; exit 0 only if all are ready
 #   ci/services.sh kafka-class CLASS [ARGS...]
 #                                 run a Kafka tool class (e.g. org.apache.kafka.tools.TopicCommand)
 #                                 with the broker's classpath
 #
 # `up` on a service that is not running starts it from a clean data dir; the restart-*
-# commands keep the data. Tests source $FJORD_CI_STATE/env.
+# commands keep the data. Tests source $FJORD_CI_STATE/env, which also names the ports, so
+# that the tests' own calls of this script reach the same services.
 #
 # Environment (defaults):
 #   FJORD_CI_STATE=/tmp/fjord-ci       state dir: data, logs, pid files, env
@@ -24,6 +28,8 @@
 #   FJORD_CI_KAFKA_CONTROLLER_PORT=19094
 #   FJORD_CI_KAFKA_HEAP=768m           broker -Xmx
 #   FJORD_CI_REDIS_PORT=16379
+#   FJORD_CI_REDIS_CLUSTER_PORT=17000  first node of the cluster; its six nodes take 17000-17005,
+#                                      their cluster bus ports 17006-17011
 #   FJORD_CI_SCRAM_USER=fjord-test, FJORD_CI_SCRAM_PASSWORD=fjord-test-secret
 #   FJORD_CI_TIMEOUT=90                readiness timeout per service, seconds
 set -euo pipefail
@@ -37,6 +43,7 @@ KAFKA_SASL_PORT=${FJORD_CI_KAFKA_SASL_PORT:-19093}
 KAFKA_CONTROLLER_PORT=${FJORD_CI_KAFKA_CONTROLLER_PORT:-19094}
 KAFKA_HEAP=${FJORD_CI_KAFKA_HEAP:-768m}
 REDIS_PORT=${FJORD_CI_REDIS_PORT:-16379}
+REDIS_CLUSTER_PORT=${FJORD_CI_REDIS_CLUSTER_PORT:-17000}
 SCRAM_USER=${FJORD_CI_SCRAM_USER:-fjord-test}
 SCRAM_PASSWORD=${FJORD_CI_SCRAM_PASSWORD:-fjord-test-secret}
 TIMEOUT=${FJORD_CI_TIMEOUT:-90}
@@ -54,6 +61,10 @@ KAFKA_POM="$SERVICES_DIR/kafka-pom.xml"
 REDIS_DIR="$STATE/redis"
 REDIS_PID="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
+
+REDIS_CLUSTER_DIR="$STATE/redis-cluster"
+REDIS_CLUSTER_PRIMARIES=3
+REDIS_CLUSTER_REPLICAS=1
 
 # What the tests run; the build's own dependencies are ci/install-build-deps.sh's list.
 APT_PACKAGES=(redis-server openssl kcat)
@@ -269,6 +280,14 @@ redis_restart() {
     redis_start keep
 }
 
+# ---------------------------------------------------------------------------- redis cluster
+
+redis_cluster() { "$SCRIPT_DIR/redis-cluster.sh" "$1" "$REDIS_CLUSTER_DIR" "${@:2}"; }
+
+redis_cluster_up() {
+    redis_cluster up "$REDIS_CLUSTER_PORT" "$REDIS_CLUSTER_PRIMARIES" "$REDIS_CLUSTER_REPLICAS"
+}
+
 # ---------------------------------------------------------------------------- env, status
 
 write_env() {
@@ -276,11 +295,17 @@ write_env() {
     cat >"$tmp" <<EOF
 # Written by ci/services.sh; source it before running the integration tests.
 export FJORD_CI_STATE='$STATE'
+export FJORD_CI_KAFKA_PORT='$KAFKA_PORT'
+export FJORD_CI_KAFKA_SASL_PORT='$KAFKA_SASL_PORT'
+export FJORD_CI_KAFKA_CONTROLLER_PORT='$KAFKA_CONTROLLER_PORT'
+export FJORD_CI_REDIS_PORT='$REDIS_PORT'
+export FJORD_CI_REDIS_CLUSTER_PORT='$REDIS_CLUSTER_PORT'
 export FJORD_TEST_KAFKA_BROKERS='$HOST:$KAFKA_PORT'
 export FJORD_TEST_KAFKA_SASL_BROKERS='$HOST:$KAFKA_SASL_PORT'
 export FJORD_TEST_SCRAM_USER='$SCRAM_USER'
 export FJORD_TEST_SCRAM_PASSWORD='$SCRAM_PASSWORD'
 export FJORD_TEST_REDIS_URL='redis://$HOST:$REDIS_PORT'
+export FJORD_TEST_REDIS_CLUSTER_URLS='$(redis_cluster urls)'
 EOF
     mv "$tmp" "$STATE/env"
     log "env written to $STATE/env"
@@ -308,6 +333,12 @@ status() {
         echo "redis: down"
         rc=3
     fi
+    if [[ -s $REDIS_CLUSTER_DIR/shape ]]; then
+        redis_cluster status || rc=3
+    else
+        echo "redis-cluster: down"
+        rc=3
+    fi
     [[ -f $STATE/env ]] && echo "env: $STATE/env"
     return "$rc"
 }
@@ -331,12 +362,14 @@ main() {
     up)
         install_packages
         redis_up
+        redis_cluster_up
         kafka_up
         write_env
         ;;
     down)
         kafka_down
         redis_down
+        redis_cluster down
         rm -f "$STATE/env"
         ;;
     restart-redis)
@@ -350,6 +383,12 @@ main() {
         ;;
     start-redis)
         redis_start keep
+        ;;
+    stop-redis-cluster)
+        redis_cluster down
+        ;;
+    start-redis-cluster)
+        redis_cluster start
         ;;
     stop-kafka)
         kafka_down

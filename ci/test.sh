@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# The whole test suite: starts the real Kafka and Redis (installing what is missing), runs
-# formatting and lint checks, unit and integration tests, the README's walkthroughs run as
-# written (ci/test-readme.sh), a bounded fuzzing run of the parsers, the release build in
-# a rehearsal of the Nix build sandbox, the deploy tool's tests against moto and a
-# registry, the Nix and workflow checks, and the JavaScript client's tests (unit and in
-# headless Chromium), then stops the services.
+# The whole test suite: starts the real Kafka, Redis and Redis Cluster (installing what is
+# missing), runs formatting and lint checks, unit and integration tests (the bus's
+# end-to-end, fault and semantics tests once on Redis, then again on the cluster), the
+# README's walkthroughs run as written (ci/test-readme.sh), a bounded fuzzing run of the
+# parsers, the release build in a rehearsal of the Nix build sandbox, the deploy tool's
+# tests against moto and a registry, the Nix and workflow checks, and the JavaScript
+# client's tests (unit and in headless Chromium), then stops the services.
 #   FJORD_CI_KEEP_SERVICES=1 ci/test.sh   leaves the services running for the next run
 #   ci/test.sh [cargo test arguments]     only the Rust tests, e.g. ci/test.sh --test pipeline
+#   FJORD_TEST_BUS=cluster ci/test.sh --test pipeline   those on the Redis Cluster
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "services: Kafka and Redis"
+step "services: Kafka, Redis and a Redis Cluster"
 ci/services.sh up
 # shellcheck disable=SC1091
 source "${FJORD_CI_STATE:-/tmp/fjord-ci}/env"
@@ -35,6 +37,10 @@ fi
 step "unit and integration tests"
 cargo test --locked "$@"
 [ $# -eq 0 ] || exit 0
+
+step "the bus's tests again, on the Redis Cluster (3 primaries, 3 replicas)"
+FJORD_TEST_BUS=cluster cargo test --locked --test pipeline --test faults --test http_contract \
+  --test bus_entries --test bus_semantics
 
 step "the README's walkthroughs, run as written (Access control, Running it)"
 ci/test-readme.sh

@@ -143,11 +143,7 @@ async fn malformed_entries_become_gaps_and_good_records_around_them_arrive_live_
     let bus: Bus = connect_redis(&config).await.expect("redis");
     let endpoint = EndpointName::try_from("orders".to_owned()).expect("a name");
     let stream_key = fjord::bus::redis::stream_key(&config.key_prefix, &endpoint);
-    let mut raw_connection = redis::Client::open(services.redis_url.as_str())
-        .expect("a url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut raw_connection = redis_connection_for(&services, &stream_key).await;
 
     let url = format!("http://127.0.0.1:{port}/v1/streams/orders");
     let mut everyone = SseStream::connect(&url, &[]).await;

@@ -38,10 +38,8 @@ async fn fresh(kind: Kind) -> (Bus, String) {
         Kind::Memory => (Bus::Memory(MemoryBus::new()), String::new()),
         Kind::Redis => {
             let prefix = unique("semantics");
-            let config: RedisConfig = serde_json::from_value(
-                serde_json::json!({"url": services().redis_url, "key_prefix": prefix}),
-            )
-            .expect("a redis section");
+            let config: RedisConfig = serde_json::from_value(redis_section(&services(), &prefix))
+                .expect("a redis section");
             (connect_redis(&config).await.expect("redis"), prefix)
         }
     }
@@ -406,14 +404,11 @@ async fn invalid_entries_are_read_in_place_and_the_rest_read_on(kind: Kind) {
     let (bus, prefix) = fresh(kind).await;
     let endpoints = [(name("a"), Retention::default())];
     let mut reader = bus.reader(vec![name("a")]).await.expect("reader");
-    let mut raw = ::redis::Client::open(services().redis_url.as_str())
-        .expect("a url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let stream_key = fjord::bus::redis::stream_key(&prefix, &name("a"));
+    let mut raw = redis_connection_for(&services(), &stream_key).await;
     publish(&bus, &endpoints, 0, 0).await;
     let _: String = ::redis::cmd("XADD")
-        .arg(fjord::bus::redis::stream_key(&prefix, &name("a")))
+        .arg(&stream_key)
         .arg("*")
         .arg(&b"\xff"[..])
         .arg("x")

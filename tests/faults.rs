@@ -1,6 +1,7 @@
-//! Fault injection against real Kafka and Redis. Each test asserts that the records every
-//! client received are exactly the records produced: all of them, in order per partition,
-//! none twice. The tests restart shared services, so they run one at a time.
+//! Fault injection against real Kafka and Redis (or, with `FJORD_TEST_BUS=cluster`, the
+//! shared Redis Cluster). Each test asserts that the records every client received are
+//! exactly the records produced: all of them, in order per partition, none twice. The tests
+//! restart shared services, so they run one at a time.
 
 mod common;
 
@@ -87,7 +88,7 @@ impl Pipeline {
 async fn redis_stopped_and_restarted_mid_stream() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let (pipeline, client, mut produced) = Pipeline::streaming(2, 1, |_| {}).await;
-    services_command("stop-redis");
+    stop_bus_redis();
     let readyz = format!("http://127.0.0.1:{}/readyz", pipeline.ports[0]);
     let deadline = std::time::Instant::now() + PATIENCE;
     while status_of(&readyz).await != 503 {
@@ -99,7 +100,7 @@ async fn redis_stopped_and_restarted_mid_stream() {
     }
     // Kafka takes records while the bus is down; the consumer holds them.
     produced.extend(pipeline.produce(100, 100, 2).await);
-    services_command("start-redis");
+    start_bus_redis();
     wait_ready(pipeline.ports[0]).await;
     produced.extend(pipeline.produce(200, 100, 2).await);
 

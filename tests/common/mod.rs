@@ -1,5 +1,6 @@
-//! Shared harness of the integration tests: the real Kafka and Redis that `ci/test.sh`
-//! starts, the real `fjord-consumer` and `fjord-server` binaries, and an SSE client.
+//! Shared harness of the integration tests: the real Kafka and Redis (single-node, or the
+//! Redis Cluster with `FJORD_TEST_BUS=cluster`) that `ci/test.sh` starts, the real
+//! `fjord-consumer` and `fjord-server` binaries, and an SSE client.
 #![allow(
     dead_code,
     unreachable_pub,
@@ -7,6 +8,7 @@
 )]
 #![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
+pub mod redis_cluster;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -39,6 +41,8 @@ pub struct Services {
     pub scram_user: String,
     pub scram_password: String,
     pub redis_url: String,
+    /// Every node of the shared Redis Cluster, when `ci/services.sh` started one.
+    pub redis_cluster_urls: Option<Vec<String>>,
 }
 
 pub fn services() -> Services {
@@ -48,7 +52,83 @@ pub fn services() -> Services {
         scram_user: required_env("FJORD_TEST_SCRAM_USER"),
         scram_password: required_env("FJORD_TEST_SCRAM_PASSWORD"),
         redis_url: required_env("FJORD_TEST_REDIS_URL"),
+        redis_cluster_urls: std::env::var("FJORD_TEST_REDIS_CLUSTER_URLS")
+            .ok()
+            .filter(|urls| !urls.is_empty())
+            .map(|urls| urls.split(',').map(str::to_owned).collect()),
     }
+}
+
+/// Which Redis the bus of the tests runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusKind {
+    /// The single-node Redis (`FJORD_TEST_REDIS_URL`); the default.
+    Single,
+    /// The shared Redis Cluster (`FJORD_TEST_REDIS_CLUSTER_URLS`): `FJORD_TEST_BUS=cluster`.
+    Cluster,
+}
+
+pub fn bus_kind() -> BusKind {
+    match std::env::var("FJORD_TEST_BUS").as_deref() {
+        Err(_) | Ok("" | "single") => BusKind::Single,
+        Ok("cluster") => BusKind::Cluster,
+        Ok(other) => panic!("FJORD_TEST_BUS={other}: want single or cluster"),
+    }
+}
+
+/// The manifest's `redis` section for the bus of [`bus_kind`], under `key_prefix`: the
+/// single Redis, or the shared cluster's first node as `url` and the others as seeds.
+pub fn redis_section(services: &Services, key_prefix: &str) -> serde_json::Value {
+    match bus_kind() {
+        BusKind::Single => serde_json::json!({"url": services.redis_url, "key_prefix": key_prefix}),
+        BusKind::Cluster => {
+            let urls = services.redis_cluster_urls.as_deref().unwrap_or_else(|| {
+                panic!("FJORD_TEST_BUS=cluster, but FJORD_TEST_REDIS_CLUSTER_URLS is not set: ci/services.sh up starts the cluster and writes it")
+            });
+            serde_json::json!({
+                "url": urls[0],
+                "cluster": {"seed_urls": urls[1..]},
+                "key_prefix": key_prefix
+            })
+        }
+    }
+}
+
+/// A connection for raw commands on `key` to the Redis of [`bus_kind`]: the single Redis, or
+/// the cluster's primary that serves `key`'s slot (a plain connection, which follows no
+/// redirection).
+pub async fn redis_connection_for(
+    services: &Services,
+    key: &str,
+) -> redis::aio::MultiplexedConnection {
+    let url = match bus_kind() {
+        BusKind::Single => services.redis_url.clone(),
+        BusKind::Cluster => format!(
+            "redis://127.0.0.1:{}",
+            redis_cluster::RedisCluster::shared().primary_of(key)
+        ),
+    };
+    redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|error| panic!("connect to {url}: {error}"))
+}
+
+/// Stops the Redis of [`bus_kind`] (every node of the shared cluster), keeping its data.
+pub fn stop_bus_redis() {
+    services_command(match bus_kind() {
+        BusKind::Single => "stop-redis",
+        BusKind::Cluster => "stop-redis-cluster",
+    });
+}
+
+/// Starts the Redis of [`bus_kind`] again with its data; the cluster is ok when it returns.
+pub fn start_bus_redis() {
+    services_command(match bus_kind() {
+        BusKind::Single => "start-redis",
+        BusKind::Cluster => "start-redis-cluster",
+    });
 }
 
 /// A name no other test run uses.
@@ -63,20 +143,36 @@ pub fn unique(prefix: &str) -> String {
 /// is free again once its probe closes, and the outgoing connections of tests running in
 /// parallel may take it as their local port before the server binds it.
 pub fn free_port() -> u16 {
+    free_ports(1)
+}
+
+/// The first of `count` consecutive loopback ports that were all free a moment ago, drawn as
+/// [`free_port`] draws one (a Redis Cluster takes a block: its nodes' ports and their cluster
+/// bus ports).
+pub fn free_ports(count: u16) -> u16 {
     static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let below_ephemeral = ephemeral_range_start()
         .filter(|start| *start > 25_000)
-        .map(|start| 20_000..start);
+        .map(|start| 20_000..start - count);
     loop {
         let wanted = below_ephemeral.clone().map_or(0, fastrand::u16);
         let Ok(probe) = std::net::TcpListener::bind(("127.0.0.1", wanted)) else {
             continue;
         };
-        let port = probe.local_addr().unwrap().port();
+        let first = probe.local_addr().unwrap().port();
+        let Some(end) = first.checked_add(count) else {
+            continue;
+        };
+        let others: Option<Vec<_>> = (first + 1..end)
+            .map(|port| std::net::TcpListener::bind(("127.0.0.1", port)).ok())
+            .collect();
+        if others.is_none() {
+            continue;
+        }
         let mut handed_out = HANDED_OUT.lock().unwrap();
-        if !handed_out.contains(&port) {
-            handed_out.push(port);
-            return port;
+        if (first..end).all(|port| !handed_out.contains(&port)) {
+            handed_out.extend(first..end);
+            return first;
         }
     }
 }
@@ -171,7 +267,7 @@ pub fn manifest(
     let topics: Vec<&str> = endpoints.iter().map(|(_, topic)| *topic).collect();
     serde_json::json!({
         "kafka": {"brokers": [services.brokers]},
-        "redis": {"url": services.redis_url, "key_prefix": unique("test")},
+        "redis": redis_section(services, &unique("test")),
         "endpoints": endpoint_map,
         "consumer_groups": [{"id": group, "topics": topics, "offset_reset": "earliest"}],
         "server": {"host": "127.0.0.1", "port": port, "heartbeat_secs": 15},
