@@ -161,12 +161,15 @@ async fn two_members_split_the_partitions_and_lose_nothing() {
     let (_dir, path) = write_manifest(&manifest(&services, &[("orders", &topic)], &group, port));
     let _server = Process::server(&path);
     wait_ready(port).await;
-    let mut client =
-        SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders"), &[]).await;
-    client.next().await.expect("prelude");
+    // Resumes when the server sheds it while the test is busy elsewhere.
+    let client = ResumingClient::start(vec![format!("http://127.0.0.1:{port}/v1/streams/orders")]);
+    wait_until("the client is connected", || client.connections() == 1).await;
 
     let first = Process::consumer(&path, &[]);
     first.wait_for_log(&["partitions assigned", &topic]).await;
+    // Records on their way while the group rebalances: the first member's publishes of the
+    // partitions it gives up are waited for and committed before the second takes them.
+    let early = produce(&services.brokers, &topic, &json_records(2000, 4, 9)).await;
     let second = Process::consumer(&path, &[]);
     // After the second member joins, the group rebalances: each member ends up with a
     // non-empty share, and the shares are disjoint.
@@ -211,8 +214,12 @@ async fn two_members_split_the_partitions_and_lose_nothing() {
     };
     assert_eq!(share_1.len() + share_2.len(), 4);
 
-    let produced = produce(&services.brokers, &topic, &json_records(400, 4, 9)).await;
-    let events = client.records(produced.len()).await;
+    first
+        .wait_for_log(&["publishes of revoked partitions settled"])
+        .await;
+    let mut produced = early;
+    produced.extend(produce(&services.brokers, &topic, &json_records(400, 4, 9)).await);
+    let events = client.wait_for_records(produced.len()).await;
     assert_complete_and_ordered(&events, &produced);
 }
 
