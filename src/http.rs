@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use warp::http::{HeaderName, HeaderValue, StatusCode, header};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -118,7 +118,7 @@ impl ApiError {
     }
 
     fn into_response(self) -> Response {
-        let mut response = warp::http::Response::new(self.body().into());
+        let mut response = http::Response::new(self.body().into());
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
         headers.insert(
@@ -383,7 +383,7 @@ pub async fn open_stream(
     auth: &Authenticator,
     path_endpoint: Option<&str>,
     query: &str,
-    headers: &warp::http::HeaderMap,
+    headers: &http::HeaderMap,
     slot: &mut Slot,
 ) -> Result<Subscription, ApiError> {
     let query_token = query_value(query, "access_token");

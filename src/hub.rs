@@ -12,13 +12,15 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::bus::{Bus, BusEntry, BusError, BusReader, EntryKind, Receivers, StreamId};
+use crate::clock::now_ms;
 use crate::config::{EndpointName, ServerConfig, StartPosition};
 use crate::keys::{ClientId, KeyIndex, KeySet};
 use crate::metrics::Metrics;
@@ -178,14 +180,6 @@ pub struct Hub {
     last_read_ms: AtomicU64,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -576,19 +570,19 @@ impl Hub {
     /// Feeds the hub from the bus forever, retrying failed reads with backoff; the reader
     /// keeps its position, so nothing is skipped.
     pub async fn run_feed(self: Arc<Self>, mut reader: BusReader) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         loop {
             match reader.next_batch().await {
                 Ok(batch) => {
                     self.last_read_ms.store(now_ms(), Relaxed);
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     self.dispatch(&batch);
                 }
                 Err(error) => {
                     self.metrics.bus_errors.fetch_add(1, Relaxed);
-                    tracing::warn!(%error, retry_in = ?backoff, "bus read failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let retry_in = backoff.next_delay();
+                    tracing::warn!(%error, ?retry_in, "bus read failed");
+                    tokio::time::sleep(retry_in).await;
                 }
             }
         }

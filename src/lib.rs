@@ -24,6 +24,8 @@
 //! - [`metrics`]: the counters behind `/metrics`.
 //! - [`server`]: wires bus, hub and routes into a running server with graceful drain.
 //! - [`process`]: logging and shutdown signals, shared by the binaries.
+//! - `backoff`: the delays between retries, doubling with jitter, for every retry loop.
+//! - `clock`: wall-clock milliseconds and seconds, the one clock every part reads.
 //! - [`setup`]: `fjord setup` and `fjord token`: keys, manifest skeleton, test tokens.
 //! - [`dev`]: `fjord dev`, everything in one process (needs `kafka`).
 //! - [`bench`]: `fjord bench`, the load generator, floor and scenarios of `BENCHMARKS.md` (needs `kafka`).
@@ -31,9 +33,11 @@
 //! The binaries in `src/bin` are thin: they parse arguments and call into these modules.
 
 pub mod auth;
+mod backoff;
 #[cfg(feature = "kafka")]
 pub mod bench;
 pub mod bus;
+mod clock;
 pub mod config;
 pub mod connection;
 #[cfg(feature = "kafka")]

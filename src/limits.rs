@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use warp::http::StatusCode;
+use http::StatusCode;
 
 use crate::config::ServerConfig;
 use crate::http::ApiError;

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The server's counters.
 #[derive(Debug, Default)]
@@ -167,7 +167,7 @@ impl EmfTarget {
     }
 
     /// One EMF line for `open_connections` at `timestamp_ms`.
-    pub fn line(&self, open_connections: i64, timestamp_ms: u128) -> String {
+    pub fn line(&self, open_connections: i64, timestamp_ms: u64) -> String {
         serde_json::json!({
             "_aws": {
                 "Timestamp": timestamp_ms,
@@ -193,9 +193,7 @@ impl EmfTarget {
         let mut ticker = tokio::time::interval(interval);
         loop {
             ticker.tick().await;
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis());
+            let now = crate::clock::now_ms();
             println!("{}", self.line(metrics.open_connections.load(Relaxed), now));
         }
     }

@@ -12,8 +12,10 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 
 use crate::auth::Authenticator;
+use crate::backoff::Backoff;
 use crate::bus::{Bus, BusError};
 use crate::config::ManifestError;
 use crate::config::{AuthConfig, Manifest};
@@ -105,11 +107,14 @@ pub async fn serve(
         bus.clone(),
         Arc::clone(&metrics),
     ));
-    let feed = tokio::spawn(Arc::clone(&hub).run_feed(reader));
-    let heartbeats = tokio::spawn(Arc::clone(&hub).run_heartbeats(manifest.server.heartbeat()));
-    let expiries = tokio::spawn(Arc::clone(&hub).run_expiries(Duration::from_secs(1)));
-    let emf = EmfTarget::from_env()
-        .map(|target| tokio::spawn(target.run(Arc::clone(&metrics), EMF_INTERVAL)));
+    // The tasks that run as long as the server does; dropped, the set ends them.
+    let mut background = JoinSet::new();
+    background.spawn(Arc::clone(&hub).run_feed(reader));
+    background.spawn(Arc::clone(&hub).run_heartbeats(manifest.server.heartbeat()));
+    background.spawn(Arc::clone(&hub).run_expiries(Duration::from_secs(1)));
+    if let Some(target) = EmfTarget::from_env() {
+        background.spawn(target.run(Arc::clone(&metrics), EMF_INTERVAL));
+    }
 
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, endpoints = hub.endpoints().len(), "fjord-server listening");
@@ -189,12 +194,7 @@ pub async fn serve(
         () = connections_open.closed() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(DRAIN_GRACE) => tracing::warn!("connections still open after the grace period; exiting"),
     }
-    feed.abort();
-    heartbeats.abort();
-    expiries.abort();
-    if let Some(emf) = emf {
-        emf.abort();
-    }
+    background.shutdown().await;
     Ok(())
 }
 
@@ -202,7 +202,7 @@ pub async fn serve(
 /// with each failure in a row, instead of being retried at once.
 struct Acceptor {
     listener: TcpListener,
-    backoff: Duration,
+    backoff: Backoff,
     metrics: Arc<Metrics>,
 }
 
@@ -212,7 +212,7 @@ impl Acceptor {
     fn new(listener: TcpListener, metrics: Arc<Metrics>) -> Self {
         Self {
             listener,
-            backoff: ACCEPT_BACKOFF_MIN,
+            backoff: Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX),
             metrics,
         }
     }
@@ -221,21 +221,21 @@ impl Acceptor {
         loop {
             match self.listener.accept().await {
                 Ok(accepted) => {
-                    self.backoff = ACCEPT_BACKOFF_MIN;
+                    self.backoff.reset();
                     return accepted;
                 }
                 Err(error) => {
                     self.metrics.accept_errors.fetch_add(1, Relaxed);
+                    let retry_in = self.backoff.next_delay();
                     if let Some(held_back) = ACCEPT_FAILURES.admit() {
                         tracing::warn!(
                             %error,
                             held_back,
-                            backoff_ms = self.backoff.as_millis(),
+                            backoff_ms = retry_in.as_millis(),
                             "accept failed; waiting for connections to close"
                         );
                     }
-                    tokio::time::sleep(self.backoff).await;
-                    self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    tokio::time::sleep(retry_in).await;
                 }
             }
         }

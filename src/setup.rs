@@ -2,7 +2,7 @@
 //! deployment, and tokens minted with that key for testing (and for backends to copy).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
@@ -183,9 +183,7 @@ pub fn mint(private_key: &Path, request: &TokenRequest) -> Result<String, SetupE
         message,
     };
     let key = EncodingKey::from_ed_pem(&pem).map_err(|e| key_error(e.to_string()))?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::clock::now_secs();
     let mut fjord = serde_json::json!({"endpoints": request.endpoints});
     if !request.keys.is_empty() {
         fjord["keys"] = serde_json::json!(request.keys);

@@ -498,7 +498,7 @@ fn grant_of(claims: Claims, leeway_secs: u64) -> Grant {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::Duration;
 
     use base64::Engine as _;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -534,9 +534,7 @@ mod tests {
     }
 
     fn now() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
+        crate::clock::now_secs()
     }
 
     fn config(public_pem: &str, algorithms: Vec<JwtAlgorithm>) -> AuthConfig {

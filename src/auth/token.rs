@@ -2,8 +2,8 @@
 //! names one, or `?access_token=` when the manifest enables it (EventSource cannot set
 //! headers). Malformed input is an absent token, never a panic.
 
-use warp::http::HeaderMap;
-use warp::http::header::{AUTHORIZATION, COOKIE};
+use http::HeaderMap;
+use http::header::{AUTHORIZATION, COOKIE};
 
 /// Where a token may come from, besides the `Authorization` header.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -63,7 +63,7 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use warp::http::HeaderValue;
+    use http::HeaderValue;
 
     use super::*;
 

@@ -5,13 +5,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::entry::{decode, field};
 use super::{Append, AppendEntry, AppendKind, BusEntry, READ_BATCH, StreamId};
+use crate::clock::now_ms;
 use crate::config::{EndpointName, Retention};
 
 /// How long [`MemoryReader::next_batch`] waits for an entry.
@@ -83,14 +84,6 @@ struct State {
 pub struct MemoryBus {
     state: Arc<Mutex<State>>,
     appended: Arc<Notify>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
 }
 
 impl MemoryBus {

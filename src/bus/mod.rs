@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::backoff::Backoff;
 use crate::config::{EndpointName, Retention};
 use crate::envelope::Envelope;
 pub use entry::{InvalidEntry, Problem, WireJson};
@@ -409,7 +410,10 @@ impl Bus {
 /// what retrying cannot mend: a missing password variable, credentials Redis refuses, a
 /// certificate that is not trusted, a port that does not speak TLS.
 pub async fn connect_redis(config: &crate::config::RedisConfig) -> Result<Bus, BusError> {
-    let mut backoff = std::time::Duration::from_millis(200);
+    let mut backoff = Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(5),
+    );
     loop {
         match redis::RedisBus::connect(config).await {
             Ok(bus) => return Ok(Bus::Redis(Box::new(bus))),
@@ -427,9 +431,9 @@ pub async fn connect_redis(config: &crate::config::RedisConfig) -> Result<Bus, B
                     }
                     _ => "",
                 };
-                tracing::warn!(%error, url = %config.url, retry_in = ?backoff, "redis is not reachable yet{hint}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                let retry_in = backoff.next_delay();
+                tracing::warn!(%error, url = %config.url, ?retry_in, "redis is not reachable yet{hint}");
+                tokio::time::sleep(retry_in).await;
             }
         }
     }

@@ -448,7 +448,7 @@ impl Manifest {
             let valid = origin == "*"
                 || ((origin.starts_with("https://") || origin.starts_with("http://"))
                     && !origin.ends_with('/')
-                    && origin.parse::<warp::http::HeaderValue>().is_ok());
+                    && origin.parse::<http::HeaderValue>().is_ok());
             require(
                 valid,
                 format!("$.server.cors_origins[{i}]"),

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 
 use self::batches::{InFlight, Publisher};
 use self::skip::{Skipper, UNREADABLE, unreadable};
+use crate::backoff::Backoff;
 use crate::bus::{Bus, BusError};
 use crate::config::{
     ConsumerGroupConfig, EndpointName, KafkaConfig, KafkaSecurity, Manifest, ManifestError,
@@ -401,21 +402,21 @@ async fn until_accepted<F, T>(topic: &str, partition: i32, offset: i64, publish:
 where
     F: Future<Output = Result<T, BusError>>,
 {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match publish().await {
             Ok(_) => return,
             Err(error) => {
+                let retry_in = backoff.next_delay();
                 tracing::warn!(
                     topic,
                     partition,
                     offset,
                     %error,
-                    retry_in = ?backoff,
+                    ?retry_in,
                     "bus refused the record; holding the partition until it accepts"
                 );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(retry_in).await;
             }
         }
     }

@@ -2,7 +2,7 @@
 //! prepared, picked up and delivered; drivers drive across Oslo to fetch and bring them.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -93,11 +93,7 @@ fn between((low, high): (f64, f64)) -> f64 {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-        })
+    i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX)
 }
 
 struct Simulation {
