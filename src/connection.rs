@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::auth::Authenticator;
 use crate::http::{AllowOrigin, ApiError, Cors, open_stream};

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use http::StatusCode;
+use tokio::sync::Notify;
 
 use crate::config::ServerConfig;
 use crate::http::ApiError;

@@ -62,8 +62,8 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
     use http::HeaderValue;
+    use proptest::prelude::*;
 
     use super::*;
 

@@ -98,6 +98,17 @@ fn validate_redis_url(path: &str, url: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// `value` within `range`; the message names the range, then `unit`.
+fn within<T: PartialOrd + std::fmt::Display + Copy>(
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    path: impl Into<String>,
+    unit: &str,
+) -> Result<(), ManifestError> {
+    let message = format!("must be {} to {}{unit}", range.start(), range.end());
+    require(range.contains(&value), path, message)
+}
+
 fn check_env_name(path: &str, env: &str) -> Result<(), ManifestError> {
     let valid = !env.is_empty()
         && !env.starts_with(|c: char| c.is_ascii_digit())
@@ -265,15 +276,17 @@ impl Manifest {
             }
         }
         if let Some(acks) = &self.redis.commit_after_replicas {
-            require(
-                (1..=5).contains(&acks.count),
+            within(
+                acks.count,
+                1..=5,
                 "$.redis.commit_after_replicas.count",
-                "1 to 5 replicas",
+                " replicas",
             )?;
-            require(
-                (10..=60_000).contains(&acks.timeout_ms),
+            within(
+                acks.timeout_ms,
+                10..=60_000,
                 "$.redis.commit_after_replicas.timeout_ms",
-                "10 to 60000 milliseconds",
+                " milliseconds",
             )?;
         }
         if let Some(username) = &self.redis.username {
@@ -363,11 +376,7 @@ impl Manifest {
                 format!("{path}.id"),
                 format!("group {:?} is listed twice", group.id),
             )?;
-            require(
-                (1..=1000).contains(&group.members),
-                format!("{path}.members"),
-                "must be 1 to 1000",
-            )?;
+            within(group.members, 1..=1000, format!("{path}.members"), "")?;
             require(
                 !group.topics.is_empty(),
                 format!("{path}.topics"),
@@ -397,25 +406,24 @@ impl Manifest {
 
     fn validate_server(&self) -> Result<(), ManifestError> {
         let server = &self.server;
-        require(
-            (1..=3600).contains(&server.heartbeat_secs),
+        within(
+            server.heartbeat_secs,
+            1..=3600,
             "$.server.heartbeat_secs",
-            "must be 1 to 3600",
+            "",
         )?;
-        require(
-            (1..=600_000).contains(&server.retry_ms),
-            "$.server.retry_ms",
-            "must be 1 to 600000",
-        )?;
-        require(
-            (1..=1_000_000).contains(&server.client_queue),
+        within(server.retry_ms, 1..=600_000, "$.server.retry_ms", "")?;
+        within(
+            server.client_queue,
+            1..=1_000_000,
             "$.server.client_queue",
-            "must be 1 to 1000000",
+            "",
         )?;
-        require(
-            (100..=3_600_000).contains(&server.client_max_lag_ms),
+        within(
+            server.client_max_lag_ms,
+            100..=3_600_000,
             "$.server.client_max_lag_ms",
-            "must be 100 to 3600000",
+            "",
         )?;
         for (limit, path) in [
             (server.max_connections, "$.server.max_connections"),
@@ -428,11 +436,9 @@ impl Manifest {
                 "$.server.max_connections_per_subject",
             ),
         ] {
-            require(
-                limit.is_none_or(|limit| (1..=10_000_000).contains(&limit)),
-                path,
-                "must be 1 to 10000000, or absent for the default",
-            )?;
+            if let Some(limit) = limit {
+                within(limit, 1..=10_000_000, path, ", or absent for the default")?;
+            }
         }
         if let Some(metrics) = &server.metrics_listener {
             require(
