@@ -8,9 +8,6 @@
 //! step reports as it finishes; a failing step ends the deploy with what was done and what
 //! was not.
 
-use std::collections::VecDeque;
-use std::future::Future;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,7 +24,8 @@ use base64::Engine as _;
 use crate::archive::Image;
 use crate::config::Deployment;
 use crate::destroy::{self, DEPLOYMENT_TAG, Family, FoundService};
-use crate::error::{DeployError, Progress, none_if};
+use crate::error::{DeployError, none_if};
+use crate::output::{Ledger, Outcome, revision, say};
 use crate::plan::{self, FINGERPRINT_TAG, Plan, Role, ServiceSpec, TaskDefinitionSpec};
 use crate::registry::{Endpoint, Registry};
 use crate::wait;
@@ -56,13 +54,6 @@ pub struct Options {
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
 /// Why a service or task definition is pruned.
 const GONE: &str = "(consumer group no longer in the manifest)";
-
-/// Prints a line of progress on stdout.
-pub(crate) fn say(line: impl std::fmt::Display) {
-    let mut out = std::io::stdout().lock();
-    // Progress is best effort: a closed stdout must not stop a deploy midway.
-    let _ = writeln!(out, "{line}");
-}
 
 /// The AWS clients of one region.
 #[derive(Debug)]
@@ -326,52 +317,6 @@ fn step_labels(
     labels
 }
 
-/// What ran, what is left.
-pub(crate) struct Ledger {
-    done: Vec<String>,
-    pending: VecDeque<String>,
-}
-
-impl Ledger {
-    pub(crate) fn new(labels: Vec<String>) -> Self {
-        Self {
-            done: Vec::new(),
-            pending: labels.into(),
-        }
-    }
-
-    /// Runs one step; prints and records its outcome, or turns its failure into a report
-    /// of what was done and what was not.
-    pub(crate) async fn run<T>(
-        &mut self,
-        label: String,
-        work: impl Future<Output = Result<(T, String), DeployError>>,
-    ) -> Result<T, DeployError> {
-        if let Some(at) = self.pending.iter().position(|planned| *planned == label) {
-            self.pending.remove(at);
-        }
-        match work.await {
-            Ok((value, outcome)) => {
-                say(format_args!("  {label}: {outcome}"));
-                self.done.push(format!("{label}: {outcome}"));
-                Ok(value)
-            }
-            Err(source) => {
-                let mut not_done = vec![format!("{label} (failed)")];
-                not_done.extend(self.pending.drain(..));
-                Err(DeployError::Midway {
-                    failed: label,
-                    error: Box::new(source),
-                    progress: Progress {
-                        done: std::mem::take(&mut self.done),
-                        not_done,
-                    },
-                })
-            }
-        }
-    }
-}
-
 /// The route the target group's health check must probe: whether a server can stream
 /// (bus reachable and caught up), where `/healthz` only says that the process lives.
 pub(crate) const HEALTH_CHECK_PATH: &str = "/readyz";
@@ -628,9 +573,6 @@ struct Step<'a> {
     deployment: &'a Deployment,
     dry_run: bool,
 }
-
-/// What a step gives back, with the line it reports.
-pub(crate) type Outcome<T> = Result<(T, String), DeployError>;
 
 impl Step<'_> {
     /// The tags of a task definition or service: its fingerprint, and the deployment that
@@ -1048,9 +990,4 @@ pub(crate) async fn find_repository(
         resource,
         "DescribeRepositories",
     )
-}
-
-/// `family:revision` of a task definition ARN.
-pub(crate) fn revision(arn: &str) -> &str {
-    arn.rsplit_once('/').map_or(arn, |(_, revision)| revision)
 }

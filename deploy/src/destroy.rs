@@ -16,9 +16,10 @@ use aws_sdk_ecs::types::{
     ServiceField, TaskDefinitionFamilyStatus, TaskDefinitionField, TaskDefinitionStatus,
 };
 
-use crate::apply::{Clients, Ledger, Outcome, find_repository, say};
+use crate::apply::{Clients, find_repository};
 use crate::config::{Blueprint, Deployment};
 use crate::error::{DeployError, none_if};
+use crate::output::{Ledger, Outcome, announce, say};
 use crate::plan::{self, FINGERPRINT_TAG, Role};
 use crate::teardown::Removal;
 use crate::wait;
@@ -500,17 +501,6 @@ impl Found {
             .into_iter()
             .any(|(key, value)| key == DEPLOYMENT_TAG && value == deployment);
         if tagged { Self::Ours } else { Self::NotOurs }
-    }
-}
-
-/// Says what a removal removes, or plans to in a dry run.
-fn announce(dry_run: bool, what: std::fmt::Arguments<'_>) {
-    if dry_run {
-        say(format_args!(
-            "Planning the removal of {what} (dry run: nothing will be changed)"
-        ));
-    } else {
-        say(format_args!("Removing {what}"));
     }
 }
 

@@ -18,6 +18,9 @@
 //!   tears it down, bootstrap's part in [`teardown`].
 //! - [`wait`]: waits for the services to settle (or drain) and prints their state.
 //! - [`error`]: why a deploy stopped, and what it had done by then.
+//! - [`output`]: what the operator reads as a run goes: progress lines, each step's
+//!   outcome, the report of what was done; apply, destroy, bootstrap and wait write
+//!   through it.
 
 pub mod apply;
 pub mod archive;
@@ -26,6 +29,7 @@ pub mod config;
 pub mod destroy;
 pub mod document;
 pub mod error;
+mod output;
 pub mod plan;
 pub mod registry;
 mod teardown;

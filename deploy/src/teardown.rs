@@ -11,10 +11,11 @@ use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::Filter;
 use std::future::Future;
 
-use crate::apply::{Clients, Ledger};
+use crate::apply::Clients;
 use crate::bootstrap::{self, Ctx, Names};
 use crate::config::BootstrapConfig;
 use crate::error::{DeployError, none_if};
+use crate::output::{Ledger, Outcome};
 use crate::wait;
 
 /// What bootstrap created for a deployment, as found by name and tag.
@@ -627,7 +628,7 @@ where
 }
 
 /// Deletes a role with its inline and attached policies.
-async fn remove_role(aws: &Clients, role: &str, dry_run: bool) -> crate::apply::Outcome<()> {
+async fn remove_role(aws: &Clients, role: &str, dry_run: bool) -> Outcome<()> {
     if dry_run {
         return Ok(((), "would delete, with its policies".into()));
     }

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::apply::{Clients, Ledger, say};
+use crate::apply::Clients;
 use crate::config::{Blueprint, BootstrapConfig, Deployment};
 use crate::document::Json;
 use crate::error::DeployError;
+use crate::output::{Ledger, say};
 use network::Source;
 pub(crate) use network::tagged;
 pub(crate) use parts::{

@@ -13,10 +13,10 @@ use aws_sdk_ec2::types::{
 };
 
 use super::{Ctx, PLANNED};
-use crate::apply::Outcome;
 use crate::config::{NatGateways, vpc_prefix};
 use crate::destroy::DEPLOYMENT_TAG;
 use crate::error::DeployError;
+use crate::output::Outcome;
 use crate::wait;
 
 /// The network the tasks, the load balancer and Redis use.
