@@ -19,10 +19,10 @@ use crate::document::Json;
 use crate::error::DeployError;
 use crate::output::{Ledger, say};
 use network::Source;
-pub(crate) use network::tagged;
+pub(crate) use network::{describe_nat_gateway, tagged};
 pub(crate) use parts::{
-    Names, find_cluster, find_load_balancer, find_redis, find_role, find_secret, find_subnet_group,
-    find_target_group,
+    Names, describe_load_balancer, describe_replication_group, find_cluster, find_load_balancer,
+    find_redis, find_role, find_secret, find_subnet_group, find_target_group,
 };
 
 /// The id shown for what a dry run would create.
