@@ -12,20 +12,18 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_applicationautoscaling::types::{ScalableDimension, ServiceNamespace};
+use aws_sdk_ecr::operation::describe_repositories::DescribeRepositoriesOutput;
 use aws_sdk_ecs::types::{
     ServiceField, TaskDefinitionFamilyStatus, TaskDefinitionField, TaskDefinitionStatus,
 };
 
-use crate::apply::{Clients, find_repository};
+use crate::clients::Clients;
 use crate::config::{Blueprint, Deployment};
 use crate::error::{DeployError, none_if};
 use crate::output::{Ledger, Outcome, announce, say};
-use crate::plan::{self, FINGERPRINT_TAG, Role};
+use crate::plan::{self, DEPLOYMENT_TAG, FINGERPRINT_TAG, Role};
 use crate::teardown::Removal;
 use crate::wait;
-
-/// The tag a deploy puts on everything it creates; its value is `$.deploy.name`.
-pub const DEPLOYMENT_TAG: &str = "fjord:deployment";
 
 /// How to run a teardown.
 #[derive(Debug, Clone)]
@@ -502,6 +500,24 @@ impl Found {
             .any(|(key, value)| key == DEPLOYMENT_TAG && value == deployment);
         if tagged { Self::Ours } else { Self::NotOurs }
     }
+}
+
+/// The ECR repository `name`, or `None` where there is none.
+pub(crate) async fn find_repository(
+    aws: &Clients,
+    name: &str,
+    resource: &str,
+) -> Result<Option<DescribeRepositoriesOutput>, DeployError> {
+    none_if(
+        aws.ecr
+            .describe_repositories()
+            .repository_names(name)
+            .send()
+            .await,
+        |e| e.is_repository_not_found_exception(),
+        resource,
+        "DescribeRepositories",
+    )
 }
 
 /// Removes what bootstrap created for a manifest that a deploy cannot read yet (a

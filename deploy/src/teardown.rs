@@ -11,8 +11,8 @@ use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::Filter;
 use std::future::Future;
 
-use crate::apply::Clients;
 use crate::bootstrap::{self, Ctx, Names};
+use crate::clients::Clients;
 use crate::config::BootstrapConfig;
 use crate::error::{DeployError, none_if};
 use crate::output::{Ledger, Outcome};

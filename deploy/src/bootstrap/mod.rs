@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::apply::Clients;
+use crate::clients::Clients;
 use crate::config::{Blueprint, BootstrapConfig, Deployment};
 use crate::document::Json;
 use crate::error::DeployError;
@@ -467,7 +467,7 @@ pub async fn bootstrap(
             "Load balancer: {}://{}{} (answers once a deploy has run)",
             if balancer.https { "https" } else { "http" },
             balancer.dns_name,
-            crate::apply::HEALTH_CHECK_PATH
+            crate::plan::HEALTH_CHECK_PATH
         ));
     }
     write_back(file, &edits, options)

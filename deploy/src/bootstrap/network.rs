@@ -13,11 +13,11 @@ use aws_sdk_ec2::types::{
 };
 
 use super::{Ctx, PLANNED};
-use crate::apply::Clients;
+use crate::clients::Clients;
 use crate::config::{NatGateways, vpc_prefix};
-use crate::destroy::DEPLOYMENT_TAG;
 use crate::error::DeployError;
 use crate::output::Outcome;
+use crate::plan::DEPLOYMENT_TAG;
 use crate::wait;
 
 /// The network the tasks, the load balancer and Redis use.

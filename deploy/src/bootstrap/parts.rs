@@ -13,10 +13,10 @@ use aws_sdk_elasticloadbalancingv2::types::{
 };
 
 use super::{Ctx, PLANNED};
-use crate::apply::{Clients, DEREGISTRATION_DELAY_SECS, HEALTH_CHECK_PATH};
-use crate::destroy::DEPLOYMENT_TAG;
+use crate::clients::Clients;
 use crate::error::{DeployError, none_if};
 use crate::output::Outcome;
+use crate::plan::{DEPLOYMENT_TAG, DEREGISTRATION_DELAY_SECS, HEALTH_CHECK_PATH};
 use crate::wait;
 
 /// The deregistration delay bootstrap sets: inside what a deploy accepts, short enough
