@@ -8,13 +8,9 @@
 //! step reports as it finishes; a failing step ends the deploy with what was done and what
 //! was not.
 
-use std::collections::VecDeque;
-use std::future::Future;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aws_config::{BehaviorVersion, Region};
 use aws_sdk_applicationautoscaling::types::{PolicyType, ScalableDimension, ServiceNamespace};
 use aws_sdk_ecr::types::{ImageScanningConfiguration, ImageTagMutability};
 use aws_sdk_ecs::types::ServiceField;
@@ -25,13 +21,17 @@ use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum};
 use base64::Engine as _;
 
 use crate::archive::Image;
+use crate::clients::Clients;
 use crate::config::Deployment;
-use crate::destroy::{self, DEPLOYMENT_TAG, Family, FoundService};
-use crate::error::{DeployError, Progress, none_if};
-use crate::plan::{self, FINGERPRINT_TAG, Plan, Role, ServiceSpec, TaskDefinitionSpec};
+use crate::destroy::{self, Family, FoundService, find_repository};
+use crate::error::DeployError;
+use crate::output::{Ledger, Outcome, revision, say};
+use crate::plan::{
+    self, DEPLOYMENT_TAG, DEREGISTRATION_DELAY_SECS, FINGERPRINT_TAG, HEALTH_CHECK_PATH, Plan,
+    Role, ServiceSpec, TaskDefinitionSpec,
+};
 use crate::registry::{Endpoint, Registry};
 use crate::wait;
-use aws_sdk_ecr::operation::describe_repositories::DescribeRepositoriesOutput;
 
 /// How to run a deploy.
 #[derive(Debug, Clone)]
@@ -56,49 +56,6 @@ pub struct Options {
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
 /// Why a service or task definition is pruned.
 const GONE: &str = "(consumer group no longer in the manifest)";
-
-/// Prints a line of progress on stdout.
-pub(crate) fn say(line: impl std::fmt::Display) {
-    let mut out = std::io::stdout().lock();
-    // Progress is best effort: a closed stdout must not stop a deploy midway.
-    let _ = writeln!(out, "{line}");
-}
-
-/// The AWS clients of one region.
-#[derive(Debug)]
-pub(crate) struct Clients {
-    pub(crate) ecr: aws_sdk_ecr::Client,
-    pub(crate) ecs: aws_sdk_ecs::Client,
-    pub(crate) scaling: aws_sdk_applicationautoscaling::Client,
-    pub(crate) logs: aws_sdk_cloudwatchlogs::Client,
-    pub(crate) elb: aws_sdk_elasticloadbalancingv2::Client,
-    pub(crate) ec2: aws_sdk_ec2::Client,
-    pub(crate) elasticache: aws_sdk_elasticache::Client,
-    pub(crate) iam: aws_sdk_iam::Client,
-    pub(crate) secrets: aws_sdk_secretsmanager::Client,
-}
-
-impl Clients {
-    pub(crate) async fn connect(region: &str, endpoint_url: Option<&str>) -> Self {
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(region.to_owned()));
-        if let Some(url) = endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        let config = loader.load().await;
-        Self {
-            ecr: aws_sdk_ecr::Client::new(&config),
-            ecs: aws_sdk_ecs::Client::new(&config),
-            scaling: aws_sdk_applicationautoscaling::Client::new(&config),
-            logs: aws_sdk_cloudwatchlogs::Client::new(&config),
-            elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
-            ec2: aws_sdk_ec2::Client::new(&config),
-            elasticache: aws_sdk_elasticache::Client::new(&config),
-            iam: aws_sdk_iam::Client::new(&config),
-            secrets: aws_sdk_secretsmanager::Client::new(&config),
-        }
-    }
-}
 
 /// Deploys `deployment` as `options` say.
 pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), DeployError> {
@@ -326,62 +283,6 @@ fn step_labels(
     labels
 }
 
-/// What ran, what is left.
-pub(crate) struct Ledger {
-    done: Vec<String>,
-    pending: VecDeque<String>,
-}
-
-impl Ledger {
-    pub(crate) fn new(labels: Vec<String>) -> Self {
-        Self {
-            done: Vec::new(),
-            pending: labels.into(),
-        }
-    }
-
-    /// Runs one step; prints and records its outcome, or turns its failure into a report
-    /// of what was done and what was not.
-    pub(crate) async fn run<T>(
-        &mut self,
-        label: String,
-        work: impl Future<Output = Result<(T, String), DeployError>>,
-    ) -> Result<T, DeployError> {
-        if let Some(at) = self.pending.iter().position(|planned| *planned == label) {
-            self.pending.remove(at);
-        }
-        match work.await {
-            Ok((value, outcome)) => {
-                say(format_args!("  {label}: {outcome}"));
-                self.done.push(format!("{label}: {outcome}"));
-                Ok(value)
-            }
-            Err(source) => {
-                let mut not_done = vec![format!("{label} (failed)")];
-                not_done.extend(self.pending.drain(..));
-                Err(DeployError::Midway {
-                    failed: label,
-                    error: Box::new(source),
-                    progress: Progress {
-                        done: std::mem::take(&mut self.done),
-                        not_done,
-                    },
-                })
-            }
-        }
-    }
-}
-
-/// The route the target group's health check must probe: whether a server can stream
-/// (bus reachable and caught up), where `/healthz` only says that the process lives.
-pub(crate) const HEALTH_CHECK_PATH: &str = "/readyz";
-/// The target group's deregistration delay that fits a drain, seconds. ECS deregisters a
-/// task, waits out the whole delay (an SSE stream never ends by itself, so the target
-/// never empties early), then sends SIGTERM; the load balancer cuts the task's streams
-/// when the delay ends. The low end covers the seconds in which load balancer nodes still
-/// send new streams to a deregistered task, which must still be serving them; above the
-/// high end each deploy wave only waits longer. The README's deploy guide says more.
-pub(crate) const DEREGISTRATION_DELAY_SECS: std::ops::RangeInclusive<u64> = 15..=60;
 /// What ELB uses when the attribute was never set.
 const DEFAULT_DEREGISTRATION_DELAY_SECS: u64 = 300;
 
@@ -628,9 +529,6 @@ struct Step<'a> {
     deployment: &'a Deployment,
     dry_run: bool,
 }
-
-/// What a step gives back, with the line it reports.
-pub(crate) type Outcome<T> = Result<(T, String), DeployError>;
 
 impl Step<'_> {
     /// The tags of a task definition or service: its fingerprint, and the deployment that
@@ -1030,27 +928,4 @@ impl Step<'_> {
 fn has_fingerprint(tags: &[Tag], fingerprint: &str) -> bool {
     tags.iter()
         .any(|t| t.key() == Some(FINGERPRINT_TAG) && t.value() == Some(fingerprint))
-}
-
-/// The ECR repository `name`, or `None` where there is none.
-pub(crate) async fn find_repository(
-    aws: &Clients,
-    name: &str,
-    resource: &str,
-) -> Result<Option<DescribeRepositoriesOutput>, DeployError> {
-    none_if(
-        aws.ecr
-            .describe_repositories()
-            .repository_names(name)
-            .send()
-            .await,
-        |e| e.is_repository_not_found_exception(),
-        resource,
-        "DescribeRepositories",
-    )
-}
-
-/// `family:revision` of a task definition ARN.
-pub(crate) fn revision(arn: &str) -> &str {
-    arn.rsplit_once('/').map_or(arn, |(_, revision)| revision)
 }

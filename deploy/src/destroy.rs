@@ -12,19 +12,18 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_applicationautoscaling::types::{ScalableDimension, ServiceNamespace};
+use aws_sdk_ecr::operation::describe_repositories::DescribeRepositoriesOutput;
 use aws_sdk_ecs::types::{
     ServiceField, TaskDefinitionFamilyStatus, TaskDefinitionField, TaskDefinitionStatus,
 };
 
-use crate::apply::{Clients, Ledger, Outcome, find_repository, say};
+use crate::clients::Clients;
 use crate::config::{Blueprint, Deployment};
 use crate::error::{DeployError, none_if};
-use crate::plan::{self, FINGERPRINT_TAG, Role};
+use crate::output::{Ledger, Outcome, announce, say};
+use crate::plan::{self, DEPLOYMENT_TAG, FINGERPRINT_TAG, Role};
 use crate::teardown::Removal;
 use crate::wait;
-
-/// The tag a deploy puts on everything it creates; its value is `$.deploy.name`.
-pub const DEPLOYMENT_TAG: &str = "fjord:deployment";
 
 /// How to run a teardown.
 #[derive(Debug, Clone)]
@@ -503,15 +502,22 @@ impl Found {
     }
 }
 
-/// Says what a removal removes, or plans to in a dry run.
-fn announce(dry_run: bool, what: std::fmt::Arguments<'_>) {
-    if dry_run {
-        say(format_args!(
-            "Planning the removal of {what} (dry run: nothing will be changed)"
-        ));
-    } else {
-        say(format_args!("Removing {what}"));
-    }
+/// The ECR repository `name`, or `None` where there is none.
+pub(crate) async fn find_repository(
+    aws: &Clients,
+    name: &str,
+    resource: &str,
+) -> Result<Option<DescribeRepositoriesOutput>, DeployError> {
+    none_if(
+        aws.ecr
+            .describe_repositories()
+            .repository_names(name)
+            .send()
+            .await,
+        |e| e.is_repository_not_found_exception(),
+        resource,
+        "DescribeRepositories",
+    )
 }
 
 /// Removes what bootstrap created for a manifest that a deploy cannot read yet (a

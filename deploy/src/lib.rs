@@ -12,20 +12,30 @@
 //! - [`config`]: the `deploy` section, typed and validated with the runtime sections.
 //! - [`archive`]: Nix-built docker archives turned into registry blobs and a manifest.
 //! - [`registry`]: pushes images with an ECR token, skipping blobs already there.
-//! - [`plan`]: task definitions, services and scaling policies wanted, as AWS requests.
+//! - [`plan`]: task definitions, services and scaling policies wanted, as AWS requests;
+//!   the tags and target group settings that every step agrees on.
 //! - [`apply`]: the steps against AWS, read first, changing only what differs.
 //! - [`destroy`]: finds what deploys and bootstrap made by name and tag; prunes and
 //!   tears it down, bootstrap's part in [`teardown`].
 //! - [`wait`]: waits for the services to settle (or drain) and prints their state.
 //! - [`error`]: why a deploy stopped, and what it had done by then.
+//! - [`clients`]: the AWS clients of one region, shared by every part that calls AWS.
+//! - [`output`]: what the operator reads as a run goes: progress lines, each step's
+//!   outcome, the report of what was done; apply, destroy, bootstrap and wait write
+//!   through it.
+//!
+//! Imports run one way: `apply` → `destroy` (prune) → `teardown` → `bootstrap` (its
+//! lookups); each of those → `wait`, `output`, `plan`, `clients`, `error`; none back.
 
 pub mod apply;
 pub mod archive;
 pub mod bootstrap;
+mod clients;
 pub mod config;
 pub mod destroy;
 pub mod document;
 pub mod error;
+mod output;
 pub mod plan;
 pub mod registry;
 mod teardown;

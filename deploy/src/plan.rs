@@ -3,7 +3,9 @@
 //! for the server and for each consumer group, and the server's scaling target and
 //! policies. Each spec turns into the AWS SDK's request types here, and carries a
 //! fingerprint of everything it sets, so that the deploy can tell whether what AWS has is
-//! what it would create.
+//! what it would create. The tags and the target group settings that bootstrap, deploy
+//! and destroy agree on are named here too, so that each reads them from what is wanted
+//! rather than from another step.
 
 use std::collections::BTreeMap;
 
@@ -24,8 +26,21 @@ use serde::Serialize;
 use crate::archive::sha256;
 use crate::config::{Architecture, Deployment};
 
+/// The tag a deploy and bootstrap put on everything they create; its value is
+/// `$.deploy.name`.
+pub const DEPLOYMENT_TAG: &str = "fjord:deployment";
 /// The tag that holds a spec's fingerprint on task definitions and services.
 pub const FINGERPRINT_TAG: &str = "fjord:fingerprint";
+/// The route the target group's health check must probe: whether a server can stream
+/// (bus reachable and caught up), where `/healthz` only says that the process lives.
+pub(crate) const HEALTH_CHECK_PATH: &str = "/readyz";
+/// The target group's deregistration delay that fits a drain, seconds. ECS deregisters a
+/// task, waits out the whole delay (an SSE stream never ends by itself, so the target
+/// never empties early), then sends SIGTERM; the load balancer cuts the task's streams
+/// when the delay ends. The low end covers the seconds in which load balancer nodes still
+/// send new streams to a deregistered task, which must still be serving them; above the
+/// high end each deploy wave only waits longer. The README's deploy guide says more.
+pub(crate) const DEREGISTRATION_DELAY_SECS: std::ops::RangeInclusive<u64> = 15..=60;
 /// Seconds ECS waits after SIGTERM before it kills a container; the server drains in 20.
 pub const STOP_TIMEOUT_SECS: i32 = 30;
 /// The health probe the server image carries (`deploy/healthcheck`).

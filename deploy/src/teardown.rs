@@ -11,10 +11,11 @@ use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::Filter;
 use std::future::Future;
 
-use crate::apply::{Clients, Ledger};
 use crate::bootstrap::{self, Ctx, Names};
+use crate::clients::Clients;
 use crate::config::BootstrapConfig;
 use crate::error::{DeployError, none_if};
+use crate::output::{Ledger, Outcome};
 use crate::wait;
 
 /// What bootstrap created for a deployment, as found by name and tag.
@@ -299,19 +300,8 @@ impl Infrastructure {
                     })?;
                 removal
                     .until_gone(resource, move || async move {
-                        let found = none_if(
-                            aws.elb
-                                .describe_load_balancers()
-                                .load_balancer_arns(arn)
-                                .send()
-                                .await,
-                            |e| e.is_load_balancer_not_found_exception(),
-                            resource,
-                            "elasticloadbalancing:DescribeLoadBalancers",
-                        )?;
-                        Ok(found
-                            .filter(|f| !f.load_balancers().is_empty())
-                            .map(|_| "deleting".to_owned()))
+                        let found = bootstrap::describe_load_balancer(aws, arn, resource).await?;
+                        Ok(found.map(|_| "deleting".to_owned()))
                     })
                     .await
             };
@@ -351,23 +341,9 @@ impl Infrastructure {
                 )?;
                 removal
                     .until_gone(resource, move || async move {
-                        let found = none_if(
-                            aws.elasticache
-                                .describe_replication_groups()
-                                .replication_group_id(id)
-                                .send()
-                                .await,
-                            |e| e.is_replication_group_not_found_fault(),
-                            resource,
-                            "elasticache:DescribeReplicationGroups",
-                        )?;
-                        Ok(found.map(|f| {
-                            f.replication_groups()
-                                .first()
-                                .and_then(|g| g.status())
-                                .unwrap_or("deleting")
-                                .to_owned()
-                        }))
+                        let found =
+                            bootstrap::describe_replication_group(aws, id, resource).await?;
+                        Ok(found.map(|g| g.status().unwrap_or("deleting").to_owned()))
                     })
                     .await
             };
@@ -461,23 +437,14 @@ impl Infrastructure {
                     let resource = &format!("NAT gateway {id}");
                     removal
                         .until_gone(resource, move || async move {
-                            let found = ec2
-                                .describe_nat_gateways()
-                                .nat_gateway_ids(id)
-                                .send()
-                                .await
-                                .map_err(|e| {
-                                    DeployError::aws(resource, "ec2:DescribeNatGateways", &e)
-                                })?;
-                            let state = found
-                                .nat_gateways()
-                                .first()
-                                .and_then(|n| n.state())
-                                .map(|s| s.as_str().to_owned());
-                            Ok(match state.as_deref() {
-                                None | Some("deleted") => None,
-                                Some(state) => Some(state.to_owned()),
-                            })
+                            let nat =
+                                bootstrap::describe_nat_gateway(removal.aws, id, resource).await?;
+                            Ok(
+                                match nat.as_ref().and_then(|n| n.state()).map(|s| s.as_str()) {
+                                    None | Some("deleted") => None,
+                                    Some(state) => Some(state.to_owned()),
+                                },
+                            )
                         })
                         .await?;
                 }
@@ -627,7 +594,7 @@ where
 }
 
 /// Deletes a role with its inline and attached policies.
-async fn remove_role(aws: &Clients, role: &str, dry_run: bool) -> crate::apply::Outcome<()> {
+async fn remove_role(aws: &Clients, role: &str, dry_run: bool) -> Outcome<()> {
     if dry_run {
         return Ok(((), "would delete, with its policies".into()));
     }

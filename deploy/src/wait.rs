@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ecs::types::{DeploymentRolloutState, Service};
 
-use crate::apply::{revision, say};
 use crate::error::DeployError;
+use crate::output::{revision, say};
 
 /// Looks at a slow resource every `poll` until `look` says it is done (`None`), printing
 /// each new state it reports (`Some(state)`) with the seconds waited, up to `timeout`.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aws_config::{BehaviorVersion, Region};
+use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_applicationautoscaling::types::{
     ScalableDimension, ScalableTarget, ScalingPolicy, ServiceNamespace,
 };
@@ -183,6 +183,48 @@ struct Aws {
     dns_name: String,
 }
 
+/// Resets moto; returns its endpoint and an SDK config that talks to it.
+async fn reset_moto() -> (String, SdkConfig) {
+    let endpoint = required_env("FJORD_TEST_AWS_ENDPOINT");
+    reqwest::Client::new()
+        .post(format!("{endpoint}/moto-api/reset"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .endpoint_url(&endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .load()
+        .await;
+    (endpoint, config)
+}
+
+/// Creates a target group for IP targets, in `vpc`, that probes `/readyz`: its ARN.
+async fn ip_target_group(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    name: &str,
+    vpc: &str,
+) -> String {
+    let created = elb
+        .create_target_group()
+        .name(name)
+        .protocol(ProtocolEnum::Http)
+        .port(8080)
+        .vpc_id(vpc)
+        .target_type(TargetTypeEnum::Ip)
+        .health_check_path("/readyz")
+        .send()
+        .await
+        .unwrap();
+    created.target_groups()[0]
+        .target_group_arn()
+        .unwrap()
+        .to_owned()
+}
+
 /// An EC2 Query API call to moto (the deploy tool has no EC2 client); returns the text of
 /// the first `<field>` in the answer.
 async fn ec2(
@@ -221,20 +263,8 @@ async fn ec2(
 
 impl Aws {
     async fn fresh(cluster: &str) -> Self {
-        let endpoint = required_env("FJORD_TEST_AWS_ENDPOINT");
+        let (endpoint, config) = reset_moto().await;
         let http = reqwest::Client::new();
-        http.post(format!("{endpoint}/moto-api/reset"))
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap();
-        let config = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(REGION))
-            .endpoint_url(&endpoint)
-            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
-            .load()
-            .await;
         let ecs = aws_sdk_ecs::Client::new(&config);
         let elb = aws_sdk_elasticloadbalancingv2::Client::new(&config);
 
@@ -274,21 +304,7 @@ impl Aws {
         let balancer = &balancer.load_balancers()[0];
         let load_balancer_arn = balancer.load_balancer_arn().unwrap().to_owned();
         let dns_name = balancer.dns_name().unwrap().to_owned();
-        let group = elb
-            .create_target_group()
-            .name("fjord-server")
-            .protocol(ProtocolEnum::Http)
-            .port(8080)
-            .vpc_id(&vpc)
-            .target_type(TargetTypeEnum::Ip)
-            .health_check_path("/readyz")
-            .send()
-            .await
-            .unwrap();
-        let target_group_arn = group.target_groups()[0]
-            .target_group_arn()
-            .unwrap()
-            .to_owned();
+        let target_group_arn = ip_target_group(&elb, "fjord-server", &vpc).await;
         elb.create_listener()
             .load_balancer_arn(&load_balancer_arn)
             .protocol(ProtocolEnum::Http)
@@ -628,19 +644,25 @@ impl Run {
     }
 }
 
-/// The registry's digest for `repository:tag`, by its HTTP API; `None` if it has none.
-async fn registry_digest(repository: &str, tag: &str) -> Option<String> {
-    let registry = required_env("FJORD_TEST_REGISTRY");
-    let answer = reqwest::Client::new()
-        .get(format!("{registry}/v2/{repository}/manifests/{tag}"))
-        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
-        .send()
-        .await
-        .unwrap();
+/// The registry's answer to `request`; `None` where it has no such thing (404).
+async fn registry_answer(request: reqwest::RequestBuilder) -> Option<reqwest::Response> {
+    let answer = request.send().await.unwrap();
     if answer.status() == reqwest::StatusCode::NOT_FOUND {
         return None;
     }
     assert!(answer.status().is_success(), "{answer:?}");
+    Some(answer)
+}
+
+/// The registry's digest for `repository:tag`, by its HTTP API; `None` if it has none.
+async fn registry_digest(repository: &str, tag: &str) -> Option<String> {
+    let registry = required_env("FJORD_TEST_REGISTRY");
+    let answer = registry_answer(
+        reqwest::Client::new()
+            .get(format!("{registry}/v2/{repository}/manifests/{tag}"))
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json"),
+    )
+    .await?;
     let digest = answer.headers()["docker-content-digest"]
         .to_str()
         .unwrap()
@@ -987,22 +1009,7 @@ async fn a_target_group_that_cannot_drain_is_refused() {
         .vpc_id()
         .unwrap()
         .to_owned();
-    let created = aws
-        .elb
-        .create_target_group()
-        .name("fjord-unattached")
-        .protocol(ProtocolEnum::Http)
-        .port(8080)
-        .vpc_id(vpc)
-        .target_type(TargetTypeEnum::Ip)
-        .health_check_path("/readyz")
-        .send()
-        .await
-        .unwrap();
-    let unattached = created.target_groups()[0]
-        .target_group_arn()
-        .unwrap()
-        .to_owned();
+    let unattached = ip_target_group(&aws.elb, "fjord-unattached", &vpc).await;
     aws.set_deregistration_delay(&unattached, 20).await;
     fixture.write_edited(|manifest| {
         manifest["deploy"]["services"]["server"]["target_group_arn"] = json!(unattached);
@@ -1283,15 +1290,10 @@ impl Recorder {
 /// The size of a blob in the registry, by its HTTP API; `None` if it has none.
 async fn registry_blob_size(repository: &str, digest: &str) -> Option<u64> {
     let registry = required_env("FJORD_TEST_REGISTRY");
-    let answer = reqwest::Client::new()
-        .head(format!("{registry}/v2/{repository}/blobs/{digest}"))
-        .send()
-        .await
-        .unwrap();
-    if answer.status() == reqwest::StatusCode::NOT_FOUND {
-        return None;
-    }
-    assert!(answer.status().is_success(), "{answer:?}");
+    let answer = registry_answer(
+        reqwest::Client::new().head(format!("{registry}/v2/{repository}/blobs/{digest}")),
+    )
+    .await?;
     Some(
         answer.headers()["content-length"]
             .to_str()
@@ -1799,20 +1801,7 @@ struct Empty {
 
 impl Empty {
     async fn account() -> Self {
-        let endpoint = required_env("FJORD_TEST_AWS_ENDPOINT");
-        reqwest::Client::new()
-            .post(format!("{endpoint}/moto-api/reset"))
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap();
-        let config = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(REGION))
-            .endpoint_url(&endpoint)
-            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
-            .load()
-            .await;
+        let (endpoint, config) = reset_moto().await;
         let proxy = MotoProxy::start(&endpoint).await;
         Self {
             ec2: aws_sdk_ec2::Client::new(&config),

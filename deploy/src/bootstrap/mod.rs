@@ -13,15 +13,16 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::apply::{Clients, Ledger, say};
+use crate::clients::Clients;
 use crate::config::{Blueprint, BootstrapConfig, Deployment};
 use crate::document::Json;
 use crate::error::DeployError;
+use crate::output::{Ledger, say};
 use network::Source;
-pub(crate) use network::tagged;
+pub(crate) use network::{describe_nat_gateway, tagged};
 pub(crate) use parts::{
-    Names, find_cluster, find_load_balancer, find_redis, find_role, find_secret, find_subnet_group,
-    find_target_group,
+    Names, describe_load_balancer, describe_replication_group, find_cluster, find_load_balancer,
+    find_redis, find_role, find_secret, find_subnet_group, find_target_group,
 };
 
 /// The id shown for what a dry run would create.
@@ -466,7 +467,7 @@ pub async fn bootstrap(
             "Load balancer: {}://{}{} (answers once a deploy has run)",
             if balancer.https { "https" } else { "http" },
             balancer.dns_name,
-            crate::apply::HEALTH_CHECK_PATH
+            crate::plan::HEALTH_CHECK_PATH
         ));
     }
     write_back(file, &edits, options)

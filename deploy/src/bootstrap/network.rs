@@ -8,15 +8,16 @@
 use std::net::Ipv4Addr;
 
 use aws_sdk_ec2::types::{
-    AttributeBooleanValue, DomainType, Filter, IpPermission, IpRange, ResourceType, SecurityGroup,
-    Tag, TagSpecification, UserIdGroupPair,
+    AttributeBooleanValue, DomainType, Filter, IpPermission, IpRange, NatGateway, ResourceType,
+    SecurityGroup, Tag, TagSpecification, UserIdGroupPair,
 };
 
 use super::{Ctx, PLANNED};
-use crate::apply::Outcome;
+use crate::clients::Clients;
 use crate::config::{NatGateways, vpc_prefix};
-use crate::destroy::DEPLOYMENT_TAG;
 use crate::error::DeployError;
+use crate::output::Outcome;
+use crate::plan::DEPLOYMENT_TAG;
 use crate::wait;
 
 /// The network the tasks, the load balancer and Redis use.
@@ -535,19 +536,28 @@ async fn nat_gateway(
     Ok((id, address, true))
 }
 
+/// The NAT gateway `id` as EC2 describes it (a deleted one stays listed for a while).
+pub(crate) async fn describe_nat_gateway(
+    aws: &Clients,
+    id: &str,
+    resource: &str,
+) -> Result<Option<NatGateway>, DeployError> {
+    let found = aws
+        .ec2
+        .describe_nat_gateways()
+        .nat_gateway_ids(id)
+        .send()
+        .await
+        .map_err(|e| DeployError::aws(resource, "ec2:DescribeNatGateways", &e))?;
+    Ok(found.nat_gateways().first().cloned())
+}
+
 /// Waits for a NAT gateway to become available (a few minutes in AWS).
 async fn wait_for_nat(ctx: &Ctx<'_>, id: &str) -> Result<(), DeployError> {
     let resource = &format!("NAT gateway {id}");
     wait::until(resource, ctx.timeout, ctx.poll, move || async move {
-        let found = ctx
-            .aws
-            .ec2
-            .describe_nat_gateways()
-            .nat_gateway_ids(id)
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(resource, "ec2:DescribeNatGateways", &e))?;
-        let nat = found.nat_gateways().first();
+        let nat = describe_nat_gateway(ctx.aws, id, resource).await?;
+        let nat = nat.as_ref();
         match nat.and_then(|n| n.state()).map(|s| s.as_str()) {
             Some("available") => Ok(None),
             Some("failed" | "deleted" | "deleting") => Err(DeployError::Aws {

@@ -5,16 +5,18 @@
 //! and refused otherwise, since a name the manifest does not name is not the user's to
 //! share.
 
+use aws_sdk_elasticache::types::ReplicationGroup;
 use aws_sdk_elasticloadbalancingv2::types::{
-    Action, ActionTypeEnum, Certificate, LoadBalancerAttribute, LoadBalancerSchemeEnum,
-    LoadBalancerTypeEnum, Matcher, ProtocolEnum, RedirectActionConfig,
+    Action, ActionTypeEnum, Certificate, LoadBalancer, LoadBalancerAttribute,
+    LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher, ProtocolEnum, RedirectActionConfig,
     RedirectActionStatusCodeEnum, TargetGroupAttribute, TargetTypeEnum,
 };
 
 use super::{Ctx, PLANNED};
-use crate::apply::{DEREGISTRATION_DELAY_SECS, HEALTH_CHECK_PATH, Outcome};
-use crate::destroy::DEPLOYMENT_TAG;
+use crate::clients::Clients;
 use crate::error::{DeployError, none_if};
+use crate::output::Outcome;
+use crate::plan::{DEPLOYMENT_TAG, DEREGISTRATION_DELAY_SECS, HEALTH_CHECK_PATH};
 use crate::wait;
 
 /// The deregistration delay bootstrap sets: inside what a deploy accepts, short enough
@@ -102,6 +104,14 @@ fn is_ours<'a>(ctx: &Ctx<'_>, mut tags: impl Iterator<Item = (&'a str, &'a str)>
     tags.any(|(k, v)| k == DEPLOYMENT_TAG && v == ctx.name)
 }
 
+/// What a wait reports when the resource it waits on is no longer there.
+fn gone(resource: &str) -> DeployError {
+    DeployError::Aws {
+        resource: resource.to_owned(),
+        message: "gone while bootstrap waited for it".into(),
+    }
+}
+
 fn would(ctx: &Ctx<'_>, what: &str) -> String {
     if ctx.dry_run {
         format!("would create {what}")
@@ -126,7 +136,13 @@ fn elb_tag(ctx: &Ctx<'_>) -> aws_sdk_elasticloadbalancingv2::types::Tag {
         .build()
 }
 
-async fn elb_ours(ctx: &Ctx<'_>, arn: &str, resource: &str) -> Result<bool, DeployError> {
+/// Judges a load balancer or target group by the tags of `arn`.
+async fn elb_owned<T>(
+    ctx: &Ctx<'_>,
+    arn: &str,
+    resource: &str,
+    value: T,
+) -> Result<Owned<T>, DeployError> {
     let described = ctx
         .aws
         .elb
@@ -135,19 +151,22 @@ async fn elb_ours(ctx: &Ctx<'_>, arn: &str, resource: &str) -> Result<bool, Depl
         .send()
         .await
         .map_err(|e| DeployError::aws(resource, "elasticloadbalancing:DescribeTags", &e))?;
-    Ok(described.tag_descriptions().iter().any(|d| {
-        is_ours(
-            ctx,
-            d.tags().iter().filter_map(|t| Some((t.key()?, t.value()?))),
-        )
-    }))
+    Ok(judge(
+        ctx,
+        described
+            .tag_descriptions()
+            .iter()
+            .flat_map(|d| d.tags())
+            .filter_map(|t| Some((t.key()?, t.value()?))),
+        value,
+    ))
 }
 
 /// The deployment's target group, by name: its ARN.
 pub(crate) async fn find_target_group(ctx: &Ctx<'_>) -> Result<Owned<String>, DeployError> {
     let name = Names::of(ctx.name).target_group;
     let resource = format!("target group {name}");
-    let Some(found) = none_if(
+    let found = none_if(
         ctx.aws
             .elb
             .describe_target_groups()
@@ -157,22 +176,15 @@ pub(crate) async fn find_target_group(ctx: &Ctx<'_>) -> Result<Owned<String>, De
         |e| e.is_target_group_not_found_exception(),
         &resource,
         "elasticloadbalancing:DescribeTargetGroups",
-    )?
-    else {
-        return Ok(Owned::Absent);
-    };
+    )?;
     let Some(arn) = found
-        .target_groups()
-        .first()
+        .as_ref()
+        .and_then(|found| found.target_groups().first())
         .and_then(|g| g.target_group_arn())
     else {
         return Ok(Owned::Absent);
     };
-    Ok(if elb_ours(ctx, arn, &resource).await? {
-        Owned::Ours(arn.to_owned())
-    } else {
-        Owned::Theirs
-    })
+    elb_owned(ctx, arn, &resource, arn.to_owned()).await
 }
 
 /// The deployment's load balancer, by name: its ARN and DNS name.
@@ -181,7 +193,7 @@ pub(crate) async fn find_load_balancer(
 ) -> Result<Owned<(String, String)>, DeployError> {
     let name = Names::of(ctx.name).load_balancer;
     let resource = format!("load balancer {name}");
-    let Some(found) = none_if(
+    let found = none_if(
         ctx.aws
             .elb
             .describe_load_balancers()
@@ -191,20 +203,16 @@ pub(crate) async fn find_load_balancer(
         |e| e.is_load_balancer_not_found_exception(),
         &resource,
         "elasticloadbalancing:DescribeLoadBalancers",
-    )?
+    )?;
+    let Some(balancer) = found
+        .as_ref()
+        .and_then(|found| found.load_balancers().first())
     else {
         return Ok(Owned::Absent);
     };
-    let Some(balancer) = found.load_balancers().first() else {
-        return Ok(Owned::Absent);
-    };
-    let arn = balancer.load_balancer_arn().unwrap_or_default().to_owned();
-    let dns = balancer.dns_name().unwrap_or_default().to_owned();
-    Ok(if elb_ours(ctx, &arn, &resource).await? {
-        Owned::Ours((arn, dns))
-    } else {
-        Owned::Theirs
-    })
+    let arn = balancer.load_balancer_arn().unwrap_or_default();
+    let dns = balancer.dns_name().unwrap_or_default();
+    elb_owned(ctx, arn, &resource, (arn.to_owned(), dns.to_owned())).await
 }
 
 /// Finds or creates the load balancer, its target group and its listener(s).
@@ -512,25 +520,32 @@ async fn listeners(ctx: &Ctx<'_>, balancer: &str, target_group: &str) -> Result<
     Ok(changed)
 }
 
-async fn wait_until_active(ctx: &Ctx<'_>, arn: &str, resource: &str) -> Result<(), DeployError> {
-    wait::until(resource, ctx.timeout, ctx.poll, move || async move {
-        let found = ctx
-            .aws
-            .elb
+/// The load balancer `arn` as ELB describes it; `None` where there is none.
+pub(crate) async fn describe_load_balancer(
+    aws: &Clients,
+    arn: &str,
+    resource: &str,
+) -> Result<Option<LoadBalancer>, DeployError> {
+    let found = none_if(
+        aws.elb
             .describe_load_balancers()
             .load_balancer_arns(arn)
             .send()
-            .await
-            .map_err(|e| {
-                DeployError::aws(resource, "elasticloadbalancing:DescribeLoadBalancers", &e)
-            })?;
-        let state = found
-            .load_balancers()
-            .first()
-            .and_then(|b| b.state())
-            .and_then(|s| s.code())
-            .map(|c| c.as_str().to_owned());
-        Ok(match state.as_deref() {
+            .await,
+        |e| e.is_load_balancer_not_found_exception(),
+        resource,
+        "elasticloadbalancing:DescribeLoadBalancers",
+    )?;
+    Ok(found.and_then(|found| found.load_balancers().first().cloned()))
+}
+
+async fn wait_until_active(ctx: &Ctx<'_>, arn: &str, resource: &str) -> Result<(), DeployError> {
+    wait::until(resource, ctx.timeout, ctx.poll, move || async move {
+        let balancer = describe_load_balancer(ctx.aws, arn, resource)
+            .await?
+            .ok_or_else(|| gone(resource))?;
+        let state = balancer.state().and_then(|s| s.code()).map(|c| c.as_str());
+        Ok(match state {
             Some("active") | None => None,
             Some(state) => Some(state.to_owned()),
         })
@@ -574,30 +589,33 @@ pub(crate) async fn find_secret(ctx: &Ctx<'_>, name: &str) -> Result<Owned<Strin
 }
 
 /// The deployment's replication group, by name.
-pub(crate) async fn find_redis(
-    ctx: &Ctx<'_>,
-) -> Result<Owned<aws_sdk_elasticache::types::ReplicationGroup>, DeployError> {
+pub(crate) async fn find_redis(ctx: &Ctx<'_>) -> Result<Owned<ReplicationGroup>, DeployError> {
     let name = Names::of(ctx.name).redis;
     let resource = format!("ElastiCache replication group {name}");
-    let Some(found) = none_if(
-        ctx.aws
-            .elasticache
-            .describe_replication_groups()
-            .replication_group_id(&name)
-            .send()
-            .await,
-        |e| e.is_replication_group_not_found_fault(),
-        &resource,
-        "elasticache:DescribeReplicationGroups",
-    )?
-    else {
-        return Ok(Owned::Absent);
-    };
-    let Some(group) = found.replication_groups().first().cloned() else {
+    let Some(group) = describe_replication_group(ctx.aws, &name, &resource).await? else {
         return Ok(Owned::Absent);
     };
     let arn = group.arn().unwrap_or_default().to_owned();
     cache_owned(ctx, &arn, &resource, group).await
+}
+
+/// The replication group `id` as ElastiCache describes it; `None` where there is none.
+pub(crate) async fn describe_replication_group(
+    aws: &Clients,
+    id: &str,
+    resource: &str,
+) -> Result<Option<ReplicationGroup>, DeployError> {
+    let found = none_if(
+        aws.elasticache
+            .describe_replication_groups()
+            .replication_group_id(id)
+            .send()
+            .await,
+        |e| e.is_replication_group_not_found_fault(),
+        resource,
+        "elasticache:DescribeReplicationGroups",
+    )?;
+    Ok(found.and_then(|found| found.replication_groups().first().cloned()))
 }
 
 /// Judges an ElastiCache resource by the tags of `arn`.
@@ -628,7 +646,7 @@ async fn cache_owned<T>(
 pub(crate) async fn find_subnet_group(ctx: &Ctx<'_>) -> Result<Owned<String>, DeployError> {
     let name = Names::of(ctx.name).redis;
     let resource = format!("cache subnet group {name}");
-    let Some(found) = none_if(
+    let found = none_if(
         ctx.aws
             .elasticache
             .describe_cache_subnet_groups()
@@ -638,18 +656,15 @@ pub(crate) async fn find_subnet_group(ctx: &Ctx<'_>) -> Result<Owned<String>, De
         |e| e.is_cache_subnet_group_not_found_fault(),
         &resource,
         "elasticache:DescribeCacheSubnetGroups",
-    )?
+    )?;
+    let Some(group) = found
+        .as_ref()
+        .and_then(|found| found.cache_subnet_groups().first())
     else {
         return Ok(Owned::Absent);
     };
-    let Some(arn) = found
-        .cache_subnet_groups()
-        .first()
-        .map(|g| g.arn().unwrap_or_default().to_owned())
-    else {
-        return Ok(Owned::Absent);
-    };
-    cache_owned(ctx, &arn, &resource, name).await
+    let arn = group.arn().unwrap_or_default();
+    cache_owned(ctx, arn, &resource, name).await
 }
 
 fn cache_tag(ctx: &Ctx<'_>) -> aws_sdk_elasticache::types::Tag {
@@ -820,21 +835,14 @@ async fn wait_for_redis(
     ctx: &Ctx<'_>,
     id: &str,
     resource: &str,
-) -> Result<aws_sdk_elasticache::types::ReplicationGroup, DeployError> {
+) -> Result<ReplicationGroup, DeployError> {
     let describe = move || async move {
-        let found = ctx
-            .aws
-            .elasticache
-            .describe_replication_groups()
-            .replication_group_id(id)
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(resource, "elasticache:DescribeReplicationGroups", &e))?;
-        Ok::<_, DeployError>(found.replication_groups().first().cloned())
+        describe_replication_group(ctx.aws, id, resource)
+            .await?
+            .ok_or_else(|| gone(resource))
     };
     wait::until(resource, ctx.timeout, ctx.poll, move || async move {
-        let group = describe().await?;
-        match group.as_ref().and_then(|g| g.status()) {
+        match describe().await?.status() {
             Some("available") => Ok(None),
             Some(status @ ("create-failed" | "deleting")) => Err(DeployError::Aws {
                 resource: resource.to_owned(),
@@ -844,10 +852,7 @@ async fn wait_for_redis(
         }
     })
     .await?;
-    describe().await?.ok_or_else(|| DeployError::Aws {
-        resource: resource.to_owned(),
-        message: "gone just after it became available".into(),
-    })
+    describe().await
 }
 
 // ----------------------------------------------------------------------------- cluster
