@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -235,6 +235,69 @@ impl Cors {
     }
 }
 
+/// What a page may send: the methods and request headers a preflight allows, and how long
+/// a browser may keep that answer.
+const ALLOWED_METHODS: [&str; 2] = ["GET", "HEAD"];
+const ALLOWED_HEADERS: [&str; 4] = [
+    "authorization",
+    "last-event-id",
+    "cache-control",
+    "content-type",
+];
+const PREFLIGHT_MAX_AGE_SECS: u32 = 600;
+
+impl Cors {
+    /// The answer to a preflight (`OPTIONS` with `Access-Control-Request-Method`): the
+    /// origin's fields with the methods and headers a page may use, or a refusal.
+    fn preflight(&self, headers: &HeaderMap, metrics: &Metrics) -> Result<Response, ApiError> {
+        let allowed = self.allow(headers.get(header::ORIGIN), metrics)?;
+        let method = headers
+            .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|method| method.to_str().ok())
+            .unwrap_or_default();
+        if !ALLOWED_METHODS.contains(&method) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cors_forbidden",
+                "CORS request forbidden: only GET and HEAD are allowed",
+            ));
+        }
+        let requested = headers
+            .get_all(header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .iter()
+            .flat_map(|value| value.to_str().unwrap_or("\u{0}").split(','))
+            .map(|name| name.trim().to_ascii_lowercase())
+            .filter(|name| !name.is_empty());
+        for name in requested {
+            if !ALLOWED_HEADERS.contains(&name.as_str()) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "cors_forbidden",
+                    format!("CORS request forbidden: header {name:?} is not allowed"),
+                ));
+            }
+        }
+        let mut response = warp::reply().into_response();
+        let headers = response.headers_mut();
+        for (name, value) in allowed.iter().flat_map(AllowOrigin::fields) {
+            headers.append(name, value);
+        }
+        for (name, list) in [
+            (header::ACCESS_CONTROL_ALLOW_METHODS, &ALLOWED_METHODS[..]),
+            (header::ACCESS_CONTROL_ALLOW_HEADERS, &ALLOWED_HEADERS[..]),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(&list.join(", ")) {
+                headers.insert(name, value);
+            }
+        }
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from(PREFLIGHT_MAX_AGE_SECS),
+        );
+        Ok(response)
+    }
+}
+
 /// What a stream request asks for, parsed from its path and query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamRequest {
@@ -383,7 +446,7 @@ pub async fn open_stream(
     auth: &Authenticator,
     path_endpoint: Option<&str>,
     query: &str,
-    headers: &http::HeaderMap,
+    headers: &HeaderMap,
     slot: &mut Slot,
 ) -> Result<Subscription, ApiError> {
     let query_token = query_value(query, "access_token");
@@ -451,24 +514,44 @@ pub fn routes(
         .or(files)
         .unify();
     let recover = recover(hub);
-    // Logs and counts a refused origin; warp's CORS filter then refuses it.
-    let check_origin = {
-        let cors = cors.clone();
-        let hub = Arc::clone(hub);
-        warp::header::optional::<HeaderValue>("origin")
-            .map(move |origin: Option<HeaderValue>| {
-                let _ = cors.allow(origin.as_ref(), hub.metrics());
+    let preflight = {
+        let (cors, hub) = (cors.clone(), Arc::clone(hub));
+        warp::options()
+            .and(warp::header::headers_cloned())
+            .and_then(move |headers: HeaderMap| {
+                // An OPTIONS request that is no preflight goes on to the routes (405).
+                let answer = if headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
+                    cors.preflight(&headers, hub.metrics())
+                        .map_err(warp::reject::custom)
+                } else {
+                    Err(warp::reject::not_found())
+                };
+                std::future::ready(answer)
             })
-            .untuple_one()
     };
-    // Errors become responses inside the CORS wrapper, so that a page on an allowed origin
-    // can read why it was refused; the outer recover answers what CORS itself refuses.
-    check_origin
-        .and(routes.recover(recover.clone()).unify())
-        .with(warp_cors(&cors))
-        .map(move |reply| with_cors_fields(reply, &cors))
-        .recover(recover)
-        .unify()
+    // The origin is checked before the route runs; errors become responses with the
+    // origin's fields, so that a page on an allowed origin can read why it was refused.
+    let origin = {
+        let hub = Arc::clone(hub);
+        warp::header::optional::<HeaderValue>("origin").and_then(
+            move |origin: Option<HeaderValue>| {
+                let allowed = cors
+                    .allow(origin.as_ref(), hub.metrics())
+                    .map_err(warp::reject::custom);
+                std::future::ready(allowed)
+            },
+        )
+    };
+    let answered = origin.and(routes.recover(recover.clone()).unify()).map(
+        |allowed: Option<AllowOrigin>, reply: Response| {
+            let mut response = reply;
+            for (name, value) in allowed.iter().flat_map(AllowOrigin::fields) {
+                response.headers_mut().append(name, value);
+            }
+            response
+        },
+    );
+    preflight.or(answered).unify().recover(recover).unify()
 }
 
 /// `/healthz`, `/readyz` and `/metrics`, for `server.metrics_listener`: no CORS, no files.
@@ -529,47 +612,6 @@ fn recover(
     move |rejection: Rejection| std::future::ready(Ok(error_response(&hub, &rejection)))
 }
 
-/// Preflights and origin checks; the fields of the answer are [`with_cors_fields`]'.
-fn warp_cors(cors: &Cors) -> warp::cors::Builder {
-    let builder = warp::cors()
-        .allow_methods(["GET", "HEAD"])
-        .allow_headers([
-            "authorization",
-            "last-event-id",
-            "cache-control",
-            "content-type",
-        ])
-        .max_age(600);
-    if cors.any {
-        builder.allow_any_origin()
-    } else {
-        builder.allow_origins(cors.origins.iter().map(String::as_str))
-    }
-}
-
-/// warp echoes every allowed origin and never says `Vary`: its answer is replaced by the
-/// same fields a stream gets.
-fn with_cors_fields(reply: impl Reply, cors: &Cors) -> Response {
-    let mut response = reply.into_response();
-    let headers = response.headers_mut();
-    let allowed = headers
-        .remove(header::ACCESS_CONTROL_ALLOW_ORIGIN)
-        .map(|origin| AllowOrigin {
-            origin: if cors.any {
-                HeaderValue::from_static("*")
-            } else {
-                origin
-            },
-            credentials: cors.credentials,
-        });
-    if let Some(allowed) = allowed {
-        for (name, value) in allowed.fields() {
-            headers.append(name, value);
-        }
-    }
-    response
-}
-
 fn error_response(hub: &Hub, rejection: &Rejection) -> Response {
     hub.metrics().requests_refused.fetch_add(1, Relaxed);
     let error = if let Some(error) = rejection.find::<ApiError>() {
@@ -585,12 +627,6 @@ fn error_response(hub: &Hub, rejection: &Rejection) -> Response {
             status: StatusCode::METHOD_NOT_ALLOWED,
             code: "method_not_allowed",
             message: "only GET and HEAD are served".into(),
-        }
-    } else if let Some(forbidden) = rejection.find::<warp::cors::CorsForbidden>() {
-        ApiError {
-            status: StatusCode::FORBIDDEN,
-            code: "cors_forbidden",
-            message: forbidden.to_string(),
         }
     } else if let Some(header) = rejection.find::<warp::reject::InvalidHeader>() {
         ApiError {
