@@ -23,7 +23,7 @@ use crate::envelope::Envelope;
 /// reading until the bus catches up.
 const MAX_WAITING: usize = 8192;
 
-/// Most records in one batch, and about most bytes.
+/// Most records in one batch (fewer for an endpoint that keeps fewer), and about most bytes.
 const BATCH_RECORDS: usize = 1024;
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -232,11 +232,21 @@ impl Publisher {
         else {
             return;
         };
+        // A batch longer than an endpoint's retention would trim itself before any server
+        // read it: live clients would get a gap for records that were never old.
+        let most = self
+            .routes
+            .get(topic)
+            .into_iter()
+            .flatten()
+            .map(|(_, retention)| usize::try_from(retention.max_records).unwrap_or(usize::MAX))
+            .fold(BATCH_RECORDS, usize::min)
+            .max(1);
         let mut batch = Vec::new();
         let mut bytes = 0;
         while let Some((_, envelope)) = records.waiting.front() {
             let size = envelope.json.len();
-            if batch.len() == BATCH_RECORDS || (bytes > 0 && bytes + size > BATCH_BYTES) {
+            if batch.len() == most || (bytes > 0 && bytes + size > BATCH_BYTES) {
                 break;
             }
             bytes += size;
