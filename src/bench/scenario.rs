@@ -164,7 +164,7 @@ impl Scenario {
         }
         if full.kind == Kind::Ingest {
             return Some(Self {
-                records: 2_000,
+                records: 1_000,
                 ..full
             });
         }
