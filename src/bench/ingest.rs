@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use redis::AsyncCommands as _;
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 use serde::{Deserialize, Serialize};
 
@@ -142,8 +142,9 @@ async fn run_one(
         .next()
         .context("the manifest's endpoint")?;
     let key = stream_key(&prefix, endpoint);
+    // Reconnects: other users of the test Redis may restart it (its AOF keeps the stream).
     let mut redis_commands = redis::Client::open(env.redis.as_str())?
-        .get_multiplexed_async_connection()
+        .get_connection_manager()
         .await
         .context("connecting to Redis")?;
 
@@ -188,18 +189,32 @@ struct Window {
     redis_cpu_secs: (f64, f64),
 }
 
+/// Which Redis process answers, and its CPU time so far.
+struct RedisCpu {
+    run_id: String,
+    secs: f64,
+}
+
 /// Polls the stream's length until all `records` are in it.
 async fn watch(
-    redis: &mut MultiplexedConnection,
+    redis: &mut ConnectionManager,
     key: &str,
     records: u64,
     pid: u32,
     consumer: &mut tokio::process::Child,
 ) -> anyhow::Result<Window> {
-    let mut first: Option<(Instant, u64, f64)> = None;
+    let mut first: Option<(Instant, u64, RedisCpu)> = None;
     let (mut seen, mut moved) = (0_u64, Instant::now());
     loop {
-        let length: u64 = redis::cmd("XLEN").arg(key).query_async(redis).await?;
+        let length: u64 = match redis::cmd("XLEN").arg(key).query_async(redis).await {
+            Ok(length) => length,
+            // A restart by someone else; the stall limit bounds the wait.
+            Err(error) if error.is_io_error() || error.is_connection_refusal() => {
+                tracing::debug!(%error, "polling the stream");
+                seen
+            }
+            Err(error) => return Err(error.into()),
+        };
         if length != seen {
             (seen, moved) = (length, Instant::now());
         }
@@ -207,16 +222,22 @@ async fn watch(
             first = Some((
                 Instant::now(),
                 cpu_ticks(pid).unwrap_or(0),
-                redis_cpu_secs(redis).await?,
+                redis_cpu(redis).await?,
             ));
         }
         if length >= records
-            && let Some((first_seen, ticks, cpu_secs)) = first
+            && let Some((first_seen, ticks, cpu)) = first
         {
+            let (ticks_now, cpu_now) = (cpu_ticks(pid).unwrap_or(0), redis_cpu(redis).await?);
+            anyhow::ensure!(
+                cpu_now.run_id == cpu.run_id,
+                "Redis restarted during the run (by another user of it?): the figures would \
+                 count the outage"
+            );
             return Ok(Window {
                 first_seen,
-                consumer_ticks: (ticks, cpu_ticks(pid).unwrap_or(0)),
-                redis_cpu_secs: (cpu_secs, redis_cpu_secs(redis).await?),
+                consumer_ticks: (ticks, ticks_now),
+                redis_cpu_secs: (cpu.secs, cpu_now.secs),
             });
         }
         if let Some(status) = consumer.try_wait()? {
@@ -232,7 +253,7 @@ async fn watch(
 
 /// The run's figures, from the stream's first and last entries and the CPU times.
 async fn figures(
-    redis: &mut MultiplexedConnection,
+    redis: &mut ConnectionManager,
     key: &str,
     records: u64,
     started: Instant,
@@ -289,20 +310,28 @@ async fn figures(
     })
 }
 
-/// Redis's own CPU time so far (`INFO cpu`), user plus system, in seconds.
-async fn redis_cpu_secs(redis: &mut MultiplexedConnection) -> anyhow::Result<f64> {
-    let info: String = redis::cmd("INFO").arg("cpu").query_async(redis).await?;
+/// Redis's run id and own CPU time so far (`INFO`), user plus system, in seconds.
+async fn redis_cpu(redis: &mut ConnectionManager) -> anyhow::Result<RedisCpu> {
+    let info: String = redis::cmd("INFO").query_async(redis).await?;
     let field = |name: &str| {
         info.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|value| value.trim().parse::<f64>().ok())
-            .with_context(|| format!("{name} in INFO cpu"))
+            .map(str::trim)
+            .with_context(|| format!("{name} in INFO"))
     };
-    Ok(field("used_cpu_user")? + field("used_cpu_sys")?)
+    let seconds = |name: &str| -> anyhow::Result<f64> {
+        field(name)?
+            .parse()
+            .with_context(|| format!("{name} in INFO is not a number"))
+    };
+    Ok(RedisCpu {
+        run_id: field("run_id")?.to_owned(),
+        secs: seconds("used_cpu_user")? + seconds("used_cpu_sys")?,
+    })
 }
 
 /// Deletes a run's keys: a backlog's stream is large, and the test Redis is shared.
-async fn forget(redis: &mut MultiplexedConnection, prefix: &str) {
+async fn forget(redis: &mut ConnectionManager, prefix: &str) {
     let keys = async {
         let mut found = redis.scan_match::<_, String>(format!("*{prefix}*")).await?;
         let mut keys = Vec::new();
