@@ -266,3 +266,57 @@ pub(crate) fn rewrite_markdown(
     };
     std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::IngestRun;
+    use super::super::scenario::{Machine, Scenario};
+    use super::*;
+
+    #[test]
+    fn ingest_runs_get_their_own_table_and_the_1ms_target() {
+        let run = |rtt_ms: f64, records_per_sec: f64| IngestRun {
+            rtt_ms,
+            rtt_measured_ms: rtt_ms + 0.05,
+            rtt_mean_ms: rtt_ms + 0.1,
+            records: 200_000,
+            records_per_sec,
+            consumer_cpu_us_per_record: 58.7,
+            ..IngestRun::default()
+        };
+        let results = Results {
+            date: "2026-11-30T09:29:00Z".into(),
+            machine: Machine {
+                nproc: 2,
+                cpu: "test".into(),
+                ram_gib: 1.0,
+                kernel: "test".into(),
+            },
+            tiny: false,
+            outcomes: vec![Outcome {
+                scenario: "ingest".into(),
+                load: Scenario::standard("ingest", false),
+                ingest: vec![run(0.0, 9_590.0), run(1.0, 700.0)],
+                ..Outcome::default()
+            }],
+        };
+        let text = section(&results, "ci/bench.sh");
+        assert!(
+            text.contains("| 1 | 1.050 (1.100) | 200000 | 700 | 58.7 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| 0 | 0.050 (0.100) | 200000 | 9590 |"),
+            "{text}"
+        );
+        // Not a row of the connections table.
+        assert!(!text.contains("| ingest |"), "{text}");
+        let (target, measured, verdict) = targets(&results)
+            .into_iter()
+            .find(|(target, _, _)| target.starts_with("issue 13"))
+            .expect("the ingest target");
+        assert!(target.contains("50,000"));
+        assert!(measured.starts_with("700 records/s"), "{measured}");
+        assert_eq!(verdict, "**not met**");
+    }
+}
