@@ -5,10 +5,14 @@
 //! carry their publish time and a sequence number (straight to the Redis bus with
 //! [`crate::bus`], or to Kafka end to end), and reads the servers' CPU time and resident
 //! memory from `/proc`. The floor is a bare non-blocking write loop doing the same fan-out,
-//! measured by the same workers in the same run. Not part of the test suite.
+//! measured by the same workers in the same run. The ingest scenario instead times one
+//! `fjord-consumer` through a Kafka backlog, with Redis behind a delaying proxy. Not part of
+//! the test suite.
 
+mod delay;
 mod floor;
 mod histogram;
+mod ingest;
 mod report;
 mod scenario;
 mod worker;
@@ -17,6 +21,7 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use histogram::Histogram;
+pub use ingest::IngestRun;
 pub use scenario::{Outcome, Scenario};
 pub use worker::{Target, WorkerReport, WorkerSpec};
 
@@ -34,7 +39,8 @@ pub enum BenchCommand {
         /// Every scenario at a tiny load: checks that the tool works, in well under a minute.
         #[arg(long)]
         tiny: bool,
-        /// Only these scenarios (repeatable): idle, floor, fanout, keyed, overload, e2e, scale.
+        /// Only these scenarios (repeatable): idle, floor, fanout, floor-1k, fanout-1k, keyed,
+        /// overload, e2e, scale, ingest.
         #[arg(long = "only")]
         only: Vec<String>,
         /// The command line to print in the report.
@@ -45,7 +51,7 @@ pub enum BenchCommand {
     },
     /// Runs one scenario with the given load and prints its outcome as JSON.
     Run {
-        /// idle, floor, fanout, keyed, overload, e2e or scale.
+        /// idle, floor, fanout, floor-1k, fanout-1k, keyed, overload, e2e, scale or ingest.
         scenario: String,
         /// Connections in all.
         #[arg(long)]
@@ -65,6 +71,12 @@ pub enum BenchCommand {
         /// The servers' per-client queue.
         #[arg(long)]
         client_queue: Option<usize>,
+        /// Ingest: records in the Kafka backlog.
+        #[arg(long)]
+        records: Option<u64>,
+        /// Ingest: round trips to Redis in milliseconds, comma-separated (0: Redis straight).
+        #[arg(long, value_delimiter = ',')]
+        rtt_ms: Vec<f64>,
         #[command(flatten)]
         services: Services,
     },
@@ -131,7 +143,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             let broken: Vec<&str> = results
                 .outcomes
                 .iter()
-                .filter(|outcome| !outcome.errors.is_empty() || outcome.connected == 0)
+                .filter(|outcome| !outcome.ran_cleanly())
                 .map(|outcome| outcome.scenario.as_str())
                 .collect();
             if !broken.is_empty() {
@@ -147,6 +159,8 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             servers,
             slow_every,
             client_queue,
+            records,
+            rtt_ms,
             services,
         } => {
             let env = scenario::Env::new(&services)?;
@@ -169,6 +183,12 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             }
             if client_queue.is_some() {
                 chosen.client_queue = client_queue;
+            }
+            if let Some(records) = records {
+                chosen.records = records;
+            }
+            if !rtt_ms.is_empty() {
+                chosen.rtt_ms = rtt_ms;
             }
             let outcome = scenario::run(&env, &chosen).await?;
             #[allow(clippy::print_stdout, reason = "the outcome is the command's output")]

@@ -15,6 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use super::histogram::Histogram;
+use super::ingest::IngestRun;
 use super::worker::{Target, WorkerReport, WorkerSpec};
 use super::{Services, cpu_ticks, event_envelope, now_us, rss_kib, ticks_per_second};
 use crate::bus::Publication;
@@ -38,6 +39,8 @@ pub enum Kind {
     Floor,
     /// Kafka → fjord-consumer → Redis → fjord-server.
     EndToEnd,
+    /// One fjord-consumer member through a Kafka backlog into Redis, no server.
+    Ingest,
 }
 
 /// One scenario's load.
@@ -67,6 +70,12 @@ pub struct Scenario {
     /// run out of CPU first.
     #[serde(default)]
     pub pinned: bool,
+    /// Records in the Kafka backlog (ingest).
+    #[serde(default)]
+    pub records: u64,
+    /// Round trips to Redis to ingest at, in milliseconds; 0 is Redis straight (ingest).
+    #[serde(default)]
+    pub rtt_ms: Vec<f64>,
 }
 
 impl Scenario {
@@ -84,6 +93,8 @@ impl Scenario {
             slow_every: 0,
             client_queue: None,
             pinned: false,
+            records: 0,
+            rtt_ms: Vec::new(),
         };
         let full = match name {
             "idle" => Self {
@@ -136,10 +147,26 @@ impl Scenario {
                 measure_secs: 10,
                 ..base
             },
+            // Issue 13: at ElastiCache's ~0.5 ms round trip, one record per round trip caps
+            // a partition near 2,000 records/s.
+            "ingest" => Self {
+                kind: Kind::Ingest,
+                connections: 0,
+                rate: 0.0,
+                records: 200_000,
+                rtt_ms: vec![0.0, 0.1, 1.0],
+                ..base
+            },
             _ => return None,
         };
         if !tiny {
             return Some(full);
+        }
+        if full.kind == Kind::Ingest {
+            return Some(Self {
+                records: 1_000,
+                ..full
+            });
         }
         Some(Self {
             connections: (full.connections / 100).max(60),
@@ -154,7 +181,7 @@ impl Scenario {
 }
 
 /// Every standard scenario, in the order they run.
-pub(crate) const ALL: [&str; 9] = [
+pub(crate) const ALL: [&str; 10] = [
     "idle",
     "floor",
     "fanout",
@@ -164,6 +191,7 @@ pub(crate) const ALL: [&str; 9] = [
     "overload",
     "e2e",
     "scale",
+    "ingest",
 ];
 
 /// What one scenario measured.
@@ -220,13 +248,23 @@ pub struct Outcome {
     pub loadgen_cpu_secs: f64,
     /// Problems that make the figures doubtful.
     pub errors: Vec<String>,
+    /// The ingest scenario's figures, one per round trip.
+    #[serde(default)]
+    pub ingest: Vec<IngestRun>,
+}
+
+impl Outcome {
+    /// Whether the scenario ran without problems and measured something.
+    pub fn ran_cleanly(&self) -> bool {
+        self.errors.is_empty() && (self.connected > 0 || !self.ingest.is_empty())
+    }
 }
 
 /// Where things are.
 #[derive(Debug, Clone)]
 pub(crate) struct Env {
-    redis: String,
-    kafka: String,
+    pub(super) redis: String,
+    pub(super) kafka: String,
     bin_dir: PathBuf,
     me: PathBuf,
 }
@@ -379,26 +417,35 @@ pub(crate) async fn run_all(env: &Env, tiny: bool, only: &[String]) -> anyhow::R
     })
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(super) fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
 
-fn unique(prefix: &str) -> String {
+pub(super) fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), now_us())
 }
 
-fn manifest(env: &Env, scenario: &Scenario, port: u16, prefix: &str, topic: &str) -> String {
+/// A manifest for the scenario's processes, with the bus at `redis_url`.
+pub(super) fn manifest(
+    env: &Env,
+    scenario: &Scenario,
+    redis_url: &str,
+    port: u16,
+    prefix: &str,
+    topic: &str,
+) -> String {
     let mut server = serde_json::json!({"host": "127.0.0.1", "port": port, "heartbeat_secs": 15});
     if let Some(queue) = scenario.client_queue {
         server["client_queue"] = queue.into();
     }
     serde_json::json!({
         "kafka": {"brokers": [env.kafka]},
-        "redis": {"url": env.redis, "key_prefix": prefix},
+        "redis": {"url": redis_url, "key_prefix": prefix},
         "endpoints": {ENDPOINT: {
             "topics": [topic],
-            "retention": {"max_records": 20_000, "max_age_secs": 600}
+            // The ingest scenario's backlog stays whole: its length says when it is all in.
+            "retention": {"max_records": scenario.records.max(20_000), "max_age_secs": 3_600}
         }},
         "consumer_groups": [{"id": prefix, "topics": [topic], "offset_reset": "earliest"}],
         "server": server,
@@ -474,7 +521,12 @@ fn on_cpu(program: impl AsRef<std::ffi::OsStr>, scenario: &Scenario, cpu: u32) -
     command
 }
 
-fn server_command(env: &Env, scenario: &Scenario, binary: &str, manifest: &str) -> Command {
+pub(super) fn server_command(
+    env: &Env,
+    scenario: &Scenario,
+    binary: &str,
+    manifest: &str,
+) -> Command {
     let mut command = on_cpu(env.bin_dir.join(binary), scenario, 0);
     command
         .env("FJORD_MANIFEST_JSON", manifest)
@@ -656,7 +708,11 @@ async fn produce_to_kafka(
     Ok(())
 }
 
-async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+pub(super) async fn create_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -691,6 +747,8 @@ pub(crate) async fn run(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcom
     let mut consumer: Option<Child> = None;
     let mut manifest_text = String::new();
     match scenario.kind {
+        // No connections: one consumer and Redis.
+        Kind::Ingest => return super::ingest::run(env, scenario).await,
         Kind::Floor => {
             let port = free_port()?;
             let mut command = Command::new(&env.me);
@@ -711,7 +769,7 @@ pub(crate) async fn run(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcom
         Kind::Server | Kind::EndToEnd => {
             for _ in 0..scenario.servers.max(1) {
                 let port = free_port()?;
-                manifest_text = manifest(env, scenario, port, &prefix, &topic);
+                manifest_text = manifest(env, scenario, &env.redis, port, &prefix, &topic);
                 servers
                     .push(server_command(env, scenario, "fjord-server", &manifest_text).spawn()?);
                 ports.push(port);
@@ -782,7 +840,8 @@ pub(crate) async fn run(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcom
     let published = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = match scenario.kind {
-        Kind::Floor => {
+        // The floor makes its own events (and ingest returned above).
+        Kind::Floor | Kind::Ingest => {
             if let Some(floor) = &mut floor {
                 floor.say(&format!("go {}", scenario.rate)).await;
             }
