@@ -329,11 +329,6 @@ urls() {
     )
 }
 
-usage() {
-    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
-    exit 2
-}
-
 main() {
     (($# >= 2)) || usage
     local cmd=$1

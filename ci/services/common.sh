@@ -81,3 +81,8 @@ apt_install() {
         die "apt-get install failed (see $STATE/apt.log)"
     fi
 }
+
+usage() { # prints the calling script's header comment, its manual, and exits 2
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+    exit 2
+}
