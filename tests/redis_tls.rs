@@ -30,6 +30,37 @@ struct TlsRedis {
 
 impl TlsRedis {
     fn start() -> Self {
+        Self::start_as(false)
+    }
+
+    /// A one-node Redis Cluster over TLS (every slot on the one node), as ElastiCache's
+    /// cluster mode with in-transit encryption is.
+    fn start_cluster() -> Self {
+        let redis = Self::start_as(true);
+        let cli = |args: &[&str]| {
+            let output = Command::new("redis-cli")
+                .args(["--tls", "--cacert", redis.ca_file(), "-h", "127.0.0.1"])
+                .args(["-p", &redis.port.to_string(), "--user", "default"])
+                .args(["--pass", &redis.default_password, "--no-auth-warning"])
+                .args(args)
+                .output()
+                .expect("redis-cli (ci/services.sh installs it)");
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        let added = cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        assert!(added.contains("OK"), "ADDSLOTSRANGE: {added}");
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while !cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the TLS cluster never became ok"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        redis
+    }
+
+    fn start_as(cluster: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let certificates = tls::make_certificates(dir.path(), None);
         let file = |path: &Path| path.to_string_lossy().into_owned();
@@ -54,6 +85,18 @@ impl TlsRedis {
                 "--appendonly",
                 "no",
             ])
+            .args(if cluster {
+                vec![
+                    "--cluster-enabled".to_owned(),
+                    "yes".to_owned(),
+                    "--cluster-port".to_owned(),
+                    free_port().to_string(),
+                    "--tls-cluster".to_owned(),
+                    "yes".to_owned(),
+                ]
+            } else {
+                Vec::new()
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -132,23 +175,39 @@ async fn failure_log(binary: &str, manifest: &Path, envs: &[(&str, &str)]) -> St
 
 #[tokio::test]
 async fn records_cross_a_tls_redis_as_an_acl_user() {
+    records_cross(TlsRedis::start(), |_| {}).await;
+}
+
+#[tokio::test]
+async fn records_cross_a_tls_redis_cluster_as_an_acl_user() {
+    // No replica to read from: the server falls back to the primary.
+    records_cross(TlsRedis::start_cluster(), |manifest| {
+        manifest["redis"]["cluster"] = serde_json::json!({"read_from": "replica"});
+    })
+    .await;
+}
+
+/// Records cross `redis` end to end, as the ACL user, with the manifest `edit` made; the
+/// password is in no log.
+async fn records_cross(redis: TlsRedis, edit: impl FnOnce(&mut serde_json::Value)) {
     let services = services();
-    let redis = TlsRedis::start();
     let topic = unique("orders");
     create_topic(&services.brokers, &topic, 2).await;
     let port = free_port();
-    let (_dir, path) = write_manifest(&tls_manifest(&services, &redis, &topic, port));
+    let mut manifest = tls_manifest(&services, &redis, &topic, port);
+    edit(&mut manifest);
+    let (_dir, path) = write_manifest(&manifest);
     let envs = [
         ("SSL_CERT_FILE", redis.ca_file()),
         (PASSWORD_ENV, redis.user_password.as_str()),
     ];
     let path_arg = path.to_str().expect("utf-8 path");
-    let server = Process::start(
+    let mut server = Process::start(
         env!("CARGO_BIN_EXE_fjord-server"),
         &["--manifest", path_arg],
         &envs,
     );
-    wait_ready(port).await;
+    server.wait_ready(port).await;
     let mut client =
         SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders"), &[]).await;
     assert_eq!(client.status, 200);

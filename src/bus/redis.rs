@@ -597,6 +597,18 @@ impl RedisBus {
         candidates.push((primary, false));
         let mut last_error = None;
         for ((host, port), replica) in candidates {
+            // A node that does not know its own address (one alone, say) says "" or "?":
+            // it is the node the seed URL reaches.
+            let host = if host.is_empty() || host == "?" {
+                match template.addr() {
+                    ConnectionAddr::Tcp(seed, _) | ConnectionAddr::TcpTls { host: seed, .. } => {
+                        seed.clone()
+                    }
+                    _ => host,
+                }
+            } else {
+                host
+            };
             let addr = match template.addr() {
                 ConnectionAddr::TcpTls { .. } => ConnectionAddr::TcpTls {
                     host,
