@@ -28,8 +28,8 @@ const MAX_COALESCED_FRAMES: usize = 64;
 /// it): a resuming connection holds its replay's page and this.
 const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
 
-/// What a subscription asks of its hub: the one way back from a connection's stream into
-/// the hub.
+/// What a subscription asks of its hub, and all it may: the stream depends on these calls,
+/// not on the hub's state, so that either side's insides can change alone.
 pub(super) trait HubHandle: Send + Sync {
     /// The event of a replayed entry of `endpoint`; `None` for an endpoint the hub lacks.
     fn render(&self, endpoint: usize, entry: &BusEntry) -> Option<RenderedEvent>;
