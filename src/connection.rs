@@ -10,8 +10,8 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -250,10 +250,11 @@ async fn stream(
     // reading, hiding it from the queue bound for minutes and holding kernel memory.
     options.set_send_buffer_size(SEND_BUFFER)?;
     let socket = Arc::new(socket);
-    if chunked {
-        subscription.write_directly(Arc::new(ChunkedSocket(Arc::clone(&socket))));
+    let direct = chunked.then(|| Arc::new(ChunkedSocket::new(Arc::clone(&socket))));
+    if let Some(direct) = &direct {
+        subscription.write_directly(Arc::clone(direct) as Arc<dyn DirectWrite>);
     }
-    pump(&socket, &mut subscription, chunked).await?;
+    pump(&socket, &mut subscription, chunked, direct.as_deref()).await?;
     if chunked {
         write_all_vectored(&socket, &[b"0\r\n\r\n"]).await?;
     }
@@ -321,38 +322,69 @@ async fn open(
     }
 }
 
-/// Writes the subscription's bytes to the socket until either ends.
+/// Writes the subscription's bytes to the socket until either ends; `direct` is the writer
+/// the hub was given, if any.
 async fn pump(
     socket: &TcpStream,
     subscription: &mut Subscription,
     chunked: bool,
+    direct: Option<&ChunkedSocket>,
 ) -> io::Result<()> {
     loop {
         match std::future::poll_fn(|cx| next_or_gone(socket, subscription, cx)).await? {
             Some(Outgoing::Events(bytes)) => write_chunk(socket, &bytes, chunked).await?,
-            Some(Outgoing::Wire(bytes)) => write_all_vectored(socket, &[&bytes]).await?,
+            Some(Outgoing::Unfinished) => {
+                if let Some(rest) = direct.and_then(ChunkedSocket::take_unfinished) {
+                    write_all_vectored(socket, &[&rest]).await?;
+                }
+            }
             None => return Ok(()),
         }
     }
 }
 
-/// A stream socket the hub may write an event to in the connection task's place.
+/// A stream socket the hub may write an event to in the connection task's place, as one
+/// chunk. The framed rest of a chunk the socket took in part waits here for the connection's
+/// task, which the hub tells to finish it first.
 #[derive(Debug)]
-struct ChunkedSocket(Arc<TcpStream>);
+struct ChunkedSocket {
+    socket: Arc<TcpStream>,
+    unfinished: Mutex<Option<Bytes>>,
+}
+
+impl ChunkedSocket {
+    fn new(socket: Arc<TcpStream>) -> Self {
+        Self {
+            socket,
+            unfinished: Mutex::new(None),
+        }
+    }
+
+    fn unfinished(&self) -> MutexGuard<'_, Option<Bytes>> {
+        // Only whole values are stored, so a poisoned lock is usable.
+        self.unfinished
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The framed rest of the last direct write, once.
+    fn take_unfinished(&self) -> Option<Bytes> {
+        self.unfinished().take()
+    }
+}
 
 impl DirectWrite for ChunkedSocket {
     fn write_now(&self, sse: &[u8]) -> WrittenNow {
         let line = SizeLine::of(sse.len());
         let parts = chunk_parts(&line, sse);
-        match self.0.try_write_vectored(&parts.map(IoSlice::new)) {
+        match self.socket.try_write_vectored(&parts.map(IoSlice::new)) {
             Ok(written) if written > 0 => match position_after(&parts, 0, 0, written) {
                 (part, _) if part == parts.len() => WrittenNow::All,
-                (part, offset) => WrittenNow::Part(
-                    unwritten(&parts, part, offset)
-                        .collect::<Vec<_>>()
-                        .concat()
-                        .into(),
-                ),
+                (part, offset) => {
+                    let rest = unwritten(&parts, part, offset).collect::<Vec<_>>().concat();
+                    *self.unfinished() = Some(rest.into());
+                    WrittenNow::Partly
+                }
             },
             // Would block, or failed: the connection's task writes it, and meets the error.
             Ok(_) | Err(_) => WrittenNow::Nothing,
@@ -802,9 +834,15 @@ mod tests {
             .expect("buffer");
         let writer = Arc::new(writer);
         let sse = vec![b'x'; 4 << 20];
-        let WrittenNow::Part(rest) = ChunkedSocket(Arc::clone(&writer)).write_now(&sse) else {
-            panic!("4 MiB do not fit a 4 KiB send buffer");
-        };
+        let direct = ChunkedSocket::new(Arc::clone(&writer));
+        assert_eq!(
+            direct.write_now(&sse),
+            WrittenNow::Partly,
+            "4 MiB do not fit a 4 KiB send buffer"
+        );
+        let rest = direct.take_unfinished().expect("kept for the task");
+        assert_eq!(direct.take_unfinished(), None, "once");
+        drop(direct);
         let finish = tokio::spawn(async move {
             write_all_vectored(&writer, &[&rest])
                 .await

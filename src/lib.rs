@@ -13,7 +13,8 @@
 //! - [`envelope`]: a Kafka record as clients see it, encoded once.
 //! - [`consumer`]: consumer-group members that publish records to the bus (needs `kafka`).
 //! - [`bus`]: the link between consumers and servers: Redis Streams, or in process.
-//! - [`hub`]: a server's fan-out from the bus to its connections.
+//! - [`hub`]: a server's fan-out from the bus to its connections: a folder with a file per
+//!   job — outlet (a connection's queue), index (by endpoint and key), feed, subscription.
 //! - [`keys`]: key filters, stored once per distinct set, and the index by key.
 //! - [`queue`]: a connection's bounded queue, from the hub to its task.
 //! - [`replay`]: reading back what a resuming client missed, and noticing gaps.

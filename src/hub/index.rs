@@ -1,0 +1,357 @@
+//! The hub's index of connections. For each endpoint: the connections that take every
+//! record, those that take only some keys (by key), and the id of the last entry queued to
+//! them, where a new connection's live stream starts. For each connection: where it is
+//! indexed, and when its token runs out. The feed reads an endpoint's connections under its
+//! read lock; a connection coming or going takes the write locks.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::outlet::{ClientQueue, Frame};
+use crate::bus::StreamId;
+use crate::keys::{ClientId, KeyIndex, KeySet};
+
+/// The connections of one endpoint.
+#[derive(Debug, Default)]
+pub(super) struct Channel {
+    /// Connections that receive every record.
+    everyone: HashMap<ClientId, ClientQueue>,
+    /// Connections that receive only records with one of their keys, by key.
+    by_key: KeyIndex<ClientQueue>,
+    /// The id of the last entry queued to this channel's connections. Written under the
+    /// read lock by the one feed, read under the write lock by a new subscriber.
+    last_ms: AtomicU64,
+    last_seq: AtomicU64,
+}
+
+impl Channel {
+    /// Every connection of the endpoint once, whatever its keys.
+    pub(super) fn all_receivers(&self) -> impl Iterator<Item = (ClientId, &ClientQueue)> {
+        self.everyone
+            .iter()
+            .map(|(&client, sender)| (client, sender))
+            .chain(self.by_key.all())
+    }
+
+    /// How many connections receive a record with `key`.
+    pub(super) fn count(&self, key: Option<&[u8]>) -> usize {
+        self.everyone.len() + key.map_or(0, |key| self.by_key.count(key))
+    }
+
+    /// The connections that receive a record with `key`: those that take every record, then
+    /// those that asked for the key.
+    pub(super) fn receivers<'a>(
+        &'a self,
+        key: Option<&'a [u8]>,
+    ) -> impl Iterator<Item = (ClientId, &'a ClientQueue)> {
+        let keyed = key.into_iter().flat_map(|key| self.by_key.receivers(key));
+        self.everyone
+            .iter()
+            .map(|(&client, sender)| (client, sender))
+            .chain(keyed)
+    }
+
+    pub(super) fn last_id(&self) -> StreamId {
+        StreamId {
+            ms: self.last_ms.load(Relaxed),
+            seq: self.last_seq.load(Relaxed),
+        }
+    }
+
+    /// Notes `id` as the last entry queued to the endpoint's connections.
+    pub(super) fn set_last_id(&self, id: StreamId) {
+        self.last_ms.store(id.ms, Relaxed);
+        self.last_seq.store(id.seq, Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct Client {
+    sender: ClientQueue,
+    endpoints: Vec<usize>,
+    keys: Option<Arc<KeySet>>,
+    /// When its token runs out, in seconds since the epoch.
+    expires_at: Option<u64>,
+}
+
+/// Every connection of a hub, by endpoint and key, and by id.
+#[derive(Debug)]
+pub(super) struct Index {
+    channels: Vec<RwLock<Channel>>,
+    clients: Mutex<HashMap<ClientId, Client>>,
+    /// Connections by the time their token runs out.
+    expiries: Mutex<BTreeSet<(u64, ClientId)>>,
+    next_client: AtomicU64,
+}
+
+/// A connection just indexed.
+#[derive(Debug)]
+pub(super) struct Indexed {
+    pub(super) id: ClientId,
+    /// Where its live events begin, one id for each of its endpoints.
+    pub(super) live_start: Vec<StreamId>,
+    /// Its keys, shared with every endpoint's index and with other connections that asked
+    /// for the same keys.
+    pub(super) keys: Option<Arc<KeySet>>,
+}
+
+pub(super) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    // Every critical section leaves the maps consistent, so a poisoned lock is usable.
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Index {
+    /// An empty index of `endpoints` endpoints, whose entries so far end at `last` (one id
+    /// each; `ZERO` for those without one).
+    pub(super) fn new(endpoints: usize, last: &[StreamId]) -> Self {
+        let channels = (0..endpoints)
+            .map(|i| {
+                let id = last.get(i).copied().unwrap_or(StreamId::ZERO);
+                RwLock::new(Channel {
+                    last_ms: AtomicU64::new(id.ms),
+                    last_seq: AtomicU64::new(id.seq),
+                    ..Channel::default()
+                })
+            })
+            .collect();
+        Self {
+            channels,
+            clients: Mutex::new(HashMap::new()),
+            expiries: Mutex::new(BTreeSet::new()),
+            next_client: AtomicU64::new(0),
+        }
+    }
+
+    /// The connections of `endpoint`; `None` for an endpoint the hub does not have.
+    pub(super) fn channel(&self, endpoint: usize) -> Option<&RwLock<Channel>> {
+        self.channels.get(endpoint)
+    }
+
+    fn clients(&self) -> MutexGuard<'_, HashMap<ClientId, Client>> {
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn expiries(&self) -> MutexGuard<'_, BTreeSet<(u64, ClientId)>> {
+        self.expiries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Indexes a new connection, reached through `sender`, for `endpoints` (indexes into the
+    /// hub's) and `keys` (all records for `None`), until `expires_at` if it is given.
+    pub(super) fn add(
+        &self,
+        sender: ClientQueue,
+        endpoints: &[usize],
+        keys: Option<KeySet>,
+        expires_at: Option<u64>,
+    ) -> Indexed {
+        let id = self.next_client.fetch_add(1, Relaxed);
+        let mut live_start = Vec::with_capacity(endpoints.len());
+        let mut keys = keys.map(Arc::new);
+        for &endpoint in endpoints {
+            let mut channel = write(&self.channels[endpoint]);
+            match &mut keys {
+                None => {
+                    channel.everyone.insert(id, sender.clone());
+                }
+                Some(keys) => *keys = channel.by_key.insert(keys, id, sender.clone()),
+            }
+            live_start.push(channel.last_id());
+        }
+        self.clients().insert(
+            id,
+            Client {
+                sender,
+                endpoints: endpoints.to_vec(),
+                keys: keys.clone(),
+                expires_at,
+            },
+        );
+        if let Some(at) = expires_at {
+            self.expiries().insert((at, id));
+        }
+        Indexed {
+            id,
+            live_start,
+            keys,
+        }
+    }
+
+    /// Removes a connection from the index and closes its queue, after `last` when there is
+    /// room for it: its stream ends once the queue is drained. False if it was not indexed.
+    pub(super) fn remove(&self, id: ClientId, last: Option<Frame>) -> bool {
+        let Some(client) = self.clients().remove(&id) else {
+            return false;
+        };
+        if let Some(last) = last {
+            // A full queue needs no last word: the connection is being cut off anyway.
+            let _ = client.sender.push(last);
+        }
+        // The connection gets what is queued, then the end of its stream.
+        client.sender.queue.close();
+        if let Some(at) = client.expires_at {
+            self.expiries().remove(&(at, id));
+        }
+        for &endpoint in &client.endpoints {
+            let mut channel = write(&self.channels[endpoint]);
+            match &client.keys {
+                None => {
+                    channel.everyone.remove(&id);
+                }
+                Some(keys) => {
+                    channel.by_key.remove(keys, id);
+                }
+            }
+        }
+        true
+    }
+
+    /// Takes the connections whose token ran out by `now_secs` out of the expiries.
+    pub(super) fn take_expired(&self, now_secs: u64) -> Vec<ClientId> {
+        let mut expiries = self.expiries();
+        let still_valid = expiries.split_off(&(now_secs + 1, 0));
+        std::mem::replace(&mut *expiries, still_valid)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect()
+    }
+
+    /// Calls `visit` with every connection, under the lock that holds them.
+    pub(super) fn for_each(&self, mut visit: impl FnMut(ClientId, &ClientQueue)) {
+        for (&id, client) in self.clients().iter() {
+            visit(id, &client.sender);
+        }
+    }
+
+    /// The ids of every connection.
+    pub(super) fn ids(&self) -> Vec<ClientId> {
+        self.clients().keys().copied().collect()
+    }
+
+    /// Whether no connection is indexed, by id or in any endpoint.
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        self.clients().is_empty()
+            && self.channels.iter().all(|channel| {
+                let channel = read(channel);
+                channel.everyone.is_empty() && channel.by_key.is_empty()
+            })
+    }
+
+    /// How many connections wait for their token to run out.
+    #[cfg(test)]
+    pub(super) fn expiring(&self) -> usize {
+        self.expiries().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::testing::{
+        entry, hub, hub_on_memory_bus, live, name, next_text, publish_envelope, read_text,
+    };
+    use crate::bus::StreamId;
+    use crate::config::{Retention, StartPosition};
+    use crate::envelope::Envelope;
+    use crate::hub::{Hub, Subscription};
+    use crate::sse::ResumeId;
+
+    #[tokio::test]
+    async fn a_subscriber_starts_after_the_last_dispatched_entry() {
+        let hub = hub(4);
+        hub.dispatch(&[(1, entry(20, "a"))]);
+        let mut late = hub.subscribe(live(vec![1]), None, None);
+        assert_eq!(next_text(&mut late).await, "retry: 2000\nid: 20-0\n\n");
+    }
+
+    #[tokio::test]
+    async fn a_text_key_and_a_binary_key_match_only_their_own_bytes() {
+        let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
+        // The binary key FF FE 00 6B shows as {"base64":"//4Aaw=="}; the text key is that.
+        let binary: &[u8] = &[0xff, 0xfe, 0x00, 0x6b];
+        let text: &[u8] = b"//4Aaw==";
+        let mut by_text = subscribe_query(&hub, "key=%2F%2F4Aaw%3D%3D");
+        let mut by_base64 = subscribe_query(&hub, "key_base64=%2F%2F4Aaw%3D%3D");
+        let mut by_both = subscribe_query(&hub, "key=%2F%2F4Aaw%3D%3D&key_base64=%2F%2F4Aaw%3D%3D");
+        for subscription in [&mut by_text, &mut by_base64, &mut by_both] {
+            next_text(subscription).await;
+        }
+        let endpoints = [(name("orders"), Retention::default())];
+        for (offset, key) in [(0, binary), (1, text)] {
+            let envelope = Envelope::encode(
+                crate::envelope::RecordParts {
+                    topic: "orders",
+                    partition: 0,
+                    offset,
+                    key: Some(key),
+                    timestamp: None,
+                    value: Some(b"{}"),
+                },
+                [],
+            )
+            .expect("encodes");
+            publish_envelope(&bus, &endpoints, offset, &envelope).await;
+        }
+        hub.dispatch(&reader.next_batch().await.expect("memory bus"));
+        let keys_of = |text: String| -> Vec<serde_json::Value> {
+            text.lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .map(|data| {
+                    serde_json::from_str::<serde_json::Value>(data).expect("JSON")["key"].clone()
+                })
+                .collect()
+        };
+        let text_key = serde_json::json!("//4Aaw==");
+        let binary_key = serde_json::json!({"base64": "//4Aaw=="});
+        assert_eq!(
+            keys_of(next_text(&mut by_text).await),
+            vec![text_key.clone()]
+        );
+        assert_eq!(
+            keys_of(next_text(&mut by_base64).await),
+            vec![binary_key.clone()]
+        );
+        assert_eq!(
+            keys_of(read_text(&mut by_both, 2).await),
+            vec![binary_key, text_key]
+        );
+        // The same on resume.
+        let mut resumed = hub.subscribe(
+            crate::http::parse_stream_request(
+                &hub,
+                &crate::auth::Grant::everything(),
+                Some("orders"),
+                "key=%2F%2F4Aaw%3D%3D",
+                Some("0-1"),
+            )
+            .expect("valid")
+            .interest,
+            Some(&ResumeId(vec![StreamId { ms: 0, seq: 1 }])),
+            None,
+        );
+        next_text(&mut resumed).await;
+        assert_eq!(
+            keys_of(next_text(&mut resumed).await),
+            vec![serde_json::json!("//4Aaw==")]
+        );
+    }
+
+    /// A live connection to `orders` with the key filters of `query`.
+    fn subscribe_query(hub: &Arc<Hub>, query: &str) -> Subscription {
+        let request = crate::http::parse_stream_request(
+            hub,
+            &crate::auth::Grant::everything(),
+            Some("orders"),
+            query,
+            None,
+        )
+        .expect("valid");
+        hub.subscribe(request.interest, None, None)
+    }
+}

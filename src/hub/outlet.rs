@@ -1,0 +1,192 @@
+//! The outlet a connection drains: its bounded queue of frames (shared events, shared bytes),
+//! and once the connection is live, the hub's way to write an event to its socket in the
+//! connection task's place. The hub hands over SSE text only; how a connection frames it on
+//! the wire, and what it keeps of a write the socket took in part, is the connection's.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::bus::StreamId;
+use crate::queue::{Delivery, PushError, Queue};
+use crate::sse::RenderedEvent;
+
+/// A connection's outlet, shared by the hub's index (which pushes) and its subscription
+/// (which takes).
+pub(super) type ClientQueue = Arc<Outlet>;
+
+/// A connection as the hub reaches it: its queue, and once the connection is live, a way to
+/// write to its socket at once.
+#[derive(Debug)]
+pub(super) struct Outlet {
+    pub(super) queue: Queue<Frame>,
+    direct: OnceLock<Arc<dyn DirectWrite>>,
+}
+
+impl Outlet {
+    /// An outlet whose queue holds at most `capacity` frames.
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            queue: Queue::new(capacity),
+            direct: OnceLock::new(),
+        }
+    }
+
+    pub(super) fn push(&self, frame: Frame) -> Result<(), PushError> {
+        self.queue.push(frame)
+    }
+
+    /// Lets later events be written with `direct`; set once, when the connection is live.
+    pub(super) fn write_directly(&self, direct: Arc<dyn DirectWrite>) {
+        let _ = self.direct.set(direct);
+    }
+
+    /// Queues an event, or writes it to the socket in the connection task's place when
+    /// the task waits on an empty queue and the socket takes it without waiting: one
+    /// system call instead of a queue, a wake-up and a poll.
+    pub(super) fn push_event(
+        &self,
+        event: &Arc<QueuedEvent>,
+        may_write: bool,
+    ) -> Result<(), PushError> {
+        let frame = Frame::Event(Arc::clone(event));
+        match self.direct.get() {
+            Some(direct) if may_write => {
+                self.queue
+                    .push_or_deliver(frame, |_| match direct.write_now(event.event.bytes()) {
+                        WrittenNow::All => Delivery::Done,
+                        WrittenNow::Partly => Delivery::Rest(Frame::Unfinished),
+                        WrittenNow::Nothing => Delivery::Refused,
+                    })
+            }
+            _ => self.queue.push(frame),
+        }
+    }
+}
+
+/// Writes an event to a connection's socket without waiting, in the connection task's
+/// place. The writer frames the event as its connection wants, and keeps what the socket did
+/// not take: the connection's task is then told to finish it before anything else
+/// ([`Outgoing::Unfinished`](super::Outgoing::Unfinished)).
+pub trait DirectWrite: Send + Sync + std::fmt::Debug {
+    /// Writes the SSE text `event` now, as much of it as the socket takes.
+    fn write_now(&self, event: &[u8]) -> WrittenNow;
+}
+
+/// How much of an event [`DirectWrite::write_now`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WrittenNow {
+    /// All of it.
+    All,
+    /// Part of it: the writer holds the rest until the connection's task finishes it.
+    Partly,
+    /// Nothing: the socket would have blocked, or failed.
+    Nothing,
+}
+
+/// An event as queued to every receiving connection: one allocation per event, shared.
+#[derive(Debug)]
+pub(super) struct QueuedEvent {
+    pub(super) endpoint: usize,
+    pub(super) id: StreamId,
+    pub(super) event: RenderedEvent,
+    /// When the hub queued it; a connection that takes it much later is cut off.
+    pub(super) queued_at: Instant,
+}
+
+/// What goes into a connection's queue: one pointer and a tag, so that a queue of many
+/// events stays small.
+#[derive(Debug, Clone)]
+pub(super) enum Frame {
+    Event(Arc<QueuedEvent>),
+    Raw(Arc<Bytes>),
+    /// A direct write the socket took in part, whose writer holds the rest; always first in
+    /// its queue.
+    Unfinished,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use futures_util::StreamExt;
+
+    use super::super::testing::{entry, hub, live, next_text};
+    use super::*;
+    use crate::hub::{Hub, Outgoing, Subscription};
+    use crate::sse;
+
+    /// Records what the hub writes in a connection task's place; the socket takes `taken`.
+    #[derive(Debug)]
+    struct Recorder {
+        written: Mutex<Vec<String>>,
+        taken: WrittenNow,
+    }
+
+    impl Recorder {
+        fn new(taken: WrittenNow) -> Arc<Self> {
+            Arc::new(Self {
+                written: Mutex::default(),
+                taken,
+            })
+        }
+
+        fn written(&self) -> Vec<String> {
+            self.written.lock().expect("not poisoned").clone()
+        }
+    }
+
+    impl DirectWrite for Recorder {
+        fn write_now(&self, event: &[u8]) -> WrittenNow {
+            let mut written = self.written.lock().expect("not poisoned");
+            written.push(String::from_utf8_lossy(event).into_owned());
+            self.taken
+        }
+    }
+
+    /// A connection of `orders` made live with a direct writer whose socket takes `taken`,
+    /// now waiting on its empty queue.
+    async fn live_and_waiting(taken: WrittenNow) -> (Arc<Hub>, Arc<Recorder>, Subscription) {
+        let hub = hub(8);
+        let recorder = Recorder::new(taken);
+        let mut client = hub.subscribe(live(vec![1]), None, None);
+        client.write_directly(Arc::clone(&recorder) as Arc<dyn DirectWrite>);
+        next_text(&mut client).await;
+        // The first live event goes through the queue, and makes the connection live.
+        hub.dispatch(&[(1, entry(10, "a"))]);
+        assert!(next_text(&mut client).await.starts_with("id: 10-0"));
+        assert!(
+            futures_util::FutureExt::now_or_never(client.next()).is_none(),
+            "waits on its queue"
+        );
+        (hub, recorder, client)
+    }
+
+    #[tokio::test]
+    async fn once_live_a_waiting_connection_s_events_are_written_in_its_place_in_order() {
+        let (hub, recorder, mut client) = live_and_waiting(WrittenNow::All).await;
+        hub.dispatch(&[(1, entry(11, "a"))]);
+        // A heartbeat wakes the task: what follows queues behind it, in order.
+        hub.broadcast(&sse::HEARTBEAT);
+        hub.dispatch(&[(1, entry(12, "a"))]);
+        let written = recorder.written();
+        assert_eq!(written.len(), 1);
+        assert!(written[0].starts_with("id: 11-0"), "{written:?}");
+        let queued = next_text(&mut client).await;
+        assert!(queued.starts_with(": heartbeat\n\n"), "{queued}");
+        assert!(queued.contains("id: 12-0"), "{queued}");
+        assert_eq!(hub.metrics().events_out.load(Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_direct_write_taken_in_part_is_finished_before_anything_else() {
+        let (hub, recorder, mut client) = live_and_waiting(WrittenNow::Partly).await;
+        hub.dispatch(&[(1, entry(11, "a"))]);
+        hub.dispatch(&[(1, entry(12, "a"))]);
+        assert_eq!(recorder.written().len(), 1, "the task no longer waits");
+        assert_eq!(client.next().await, Some(Outgoing::Unfinished));
+        assert!(next_text(&mut client).await.starts_with("id: 12-0"));
+    }
+}
