@@ -27,7 +27,7 @@ use crate::hub::{DirectWrite, Hub, Outgoing, Subscription, WrittenNow};
 use crate::limits::Slot;
 
 /// Longest request head; a longer one is refused with 431.
-pub const MAX_HEAD: usize = 16 * 1024;
+pub(crate) const MAX_HEAD: usize = 16 * 1024;
 /// Most header fields in a request head.
 const MAX_HEADERS: usize = 100;
 /// How long a client may take to send its request head.
@@ -42,7 +42,7 @@ const FIRST_READ: usize = 2048;
 
 /// What a stream connection needs: the hub, the token checks, the CORS allowlist.
 #[derive(Debug)]
-pub struct StreamService {
+pub(crate) struct StreamService {
     /// The hub connections subscribe to.
     pub hub: Arc<Hub>,
     /// Verifies tokens.
@@ -55,10 +55,11 @@ pub struct StreamService {
 
 /// Serves a connection that is not a stream request: hyper and warp, given the socket with
 /// the bytes read from it so far.
-pub type Fallback = Arc<dyn Fn(Prefixed) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+pub(crate) type Fallback =
+    Arc<dyn Fn(Prefixed) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// Serves one accepted connection to its end; `slot` is its share of the limits.
-pub async fn serve(
+pub(crate) async fn serve(
     mut socket: TcpStream,
     peer: SocketAddr,
     mut slot: Slot,
@@ -99,7 +100,7 @@ pub async fn serve(
 
 /// Answers a connection refused before its request was read, as far as the socket takes
 /// the answer at once; the caller closes it.
-pub fn refuse(socket: &TcpStream, refusal: &ApiError) {
+pub(crate) fn refuse(socket: &TcpStream, refusal: &ApiError) {
     let _ = socket.try_write(&error_response(refusal, None, false));
 }
 
@@ -604,7 +605,7 @@ fn position_after(
 
 /// A socket whose first bytes were already read: they are read again, then the socket.
 #[derive(Debug)]
-pub struct Prefixed {
+pub(crate) struct Prefixed {
     prefix: Vec<u8>,
     consumed: usize,
     socket: TcpStream,
@@ -612,7 +613,7 @@ pub struct Prefixed {
 
 impl Prefixed {
     /// `socket`, with `prefix` read from it already.
-    pub fn new(prefix: Vec<u8>, socket: TcpStream) -> Self {
+    pub(crate) fn new(prefix: Vec<u8>, socket: TcpStream) -> Self {
         Self {
             prefix,
             consumed: 0,

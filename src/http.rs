@@ -33,7 +33,7 @@ const RETRY_AFTER_SECS: u64 = 5;
 /// A request refused with a status and a stable error code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
-pub struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -43,7 +43,7 @@ impl warp::reject::Reject for ApiError {}
 
 impl ApiError {
     /// A refusal with `status` and a stable `code`.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -52,22 +52,22 @@ impl ApiError {
     }
 
     /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         self.status
     }
 
     /// The JSON body: `{"error":{"code":..,"message":..}}`.
-    pub fn body(&self) -> String {
+    pub(crate) fn body(&self) -> String {
         serde_json::json!({"error": {"code": self.code, "message": self.message}}).to_string()
     }
 
     /// The `Retry-After` seconds of a 503.
-    pub fn retry_after(&self) -> Option<u64> {
+    pub(crate) fn retry_after(&self) -> Option<u64> {
         (self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECS)
     }
 
     /// The `WWW-Authenticate` challenge of a 401.
-    pub fn challenge(&self) -> Option<String> {
+    pub(crate) fn challenge(&self) -> Option<String> {
         (self.status == StatusCode::UNAUTHORIZED).then(|| {
             format!(
                 "Bearer error=\"invalid_token\", error_description=\"{}\"",
@@ -142,7 +142,7 @@ impl ApiError {
 /// credentials; listed origins are echoed, and allowed credentials when the token may come
 /// in a cookie (the one credential a browser adds by itself).
 #[derive(Debug, Clone)]
-pub struct Cors {
+pub(crate) struct Cors {
     any: bool,
     origins: Vec<String>,
     credentials: bool,
@@ -150,7 +150,7 @@ pub struct Cors {
 
 /// The CORS fields of a response to an allowed origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowOrigin {
+pub(crate) struct AllowOrigin {
     /// `*`, or the request's origin.
     origin: HeaderValue,
     credentials: bool,
@@ -158,7 +158,7 @@ pub struct AllowOrigin {
 
 impl AllowOrigin {
     /// The header fields, in the order they are written.
-    pub fn fields(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
         let echoed = self.origin != "*";
         [
             Some((header::ACCESS_CONTROL_ALLOW_ORIGIN, self.origin.clone())),
@@ -181,7 +181,7 @@ static CORS_REFUSALS: LogThrottle = LogThrottle::new(Duration::from_secs(10));
 impl Cors {
     /// From the manifest's `cors_origins` (`*` allows any); `credentials` when the token
     /// may come in a cookie.
-    pub fn new(origins: &[String], credentials: bool) -> Self {
+    pub(crate) fn new(origins: &[String], credentials: bool) -> Self {
         Self {
             any: origins.iter().any(|origin| origin == "*"),
             origins: origins.to_vec(),
@@ -191,7 +191,7 @@ impl Cors {
 
     /// The CORS fields for a request from `origin`: none without an `Origin`, a refusal
     /// (logged, at a bounded rate, with the allowed list) for an origin not allowed.
-    pub fn allow(
+    pub(crate) fn allow(
         &self,
         origin: Option<&HeaderValue>,
         metrics: &Metrics,
@@ -300,7 +300,7 @@ impl Cors {
 
 /// What a stream request asks for, parsed from its path and query.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamRequest {
+pub(crate) struct StreamRequest {
     /// Which endpoints and keys.
     pub interest: Interest,
     /// Where to resume, from `Last-Event-ID` or `?last_event_id=`.
@@ -311,7 +311,7 @@ pub struct StreamRequest {
 /// `endpoint=` values), the raw query string, and the `Last-Event-ID` header. An endpoint
 /// name that `grant` does not open is refused before it is looked up, so that the refusal
 /// is the same whether the endpoint exists or not.
-pub fn parse_stream_request(
+pub(crate) fn parse_stream_request(
     hub: &Hub,
     grant: &Grant,
     path_endpoint: Option<&str>,
@@ -441,7 +441,7 @@ fn query_value(query: &str, name: &str) -> Option<String> {
 
 /// Authenticates, parses, authorizes and subscribes one stream request. The token is
 /// checked first, so that a caller without one learns nothing about the endpoints.
-pub async fn open_stream(
+pub(crate) async fn open_stream(
     hub: &Arc<Hub>,
     auth: &Authenticator,
     path_endpoint: Option<&str>,
@@ -489,7 +489,7 @@ fn get_or_head() -> impl Filter<Extract = (), Error = Rejection> + Copy {
 
 /// Every route of the server but the streams, and `static_files` (none in production).
 /// `/metrics` is among them unless `server.metrics_listener` moved it.
-pub fn routes(
+pub(crate) fn routes(
     hub: &Arc<Hub>,
     config: &ServerConfig,
     cors: Cors,
@@ -555,7 +555,7 @@ pub fn routes(
 }
 
 /// `/healthz`, `/readyz` and `/metrics`, for `server.metrics_listener`: no CORS, no files.
-pub fn probe_routes(
+pub(crate) fn probe_routes(
     hub: &Arc<Hub>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     probes(hub, true).recover(recover(hub)).unify()

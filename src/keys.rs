@@ -87,7 +87,7 @@ impl KeySet {
 }
 
 /// A connection's id in the hub.
-pub type ClientId = u64;
+pub(crate) type ClientId = u64;
 type GroupId = u64;
 
 /// A key of the index: the bytes of one key of a set, borrowed from that set.
@@ -172,7 +172,7 @@ struct Group<T> {
 /// group, so that the index has an entry per key and distinct set, not per connection:
 /// a connection whose keys another one has asked for already costs one map entry.
 #[derive(Debug)]
-pub struct KeyIndex<T> {
+pub(crate) struct KeyIndex<T> {
     groups: HashMap<GroupId, Group<T>>,
     group_of: HashMap<Arc<KeySet>, GroupId>,
     by_key: HashMap<KeyRef, Groups>,
@@ -193,7 +193,7 @@ impl<T> Default for KeyIndex<T> {
 impl<T> KeyIndex<T> {
     /// Adds `client` with `keys`; returns the set the index keeps for them (an equal one
     /// already kept, or `keys`), for the caller to keep instead of its own.
-    pub fn insert(&mut self, keys: &Arc<KeySet>, client: ClientId, value: T) -> Arc<KeySet> {
+    pub(crate) fn insert(&mut self, keys: &Arc<KeySet>, client: ClientId, value: T) -> Arc<KeySet> {
         if let Some(group) = self
             .group_of
             .get(&**keys)
@@ -227,7 +227,7 @@ impl<T> KeyIndex<T> {
     }
 
     /// Removes `client`, added with `keys`; returns its value.
-    pub fn remove(&mut self, keys: &KeySet, client: ClientId) -> Option<T> {
+    pub(crate) fn remove(&mut self, keys: &KeySet, client: ClientId) -> Option<T> {
         let id = *self.group_of.get(keys)?;
         let group = self.groups.get_mut(&id)?;
         let value = group.members.remove(&client)?;
@@ -260,7 +260,7 @@ impl<T> KeyIndex<T> {
     }
 
     /// The connections that asked for `key`, each once.
-    pub fn receivers<'a>(&'a self, key: &[u8]) -> impl Iterator<Item = (ClientId, &'a T)> {
+    pub(crate) fn receivers<'a>(&'a self, key: &[u8]) -> impl Iterator<Item = (ClientId, &'a T)> {
         self.by_key
             .get(key)
             .map_or(&[][..], Groups::as_slice)
@@ -270,7 +270,7 @@ impl<T> KeyIndex<T> {
     }
 
     /// How many connections asked for `key`.
-    pub fn count(&self, key: &[u8]) -> usize {
+    pub(crate) fn count(&self, key: &[u8]) -> usize {
         self.by_key
             .get(key)
             .map_or(&[][..], Groups::as_slice)
@@ -281,14 +281,15 @@ impl<T> KeyIndex<T> {
     }
 
     /// Every connection, each once.
-    pub fn all(&self) -> impl Iterator<Item = (ClientId, &T)> {
+    pub(crate) fn all(&self) -> impl Iterator<Item = (ClientId, &T)> {
         self.groups
             .values()
             .flat_map(|group| group.members.iter().map(|(&client, value)| (client, value)))
     }
 
-    /// Whether it holds no connection.
-    pub fn is_empty(&self) -> bool {
+    /// Whether it holds no connection: the tests check that leaving empties it.
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.groups.is_empty() && self.by_key.is_empty() && self.group_of.is_empty()
     }
 }

@@ -8,21 +8,21 @@
 //!                        Streams)  per key)   wire format)
 //! ```
 //!
-//! - [`auth`]: JWT verification and what a token opens.
+//! - `auth`: JWT verification and what a token opens.
 //! - [`config`]: the manifest every binary reads, validated at start.
 //! - [`envelope`]: a Kafka record as clients see it, encoded once.
 //! - [`consumer`]: consumer-group members that publish records to the bus (needs `kafka`).
 //! - [`bus`]: the link between consumers and servers: Redis Streams, or in process.
 //! - [`hub`]: a server's fan-out from the bus to its connections: a folder with a file per
 //!   job — outlet (a connection's queue), index (by endpoint and key), feed, subscription.
-//! - [`keys`]: key filters, stored once per distinct set, and the index by key.
-//! - [`queue`]: a connection's bounded queue, from the hub to its task.
+//! - `keys`: key filters, stored once per distinct set, and the index by key.
+//! - `queue`: a connection's bounded queue, from the hub to its task.
 //! - [`replay`]: reading back what a resuming client missed, and noticing gaps.
 //! - [`sse`]: the bytes on the wire: events, heartbeats, resume ids.
-//! - [`http`]: what a stream request asks for and may have, the other routes, CORS, JSON errors.
-//! - [`connection`]: one TCP connection: stream responses written straight to the socket.
-//! - [`limits`]: how many connections a server holds, and descriptors kept for health checks.
-//! - [`metrics`]: the counters behind `/metrics`.
+//! - `http`: what a stream request asks for and may have, the other routes, CORS, JSON errors.
+//! - `connection`: one TCP connection: stream responses written straight to the socket.
+//! - `limits`: how many connections a server holds, and descriptors kept for health checks.
+//! - `metrics`: the counters behind `/metrics`.
 //! - [`server`]: wires bus, hub and routes into a running server with graceful drain.
 //! - [`process`]: logging and shutdown signals, shared by the binaries.
 //! - `backoff`: the delays between retries, doubling with jitter, for every retry loop.
@@ -33,26 +33,26 @@
 //!
 //! The binaries in `src/bin` are thin: they parse arguments and call into these modules.
 
-pub mod auth;
+mod auth;
 mod backoff;
 #[cfg(feature = "kafka")]
 pub mod bench;
 pub mod bus;
 mod clock;
 pub mod config;
-pub mod connection;
+mod connection;
 #[cfg(feature = "kafka")]
 pub mod consumer;
 #[cfg(feature = "kafka")]
 pub mod dev;
 pub mod envelope;
-pub mod http;
+mod http;
 pub mod hub;
-pub mod keys;
-pub mod limits;
-pub mod metrics;
+mod keys;
+mod limits;
+mod metrics;
 pub mod process;
-pub mod queue;
+mod queue;
 pub mod replay;
 pub mod server;
 pub mod setup;

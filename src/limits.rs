@@ -31,7 +31,7 @@ static REFUSALS: LogThrottle = LogThrottle::new(Duration::from_secs(10));
 
 /// The limits of one server and what is open against them.
 #[derive(Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     max_streams: usize,
     per_address: Option<usize>,
     per_subject: Option<usize>,
@@ -64,7 +64,7 @@ enum Limit {
 impl Limits {
     /// From the manifest's `server` section and the process's open-file limit (raised to its
     /// hard limit first).
-    pub fn new(config: &ServerConfig, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(config: &ServerConfig, metrics: Arc<Metrics>) -> Self {
         Self::with_nofile(config, open_file_limit(), metrics)
     }
 
@@ -113,7 +113,7 @@ impl Limits {
 
     /// A descriptor for a socket just accepted; when all are taken, the oldest socket still
     /// sending its head is given up for it, and only when there is none is it refused.
-    pub fn accept(self: &Arc<Self>) -> Result<Slot, ApiError> {
+    pub(crate) fn accept(self: &Arc<Self>) -> Result<Slot, ApiError> {
         let mut state = self.state();
         if state.sockets >= self.max_sockets {
             match state.waiting.pop_first() {
@@ -163,7 +163,7 @@ impl Limits {
 
 /// One accepted socket's share of the limits, given back when it is dropped.
 #[derive(Debug)]
-pub struct Slot {
+pub(crate) struct Slot {
     limits: Arc<Limits>,
     id: u64,
     /// Set while the request head is being read.
@@ -175,7 +175,7 @@ pub struct Slot {
 
 impl Slot {
     /// Resolves when this socket, still sending its head, is given up for a newer one.
-    pub fn given_up(&self) -> impl Future<Output = ()> + use<> {
+    pub(crate) fn given_up(&self) -> impl Future<Output = ()> + use<> {
         let notify = self.given_up.clone();
         async move {
             match notify {
@@ -186,7 +186,7 @@ impl Slot {
     }
 
     /// The request head has arrived: the socket is no longer given up for newer ones.
-    pub fn head_read(&mut self) {
+    pub(crate) fn head_read(&mut self) {
         if self.given_up.take().is_some() {
             self.limits.state().waiting.remove(&self.id);
         }
@@ -194,7 +194,7 @@ impl Slot {
 
     /// Counts this socket as a stream from `address`, or refuses it at the global or the
     /// per-address limit.
-    pub fn admit_stream(&mut self, address: IpAddr) -> Result<(), ApiError> {
+    pub(crate) fn admit_stream(&mut self, address: IpAddr) -> Result<(), ApiError> {
         let limits = &self.limits;
         let mut state = limits.state();
         if state.streams >= limits.max_streams {
@@ -222,7 +222,7 @@ impl Slot {
     }
 
     /// Counts this stream against its token's subject, or refuses it at that limit.
-    pub fn admit_subject(&mut self, subject: &str) -> Result<(), ApiError> {
+    pub(crate) fn admit_subject(&mut self, subject: &str) -> Result<(), ApiError> {
         let Some(limit) = self.limits.per_subject else {
             return Ok(());
         };

@@ -148,7 +148,7 @@ impl Metrics {
 /// lines on stdout that the awslogs driver turns into the metric `Fjord/OpenConnections`
 /// with the dimensions `ClusterName` and `ServiceName`. Autoscaling tracks its average.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EmfTarget {
+pub(crate) struct EmfTarget {
     /// The ECS cluster.
     pub cluster: String,
     /// The ECS service.
@@ -158,7 +158,7 @@ pub struct EmfTarget {
 impl EmfTarget {
     /// From `FJORD_EMF_CLUSTER` and `FJORD_EMF_SERVICE`, which `fjord-deploy` sets; `None`
     /// when the service is not named.
-    pub fn from_env() -> Option<Self> {
+    pub(crate) fn from_env() -> Option<Self> {
         let service = std::env::var("FJORD_EMF_SERVICE")
             .ok()
             .filter(|s| !s.is_empty())?;
@@ -167,7 +167,7 @@ impl EmfTarget {
     }
 
     /// One EMF line for `open_connections` at `timestamp_ms`.
-    pub fn line(&self, open_connections: i64, timestamp_ms: u64) -> String {
+    pub(crate) fn line(&self, open_connections: i64, timestamp_ms: u64) -> String {
         serde_json::json!({
             "_aws": {
                 "Timestamp": timestamp_ms,
@@ -189,7 +189,7 @@ impl EmfTarget {
         clippy::print_stdout,
         reason = "EMF lines go to stdout, where the log driver reads them"
     )]
-    pub async fn run(self, metrics: Arc<Metrics>, interval: Duration) {
+    pub(crate) async fn run(self, metrics: Arc<Metrics>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         loop {
             ticker.tick().await;

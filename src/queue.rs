@@ -12,7 +12,7 @@ const KEEP_SLOTS: usize = 16;
 
 /// What a direct delivery did with an item.
 #[derive(Debug)]
-pub enum Delivery<T> {
+pub(crate) enum Delivery<T> {
     /// Delivered whole: nothing to queue.
     Done,
     /// Delivered in part: this is queued instead.
@@ -23,7 +23,7 @@ pub enum Delivery<T> {
 
 /// Why an item was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushError {
+pub(crate) enum PushError {
     /// The queue holds its capacity.
     Full,
     /// The queue was closed.
@@ -32,7 +32,7 @@ pub enum PushError {
 
 /// A bounded queue with one consumer task.
 #[derive(Debug)]
-pub struct Queue<T> {
+pub(crate) struct Queue<T> {
     state: Mutex<State<T>>,
     capacity: usize,
 }
@@ -47,7 +47,7 @@ struct State<T> {
 
 impl<T> Queue<T> {
     /// An empty queue that holds at most `capacity` items.
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self {
             state: Mutex::new(State {
                 items: VecDeque::new(),
@@ -64,7 +64,7 @@ impl<T> Queue<T> {
     }
 
     /// Queues `item` and wakes the consumer.
-    pub fn push(&self, item: T) -> Result<(), PushError> {
+    pub(crate) fn push(&self, item: T) -> Result<(), PushError> {
         self.push_or_deliver(item, |_| Delivery::Refused)
     }
 
@@ -72,7 +72,7 @@ impl<T> Queue<T> {
     /// the item next and do nothing else meanwhile, so delivering in its place keeps the
     /// order — and queues it (or what `deliver` left of it) otherwise. `deliver` runs under
     /// the queue's lock: nothing is queued or taken while it runs.
-    pub fn push_or_deliver(
+    pub(crate) fn push_or_deliver(
         &self,
         item: T,
         deliver: impl FnOnce(&T) -> Delivery<T>,
@@ -104,7 +104,7 @@ impl<T> Queue<T> {
     }
 
     /// Refuses further items; the consumer still gets those queued, then the end.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let waker = {
             let mut state = self.lock();
             state.closed = true;
@@ -116,12 +116,12 @@ impl<T> Queue<T> {
     }
 
     /// Whether the queue was closed.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.lock().closed
     }
 
     /// Closes the queue and drops what it holds.
-    pub fn close_and_clear(&self) {
+    pub(crate) fn close_and_clear(&self) {
         let dropped = {
             let mut state = self.lock();
             state.closed = true;
@@ -131,7 +131,7 @@ impl<T> Queue<T> {
     }
 
     /// The next item; `None` once the queue is closed and empty.
-    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+    pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let mut state = self.lock();
         if let Some(item) = Self::pop(&mut state) {
             return Poll::Ready(Some(item));
@@ -147,7 +147,7 @@ impl<T> Queue<T> {
     }
 
     /// The next item, if one is queued and `wanted` accepts it.
-    pub fn try_next_if(&self, wanted: impl FnOnce(&T) -> bool) -> Option<T> {
+    pub(crate) fn try_next_if(&self, wanted: impl FnOnce(&T) -> bool) -> Option<T> {
         let mut state = self.lock();
         if !state.items.front().is_some_and(wanted) {
             return None;

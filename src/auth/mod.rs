@@ -18,11 +18,11 @@ use serde::Deserialize;
 
 use crate::config::{AuthConfig, JwtAlgorithm, JwtConfig, ManifestError};
 use crate::keys::KeySet;
-pub use token::{TokenSources, find_token};
+pub(crate) use token::{TokenSources, find_token};
 
 /// Why a request's token was refused (401).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     /// No token where the manifest allows one.
     #[error("no token: send Authorization: Bearer <token>{0}")]
     Missing(&'static str),
@@ -61,7 +61,7 @@ pub enum AuthError {
 
 impl AuthError {
     /// The stable code clients see.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             Self::Missing(_) => "token_missing",
             Self::Malformed(_) => "token_malformed",
@@ -80,7 +80,7 @@ impl AuthError {
 
 /// A request beyond what its token allows (403).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Forbidden {
+pub(crate) enum Forbidden {
     /// The endpoint is not in the token's claim.
     #[error("the token does not open endpoint {0:?}")]
     Endpoint(String),
@@ -91,7 +91,7 @@ pub enum Forbidden {
 
 /// What a verified token allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
+pub(crate) struct Grant {
     /// The endpoints it opens; `None` for all.
     pub endpoints: Option<Vec<String>>,
     /// The only record keys it may see; `None` for all.
@@ -105,7 +105,7 @@ pub struct Grant {
 
 impl Grant {
     /// Everything, for ever: auth disabled.
-    pub fn everything() -> Self {
+    pub(crate) fn everything() -> Self {
         Self {
             endpoints: None,
             keys: None,
@@ -117,7 +117,7 @@ impl Grant {
     /// Checks that the token opens the endpoint named `endpoint`, whether or not such an
     /// endpoint exists: asked before the name is looked up, so that the answer does not
     /// tell a narrow token which endpoints exist.
-    pub fn open(&self, endpoint: &str) -> Result<(), Forbidden> {
+    pub(crate) fn open(&self, endpoint: &str) -> Result<(), Forbidden> {
         match &self.endpoints {
             Some(allowed) if !allowed.iter().any(|a| a == endpoint || a == "*") => {
                 Err(Forbidden::Endpoint(endpoint.to_owned()))
@@ -128,7 +128,7 @@ impl Grant {
 
     /// Narrows `keys` (the request's filter) to the pinned keys: a request may narrow what
     /// the token allows, never widen it.
-    pub fn narrow_keys(&self, keys: Option<KeySet>) -> Result<Option<KeySet>, Forbidden> {
+    pub(crate) fn narrow_keys(&self, keys: Option<KeySet>) -> Result<Option<KeySet>, Forbidden> {
         match (&self.keys, keys) {
             (None, keys) => Ok(keys),
             (Some(pinned), None) => Ok(Some(pinned.clone())),
@@ -205,7 +205,7 @@ struct Key {
 
 /// Verifies tokens. Built once at start, from the manifest; cheap to share.
 #[derive(Clone)]
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     jwt: Option<Arc<JwtVerifier>>,
     sources: TokenSources,
 }
@@ -230,7 +230,7 @@ struct JwtVerifier {
 
 impl Authenticator {
     /// Loads keys and secrets named by the manifest; fails on a key that does not parse.
-    pub async fn new(config: &AuthConfig) -> Result<Self, ManifestError> {
+    pub(crate) async fn new(config: &AuthConfig) -> Result<Self, ManifestError> {
         let AuthConfig::Jwt(jwt) = config else {
             tracing::warn!("auth is disabled by the manifest: every endpoint is open to anyone");
             return Ok(Self {
@@ -261,12 +261,12 @@ impl Authenticator {
     }
 
     /// Where tokens may come from.
-    pub fn sources(&self) -> &TokenSources {
+    pub(crate) fn sources(&self) -> &TokenSources {
         &self.sources
     }
 
     /// Verifies the request's token, if auth is on, and returns what it allows.
-    pub async fn grant(&self, token: Option<&str>) -> Result<Grant, AuthError> {
+    pub(crate) async fn grant(&self, token: Option<&str>) -> Result<Grant, AuthError> {
         let Some(verifier) = &self.jwt else {
             return Ok(Grant::everything());
         };

@@ -7,7 +7,7 @@ use http::header::{AUTHORIZATION, COOKIE};
 
 /// Where a token may come from, besides the `Authorization` header.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TokenSources {
+pub(crate) struct TokenSources {
     /// The cookie that may carry the token.
     pub cookie: Option<String>,
     /// Whether `?access_token=` is accepted.
@@ -27,7 +27,7 @@ impl TokenSources {
 }
 
 /// The token of a request: the header wins, then the cookie, then the query's token.
-pub fn find_token<'a>(
+pub(crate) fn find_token<'a>(
     headers: &'a HeaderMap,
     query_token: Option<&'a str>,
     sources: &TokenSources,
