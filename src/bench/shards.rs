@@ -51,7 +51,7 @@ pub struct ShardRun {
     pub primaries: usize,
     /// Endpoints on each primary.
     pub endpoints_per_primary: Vec<usize>,
-    /// Publishers, batches of how many records.
+    /// Publishers, one partition and one endpoint each.
     pub publishers: usize,
     /// Records per batch.
     pub batch: usize,
@@ -748,4 +748,30 @@ async fn time_entries(
         p99_ms: histogram.quantile_ms(0.99),
         max_ms: histogram.max_ms(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_free_block_is_free_and_below_the_ephemeral_range() {
+        let base = free_block(8, 0).expect("a free block");
+        assert!((21_000..30_000 - 8).contains(&base), "{base}");
+        for port in base..base + 8 {
+            assert!(
+                std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+                "{port}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_script_is_found_from_the_repository() {
+        assert!(
+            script()
+                .expect("the script")
+                .ends_with("ci/redis-cluster.sh")
+        );
+    }
 }
