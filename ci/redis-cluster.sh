@@ -98,6 +98,9 @@ logfile $dir/redis.log
 cluster-enabled yes
 cluster-config-file nodes.conf
 cluster-port $(bus_port "$port")
+# A node alone in its cluster (one primary, no replica) learns no address of its own and
+# says "" in CLUSTER SLOTS; announced, it names itself like any other node.
+cluster-announce-ip $HOST
 # A primary is failed after 1 s, so a failover test waits seconds, not the default 15 s.
 cluster-node-timeout 1000
 # Any replica may take over, however long it was cut off: tests kill nodes at will.

@@ -6,8 +6,9 @@
 //! [`crate::bus`], or to Kafka end to end), and reads the servers' CPU time and resident
 //! memory from `/proc`. The floor is a bare non-blocking write loop doing the same fan-out,
 //! measured by the same workers in the same run. The ingest scenario instead times one
-//! `fjord-consumer` through a Kafka backlog, with Redis behind a delaying proxy. Not part of
-//! the test suite.
+//! `fjord-consumer` through a Kafka backlog, with Redis behind a delaying proxy; the shards
+//! and replica-lag scenarios measure the bus alone, on local Redis Clusters that they start
+//! and stop themselves. Not part of the test suite.
 
 mod delay;
 mod floor;
@@ -15,6 +16,7 @@ mod histogram;
 mod ingest;
 mod report;
 mod scenario;
+mod shards;
 mod worker;
 
 use std::path::PathBuf;
@@ -23,6 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use histogram::Histogram;
 pub use ingest::IngestRun;
 pub use scenario::{Outcome, Scenario};
+pub use shards::{Latency, ReplicaLag, ShardRun};
 pub use worker::{Target, WorkerReport, WorkerSpec};
 
 /// The `fjord bench` subcommands.
@@ -40,7 +43,7 @@ pub enum BenchCommand {
         #[arg(long)]
         tiny: bool,
         /// Only these scenarios (repeatable): idle, floor, fanout, floor-1k, fanout-1k, keyed,
-        /// overload, e2e, scale, ingest.
+        /// overload, e2e, scale, ingest, shards, replica-lag.
         #[arg(long = "only")]
         only: Vec<String>,
         /// The command line to print in the report.
@@ -51,7 +54,8 @@ pub enum BenchCommand {
     },
     /// Runs one scenario with the given load and prints its outcome as JSON.
     Run {
-        /// idle, floor, fanout, floor-1k, fanout-1k, keyed, overload, e2e, scale or ingest.
+        /// idle, floor, fanout, floor-1k, fanout-1k, keyed, overload, e2e, scale, ingest,
+        /// shards or replica-lag.
         scenario: String,
         /// Connections in all.
         #[arg(long)]

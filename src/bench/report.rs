@@ -145,6 +145,25 @@ pub(crate) fn targets(results: &Results) -> Vec<(String, String, String)> {
             verdict(at_1ms.records_per_sec >= 50_000.0).into(),
         ));
     }
+    if let Some(shards) = find(results, "shards")
+        && let (Some(one), Some(three)) = (
+            shards.shards.iter().find(|run| run.primaries == 1),
+            shards.shards.iter().find(|run| run.primaries == 3),
+        )
+    {
+        let ratio = three.records_per_sec / one.records_per_sec.max(1e-9);
+        rows.push((
+            "issue 13: three shards carry measurably more than one (≥ 1.2×)".into(),
+            format!(
+                "{:.0} records/s on 1 primary, {:.0} on 3 ({ratio:.2}×); readers {:.0} → {:.0} entries/s",
+                one.records_per_sec,
+                three.records_per_sec,
+                one.entries_per_sec,
+                three.entries_per_sec
+            ),
+            verdict(ratio >= 1.2).into(),
+        ));
+    }
     if let (Some(keyed), Some(fanout)) = (find(results, "keyed"), find(results, "fanout")) {
         let ratio = keyed.cpu_us_per_record / fanout.cpu_us_per_record.max(1e-9);
         rows.push((
@@ -185,7 +204,7 @@ pub(crate) fn section(results: &Results, command: &str) -> String {
         outcome
             .load
             .as_ref()
-            .is_none_or(|load| load.kind != Kind::Ingest)
+            .is_none_or(|load| load.kind.has_connections())
     }) {
         let load = outcome.load.as_ref();
         let _ = writeln!(
@@ -237,6 +256,72 @@ pub(crate) fn section(results: &Results, command: &str) -> String {
             );
         }
     }
+    let shards: Vec<_> = results
+        .outcomes
+        .iter()
+        .flat_map(|outcome| &outcome.shards)
+        .collect();
+    if !shards.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nShards: the bus alone on a local Redis Cluster; publishers send batches as fast as it takes them, then the same with readers of every endpoint. Cores are CPU time over the window.\n\n\
+             | primaries | endpoints per primary | publishers × batch | records/s | Redis cores per primary | loadgen cores | readers | records/s with readers | entries/s to readers | Redis cores per primary | loadgen cores |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        let cores = |cores: &[f64]| {
+            cores
+                .iter()
+                .map(|core| format!("{core:.2}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        for run in shards {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} × {} | {:.0} | {} | {:.2} | {} | {:.0} | {:.0} | {} | {:.2} |",
+                run.primaries,
+                run.endpoints_per_primary
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                run.publishers,
+                run.batch,
+                run.records_per_sec,
+                cores(&run.redis_cores),
+                run.loadgen_cores,
+                run.readers,
+                run.read_phase_records_per_sec,
+                run.entries_per_sec,
+                cores(&run.read_phase_redis_cores),
+                run.read_phase_loadgen_cores,
+            );
+        }
+    }
+    if let Some(lag) = results
+        .outcomes
+        .iter()
+        .find_map(|outcome| outcome.replica_lag.as_ref())
+    {
+        let _ = writeln!(
+            out,
+            "\nReplica lag: one primary and one replica, {:.0} records/s published one at a time, read from each.\n\n\
+             | read from | entries | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|",
+            lag.rate
+        );
+        for (name, latency) in [("primary", &lag.primary), ("replica", &lag.replica)] {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {:.2} | {:.2} | {:.1} |",
+                latency.entries, latency.p50_ms, latency.p99_ms, latency.max_ms
+            );
+        }
+        let _ = writeln!(
+            out,
+            "| replica − primary | | {:+.2} | {:+.2} | |",
+            lag.replica.p50_ms - lag.primary.p50_ms,
+            lag.replica.p99_ms - lag.primary.p99_ms
+        );
+    }
     for outcome in results
         .outcomes
         .iter()
@@ -269,8 +354,8 @@ pub(crate) fn rewrite_markdown(
 
 #[cfg(test)]
 mod tests {
-    use super::super::IngestRun;
     use super::super::scenario::{Machine, Scenario};
+    use super::super::{IngestRun, Latency, ReplicaLag, ShardRun};
     use super::*;
 
     #[test]
@@ -318,5 +403,79 @@ mod tests {
         assert!(target.contains("50,000"));
         assert!(measured.starts_with("700 records/s"), "{measured}");
         assert_eq!(verdict, "**not met**");
+    }
+
+    #[test]
+    fn shards_and_replica_lag_get_tables_and_the_shards_target() {
+        let run = |primaries: usize, records_per_sec: f64| ShardRun {
+            primaries,
+            endpoints_per_primary: vec![12 / primaries; primaries],
+            publishers: 12,
+            batch: 256,
+            secs: 10.0,
+            records_per_sec,
+            redis_cores: vec![0.5; primaries],
+            loadgen_cores: 0.4,
+            readers: 4,
+            read_phase_records_per_sec: records_per_sec / 2.0,
+            entries_per_sec: records_per_sec * 2.0,
+            read_phase_redis_cores: vec![0.6; primaries],
+            read_phase_loadgen_cores: 0.9,
+        };
+        let latency = |p50_ms: f64| Latency {
+            entries: 20_000,
+            p50_ms,
+            p99_ms: p50_ms * 4.0,
+            max_ms: 30.0,
+        };
+        let results = Results {
+            date: "2026-11-30T10:00:00Z".into(),
+            machine: Machine {
+                nproc: 2,
+                cpu: "test".into(),
+                ram_gib: 1.0,
+                kernel: "test".into(),
+            },
+            tiny: false,
+            outcomes: vec![
+                Outcome {
+                    scenario: "shards".into(),
+                    load: Scenario::standard("shards", false),
+                    shards: vec![run(1, 100_000.0), run(3, 150_000.0)],
+                    ..Outcome::default()
+                },
+                Outcome {
+                    scenario: "replica-lag".into(),
+                    load: Scenario::standard("replica-lag", false),
+                    replica_lag: Some(ReplicaLag {
+                        rate: 1_000.0,
+                        records: 20_000,
+                        primary: latency(0.5),
+                        replica: latency(0.75),
+                    }),
+                    ..Outcome::default()
+                },
+            ],
+        };
+        let text = section(&results, "ci/bench.sh");
+        assert!(
+            text.contains("| 3 | 4 / 4 / 4 | 12 × 256 | 150000 | 0.50 / 0.50 / 0.50 | 0.40 | 4 | 75000 | 300000 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| replica | 20000 | 0.75 | 3.00 | 30.0 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| replica − primary | | +0.25 | +1.00 | |"),
+            "{text}"
+        );
+        assert!(!text.contains("| shards |"), "{text}");
+        let (_, measured, verdict) = targets(&results)
+            .into_iter()
+            .find(|(target, _, _)| target.contains("three shards"))
+            .expect("the shards target");
+        assert!(measured.contains("(1.50×)"), "{measured}");
+        assert_eq!(verdict, "**met**");
     }
 }

@@ -16,6 +16,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use super::histogram::Histogram;
 use super::ingest::IngestRun;
+use super::shards::{ReplicaLag, ShardRun};
 use super::worker::{Target, WorkerReport, WorkerSpec};
 use super::{Services, cpu_ticks, event_envelope, now_us, rss_kib, ticks_per_second};
 use crate::bus::Publication;
@@ -41,6 +42,18 @@ pub enum Kind {
     EndToEnd,
     /// One fjord-consumer member through a Kafka backlog into Redis, no server.
     Ingest,
+    /// The bus alone on local Redis Clusters of one and of three primaries.
+    Shards,
+    /// The bus alone on one primary and its replica, read from each.
+    ReplicaLag,
+}
+
+impl Kind {
+    /// Whether the scenario opens client connections (and so has a row in the
+    /// connections table).
+    pub fn has_connections(self) -> bool {
+        matches!(self, Self::Server | Self::Floor | Self::EndToEnd)
+    }
 }
 
 /// One scenario's load.
@@ -157,16 +170,45 @@ impl Scenario {
                 rtt_ms: vec![0.0, 0.1, 1.0],
                 ..base
             },
+            // Issue 13: three shards carry measurably more than one.
+            "shards" => Self {
+                kind: Kind::Shards,
+                connections: 0,
+                rate: 0.0,
+                warmup_secs: 2,
+                measure_secs: 10,
+                ..base
+            },
+            // Issue 13: the lag that reading from replicas adds.
+            "replica-lag" => Self {
+                kind: Kind::ReplicaLag,
+                connections: 0,
+                rate: 1_000.0,
+                warmup_secs: 2,
+                measure_secs: 20,
+                ..base
+            },
             _ => return None,
         };
         if !tiny {
             return Some(full);
         }
-        if full.kind == Kind::Ingest {
-            return Some(Self {
-                records: 1_000,
-                ..full
-            });
+        match full.kind {
+            Kind::Ingest => {
+                return Some(Self {
+                    records: 1_000,
+                    ..full
+                });
+            }
+            Kind::Shards | Kind::ReplicaLag => {
+                return Some(Self {
+                    rate: full.rate.min(200.0),
+                    warmup_secs: 1,
+                    measure_secs: 1,
+                    ..full
+                });
+            }
+            Kind::Server | Kind::Floor | Kind::EndToEnd => {}
         }
         Some(Self {
             connections: (full.connections / 100).max(60),
@@ -181,7 +223,7 @@ impl Scenario {
 }
 
 /// Every standard scenario, in the order they run.
-pub(crate) const ALL: [&str; 10] = [
+pub(crate) const ALL: [&str; 12] = [
     "idle",
     "floor",
     "fanout",
@@ -192,6 +234,8 @@ pub(crate) const ALL: [&str; 10] = [
     "e2e",
     "scale",
     "ingest",
+    "shards",
+    "replica-lag",
 ];
 
 /// What one scenario measured.
@@ -251,12 +295,22 @@ pub struct Outcome {
     /// The ingest scenario's figures, one per round trip.
     #[serde(default)]
     pub ingest: Vec<IngestRun>,
+    /// The shards scenario's figures, one per cluster shape.
+    #[serde(default)]
+    pub shards: Vec<ShardRun>,
+    /// The replica-lag scenario's figures.
+    #[serde(default)]
+    pub replica_lag: Option<ReplicaLag>,
 }
 
 impl Outcome {
     /// Whether the scenario ran without problems and measured something.
     pub fn ran_cleanly(&self) -> bool {
-        self.errors.is_empty() && (self.connected > 0 || !self.ingest.is_empty())
+        self.errors.is_empty()
+            && (self.connected > 0
+                || !self.ingest.is_empty()
+                || !self.shards.is_empty()
+                || self.replica_lag.is_some())
     }
 }
 
@@ -622,7 +676,7 @@ fn worker_specs(
 }
 
 /// Publishes at `rate` until `stop`; counts into `published`.
-async fn publish_to_bus(
+pub(super) async fn publish_to_bus(
     manifest: Manifest,
     rate: f64,
     keys: Option<u64>,
@@ -749,6 +803,9 @@ pub(crate) async fn run(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcom
     match scenario.kind {
         // No connections: one consumer and Redis.
         Kind::Ingest => return super::ingest::run(env, scenario).await,
+        // No connections: the bus alone, on clusters of its own.
+        Kind::Shards => return super::shards::run(scenario).await,
+        Kind::ReplicaLag => return super::shards::replica_lag(env, scenario).await,
         Kind::Floor => {
             let port = free_port()?;
             let mut command = Command::new(&env.me);
@@ -840,8 +897,8 @@ pub(crate) async fn run(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcom
     let published = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = match scenario.kind {
-        // The floor makes its own events (and ingest returned above).
-        Kind::Floor | Kind::Ingest => {
+        // The floor makes its own events (and the bus-only scenarios returned above).
+        Kind::Floor | Kind::Ingest | Kind::Shards | Kind::ReplicaLag => {
             if let Some(floor) = &mut floor {
                 floor.say(&format!("go {}", scenario.rate)).await;
             }
