@@ -358,6 +358,21 @@ mod tests {
     use super::super::{IngestRun, Latency, ReplicaLag, ShardRun};
     use super::*;
 
+    /// A run on a made-up machine with these outcomes.
+    fn results_of(outcomes: Vec<Outcome>) -> Results {
+        Results {
+            date: "2026-11-30T10:00:00Z".into(),
+            machine: Machine {
+                nproc: 2,
+                cpu: "test".into(),
+                ram_gib: 1.0,
+                kernel: "test".into(),
+            },
+            tiny: false,
+            outcomes,
+        }
+    }
+
     #[test]
     fn ingest_runs_get_their_own_table_and_the_1ms_target() {
         let run = |rtt_ms: f64, records_per_sec: f64| IngestRun {
@@ -369,22 +384,12 @@ mod tests {
             consumer_cpu_us_per_record: 58.7,
             ..IngestRun::default()
         };
-        let results = Results {
-            date: "2026-11-30T09:29:00Z".into(),
-            machine: Machine {
-                nproc: 2,
-                cpu: "test".into(),
-                ram_gib: 1.0,
-                kernel: "test".into(),
-            },
-            tiny: false,
-            outcomes: vec![Outcome {
-                scenario: "ingest".into(),
-                load: Scenario::standard("ingest", false),
-                ingest: vec![run(0.0, 9_590.0), run(1.0, 700.0)],
-                ..Outcome::default()
-            }],
-        };
+        let results = results_of(vec![Outcome {
+            scenario: "ingest".into(),
+            load: Scenario::standard("ingest", false),
+            ingest: vec![run(0.0, 9_590.0), run(1.0, 700.0)],
+            ..Outcome::default()
+        }]);
         let text = section(&results, "ci/bench.sh");
         assert!(
             text.contains("| 1 | 1.050 (1.100) | 200000 | 700 | 58.7 |"),
@@ -428,35 +433,25 @@ mod tests {
             p99_ms: p50_ms * 4.0,
             max_ms: 30.0,
         };
-        let results = Results {
-            date: "2026-11-30T10:00:00Z".into(),
-            machine: Machine {
-                nproc: 2,
-                cpu: "test".into(),
-                ram_gib: 1.0,
-                kernel: "test".into(),
+        let results = results_of(vec![
+            Outcome {
+                scenario: "shards".into(),
+                load: Scenario::standard("shards", false),
+                shards: vec![run(1, 100_000.0), run(3, 150_000.0)],
+                ..Outcome::default()
             },
-            tiny: false,
-            outcomes: vec![
-                Outcome {
-                    scenario: "shards".into(),
-                    load: Scenario::standard("shards", false),
-                    shards: vec![run(1, 100_000.0), run(3, 150_000.0)],
-                    ..Outcome::default()
-                },
-                Outcome {
-                    scenario: "replica-lag".into(),
-                    load: Scenario::standard("replica-lag", false),
-                    replica_lag: Some(ReplicaLag {
-                        rate: 1_000.0,
-                        records: 20_000,
-                        primary: latency(0.5),
-                        replica: latency(0.75),
-                    }),
-                    ..Outcome::default()
-                },
-            ],
-        };
+            Outcome {
+                scenario: "replica-lag".into(),
+                load: Scenario::standard("replica-lag", false),
+                replica_lag: Some(ReplicaLag {
+                    rate: 1_000.0,
+                    records: 20_000,
+                    primary: latency(0.5),
+                    replica: latency(0.75),
+                }),
+                ..Outcome::default()
+            },
+        ]);
         let text = section(&results, "ci/bench.sh");
         assert!(
             text.contains("| 3 | 4 / 4 / 4 | 12 × 256 | 150000 | 0.50 / 0.50 / 0.50 | 0.40 | 4 | 75000 | 300000 |"),
