@@ -55,9 +55,9 @@ export "CC_${target//-/_}=musl-gcc" "CFLAGS_${target//-/_}=-isystem $include" "C
 
 start=$SECONDS
 log "cargo build --release --target $target: fjord, fjord-consumer…"
-cargo build --release --locked --target "$target" -p fjord --bin fjord --bin fjord-consumer
-log "cargo build --release --target $target: fjord-server without librdkafka…"
-cargo build --release --locked --target "$target" -p fjord --no-default-features --bin fjord-server
+cargo build --release --locked --target "$target" -p fjord-cli -p fjord-consumer
+log "cargo build --release --target $target: fjord-server…"
+cargo build --release --locked --target "$target" -p fjord --bin fjord-server
 log "built in $((SECONDS - start)) s"
 
 binaries=(fjord fjord-consumer fjord-server)

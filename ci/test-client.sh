@@ -2,7 +2,7 @@
 # The JavaScript client (client/, @fjord/client): installs its locked dev dependencies
 # (npm ci, from the ~/.npm cache when it has them; its `prepare` builds dist/), runs the
 # build, the type check and the vitest suite (with `require` and `import` of the built package
-# and its size budget), checks that src/dev/fjord-client.js (the bundle that `fjord dev`
+# and its size budget), checks that src/cli/dev/fjord-client.js (the bundle that `fjord dev`
 # embeds) matches the fresh build, and installs the package from its folder and from a git
 # repository into throwaway apps. Needs Node 20+, npm and git; exits non-zero on failure. The
 # browser tests are ci/test-browser.sh.

@@ -1,7 +1,8 @@
-# The workspace built with crane: one dependency build shared by the packages and the
-# checks, a second one without the `kafka` feature for the server (which must not link
-# librdkafka), the images, the deploy tool wrapped to find them, and the dev shell. On a
-# Mac only the deploy tool is built here; its images come from the Linux package set.
+# The workspace built with crane: one dependency build shared by the consumer, the CLI and
+# the checks, one of the server's own (the `fjord` crate: no librdkafka, no CLI, so fewer
+# crates and features than the workspace's), the images, the deploy tool wrapped to find
+# them, and the dev shell. On a Mac only the deploy tool is built here; its images come from
+# the Linux package set.
 {
   pkgs,
   crane,
@@ -29,7 +30,7 @@ let
     pname = "fjord";
     version = "0.1.0";
     strictDeps = true;
-    # librdkafka (the consumer's `kafka` feature) is built by rdkafka-sys with CMake, with
+    # librdkafka (fjord-consumer's and fjord-cli's) is built by rdkafka-sys with CMake, with
     # OpenSSL (perl runs its Configure), zlib and zstd from vendored sources: no system
     # library is linked. ci/sandbox-build.sh rehearses this build without /usr/bin/env,
     # with the headers of the Debian packages that stand for these buildInputs, and these
@@ -45,16 +46,21 @@ let
     buildInputs = [ pkgs.curl ] ++ lib.optionals isDarwin [ pkgs.libiconv ];
   };
 
-  cargoArtifacts = craneLib.buildDepsOnly common;
+  # `--workspace`: the top's default members leave the deploy tool out.
+  cargoArtifacts = craneLib.buildDepsOnly (common // { cargoExtraArgs = "--locked --workspace"; });
+  # The server's dependencies only: its tests (whose dev-dependencies include librdkafka, to
+  # produce records) run in the checks, on the workspace's build.
   serverArtifacts = craneLib.buildDepsOnly (
     common
     // {
       pname = "fjord-server";
-      cargoExtraArgs = "--locked -p fjord --no-default-features";
+      cargoExtraArgs = "--locked -p fjord --bin fjord-server";
+      cargoCheckExtraArgs = "";
+      doCheck = false;
     }
   );
 
-  # fjord-deploy needs the `fjord` library without librdkafka. On Linux it shares the
+  # fjord-deploy needs only the manifest's types (`fjord-config`). On Linux it shares the
   # workspace's dependency build; on a Mac, where nothing else is built, its own build
   # keeps librdkafka and OpenSSL out.
   deployArtifacts =
@@ -88,18 +94,18 @@ let
   fjord-server = binary {
     pname = "fjord-server";
     artifacts = serverArtifacts;
-    cargoExtraArgs = "--locked -p fjord --no-default-features --bin fjord-server";
+    cargoExtraArgs = "--locked -p fjord --bin fjord-server";
   };
   fjord-consumer = binary {
     pname = "fjord-consumer";
     artifacts = cargoArtifacts;
-    cargoExtraArgs = "--locked -p fjord --bin fjord-consumer";
+    cargoExtraArgs = "--locked -p fjord-consumer";
   };
-  # The developer CLI (`fjord dev`, `setup`, `token`, `check`), for the dev image.
+  # The developer CLI (`fjord dev`, `setup`, `token`, `check`, `bench`), for the dev image.
   fjord = binary {
     pname = "fjord";
     artifacts = cargoArtifacts;
-    cargoExtraArgs = "--locked -p fjord --bin fjord";
+    cargoExtraArgs = "--locked -p fjord-cli";
   };
   fjord-deploy = binary {
     pname = "fjord-deploy";
@@ -135,14 +141,6 @@ let
       // {
         inherit cargoArtifacts;
         cargoClippyExtraArgs = "--workspace --all-targets -- --deny warnings";
-      }
-    );
-    clippy-server = craneLib.cargoClippy (
-      common
-      // {
-        cargoArtifacts = serverArtifacts;
-        cargoExtraArgs = "--locked -p fjord --no-default-features";
-        cargoClippyExtraArgs = "--lib --bin fjord-server -- --deny warnings";
       }
     );
     # Unit tests; the integration tests need Kafka, Redis, moto and a registry, which

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 /// Retry delays: doubling, capped, with jitter.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     first: Duration,
     max: Duration,
     next: Duration,
 }
 
 impl Backoff {
-    pub(crate) const fn new(first: Duration, max: Duration) -> Self {
+    pub const fn new(first: Duration, max: Duration) -> Self {
         Self {
             first,
             max,
@@ -22,14 +22,14 @@ impl Backoff {
     }
 
     /// How long to wait before the next try; the one after waits about twice as long.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let delay = self.next;
         self.next = (self.next * 2).min(self.max);
         delay.mul_f64(0.5 + fastrand::f64() / 2.0)
     }
 
     /// Starts over from the first delay, after a success.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.next = self.first;
     }
 }

@@ -5,7 +5,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| {
@@ -14,6 +14,6 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Seconds since the Unix epoch.
-pub(crate) fn now_secs() -> u64 {
+pub fn now_secs() -> u64 {
     now_ms() / 1000
 }

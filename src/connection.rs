@@ -22,9 +22,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::auth::Authenticator;
-use crate::http::{AllowOrigin, ApiError, Cors, open_stream};
+use crate::cors::{AllowOrigin, Cors};
 use crate::hub::{DirectWrite, Hub, Outgoing, Subscription, WrittenNow};
 use crate::limits::Slot;
+use crate::request::{ApiError, open_stream};
 
 /// Longest request head; a longer one is refused with 431.
 pub(crate) const MAX_HEAD: usize = 16 * 1024;
@@ -283,7 +284,7 @@ async fn open(
         Ok(allow_origin) => {
             let address = client_address(peer, &request.headers, service.trust_forwarded_for);
             let opened = match slot.admit_stream(address) {
-                Err(refusal) => Err(refusal),
+                Err(refusal) => Err(refusal.into()),
                 Ok(()) => {
                     open_stream(
                         &service.hub,

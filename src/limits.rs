@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use http::StatusCode;
 use tokio::sync::Notify;
 
 use crate::config::ServerConfig;
-use crate::http::ApiError;
 use crate::metrics::Metrics;
 use crate::process::LogThrottle;
 
@@ -113,7 +111,7 @@ impl Limits {
 
     /// A descriptor for a socket just accepted; when all are taken, the oldest socket still
     /// sending its head is given up for it, and only when there is none is it refused.
-    pub(crate) fn accept(self: &Arc<Self>) -> Result<Slot, ApiError> {
+    pub(crate) fn accept(self: &Arc<Self>) -> Result<Slot, LimitReached> {
         let mut state = self.state();
         if state.sockets >= self.max_sockets {
             match state.waiting.pop_first() {
@@ -142,7 +140,7 @@ impl Limits {
         })
     }
 
-    fn refuse(&self, limit: Limit, message: String) -> ApiError {
+    fn refuse(&self, limit: Limit, message: String) -> LimitReached {
         let (counter, name): (&AtomicU64, &str) = match limit {
             Limit::Global => (&self.metrics.refused_global, "global"),
             Limit::Address => (&self.metrics.refused_per_address, "address"),
@@ -153,13 +151,15 @@ impl Limits {
         if let Some(held_back) = REFUSALS.admit() {
             tracing::warn!(limit = name, held_back, "{message}");
         }
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            message,
-        )
+        LimitReached(message)
     }
 }
+
+/// A connection refused at one of the limits (a 503 `too_many_connections` to the client,
+/// with `Retry-After`): the message says which limit and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct LimitReached(pub(crate) String);
 
 /// One accepted socket's share of the limits, given back when it is dropped.
 #[derive(Debug)]
@@ -194,7 +194,7 @@ impl Slot {
 
     /// Counts this socket as a stream from `address`, or refuses it at the global or the
     /// per-address limit.
-    pub(crate) fn admit_stream(&mut self, address: IpAddr) -> Result<(), ApiError> {
+    pub(crate) fn admit_stream(&mut self, address: IpAddr) -> Result<(), LimitReached> {
         let limits = &self.limits;
         let mut state = limits.state();
         if state.streams >= limits.max_streams {
@@ -222,7 +222,7 @@ impl Slot {
     }
 
     /// Counts this stream against its token's subject, or refuses it at that limit.
-    pub(crate) fn admit_subject(&mut self, subject: &str) -> Result<(), ApiError> {
+    pub(crate) fn admit_subject(&mut self, subject: &str) -> Result<(), LimitReached> {
         let Some(limit) = self.limits.per_subject else {
             return Ok(());
         };
@@ -340,7 +340,7 @@ mod tests {
         assert!(stream(one).is_err(), "a third from one address");
         let mut third = stream(two).expect("from another address");
         let error = stream(two).expect_err("over the global limit");
-        assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(error.0.contains("limit of 3 streams"), "{error}");
         drop(second);
         assert!(stream(one).is_ok(), "room again");
 
@@ -375,7 +375,7 @@ mod tests {
             .expect("the oldest is told");
         slots.remove(0);
         let refused = limits.accept().expect_err("nothing left to give up");
-        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(refused.0.contains("file descriptor"), "{refused}");
         assert_eq!(limits.metrics.refused_descriptors.load(Relaxed), 1);
         drop(newest);
         assert!(limits.accept().is_ok());

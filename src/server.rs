@@ -20,7 +20,8 @@ use crate::bus::{Bus, BusError};
 use crate::config::ManifestError;
 use crate::config::{AuthConfig, Manifest};
 use crate::connection::{self, Fallback, Prefixed, StreamService};
-use crate::http::{Cors, StaticFile};
+use crate::cors::Cors;
+pub use crate::http::StaticFile;
 use crate::hub::Hub;
 use crate::limits::Limits;
 use crate::metrics::{EmfTarget, Metrics};
@@ -166,7 +167,7 @@ pub async fn serve(
             Ok(slot) => slot,
             Err(refusal) => {
                 metrics.requests_refused.fetch_add(1, Relaxed);
-                connection::refuse(&socket, &refusal);
+                connection::refuse(&socket, &refusal.into());
                 continue;
             }
         };

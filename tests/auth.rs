@@ -14,7 +14,7 @@ use common::*;
 use warp::Filter;
 
 fn fjord(args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_fjord"))
+    Command::new(workspace_binary("fjord"))
         .args(args)
         .current_dir(dir)
         .output()
@@ -182,7 +182,7 @@ fn cli_results_are_plain_output_and_a_failure_is_one_line() {
     );
 
     std::fs::write(dir.path().join("broken.json"), "{").expect("write");
-    let broken = Command::new(env!("CARGO_BIN_EXE_fjord"))
+    let broken = Command::new(workspace_binary("fjord"))
         .args(["check", "broken.json"])
         .current_dir(dir.path())
         .env("RUST_BACKTRACE", "1")
@@ -192,7 +192,7 @@ fn cli_results_are_plain_output_and_a_failure_is_one_line() {
     let stderr = String::from_utf8_lossy(&broken.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("error: broken.json"), "{stderr}");
-    let verbose = Command::new(env!("CARGO_BIN_EXE_fjord"))
+    let verbose = Command::new(workspace_binary("fjord"))
         .args(["check", "broken.json", "--verbose"])
         .current_dir(dir.path())
         .env("RUST_BACKTRACE", "1")

@@ -14,7 +14,7 @@ async fn a_hundred_drop_and_resume_cycles_lose_nothing() {
     let port = free_port();
     let port_text = port.to_string();
     let _dev = Process::start(
-        env!("CARGO_BIN_EXE_fjord"),
+        &workspace_binary("fjord"),
         &["dev", "--host", "127.0.0.1", "--port", &port_text],
         &[],
     );

@@ -339,7 +339,7 @@ async fn a_malformed_manifest_fails_with_its_path_before_binding() {
     let (_dir, path) = write_manifest(&manifest);
     for binary in [
         env!("CARGO_BIN_EXE_fjord-server"),
-        env!("CARGO_BIN_EXE_fjord-consumer"),
+        &workspace_binary("fjord-consumer"),
     ] {
         let mut process =
             Process::start(binary, &["--manifest", path.to_str().expect("utf-8")], &[]);

@@ -229,7 +229,7 @@ async fn refused_credentials_stop_the_process_naming_user_and_variable() {
     let redis = TlsRedis::start();
     let mut manifest = tls_manifest(&services, &redis, "unused-topic", free_port());
     let server = env!("CARGO_BIN_EXE_fjord-server");
-    let consumer = env!("CARGO_BIN_EXE_fjord-consumer");
+    let consumer = &workspace_binary("fjord-consumer");
 
     let (_dir, path) = write_manifest(&manifest);
     for binary in [server, consumer] {
@@ -395,7 +395,7 @@ async fn fjord_dev_streams_through_a_tls_redis() {
     let url = redis.url();
     // The password comes from the variable `fjord dev` reads by default.
     let _dev = Process::start(
-        env!("CARGO_BIN_EXE_fjord"),
+        &workspace_binary("fjord"),
         &[
             "dev",
             "--port",

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use fjord::config::{Manifest, ManifestError};
+use fjord_config::{Manifest, ManifestError};
 use serde::{Deserialize, Serialize};
 
 /// Environment variables that the deploy sets itself; the manifest may not map them.
@@ -1006,7 +1006,7 @@ mod tests {
     const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
 
     fn example() -> Value {
-        serde_json::from_str(fjord::config::EXAMPLE).unwrap()
+        serde_json::from_str(fjord_config::EXAMPLE).unwrap()
     }
 
     fn error_of(value: &Value) -> String {
@@ -1018,7 +1018,7 @@ mod tests {
     #[test]
     fn shipped_example_deploys() {
         let deployment =
-            Deployment::parse(fjord::config::EXAMPLE, Path::new("manifest.json")).unwrap();
+            Deployment::parse(fjord_config::EXAMPLE, Path::new("manifest.json")).unwrap();
         assert_eq!(deployment.deploy.services.server.autoscaling.max_count, 20);
         assert_eq!(deployment.deploy.secrets.len(), 2);
         let runtime: Value = serde_json::from_str(&deployment.runtime_manifest).unwrap();
@@ -1306,7 +1306,7 @@ mod tests {
             "{error}"
         );
         // The complete example reads for bootstrap too: it names every part.
-        let full = Blueprint::parse(fjord::config::EXAMPLE, Path::new("m.json")).unwrap();
+        let full = Blueprint::parse(fjord_config::EXAMPLE, Path::new("m.json")).unwrap();
         assert_eq!(full.deploy.network.subnets.len(), 2);
     }
 

@@ -752,7 +752,7 @@ mod tests {
     #[test]
     fn names_follow_the_deployment() {
         let deployment =
-            Deployment::parse(fjord::config::EXAMPLE, Path::new("manifest.json")).unwrap();
+            Deployment::parse(fjord_config::EXAMPLE, Path::new("manifest.json")).unwrap();
         assert!(named_like(&deployment, "fjord-server"));
         assert!(named_like(&deployment, "fjord-consumer-orders"));
         assert!(!named_like(&deployment, "fjord-server-old"));

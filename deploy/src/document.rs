@@ -276,9 +276,9 @@ mod tests {
 
     #[test]
     fn the_shipped_example_round_trips() {
-        let doc = Json::parse(fjord::config::EXAMPLE).unwrap();
+        let doc = Json::parse(fjord_config::EXAMPLE).unwrap();
         let again: serde_json::Value = serde_json::from_str(&doc.pretty()).unwrap();
-        let original: serde_json::Value = serde_json::from_str(fjord::config::EXAMPLE).unwrap();
+        let original: serde_json::Value = serde_json::from_str(fjord_config::EXAMPLE).unwrap();
         assert_eq!(again, original);
         assert_eq!(Json::parse(&doc.pretty()).unwrap(), doc);
     }

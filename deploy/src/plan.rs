@@ -20,7 +20,7 @@ use aws_sdk_ecs::types::{
     LogConfiguration, LogDriver, NetworkConfiguration, OsFamily, PortMapping, RuntimePlatform,
     Secret, TransportProtocol, Ulimit, UlimitName,
 };
-use fjord::config::Process;
+use fjord_config::Process;
 use serde::Serialize;
 
 use crate::archive::sha256;
@@ -625,7 +625,7 @@ mod tests {
 
     fn example() -> (Deployment, Plan) {
         let deployment =
-            Deployment::parse(fjord::config::EXAMPLE, Path::new("manifest.json")).unwrap();
+            Deployment::parse(fjord_config::EXAMPLE, Path::new("manifest.json")).unwrap();
         let plan = Plan::new(&deployment, SERVER_IMAGE, CONSUMER_IMAGE);
         (deployment, plan)
     }

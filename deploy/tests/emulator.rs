@@ -495,7 +495,7 @@ impl Fixture {
         let name = unique(prefix);
         let cluster = format!("{name}-cluster");
         let aws = Aws::fresh(&cluster).await;
-        let mut manifest: Value = serde_json::from_str(fjord::config::EXAMPLE).unwrap();
+        let mut manifest: Value = serde_json::from_str(fjord_config::EXAMPLE).unwrap();
         let deploy = &mut manifest["deploy"];
         deploy["region"] = json!(REGION);
         deploy["cluster"] = json!(cluster);
@@ -1950,7 +1950,7 @@ impl Empty {
 /// The shipped example as a new user has it before bootstrap: no network, roles,
 /// cluster, target group or Redis secret yet.
 fn empty_account_manifest(name: &str) -> Value {
-    let mut manifest: Value = serde_json::from_str(fjord::config::EXAMPLE).unwrap();
+    let mut manifest: Value = serde_json::from_str(fjord_config::EXAMPLE).unwrap();
     let deploy = manifest["deploy"].as_object_mut().unwrap();
     for field in ["cluster", "network", "roles", "logs"] {
         deploy.remove(field);

@@ -17,12 +17,12 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
 use crate::config::{AuthConfig, JwtAlgorithm, JwtConfig, ManifestError};
-use crate::keys::KeySet;
+pub use crate::keys::KeySet;
 pub(crate) use token::{TokenSources, find_token};
 
 /// Why a request's token was refused (401).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum AuthError {
+pub enum AuthError {
     /// No token where the manifest allows one.
     #[error("no token: send Authorization: Bearer <token>{0}")]
     Missing(&'static str),
@@ -91,7 +91,7 @@ pub(crate) enum Forbidden {
 
 /// What a verified token allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Grant {
+pub struct Grant {
     /// The endpoints it opens; `None` for all.
     pub endpoints: Option<Vec<String>>,
     /// The only record keys it may see; `None` for all.
@@ -205,7 +205,7 @@ struct Key {
 
 /// Verifies tokens. Built once at start, from the manifest; cheap to share.
 #[derive(Clone)]
-pub(crate) struct Authenticator {
+pub struct Authenticator {
     jwt: Option<Arc<JwtVerifier>>,
     sources: TokenSources,
 }
@@ -230,7 +230,7 @@ struct JwtVerifier {
 
 impl Authenticator {
     /// Loads keys and secrets named by the manifest; fails on a key that does not parse.
-    pub(crate) async fn new(config: &AuthConfig) -> Result<Self, ManifestError> {
+    pub async fn new(config: &AuthConfig) -> Result<Self, ManifestError> {
         let AuthConfig::Jwt(jwt) = config else {
             tracing::warn!("auth is disabled by the manifest: every endpoint is open to anyone");
             return Ok(Self {
@@ -266,7 +266,7 @@ impl Authenticator {
     }
 
     /// Verifies the request's token, if auth is on, and returns what it allows.
-    pub(crate) async fn grant(&self, token: Option<&str>) -> Result<Grant, AuthError> {
+    pub async fn grant(&self, token: Option<&str>) -> Result<Grant, AuthError> {
         let Some(verifier) = &self.jwt else {
             return Ok(Grant::everything());
         };

@@ -472,7 +472,7 @@ impl Manifest {
 /// swaps them can sign tokens that open every endpoint.
 fn check_jwks_url(url: &str) -> Result<(), ManifestError> {
     const PATH: &str = "$.auth.jwks_url";
-    let parsed = reqwest::Url::parse(url)
+    let parsed = url::Url::parse(url)
         .map_err(|error| ManifestError::invalid(PATH, format!("{url:?} is not a URL: {error}")))?;
     require(
         parsed.username().is_empty() && parsed.password().is_none(),

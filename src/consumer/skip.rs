@@ -14,8 +14,8 @@ use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{MemberContext, Routes, client_config, until_accepted};
-use crate::bus::{Bus, SkippedRecords};
-use crate::config::{ConsumerGroupConfig, KafkaConfig, OffsetReset};
+use fjord::bus::{Bus, SkippedRecords};
+use fjord::config::{ConsumerGroupConfig, KafkaConfig, OffsetReset};
 
 /// The error codes with which librdkafka reports a batch it cannot read at all: a corrupt
 /// or undecodable payload, an unknown codec or format. librdkafka fetches the same batch

@@ -323,7 +323,7 @@ mod tests {
         );
         // The same on resume.
         let mut resumed = hub.subscribe(
-            crate::http::parse_stream_request(
+            crate::request::parse_stream_request(
                 &hub,
                 &crate::auth::Grant::everything(),
                 Some("orders"),
@@ -344,7 +344,7 @@ mod tests {
 
     /// A live connection to `orders` with the key filters of `query`.
     fn subscribe_query(hub: &Arc<Hub>, query: &str) -> Subscription {
-        let request = crate::http::parse_stream_request(
+        let request = crate::request::parse_stream_request(
             hub,
             &crate::auth::Grant::everything(),
             Some("orders"),

@@ -283,6 +283,26 @@ pub fn write_manifest(manifest: &serde_json::Value) -> (tempfile::TempDir, PathB
     (dir, path)
 }
 
+/// A binary of another package of the workspace (`fjord` of `fjord-cli`, `fjord-consumer`):
+/// cargo sets `CARGO_BIN_EXE_*` only for the tested package's own, so it is looked up beside
+/// this test, in `target/<profile>/`. `cargo test` at the top builds them all (the workspace's
+/// default members), as `ci/test.sh` runs it.
+pub fn workspace_binary(name: &str) -> String {
+    let test = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let folder = test
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let binary = folder.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} is not built: run the tests with `cargo test` at the top of the workspace, or `cargo build --bins` first",
+        binary.display()
+    );
+    binary.to_str().expect("a UTF-8 target path").to_owned()
+}
+
 /// A running binary of this crate, killed when dropped; its stderr is kept for assertions.
 pub struct Process {
     name: String,
@@ -326,6 +346,7 @@ impl Process {
         }
     }
 
+    /// `fjord-server`, the binary of the package these tests belong to.
     pub fn server(manifest: &Path) -> Self {
         Self::start(
             env!("CARGO_BIN_EXE_fjord-server"),
@@ -336,7 +357,7 @@ impl Process {
 
     pub fn consumer(manifest: &Path, envs: &[(&str, &str)]) -> Self {
         Self::start(
-            env!("CARGO_BIN_EXE_fjord-consumer"),
+            &workspace_binary("fjord-consumer"),
             &["--manifest", manifest.to_str().unwrap()],
             envs,
         )

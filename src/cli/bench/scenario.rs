@@ -19,9 +19,9 @@ use super::ingest::IngestRun;
 use super::shards::{ReplicaLag, ShardRun};
 use super::worker::{Target, WorkerReport, WorkerSpec};
 use super::{Services, cpu_ticks, event_envelope, now_us, rss_kib, ticks_per_second};
-use crate::bus::Publication;
-use crate::config::Manifest;
-use crate::envelope::Envelope;
+use fjord::bus::Publication;
+use fjord::config::Manifest;
+use fjord::envelope::Envelope;
 
 /// Most connections one worker process opens (this machine allows 20,000 open files).
 const MAX_PER_WORKER: usize = 15_000;
@@ -683,7 +683,7 @@ pub(super) async fn publish_to_bus(
     published: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let bus = crate::bus::connect_redis(&manifest.redis).await?;
+    let bus = fjord::bus::connect_redis(&manifest.redis).await?;
     let endpoints: Vec<_> = manifest
         .endpoints
         .iter()

@@ -27,13 +27,13 @@ use tokio::sync::mpsc;
 
 use self::batches::{InFlight, Publisher};
 use self::skip::{Skipper, UNREADABLE, unreadable};
-use crate::backoff::Backoff;
-use crate::bus::{Bus, BusError};
-use crate::config::{
+use fjord::backoff::Backoff;
+use fjord::bus::{Bus, BusError};
+use fjord::config::{
     ConsumerGroupConfig, EndpointName, KafkaConfig, KafkaSecurity, Manifest, ManifestError,
     OffsetReset, Retention,
 };
-use crate::envelope::{Envelope, RecordParts};
+use fjord::envelope::{Envelope, RecordParts};
 
 /// Why a consumer stopped.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,7 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, ManifestError>
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", kafka.brokers.join(","));
     let mut sasl = |mechanism: &str,
-                    credentials: &crate::config::SaslCredentials|
+                    credentials: &fjord::config::SaslCredentials|
      -> Result<(), ManifestError> {
         let protocol = if credentials.tls {
             "sasl_ssl"

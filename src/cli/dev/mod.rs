@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
 
-use crate::bus::{Bus, BusError};
-use crate::config::{Manifest, ManifestError, OffsetReset};
-use crate::consumer::ConsumerError;
-use crate::http::StaticFile;
-use crate::server::ServerError;
 use crate::setup::{self, SetupError, TokenRequest};
+use fjord::bus::{Bus, BusError};
+use fjord::config::{Manifest, ManifestError, OffsetReset};
+use fjord::server::ServerError;
+use fjord::server::StaticFile;
+use fjord_consumer::ConsumerError;
 
 /// What `fjord dev` serves besides the streams: the demo page at `/`, and the JavaScript
 /// client it imports (built from `client/`; `ci/test-client.sh` keeps the copy fresh).
@@ -360,10 +360,10 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         group.offset_reset = OffsetReset::Earliest;
     }
     let bus = match &options.redis {
-        Some(_) => crate::bus::connect_redis(&manifest.redis).await?,
-        None => Bus::Memory(crate::bus::memory::MemoryBus::new()),
+        Some(_) => fjord::bus::connect_redis(&manifest.redis).await?,
+        None => Bus::Memory(fjord::bus::memory::MemoryBus::new()),
     };
-    let bound = crate::server::bind(&manifest).await?;
+    let bound = fjord::server::bind(&manifest).await?;
     let address = bound.local_addr().map_err(|source| ServerError::Bind {
         address: std::net::SocketAddr::new(options.host, options.port),
         source,
@@ -384,7 +384,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     let group = manifest.consumer_groups[0].clone();
     let consumer = {
         let (manifest, bus, stop) = (manifest.clone(), bus.clone(), stopped(stop_rx.clone()));
-        tokio::spawn(async move { crate::consumer::run(&manifest, &group, &bus, stop).await })
+        tokio::spawn(async move { fjord_consumer::run(&manifest, &group, &bus, stop).await })
     };
     let producer = options.demo_producer.then(|| {
         let (manifest, stop) = (manifest.clone(), stopped(stop_rx.clone()));
@@ -392,10 +392,10 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     });
     let server = {
         let (manifest, bus, stop) = (manifest.clone(), bus.clone(), stopped(stop_rx.clone()));
-        tokio::spawn(async move { crate::server::serve(&manifest, &bus, bound, files, stop).await })
+        tokio::spawn(async move { fjord::server::serve(&manifest, &bus, bound, files, stop).await })
     };
 
-    crate::process::shutdown_signal().await;
+    fjord::process::shutdown_signal().await;
     let _ = stop_tx.send(true);
     if let Some(producer) = producer {
         flatten(producer.await)?;
@@ -500,8 +500,8 @@ fn announce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Authenticator;
-    use crate::config::StartPosition;
+    use fjord::auth::Authenticator;
+    use fjord::config::StartPosition;
 
     #[tokio::test]
     async fn auth_keys_sign_the_token_the_manifest_verifies_and_a_folder_keeps_them() {

@@ -50,6 +50,6 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let bus = fjord::bus::connect_redis(&manifest.redis)
         .await
         .context("connecting to redis")?;
-    fjord::consumer::run(&manifest, group, &bus, fjord::process::shutdown_signal()).await?;
+    fjord_consumer::run(&manifest, group, &bus, fjord::process::shutdown_signal()).await?;
     Ok(())
 }

@@ -21,9 +21,9 @@ use super::scenario::{
     Env, Outcome, Scenario, create_topic, free_port, manifest, server_command, unique,
 };
 use super::{cpu_ticks, now_us, ticks_per_second};
-use crate::bus::StreamId;
-use crate::bus::redis::stream_key;
-use crate::config::Manifest;
+use fjord::bus::StreamId;
+use fjord::bus::redis::stream_key;
+use fjord::config::Manifest;
 
 /// How often the stream's length is looked at.
 const POLL: Duration = Duration::from_millis(2);

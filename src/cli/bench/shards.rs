@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use super::histogram::Histogram;
 use super::scenario::{Env, Outcome, Scenario, free_port, manifest, publish_to_bus, unique};
 use super::{cpu_ticks, event_envelope, now_us, ticks_per_second};
-use crate::bus::{Batch, Bus, BusReader, EntryKind};
-use crate::config::{EndpointName, Manifest, RedisConfig, Retention};
-use crate::envelope::Envelope;
+use fjord::bus::{Batch, Bus, BusReader, EntryKind};
+use fjord::config::{EndpointName, Manifest, RedisConfig, Retention};
+use fjord::envelope::Envelope;
 
 /// Endpoints the shards scenario publishes to, spread evenly over the primaries.
 const ENDPOINTS: usize = 12;
@@ -426,7 +426,7 @@ async fn run_shards(
     primaries: usize,
 ) -> anyhow::Result<ShardRun> {
     let prefix = unique("bench-shards");
-    let bus = crate::bus::connect_redis(&cluster.redis_config(&prefix, "primary")?).await?;
+    let bus = fjord::bus::connect_redis(&cluster.redis_config(&prefix, "primary")?).await?;
     let owners = cluster.slot_owners().await?;
     let mut primary_ports: Vec<i64> = owners.iter().map(|&(_, _, port)| port).collect();
     primary_ports.sort_unstable();
@@ -535,7 +535,7 @@ async fn spread_endpoints(
         }
         let name = EndpointName::try_from(format!("shard-{candidate}"))
             .map_err(|error| anyhow::anyhow!(error))?;
-        let key = crate::bus::redis::stream_key(prefix, &name);
+        let key = fjord::bus::redis::stream_key(prefix, &name);
         let slot: i64 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(&key)
@@ -654,7 +654,7 @@ pub(crate) async fn replica_lag(env: &Env, scenario: &Scenario) -> anyhow::Resul
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     for read_from in ["primary", "replica"] {
-        let bus = crate::bus::connect_redis(&cluster.redis_config(&prefix, read_from)?).await?;
+        let bus = fjord::bus::connect_redis(&cluster.redis_config(&prefix, read_from)?).await?;
         let reader = bus.reader(endpoints.clone()).await?;
         readers.push(tokio::spawn(time_entries(
             reader,

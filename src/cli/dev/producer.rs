@@ -12,8 +12,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
 use super::DevError;
-use crate::config::Manifest;
-use crate::consumer::client_config;
+use fjord::config::Manifest;
+use fjord_consumer::client_config;
 
 const RESTAURANTS: [&str; 6] = [
     "Nonna's Pizza",
@@ -93,7 +93,7 @@ fn between((low, high): (f64, f64)) -> f64 {
 }
 
 fn now_ms() -> i64 {
-    i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX)
+    i64::try_from(fjord::clock::now_ms()).unwrap_or(i64::MAX)
 }
 
 struct Simulation {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fjord::config::Manifest;
-use fjord::dev::{DevAuth, DevOptions, DevRedis};
+use fjord_cli::dev::{DevAuth, DevOptions, DevRedis};
 
 /// Fjord: a real-time API proxy for Kafka.
 #[derive(Debug, Parser)]
@@ -73,13 +73,13 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
         /// The private key.
-        #[arg(long, default_value = fjord::setup::PRIVATE_KEY_FILE)]
+        #[arg(long, default_value = fjord_cli::setup::PRIVATE_KEY_FILE)]
         private_key: PathBuf,
         /// `iss`.
-        #[arg(long, default_value = fjord::setup::DEFAULT_ISSUER)]
+        #[arg(long, default_value = fjord_cli::setup::DEFAULT_ISSUER)]
         issuer: String,
         /// `aud`.
-        #[arg(long, default_value = fjord::setup::DEFAULT_AUDIENCE)]
+        #[arg(long, default_value = fjord_cli::setup::DEFAULT_AUDIENCE)]
         audience: String,
         /// `kid` in the header.
         #[arg(long, default_value = "fjord-setup")]
@@ -96,7 +96,7 @@ enum Command {
     /// Load generator and standard benchmark scenarios (see BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
-        command: fjord::bench::BenchCommand,
+        command: fjord_cli::bench::BenchCommand,
     },
 }
 
@@ -133,7 +133,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             auth,
             keys,
         } => {
-            fjord::dev::run(DevOptions {
+            fjord_cli::dev::run(DevOptions {
                 host,
                 port,
                 kafka,
@@ -152,7 +152,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await?;
         }
         Command::Setup { dir } => {
-            let outcome = fjord::setup::setup(&dir)?;
+            let outcome = fjord_cli::setup::setup(&dir)?;
             for path in &outcome.written {
                 say!("wrote {}", path.display());
             }
@@ -173,7 +173,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             audience,
             key_id,
         } => {
-            let request = fjord::setup::TokenRequest {
+            let request = fjord_cli::setup::TokenRequest {
                 subject: sub,
                 endpoints,
                 keys,
@@ -182,14 +182,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 audience,
                 key_id: Some(key_id),
             };
-            let token = fjord::setup::mint(&private_key, &request)?;
+            let token = fjord_cli::setup::mint(&private_key, &request)?;
             say!("{token}");
         }
         Command::Check { manifest } => {
             Manifest::load(&manifest)?;
             say!("{} is valid", manifest.display());
         }
-        Command::Bench { command } => fjord::bench::run(command).await?,
+        Command::Bench { command } => fjord_cli::bench::run(command).await?,
         Command::Schema => say!("{}", fjord::config::SCHEMA),
     }
     Ok(())

@@ -1,0 +1,665 @@
+//! A stream request: what it asks for (endpoints, key filters, where to resume) and whether
+//! it may have it (token, grant, the per-subject limit), and the JSON error with the fitting
+//! status that refuses it. Requests are parsed and checked here; a bad one is answered with a
+//! clear error, never a panic or a 500. The connection module reads the request and writes
+//! the stream.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use warp::reply::Response;
+
+use crate::auth::{AuthError, Authenticator, Forbidden, Grant, find_token};
+use crate::hub::{Hub, Interest, Subscription};
+use crate::keys::KeySet;
+use crate::limits::{LimitReached, Slot};
+use crate::sse::ResumeId;
+
+/// Most keys one connection may filter on.
+const MAX_KEYS: usize = 1000;
+/// Longest key filter, in bytes of the record key.
+const MAX_KEY_BYTES: usize = 1024;
+/// The `Retry-After` of every 503: long enough for a load balancer to send the retry to
+/// another instance, or for streams to close.
+const RETRY_AFTER_SECS: u64 = 5;
+
+/// A request refused with a status and a stable error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl warp::reject::Reject for ApiError {}
+
+impl ApiError {
+    /// A refusal with `status` and a stable `code`.
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The JSON body: `{"error":{"code":..,"message":..}}`.
+    pub(crate) fn body(&self) -> String {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}}).to_string()
+    }
+
+    /// The `Retry-After` seconds of a 503.
+    pub(crate) fn retry_after(&self) -> Option<u64> {
+        (self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECS)
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub(crate) fn challenge(&self) -> Option<String> {
+        (self.status == StatusCode::UNAUTHORIZED).then(|| {
+            format!(
+                "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                self.code
+            )
+        })
+    }
+
+    fn bad_query(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_query",
+            message: message.into(),
+        }
+    }
+
+    /// A resume id that does not fit this stream: a code of its own, so that a client can
+    /// drop a stale saved id and continue live.
+    fn bad_last_event_id(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_last_event_id", message)
+    }
+
+    fn unknown_endpoint(name: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_endpoint",
+            message: format!(
+                "no endpoint is named {:?}",
+                name.chars().take(100).collect::<String>()
+            ),
+        }
+    }
+
+    fn unauthorized(error: &AuthError) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            code: error.code(),
+            message: error.to_string(),
+        }
+    }
+
+    fn forbidden(error: &Forbidden) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message: error.to_string(),
+        }
+    }
+
+    pub(crate) fn into_response(self) -> Response {
+        let mut response = http::Response::new(self.body().into());
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(value) = self
+            .challenge()
+            .and_then(|challenge| HeaderValue::from_str(&challenge).ok())
+        {
+            headers.insert(header::WWW_AUTHENTICATE, value);
+        }
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<LimitReached> for ApiError {
+    fn from(refusal: LimitReached) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            refusal.0,
+        )
+    }
+}
+
+/// What a stream request asks for, parsed from its path and query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StreamRequest {
+    /// Which endpoints and keys.
+    pub interest: Interest,
+    /// Where to resume, from `Last-Event-ID` or `?last_event_id=`.
+    pub resume: Option<ResumeId>,
+}
+
+/// Parses a stream request: `path_endpoint` from `/v1/streams/{endpoint}` (else the query's
+/// `endpoint=` values), the raw query string, and the `Last-Event-ID` header. An endpoint
+/// name that `grant` does not open is refused before it is looked up, so that the refusal
+/// is the same whether the endpoint exists or not.
+pub(crate) fn parse_stream_request(
+    hub: &Hub,
+    grant: &Grant,
+    path_endpoint: Option<&str>,
+    query: &str,
+    last_event_id: Option<&str>,
+) -> Result<StreamRequest, ApiError> {
+    let mut endpoints = Vec::new();
+    let mut keys: Option<Vec<Vec<u8>>> = None;
+    let mut query_last_event_id = None;
+    let mut add_endpoint = |name: &str| -> Result<(), ApiError> {
+        grant
+            .open(name)
+            .map_err(|error| ApiError::forbidden(&error))?;
+        let index = hub
+            .endpoint_index(name)
+            .ok_or_else(|| ApiError::unknown_endpoint(name))?;
+        endpoints.push(index);
+        Ok(())
+    };
+    if let Some(name) = path_endpoint {
+        add_endpoint(name)?;
+    }
+    refuse_keys_that_are_not_text(query)?;
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        match name.as_ref() {
+            "endpoint" if path_endpoint.is_some() => {
+                return Err(ApiError::bad_query(
+                    "endpoint= goes with /v1/streams, not /v1/streams/{endpoint}",
+                ));
+            }
+            "endpoint" => add_endpoint(&value)?,
+            // A key is the bytes of a record's key: `key=` the UTF-8 of its text,
+            // `key_base64=` any bytes, as the envelope shows a key that is not text. The
+            // two match the same record only when they are the same bytes.
+            "key" | "key_base64" => {
+                let key = if name == "key" {
+                    value.into_owned().into_bytes()
+                } else {
+                    decode_key(&value)?
+                };
+                if key.len() > MAX_KEY_BYTES {
+                    return Err(ApiError::bad_query(format!(
+                        "a key is longer than {MAX_KEY_BYTES} bytes"
+                    )));
+                }
+                let keys = keys.get_or_insert_with(Vec::new);
+                if keys.len() == MAX_KEYS {
+                    return Err(ApiError::bad_query(format!("at most {MAX_KEYS} keys")));
+                }
+                keys.push(key);
+            }
+            "last_event_id" => query_last_event_id = Some(value.into_owned()),
+            // Taken by the auth layer, where the manifest allows it.
+            "access_token" => {}
+            other => {
+                return Err(ApiError::bad_query(format!(
+                    "unknown query parameter {:?}; expected endpoint, key, key_base64, last_event_id or access_token",
+                    other.chars().take(100).collect::<String>()
+                )));
+            }
+        }
+    }
+    if endpoints.is_empty() {
+        return Err(ApiError::bad_query(
+            "name at least one endpoint: /v1/streams/{endpoint} or ?endpoint=",
+        ));
+    }
+    endpoints.sort_unstable();
+    endpoints.dedup();
+    let keys = keys.map(KeySet::new);
+    // The header wins: EventSource sends it on reconnect, after a first request whose
+    // query id is stale.
+    let resume = last_event_id
+        .or(query_last_event_id.as_deref())
+        .filter(|id| !id.is_empty())
+        .map(|id| ResumeId::parse(id, endpoints.len()))
+        .transpose()
+        .map_err(|error| ApiError::bad_last_event_id(error.to_string()))?;
+    Ok(StreamRequest {
+        interest: Interest { endpoints, keys },
+        resume,
+    })
+}
+
+/// Refuses a `key=` whose percent-decoded bytes are not UTF-8, which form decoding would
+/// turn into other text, matching no record, instead of the key meant.
+fn refuse_keys_that_are_not_text(query: &str) -> Result<(), ApiError> {
+    let not_text = query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("key="))
+        .any(|value| {
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .is_err()
+        });
+    if not_text {
+        return Err(ApiError::bad_query(
+            "a key= is not UTF-8 once percent-decoded; give a key that is not text as key_base64=",
+        ));
+    }
+    Ok(())
+}
+
+/// The bytes of a `key_base64=` value: standard base64 with padding, as the envelope has it.
+fn decode_key(value: &str) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine as _;
+    if value.len() > MAX_KEY_BYTES.div_ceil(3) * 4 {
+        return Err(ApiError::bad_query(format!(
+            "a key is longer than {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .map_err(|error| {
+            ApiError::bad_query(format!(
+                "key_base64 is not standard base64 ({error}); percent-encode + / = as %2B %2F %3D"
+            ))
+        })
+}
+
+/// The value of the first `name=` of a query string.
+fn query_value(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// Authenticates, parses, authorizes and subscribes one stream request. The token is
+/// checked first, so that a caller without one learns nothing about the endpoints.
+pub(crate) async fn open_stream(
+    hub: &Arc<Hub>,
+    auth: &Authenticator,
+    path_endpoint: Option<&str>,
+    query: &str,
+    headers: &HeaderMap,
+    slot: &mut Slot,
+) -> Result<Subscription, ApiError> {
+    let query_token = query_value(query, "access_token");
+    let token = find_token(headers, query_token.as_deref(), auth.sources());
+    let grant = auth
+        .grant(token)
+        .await
+        .map_err(|error| ApiError::unauthorized(&error))?;
+    if let Some(subject) = &grant.subject {
+        slot.admit_subject(subject)?;
+    }
+    let last_event_id = headers.get("last-event-id").map(|value| {
+        value
+            .to_str()
+            .map_err(|_| ApiError::bad_last_event_id("Last-Event-ID is not ASCII"))
+    });
+    let last_event_id = last_event_id.transpose()?;
+    let mut request = parse_stream_request(hub, &grant, path_endpoint, query, last_event_id)?;
+    request.interest.keys = grant
+        .narrow_keys(request.interest.keys.take())
+        .map_err(|error| ApiError::forbidden(&error))?;
+    Ok(hub.subscribe(request.interest, request.resume.as_ref(), grant.expires_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::memory::MemoryBus;
+    use crate::bus::{Bus, StreamId};
+    use crate::config::{EndpointName, ServerConfig, StartPosition};
+
+    fn hub() -> Hub {
+        let endpoints = ["drivers", "orders"]
+            .map(|name| {
+                (
+                    EndpointName::try_from(name.to_owned()).expect("valid"),
+                    StartPosition::Live,
+                )
+            })
+            .to_vec();
+        let bus = Bus::Memory(MemoryBus::new());
+        Hub::new(
+            endpoints,
+            &[],
+            &ServerConfig::default(),
+            bus,
+            Arc::default(),
+        )
+    }
+
+    #[test]
+    fn one_endpoint_with_keys() {
+        let request = parse_stream_request(
+            &hub(),
+            &Grant::everything(),
+            Some("orders"),
+            "key=b&key=a&key=b",
+            None,
+        )
+        .expect("valid");
+        assert_eq!(request.interest.endpoints, vec![1]);
+        assert_eq!(request.interest.keys, Some(KeySet::new(["a", "b"])));
+        assert_eq!(request.resume, None);
+    }
+
+    #[test]
+    fn several_endpoints_are_sorted_and_resume_with_a_position_each() {
+        let request = parse_stream_request(
+            &hub(),
+            &Grant::everything(),
+            None,
+            "endpoint=orders&endpoint=drivers&last_event_id=1-0_2-0",
+            None,
+        )
+        .expect("valid");
+        assert_eq!(request.interest.endpoints, vec![0, 1]);
+        assert_eq!(request.interest.keys, None);
+        let expected = ResumeId(vec![StreamId { ms: 1, seq: 0 }, StreamId { ms: 2, seq: 0 }]);
+        assert_eq!(request.resume, Some(expected));
+    }
+
+    #[test]
+    fn the_header_wins_over_the_query() {
+        let request = parse_stream_request(
+            &hub(),
+            &Grant::everything(),
+            Some("orders"),
+            "last_event_id=1-0",
+            Some("9-9"),
+        )
+        .expect("valid");
+        assert_eq!(
+            request.resume,
+            Some(ResumeId(vec![StreamId { ms: 9, seq: 9 }]))
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        let cases: &[(Option<&str>, &str, Option<&str>, &str)] = &[
+            (Some("nope"), "", None, "unknown_endpoint"),
+            (
+                None,
+                "endpoint=orders&endpoint=nope",
+                None,
+                "unknown_endpoint",
+            ),
+            (None, "", None, "bad_query"),
+            (Some("orders"), "endpoint=orders", None, "bad_query"),
+            (Some("orders"), "colour=red", None, "bad_query"),
+            (Some("orders"), "", Some("yesterday"), "bad_last_event_id"),
+            (
+                None,
+                "endpoint=orders&endpoint=drivers",
+                Some("1-0"),
+                "bad_last_event_id",
+            ),
+            (
+                Some("orders"),
+                "key=%C3%A9",
+                Some("1-0_2-0"),
+                "bad_last_event_id",
+            ),
+        ];
+        for (path, query, header, code) in cases {
+            let error = parse_stream_request(&hub(), &Grant::everything(), *path, query, *header)
+                .expect_err("refused");
+            assert_eq!(error.code, *code, "{path:?} {query} {header:?}: {error}");
+        }
+        let long_key = format!("key={}", "k".repeat(MAX_KEY_BYTES + 1));
+        assert!(
+            parse_stream_request(
+                &hub(),
+                &Grant::everything(),
+                Some("orders"),
+                &long_key,
+                None
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_narrow_token_gets_the_same_refusal_for_existing_and_unknown_endpoints() {
+        let narrow = Grant {
+            endpoints: Some(vec!["orders".into()]),
+            keys: None,
+            expires_at: None,
+            subject: None,
+        };
+        let refusal = |path: Option<&str>, query: &str| {
+            let error =
+                parse_stream_request(&hub(), &narrow, path, query, None).expect_err("refused");
+            (
+                error.status,
+                error
+                    .body()
+                    .replace("drivers", "NAME")
+                    .replace("ghost", "NAME"),
+            )
+        };
+        let existing = refusal(Some("drivers"), "");
+        assert_eq!(existing.0, StatusCode::FORBIDDEN);
+        assert_eq!(existing, refusal(Some("ghost"), ""));
+        assert_eq!(
+            refusal(None, "endpoint=orders&endpoint=drivers"),
+            refusal(None, "endpoint=orders&endpoint=ghost")
+        );
+        // Without auth, an unknown endpoint is a plain 404.
+        let open = parse_stream_request(&hub(), &Grant::everything(), Some("ghost"), "", None)
+            .expect_err("unknown");
+        assert_eq!(open.status, StatusCode::NOT_FOUND);
+    }
+
+    /// Query strings close to valid ones: known and unknown names, encoded and broken
+    /// escapes, repeated separators.
+    fn near_valid_query() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let piece = prop::sample::select(vec![
+            "endpoint=orders",
+            "endpoint=drivers",
+            "endpoint=",
+            "endpoint=nope",
+            "key=a",
+            "key=%FF%FE",
+            "key=%",
+            "key=%2",
+            "key",
+            "=",
+            "&",
+            "&&",
+            "last_event_id=1-0",
+            "last_event_id=1-0_2-0",
+            "last_event_id=",
+            "access_token=x",
+            "colour=red",
+            "+",
+            "%26",
+            "é",
+            "key=a%00b",
+        ]);
+        prop::collection::vec(piece, 0..10).prop_map(|pieces| pieces.join("&"))
+    }
+
+    /// `Last-Event-ID` values close to valid ones.
+    fn near_valid_resume_id() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let piece = prop::sample::select(vec![
+            "1",
+            "0",
+            "-",
+            "_",
+            "1-0",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-1",
+            "1-",
+            "-0",
+            " ",
+            "+1",
+            "1-0-0",
+            "é",
+        ]);
+        prop::collection::vec(piece, 0..8).prop_map(|pieces| pieces.concat())
+    }
+
+    fn check_request(
+        hub: &Hub,
+        path: Option<&str>,
+        query: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        match parse_stream_request(hub, &Grant::everything(), path, query, last_event_id) {
+            Ok(request) => {
+                proptest::prop_assert!(!request.interest.endpoints.is_empty());
+                proptest::prop_assert!(
+                    request
+                        .interest
+                        .endpoints
+                        .iter()
+                        .all(|&i| i < hub.endpoints().len())
+                );
+                if let Some(resume) = &request.resume {
+                    proptest::prop_assert_eq!(resume.0.len(), request.interest.endpoints.len());
+                }
+            }
+            Err(error) => {
+                proptest::prop_assert!(error.status().is_client_error());
+                proptest::prop_assert!(!error.message.is_empty());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn key_filters_are_bytes_bounded_in_count_and_length() {
+        let parse = |query: &str| {
+            parse_stream_request(&hub(), &Grant::everything(), Some("orders"), query, None)
+        };
+        let keys = |query: &str| parse(query).expect("valid").interest.keys;
+        // The same bytes, as text and as base64, are one key.
+        assert_eq!(
+            keys("key=ab&key_base64=YWI%3D&key_base64=%2F%2F4Aaw%3D%3D"),
+            Some(KeySet::new([&b"ab"[..], &[0xff, 0xfe, 0x00, 0x6b]]))
+        );
+        for bad in [
+            "key=%FF%FE%00k",
+            "key_base64=not+base64!",
+            "key_base64=YWI",
+            &format!("key_base64={}", "QUFB".repeat(MAX_KEY_BYTES / 3 + 1)),
+            &vec!["key=k"; MAX_KEYS + 1].join("&"),
+        ] {
+            let error = parse(bad).expect_err("refused");
+            assert_eq!(error.code, "bad_query", "{bad}: {error}");
+        }
+        let most = (0..MAX_KEYS)
+            .map(|k| format!("key=k{k}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        assert_eq!(keys(&most).map(|keys| keys.len()), Some(MAX_KEYS));
+    }
+
+    /// Every byte percent-encoded.
+    fn percent_encoded(bytes: &[u8]) -> String {
+        bytes.iter().map(|byte| format!("%{byte:02X}")).collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fuzz_key_filters_parse_to_the_bytes_of_the_keys_asked_for(
+            asked in proptest::collection::vec(
+                (proptest::bool::ANY, proptest::collection::vec(proptest::num::u8::ANY, 0..12)),
+                1..20,
+            ),
+        ) {
+            use base64::Engine as _;
+            let query: Vec<String> = asked
+                .iter()
+                .map(|(as_text, key)| match std::str::from_utf8(key) {
+                    Ok(text) if *as_text => format!("key={}", percent_encoded(text.as_bytes())),
+                    _ => format!(
+                        "key_base64={}",
+                        percent_encoded(base64::engine::general_purpose::STANDARD.encode(key).as_bytes())
+                    ),
+                })
+                .collect();
+            let request = parse_stream_request(&hub(), &Grant::everything(), Some("orders"), &query.join("&"), None)
+                .map_err(|error| proptest::test_runner::TestCaseError::fail(error.to_string()))?;
+            let expected = KeySet::new(asked.iter().map(|(_, key)| key));
+            proptest::prop_assert_eq!(request.interest.keys, Some(expected));
+        }
+
+        #[test]
+        fn fuzz_key_filter_values_get_a_filter_or_a_clear_error(
+            pairs in proptest::collection::vec(
+                ("key|key_base64", "\\PC{0,30}|[A-Za-z0-9+/=%]{0,30}"),
+                0..12,
+            ),
+        ) {
+            let query: Vec<String> = pairs.iter().map(|(name, value)| format!("{name}={value}")).collect();
+            match parse_stream_request(&hub(), &Grant::everything(), Some("orders"), &query.join("&"), None) {
+                Ok(request) => proptest::prop_assert!(request
+                    .interest
+                    .keys
+                    .is_none_or(|keys| keys.len() <= MAX_KEYS && keys.iter().all(|key| key.len() <= MAX_KEY_BYTES))),
+                Err(error) => proptest::prop_assert_eq!(error.code, "bad_query"),
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fuzz_query_and_last_event_id_near_valid(
+            query in near_valid_query(),
+            path in proptest::option::of(proptest::sample::select(vec!["orders", "drivers", "nope", ""])),
+            last_event_id in proptest::option::of(near_valid_resume_id()),
+        ) {
+            check_request(&hub(), path, &query, last_event_id.as_deref())?;
+        }
+
+        #[test]
+        fn fuzz_query_from_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            // A query reaches the parser as the text of a request target.
+            let query = String::from_utf8_lossy(&bytes);
+            check_request(&hub(), Some("orders"), &query, None)?;
+            check_request(&hub(), None, &query, Some(&query))?;
+        }
+
+        #[test]
+        fn fuzz_last_event_id_round_trips(
+            ids in proptest::collection::vec((proptest::num::u64::ANY, proptest::num::u64::ANY), 1..4),
+            garbage in "\\PC{0,40}",
+        ) {
+            let text = ids.iter().map(|(ms, seq)| format!("{ms}-{seq}")).collect::<Vec<_>>().join("_");
+            let parsed = ResumeId::parse(&text, ids.len()).expect("a rendered id parses");
+            let expected: Vec<StreamId> = ids.iter().map(|&(ms, seq)| StreamId { ms, seq }).collect();
+            proptest::prop_assert_eq!(parsed.0, expected);
+            proptest::prop_assert!(ResumeId::parse(&text, ids.len() + 1).is_err());
+            for endpoints in 0..4 {
+                let _ = ResumeId::parse(&garbage, endpoints);
+            }
+        }
+
+        #[test]
+        fn fuzz_query_and_resume_id_any_text(
+            query in "\\PC{0,200}",
+            path in proptest::option::of("\\PC{0,20}"),
+            last_event_id in proptest::option::of("[0-9_\\-a-z]{0,40}"),
+        ) {
+            check_request(&hub(), path.as_deref(), &query, last_event_id.as_deref())?;
+        }
+    }
+}
