@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use warp::reply::Response;
 use warp::Reply;
+use warp::reply::Response;
 
 use crate::metrics::Metrics;
 use crate::process::LogThrottle;

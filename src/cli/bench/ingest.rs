@@ -14,12 +14,10 @@ use anyhow::Context as _;
 use redis::AsyncCommands as _;
 use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
-use serde::{Deserialize, Serialize};
 
 use super::delay::{DelayProxy, round_trips};
-use super::scenario::{
-    Env, Outcome, Scenario, create_topic, free_port, manifest, server_command, unique,
-};
+use super::outcome::{IngestRun, Outcome};
+use super::scenario::{Env, Scenario, create_topic, free_port, manifest, server_command, unique};
 use super::{cpu_ticks, now_us, ticks_per_second};
 use fjord::bus::StreamId;
 use fjord::bus::redis::stream_key;
@@ -33,30 +31,6 @@ const STALL: Duration = Duration::from_secs(60);
 const PINGS: usize = 200;
 /// Distinct record keys (the envelope carries the key, as most topics have one).
 const KEYS: u64 = 1_000;
-
-/// What one consumer member did at one round trip.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct IngestRun {
-    /// The round trip to Redis asked for, in milliseconds (0: straight to Redis).
-    pub rtt_ms: f64,
-    /// The median of a Redis PING through the same path, in milliseconds.
-    pub rtt_measured_ms: f64,
-    /// Their mean: what one request at a time waits on average.
-    #[serde(default)]
-    pub rtt_mean_ms: f64,
-    /// Records carried.
-    pub records: u64,
-    /// From the consumer's start to the first record in the stream, in seconds.
-    pub startup_secs: f64,
-    /// From the first record's append to the last's, by Redis's clock, in seconds.
-    pub secs: f64,
-    /// Records per second over that span.
-    pub records_per_sec: f64,
-    /// The consumer's CPU (user + system) per record, in microseconds.
-    pub consumer_cpu_us_per_record: f64,
-    /// Redis's CPU per record, in microseconds (the whole Redis: anything else using it counts).
-    pub redis_cpu_us_per_record: f64,
-}
 
 /// Runs the ingest scenario: one topic filled once, one consumer run per round trip.
 pub(crate) async fn run(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcome> {

@@ -11,21 +11,27 @@
 //! and stop themselves. Not part of the test suite.
 
 mod delay;
+mod fanout;
 mod floor;
 mod histogram;
 mod ingest;
+mod outcome;
 mod report;
 mod scenario;
 mod shards;
 mod worker;
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+
+use self::outcome::{Machine, Results, utc_now};
+use self::scenario::{ALL, Env, Kind};
 
 pub use histogram::Histogram;
-pub use ingest::IngestRun;
-pub use scenario::{Outcome, Scenario};
-pub use shards::{Latency, ReplicaLag, ShardRun};
+pub use outcome::{IngestRun, Latency, Outcome, ReplicaLag, ShardRun};
+pub use scenario::Scenario;
 pub use worker::{Target, WorkerReport, WorkerSpec};
 
 /// The `fjord bench` subcommands.
@@ -136,8 +142,8 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             command,
             services,
         } => {
-            let env = scenario::Env::new(&services)?;
-            let results = scenario::run_all(&env, tiny, &only).await?;
+            let env = Env::new(&services)?;
+            let results = run_all(&env, tiny, &only).await?;
             report::write(&out, &results)?;
             tracing::info!(path = %out.display(), "wrote results");
             if !tiny {
@@ -167,7 +173,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             rtt_ms,
             services,
         } => {
-            let env = scenario::Env::new(&services)?;
+            let env = Env::new(&services)?;
             let mut chosen = Scenario::standard(&scenario, false)
                 .ok_or_else(|| anyhow::anyhow!("no scenario named {scenario:?}"))?;
             if let Some(connections) = connections {
@@ -194,7 +200,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             if !rtt_ms.is_empty() {
                 chosen.rtt_ms = rtt_ms;
             }
-            let outcome = scenario::run(&env, &chosen).await?;
+            let outcome = run_scenario(&env, &chosen).await?;
             #[allow(clippy::print_stdout, reason = "the outcome is the command's output")]
             {
                 println!("{}", serde_json::to_string_pretty(&outcome)?);
@@ -211,6 +217,63 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             deadline_secs,
         } => tokio::task::spawn_blocking(move || floor::run(port, deadline_secs)).await?,
     }
+}
+
+/// Runs one scenario, by its kind.
+async fn run_scenario(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcome> {
+    match scenario.kind {
+        // No connections: one consumer and Redis.
+        Kind::Ingest => ingest::run(env, scenario).await,
+        // No connections: the bus alone, on clusters of its own.
+        Kind::Shards => shards::run(scenario).await,
+        Kind::ReplicaLag => shards::replica_lag(env, scenario).await,
+        Kind::Floor | Kind::Server | Kind::EndToEnd => fanout::run_connections(env, scenario).await,
+    }
+}
+
+/// Runs the standard scenarios (or `only` these).
+async fn run_all(env: &Env, tiny: bool, only: &[String]) -> anyhow::Result<Results> {
+    let mut outcomes = Vec::new();
+    for name in ALL {
+        if !only.is_empty() && !only.iter().any(|chosen| chosen == name) {
+            continue;
+        }
+        let scenario = Scenario::standard(name, tiny).context("a standard scenario")?;
+        tracing::info!(
+            scenario = name,
+            connections = scenario.connections,
+            rate = scenario.rate,
+            "running"
+        );
+        let outcome = match run_scenario(env, &scenario).await {
+            Ok(outcome) => outcome,
+            Err(error) => Outcome {
+                scenario: name.to_owned(),
+                load: Some(scenario.clone()),
+                errors: vec![format!("{error:#}")],
+                ..Outcome::default()
+            },
+        };
+        tracing::info!(
+            scenario = name,
+            connected = outcome.connected,
+            deliveries_per_sec = outcome.deliveries_per_sec as u64,
+            p99_ms = outcome.p99_ms,
+            cpu_us_per_delivery = outcome.cpu_us_per_delivery,
+            rss_kib_per_connection = outcome.rss_kib_per_connection,
+            errors = ?outcome.errors,
+            "done"
+        );
+        outcomes.push(outcome);
+        // Let sockets in TIME_WAIT and the servers' exits settle.
+        tokio::time::sleep(Duration::from_secs(if tiny { 1 } else { 3 })).await;
+    }
+    Ok(Results {
+        date: utc_now(),
+        machine: Machine::this(),
+        tiny,
+        outcomes,
+    })
 }
 
 /// Microseconds since the epoch.

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use redis::Value;
-use serde::{Deserialize, Serialize};
 
 use super::histogram::Histogram;
-use super::scenario::{Env, Outcome, Scenario, free_port, manifest, publish_to_bus, unique};
+use super::outcome::{Latency, Outcome, ReplicaLag, ShardRun};
+use super::scenario::{Env, Scenario, free_port, manifest, publish_to_bus, unique};
 use super::{cpu_ticks, event_envelope, now_us, ticks_per_second};
 use fjord::bus::{Batch, Bus, BusReader, EntryKind};
 use fjord::config::{EndpointName, Manifest, RedisConfig, Retention};
@@ -43,63 +43,6 @@ const RETENTION: Retention = Retention {
     max_records: 10_000,
     max_age_secs: 3_600,
 };
-
-/// What one cluster shape carried.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ShardRun {
-    /// Primaries (shards).
-    pub primaries: usize,
-    /// Endpoints on each primary.
-    pub endpoints_per_primary: Vec<usize>,
-    /// Publishers, one partition and one endpoint each.
-    pub publishers: usize,
-    /// Records per batch.
-    pub batch: usize,
-    /// Seconds measured per phase.
-    pub secs: f64,
-    /// Publishing alone: records per second taken.
-    pub records_per_sec: f64,
-    /// Publishing alone: each primary's CPU, in cores.
-    pub redis_cores: Vec<f64>,
-    /// Publishing alone: the load generator's CPU (this process), in cores.
-    pub loadgen_cores: f64,
-    /// Readers in the read phase.
-    pub readers: usize,
-    /// With readers: records per second published.
-    pub read_phase_records_per_sec: f64,
-    /// With readers: entries per second they received, summed over readers.
-    pub entries_per_sec: f64,
-    /// With readers: each primary's CPU, in cores.
-    pub read_phase_redis_cores: Vec<f64>,
-    /// With readers: the load generator's CPU, in cores.
-    pub read_phase_loadgen_cores: f64,
-}
-
-/// Delivery latency of one reader, publish → read.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Latency {
-    /// Entries read in the window.
-    pub entries: u64,
-    /// Median, in milliseconds.
-    pub p50_ms: f64,
-    /// 99th percentile.
-    pub p99_ms: f64,
-    /// The largest.
-    pub max_ms: f64,
-}
-
-/// The replica-lag scenario's figures.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ReplicaLag {
-    /// Records per second published.
-    pub rate: f64,
-    /// Records published in the window.
-    pub records: u64,
-    /// Read from the primary.
-    pub primary: Latency,
-    /// Read from the replica.
-    pub replica: Latency,
-}
 
 /// A local Redis Cluster started by `ci/redis-cluster.sh`, stopped and deleted on drop.
 struct Cluster {
