@@ -46,14 +46,17 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Ends a binary that failed: one line on stderr naming the error and each of its causes,
-/// `error: connecting to redis: Connection refused` (the alternate form of the binaries'
-/// `anyhow` errors), and exit status 1. A user who needs more asks for it: `verbose` prints
-/// the debug form, with the causes and any backtrace the error carries.
-pub fn exit_with(
-    error: &(impl std::fmt::Display + std::fmt::Debug),
+/// A binary's exit: success, or, when it failed, one line on stderr naming the error and
+/// each of its causes, `error: connecting to redis: Connection refused` (the alternate form
+/// of the binaries' `anyhow` errors), and exit status 1. A user who needs more asks for it:
+/// `verbose` prints the debug form, with the causes and any backtrace the error carries.
+pub fn exit_code<E: std::fmt::Display + std::fmt::Debug>(
+    outcome: Result<(), E>,
     verbose: bool,
 ) -> std::process::ExitCode {
+    let Err(error) = outcome else {
+        return std::process::ExitCode::SUCCESS;
+    };
     #[allow(
         clippy::print_stderr,
         reason = "the failure is the command's last output"

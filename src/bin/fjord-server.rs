@@ -29,10 +29,7 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     fjord::process::init_logging();
-    match run(&args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fjord::process::exit_with(&error, args.verbose),
-    }
+    fjord::process::exit_code(run(&args).await, args.verbose)
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {

@@ -104,10 +104,7 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     fjord::process::init_logging();
-    match run(cli.command).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fjord::process::exit_with(&error, cli.verbose),
-    }
+    fjord::process::exit_code(run(cli.command).await, cli.verbose)
 }
 
 /// Prints a command's result, which is its output (not a log line).
