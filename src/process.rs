@@ -46,6 +46,18 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// What every deployed binary is told on its command line: where its manifest is, and how
+/// much a failure says.
+#[derive(Debug, clap::Args)]
+pub struct ManifestArgs {
+    /// The manifest (`FJORD_MANIFEST_JSON`, when set, holds the manifest itself instead).
+    #[arg(long, env = "FJORD_MANIFEST", default_value = "manifest.json")]
+    pub manifest: std::path::PathBuf,
+    /// On failure, print the error's full chain and backtrace, not one line.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
 /// A binary's exit: success, or, when it failed, one line on stderr naming the error and
 /// each of its causes, `error: connecting to redis: Connection refused` (the alternate form
 /// of the binaries' `anyhow` errors), and exit status 1. A user who needs more asks for it:

@@ -1,11 +1,11 @@
 //! `fjord-server`: streams the bus to clients over Server-Sent Events.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
 use fjord::config::Manifest;
+use fjord::process::ManifestArgs;
 
 /// jemalloc returns freed memory in smaller pieces than glibc: fewer resident bytes per
 /// idle connection (see BENCHMARKS.md).
@@ -17,23 +17,19 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// The manifest (`FJORD_MANIFEST_JSON`, when set, holds the manifest itself instead).
-    #[arg(long, env = "FJORD_MANIFEST", default_value = "manifest.json")]
-    manifest: PathBuf,
-    /// On failure, print the error's full chain and backtrace, not one line.
-    #[arg(long)]
-    verbose: bool,
+    #[command(flatten)]
+    common: ManifestArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     fjord::process::init_logging();
-    fjord::process::exit_code(run(&args).await, args.verbose)
+    fjord::process::exit_code(run(&args).await, args.common.verbose)
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
-    let manifest = Manifest::load_from_env_or(&args.manifest)?;
+    let manifest = Manifest::load_from_env_or(&args.common.manifest)?;
     let bus = fjord::bus::connect_redis(&manifest.redis)
         .await
         .context("connecting to redis")?;

@@ -1,22 +1,18 @@
 //! `fjord-consumer`: one member of a consumer group, publishing Kafka records to the bus.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
 use fjord::config::Manifest;
+use fjord::process::ManifestArgs;
 
 /// One member of a Kafka consumer group that publishes each record to the bus.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// The manifest (`FJORD_MANIFEST_JSON`, when set, holds the manifest itself instead).
-    #[arg(long, env = "FJORD_MANIFEST", default_value = "manifest.json")]
-    manifest: PathBuf,
-    /// On failure, print the error's full chain and backtrace, not one line.
-    #[arg(long)]
-    verbose: bool,
+    #[command(flatten)]
+    common: ManifestArgs,
     /// The consumer group (its `id` in the manifest); may be left out when there is one.
     #[arg(long, env = "FJORD_CONSUMER_GROUP")]
     group: Option<String>,
@@ -26,11 +22,11 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     fjord::process::init_logging();
-    fjord::process::exit_code(run(&args).await, args.verbose)
+    fjord::process::exit_code(run(&args).await, args.common.verbose)
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
-    let manifest = Manifest::load_from_env_or(&args.manifest)?;
+    let manifest = Manifest::load_from_env_or(&args.common.manifest)?;
     let group = match (&args.group, manifest.consumer_groups.as_slice()) {
         (Some(id), _) => manifest
             .consumer_group(id)
