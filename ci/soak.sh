@@ -9,4 +9,6 @@ cd "$(dirname "$0")/.."
 ci/services.sh up
 # shellcheck disable=SC1091
 source "${FJORD_CI_STATE:-/tmp/fjord-ci}/env"
+# The consumer is another package's binary, which `cargo test` does not build by itself.
+cargo build --locked --bins
 cargo test --locked --test soak -- --ignored --nocapture
