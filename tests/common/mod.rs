@@ -285,8 +285,8 @@ pub fn write_manifest(manifest: &serde_json::Value) -> (tempfile::TempDir, PathB
 
 /// A binary of another package of the workspace (`fjord` of `fjord-cli`, `fjord-consumer`):
 /// cargo sets `CARGO_BIN_EXE_*` only for the tested package's own, so it is looked up beside
-/// this test, in `target/<profile>/`. `cargo test` at the top builds them all (the workspace's
-/// default members), as `ci/test.sh` runs it.
+/// this test, in `target/<profile>/`. `cargo test` does not build another package's binaries,
+/// so `ci/test.sh` runs `cargo build --bins` first.
 pub fn workspace_binary(name: &str) -> String {
     let test = std::env::current_exe().expect("the test's own path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
@@ -297,7 +297,7 @@ pub fn workspace_binary(name: &str) -> String {
     let binary = folder.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         binary.exists(),
-        "{} is not built: run the tests with `cargo test` at the top of the workspace, or `cargo build --bins` first",
+        "{} is not built: run `cargo build --bins` at the top of the workspace before the tests (ci/test.sh does)",
         binary.display()
     );
     binary.to_str().expect("a UTF-8 target path").to_owned()
