@@ -15,7 +15,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Streams Kafka records from the bus to clients over Server-Sent Events.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "fjord-server", version)]
 struct Args {
     #[command(flatten)]
     common: ManifestArgs,

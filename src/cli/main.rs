@@ -10,7 +10,8 @@ use fjord_cli::dev::{DevAuth, DevOptions, DevRedis};
 
 /// Fjord: a real-time API proxy for Kafka.
 #[derive(Debug, Parser)]
-#[command(version, propagate_version = true)]
+// Named for the binary: clap would take the package's name, `fjord-cli`.
+#[command(name = "fjord", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
