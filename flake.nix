@@ -12,7 +12,7 @@
 
   # nix build .#images               result/fjord-server.tar.gz, result/fjord-consumer.tar.gz,
   #                                  result/fjord-dev.tar.gz (`fjord dev`, see the README)
-  # nix run .#deploy -- manifest.json  pushes those images and deploys them (see the README);
+  # nix run .#deploy -- manifest.json  pushes those images and deploys them (docs/deploy.md);
   #                                  also on macOS, with a Linux builder for the images
   # nix flake check                  clippy, unit tests, rustfmt, and every package
   # nix develop                      toolchain plus the services the tests start
@@ -47,7 +47,7 @@
       );
 
       # The images run on Linux, for the manifest's `deploy.architecture`. On a Mac they are
-      # built by a Linux builder (see the README); the deploy tool itself runs natively.
+      # built by a Linux builder (docs/deploy.md, "From a Mac"); the deploy tool itself runs natively.
       linuxFor = {
         x86_64 = "x86_64-linux";
         arm64 = "aarch64-linux";

@@ -76,7 +76,7 @@ done
 if nm --defined-only "$stage/fjord-server" 2>/dev/null | grep -q 'rd_kafka_'; then
     die "fjord-server links librdkafka"
 fi
-cp README.md "$stage/"
+cp README.md LICENSE "$stage/"
 
 # The archive's `fjord dev` serves its page and becomes ready: librdkafka's mock cluster,
 # the bus, the consumer and the server all work in the static binary.

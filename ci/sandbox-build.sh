@@ -13,7 +13,7 @@
 #   - a clean environment (only what Nix and crane set), HOME=/homeless-shelter unwritable,
 #     uid 1000 as nixbld, the source tree read-only; only /build (TMPDIR, CARGO_HOME and the
 #     target dir) is writable.
-# It is a rehearsal, not Nix: README.md ("The Nix sandbox rehearsal") lists what it cannot
+# It is a rehearsal, not Nix: CONTRIBUTING.md ("The Nix sandbox rehearsal") lists what it cannot
 # catch.
 #
 # With FJORD_SANDBOX_FRESH=1 it rehearses a fresh machine instead: `cargo build --bin fjord`

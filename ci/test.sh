@@ -2,7 +2,7 @@
 # The whole test suite: starts the real Kafka, Redis and Redis Cluster (installing what is
 # missing), runs formatting and lint checks, unit and integration tests (the bus's
 # end-to-end, fault and semantics tests once on Redis, then again on the cluster), the
-# README's walkthroughs run as written (ci/test-readme.sh), a bounded fuzzing run of the
+# documentation's walkthroughs run as written (ci/test-readme.sh), a bounded fuzzing run of the
 # parsers, the release build in a rehearsal of the Nix build sandbox, the deploy tool's
 # tests against moto and a registry, the Nix and workflow checks, and the JavaScript
 # client's tests (unit and in headless Chromium), then stops the services.
@@ -44,7 +44,7 @@ step "the bus's tests again, on the Redis Cluster (3 primaries, 3 replicas)"
 FJORD_TEST_BUS=cluster cargo test --locked --test pipeline --test faults --test http_contract \
   --test bus_entries --test bus_semantics
 
-step "the README's walkthroughs, run as written (Access control, Running it)"
+step "the documentation's walkthroughs, run as written (the first command, Running it, Access control)"
 ci/test-readme.sh
 
 step "fuzzing the parsers on stable Rust (bounded; failures kept in proptest-regressions/)"

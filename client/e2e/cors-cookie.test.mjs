@@ -1,6 +1,6 @@
 // Headless Chromium against the real fjord-server: a page on another origin streams with a
 // plain EventSource and its token in a cookie (`withCredentials`), the cross-origin cookie
-// mode of the README. The browser allows it only when the server names the origin and
+// mode of docs/operations.md ("Cross-origin pages"). The browser allows it only when the server names the origin and
 // allows credentials; with `cors_origins: ["*"]` it refuses. Run by ci/test-browser.sh.
 
 import assert from "node:assert/strict";

@@ -39,7 +39,7 @@ pub(crate) const HEALTH_CHECK_PATH: &str = "/readyz";
 /// never empties early), then sends SIGTERM; the load balancer cuts the task's streams
 /// when the delay ends. The low end covers the seconds in which load balancer nodes still
 /// send new streams to a deregistered task, which must still be serving them; above the
-/// high end each deploy wave only waits longer. The README's deploy guide says more.
+/// high end each deploy wave only waits longer. docs/deploy.md says more.
 pub(crate) const DEREGISTRATION_DELAY_SECS: std::ops::RangeInclusive<u64> = 15..=60;
 /// Seconds ECS waits after SIGTERM before it kills a container; the server drains in 20.
 pub const STOP_TIMEOUT_SECS: i32 = 30;
