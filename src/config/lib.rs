@@ -3,6 +3,7 @@
 //! Every error names the JSON path of the offending value. Secrets never live in the file:
 //! the manifest names environment variables, and [`Secret`] reads them at start.
 
+mod formats;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use formats::{Format, RegistryAuth, SchemaRegistryConfig, TopicFormats};
 pub use validate::ManifestError;
 
 /// The JSON Schema shipped beside every manifest, for editors.
@@ -42,6 +44,12 @@ pub struct Manifest {
     pub server: ServerConfig,
     /// Who may stream what.
     pub auth: AuthConfig,
+    /// The formats of the topics' keys and values, by topic; `auto` for a topic not named.
+    #[serde(default)]
+    pub topics: BTreeMap<String, TopicFormats>,
+    /// Where Avro, Protobuf and JSON Schema records' schemas come from.
+    #[serde(default)]
+    pub schema_registry: Option<SchemaRegistryConfig>,
     /// Everything AWS; read and validated by `fjord-deploy`, ignored by the runtime.
     #[serde(default)]
     pub deploy: Option<serde_json::Value>,
@@ -150,6 +158,9 @@ impl Manifest {
         {
             secrets.push(named(shared, "$.auth.hs256_secret_env", SERVER));
         }
+        if let Some((secret, path)) = self.registry_secrets() {
+            secrets.push(named(secret, path, CONSUMER));
+        }
         secrets
     }
 
@@ -197,6 +208,9 @@ impl Manifest {
                     "pem, the public key as PEM text",
                 );
             }
+        }
+        if let Some(registry) = &self.schema_registry {
+            add(&registry.ca_file, "$.schema_registry.ca_file".into(), CA);
         }
         files
     }

@@ -35,7 +35,7 @@ pub enum ManifestError {
 }
 
 impl ManifestError {
-    fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(super) fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Invalid {
             file: None,
             path: path.into(),
@@ -55,7 +55,7 @@ impl ManifestError {
     }
 }
 
-fn require(
+pub(super) fn require(
     ok: bool,
     path: impl Into<String>,
     message: impl Into<String>,
@@ -129,6 +129,7 @@ impl Manifest {
         self.validate_endpoints_and_groups()?;
         self.validate_server()?;
         self.validate_auth()?;
+        self.validate_formats()?;
         for named in self.secrets() {
             check_env_name(named.path, named.secret.env_name())?;
         }
@@ -479,13 +480,7 @@ fn check_jwks_url(url: &str) -> Result<(), ManifestError> {
         PATH,
         "must not carry credentials",
     )?;
-    let host = parsed.host_str().unwrap_or_default();
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
+    let loopback = is_loopback(&parsed);
     match parsed.scheme() {
         "https" => Ok(()),
         "http" => require(
@@ -502,15 +497,35 @@ fn check_jwks_url(url: &str) -> Result<(), ManifestError> {
     }
 }
 
+/// Whether a URL's host is `localhost` or a loopback address.
+pub(super) fn is_loopback(url: &url::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A CA given as a file or as PEM text, not both.
 fn check_ca(file: Option<&PathBuf>, pem: Option<&str>) -> Result<(), ManifestError> {
+    check_ca_at("$.kafka.security", file, pem)
+}
+
+/// The same for the section at `section`.
+pub(super) fn check_ca_at(
+    section: &str,
+    file: Option<&PathBuf>,
+    pem: Option<&str>,
+) -> Result<(), ManifestError> {
     require(
         file.is_none() || pem.is_none(),
-        "$.kafka.security",
+        section,
         "give the CA as ca_pem or as ca_file, not both",
     )?;
     match pem {
-        Some(pem) => check_certificates("$.kafka.security.ca_pem", pem),
+        Some(pem) => check_certificates(&format!("{section}.ca_pem"), pem),
         None => Ok(()),
     }
 }
@@ -525,7 +540,7 @@ fn check_certificates(path: &str, pem: &str) -> Result<(), ManifestError> {
     )
 }
 
-fn check_topic(path: &str, topic: &str) -> Result<(), ManifestError> {
+pub(super) fn check_topic(path: &str, topic: &str) -> Result<(), ManifestError> {
     let valid = !topic.is_empty()
         && topic.len() <= 249
         && topic != "."
@@ -541,10 +556,10 @@ fn check_topic(path: &str, topic: &str) -> Result<(), ManifestError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::{AuthConfig, EXAMPLE, Manifest, OffsetReset, StartPosition};
 
-    fn minimal() -> serde_json::Value {
+    pub(in super::super) fn minimal() -> serde_json::Value {
         serde_json::json!({
             "kafka": {"brokers": ["127.0.0.1:9092"]},
             "redis": {"url": "redis://127.0.0.1:6379"},
@@ -554,7 +569,7 @@ mod tests {
         })
     }
 
-    fn error_of(value: &serde_json::Value) -> String {
+    pub(in super::super) fn error_of(value: &serde_json::Value) -> String {
         match Manifest::parse(&value.to_string()) {
             Ok(_) => panic!("manifest {value} was accepted"),
             Err(error) => error.to_string(),
@@ -584,7 +599,7 @@ mod tests {
     /// Parses a manifest the validator must accept, and requires the schema to accept it
     /// too: the schema describes every field the validator takes, so editors never flag a
     /// manifest Fjord runs with.
-    fn accepted(value: &serde_json::Value) -> Manifest {
+    pub(in super::super) fn accepted(value: &serde_json::Value) -> Manifest {
         let manifest = Manifest::parse(&value.to_string()).expect("a valid manifest");
         let refused = schema_errors(value);
         assert!(
@@ -699,6 +714,14 @@ mod tests {
             "audience": "a", "leeway_secs": 5, "token_cookie": "t", "allow_query_token": false
         });
         manifests.push(jwt);
+        let mut formats = example.clone();
+        formats["topics"] =
+            serde_json::json!({"orders": {"value_format": "avro", "key_format": "string"}});
+        formats["schema_registry"] = serde_json::json!({
+            "urls": ["https://sr.internal"], "auth": {"type": "basic", "username": "u", "password_env": "P"},
+            "ca_pem": "x", "cache_schemas": 10
+        });
+        manifests.push(formats);
         let mut ssl = example;
         ssl["kafka"]["security"] = serde_json::json!({
             "protocol": "ssl", "ca_pem": "x", "cert_pem": "x", "key_pem_env": "K",
@@ -1056,6 +1079,9 @@ mod tests {
         value["auth"] = serde_json::json!({
             "mode": "jwt", "algorithms": ["HS256"], "hs256_secret_env": "HS256_SECRET"
         });
+        value["schema_registry"] = serde_json::json!({
+            "urls": ["https://sr.internal"], "auth": {"type": "bearer", "token_env": "SR_TOKEN"}
+        });
         accepted(&value)
     }
 
@@ -1088,6 +1114,7 @@ mod tests {
                     &[Consumer]
                 ),
                 ("HS256_SECRET", "$.auth.hs256_secret_env", &[Server]),
+                ("SR_TOKEN", "$.schema_registry.auth.token_env", &[Consumer]),
                 (
                     "REDIS_PASSWORD",
                     "$.redis.password_env",
@@ -1100,6 +1127,7 @@ mod tests {
                     &[Consumer]
                 ),
                 ("HS256_SECRET", "$.auth.hs256_secret_env", &[Server]),
+                ("SR_TOKEN", "$.schema_registry.auth.token_env", &[Consumer]),
             ]
         );
 
