@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::bus::{Problem, SkippedRecords, StreamId};
+use crate::bus::{Problem, SkipReason, SkippedRecords, StreamId};
 
 /// A heartbeat: a comment line, ignored by clients, that keeps proxies from closing the
 /// connection as idle.
@@ -96,19 +96,27 @@ pub fn gap(endpoint: &str, last_event_id: StreamId, oldest: StreamId) -> Bytes {
     )
 }
 
-/// The `fjord.gap` event for records of `endpoint` that the consumer could not read and
-/// skipped, at stream position `id`. Unlike a retention gap it has an id: it is an entry of
-/// the stream, which a client resuming from before it is sent again.
+/// The `fjord.gap` event for records of `endpoint` that the consumer could not read (or
+/// decode) and skipped, at stream position `id`. Unlike a retention gap it has an id: it is
+/// an entry of the stream, which a client resuming from before it is sent again.
 pub fn unreadable_gap(id: StreamId, endpoint: &str, skipped: &SkippedRecords) -> RenderedEvent {
+    let message = match skipped.reason {
+        SkipReason::UnreadableRecord => {
+            "records of this partition could not be read from Kafka and were skipped; their keys are unknown"
+        }
+        SkipReason::UndecodableRecord => {
+            "a record of this partition could not be decoded by its topic's format and was skipped; its key is unknown"
+        }
+    };
     let data = serde_json::json!({
         "endpoint": endpoint,
-        "reason": "unreadable_record",
+        "reason": skipped.reason.as_str(),
         "topic": skipped.topic,
         "partition": skipped.partition,
         "first_offset": skipped.first_offset,
         "last_offset": skipped.last_offset,
         "error": skipped.error,
-        "message": "records of this partition could not be read from Kafka and were skipped; their keys are unknown",
+        "message": message,
     });
     RenderedEvent::new(id, reserved::GAP, data.to_string().as_bytes())
 }
@@ -209,6 +217,7 @@ mod tests {
             first_offset: 40,
             last_offset: 59,
             error: "Local: Invalid compressed data".into(),
+            reason: SkipReason::UnreadableRecord,
         };
         let event = unreadable_gap(id(9, 1), "orders", &skipped);
         let text = std::str::from_utf8(event.bytes()).expect("utf-8");
@@ -223,6 +232,21 @@ mod tests {
         assert_eq!(data["partition"], 3);
         assert_eq!(data["first_offset"], 40);
         assert_eq!(data["last_offset"], 59);
+
+        // An undecodable record's marker says so; an unreadable batch's marker is written
+        // as before the reason existed, so servers of either version read both.
+        let marker = serde_json::to_value(&skipped).expect("json");
+        assert_eq!(marker.get("reason"), None);
+        let undecodable = SkippedRecords {
+            reason: SkipReason::UndecodableRecord,
+            ..skipped
+        };
+        let marker = serde_json::to_value(&undecodable).expect("json");
+        assert_eq!(marker["reason"], "undecodable_record");
+        let event = unreadable_gap(id(9, 1), "orders", &undecodable);
+        let text = std::str::from_utf8(event.bytes()).expect("utf-8");
+        assert!(text.contains(r#""reason":"undecodable_record""#), "{text}");
+        assert!(text.contains("could not be decoded"), "{text}");
     }
 
     #[test]

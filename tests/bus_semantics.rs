@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::*;
 use fjord::bus::memory::MemoryBus;
 use fjord::bus::{
-    Bus, BusEntry, EntryKind, InvalidEntry, Problem, Publication, Published, Receivers,
+    Bus, BusEntry, EntryKind, InvalidEntry, Problem, Publication, Published, Receivers, SkipReason,
     SkippedRecords, StreamId, connect_redis,
 };
 use fjord::config::{EndpointName, RedisConfig, Retention, ServerConfig, StartPosition};
@@ -266,6 +266,7 @@ async fn a_skipped_records_marker_is_published_once_and_counts_as_published(kind
         first_offset: 3,
         last_offset: 7,
         error: "Local: Invalid compressed data".into(),
+        reason: SkipReason::UnreadableRecord,
     };
     for expected in [Published::Appended, Published::Duplicate] {
         assert_eq!(

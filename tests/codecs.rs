@@ -10,7 +10,9 @@ mod common;
 use std::io::{Seek as _, SeekFrom, Write as _};
 
 use common::*;
-use fjord::bus::{Bus, EntryKind, Publication, Published, SkippedRecords, connect_redis};
+use fjord::bus::{
+    Bus, EntryKind, Publication, Published, SkipReason, SkippedRecords, connect_redis,
+};
 use fjord::config::{EndpointName, RedisConfig, Retention};
 use fjord::envelope::Envelope;
 
@@ -281,6 +283,7 @@ async fn the_redis_bus_publishes_a_skipped_records_marker_once() {
         first_offset: 3,
         last_offset: 7,
         error: "Local: Invalid compressed data".into(),
+        reason: SkipReason::UnreadableRecord,
     };
     assert_eq!(
         bus.publish_skipped(&skipped, &endpoints)

@@ -87,8 +87,8 @@ pub enum EntryKind {
 }
 
 /// Records of one partition that the consumer could not read at all (a corrupt or
-/// undecodable batch) and skipped. Their keys are unknown, so every client of the
-/// endpoints that carry the topic is told.
+/// undecodable batch), or read but could not decode by its topic's format, and skipped.
+/// Their keys are unknown, so every client of the endpoints that carry the topic is told.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SkippedRecords {
     /// The topic.
@@ -99,8 +99,38 @@ pub struct SkippedRecords {
     pub first_offset: i64,
     /// The last offset skipped.
     pub last_offset: i64,
-    /// Why the records could not be read, as the Kafka client said.
+    /// Why the records could not be read, as the Kafka client (or the decoder) said.
     pub error: String,
+    /// Which kind of skip; absent from an unreadable batch's marker, as before there were
+    /// two kinds.
+    #[serde(default, skip_serializing_if = "SkipReason::is_unreadable")]
+    pub reason: SkipReason,
+}
+
+/// Why records were skipped: the `reason` of their `fjord.gap`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// Kafka's client could not read the batch.
+    #[default]
+    UnreadableRecord,
+    /// The record was read, but its key or value is not of its topic's format (or its
+    /// schema could not be had from the registry).
+    UndecodableRecord,
+}
+
+impl SkipReason {
+    fn is_unreadable(&self) -> bool {
+        *self == Self::UnreadableRecord
+    }
+
+    /// As in `fjord.gap`'s `reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnreadableRecord => "unreadable_record",
+            Self::UndecodableRecord => "undecodable_record",
+        }
+    }
 }
 
 /// One entry as read from an endpoint's stream (see [`entry::decode`]).

@@ -14,7 +14,7 @@ use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{MemberContext, Routes, client_config, until_accepted};
-use fjord::bus::{Bus, SkippedRecords};
+use fjord::bus::{Bus, SkipReason, SkippedRecords};
 use fjord::config::{ConsumerGroupConfig, KafkaConfig, OffsetReset};
 
 /// The error codes with which librdkafka reports a batch it cannot read at all: a corrupt
@@ -232,6 +232,7 @@ impl<'a> Skipper<'a> {
                 first_offset: from,
                 last_offset: last,
                 error: code.to_string(),
+                reason: SkipReason::UnreadableRecord,
             }));
         }
         Ok(None)

@@ -157,7 +157,7 @@ mod tests {
     use super::super::testing::{
         entry, hub, hub_on_memory_bus, keyed, live, name, next_text, offsets, publish, read_text,
     };
-    use crate::bus::{Bus, SkippedRecords};
+    use crate::bus::{Bus, SkipReason, SkippedRecords};
     use crate::config::{Retention, StartPosition};
     use crate::sse::ResumeId;
 
@@ -256,6 +256,7 @@ mod tests {
             first_offset: 3,
             last_offset: 5,
             error: "Local: Invalid compressed data".into(),
+            reason: SkipReason::UnreadableRecord,
         };
         Bus::Memory(bus.clone())
             .publish_skipped(&skipped, &[(name("orders"), Retention::default())])
