@@ -5,6 +5,11 @@
 //! `value` is the record's JSON when it parses as JSON, a string when it is other UTF-8,
 //! else `{"base64": "..."}`; `key` and header values are strings when UTF-8, else the
 //! base64 object. A header name that occurs more than once maps to an array of its values.
+//!
+//! A key or value the consumer decoded itself (the manifest's `topics` formats, a Schema
+//! Registry's) replaces those rules with its JSON ([`Decoded`]); one decoded with a registry's
+//! schema also names it, in `key_schema` / `value_schema` (`id`, and `subject` and `version`
+//! when the registry names them), fields that are absent otherwise.
 
 use std::collections::BTreeMap;
 
@@ -66,6 +71,7 @@ enum Value<'a> {
     /// which would change numbers that do not round-trip through `f64`.
     ReformattedJson(Box<RawValue>),
     Other(TextOrBase64<'a>),
+    Decoded(&'a RawValue),
     Null,
 }
 
@@ -94,7 +100,54 @@ impl Serialize for Value<'_> {
             Self::Json(raw) => raw.serialize(serializer),
             Self::ReformattedJson(value) => value.serialize(serializer),
             Self::Other(other) => other.serialize(serializer),
+            Self::Decoded(raw) => raw.serialize(serializer),
             Self::Null => serializer.serialize_none(),
+        }
+    }
+}
+
+/// A key or value as the consumer decoded it.
+#[derive(Debug, Clone)]
+pub struct DecodedField {
+    /// Its JSON, one line.
+    pub json: Box<RawValue>,
+    /// The registry's schema it was decoded with, if any.
+    pub schema: Option<SchemaRef>,
+}
+
+/// A schema in a Schema Registry, as the envelope names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SchemaRef {
+    /// The schema id of the record's wire format.
+    pub id: u32,
+    /// The subject the id is registered under, when the registry names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The subject's version, likewise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+}
+
+/// The key and value the consumer decoded; `None` keeps the envelope's own rules.
+#[derive(Debug, Clone, Default)]
+pub struct Decoded {
+    /// The key.
+    pub key: Option<DecodedField>,
+    /// The value.
+    pub value: Option<DecodedField>,
+}
+
+/// A record's key: decoded, else text or base64.
+enum Key<'a> {
+    Decoded(&'a RawValue),
+    Raw(TextOrBase64<'a>),
+}
+
+impl Serialize for Key<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Decoded(raw) => raw.serialize(serializer),
+            Self::Raw(raw) => raw.serialize(serializer),
         }
     }
 }
@@ -119,10 +172,14 @@ struct EnvelopeJson<'a> {
     topic: &'a str,
     partition: i32,
     offset: i64,
-    key: Option<TextOrBase64<'a>>,
+    key: Option<Key<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_schema: Option<&'a SchemaRef>,
     timestamp: Option<i64>,
     headers: BTreeMap<&'a str, HeaderValues<'a>>,
     value: Value<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_schema: Option<&'a SchemaRef>,
 }
 
 impl Envelope {
@@ -133,6 +190,16 @@ impl Envelope {
     pub fn encode<'a>(
         record: RecordParts<'a>,
         headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Result<Self, serde_json::Error> {
+        Self::encode_decoded(record, headers, &Decoded::default())
+    }
+
+    /// Encodes a record whose key or value the consumer decoded: `decoded` takes the place
+    /// of the envelope's rules for what it holds. A tombstone's value stays `null`.
+    pub fn encode_decoded<'a>(
+        record: RecordParts<'a>,
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+        decoded: &Decoded,
     ) -> Result<Self, serde_json::Error> {
         let mut header_map: BTreeMap<&str, HeaderValues<'_>> = BTreeMap::new();
         for (name, value) in headers {
@@ -152,10 +219,25 @@ impl Envelope {
             topic: record.topic,
             partition: record.partition,
             offset: record.offset,
-            key: record.key.map(TextOrBase64),
+            key: match (&decoded.key, record.key) {
+                (_, None) => None,
+                (Some(key), Some(_)) => Some(Key::Decoded(&key.json)),
+                (None, Some(key)) => Some(Key::Raw(TextOrBase64(key))),
+            },
+            key_schema: record
+                .key
+                .and(decoded.key.as_ref())
+                .and_then(|key| key.schema.as_ref()),
             timestamp: record.timestamp,
             headers: header_map,
-            value: Value::of(record.value),
+            value: match (&decoded.value, record.value) {
+                (Some(value), Some(_)) => Value::Decoded(&value.json),
+                _ => Value::of(record.value),
+            },
+            value_schema: record
+                .value
+                .and(decoded.value.as_ref())
+                .and_then(|value| value.schema.as_ref()),
         };
         let json = serde_json::to_vec(&json)?;
         Ok(Self {
@@ -253,6 +335,44 @@ mod tests {
             serde_json::json!({"base64": "gA=="})
         );
         assert_eq!(envelope.filter_key.as_deref(), Some(&[0xff, 0x00][..]));
+    }
+
+    #[test]
+    fn decoded_fields_replace_the_rules_and_name_their_schema() {
+        let field = |json: &str, id: Option<u32>| DecodedField {
+            json: RawValue::from_string(json.to_owned()).expect("JSON"),
+            schema: id.map(|id| SchemaRef {
+                id,
+                subject: Some("orders-value".into()),
+                version: Some(2),
+            }),
+        };
+        let decoded = Decoded {
+            key: Some(field(r#""k-1""#, None)),
+            value: Some(field(r#"{"total":"23.50"}"#, Some(7))),
+        };
+        let envelope = Envelope::encode_decoded(
+            parts(Some(b"\0\0\0\0\x01k"), Some(b"\0\0\0\0\x07...")),
+            [],
+            &decoded,
+        )
+        .expect("encodes");
+        let json: serde_json::Value = serde_json::from_slice(&envelope.json).expect("JSON");
+        assert_eq!(json["key"], "k-1");
+        assert_eq!(json.get("key_schema"), None);
+        assert_eq!(json["value"], serde_json::json!({"total": "23.50"}));
+        assert_eq!(
+            json["value_schema"],
+            serde_json::json!({"id": 7, "subject": "orders-value", "version": 2})
+        );
+        // The key filter is still the key's bytes.
+        assert_eq!(envelope.filter_key.as_deref(), Some(&b"\0\0\0\0\x01k"[..]));
+        // A tombstone stays null, without a schema, whatever was decoded.
+        let tombstone = Envelope::encode_decoded(parts(None, None), [], &decoded).expect("encodes");
+        let json: serde_json::Value = serde_json::from_slice(&tombstone.json).expect("JSON");
+        assert_eq!(json["value"], serde_json::Value::Null);
+        assert_eq!(json.get("value_schema"), None);
+        assert_eq!(json["key"], serde_json::Value::Null);
     }
 
     #[test]

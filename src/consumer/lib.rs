@@ -4,10 +4,17 @@
 //! (at-least-once), and the bus's idempotent publish turns a second delivery after a crash
 //! into a no-op. A batch librdkafka cannot read is skipped with a marker ([`skip`]).
 //!
+//! A record's key and value are decoded by its topic's format ([`decode`]), with writers'
+//! schemas from the Schema Registry ([`registry`]). A record that cannot be decoded is
+//! skipped with a marker too; while the registry is down, the member waits for it with the
+//! record in hand, so nothing past it is published or committed.
+//!
 //! While the bus is unreachable the member stops reading once 8,192 records wait
 //! (backpressure) and retries the same batch; it never skips a record it can read.
 
 mod batches;
+mod decode;
+mod registry;
 mod skip;
 
 use std::collections::HashMap;
@@ -26,6 +33,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio::sync::mpsc;
 
 use self::batches::{InFlight, Publisher};
+use self::decode::{Decoder, Outcome};
 use self::skip::{Skipper, UNREADABLE, unreadable};
 use fjord::backoff::Backoff;
 use fjord::bus::{Bus, BusError};
@@ -33,7 +41,7 @@ use fjord::config::{
     ConsumerGroupConfig, EndpointName, KafkaConfig, KafkaSecurity, Manifest, ManifestError,
     OffsetReset, Retention,
 };
-use fjord::envelope::{Envelope, RecordParts};
+use fjord::envelope::{Decoded, Envelope, RecordParts};
 
 /// Why a consumer stopped.
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +318,7 @@ pub async fn run(
     tracing::info!(group = %group.id, topics = %group.topics.join(","), "consumer joined");
 
     let routes = Arc::new(routes_by_topic(manifest, group));
+    let mut decoder = Decoder::new(manifest)?;
     let mut skipper = Skipper::new(&manifest.kafka, group);
     let mut publisher = Publisher::new(&group.id, bus, Arc::clone(&routes), in_flight);
     tokio::pin!(shutdown);
@@ -347,7 +356,25 @@ pub async fn run(
         if !routes.contains_key(message.topic()) {
             continue;
         }
-        let envelope = encode(&message)?;
+        let decoded = tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            outcome = decode(&mut decoder, &message) => outcome,
+        };
+        let decoded = match decoded {
+            Ok(decoded) => decoded,
+            Err(undecodable) => {
+                tokio::select! {
+                    () = &mut shutdown => break Ok(()),
+                    () = publisher.settle_all(&consumer) => {}
+                }
+                tokio::select! {
+                    () = &mut shutdown => break Ok(()),
+                    () = skipper.skip_undecodable(&consumer, &routes, bus, &message, &undecodable) => {}
+                }
+                continue;
+            }
+        };
+        let envelope = encode(&message, &decoded)?;
         publisher.add(
             message.topic(),
             message.partition(),
@@ -362,7 +389,7 @@ pub async fn run(
     {
         tracing::warn!(group = %group.id, "records still in flight at shutdown; the next member publishes them again, once");
     }
-    tracing::info!(group = %group.id, published = publisher.published, skipped = skipper.skipped, "leaving the group");
+    tracing::info!(group = %group.id, published = publisher.published, skipped = skipper.skipped, undecodable = skipper.undecodable, "leaving the group");
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => {}
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
@@ -374,7 +401,41 @@ pub async fn run(
     outcome
 }
 
-fn encode(message: &BorrowedMessage<'_>) -> Result<Envelope, ConsumerError> {
+/// Decodes a record by its topic's formats; while the registry is down, waits with the
+/// shared backoff and tries again, holding the record (and so its partition) back.
+async fn decode(
+    decoder: &mut Decoder<'_>,
+    message: &BorrowedMessage<'_>,
+) -> Result<Decoded, decode::Undecodable> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut down_since = None;
+    loop {
+        match decoder
+            .decode(message.topic(), message.key(), message.payload())
+            .await
+        {
+            Outcome::Decoded(decoded) => {
+                if let Some(since) = down_since {
+                    tracing::info!(topic = message.topic(), partition = message.partition(), offset = message.offset(), down_for = ?std::time::Instant::now().duration_since(since), "schema registry answers again; the partition moves on");
+                }
+                return Ok(decoded);
+            }
+            Outcome::Undecodable(undecodable) => return Err(undecodable),
+            Outcome::RegistryDown(reason) => {
+                let retry_in = backoff.next_delay();
+                if down_since.is_none() {
+                    down_since = Some(std::time::Instant::now());
+                    tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), %reason, ?retry_in, "schema registry unavailable; holding the partition at this record until it answers");
+                } else {
+                    tracing::debug!(%reason, ?retry_in, "schema registry still unavailable");
+                }
+                tokio::time::sleep(retry_in).await;
+            }
+        }
+    }
+}
+
+fn encode(message: &BorrowedMessage<'_>, decoded: &Decoded) -> Result<Envelope, ConsumerError> {
     let parts = RecordParts {
         topic: message.topic(),
         partition: message.partition(),
@@ -388,7 +449,7 @@ fn encode(message: &BorrowedMessage<'_>) -> Result<Envelope, ConsumerError> {
         .into_iter()
         .flat_map(|headers| headers.iter())
         .map(|header| (header.key, header.value));
-    Envelope::encode(parts, headers).map_err(|source| ConsumerError::Encode {
+    Envelope::encode_decoded(parts, headers, decoded).map_err(|source| ConsumerError::Encode {
         topic: message.topic().to_owned(),
         partition: message.partition(),
         offset: message.offset(),

@@ -3,16 +3,18 @@
 //! librdkafka reports an error without saying where and fetches the same batch again,
 //! forever. The member finds the partition and the offsets the batch covers with a probe of
 //! its own, publishes a marker of the skipped records to the bus (clients get `fjord.gap`),
-//! and seeks past them.
+//! and seeks past them. A record read but not decodable by its topic's format is skipped
+//! the same way, with its own reason, and counted.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use super::decode::Undecodable;
 use super::{MemberContext, Routes, client_config, until_accepted};
 use fjord::bus::{Bus, SkipReason, SkippedRecords};
 use fjord::config::{ConsumerGroupConfig, KafkaConfig, OffsetReset};
@@ -80,7 +82,14 @@ pub(super) struct Skipper<'a> {
     pub(super) skipped: u64,
     /// Whether a failure to find the stuck partition was logged since the last skip.
     unlocated_logged: bool,
+    /// Records skipped as undecodable since start.
+    pub(super) undecodable: u64,
+    /// When undecodable records were last logged, and how many were skipped since.
+    undecodable_logged: Option<(Instant, u64)>,
 }
+
+/// How often skipped undecodable records are logged: a topic of them must not flood the log.
+const UNDECODABLE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl<'a> Skipper<'a> {
     pub(super) fn new(kafka: &'a KafkaConfig, group: &'a ConsumerGroupConfig) -> Self {
@@ -91,6 +100,62 @@ impl<'a> Skipper<'a> {
             next: HashMap::new(),
             skipped: 0,
             unlocated_logged: false,
+            undecodable: 0,
+            undecodable_logged: None,
+        }
+    }
+
+    /// Publishes a marker for a record that cannot be decoded to the endpoints of its topic,
+    /// and stores its offset: the partition moves on past it. The caller has published every
+    /// record read before it.
+    pub(super) async fn skip_undecodable(
+        &mut self,
+        consumer: &StreamConsumer<MemberContext>,
+        routes: &Routes,
+        bus: &Bus,
+        message: &BorrowedMessage<'_>,
+        undecodable: &Undecodable,
+    ) {
+        let skipped = SkippedRecords {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            first_offset: message.offset(),
+            last_offset: message.offset(),
+            error: undecodable.to_string(),
+            reason: SkipReason::UndecodableRecord,
+        };
+        if let Some(endpoints) = routes.get(&skipped.topic) {
+            until_accepted(
+                &skipped.topic,
+                skipped.partition,
+                skipped.last_offset,
+                || bus.publish_skipped(&skipped, endpoints),
+            )
+            .await;
+        }
+        if let Err(store_error) =
+            consumer.store_offset(&skipped.topic, skipped.partition, skipped.last_offset)
+        {
+            tracing::debug!(%store_error, "offset not stored");
+        }
+        self.undecodable += 1;
+        let now = Instant::now();
+        match &mut self.undecodable_logged {
+            Some((at, since)) if now.duration_since(*at) < UNDECODABLE_LOG_INTERVAL => *since += 1,
+            logged => {
+                let since = logged.map_or(0, |(_, since)| since);
+                *logged = Some((now, 0));
+                tracing::warn!(
+                    group = %self.group.id,
+                    topic = %skipped.topic,
+                    partition = skipped.partition,
+                    offset = skipped.last_offset,
+                    error = %skipped.error,
+                    undecodable_total = self.undecodable,
+                    skipped_unlogged = since,
+                    "skipped a record that cannot be decoded; clients were sent fjord.gap (one line per 10 s at most)"
+                );
+            }
         }
     }
 

@@ -1,0 +1,603 @@
+//! Decoding a record's key and value by its topic's formats (the manifest's `topics`), once,
+//! into the JSON the envelope carries. The Confluent wire format — a zero byte, a 4-byte
+//! big-endian schema id, then the encoded data — is read with the writer's schema from the
+//! [`Registry`]: Avro, Protobuf (after its message indexes) and JSON Schema.
+//!
+//! The JSON mapping of Avro: null, booleans, ints, longs, floats and doubles are JSON
+//! literals and numbers (a NaN or an infinity is `null`; a long past 2^53 is written exactly,
+//! which JavaScript's `JSON.parse` rounds); strings, enum symbols and `uuid` are strings;
+//! `bytes` and `fixed` are base64 strings; a union is its branch's value, unwrapped;
+//! arrays, maps and records are arrays and objects (a record's fields in schema order);
+//! `decimal` is a string of the exact number (`"1234.50"`); `date` is `"YYYY-MM-DD"`;
+//! `time-millis`/`-micros` are `"HH:MM:SS.sss"`/`"HH:MM:SS.ssssss"`; `timestamp-millis`,
+//! `-micros` and `-nanos` are RFC 3339 UTC strings with that many fraction digits
+//! (`"2026-01-02T03:04:05.678Z"`), and the `local-timestamp-*` ones the same without the
+//! `Z`; `duration` is `{"months", "days", "millis"}`. Protobuf follows protobuf's JSON
+//! mapping (64-bit integers as strings, bytes as base64, enums by name, well-known types
+//! as theirs) with the `.proto` field names and every field, defaults included.
+
+use std::sync::Arc;
+
+use apache_avro::Schema as AvroSchema;
+use apache_avro::types::Value as Avro;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use fjord::config::{Format, Manifest, TopicFormats};
+use fjord::envelope::{Decoded, DecodedField, SchemaRef};
+use serde_json::value::RawValue;
+
+use crate::registry::{FetchError, Registry, SchemaKind, WriterSchema};
+
+/// Why a key or value cannot be decoded: the record is skipped with a gap.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{part}: {reason}")]
+pub(crate) struct Undecodable {
+    /// `key` or `value`.
+    pub(crate) part: &'static str,
+    /// What is wrong.
+    pub(crate) reason: String,
+}
+
+/// What decoding a record came to.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Decoded (or left to the envelope's rules).
+    Decoded(Decoded),
+    /// Cannot be decoded, ever: skip it.
+    Undecodable(Undecodable),
+    /// The registry is down: try again later.
+    RegistryDown(String),
+}
+
+/// A member's decoder: its manifest's formats and its registry client.
+#[derive(Debug)]
+pub(crate) struct Decoder<'a> {
+    manifest: &'a Manifest,
+    registry: Option<Registry>,
+}
+
+/// The Confluent wire format's magic byte.
+const MAGIC: u8 = 0;
+
+/// A record in the wire format: its schema id and the data after the header.
+fn wire_format(bytes: &[u8]) -> Option<(u32, &[u8])> {
+    match bytes {
+        [MAGIC, a, b, c, d, rest @ ..] => Some((u32::from_be_bytes([*a, *b, *c, *d]), rest)),
+        _ => None,
+    }
+}
+
+impl<'a> Decoder<'a> {
+    /// A decoder for `manifest`'s topics, with a client of its registry if it names one.
+    pub(crate) fn new(manifest: &'a Manifest) -> Result<Self, fjord::config::ManifestError> {
+        let registry = manifest
+            .schema_registry
+            .as_ref()
+            .map(Registry::new)
+            .transpose()?;
+        Ok(Self { manifest, registry })
+    }
+
+    /// Decodes a record of `topic`.
+    pub(crate) async fn decode(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Outcome {
+        let TopicFormats {
+            value_format,
+            key_format,
+        } = self.manifest.topic_formats(topic);
+        let outcome = |part, error| match error {
+            FetchError::Refused(reason) => Outcome::Undecodable(Undecodable { part, reason }),
+            FetchError::Down(reason) => Outcome::RegistryDown(reason),
+        };
+        let key = match self.field(key_format, key).await {
+            Ok(key) => key,
+            Err(error) => return outcome("key", error),
+        };
+        let value = match self.field(value_format, value).await {
+            Ok(value) => value,
+            Err(error) => return outcome("value", error),
+        };
+        Outcome::Decoded(Decoded { key, value })
+    }
+
+    /// A key or value decoded; `Refused` when it cannot be, ever.
+    async fn field(
+        &mut self,
+        format: Format,
+        bytes: Option<&[u8]>,
+    ) -> Result<Option<DecodedField>, FetchError> {
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let fail = FetchError::Refused;
+        let plain = |json: String| {
+            RawValue::from_string(json)
+                .map(|json| Some(DecodedField { json, schema: None }))
+                .map_err(|error| fail(error.to_string()))
+        };
+        match format {
+            Format::Auto if self.registry.is_none() => Ok(None),
+            Format::Json => match serde_json::from_slice::<&RawValue>(bytes) {
+                // The envelope's rules write JSON as JSON.
+                Ok(_) => Ok(None),
+                Err(error) => Err(fail(format!("not JSON: {error}"))),
+            },
+            Format::String => match std::str::from_utf8(bytes) {
+                Ok(text) => plain(serde_json::Value::from(text).to_string()),
+                Err(error) => Err(fail(format!("not UTF-8: {error}"))),
+            },
+            Format::Bytes => plain(serde_json::json!({"base64": BASE64.encode(bytes)}).to_string()),
+            Format::Auto => {
+                let Some((id, data)) = wire_format(bytes) else {
+                    return Ok(None);
+                };
+                match self.schema(id).await {
+                    Ok(schema) => decode_with(&schema, data).map(Some).map_err(fail),
+                    // Bytes that only look like the wire format: the envelope's rules.
+                    Err(FetchError::Refused(_)) => Ok(None),
+                    Err(down) => Err(down),
+                }
+            }
+            Format::Avro | Format::Protobuf | Format::JsonSchema => {
+                let Some((id, data)) = wire_format(bytes) else {
+                    return Err(fail(
+                        "not in the Confluent wire format (a zero byte and a 4-byte schema id)"
+                            .into(),
+                    ));
+                };
+                let schema = self.schema(id).await?;
+                let matches = matches!(
+                    (format, &schema.kind),
+                    (Format::Avro, SchemaKind::Avro { .. })
+                        | (Format::Protobuf, SchemaKind::Protobuf { .. })
+                        | (Format::JsonSchema, SchemaKind::Json)
+                );
+                if !matches {
+                    return Err(fail(format!(
+                        "schema {id} is not of the topic's format ({format:?})"
+                    )));
+                }
+                decode_with(&schema, data).map(Some).map_err(fail)
+            }
+        }
+    }
+
+    async fn schema(&mut self, id: u32) -> Result<Arc<WriterSchema>, FetchError> {
+        match &mut self.registry {
+            Some(registry) => registry.schema(id).await,
+            // The manifest's validation requires a registry for these formats.
+            None => Err(FetchError::Refused("no schema_registry".into())),
+        }
+    }
+}
+
+/// Decodes the data after the wire format's header with its writer's schema.
+fn decode_with(schema: &WriterSchema, data: &[u8]) -> Result<DecodedField, String> {
+    let json = match &schema.kind {
+        SchemaKind::Avro {
+            schema: avro,
+            references,
+        } => {
+            let mut reader = data;
+            let value = apache_avro::from_avro_datum_schemata(
+                avro,
+                references.iter().collect(),
+                &mut reader,
+                None,
+            )
+            .map_err(|error| format!("not Avro of schema {}: {error}", schema.id))?;
+            if !reader.is_empty() {
+                return Err(format!(
+                    "{} bytes left after the Avro datum of schema {}",
+                    reader.len(),
+                    schema.id
+                ));
+            }
+            let names = Names::of(avro, references);
+            serde_json::to_string(&avro_json(&value, avro, &names)).map_err(|e| e.to_string())?
+        }
+        SchemaKind::Protobuf { messages } => {
+            let (indexes, rest) = message_indexes(data)?;
+            let message = message_of(messages, &indexes)
+                .ok_or_else(|| format!("schema {} has no message {indexes:?}", schema.id))?;
+            let decoded = prost_reflect::DynamicMessage::decode(message, rest)
+                .map_err(|error| format!("not Protobuf of schema {}: {error}", schema.id))?;
+            let options = prost_reflect::SerializeOptions::new()
+                .skip_default_fields(false)
+                .use_proto_field_name(true);
+            let mut out = serde_json::Serializer::new(Vec::new());
+            decoded
+                .serialize_with_options(&mut out, &options)
+                .map_err(|error| error.to_string())?;
+            String::from_utf8(out.into_inner()).map_err(|error| error.to_string())?
+        }
+        // As written, numbers included; made one line as the envelope's rules make it (JSON
+        // holds line breaks only between tokens).
+        SchemaKind::Json => match serde_json::from_slice::<&RawValue>(data) {
+            Ok(raw) => raw.get().replace(['\n', '\r'], ""),
+            Err(error) => return Err(format!("not JSON: {error}")),
+        },
+    };
+    let (subject, version) = match &schema.subject {
+        Some((subject, version)) => (Some(subject.clone()), Some(*version)),
+        None => (None, None),
+    };
+    Ok(DecodedField {
+        json: RawValue::from_string(json).map_err(|error| error.to_string())?,
+        schema: Some(SchemaRef {
+            id: schema.id,
+            subject,
+            version,
+        }),
+    })
+}
+
+/// A zig-zag varint, and the bytes after it.
+fn zigzag(bytes: &[u8]) -> Result<(i64, &[u8]), String> {
+    let mut value: u64 = 0;
+    for (i, byte) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            #[allow(
+                clippy::cast_possible_wrap,
+                reason = "zig-zag decoding is bit twiddling"
+            )]
+            let decoded = (value >> 1) as i64 ^ -((value & 1) as i64);
+            return Ok((decoded, &bytes[i + 1..]));
+        }
+    }
+    Err("a malformed varint in the message indexes".into())
+}
+
+/// The Protobuf wire format's message indexes (a count, then that many indexes; a lone 0
+/// for the first message), and the message's bytes after them.
+fn message_indexes(data: &[u8]) -> Result<(Vec<usize>, &[u8]), String> {
+    let (count, mut rest) = zigzag(data)?;
+    if count == 0 {
+        return Ok((vec![0], rest));
+    }
+    let count = usize::try_from(count)
+        .ok()
+        .filter(|count| *count <= 100)
+        .ok_or_else(|| format!("{count} message indexes"))?;
+    let mut indexes = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (index, after) = zigzag(rest)?;
+        indexes.push(usize::try_from(index).map_err(|_| format!("message index {index}"))?);
+        rest = after;
+    }
+    Ok((indexes, rest))
+}
+
+/// The message at `indexes`: the first into the file's messages, the others into nested ones.
+fn message_of(
+    messages: &[prost_reflect::MessageDescriptor],
+    indexes: &[usize],
+) -> Option<prost_reflect::MessageDescriptor> {
+    let (first, nested) = indexes.split_first()?;
+    let mut message = messages.get(*first)?.clone();
+    for index in nested {
+        let child = message.child_messages().nth(*index)?;
+        message = child;
+    }
+    Some(message)
+}
+
+/// The named types of an Avro schema and its references, for `Ref`s.
+struct Names<'s>(std::collections::HashMap<&'s apache_avro::schema::Name, &'s AvroSchema>);
+
+impl<'s> Names<'s> {
+    fn of(schema: &'s AvroSchema, references: &'s [AvroSchema]) -> Self {
+        let mut names = std::collections::HashMap::new();
+        let mut stack: Vec<&AvroSchema> = references.iter().chain([schema]).collect();
+        while let Some(schema) = stack.pop() {
+            match schema {
+                AvroSchema::Record(record) => {
+                    names.insert(&record.name, schema);
+                    stack.extend(record.fields.iter().map(|field| &field.schema));
+                }
+                AvroSchema::Enum(e) => {
+                    names.insert(&e.name, schema);
+                }
+                AvroSchema::Fixed(fixed) => {
+                    names.insert(&fixed.name, schema);
+                }
+                AvroSchema::Array(array) => stack.push(&array.items),
+                AvroSchema::Map(map) => stack.push(&map.types),
+                AvroSchema::Union(union) => stack.extend(union.variants()),
+                _ => {}
+            }
+        }
+        Self(names)
+    }
+
+    fn resolve<'a>(&self, schema: &'a AvroSchema) -> &'a AvroSchema
+    where
+        's: 'a,
+    {
+        match schema {
+            AvroSchema::Ref { name } => self.0.get(name).copied().unwrap_or(schema),
+            other => other,
+        }
+    }
+}
+
+/// An Avro value as JSON, by the mapping in this module's documentation. The schema is
+/// followed beside the value for what the value alone does not say: a decimal's scale.
+fn avro_json(value: &Avro, schema: &AvroSchema, names: &Names<'_>) -> serde_json::Value {
+    use serde_json::Value as Json;
+    let schema = names.resolve(schema);
+    match value {
+        Avro::Null => Json::Null,
+        Avro::Boolean(b) => Json::Bool(*b),
+        Avro::Int(i) => Json::from(*i),
+        Avro::Long(i) => Json::from(*i),
+        Avro::Float(f) => Json::from(f64::from(*f)),
+        Avro::Double(f) => Json::from(*f),
+        Avro::Bytes(bytes) | Avro::Fixed(_, bytes) => Json::from(BASE64.encode(bytes)),
+        Avro::String(s) | Avro::Enum(_, s) => Json::from(s.as_str()),
+        Avro::Union(branch, value) => {
+            let variant = match schema {
+                AvroSchema::Union(union) => usize::try_from(*branch)
+                    .ok()
+                    .and_then(|branch| union.variants().get(branch)),
+                _ => None,
+            };
+            avro_json(value, variant.unwrap_or(&AvroSchema::Null), names)
+        }
+        Avro::Array(items) => {
+            let item = match schema {
+                AvroSchema::Array(array) => &*array.items,
+                _ => &AvroSchema::Null,
+            };
+            Json::Array(items.iter().map(|v| avro_json(v, item, names)).collect())
+        }
+        Avro::Map(entries) => {
+            let item = match schema {
+                AvroSchema::Map(map) => &*map.types,
+                _ => &AvroSchema::Null,
+            };
+            let mut sorted: Vec<_> = entries.iter().collect();
+            sorted.sort_by(|a, b| a.0.cmp(b.0));
+            Json::Object(
+                sorted
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), avro_json(v, item, names)))
+                    .collect(),
+            )
+        }
+        Avro::Record(fields) => {
+            let field_schemas = match schema {
+                AvroSchema::Record(record) => Some(&record.fields),
+                _ => None,
+            };
+            Json::Object(
+                fields
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (name, v))| {
+                        let field = field_schemas
+                            .and_then(|f| f.get(i))
+                            .map_or(&AvroSchema::Null, |f| &f.schema);
+                        (name.clone(), avro_json(v, field, names))
+                    })
+                    .collect(),
+            )
+        }
+        Avro::Decimal(decimal) => {
+            let scale = match schema {
+                AvroSchema::Decimal(decimal) => decimal.scale,
+                _ => 0,
+            };
+            Json::from(decimal_text(
+                &num_bigint::BigInt::from(decimal.clone()),
+                scale,
+            ))
+        }
+        Avro::BigDecimal(decimal) => Json::from(decimal.to_string()),
+        Avro::Uuid(uuid) => Json::from(uuid.to_string()),
+        Avro::Date(days) => Json::from(date(i64::from(*days))),
+        Avro::TimeMillis(ms) => Json::from(time_of_day(i64::from(*ms) * 1_000_000, 3)),
+        Avro::TimeMicros(us) => Json::from(time_of_day(us.saturating_mul(1000), 6)),
+        Avro::TimestampMillis(t) => Json::from(timestamp(i128::from(*t) * 1_000_000, 3, "Z")),
+        Avro::TimestampMicros(t) => Json::from(timestamp(i128::from(*t) * 1000, 6, "Z")),
+        Avro::TimestampNanos(t) => Json::from(timestamp(i128::from(*t), 9, "Z")),
+        Avro::LocalTimestampMillis(t) => Json::from(timestamp(i128::from(*t) * 1_000_000, 3, "")),
+        Avro::LocalTimestampMicros(t) => Json::from(timestamp(i128::from(*t) * 1000, 6, "")),
+        Avro::LocalTimestampNanos(t) => Json::from(timestamp(i128::from(*t), 9, "")),
+        Avro::Duration(duration) => serde_json::json!({
+            "months": u32::from(duration.months()),
+            "days": u32::from(duration.days()),
+            "millis": u32::from(duration.millis()),
+        }),
+    }
+}
+
+/// An unscaled integer and a scale as the exact decimal: `12345`, 2 → `"123.45"`.
+fn decimal_text(unscaled: &num_bigint::BigInt, scale: usize) -> String {
+    let digits = unscaled.magnitude().to_string();
+    let sign = if unscaled.sign() == num_bigint::Sign::Minus {
+        "-"
+    } else {
+        ""
+    };
+    if scale == 0 {
+        return format!("{sign}{digits}");
+    }
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = padded.split_at(padded.len() - scale);
+    format!("{sign}{whole}.{fraction}")
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01, `YYYY-MM-DD`.
+fn date(days: i64) -> String {
+    // Days to a civil date, counting in 400-year eras that start on March 1st.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// Nanoseconds into a day as `HH:MM:SS` with `digits` fraction digits.
+fn time_of_day(nanos: i64, digits: u32) -> String {
+    let seconds = nanos.div_euclid(1_000_000_000);
+    let fraction = nanos.rem_euclid(1_000_000_000) / 10_i64.pow(9 - digits);
+    format!(
+        "{:02}:{:02}:{:02}.{fraction:0width$}",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60,
+        width = digits as usize
+    )
+}
+
+/// Nanoseconds since the epoch as RFC 3339, with `digits` fraction digits and `zone`.
+fn timestamp(nanos: i128, digits: u32, zone: &str) -> String {
+    const DAY: i128 = 86_400_000_000_000;
+    let days = i64::try_from(nanos.div_euclid(DAY)).unwrap_or(i64::MAX / 2);
+    let in_day = i64::try_from(nanos.rem_euclid(DAY)).unwrap_or(0);
+    format!("{}T{}{zone}", date(days), time_of_day(in_day, digits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_and_clock() {
+        assert_eq!(date(0), "1970-01-01");
+        assert_eq!(date(-1), "1969-12-31");
+        assert_eq!(date(19_723), "2024-01-01");
+        assert_eq!(date(11_016), "2000-02-29");
+        assert_eq!(time_of_day(45_296_789_000_000, 3), "12:34:56.789");
+        assert_eq!(time_of_day(1_000, 6), "00:00:00.000001");
+        assert_eq!(
+            timestamp(1_767_323_045_678_000_000, 3, "Z"),
+            "2026-01-02T03:04:05.678Z"
+        );
+        assert_eq!(timestamp(-1_000, 6, ""), "1969-12-31T23:59:59.999999");
+    }
+
+    #[test]
+    fn decimals_are_exact() {
+        let text = |n: i64, scale| decimal_text(&num_bigint::BigInt::from(n), scale);
+        assert_eq!(text(12_345, 2), "123.45");
+        assert_eq!(text(-5, 3), "-0.005");
+        assert_eq!(text(7, 0), "7");
+        assert_eq!(text(0, 2), "0.00");
+    }
+
+    #[test]
+    fn message_indexes_are_zigzag_varints() {
+        assert_eq!(message_indexes(&[0, 9]), Ok((vec![0], &[9][..])));
+        // Two indexes, [1, 2]: zig-zag 2 → 4, 1 → 2, 2 → 4.
+        assert_eq!(message_indexes(&[4, 2, 4, 9]), Ok((vec![1, 2], &[9][..])));
+        assert!(message_indexes(&[0x80]).is_err());
+        assert!(message_indexes(&[1]).is_err(), "a negative count");
+    }
+
+    #[test]
+    fn only_a_zero_byte_and_an_id_are_the_wire_format() {
+        assert_eq!(wire_format(&[0, 0, 0, 1, 2, 7]), Some((258, &[7][..])));
+        assert_eq!(wire_format(&[0, 0, 0, 1, 2]), Some((258, &[][..])));
+        assert_eq!(wire_format(&[0, 0, 0, 1]), None);
+        assert_eq!(wire_format(b"{\"a\":1}"), None);
+    }
+
+    #[test]
+    fn avro_values_map_to_json_with_their_logical_types() {
+        let schema = AvroSchema::parse_str(
+            r#"{"type": "record", "name": "Order", "namespace": "shop", "fields": [
+                {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+                {"name": "total", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}},
+                {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+                {"name": "at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+                {"name": "state", "type": {"type": "enum", "name": "State", "symbols": ["NEW", "PAID"]}},
+                {"name": "note", "type": ["null", "string"]},
+                {"name": "lines", "type": {"type": "array", "items": {"type": "record", "name": "Line",
+                    "fields": [{"name": "sku", "type": "string"}, {"name": "price", "type":
+                    {"type": "fixed", "name": "Price", "size": 2, "logicalType": "decimal", "precision": 4, "scale": 1}}]}}},
+                {"name": "tags", "type": {"type": "map", "values": "long"}},
+                {"name": "raw", "type": {"type": "fixed", "name": "Raw", "size": 2}},
+                {"name": "next", "type": ["null", "Line"]}
+            ]}"#,
+        )
+        .expect("schema");
+        let line = |sku: &str, price: i64| {
+            Avro::Record(vec![
+                ("sku".into(), Avro::String(sku.into())),
+                (
+                    "price".into(),
+                    Avro::Decimal(apache_avro::Decimal::from(
+                        num_bigint::BigInt::from(price).to_signed_bytes_be(),
+                    )),
+                ),
+            ])
+        };
+        let value = Avro::Record(vec![
+            (
+                "id".into(),
+                Avro::Uuid(
+                    "8f2d6a52-6f0e-4a57-9c39-0a4c2a8f1b3e"
+                        .parse()
+                        .expect("uuid"),
+                ),
+            ),
+            (
+                "total".into(),
+                Avro::Decimal(apache_avro::Decimal::from(
+                    num_bigint::BigInt::from(-123_450).to_signed_bytes_be(),
+                )),
+            ),
+            ("day".into(), Avro::Date(19_723)),
+            ("at".into(), Avro::TimestampMicros(1_767_323_045_678_901)),
+            ("state".into(), Avro::Enum(1, "PAID".into())),
+            (
+                "note".into(),
+                Avro::Union(1, Box::new(Avro::String("hi".into()))),
+            ),
+            ("lines".into(), Avro::Array(vec![line("a", 125)])),
+            (
+                "tags".into(),
+                Avro::Map([("x".to_owned(), Avro::Long(1))].into_iter().collect()),
+            ),
+            ("raw".into(), Avro::Fixed(2, vec![0xff, 0])),
+            ("next".into(), Avro::Union(1, Box::new(line("b", -5)))),
+        ]);
+        // Through the real encoder and decoder, so the test holds the crate to this shape.
+        let bytes = apache_avro::to_avro_datum(&schema, value).expect("encodes");
+        let decoded =
+            apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None).expect("decodes");
+        let names = Names::of(&schema, &[]);
+        assert_eq!(
+            avro_json(&decoded, &schema, &names),
+            serde_json::json!({
+                "id": "8f2d6a52-6f0e-4a57-9c39-0a4c2a8f1b3e",
+                "total": "-1234.50",
+                "day": "2024-01-01",
+                "at": "2026-01-02T03:04:05.678901Z",
+                "state": "PAID",
+                "note": "hi",
+                "lines": [{"sku": "a", "price": "12.5"}],
+                "tags": {"x": 1},
+                "raw": "/wA=",
+                "next": {"sku": "b", "price": "-0.5"}
+            })
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! The Schema Registry client: fetches a writer's schema by id (`GET /schemas/ids/{id}`, its
+//! references by subject and version, and which subject and version the id is), parses it
+//! once ([`crate::decode`] uses it), and keeps it in a cache bounded by the manifest's
+//! `cache_schemas`, refusals included, so the registry is asked once per id. A registry that
+//! does not answer, or answers 5xx, is [`FetchError::Down`]: the caller waits with the shared
+//! backoff and asks again, and the record waits with it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use fjord::config::{ManifestError, RegistryAuth, SchemaRegistryConfig};
+use prost_reflect::{DescriptorPool, MessageDescriptor};
+use serde::Deserialize;
+
+/// How long one request may take before the registry counts as down.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most schemas one schema may reference, through its references' references: a bound on
+/// a cycle or a very deep chain.
+const MAX_REFERENCES: usize = 64;
+
+/// Why a schema could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum FetchError {
+    /// The registry cannot be reached or failed (5xx): ask again later.
+    #[error("schema registry unavailable: {0}")]
+    Down(String),
+    /// The registry answered, and the answer is final: no such id, access refused, or a
+    /// schema that does not parse. Kept in the cache like a schema.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A parsed writer's schema.
+#[derive(Debug)]
+pub(crate) struct WriterSchema {
+    /// The schema's id.
+    pub(crate) id: u32,
+    /// The subject and version the id is registered under, when the registry names one.
+    pub(crate) subject: Option<(String, i64)>,
+    /// What decodes records written with it.
+    pub(crate) kind: SchemaKind,
+}
+
+/// A schema by its type.
+#[derive(Debug)]
+pub(crate) enum SchemaKind {
+    /// Avro: the schema and the named schemas it references.
+    Avro {
+        schema: apache_avro::Schema,
+        references: Vec<apache_avro::Schema>,
+    },
+    /// Protobuf: the messages of the schema's own file, top level, in declaration order.
+    Protobuf { messages: Vec<MessageDescriptor> },
+    /// JSON Schema: the record is JSON text.
+    Json,
+}
+
+/// A schema's type as the registry names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+enum SchemaType {
+    #[default]
+    Avro,
+    Protobuf,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+struct Reference {
+    name: String,
+    subject: String,
+    version: i64,
+}
+
+/// `GET /schemas/ids/{id}` and `GET /subjects/{s}/versions/{v}`.
+#[derive(Debug, Deserialize)]
+struct SchemaResponse {
+    schema: String,
+    #[serde(default, rename = "schemaType")]
+    schema_type: SchemaType,
+    #[serde(default)]
+    references: Vec<Reference>,
+}
+
+/// One of `GET /schemas/ids/{id}/versions`.
+#[derive(Debug, Deserialize)]
+struct SubjectVersion {
+    subject: String,
+    version: i64,
+}
+
+/// The registry's schemas, fetched once per id.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    client: reqwest::Client,
+    urls: Vec<String>,
+    authorization: Option<String>,
+    capacity: usize,
+    cache: HashMap<u32, Result<Arc<WriterSchema>, FetchError>>,
+    /// Ids in the order they were cached: the oldest goes first when the cache is full.
+    order: VecDeque<u32>,
+}
+
+impl Registry {
+    /// A client for the manifest's registry, its secret read from the environment and its
+    /// CA (the system's unless one is given) loaded.
+    pub(crate) fn new(config: &SchemaRegistryConfig) -> Result<Self, ManifestError> {
+        let authorization = match &config.auth {
+            None => None,
+            Some(RegistryAuth::Basic {
+                username,
+                password_env,
+            }) => Some(format!(
+                "Basic {}",
+                BASE64.encode(format!("{username}:{}", password_env.read()?))
+            )),
+            Some(RegistryAuth::Bearer { token_env }) => {
+                Some(format!("Bearer {}", token_env.read()?))
+            }
+        };
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls_config(config)?)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|error| invalid("$.schema_registry", error.to_string()))?;
+        Ok(Self {
+            client,
+            urls: config
+                .urls
+                .iter()
+                .map(|url| url.trim_end_matches('/').to_owned())
+                .collect(),
+            authorization,
+            capacity: config.cache_schemas,
+            cache: HashMap::new(),
+            order: VecDeque::new(),
+        })
+    }
+
+    /// The schema with `id`, from the cache or else from the registry. A refusal is cached
+    /// too; a registry that is down is not, and is asked again at the next call.
+    pub(crate) async fn schema(&mut self, id: u32) -> Result<Arc<WriterSchema>, FetchError> {
+        if let Some(cached) = self.cache.get(&id) {
+            return cached.clone();
+        }
+        let fetched = self.fetch(id).await.map(Arc::new);
+        if let Err(FetchError::Down(_)) = fetched {
+            return fetched;
+        }
+        if self.order.len() >= self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.cache.remove(&oldest);
+        }
+        self.order.push_back(id);
+        self.cache.insert(id, fetched.clone());
+        fetched
+    }
+
+    async fn fetch(&self, id: u32) -> Result<WriterSchema, FetchError> {
+        let response: SchemaResponse = self.get(&format!("/schemas/ids/{id}")).await?;
+        let mut references = Vec::new();
+        self.references(&response.references, &mut references)
+            .await?;
+        let kind = parse(&response, &references)
+            .map_err(|error| FetchError::Refused(format!("schema {id} does not parse: {error}")))?;
+        // Which subject and version: for the envelope only, so a registry without this call
+        // (or an id under several subjects) leaves it out.
+        let subject = match self
+            .get::<Vec<SubjectVersion>>(&format!("/schemas/ids/{id}/versions"))
+            .await
+        {
+            Ok(versions) => match versions.as_slice() {
+                [one] => Some((one.subject.clone(), one.version)),
+                _ => None,
+            },
+            Err(FetchError::Refused(_)) => None,
+            Err(down) => return Err(down),
+        };
+        Ok(WriterSchema { id, subject, kind })
+    }
+
+    /// Fetches `wanted` and what they reference, depth first, into `found` (by the name the
+    /// referencing schema imports them as).
+    async fn references(
+        &self,
+        wanted: &[Reference],
+        found: &mut Vec<(String, SchemaResponse)>,
+    ) -> Result<(), FetchError> {
+        let mut stack: Vec<(String, String, i64)> = wanted
+            .iter()
+            .map(|r| (r.name.clone(), r.subject.clone(), r.version))
+            .collect();
+        while let Some((name, subject, version)) = stack.pop() {
+            if found.iter().any(|(known, _)| *known == name) {
+                continue;
+            }
+            if found.len() >= MAX_REFERENCES {
+                return Err(FetchError::Refused(format!(
+                    "more than {MAX_REFERENCES} schema references"
+                )));
+            }
+            let path = format!(
+                "/subjects/{}/versions/{version}",
+                percent_encoding::utf8_percent_encode(&subject, percent_encoding::NON_ALPHANUMERIC)
+            );
+            let response: SchemaResponse = self.get(&path).await?;
+            stack.extend(
+                response
+                    .references
+                    .iter()
+                    .map(|r| (r.name.clone(), r.subject.clone(), r.version)),
+            );
+            found.push((name, response));
+        }
+        Ok(())
+    }
+
+    /// `GET` of `path` from the first URL that answers.
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, FetchError> {
+        let mut down = String::new();
+        for base in &self.urls {
+            let mut request = self.client.get(format!("{base}{path}")).header(
+                "Accept",
+                "application/vnd.schemaregistry.v1+json, application/json",
+            );
+            if let Some(authorization) = &self.authorization {
+                request = request.header("Authorization", authorization);
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(error) => {
+                    // The URL may carry no secret, but the error's chain says what failed.
+                    down = format!("{base}: {}", error.without_url());
+                    continue;
+                }
+            };
+            let status = response.status();
+            if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                down = format!("{base}{path}: HTTP {status}");
+                continue;
+            }
+            if !status.is_success() {
+                return Err(FetchError::Refused(format!(
+                    "the registry answered {path} with HTTP {status}"
+                )));
+            }
+            return match response.json::<T>().await {
+                Ok(body) => Ok(body),
+                Err(error) if error.is_decode() => Err(FetchError::Refused(format!(
+                    "the registry's answer to {path} is not what the Confluent API returns: {error}"
+                ))),
+                Err(error) => {
+                    down = format!("{base}: {}", error.without_url());
+                    continue;
+                }
+            };
+        }
+        Err(FetchError::Down(down))
+    }
+}
+
+fn invalid(path: &str, message: String) -> ManifestError {
+    ManifestError::Invalid {
+        file: None,
+        path: path.into(),
+        message,
+    }
+}
+
+/// rustls with the system's roots, or the manifest's CA instead.
+fn tls_config(config: &SchemaRegistryConfig) -> Result<rustls::ClientConfig, ManifestError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = match (&config.ca_file, &config.ca_pem) {
+        (Some(file), _) => Some(std::fs::read(file).map_err(|error| {
+            invalid(
+                "$.schema_registry.ca_file",
+                format!("cannot read {}: {error}", file.display()),
+            )
+        })?),
+        (None, Some(pem)) => Some(pem.clone().into_bytes()),
+        (None, None) => None,
+    };
+    match pem {
+        Some(pem) => {
+            use rustls::pki_types::pem::PemObject as _;
+            for certificate in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let added = certificate
+                    .map_err(|error| error.to_string())
+                    .and_then(|der| roots.add(der).map_err(|error| error.to_string()));
+                added.map_err(|error| invalid("$.schema_registry", format!("the CA: {error}")))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| invalid("$.schema_registry", error.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Parses a schema of any type with its references (name, schema), fetched beforehand.
+fn parse(
+    response: &SchemaResponse,
+    references: &[(String, SchemaResponse)],
+) -> Result<SchemaKind, String> {
+    match response.schema_type {
+        SchemaType::Avro => {
+            let (schema, references) = apache_avro::Schema::parse_str_with_list(
+                &response.schema,
+                references.iter().map(|(_, r)| r.schema.as_str()),
+            )
+            .map_err(|error| error.to_string())?;
+            Ok(SchemaKind::Avro { schema, references })
+        }
+        SchemaType::Protobuf => parse_protobuf(&response.schema, references),
+        SchemaType::Json => Ok(SchemaKind::Json),
+    }
+}
+
+/// The name the schema's own file gets when its text names none.
+const MAIN_PROTO: &str = "fjord-registry-schema.proto";
+
+/// A `.proto` file from the registry: text, or a base64 serialized `FileDescriptorProto`
+/// (how Confluent's serializers register schemas, and how some registries return them).
+fn proto_file(name: &str, schema: &str) -> Result<protox::file::File, String> {
+    // `.proto` text always holds a space or a line break, which base64 never does.
+    if let Ok(bytes) = BASE64.decode(schema.trim()) {
+        let mut file = protox::file::File::decode_file_descriptor_proto(bytes.as_slice())
+            .map_err(|e| e.to_string())?;
+        if file.name().is_empty() {
+            let mut descriptor = file.file_descriptor_proto().clone();
+            descriptor.name = Some(name.to_owned());
+            file = protox::file::File::from_file_descriptor_proto(descriptor);
+        }
+        return Ok(file);
+    }
+    protox::file::File::from_source(name, schema).map_err(|error| error.to_string())
+}
+
+/// The registry's files by name, then the well-known `google/protobuf/*` ones.
+struct Files(HashMap<String, protox::file::File>);
+
+impl protox::file::FileResolver for Files {
+    fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
+        self.0
+            .get(name)
+            .cloned()
+            .ok_or_else(|| protox::Error::file_not_found(name))
+    }
+}
+
+fn parse_protobuf(
+    schema: &str,
+    references: &[(String, SchemaResponse)],
+) -> Result<SchemaKind, String> {
+    let main = proto_file(MAIN_PROTO, schema)?;
+    let main_name = main.name().to_owned();
+    let mut files = HashMap::from([(main_name.clone(), main)]);
+    for (name, reference) in references {
+        files.insert(name.clone(), proto_file(name, &reference.schema)?);
+    }
+    let mut resolver = protox::file::ChainFileResolver::new();
+    resolver.add(Files(files));
+    resolver.add(protox::file::GoogleFileResolver::new());
+    let mut compiler = protox::Compiler::with_file_resolver(resolver);
+    compiler.include_imports(true);
+    compiler
+        .open_file(&main_name)
+        .map_err(|error| error.to_string())?;
+    let pool: DescriptorPool = compiler.descriptor_pool();
+    let file = pool
+        .get_file_by_name(&main_name)
+        .ok_or_else(|| format!("{main_name} is not in its own descriptor pool"))?;
+    Ok(SchemaKind::Protobuf {
+        messages: file.messages().collect(),
+    })
+}
