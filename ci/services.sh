@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real services for Fjord's integration tests: a one-node KRaft Kafka (jars from Maven
-# Central via mvn), Redis (Debian redis-server) and a Redis Cluster of three primaries and
-# three replicas (ci/redis-cluster.sh), on non-default loopback ports.
+# Central via mvn), Redis (Debian redis-server), a Redis Cluster of three primaries and
+# three replicas (ci/redis-cluster.sh), and a Schema Registry with the producers of its
+# tests (ci/services/schema-registry.sh), on non-default loopback ports.
 #
 #   ci/services.sh up             install what is missing, start what is not running, wait
 #                                 until ready, write $FJORD_CI_STATE/env (idempotent)
@@ -359,9 +360,11 @@ main() {
         redis_up
         redis_cluster_up
         kafka_up
+        "$SERVICES_DIR/schema-registry.sh" up >/dev/null
         write_env
         ;;
     down)
+        "$SERVICES_DIR/schema-registry.sh" down
         kafka_down
         redis_down
         redis_cluster down

@@ -1,0 +1,495 @@
+//! Avro, Protobuf and JSON Schema records through a real Schema Registry (Apicurio's, with
+//! the Confluent API, started by `ci/services/schema-registry.sh`), real Kafka and Redis:
+//! records produced by confluent-kafka's own serializers reach SSE clients as JSON; records
+//! that cannot be decoded become `fjord.gap` events and the partition moves on; a registry
+//! that is down holds the partition back until it answers again.
+#![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::*;
+
+/// The registry and the venv with the producers, started and installed when missing.
+struct Registry {
+    url: String,
+    python: String,
+}
+
+fn registry() -> Registry {
+    // `up` is idempotent: a running registry is only checked.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/services/schema-registry.sh");
+    let output = Command::new(script)
+        .arg("up")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "ci/services/schema-registry.sh up failed"
+    );
+    let env_file = String::from_utf8(output.stdout).unwrap();
+    let env = std::fs::read_to_string(env_file.trim()).unwrap();
+    let value = |name: &str| {
+        env.lines()
+            .find_map(|line| line.strip_prefix(&format!("export {name}=")))
+            .unwrap_or_else(|| panic!("{name} is not in {env_file}"))
+            .trim_matches('\'')
+            .to_owned()
+    };
+    Registry {
+        url: value("FJORD_TEST_SCHEMA_REGISTRY_URL"),
+        python: value("FJORD_TEST_SCHEMA_REGISTRY_PYTHON"),
+    }
+}
+
+/// Produces `records` to partition 0 of `topic` with tests/schema_registry/produce.py (see
+/// there for their form); returns their offsets.
+fn produce_serialized(
+    registry: &Registry,
+    brokers: &str,
+    topic: &str,
+    records: &serde_json::Value,
+) -> Vec<i64> {
+    use std::io::Write as _;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schema_registry/produce.py");
+    let mut child = Command::new(&registry.python)
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let job = serde_json::json!({
+        "brokers": brokers, "registry": registry.url, "topic": topic, "records": records
+    });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(job.to_string().as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "produce.py: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// A server and a consumer for one endpoint per topic (named as the topic), each topic read
+/// with its `formats`, the registry at `registry_url`; and an SSE client per endpoint,
+/// connected before anything is produced.
+struct Pipeline {
+    _dir: tempfile::TempDir,
+    _server: Process,
+    consumer: Process,
+    clients: Vec<SseStream>,
+}
+
+async fn pipeline(registry_url: &str, topics: &[(&str, serde_json::Value)]) -> Pipeline {
+    let services = services();
+    for (topic, _) in topics {
+        create_topic(&services.brokers, topic, 1).await;
+    }
+    let port = free_port();
+    let endpoints: Vec<(&str, &str)> = topics.iter().map(|(t, _)| (*t, *t)).collect();
+    let mut manifest = manifest(&services, &endpoints, &unique("group"), port);
+    manifest["topics"] = topics
+        .iter()
+        .map(|(topic, formats)| ((*topic).to_owned(), formats.clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    manifest["schema_registry"] = serde_json::json!({"urls": [registry_url]});
+    let (dir, path) = write_manifest(&manifest);
+    let mut server = Process::server(&path);
+    server.wait_ready(port).await;
+    let mut clients = Vec::new();
+    for (topic, _) in topics {
+        let mut client =
+            SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/{topic}"), &[]).await;
+        assert_eq!(client.status, 200);
+        client.next().await.expect("prelude");
+        clients.push(client);
+    }
+    let consumer = Process::consumer(&path, &[]);
+    Pipeline {
+        _dir: dir,
+        _server: server,
+        consumer,
+        clients,
+    }
+}
+
+/// An Avro record schema named after `topic` (so that no other test's schema has its
+/// content, and the registry gives it an id of its own), with `extra` fields.
+fn avro_order(topic: &str, extra: &[serde_json::Value]) -> String {
+    let mut fields = vec![
+        serde_json::json!({"name": "id", "type": {"type": "string", "logicalType": "uuid"}}),
+        serde_json::json!({"name": "total", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}}),
+        serde_json::json!({"name": "day", "type": {"type": "int", "logicalType": "date"}}),
+        serde_json::json!({"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}),
+        serde_json::json!({"name": "at_us", "type": {"type": "long", "logicalType": "timestamp-micros"}}),
+        serde_json::json!({"name": "state", "type": {"type": "enum", "name": "State", "symbols": ["NEW", "PAID"]}}),
+        serde_json::json!({"name": "note", "type": ["null", "string"], "default": null}),
+        serde_json::json!({"name": "tags", "type": {"type": "map", "values": "long"}}),
+        serde_json::json!({"name": "lines", "type": {"type": "array", "items": {"type": "record", "name": "Line",
+            "fields": [{"name": "sku", "type": "string"}, {"name": "qty", "type": "int"}]}}}),
+        serde_json::json!({"name": "raw", "type": {"type": "fixed", "name": "Raw", "size": 2}}),
+        serde_json::json!({"name": "blob", "type": "bytes"}),
+        serde_json::json!({"name": "ratio", "type": "double"}),
+        serde_json::json!({"name": "paid", "type": "boolean"}),
+    ];
+    fields.extend(extra.iter().cloned());
+    serde_json::json!({
+        "type": "record", "name": "Order", "namespace": topic.replace('-', "_"), "fields": fields
+    })
+    .to_string()
+}
+
+fn avro_order_value(n: i64) -> serde_json::Value {
+    serde_json::json!({
+        "id": "8f2d6a52-6f0e-4a57-9c39-0a4c2a8f1b3e",
+        "total": {"$decimal": format!("{n}.05")},
+        "day": 19_723,
+        "at": 1_767_323_045_678_i64,
+        "at_us": 1_767_323_045_678_901_i64,
+        "state": "PAID",
+        "note": null,
+        "tags": {"a": n, "b": 9_007_199_254_740_993_i64},
+        "lines": [{"sku": "s-1", "qty": 2}],
+        "raw": {"$hex": "ff00"},
+        "blob": {"$hex": "6869"},
+        "ratio": 0.25,
+        "paid": true
+    })
+}
+
+fn avro_order_json(n: i64) -> serde_json::Value {
+    serde_json::json!({
+        "id": "8f2d6a52-6f0e-4a57-9c39-0a4c2a8f1b3e",
+        "total": format!("{n}.05"),
+        "day": "2024-01-01",
+        "at": "2026-01-02T03:04:05.678Z",
+        "at_us": "2026-01-02T03:04:05.678901Z",
+        "state": "PAID",
+        "note": null,
+        "tags": {"a": n, "b": 9_007_199_254_740_993_i64},
+        "lines": [{"sku": "s-1", "qty": 2}],
+        "raw": "/wA=",
+        "blob": "aGk=",
+        "ratio": 0.25,
+        "paid": true
+    })
+}
+
+#[tokio::test]
+async fn avro_protobuf_and_json_schema_records_arrive_as_json() {
+    let registry = registry();
+    let services = services();
+    let (avro, proto, json, auto) = (
+        unique("sr-avro"),
+        unique("sr-proto"),
+        unique("sr-json"),
+        unique("sr-auto"),
+    );
+    let mut pipeline = pipeline(
+        &registry.url,
+        &[
+            (
+                &avro,
+                serde_json::json!({"value_format": "avro", "key_format": "string"}),
+            ),
+            (&proto, serde_json::json!({"value_format": "protobuf"})),
+            (&json, serde_json::json!({"value_format": "json_schema"})),
+            (&auto, serde_json::json!({})),
+        ],
+    )
+    .await;
+
+    // Avro: two versions of one subject in one topic, the second with a field more.
+    let v1 = avro_order(&avro, &[]);
+    let v2 = avro_order(
+        &avro,
+        &[serde_json::json!({"name": "coupon", "type": ["null", "string"], "default": null})],
+    );
+    let mut with_coupon = avro_order_value(2);
+    with_coupon["coupon"] = "SPRING".into();
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &avro,
+        &serde_json::json!([
+            {"format": "avro", "schema": v1, "value": avro_order_value(1), "key": "order-1"},
+            {"format": "avro", "schema": v2, "value": with_coupon, "key": "order-2"},
+        ]),
+    );
+    let events = pipeline.clients[0].records(2).await;
+    let (first, second) = (events[0].json(), events[1].json());
+    assert_eq!(first["value"], avro_order_json(1), "{first}");
+    let mut expected = avro_order_json(2);
+    expected["coupon"] = "SPRING".into();
+    assert_eq!(second["value"], expected, "{second}");
+    assert_eq!(first["key"], "order-1");
+    let subject = format!("{avro}-value");
+    assert_eq!(
+        first["value_schema"]["subject"],
+        subject.as_str(),
+        "{first}"
+    );
+    assert_eq!(first["value_schema"]["version"], 1);
+    assert_eq!(second["value_schema"]["subject"], subject.as_str());
+    assert_eq!(second["value_schema"]["version"], 2);
+    assert_ne!(first["value_schema"]["id"], second["value_schema"]["id"]);
+    assert_eq!(first.get("key_schema"), None);
+
+    // Protobuf: registered by the serializer as descriptors with a reference (Money), top
+    // level and nested messages (message indexes [0], [1], [0, 0]); and as .proto text.
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &proto,
+        &serde_json::json!([
+            {"format": "protobuf", "message": "shop.Order", "value": {
+                "id": "o-1", "total": {"currency": "EUR", "units": "1250"}, "tags": ["a", "b"],
+                "status": "PAID", "lines": [{"sku": "s-1", "qty": 2}]}},
+            {"format": "protobuf", "message": "shop.Shipment", "value": {"order_id": "o-1", "boxes": 3}},
+            {"format": "protobuf", "message": "shop.Order.Line", "value": {"sku": "s-2"}},
+            {"format": "proto_text", "subject": format!("{proto}-ping"), "value": {"note": "hi", "n": "3"}},
+        ]),
+    );
+    let values: Vec<serde_json::Value> = pipeline.clients[1]
+        .records(4)
+        .await
+        .iter()
+        .map(|event| event.json()["value"].clone())
+        .collect();
+    assert_eq!(
+        values,
+        [
+            serde_json::json!({"id": "o-1", "total": {"currency": "EUR", "units": "1250"},
+                "tags": ["a", "b"], "status": "PAID", "lines": [{"sku": "s-1", "qty": 2}]}),
+            serde_json::json!({"order_id": "o-1", "boxes": 3}),
+            serde_json::json!({"sku": "s-2", "qty": 0}),
+            serde_json::json!({"note": "hi", "n": "3"}),
+        ]
+    );
+
+    // JSON Schema: the header stripped.
+    let schema = serde_json::json!({"title": json, "type": "object",
+        "properties": {"k": {"type": "string"}, "n": {"type": "integer"}}});
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &json,
+        &serde_json::json!([
+            {"format": "json_schema", "schema": schema.to_string(), "value": {"k": "x", "n": 7}},
+        ]),
+    );
+    let event = pipeline.clients[2].records(1).await[0].json();
+    assert_eq!(event["value"], serde_json::json!({"k": "x", "n": 7}));
+    assert!(event["value_schema"]["id"].is_u64(), "{event}");
+
+    // auto: the wire format with a known id is decoded; anything else as before.
+    let unknown_id = [0_u8, 0x7f, 0xff, 0xff, 0x01, b'x'];
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &auto,
+        &serde_json::json!([
+            {"format": "raw", "hex": hex(br#"{"plain": true}"#)},
+            {"format": "avro", "schema": v1, "value": avro_order_value(3)},
+            {"format": "raw", "hex": hex(&unknown_id)},
+        ]),
+    );
+    let values: Vec<serde_json::Value> = pipeline.clients[3]
+        .records(3)
+        .await
+        .iter()
+        .map(|event| event.json()["value"].clone())
+        .collect();
+    assert_eq!(
+        values,
+        [
+            serde_json::json!({"plain": true}),
+            avro_order_json(3),
+            serde_json::json!({"base64": BASE64.encode(unknown_id)}),
+        ]
+    );
+    drop(pipeline.consumer);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `fjord.gap` events and records of `client`, until `count` of them arrived.
+async fn events(client: &mut SseStream, count: usize) -> Vec<(Option<String>, serde_json::Value)> {
+    client
+        .records(count)
+        .await
+        .into_iter()
+        .map(|event| (event.event.clone(), event.json()))
+        .collect()
+}
+
+#[tokio::test]
+async fn undecodable_records_are_skipped_with_a_gap_and_the_partition_moves_on() {
+    let registry = registry();
+    let services = services();
+    let topic = unique("sr-bad");
+    let mut pipeline = pipeline(
+        &registry.url,
+        &[(&topic, serde_json::json!({"value_format": "avro"}))],
+    )
+    .await;
+    let schema = avro_order(&topic, &[]);
+    let offsets = produce_serialized(
+        &registry,
+        &services.brokers,
+        &topic,
+        &serde_json::json!([
+            {"format": "avro", "schema": schema, "value": avro_order_value(1)},
+            // An id the registry does not know.
+            {"format": "raw", "hex": hex(&[0, 0x7f, 0xff, 0xff, 0x02, 2])},
+            // A known id, then bytes that are not Avro of its schema.
+            {"format": "avro", "schema": schema, "value": avro_order_value(2), "corrupt": true},
+            // Not in the wire format at all.
+            {"format": "raw", "hex": hex(br#"{"a": 1}"#)},
+            // A schema of another format (JSON Schema) for an Avro topic.
+            {"format": "json_schema", "schema": serde_json::json!({"title": topic, "type": "object",
+                "properties": {"a": {"type": "integer"}}}).to_string(),
+                "subject": format!("{topic}-json"), "value": {"a": 1}},
+            {"format": "avro", "schema": schema, "value": avro_order_value(3)},
+        ]),
+    );
+    assert_eq!(offsets, [0, 1, 2, 3, 4, 5]);
+    let events = events(&mut pipeline.clients[0], 6).await;
+    assert_eq!(events[0].0.as_deref(), Some(topic.as_str()));
+    assert_eq!(events[0].1["value"], avro_order_json(1));
+    for (offset, expected_error) in [
+        (1, "schema"),
+        (2, "not Avro of schema"),
+        (3, "not in the Confluent wire format"),
+        (4, "is not of the topic's format"),
+    ] {
+        let (event, gap) = &events[usize::try_from(offset).unwrap()];
+        assert_eq!(event.as_deref(), Some("fjord.gap"), "{gap}");
+        assert_eq!(gap["reason"], "undecodable_record", "{gap}");
+        assert_eq!(gap["topic"], topic.as_str());
+        assert_eq!(gap["partition"], 0);
+        assert_eq!(gap["first_offset"], offset);
+        assert_eq!(gap["last_offset"], offset);
+        assert!(
+            gap["error"].as_str().unwrap().contains(expected_error),
+            "{gap}"
+        );
+    }
+    assert_eq!(events[5].1["value"], avro_order_json(3));
+    assert_eq!(events[5].1["offset"], 5);
+    // Four skips, one log line: logged once per interval.
+    let logged = pipeline
+        .consumer
+        .log()
+        .iter()
+        .filter(|line| line.contains("skipped a record that cannot be decoded"))
+        .count();
+    assert_eq!(logged, 1, "{}", pipeline.consumer.log().join("\n"));
+}
+
+/// A TCP proxy in front of the registry that can refuse every connection, as a registry
+/// that is down does.
+struct Proxy {
+    url: String,
+    down: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream_url: &str) -> Self {
+        let (upstream, path) = upstream_url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split_once('/'))
+            .unwrap();
+        let upstream = upstream.to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://127.0.0.1:{}/{path}",
+            listener.local_addr().unwrap().port()
+        );
+        let down = Arc::new(AtomicBool::new(true));
+        let is_down = Arc::clone(&down);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if is_down.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { url, down, task }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_registry_that_is_down_holds_the_partition_until_it_is_back() {
+    let registry = registry();
+    let services = services();
+    let topic = unique("sr-down");
+    let proxy = Proxy::start(&registry.url).await;
+    let mut pipeline = pipeline(
+        &proxy.url,
+        &[(&topic, serde_json::json!({"value_format": "avro"}))],
+    )
+    .await;
+    let schema = avro_order(&topic, &[]);
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &topic,
+        &serde_json::json!([
+            {"format": "avro", "schema": schema, "value": avro_order_value(1)},
+            {"format": "avro", "schema": schema, "value": avro_order_value(2)},
+        ]),
+    );
+    pipeline
+        .consumer
+        .wait_for_log(&[
+            "schema registry unavailable",
+            "holding the partition",
+            "offset=0",
+        ])
+        .await;
+    proxy.down.store(false, Ordering::SeqCst);
+    let events = events(&mut pipeline.clients[0], 2).await;
+    // Held, not skipped: both records, in order, and no gap.
+    assert_eq!(events[0].0.as_deref(), Some(topic.as_str()));
+    assert_eq!(events[0].1["value"], avro_order_json(1));
+    assert_eq!(events[1].1["value"], avro_order_json(2));
+    pipeline
+        .consumer
+        .wait_for_log(&["schema registry answers again"])
+        .await;
+}
