@@ -331,7 +331,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The `fjord.gap` events and records of `client`, until `count` of them arrived.
-async fn events(client: &mut SseStream, count: usize) -> Vec<(Option<String>, serde_json::Value)> {
+async fn next_events(
+    client: &mut SseStream,
+    count: usize,
+) -> Vec<(Option<String>, serde_json::Value)> {
     client
         .records(count)
         .await
@@ -345,9 +348,16 @@ async fn undecodable_records_are_skipped_with_a_gap_and_the_partition_moves_on()
     let registry = registry();
     let services = services();
     let topic = unique("sr-bad");
+    let proto_topic = unique("sr-bad-proto");
     let mut pipeline = pipeline(
         &registry.url,
-        &[(&topic, serde_json::json!({"value_format": "avro"}))],
+        &[
+            (&topic, serde_json::json!({"value_format": "avro"})),
+            (
+                &proto_topic,
+                serde_json::json!({"value_format": "protobuf"}),
+            ),
+        ],
     )
     .await;
     let schema = avro_order(&topic, &[]);
@@ -371,7 +381,7 @@ async fn undecodable_records_are_skipped_with_a_gap_and_the_partition_moves_on()
         ]),
     );
     assert_eq!(offsets, [0, 1, 2, 3, 4, 5]);
-    let events = events(&mut pipeline.clients[0], 6).await;
+    let events = next_events(&mut pipeline.clients[0], 6).await;
     assert_eq!(events[0].0.as_deref(), Some(topic.as_str()));
     assert_eq!(events[0].1["value"], avro_order_json(1));
     for (offset, expected_error) in [
@@ -402,6 +412,36 @@ async fn undecodable_records_are_skipped_with_a_gap_and_the_partition_moves_on()
         .filter(|line| line.contains("skipped a record that cannot be decoded"))
         .count();
     assert_eq!(logged, 1, "{}", pipeline.consumer.log().join("\n"));
+
+    // A schema the registry took but that does not parse (a type no file defines).
+    let registered: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/subjects/{proto_topic}-value/versions", registry.url))
+        .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        .json(&serde_json::json!({"schemaType": "PROTOBUF",
+            "schema": format!("syntax = \"proto3\";\nmessage M{} {{ Nowhere a = 1; }}\n", proto_topic.replace('-', "_"))}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = u32::try_from(registered["id"].as_u64().expect("an id")).unwrap();
+    let mut unparsable = vec![0];
+    unparsable.extend(id.to_be_bytes());
+    unparsable.extend([0, 0x08, 0x01]);
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &proto_topic,
+        &serde_json::json!([{"format": "raw", "hex": hex(&unparsable)}]),
+    );
+    let (event, gap) = &next_events(&mut pipeline.clients[1], 1).await[0];
+    assert_eq!(event.as_deref(), Some("fjord.gap"), "{gap}");
+    assert_eq!(gap["reason"], "undecodable_record");
+    assert!(
+        gap["error"].as_str().unwrap().contains("does not parse"),
+        "{gap}"
+    );
 }
 
 /// A TCP proxy in front of the registry that can refuse every connection, as a registry
@@ -483,7 +523,7 @@ async fn a_registry_that_is_down_holds_the_partition_until_it_is_back() {
         ])
         .await;
     proxy.down.store(false, Ordering::SeqCst);
-    let events = events(&mut pipeline.clients[0], 2).await;
+    let events = next_events(&mut pipeline.clients[0], 2).await;
     // Held, not skipped: both records, in order, and no gap.
     assert_eq!(events[0].0.as_deref(), Some(topic.as_str()));
     assert_eq!(events[0].1["value"], avro_order_json(1));
