@@ -14,6 +14,7 @@ export {
   type JsonValue,
   type Notice,
   type RecordOf,
+  type SchemaRef,
   type Status,
   type StatusInfo,
   type StatusReason,

@@ -19,6 +19,14 @@ export interface Base64 {
 /** A header value: a string when it is UTF-8, else base64. */
 export type HeaderValue = string | Base64;
 
+/** The Schema Registry schema a key or value was decoded with. */
+export interface SchemaRef {
+  id: number;
+  /** The subject and version, when the registry names exactly one for the id. */
+  subject?: string;
+  version?: number;
+}
+
 /**
  * One Kafka record, as delivered by an endpoint.
  *
@@ -34,12 +42,20 @@ export interface FjordRecord<V = JsonValue, E extends string = string> {
   topic: string;
   partition: number;
   offset: number;
-  key: string | Base64 | null;
+  /**
+   * Text or base64 (`string | Base64 | null`); a topic whose manifest `key_format` decodes
+   * keys (`avro`, `protobuf`, …) sends the decoded JSON instead.
+   */
+  key: JsonValue;
+  /** The schema the key was decoded with, when a Schema Registry's was used. */
+  key_schema?: SchemaRef;
   /** Kafka timestamp in milliseconds since the epoch, when the record has one. */
   timestamp: number | null;
   /** Headers; a name that occurs more than once maps to an array of its values. */
   headers: Record<string, HeaderValue | HeaderValue[]>;
   value: V;
+  /** The schema the value was decoded with, when a Schema Registry's was used. */
+  value_schema?: SchemaRef;
 }
 
 /**
