@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: starts the real Kafka, Redis and Redis Cluster (installing what is
-# missing), runs formatting and lint checks, unit and integration tests (the bus's
-# end-to-end, fault and semantics tests once on Redis, then again on the cluster), the
-# documentation's walkthroughs run as written (ci/test-readme.sh), a bounded fuzzing run of the
+# The whole test suite: starts the real Kafka, Redis, Redis Cluster and Schema Registry
+# (installing what is missing; on a fresh machine the registry's Maven build and its
+# producers' pip install add about 110 s and 80 s), runs formatting and lint checks, unit
+# and integration tests (the bus's end-to-end, fault and semantics tests once on Redis,
+# then again on the cluster), the documentation's walkthroughs run as written (ci/test-readme.sh), a bounded fuzzing run of the
 # parsers, the release build in a rehearsal of the Nix build sandbox, the deploy tool's
 # tests against moto and a registry, the Nix and workflow checks, and the JavaScript
 # client's tests (unit and in headless Chromium), then stops the services.
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "services: Kafka, Redis and a Redis Cluster"
+step "services: Kafka, Redis, a Redis Cluster and a Schema Registry"
 ci/services.sh up
 # shellcheck disable=SC1091
 source "${FJORD_CI_STATE:-/tmp/fjord-ci}/env"
