@@ -533,3 +533,55 @@ async fn a_registry_that_is_down_holds_the_partition_until_it_is_back() {
         .wait_for_log(&["schema registry answers again"])
         .await;
 }
+
+#[tokio::test]
+async fn fjord_dev_reads_its_topics_through_the_registry() {
+    let registry = registry();
+    let port = free_port();
+    let port_text = port.to_string();
+    let _dev = Process::start(
+        &workspace_binary("fjord"),
+        &[
+            "dev",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port_text,
+            "--no-demo-producer",
+            "--schema-registry",
+            &registry.url,
+        ],
+        &[],
+    );
+    wait_ready(port).await;
+    // Where its in-process Kafka listens, as the demo page learns it.
+    let info: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/dev.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let brokers = info["kafka"].as_str().unwrap();
+    let mut client =
+        SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders"), &[]).await;
+    assert_eq!(client.status, 200);
+    let schema = avro_order(&unique("dev"), &[]);
+    produce_serialized(
+        &registry,
+        brokers,
+        "orders",
+        &serde_json::json!([
+            {"format": "avro", "schema": schema, "value": avro_order_value(4), "key": "order-4"},
+            {"format": "raw", "hex": hex(br#"{"plain": 1}"#)},
+        ]),
+    );
+    let values: Vec<serde_json::Value> = next_events(&mut client, 2)
+        .await
+        .into_iter()
+        .map(|(_, envelope)| envelope["value"].clone())
+        .collect();
+    assert_eq!(
+        values,
+        [avro_order_json(4), serde_json::json!({"plain": 1})]
+    );
+}

@@ -45,6 +45,10 @@ enum Command {
         /// Do not produce demo records.
         #[arg(long)]
         no_demo_producer: bool,
+        /// Read the topics through this Confluent-compatible Schema Registry (its API's base
+        /// URL): Avro, Protobuf and JSON Schema records in its wire format arrive as JSON.
+        #[arg(long, value_name = "URL")]
+        schema_registry: Option<String>,
         /// Turn access control on: streams need a JWT, signed by a key pair made for this run
         /// in a temporary folder; the banner prints a token and how to mint others.
         #[arg(long)]
@@ -128,6 +132,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             redis_user,
             redis_password_env,
             no_demo_producer,
+            schema_registry,
             auth,
             keys,
         } => {
@@ -141,6 +146,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     password_env: redis_password_env,
                 }),
                 demo_producer: !no_demo_producer,
+                schema_registry,
                 auth: match (auth, keys) {
                     (false, _) => DevAuth::Off,
                     (true, None) => DevAuth::TemporaryKeys,

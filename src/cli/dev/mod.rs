@@ -67,6 +67,8 @@ pub struct DevOptions {
     pub redis: Option<DevRedis>,
     /// Whether to run the demo producer.
     pub demo_producer: bool,
+    /// A Schema Registry's URL: the topics are read with format `auto` through it.
+    pub schema_registry: Option<String>,
     /// Access control.
     pub auth: DevAuth,
 }
@@ -204,6 +206,7 @@ pub fn manifest(
     host: IpAddr,
     port: u16,
     public_pem: Option<&str>,
+    schema_registry: Option<&str>,
 ) -> Result<Manifest, ManifestError> {
     let endpoints: serde_json::Map<String, serde_json::Value> = DEMO_TOPICS
         .iter()
@@ -234,7 +237,7 @@ pub fn manifest(
             })
         },
     );
-    let manifest = serde_json::json!({
+    let mut manifest = serde_json::json!({
         "kafka": {"brokers": brokers.split(',').collect::<Vec<_>>()},
         // The in-process bus ignores the section; it is only there to be valid.
         "redis": redis.map_or_else(
@@ -246,6 +249,11 @@ pub fn manifest(
         "server": {"host": host.to_string(), "port": port, "cors_origins": ["*"]},
         "auth": auth
     });
+    // Every topic keeps format `auto`: the wire format with a schema id the registry knows
+    // is decoded, anything else reads as before.
+    if let Some(url) = schema_registry {
+        manifest["schema_registry"] = serde_json::json!({"urls": [url]});
+    }
     Manifest::parse(&manifest.to_string())
 }
 
@@ -349,6 +357,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         options.host,
         options.port,
         keys.as_ref().map(|keys| keys.public_pem.as_str()),
+        options.schema_registry.as_deref(),
     )?;
     let fresh_topics = match &options.kafka {
         Some(_) => producer::ensure_topics(&manifest, DEMO_PARTITIONS).await?,
@@ -373,6 +382,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         in_process_kafka.is_some(),
         options.redis.as_ref(),
         keys.as_ref(),
+        options.schema_registry.as_deref(),
         address,
     );
     let files = demo_files(&brokers, in_process_kafka.is_some(), keys.is_some());
@@ -436,6 +446,7 @@ fn announce(
     in_process: bool,
     redis: Option<&DevRedis>,
     keys: Option<&DevKeys>,
+    schema_registry: Option<&str>,
     address: std::net::SocketAddr,
 ) {
     let page_host = if address.ip().is_unspecified() {
@@ -492,6 +503,9 @@ fn announce(
         produce_command(brokers)
     );
     println!("  Bus             {bus}");
+    if let Some(url) = schema_registry {
+        println!("  Registry        {url}   (records in its wire format arrive decoded)");
+    }
     println!();
     println!("  Ctrl-C stops everything.");
     println!();
@@ -515,6 +529,7 @@ mod tests {
             IpAddr::from([127, 0, 0, 1]),
             0,
             Some(&keys.public_pem),
+            None,
         )
         .expect("the dev manifest is valid");
         let auth = Authenticator::new(&manifest.auth).await.expect("keys load");
