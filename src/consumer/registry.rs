@@ -385,3 +385,103 @@ fn parse_protobuf(
         messages: file.messages().collect(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A registry that answers `/schemas/ids/{id}` with an Avro schema for ids below 100
+    /// and 404 above, and counts the requests for schemas (not for their versions).
+    async fn registry() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let fetched = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&fetched);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = vec![0; 4096];
+                let read = socket.read(&mut request).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&request[..read]).into_owned();
+                let path = request.split(' ').nth(1).unwrap_or_default().to_owned();
+                let id: u32 = path
+                    .trim_start_matches("/schemas/ids/")
+                    .split('/')
+                    .next()
+                    .and_then(|id| id.parse().ok())
+                    .unwrap_or(u32::MAX);
+                let (status, body) = if path.ends_with("/versions") {
+                    (
+                        "200 OK",
+                        r#"[{"subject":"s-value","version":1}]"#.to_owned(),
+                    )
+                } else if id < 100 {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    (
+                        "200 OK",
+                        serde_json::json!({"schema": "\"long\""}).to_string(),
+                    )
+                } else {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    ("404 Not Found", r#"{"error_code":40403}"#.to_owned())
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            }
+        });
+        (url, fetched)
+    }
+
+    fn config(url: &str, cache_schemas: usize) -> SchemaRegistryConfig {
+        SchemaRegistryConfig {
+            urls: vec![url.to_owned()],
+            auth: None,
+            ca_file: None,
+            ca_pem: None,
+            cache_schemas,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_id_is_fetched_once_refusals_too_within_a_bounded_cache() {
+        let (url, fetched) = registry().await;
+        let mut registry = Registry::new(&config(&url, 2)).expect("client");
+        let schema = registry.schema(1).await.expect("schema 1");
+        assert_eq!(schema.subject, Some(("s-value".to_owned(), 1)));
+        assert!(matches!(schema.kind, SchemaKind::Avro { .. }));
+        registry.schema(1).await.expect("cached");
+        assert!(matches!(
+            registry.schema(404).await,
+            Err(FetchError::Refused(_))
+        ));
+        assert!(matches!(
+            registry.schema(404).await,
+            Err(FetchError::Refused(_))
+        ));
+        assert_eq!(fetched.load(Ordering::SeqCst), 2, "once per id");
+        // A third id takes the oldest one's place.
+        registry.schema(2).await.expect("schema 2");
+        registry.schema(1).await.expect("schema 1 again");
+        assert_eq!(fetched.load(Ordering::SeqCst), 4);
+        assert!(registry.cache.len() <= 2);
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_does_not_answer_is_down_and_asked_again() {
+        // A port nothing listens on.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        drop(listener);
+        let mut registry = Registry::new(&config(&url, 10)).expect("client");
+        assert!(matches!(registry.schema(1).await, Err(FetchError::Down(_))));
+        assert!(registry.cache.is_empty(), "not cached");
+    }
+}
