@@ -22,6 +22,9 @@ pub struct Metrics {
     pub bus_errors: AtomicU64,
     /// Bus entries that could not be sent, read live (each once per server).
     pub bus_invalid_entries: AtomicU64,
+    /// Records the consumer read but could not decode by their topic's format and skipped,
+    /// read live (once per endpoint that carries the topic, per server).
+    pub undecodable_records: AtomicU64,
     /// Milliseconds between the bus taking the newest record and this server reading it.
     pub bus_lag_ms: AtomicU64,
     /// Requests refused with an error status.
@@ -90,6 +93,12 @@ impl Metrics {
             "counter",
             "Bus entries not written by Fjord, sent to clients as fjord.gap instead.",
             self.bus_invalid_entries.load(Relaxed).to_string(),
+        );
+        metric(
+            "fjord_undecodable_records_total",
+            "counter",
+            "Records the consumer could not decode by their topic's format, sent to clients as fjord.gap instead.",
+            self.undecodable_records.load(Relaxed).to_string(),
         );
         metric(
             "fjord_bus_lag_seconds",

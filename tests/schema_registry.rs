@@ -88,6 +88,7 @@ fn produce_serialized(
 /// with its `formats`, the registry at `registry_url`; and an SSE client per endpoint,
 /// connected before anything is produced.
 struct Pipeline {
+    port: u16,
     _dir: tempfile::TempDir,
     _server: Process,
     consumer: Process,
@@ -121,6 +122,7 @@ async fn pipeline(registry_url: &str, topics: &[(&str, serde_json::Value)]) -> P
     }
     let consumer = Process::consumer(&path, &[]);
     Pipeline {
+        port,
         _dir: dir,
         _server: server,
         consumer,
@@ -441,6 +443,18 @@ async fn undecodable_records_are_skipped_with_a_gap_and_the_partition_moves_on()
     assert!(
         gap["error"].as_str().unwrap().contains("does not parse"),
         "{gap}"
+    );
+
+    // Counted: four records of one topic and one of the other, one endpoint each.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", pipeline.port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\nfjord_undecodable_records_total 5\n"),
+        "{metrics}"
     );
 }
 

@@ -17,7 +17,7 @@ use super::Hub;
 use super::index::read;
 use super::outlet::{ClientQueue, Frame, QueuedEvent};
 use crate::backoff::Backoff;
-use crate::bus::{BusEntry, BusReader, EntryKind, Receivers};
+use crate::bus::{BusEntry, BusReader, EntryKind, Receivers, SkipReason};
 use crate::clock::now_ms;
 use crate::keys::ClientId;
 use crate::process::LogThrottle;
@@ -69,6 +69,14 @@ impl Hub {
             let Some(rendered) = self.render(*endpoint, entry) else {
                 continue;
             };
+            if let EntryKind::Skipped(skipped) = &entry.kind
+                && skipped.reason == SkipReason::UndecodableRecord
+            {
+                let count = skipped.last_offset - skipped.first_offset + 1;
+                self.metrics
+                    .undecodable_records
+                    .fetch_add(u64::try_from(count).unwrap_or(0), Relaxed);
+            }
             if let EntryKind::Invalid(invalid) = &entry.kind {
                 self.metrics.bus_invalid_entries.fetch_add(1, Relaxed);
                 static INVALID: LogThrottle = LogThrottle::new(Duration::from_secs(10));
