@@ -599,3 +599,48 @@ async fn fjord_dev_reads_its_topics_through_the_registry() {
         [avro_order_json(4), serde_json::json!({"plain": 1})]
     );
 }
+
+#[tokio::test]
+async fn fjord_types_writes_an_endpoints_types_from_its_topics_avro_subject() {
+    let registry = registry();
+    let services = services();
+    let topic = unique("sr-types");
+    create_topic(&services.brokers, &topic, 1).await;
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &topic,
+        &serde_json::json!([
+            {"format": "avro", "schema": avro_order(&topic, &[]), "value": avro_order_value(1)},
+        ]),
+    );
+    let mut manifest = manifest(&services, &[("orders", &topic)], &unique("group"), 0);
+    manifest["schema_registry"] = serde_json::json!({"urls": [registry.url]});
+    let (_dir, path) = write_manifest(&manifest);
+    let output = Command::new(workspace_binary("fjord"))
+        .args(["types", path.to_str().unwrap(), "orders"])
+        .output()
+        .unwrap();
+    let types = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let order = format!(
+        "{}Order",
+        topic
+            .split('-')
+            .map(|part| part[..1].to_uppercase() + &part[1..])
+            .collect::<String>()
+    );
+    for expected in [
+        format!("export type OrdersValue = {order};"),
+        format!("export interface {order} {{\n  id: string;\n  total: string;\n  day: string;"),
+        "  tags: Record<string, number>;".to_owned(),
+        "  note: null | string;".to_owned(),
+        "export interface Endpoints {\n  \"orders\": OrdersValue;\n}".to_owned(),
+    ] {
+        assert!(types.contains(&expected), "{expected}\nnot in:\n{types}");
+    }
+}

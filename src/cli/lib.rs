@@ -12,3 +12,4 @@
 pub mod bench;
 pub mod dev;
 pub mod setup;
+pub mod types;

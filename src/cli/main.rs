@@ -57,6 +57,15 @@ enum Command {
         #[arg(long, value_name = "DIR", requires = "auth")]
         keys: Option<PathBuf>,
     },
+    /// Prints TypeScript types for the records of an endpoint (every endpoint by default),
+    /// from the latest schemas of its topics' `<topic>-value` subjects in the manifest's
+    /// Schema Registry, with an `Endpoints` map for `connect<Endpoints>()`.
+    Types {
+        /// The manifest.
+        manifest: PathBuf,
+        /// The endpoint.
+        endpoint: Option<String>,
+    },
     /// Writes an Ed25519 key pair and a manifest skeleton (never overwriting keys).
     Setup {
         /// Where to write them.
@@ -195,6 +204,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench { command } => fjord_cli::bench::run(command).await?,
         Command::Schema => say!("{}", fjord::config::SCHEMA),
+        Command::Types { manifest, endpoint } => {
+            let manifest = Manifest::load(&manifest)?;
+            say!(
+                "{}",
+                fjord_cli::types::types(&manifest, endpoint.as_deref()).await?
+            );
+        }
     }
     Ok(())
 }

@@ -14,7 +14,7 @@
 
 mod batches;
 mod decode;
-mod registry;
+pub mod registry;
 mod skip;
 
 use std::collections::HashMap;

@@ -24,7 +24,7 @@ const MAX_REFERENCES: usize = 64;
 
 /// Why a schema could not be had.
 #[derive(Debug, Clone, thiserror::Error)]
-pub(crate) enum FetchError {
+pub enum FetchError {
     /// The registry cannot be reached or failed (5xx): ask again later.
     #[error("schema registry unavailable: {0}")]
     Down(String),
@@ -36,18 +36,18 @@ pub(crate) enum FetchError {
 
 /// A parsed writer's schema.
 #[derive(Debug)]
-pub(crate) struct WriterSchema {
+pub struct WriterSchema {
     /// The schema's id.
-    pub(crate) id: u32,
+    pub id: u32,
     /// The subject and version the id is registered under, when the registry names one.
-    pub(crate) subject: Option<(String, i64)>,
+    pub subject: Option<(String, i64)>,
     /// What decodes records written with it.
-    pub(crate) kind: SchemaKind,
+    pub kind: SchemaKind,
 }
 
 /// A schema by its type.
 #[derive(Debug)]
-pub(crate) enum SchemaKind {
+pub enum SchemaKind {
     /// Avro: the schema and the named schemas it references.
     Avro {
         schema: apache_avro::Schema,
@@ -86,6 +86,20 @@ struct SchemaResponse {
     references: Vec<Reference>,
 }
 
+/// `GET /subjects/{s}/versions/latest`.
+#[derive(Debug, Deserialize)]
+struct LatestResponse {
+    id: u32,
+    version: i64,
+    #[serde(flatten)]
+    schema: SchemaResponse,
+}
+
+/// A subject name as one path segment.
+fn encode_path(subject: &str) -> String {
+    percent_encoding::utf8_percent_encode(subject, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
 /// One of `GET /schemas/ids/{id}/versions`.
 #[derive(Debug, Deserialize)]
 struct SubjectVersion {
@@ -95,7 +109,7 @@ struct SubjectVersion {
 
 /// The registry's schemas, fetched once per id.
 #[derive(Debug)]
-pub(crate) struct Registry {
+pub struct Registry {
     client: reqwest::Client,
     urls: Vec<String>,
     authorization: Option<String>,
@@ -108,7 +122,7 @@ pub(crate) struct Registry {
 impl Registry {
     /// A client for the manifest's registry, its secret read from the environment and its
     /// CA (the system's unless one is given) loaded.
-    pub(crate) fn new(config: &SchemaRegistryConfig) -> Result<Self, ManifestError> {
+    pub fn new(config: &SchemaRegistryConfig) -> Result<Self, ManifestError> {
         let authorization = match &config.auth {
             None => None,
             Some(RegistryAuth::Basic {
@@ -143,7 +157,7 @@ impl Registry {
 
     /// The schema with `id`, from the cache or else from the registry. A refusal is cached
     /// too; a registry that is down is not, and is asked again at the next call.
-    pub(crate) async fn schema(&mut self, id: u32) -> Result<Arc<WriterSchema>, FetchError> {
+    pub async fn schema(&mut self, id: u32) -> Result<Arc<WriterSchema>, FetchError> {
         if let Some(cached) = self.cache.get(&id) {
             return cached.clone();
         }
@@ -159,6 +173,23 @@ impl Registry {
         self.order.push_back(id);
         self.cache.insert(id, fetched.clone());
         fetched
+    }
+
+    /// The latest version of `subject`'s schema, parsed (for `fjord types`); not cached.
+    pub async fn latest(&self, subject: &str) -> Result<WriterSchema, FetchError> {
+        let path = format!("/subjects/{}/versions/latest", encode_path(subject));
+        let response: LatestResponse = self.get(&path).await?;
+        let mut references = Vec::new();
+        self.references(&response.schema.references, &mut references)
+            .await?;
+        let kind = parse(&response.schema, &references).map_err(|error| {
+            FetchError::Refused(format!("{subject}'s schema does not parse: {error}"))
+        })?;
+        Ok(WriterSchema {
+            id: response.id,
+            subject: Some((subject.to_owned(), response.version)),
+            kind,
+        })
     }
 
     async fn fetch(&self, id: u32) -> Result<WriterSchema, FetchError> {
@@ -204,10 +235,7 @@ impl Registry {
                     "more than {MAX_REFERENCES} schema references"
                 )));
             }
-            let path = format!(
-                "/subjects/{}/versions/{version}",
-                percent_encoding::utf8_percent_encode(&subject, percent_encoding::NON_ALPHANUMERIC)
-            );
+            let path = format!("/subjects/{}/versions/{version}", encode_path(&subject));
             let response: SchemaResponse = self.get(&path).await?;
             stack.extend(
                 response
