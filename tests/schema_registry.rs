@@ -644,3 +644,33 @@ async fn fjord_types_writes_an_endpoints_types_from_its_topics_avro_subject() {
         assert!(types.contains(&expected), "{expected}\nnot in:\n{types}");
     }
 }
+
+#[tokio::test]
+async fn fjord_devs_demo_producer_writes_orders_in_avro_through_the_registry() {
+    let registry = registry();
+    let port = free_port();
+    let port_text = port.to_string();
+    let _dev = Process::start(
+        &workspace_binary("fjord"),
+        &[
+            "dev",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port_text,
+            "--schema-registry",
+            &registry.url,
+        ],
+        &[],
+    );
+    wait_ready(port).await;
+    let mut client =
+        SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders"), &[]).await;
+    assert_eq!(client.status, 200);
+    for (_, order) in next_events(&mut client, 5).await {
+        assert_eq!(order["value_schema"]["subject"], "orders-value", "{order}");
+        assert_eq!(order["value"]["order_id"], order["key"], "{order}");
+        assert!(order["value"]["items"].is_array(), "{order}");
+        assert!(order["value"]["total_cents"].is_u64(), "{order}");
+    }
+}

@@ -137,6 +137,9 @@ pub enum DevError {
     /// The demo producer failed.
     #[error("demo producer: {0}")]
     Producer(#[from] rdkafka::error::KafkaError),
+    /// The demo's Avro schema could not be registered with `--schema-registry`.
+    #[error("schema registry: {0}")]
+    Registry(String),
     /// The key pair for `--auth` could not be made, read or used.
     #[error("access control keys: {0}")]
     Keys(#[from] SetupError),
@@ -504,7 +507,9 @@ fn announce(
     );
     println!("  Bus             {bus}");
     if let Some(url) = schema_registry {
-        println!("  Registry        {url}   (records in its wire format arrive decoded)");
+        println!(
+            "  Registry        {url}   (orders are written in Avro through it; records in its wire format arrive decoded)"
+        );
     }
     println!();
     println!("  Ctrl-C stops everything.");

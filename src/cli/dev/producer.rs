@@ -1,5 +1,7 @@
 //! The demo producer of `fjord dev`: a small SuperEats simulation. Orders are placed,
 //! prepared, picked up and delivered; drivers drive across Oslo to fetch and bring them.
+//! With a Schema Registry, orders are written in Avro in the Confluent wire format, with a
+//! schema of the same shape registered as `orders-value`, so the page shows them decoded.
 
 use std::future::Future;
 use std::time::Duration;
@@ -50,6 +52,62 @@ const STATUSES: [&str; 4] = ["placed", "preparing", "picked_up", "delivered"];
 /// Oslo, roughly.
 const LAT: (f64, f64) = (59.90, 59.94);
 const LON: (f64, f64) = (10.70, 10.80);
+
+/// The Avro schema of the demo's orders: the JSON orders' shape.
+const ORDER_SCHEMA: &str = r#"{"type": "record", "name": "Order", "namespace": "supereats", "fields": [
+    {"name": "order_id", "type": "string"},
+    {"name": "restaurant", "type": "string"},
+    {"name": "customer", "type": "string"},
+    {"name": "items", "type": {"type": "array", "items": {"type": "record", "name": "Item",
+        "fields": [{"name": "name", "type": "string"}, {"name": "qty", "type": "int"}]}}},
+    {"name": "total_cents", "type": "long"},
+    {"name": "status", "type": "string"},
+    {"name": "driver_id", "type": ["null", "string"]}
+]}"#;
+
+/// Orders in the Confluent wire format: the id the registry gave their schema, and it.
+struct AvroOrders {
+    id: u32,
+    schema: apache_avro::Schema,
+}
+
+impl AvroOrders {
+    /// Registers the orders' schema as `orders-value` at the registry's base `url`.
+    async fn register(url: &str) -> Result<Self, DevError> {
+        let failed =
+            |error: String| DevError::Registry(format!("registering orders-value: {error}"));
+        let schema =
+            apache_avro::Schema::parse_str(ORDER_SCHEMA).map_err(|e| failed(e.to_string()))?;
+        let answer: serde_json::Value = reqwest::Client::new()
+            .post(format!(
+                "{}/subjects/orders-value/versions",
+                url.trim_end_matches('/')
+            ))
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .json(&json!({"schema": ORDER_SCHEMA}))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| failed(e.without_url().to_string()))?
+            .json()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let id = answer["id"]
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| failed(format!("no schema id in {answer}")))?;
+        Ok(Self { id, schema })
+    }
+
+    /// An order as the wire format: a zero byte, the id, the Avro datum.
+    fn encode(&self, order: &serde_json::Value) -> Result<Vec<u8>, apache_avro::Error> {
+        let value = apache_avro::types::Value::from(order.clone()).resolve(&self.schema)?;
+        let mut bytes = vec![0];
+        bytes.extend(self.id.to_be_bytes());
+        bytes.extend(apache_avro::to_avro_datum(&self.schema, value)?);
+        Ok(bytes)
+    }
+}
 
 /// Creates the demo topics on a real Kafka if they are missing; true when it created them
 /// all, so that they hold only what this run produces.
@@ -240,14 +298,25 @@ impl Simulation {
     }
 }
 
-/// Produces one demo record; a failure is logged, as the next round makes up for it.
+/// Produces one demo record, an order in Avro when there is `avro`; a failure is logged,
+/// as the next round makes up for it.
 async fn produce(
     producer: &FutureProducer,
+    avro: Option<&AvroOrders>,
     topic: &str,
     (key, value): &(String, serde_json::Value),
     timestamp: i64,
 ) {
-    let payload = value.to_string();
+    let payload = match avro.filter(|_| topic == "orders") {
+        Some(avro) => match avro.encode(value) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::warn!(topic, %error, "demo order not encoded");
+                return;
+            }
+        },
+        None => value.to_string().into_bytes(),
+    };
     let headers = OwnedHeaders::new().insert(Header {
         key: "source",
         value: Some("fjord-dev"),
@@ -272,6 +341,13 @@ pub(super) async fn run(
         .set("linger.ms", "5")
         .set("message.timeout.ms", "10000")
         .create()?;
+    let avro = match &manifest.schema_registry {
+        Some(registry) => match registry.urls.first() {
+            Some(url) => Some(AvroOrders::register(url).await?),
+            None => None,
+        },
+        None => None,
+    };
     let mut simulation = Simulation::new();
     let tick_ms = i64::try_from(TICK.as_millis()).unwrap_or(250);
     let started = now_ms() - i64::from(HISTORY_ROUNDS) * tick_ms;
@@ -288,7 +364,7 @@ pub(super) async fn run(
     futures_util::future::join_all(
         history
             .iter()
-            .map(|(topic, record, at)| produce(&producer, topic, record, *at)),
+            .map(|(topic, record, at)| produce(&producer, avro.as_ref(), topic, record, *at)),
     )
     .await;
     let mut tick = tokio::time::interval(TICK);
@@ -299,8 +375,51 @@ pub(super) async fn run(
             _ = tick.tick() => {}
         }
         for (topic, record) in simulation.round(round) {
-            produce(&producer, topic, &record, now_ms()).await;
+            produce(&producer, avro.as_ref(), topic, &record, now_ms()).await;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_order_of_the_simulation_is_avro_of_the_orders_schema() {
+        let avro = AvroOrders {
+            id: 7,
+            schema: apache_avro::Schema::parse_str(ORDER_SCHEMA).expect("schema"),
+        };
+        let mut simulation = Simulation::new();
+        let orders: Vec<_> = (0..200)
+            .flat_map(|round| simulation.round(round))
+            .filter(|(topic, _)| *topic == "orders")
+            .collect();
+        assert!(
+            orders
+                .iter()
+                .any(|(_, (_, order))| order["driver_id"].is_null())
+        );
+        assert!(
+            orders
+                .iter()
+                .any(|(_, (_, order))| order["driver_id"].is_string())
+        );
+        for (_, (_, order)) in orders {
+            let bytes = avro.encode(&order).expect("encodes");
+            assert_eq!(bytes[..5], [0, 0, 0, 0, 7]);
+            let decoded = apache_avro::from_avro_datum(&avro.schema, &mut &bytes[5..], None)
+                .expect("decodes");
+            let apache_avro::types::Value::Record(fields) = decoded else {
+                panic!("not a record: {decoded:?}");
+            };
+            assert_eq!(
+                fields[0].1,
+                apache_avro::types::Value::String(
+                    order["order_id"].as_str().expect("id").to_owned()
+                )
+            );
+        }
+    }
 }
