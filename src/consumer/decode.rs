@@ -154,7 +154,7 @@ impl<'a> Decoder<'a> {
                     (format, &schema.kind),
                     (Format::Avro, SchemaKind::Avro { .. })
                         | (Format::Protobuf, SchemaKind::Protobuf { .. })
-                        | (Format::JsonSchema, SchemaKind::Json)
+                        | (Format::JsonSchema, SchemaKind::Json { .. })
                 );
                 if !matches {
                     return Err(fail(format!(
@@ -175,8 +175,9 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// Decodes the data after the wire format's header with its writer's schema.
-fn decode_with(schema: &WriterSchema, data: &[u8]) -> Result<DecodedField, String> {
+/// Decodes the data after the wire format's header with its writer's schema (public so that
+/// `fjord types`'s tests hold its types to what this writes).
+pub fn decode_with(schema: &WriterSchema, data: &[u8]) -> Result<DecodedField, String> {
     let json = match &schema.kind {
         SchemaKind::Avro {
             schema: avro,
@@ -217,7 +218,7 @@ fn decode_with(schema: &WriterSchema, data: &[u8]) -> Result<DecodedField, Strin
         }
         // As written, numbers included; made one line as the envelope's rules make it (JSON
         // holds line breaks only between tokens).
-        SchemaKind::Json => match serde_json::from_slice::<&RawValue>(data) {
+        SchemaKind::Json { .. } => match serde_json::from_slice::<&RawValue>(data) {
             Ok(raw) => raw.get().replace(['\n', '\r'], ""),
             Err(error) => return Err(format!("not JSON: {error}")),
         },

@@ -13,7 +13,7 @@
 //! (backpressure) and retries the same batch; it never skips a record it can read.
 
 mod batches;
-mod decode;
+pub mod decode;
 pub mod registry;
 mod skip;
 

@@ -55,8 +55,25 @@ pub enum SchemaKind {
     },
     /// Protobuf: the messages of the schema's own file, top level, in declaration order.
     Protobuf { messages: Vec<MessageDescriptor> },
-    /// JSON Schema: the record is JSON text.
-    Json,
+    /// JSON Schema: the record is JSON text; the schema's text is kept for `fjord types`.
+    Json { schema: String },
+}
+
+impl SchemaKind {
+    /// A schema without references as the registry would return it: `schema_type` is its
+    /// `schemaType` (`AVRO`, `PROTOBUF` or `JSON`).
+    pub fn parse(schema_type: &str, schema: &str) -> Result<Self, String> {
+        let schema_type = serde_json::from_value(serde_json::Value::from(schema_type))
+            .map_err(|error| format!("schema type {schema_type:?}: {error}"))?;
+        parse(
+            &SchemaResponse {
+                schema: schema.to_owned(),
+                schema_type,
+                references: Vec::new(),
+            },
+            &[],
+        )
+    }
 }
 
 /// A schema's type as the registry names it.
@@ -351,7 +368,9 @@ fn parse(
             Ok(SchemaKind::Avro { schema, references })
         }
         SchemaType::Protobuf => parse_protobuf(&response.schema, references),
-        SchemaType::Json => Ok(SchemaKind::Json),
+        SchemaType::Json => Ok(SchemaKind::Json {
+            schema: response.schema.clone(),
+        }),
     }
 }
 
