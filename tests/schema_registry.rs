@@ -2,7 +2,8 @@
 //! the Confluent API, started by `ci/services/schema-registry.sh`), real Kafka and Redis:
 //! records produced by confluent-kafka's own serializers reach SSE clients as JSON; records
 //! that cannot be decoded become `fjord.gap` events and the partition moves on; a registry
-//! that is down holds the partition back until it answers again.
+//! that is down holds the partition back until it answers again; `fjord types` output
+//! type-checks (client/e2e/typed/page.ts, `tsc`) the records an SSE client receives.
 #![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
 mod common;
@@ -89,6 +90,7 @@ fn produce_serialized(
 /// connected before anything is produced.
 struct Pipeline {
     port: u16,
+    manifest: std::path::PathBuf,
     _dir: tempfile::TempDir,
     _server: Process,
     consumer: Process,
@@ -96,16 +98,28 @@ struct Pipeline {
 }
 
 async fn pipeline(registry_url: &str, topics: &[(&str, serde_json::Value)]) -> Pipeline {
+    let named: Vec<(&str, &str, serde_json::Value)> = topics
+        .iter()
+        .map(|(topic, formats)| (*topic, *topic, formats.clone()))
+        .collect();
+    named_pipeline(registry_url, &named).await
+}
+
+/// [`pipeline`] with endpoints named apart from their topics: `(endpoint, topic, formats)`.
+async fn named_pipeline(
+    registry_url: &str,
+    endpoints: &[(&str, &str, serde_json::Value)],
+) -> Pipeline {
     let services = services();
-    for (topic, _) in topics {
+    for (_, topic, _) in endpoints {
         create_topic(&services.brokers, topic, 1).await;
     }
     let port = free_port();
-    let endpoints: Vec<(&str, &str)> = topics.iter().map(|(t, _)| (*t, *t)).collect();
-    let mut manifest = manifest(&services, &endpoints, &unique("group"), port);
-    manifest["topics"] = topics
+    let names: Vec<(&str, &str)> = endpoints.iter().map(|(e, t, _)| (*e, *t)).collect();
+    let mut manifest = manifest(&services, &names, &unique("group"), port);
+    manifest["topics"] = endpoints
         .iter()
-        .map(|(topic, formats)| ((*topic).to_owned(), formats.clone()))
+        .map(|(_, topic, formats)| ((*topic).to_owned(), formats.clone()))
         .collect::<serde_json::Map<_, _>>()
         .into();
     manifest["schema_registry"] = serde_json::json!({"urls": [registry_url]});
@@ -113,9 +127,12 @@ async fn pipeline(registry_url: &str, topics: &[(&str, serde_json::Value)]) -> P
     let mut server = Process::server(&path);
     server.wait_ready(port).await;
     let mut clients = Vec::new();
-    for (topic, _) in topics {
-        let mut client =
-            SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/{topic}"), &[]).await;
+    for (endpoint, _, _) in endpoints {
+        let mut client = SseStream::connect(
+            &format!("http://127.0.0.1:{port}/v1/streams/{endpoint}"),
+            &[],
+        )
+        .await;
         assert_eq!(client.status, 200);
         client.next().await.expect("prelude");
         clients.push(client);
@@ -123,6 +140,7 @@ async fn pipeline(registry_url: &str, topics: &[(&str, serde_json::Value)]) -> P
     let consumer = Process::consumer(&path, &[]);
     Pipeline {
         port,
+        manifest: path,
         _dir: dir,
         _server: server,
         consumer,
@@ -639,7 +657,7 @@ async fn fjord_types_writes_an_endpoints_types_from_its_topics_avro_subject() {
         format!("export interface {order} {{\n  id: string;\n  total: string;\n  day: string;"),
         "  tags: Record<string, number>;".to_owned(),
         "  note: null | string;".to_owned(),
-        "export interface Endpoints {\n  \"orders\": OrdersValue;\n}".to_owned(),
+        "export type Endpoints = {\n  \"orders\": OrdersValue;\n};".to_owned(),
     ] {
         assert!(types.contains(&expected), "{expected}\nnot in:\n{types}");
     }
@@ -673,4 +691,160 @@ async fn fjord_devs_demo_producer_writes_orders_in_avro_through_the_registry() {
         assert!(order["value"]["items"].is_array(), "{order}");
         assert!(order["value"]["total_cents"].is_u64(), "{order}");
     }
+}
+
+/// `tsc --noEmit` of the client's TypeScript over `dir` (its own files, `@fjord/client` from
+/// client/src); the client's dev dependencies installed first when missing. Its output when
+/// it fails.
+fn type_check(dir: &Path) -> Result<(), String> {
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("client");
+    let tsc = client.join("node_modules/.bin/tsc");
+    if !tsc.exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--prefer-offline", "--no-audit", "--no-fund"])
+            .current_dir(&client)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "npm ci in client/ failed");
+    }
+    let tsconfig = serde_json::json!({
+        "extends": client.join("tsconfig.json"),
+        "compilerOptions": {
+            "noEmit": true,
+            "typeRoots": [client.join("node_modules/@types")],
+            "paths": {"@fjord/client": [client.join("src/index.ts")]}
+        },
+        "include": [dir.join("*.ts")]
+    });
+    std::fs::write(dir.join("tsconfig.json"), tsconfig.to_string()).unwrap();
+    std::fs::write(dir.join("package.json"), r#"{"type": "module"}"#).unwrap();
+    let output = Command::new(tsc)
+        .arg("-p")
+        .arg(dir.join("tsconfig.json"))
+        .output()
+        .unwrap();
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn fjord_types_output_types_what_the_client_receives() {
+    let registry = registry();
+    let services = services();
+    let (avro, proto, json) = (unique("ty-avro"), unique("ty-proto"), unique("ty-json"));
+    let mut pipeline = named_pipeline(
+        &registry.url,
+        &[
+            ("orders", &avro, serde_json::json!({"value_format": "avro"})),
+            (
+                "shipments",
+                &proto,
+                serde_json::json!({"value_format": "protobuf"}),
+            ),
+            (
+                "events",
+                &json,
+                serde_json::json!({"value_format": "json_schema"}),
+            ),
+        ],
+    )
+    .await;
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &avro,
+        &serde_json::json!([
+            {"format": "avro", "schema": avro_order(&avro, &[]), "value": avro_order_value(1)},
+        ]),
+    );
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &proto,
+        &serde_json::json!([
+            {"format": "protobuf", "message": "shop.Order", "value": {
+                "id": "o-1", "total": {"currency": "EUR", "units": "1250"}, "tags": ["a"],
+                "status": "PAID", "lines": [{"sku": "s-1", "qty": 2}]}},
+            {"format": "protobuf", "message": "shop.Shipment", "value": {"order_id": "o-1", "boxes": 3}},
+        ]),
+    );
+    let schema = serde_json::json!({"title": json, "type": "object", "required": ["kind"],
+        "properties": {"kind": {"enum": ["click", "view"]}, "at": {"type": "string"},
+            "path": {"type": "array", "items": {"type": "integer"}}}});
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &json,
+        &serde_json::json!([
+            {"format": "json_schema", "schema": schema.to_string(),
+                "value": {"kind": "click", "path": [1, 2]}},
+        ]),
+    );
+    // What the client received, as TypeScript values of the generated types.
+    let mut received = String::from(
+        "import type { FjordRecord } from \"@fjord/client\";\nimport type { Endpoints } from \"./generated.js\";\n",
+    );
+    for (index, (endpoint, count)) in [("orders", 1), ("shipments", 2), ("events", 1)]
+        .into_iter()
+        .enumerate()
+    {
+        for (n, event) in pipeline.clients[index]
+            .records(count)
+            .await
+            .iter()
+            .enumerate()
+        {
+            let mut record = event.json();
+            record["endpoint"] = endpoint.into();
+            record["id"] = event.id.clone().unwrap().into();
+            received.push_str(&format!(
+                "export const {endpoint}{n}: FjordRecord<Endpoints[\"{endpoint}\"], \"{endpoint}\"> = {record};\n"
+            ));
+        }
+    }
+    let output = Command::new(workspace_binary("fjord"))
+        .arg("types")
+        .arg(&pipeline.manifest)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let generated = String::from_utf8(output.stdout).unwrap();
+    for expected in [
+        "export type OrdersValue = ",
+        "export type ShipmentsValue = ShopOrder | ShopShipment;",
+        "export type EventsValue = {\n  at?: string;\n  kind: \"click\" | \"view\";\n  path?: Array<number>;\n};",
+    ] {
+        assert!(
+            generated.contains(expected),
+            "{expected}\nnot in:\n{generated}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("generated.ts"), &generated).unwrap();
+    std::fs::write(dir.path().join("received.ts"), &received).unwrap();
+    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("client/e2e/typed/page.ts");
+    std::fs::copy(&page, dir.path().join("page.ts")).unwrap();
+    if let Err(errors) = type_check(dir.path()) {
+        panic!("{errors}\ngenerated.ts:\n{generated}\nreceived.ts:\n{received}");
+    }
+    // A field the schemas do not have is a type error.
+    std::fs::write(
+        dir.path().join("wrong.ts"),
+        "import { orders0 } from \"./received.js\";\nexport const wrong: string = orders0.value.no_such_field;\n",
+    )
+    .unwrap();
+    let errors = type_check(dir.path()).expect_err("a wrong field type-checks");
+    assert!(
+        errors.contains("wrong.ts") && errors.contains("no_such_field"),
+        "{errors}"
+    );
+    drop(pipeline.consumer);
 }

@@ -69,7 +69,8 @@ pub async fn types(manifest: &Manifest, endpoint: Option<&str>) -> Result<String
 pub fn module(endpoints: &[(&str, Vec<Option<SchemaKind>>)]) -> String {
     let mut named = BTreeMap::new();
     let mut types = String::new();
-    let mut map = String::from("\nexport interface Endpoints {\n");
+    // A type, not an interface: only a type meets `connect`'s `Record<string, unknown>`.
+    let mut map = String::from("\nexport type Endpoints = {\n");
     for (name, kinds) in endpoints {
         let mut variants = Vec::new();
         for kind in kinds {
@@ -112,7 +113,7 @@ pub fn module(endpoints: &[(&str, Vec<Option<SchemaKind>>)]) -> String {
         types.push_str(declaration);
     }
     types.push_str(&map);
-    types.push_str("}\n");
+    types.push_str("};\n");
     // An unused import fails a type check with `noUnusedLocals`.
     if types.contains("JsonValue") {
         out.push_str("import type { JsonValue } from \"@fjord/client\";\n");
