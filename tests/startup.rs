@@ -99,9 +99,9 @@ fn log_time(time: SystemTime) -> String {
     )
 }
 
-/// setup → consumer and server → `/readyz` 200 → a client connects → one record is
-/// produced at once: it arrives. With the group at `latest`, as `fjord setup` wrote it, the
-/// record went by while the consumer was still joining its group, and never arrived.
+/// setup → server → `/readyz` 200 → a client connects → a record is produced, and only
+/// then the consumer's group has joined: the record arrives. With the group at `latest`, as
+/// `fjord setup` wrote it, a record produced while the group was joining was never read.
 #[tokio::test]
 async fn the_manifest_of_fjord_setup_delivers_the_first_record() {
     let services = services();
@@ -130,7 +130,6 @@ async fn the_manifest_of_fjord_setup_delivers_the_first_record() {
     std::fs::write(&path, manifest.to_string()).unwrap();
     create_topic(&services.brokers, &topic, 1).await;
 
-    let _consumer = Process::consumer(&path, &[]);
     let mut server = Process::server(&path);
     server.wait_ready(port).await;
     let private_key = dir.path().join("fjord-private.pem");
@@ -164,10 +163,67 @@ async fn the_manifest_of_fjord_setup_delivers_the_first_record() {
         }],
     )
     .await;
+    // The consumer joins after the record was produced: a member slower to join its group
+    // than the server is to be ready and the user to produce, as the README's flow allows.
+    let _consumer = Process::consumer(&path, &[]);
     let records = tokio::time::timeout(PATIENCE, stream.records(1))
         .await
         .unwrap_or_else(|_| panic!("the first record never arrived ({produced:?})"));
     assert_eq!(records[0].json()["value"]["status"], "placed");
+}
+
+/// The local addresses listening on `port`, as `/proc/net/tcp` shows them (hex, in the
+/// kernel's byte order: `0100007F` is 127.0.0.1, `00000000` every interface).
+fn listening_on(port: u16) -> Vec<String> {
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (address, local_port) = fields[1].split_once(':')?;
+            let listening = fields[3] == "0A";
+            (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| address.to_owned())
+        })
+        .collect()
+}
+
+/// `fjord-server` with access control off, as the README's manifest has it, listens on
+/// loopback only; a manifest that says `server.host` listens where it says, and so does
+/// `fjord dev --host 0.0.0.0` (the dev image's command). It used to take every interface.
+#[tokio::test]
+async fn without_access_control_the_server_listens_on_loopback_unless_told() {
+    let services = services();
+    for (host, expected) in [(None, "0100007F"), (Some("0.0.0.0"), "00000000")] {
+        let port = free_port();
+        let mut manifest = manifest(&services, &[("orders", "orders")], "loopback", port);
+        match host {
+            Some(host) => manifest["server"]["host"] = host.into(),
+            None => {
+                manifest["server"].as_object_mut().unwrap().remove("host");
+            }
+        }
+        let (_dir, path) = write_manifest(&manifest);
+        let mut server = Process::server(&path);
+        server.wait_ready(port).await;
+        assert_eq!(listening_on(port), [expected], "server.host {host:?}");
+    }
+    let port = free_port();
+    let _dev = Process::start(
+        &workspace_binary("fjord"),
+        &[
+            "dev",
+            "--no-demo-producer",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            &port.to_string(),
+        ],
+        &[],
+    );
+    wait_ready(port).await;
+    assert_eq!(listening_on(port), ["00000000"], "fjord dev --host 0.0.0.0");
 }
 
 /// `fjord dev`'s `/readyz` says 200 only once its consumer holds its partitions: the

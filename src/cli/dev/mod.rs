@@ -450,7 +450,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
 async fn within_patience<T>(
     service: &'static str,
     address: &str,
-    connecting: impl std::future::Future<Output = T>,
+    connecting: impl Future<Output = T>,
 ) -> Result<T, DevError> {
     tokio::time::timeout(CONNECT_PATIENCE, connecting)
         .await
