@@ -83,8 +83,8 @@ impl Bound {
 }
 
 /// Loads the keys and secrets that access control needs, then binds the manifest's
-/// `server.host` (see [`Manifest::server_host`]) and `server.port`: a manifest whose secret is refused never holds the
-/// port, even for a moment.
+/// `server.host` (see [`Manifest::server_host`]) and `server.port`: a manifest whose secret
+/// is refused never holds the port, even for a moment.
 pub async fn bind(manifest: &Manifest) -> Result<Bound, ServerError> {
     let auth = Authenticator::new(&manifest.auth).await?;
     let address = SocketAddr::new(manifest.server_host(), manifest.server.port);

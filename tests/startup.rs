@@ -74,29 +74,16 @@ fn run(binary: &str, args: &[&str], envs: &[(&str, &str)], patience: Duration) -
 }
 
 /// `time` as tracing's log lines write it, `2026-12-07T01:36:14.123456Z`, so that the two
-/// compare as strings.
+/// compare as strings (formatted by `date`).
 fn log_time(time: SystemTime) -> String {
     let since = time.duration_since(SystemTime::UNIX_EPOCH).unwrap();
-    let secs = since.as_secs();
-    let days = i64::try_from(secs / 86_400).unwrap();
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let of_day = secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        of_day / 3600,
-        of_day / 60 % 60,
-        of_day % 60,
-        since.subsec_micros()
-    )
+    let at = format!("@{}.{:09}", since.as_secs(), since.subsec_nanos());
+    let date = Command::new("date")
+        .args(["-u", "-d", &at, "+%Y-%m-%dT%H:%M:%S.%6NZ"])
+        .output()
+        .unwrap();
+    assert!(date.status.success(), "date: {date:?}");
+    String::from_utf8(date.stdout).unwrap().trim().to_owned()
 }
 
 /// setup → server → `/readyz` 200 → a client connects → a record is produced, and only

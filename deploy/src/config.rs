@@ -22,13 +22,14 @@ pub const RESERVED_ENV: [&str; 5] = [
 /// Why a manifest cannot be deployed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read manifest {}", file.display())]
+    /// The file could not be read. The OS error is part of the message, not a source:
+    /// `fjord-deploy` prints an error's message alone, each cause once.
+    #[error("cannot read manifest {}: {error}", file.display())]
     Read {
         /// The manifest's path.
         file: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A runtime section is invalid (the same check every binary makes at start); the
     /// error names the file.
@@ -319,9 +320,9 @@ fn default_scale_out_cooldown() -> i32 {
 
 /// The manifest's text, read from `file`.
 fn read(file: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+    std::fs::read_to_string(file).map_err(|error| ConfigError::Read {
         file: file.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -1336,6 +1337,40 @@ mod tests {
         assert_eq!(full.deploy.network.subnets.len(), 2);
     }
 
+    /// The pre-flight never shows a secret pasted where a variable name, an ARN or an object
+    /// belongs, nor the password of a URL: the runtime sections are checked by the shared
+    /// parser, and serde's messages about the deploy section lose the values they quote.
+    #[test]
+    fn the_preflight_never_echoes_a_secret() {
+        const SECRET: &str = "Hunter2-Zq8-pasted-secret";
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let edits: Vec<Edit> = vec![
+            Box::new(|v| v["kafka"]["security"]["password_env"] = json!(SECRET)),
+            Box::new(|v| v["kafka"]["security"] = json!(SECRET)),
+            Box::new(|v| v["redis"]["url"] = json!(format!("REDISS://u:{SECRET}@h:6379"))),
+            Box::new(|v| v["redis"]["password_env"] = json!(SECRET)),
+            Box::new(|v| v["auth"] = json!(SECRET)),
+            Box::new(|v| {
+                v["auth"] = json!({"mode": "jwt", "algorithms": ["RS256"],
+                    "jwks_url": format!("https://u:{SECRET}@idp.example.com/jwks.json")})
+            }),
+            Box::new(|v| v["deploy"]["secrets"]["FJORD_KAFKA_PASSWORD"] = json!(SECRET)),
+            Box::new(|v| v["deploy"]["secrets"] = json!(SECRET)),
+            Box::new(|v| v["deploy"]["services"]["server"] = json!(SECRET)),
+            Box::new(|v| v["deploy"]["architecture"] = json!(SECRET)),
+            Box::new(|v| v["deploy"] = json!(SECRET)),
+        ];
+        for edit in edits {
+            let mut value = example();
+            edit(&mut value);
+            let error = Deployment::parse(&value.to_string(), Path::new("manifest.json"))
+                .expect_err("refused");
+            for shown in [error.to_string(), format!("{error:?}")] {
+                assert!(!shown.contains(SECRET), "{shown}");
+            }
+        }
+    }
+
     #[test]
     fn bad_bootstrap_settings_name_their_path() {
         type Edit = Box<dyn Fn(&mut Value)>;
@@ -1353,7 +1388,7 @@ mod tests {
                 Box::new(|v| v["deploy"]["bootstrap"]["vpc_cidr"] = json!("10.0.0.1/16")),
             ),
             (
-                "$.deploy.bootstrap.nat_gateways: unknown variant `two`",
+                "$.deploy.bootstrap.nat_gateways: unknown variant, expected `one` or `per_zone`",
                 Box::new(|v| v["deploy"]["bootstrap"]["nat_gateways"] = json!("two")),
             ),
             (
