@@ -226,13 +226,14 @@ async fn fjord_dev_is_ready_only_once_its_consumer_holds_partitions() {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + PATIENCE;
     let ready_at = loop {
-        let asked = SystemTime::now();
         let answer = client
             .get(format!("http://127.0.0.1:{port}/readyz"))
             .send()
             .await;
+        // When the 200 had arrived: the assignment must have been logged before that.
+        let answered = SystemTime::now();
         if answer.is_ok_and(|response| response.status() == 200) {
-            break asked;
+            break answered;
         }
         assert!(Instant::now() < deadline, "never ready:\n{:?}", dev.log());
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -242,7 +243,7 @@ async fn fjord_dev_is_ready_only_once_its_consumer_holds_partitions() {
     assert_eq!(logged_at.len(), 27, "a timestamp: {assigned}");
     assert!(
         logged_at <= log_time(ready_at),
-        "/readyz said 200 (asked at {}) before the consumer held partitions ({assigned})",
+        "/readyz said 200 (answered by {}) before the consumer held partitions ({assigned})",
         log_time(ready_at)
     );
 }
