@@ -32,10 +32,36 @@ fn get_or_head() -> impl Filter<Extract = (), Error = Rejection> + Copy {
     warp::get().or(warp::head()).unify()
 }
 
+/// What `/readyz` says: the hub's readiness (the bus answers, the server is not draining),
+/// and, in a process that also consumes (`fjord dev`), that its consumer holds its
+/// partitions, so that a record produced once `/readyz` says 200 is not missed.
+#[derive(Debug, Clone)]
+pub(crate) struct Readiness {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) consumer_assigned: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Readiness {
+    /// `None` when ready, else why not.
+    fn not_ready(&self) -> Option<&'static str> {
+        if !self.hub.is_ready() {
+            Some("the bus has not answered recently, or the server is draining")
+        } else if self
+            .consumer_assigned
+            .as_ref()
+            .is_some_and(|assigned| !*assigned.borrow())
+        {
+            Some("the consumer has not been assigned its partitions yet")
+        } else {
+            None
+        }
+    }
+}
+
 /// Every route of the server but the streams, and `static_files` (none in production).
 /// `/metrics` is among them unless `server.metrics_listener` moved it.
 pub(crate) fn routes(
-    hub: &Arc<Hub>,
+    readiness: &Readiness,
     config: &ServerConfig,
     cors: Cors,
     static_files: &'static [StaticFile],
@@ -55,7 +81,8 @@ pub(crate) fn routes(
             }
         },
     );
-    let routes = probes(hub, config.metrics_on_public_port())
+    let hub = &readiness.hub;
+    let routes = probes(readiness, config.metrics_on_public_port())
         .or(files)
         .unify();
     let recover = recover(hub);
@@ -101,35 +128,35 @@ pub(crate) fn routes(
 
 /// `/healthz`, `/readyz` and `/metrics`, for `server.metrics_listener`: no CORS, no files.
 pub(crate) fn probe_routes(
-    hub: &Arc<Hub>,
+    readiness: &Readiness,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
-    probes(hub, true).recover(recover(hub)).unify()
+    probes(readiness, true)
+        .recover(recover(&readiness.hub))
+        .unify()
 }
 
 fn probes(
-    hub: &Arc<Hub>,
+    readiness: &Readiness,
     with_metrics: bool,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
     let with_hub = {
-        let hub = Arc::clone(hub);
+        let hub = Arc::clone(&readiness.hub);
         warp::any().map(move || Arc::clone(&hub))
+    };
+    let with_readiness = {
+        let readiness = readiness.clone();
+        warp::any().map(move || readiness.clone())
     };
     let healthz = warp::path!("healthz")
         .and(get_or_head())
         .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());
     let readyz = warp::path!("readyz")
         .and(get_or_head())
-        .and(with_hub.clone())
-        .map(|hub: Arc<Hub>| {
-            if hub.is_ready() {
-                warp::reply::json(&serde_json::json!({"status": "ready"})).into_response()
-            } else {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not_ready",
-                    "the bus has not answered recently, or the server is draining",
-                )
-                .into_response()
+        .and(with_readiness)
+        .map(|readiness: Readiness| match readiness.not_ready() {
+            None => warp::reply::json(&serde_json::json!({"status": "ready"})).into_response(),
+            Some(why) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why).into_response()
             }
         });
     let metrics = warp::path!("metrics")

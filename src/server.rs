@@ -48,7 +48,7 @@ pub enum ServerError {
     #[error(transparent)]
     Auth(#[from] ManifestError),
     /// The port could not be bound.
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}")]
     Bind {
         /// The address.
         address: SocketAddr,
@@ -62,9 +62,20 @@ pub enum ServerError {
 pub struct Bound {
     listener: TcpListener,
     auth: Authenticator,
+    consumer_assigned: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Bound {
+    /// Makes `/readyz` wait, besides the bus, for a consumer of the same process to hold
+    /// its partitions (`fjord dev`): `assigned` is what the consumer's member sets.
+    pub fn ready_when_consumer_assigned(
+        mut self,
+        assigned: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        self.consumer_assigned = Some(assigned);
+        self
+    }
+
     /// The address it listens on (the port the OS chose, for port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
@@ -72,15 +83,19 @@ impl Bound {
 }
 
 /// Loads the keys and secrets that access control needs, then binds the manifest's
-/// `server.host` and `server.port`: a manifest whose secret is refused never holds the
-/// port, even for a moment.
+/// `server.host` (see [`Manifest::server_host`]) and `server.port`: a manifest whose secret
+/// is refused never holds the port, even for a moment.
 pub async fn bind(manifest: &Manifest) -> Result<Bound, ServerError> {
     let auth = Authenticator::new(&manifest.auth).await?;
-    let address = SocketAddr::new(manifest.server.host, manifest.server.port);
+    let address = SocketAddr::new(manifest.server_host(), manifest.server.port);
     let listener = TcpListener::bind(address)
         .await
         .map_err(|source| ServerError::Bind { address, source })?;
-    Ok(Bound { listener, auth })
+    Ok(Bound {
+        listener,
+        auth,
+        consumer_assigned: None,
+    })
 }
 
 /// Serves until `shutdown` resolves, then drains.
@@ -91,7 +106,11 @@ pub async fn serve(
     static_files: &'static [StaticFile],
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Bound { listener, auth } = bound;
+    let Bound {
+        listener,
+        auth,
+        consumer_assigned,
+    } = bound;
     let reader = bus
         .reader(manifest.endpoints.keys().cloned().collect())
         .await?;
@@ -130,8 +149,12 @@ pub async fn serve(
         cors: cors.clone(),
         trust_forwarded_for: manifest.server.trust_forwarded_for,
     });
+    let readiness = crate::http::Readiness {
+        hub: Arc::clone(&hub),
+        consumer_assigned,
+    };
     let fallback = fallback(crate::http::routes(
-        &hub,
+        &readiness,
         &manifest.server,
         cors,
         static_files,
@@ -145,7 +168,7 @@ pub async fn serve(
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(%address, "metrics listening");
             }
-            let probes = self::fallback(crate::http::probe_routes(&hub));
+            let probes = self::fallback(crate::http::probe_routes(&readiness));
             Some(tokio::spawn(serve_probes(
                 listener,
                 probes,

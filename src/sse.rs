@@ -145,7 +145,7 @@ pub struct ResumeId(pub Vec<StreamId>);
 pub enum BadResumeId {
     /// Not of the form.
     #[error("last event id is malformed: {0}")]
-    Malformed(#[from] crate::bus::BadStreamId),
+    Malformed(crate::bus::BadStreamId),
     /// An id of a connection with another number of endpoints.
     #[error("last event id has {found} positions, but this stream has {expected} endpoints")]
     WrongLength {
@@ -169,7 +169,8 @@ impl ResumeId {
         let ids = text
             .split('_')
             .map(str::parse)
-            .collect::<Result<Vec<StreamId>, _>>()?;
+            .collect::<Result<Vec<StreamId>, _>>()
+            .map_err(BadResumeId::Malformed)?;
         Ok(Self(ids))
     }
 

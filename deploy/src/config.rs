@@ -22,22 +22,19 @@ pub const RESERVED_ENV: [&str; 5] = [
 /// Why a manifest cannot be deployed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read manifest {}: {source}", file.display())]
+    /// The file could not be read. The OS error is part of the message, not a source:
+    /// `fjord-deploy` prints an error's message alone, each cause once.
+    #[error("cannot read manifest {}: {error}", file.display())]
     Read {
         /// The manifest's path.
         file: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    /// A runtime section is invalid (the same check every binary makes at start).
-    #[error("{}: {source}", file.display())]
-    Runtime {
-        /// The manifest's path.
-        file: PathBuf,
-        /// What the runtime refused.
-        source: ManifestError,
-    },
+    /// A runtime section is invalid (the same check every binary makes at start); the
+    /// error names the file.
+    #[error(transparent)]
+    Runtime(ManifestError),
     /// The `deploy` section is missing, malformed or out of range.
     #[error("{}: {path}: {message}", file.display())]
     Invalid {
@@ -323,18 +320,15 @@ fn default_scale_out_cooldown() -> i32 {
 
 /// The manifest's text, read from `file`.
 fn read(file: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+    std::fs::read_to_string(file).map_err(|error| ConfigError::Read {
         file: file.to_owned(),
-        source,
+        error,
     })
 }
 
 /// The manifest as the server parses it; `file` names it in errors.
 fn runtime(text: &str, file: &Path) -> Result<Manifest, ConfigError> {
-    Manifest::parse(text).map_err(|source| ConfigError::Runtime {
-        file: file.to_owned(),
-        source,
-    })
+    Manifest::parse(text).map_err(|error| ConfigError::Runtime(error.in_file(file)))
 }
 
 impl Deployment {
@@ -360,6 +354,19 @@ impl Deployment {
             serde_json::from_str(text).map_err(|error| Bad::at("$", error.to_string()))?;
         runtime.remove("deploy");
         runtime.remove("$schema");
+        // A task listens where the load balancer reaches it, its network interface, whether
+        // or not access control is on: the runtime's default without it is loopback, which
+        // only the health check would reach. The task's security groups and the load
+        // balancer decide who gets there; a manifest that names a host keeps it.
+        if let Some(server) = runtime
+            .entry("server")
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()
+        {
+            server
+                .entry("host")
+                .or_insert_with(|| std::net::Ipv4Addr::UNSPECIFIED.to_string().into());
+        }
         let runtime_manifest = serde_json::Value::Object(runtime).to_string();
         Ok(Self {
             manifest,
@@ -384,7 +391,10 @@ fn section<T: serde::de::DeserializeOwned>(manifest: &Manifest) -> Result<T, Bad
         } else {
             format!("$.deploy.{path}")
         };
-        Bad::at(path, error.inner().to_string())
+        Bad::at(
+            path,
+            fjord_config::without_values(&error.inner().to_string()),
+        )
     })
 }
 
@@ -832,13 +842,15 @@ fn validate_server(manifest: &Manifest) -> Result<(), Bad> {
         "$.server.metrics_listener.port",
         || "must be a fixed port to deploy: scrapers need to know it".into(),
     )?;
+    // Left out, the deploy writes 0.0.0.0 into the tasks' manifest (see `with_deploy`).
+    let host = manifest.server.host;
     require(
-        manifest.server.host.is_unspecified(),
+        host.is_none_or(|host| host.is_unspecified()),
         "$.server.host",
         || {
             format!(
-                "{} would be unreachable for the load balancer: deployed servers listen on 0.0.0.0 (or ::)",
-                manifest.server.host
+                "{} would be unreachable for the load balancer: deployed servers listen on 0.0.0.0 (or ::); leave it out for that",
+                host.map(|host| host.to_string()).unwrap_or_default()
             )
         },
     )
@@ -1023,7 +1035,22 @@ mod tests {
         assert_eq!(deployment.deploy.secrets.len(), 2);
         let runtime: Value = serde_json::from_str(&deployment.runtime_manifest).unwrap();
         assert!(runtime.get("deploy").is_none() && runtime.get("$schema").is_none());
-        Manifest::parse(&deployment.runtime_manifest).unwrap();
+        let parsed = Manifest::parse(&deployment.runtime_manifest).unwrap();
+        // Access control is off in the example: the runtime alone would listen on loopback,
+        // out of the load balancer's reach; the deploy binds every interface, on purpose.
+        assert!(matches!(parsed.auth, fjord_config::AuthConfig::Disabled));
+        assert!(
+            Manifest::parse(fjord_config::EXAMPLE)
+                .unwrap()
+                .server_host()
+                .is_loopback()
+        );
+        assert!(parsed.server_host().is_unspecified());
+        let mut value = example();
+        value["server"]["host"] = "::".into();
+        let kept = Deployment::parse(&value.to_string(), Path::new("m.json")).unwrap();
+        let runtime: Value = serde_json::from_str(&kept.runtime_manifest).unwrap();
+        assert_eq!(runtime["server"]["host"], "::");
     }
 
     #[test]
@@ -1310,6 +1337,40 @@ mod tests {
         assert_eq!(full.deploy.network.subnets.len(), 2);
     }
 
+    /// The pre-flight never shows a secret pasted where a variable name, an ARN or an object
+    /// belongs, nor the password of a URL: the runtime sections are checked by the shared
+    /// parser, and serde's messages about the deploy section lose the values they quote.
+    #[test]
+    fn the_preflight_never_echoes_a_secret() {
+        const SECRET: &str = "Hunter2-Zq8-pasted-secret";
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let edits: Vec<Edit> = vec![
+            Box::new(|v| v["kafka"]["security"]["password_env"] = json!(SECRET)),
+            Box::new(|v| v["kafka"]["security"] = json!(SECRET)),
+            Box::new(|v| v["redis"]["url"] = json!(format!("REDISS://u:{SECRET}@h:6379"))),
+            Box::new(|v| v["redis"]["password_env"] = json!(SECRET)),
+            Box::new(|v| v["auth"] = json!(SECRET)),
+            Box::new(|v| {
+                v["auth"] = json!({"mode": "jwt", "algorithms": ["RS256"],
+                    "jwks_url": format!("https://u:{SECRET}@idp.example.com/jwks.json")})
+            }),
+            Box::new(|v| v["deploy"]["secrets"]["FJORD_KAFKA_PASSWORD"] = json!(SECRET)),
+            Box::new(|v| v["deploy"]["secrets"] = json!(SECRET)),
+            Box::new(|v| v["deploy"]["services"]["server"] = json!(SECRET)),
+            Box::new(|v| v["deploy"]["architecture"] = json!(SECRET)),
+            Box::new(|v| v["deploy"] = json!(SECRET)),
+        ];
+        for edit in edits {
+            let mut value = example();
+            edit(&mut value);
+            let error = Deployment::parse(&value.to_string(), Path::new("manifest.json"))
+                .expect_err("refused");
+            for shown in [error.to_string(), format!("{error:?}")] {
+                assert!(!shown.contains(SECRET), "{shown}");
+            }
+        }
+    }
+
     #[test]
     fn bad_bootstrap_settings_name_their_path() {
         type Edit = Box<dyn Fn(&mut Value)>;
@@ -1327,7 +1388,7 @@ mod tests {
                 Box::new(|v| v["deploy"]["bootstrap"]["vpc_cidr"] = json!("10.0.0.1/16")),
             ),
             (
-                "$.deploy.bootstrap.nat_gateways: unknown variant `two`",
+                "$.deploy.bootstrap.nat_gateways: unknown variant, expected `one` or `per_zone`",
                 Box::new(|v| v["deploy"]["bootstrap"]["nat_gateways"] = json!("two")),
             ),
             (

@@ -31,9 +31,10 @@ pub(super) enum JwksError {
     /// The body is larger than any real JWKS.
     #[error("the document is larger than {MAX_DOCUMENT_BYTES} bytes")]
     TooLarge,
-    /// The body is not `{"keys": [...]}`.
+    /// The body is not `{"keys": [...]}`; the parser's error is part of the message, not a
+    /// source, so that the log line says why and a chain says it once.
     #[error("not a JWKS document: {0}")]
-    Document(#[from] serde_json::Error),
+    Document(serde_json::Error),
 }
 
 /// Whether a fetch runs, and when the last one started.
@@ -192,7 +193,7 @@ async fn fetch(client: &reqwest::Client, url: &str) -> Result<Keys, JwksError> {
         }
         document.extend_from_slice(&chunk);
     }
-    Ok(parse(&document)?)
+    parse(&document).map_err(JwksError::Document)
 }
 
 #[derive(serde::Deserialize)]

@@ -282,13 +282,14 @@ impl Published {
 /// A bus operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    /// Redis could not be reached or refused the command.
-    #[error("redis {operation}: {source}")]
+    /// Redis could not be reached or refused the command. The client's error is part of
+    /// the message, not a source, so that a log line says why and a chain says it once.
+    #[error("redis {operation}: {error}")]
     Redis {
         /// What was being done.
         operation: &'static str,
         /// The client's error.
-        source: ::redis::RedisError,
+        error: ::redis::RedisError,
     },
     /// Redis answered with something Fjord did not write.
     #[error("redis {operation}: unexpected reply: {detail}")]
@@ -452,10 +453,10 @@ pub async fn connect_redis(config: &crate::config::RedisConfig) -> Result<Bus, B
                 // A TLS port resets a connection that does not start with a TLS greeting;
                 // that may also pass, so it is a hint rather than a reason to stop.
                 let hint = match &error {
-                    BusError::Redis { source, .. }
+                    BusError::Redis { error, .. }
                         if config.url.starts_with("redis://")
-                            && source.is_connection_dropped()
-                            && !source.is_connection_refusal() =>
+                            && error.is_connection_dropped()
+                            && !error.is_connection_refusal() =>
                     {
                         " (if this port serves TLS, the URL needs rediss://)"
                     }

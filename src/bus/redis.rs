@@ -150,7 +150,7 @@ enum Nodes {
 }
 
 fn redis_error(operation: &'static str) -> impl FnOnce(redis::RedisError) -> BusError {
-    move |source| BusError::Redis { operation, source }
+    move |error| BusError::Redis { operation, error }
 }
 
 /// Sorts a failure to connect: [`BusError::Refused`] when retrying cannot help (credentials,
@@ -165,7 +165,10 @@ fn refused_or_unreachable(
             problem,
             error: source,
         },
-        None => BusError::Redis { operation, source },
+        None => BusError::Redis {
+            operation,
+            error: source,
+        },
     }
 }
 

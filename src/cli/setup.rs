@@ -26,7 +26,7 @@ pub enum SetupError {
     #[error("{} exists; fjord setup never overwrites keys (move it away to make new ones)", .0.display())]
     Exists(PathBuf),
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -132,6 +132,10 @@ pub fn setup(dir: &Path) -> Result<SetupOutcome, SetupError> {
 /// A manifest for a local Kafka and Redis, with JWT auth on the key `fjord setup` writes.
 /// The public key goes in inline: the same manifest then works in an ECS task, which has
 /// no files beside it (`fjord-deploy` refuses `pem_file`).
+///
+/// The group starts at `earliest`: a new group has no committed offsets, and with `latest`
+/// the records produced while it joins (a few seconds, after the server is already ready)
+/// would never be read. Once it has committed, it goes on from there either way.
 fn manifest_skeleton(public_pem: &str) -> String {
     let manifest = serde_json::json!({
         "$schema": "./manifest.schema.json",
@@ -140,7 +144,7 @@ fn manifest_skeleton(public_pem: &str) -> String {
         "endpoints": {
             "orders": {"topics": ["orders"], "retention": {"max_records": 100_000, "max_age_secs": 86_400}}
         },
-        "consumer_groups": [{"id": "fjord", "topics": ["orders"], "members": 1}],
+        "consumer_groups": [{"id": "fjord", "topics": ["orders"], "members": 1, "offset_reset": "earliest"}],
         "server": {"port": 8080, "cors_origins": ["http://localhost:3000"]},
         "auth": {
             "mode": "jwt",

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::validate::{ManifestError, check_ca_at, check_topic, is_loopback, require};
+use super::validate::{Problems, check_ca_at, check_topic, is_loopback, shown};
 use super::{Manifest, Secret};
 
 /// How the bytes of a key or a value are read.
@@ -112,7 +112,7 @@ impl Manifest {
         }
     }
 
-    pub(super) fn validate_formats(&self) -> Result<(), ManifestError> {
+    pub(super) fn validate_formats(&self, p: &mut Problems) {
         let consumed: Vec<&str> = self
             .consumer_groups
             .iter()
@@ -120,85 +120,96 @@ impl Manifest {
             .collect();
         for (topic, formats) in &self.topics {
             let path = format!("$.topics.{topic}");
-            check_topic(&path, topic)?;
-            require(
+            if !check_topic(p, &path, topic) {
+                continue;
+            }
+            p.require(
                 consumed.contains(&topic.as_str()),
                 &path,
                 format!("no consumer group reads {topic:?}"),
-            )?;
+            );
             for (format, field) in [
                 (formats.value_format, "value_format"),
                 (formats.key_format, "key_format"),
             ] {
-                require(
+                p.require(
                     !format.needs_registry() || self.schema_registry.is_some(),
                     format!("{path}.{field}"),
                     "needs a schema_registry section to fetch the writers' schemas from",
-                )?;
+                );
             }
         }
         let Some(registry) = &self.schema_registry else {
-            return Ok(());
+            return;
         };
-        require(
+        p.require(
             !registry.urls.is_empty(),
             "$.schema_registry.urls",
             "needs at least one URL",
-        )?;
+        );
         for (i, url) in registry.urls.iter().enumerate() {
             check_registry_url(
+                p,
                 &format!("$.schema_registry.urls[{i}]"),
                 url,
                 registry.auth.is_some(),
-            )?;
+            );
         }
         if let Some(RegistryAuth::Basic { username, .. }) = &registry.auth {
-            require(
+            p.require(
                 !username.is_empty() && !username.contains(':'),
                 "$.schema_registry.auth.username",
                 "must be non-empty and without ':' (HTTP basic authentication's separator)",
-            )?;
+            );
         }
-        require(
+        p.require(
             (1..=1_000_000).contains(&registry.cache_schemas),
             "$.schema_registry.cache_schemas",
             "must be 1 to 1000000",
-        )?;
+        );
         check_ca_at(
+            p,
             "$.schema_registry",
             registry.ca_file.as_ref(),
             registry.ca_pem.as_deref(),
-        )
+        );
     }
 }
 
 /// An `http(s)://` base URL without credentials, query or fragment. Credentials go over
 /// plain `http://` only to a loopback host: anyone on the way could read them.
-fn check_registry_url(path: &str, url: &str, credentials: bool) -> Result<(), ManifestError> {
-    let parsed = url::Url::parse(url)
-        .map_err(|error| ManifestError::invalid(path, format!("{url:?} is not a URL: {error}")))?;
-    require(
-        matches!(parsed.scheme(), "http" | "https"),
-        path,
-        format!("{url:?} is not an http:// or https:// URL"),
-    )?;
-    require(
+fn check_registry_url(p: &mut Problems, path: &str, url: &str, credentials: bool) {
+    let parsed = match url::Url::parse(url) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            p.add(path, format!("{} is not a URL: {error}", shown(url)));
+            return;
+        }
+    };
+    if !p.require(
         parsed.username().is_empty() && parsed.password().is_none(),
         path,
         "must not carry credentials; use schema_registry.auth, whose secret comes from the environment",
-    )?;
-    require(
+    ) {
+        return;
+    }
+    p.require(
+        matches!(parsed.scheme(), "http" | "https"),
+        path,
+        format!("{url:?} is not an http:// or https:// URL"),
+    );
+    p.require(
         parsed.query().is_none() && parsed.fragment().is_none(),
         path,
         "takes no query or fragment",
-    )?;
-    require(
+    );
+    p.require(
         !credentials || parsed.scheme() == "https" || is_loopback(&parsed),
         path,
         format!(
             "{url:?} is plain http://, which shows the registry's credentials to anyone on the way; use https:// (http:// with auth is allowed only for loopback hosts)"
         ),
-    )
+    );
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use formats::{Format, RegistryAuth, SchemaRegistryConfig, TopicFormats};
-pub use validate::ManifestError;
+pub use validate::{ManifestError, Problem, without_values};
 
 /// The JSON Schema shipped beside every manifest, for editors.
 pub const SCHEMA: &str = include_str!("manifest.schema.json");
@@ -76,24 +76,46 @@ impl Manifest {
         }
     }
 
-    /// Parses and validates a manifest from its JSON text.
+    /// Parses and validates a manifest from its JSON text. A refused manifest's error lists
+    /// every problem found, each with its JSON path, and quotes no value that may be a
+    /// secret.
     pub fn parse(text: &str) -> Result<Self, ManifestError> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
-        let manifest: Self =
-            serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-                ManifestError::Invalid {
-                    file: None,
-                    path: json_path(&error.path().to_string()),
-                    message: error.inner().to_string(),
-                }
-            })?;
-        deserializer.end().map_err(|error| ManifestError::Invalid {
-            file: None,
-            path: "$".into(),
-            message: error.to_string(),
+        let parsed = serde_path_to_error::deserialize::<_, Self>(&mut deserializer)
+            .map_err(|error| (json_path(&error.path().to_string()), error.into_inner()))
+            .and_then(|manifest| {
+                deserializer.end().map_err(|error| ("$".into(), error))?;
+                Ok(manifest)
+            });
+        let manifest = parsed.map_err(|(path, error)| {
+            // serde stops at the first mistake; each section on its own says what else
+            // is wrong.
+            let mut problems = serde_json::from_str(text)
+                .map(|value| structural_problems(&value))
+                .unwrap_or_default();
+            if problems.is_empty() {
+                problems.push(Problem {
+                    path,
+                    message: without_values(&error.to_string()),
+                });
+            }
+            ManifestError::Problems {
+                file: None,
+                problems,
+            }
         })?;
         manifest.validate()?;
         Ok(manifest)
+    }
+
+    /// The address the server listens on: `server.host` when the manifest gives one, else
+    /// every interface behind access control and only loopback without it, so that a
+    /// manifest with `auth` disabled opens its streams to the network only when it says so.
+    pub fn server_host(&self) -> std::net::IpAddr {
+        self.server.host.unwrap_or(match self.auth {
+            AuthConfig::Disabled => std::net::Ipv4Addr::LOCALHOST.into(),
+            AuthConfig::Jwt(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        })
     }
 
     /// The endpoints that stream records of `topic`.
@@ -245,6 +267,80 @@ pub struct FileSetting {
     pub file: PathBuf,
     /// The setting to use where there are no files.
     pub instead: &'static str,
+}
+
+/// Every mistake of form serde finds in `value`, section by section (and endpoint by
+/// endpoint, group by group), with its JSON path and without the values.
+fn structural_problems(value: &serde_json::Value) -> Vec<Problem> {
+    fn check<T: serde::de::DeserializeOwned>(
+        value: &serde_json::Value,
+        base: &str,
+        problems: &mut Vec<Problem>,
+    ) {
+        if let Err(error) = serde_path_to_error::deserialize::<_, T>(value) {
+            let inner = error.path().to_string();
+            let path = match inner.as_str() {
+                "." | "" => base.to_owned(),
+                inner if inner.starts_with('[') => format!("{base}{inner}"),
+                inner => format!("{base}.{inner}"),
+            };
+            problems.push(Problem {
+                path,
+                message: without_values(&error.into_inner().to_string()),
+            });
+        }
+    }
+    let mut problems = Vec::new();
+    let Some(sections) = value.as_object() else {
+        check::<Manifest>(value, "$", &mut problems);
+        return problems;
+    };
+    for required in ["kafka", "redis", "endpoints", "consumer_groups", "auth"] {
+        if !sections.contains_key(required) {
+            problems.push(Problem {
+                path: "$".into(),
+                message: format!("missing field `{required}`"),
+            });
+        }
+    }
+    for (name, section) in sections {
+        let path = format!("$.{name}");
+        let problems = &mut problems;
+        match (name.as_str(), section) {
+            ("$schema", _) => check::<Option<String>>(section, &path, problems),
+            ("kafka", _) => check::<KafkaConfig>(section, &path, problems),
+            ("redis", _) => check::<RedisConfig>(section, &path, problems),
+            ("endpoints", serde_json::Value::Object(endpoints)) => {
+                for (endpoint, config) in endpoints {
+                    let path = format!("{path}.{endpoint}");
+                    if let Err(message) = EndpointName::try_from(endpoint.clone()) {
+                        problems.push(Problem {
+                            path: path.clone(),
+                            message,
+                        });
+                    }
+                    check::<EndpointConfig>(config, &path, problems);
+                }
+            }
+            ("consumer_groups", serde_json::Value::Array(groups)) => {
+                for (i, group) in groups.iter().enumerate() {
+                    check::<ConsumerGroupConfig>(group, &format!("{path}[{i}]"), problems);
+                }
+            }
+            ("endpoints", _) => check::<BTreeMap<EndpointName, EndpointConfig>>(section, &path, problems),
+            ("consumer_groups", _) => check::<Vec<ConsumerGroupConfig>>(section, &path, problems),
+            ("server", _) => check::<ServerConfig>(section, &path, problems),
+            ("auth", _) => check::<AuthConfig>(section, &path, problems),
+            ("deploy", _) => {}
+            _ => problems.push(Problem {
+                path: "$".into(),
+                message: format!(
+                    "unknown field `{name}`, expected one of `$schema`, `kafka`, `redis`, `endpoints`, `consumer_groups`, `server`, `auth`, `deploy`"
+                ),
+            }),
+        }
+    }
+    problems
 }
 
 /// Turns serde_path_to_error's `a.b[0].c` into a JSON path, `$.a.b[0].c`.
@@ -540,9 +636,9 @@ pub struct ServerConfig {
     /// The TCP port to listen on.
     #[serde(default = "default_port")]
     pub port: u16,
-    /// The address to listen on.
-    #[serde(default = "default_host")]
-    pub host: std::net::IpAddr,
+    /// The address to listen on; see [`Manifest::server_host`] for the default.
+    #[serde(default)]
+    pub host: Option<std::net::IpAddr>,
     /// Seconds between heartbeat comments; below every load balancer's idle timeout.
     #[serde(default = "default_heartbeat_secs")]
     pub heartbeat_secs: u64,
@@ -616,7 +712,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             port: default_port(),
-            host: default_host(),
+            host: None,
             heartbeat_secs: default_heartbeat_secs(),
             retry_ms: default_retry_ms(),
             cors_origins: Vec::new(),

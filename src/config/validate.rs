@@ -1,6 +1,13 @@
-//! Checks that serde cannot express: value ranges and references between sections.
+//! Checks that serde cannot express: value ranges and references between sections. Every
+//! check runs, and a refused manifest lists all of its problems, each with its JSON path.
+//!
+//! No message echoes a value that may be a secret: a `*_env` field whose value is not a
+//! variable name is most likely the secret itself, and a URL may carry a password in its
+//! userinfo whatever else is wrong with it. [`shown`] is the one way a value gets into a
+//! message, and [`without_values`] takes them out of serde's.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::{AuthConfig, JwtAlgorithm, KafkaSecurity, Manifest};
@@ -9,7 +16,7 @@ use super::{AuthConfig, JwtAlgorithm, KafkaSecurity, Manifest};
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     /// The file could not be read.
-    #[error("cannot read manifest {}: {source}", path.display())]
+    #[error("cannot read manifest {}", path.display())]
     Read {
         /// The manifest's path.
         path: PathBuf,
@@ -26,6 +33,14 @@ pub enum ManifestError {
         /// What is wrong with it.
         message: String,
     },
+    /// The manifest was refused for each of these problems (at least one).
+    #[error("{}", Listed { file: file.as_deref(), problems })]
+    Problems {
+        /// The manifest's path, when it came from a file.
+        file: Option<PathBuf>,
+        /// Every problem found, in the order of the manifest's sections.
+        problems: Vec<Problem>,
+    },
     /// A secret the manifest names is not in the environment.
     #[error("environment variable {env} is not set (the manifest names it for a secret)")]
     MissingSecret {
@@ -34,261 +49,377 @@ pub enum ManifestError {
     },
 }
 
-impl ManifestError {
-    pub(super) fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Invalid {
-            file: None,
-            path: path.into(),
-            message: message.into(),
+/// One problem of a manifest: where, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The JSON path of the value, `$.endpoints.orders.topics`.
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// A list of problems: one on the line, several one to a line under a count.
+struct Listed<'a> {
+    file: Option<&'a Path>,
+    problems: &'a [Problem],
+}
+
+impl fmt::Display for Listed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = self.file {
+            write!(f, "{}: ", file.display())?;
+        }
+        match self.problems {
+            [one] => write!(f, "{}: {}", one.path, one.message),
+            several => {
+                write!(f, "{} problems", several.len())?;
+                for problem in several {
+                    write!(f, "\n  {}: {}", problem.path, problem.message)?;
+                }
+                Ok(())
+            }
         }
     }
+}
 
-    pub(super) fn in_file(self, manifest: &Path) -> Self {
+impl ManifestError {
+    /// Names the file the manifest came from in the error.
+    pub fn in_file(self, manifest: &Path) -> Self {
+        let file = Some(manifest.to_owned());
         match self {
             Self::Invalid { path, message, .. } => Self::Invalid {
-                file: Some(manifest.to_owned()),
+                file,
                 path,
                 message,
             },
+            Self::Problems { problems, .. } => Self::Problems { file, problems },
             other => other,
         }
     }
 }
 
-pub(super) fn require(
-    ok: bool,
-    path: impl Into<String>,
-    message: impl Into<String>,
-) -> Result<(), ManifestError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(ManifestError::invalid(path, message))
+/// The problems found so far.
+#[derive(Debug, Default)]
+pub(super) struct Problems(Vec<Problem>);
+
+impl Problems {
+    pub(super) fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Records a problem unless `ok`; returns `ok`.
+    pub(super) fn require(&mut self, ok: bool, path: impl Into<String>, message: impl Into<String>) -> bool {
+        if !ok {
+            self.add(path, message);
+        }
+        ok
+    }
+
+    /// `value` within `range`; the message names the range, then `unit`.
+    fn within<T: PartialOrd + fmt::Display + Copy>(
+        &mut self,
+        value: T,
+        range: std::ops::RangeInclusive<T>,
+        path: impl Into<String>,
+        unit: &str,
+    ) {
+        let message = format!("must be {} to {}{unit}", range.start(), range.end());
+        self.require(range.contains(&value), path, message);
+    }
+
+    pub(super) fn into_result(self) -> Result<(), ManifestError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ManifestError::Problems {
+                file: None,
+                problems: self.0,
+            })
+        }
     }
 }
 
+/// A value as a message may show it: quoted, with the userinfo of anything that looks like
+/// a URL or an address (`user:password@`) replaced by `***`.
+pub(super) fn shown(value: &str) -> String {
+    let (scheme, rest) = match value.find("://") {
+        Some(at) => value.split_at(at + 3),
+        None => ("", value),
+    };
+    // The last `@` of all, not of the authority: a password may hold `/`, `?` or `#`.
+    match rest.rfind('@') {
+        Some(at) => format!("{:?}", format!("{scheme}***{}", &rest[at..])),
+        None => format!("{value:?}"),
+    }
+}
+
+/// serde's message without the values it quotes: `invalid type: string "hunter2", expected
+/// a map` becomes `invalid type: a string, expected a map`, and `unknown variant `x`` loses
+/// the `x`. The value may be a secret pasted into the wrong field; the JSON path says where.
+pub fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    loop {
+        let string = rest.find("string \"");
+        let variant = rest.find("variant `");
+        match (string, variant) {
+            (Some(at), v) if v.is_none_or(|v| at < v) => {
+                out.push_str(&rest[..at]);
+                out.push_str("a string");
+                rest = skip_quoted(&rest[at + "string \"".len()..]);
+            }
+            (_, Some(at)) => {
+                out.push_str(&rest[..at]);
+                out.push_str("variant");
+                let value = &rest[at + "variant `".len()..];
+                // The value ends where serde's text resumes.
+                rest = ["`, expected", "`, there are no variants", "` for", "`"]
+                    .iter()
+                    .find_map(|end| value.find(end).map(|at| &value[at + 1..]))
+                    .unwrap_or("");
+            }
+            _ => {
+                out.push_str(rest);
+                return out;
+            }
+        }
+    }
+}
+
+/// What follows a Rust-escaped string's closing quote.
+fn skip_quoted(text: &str) -> &str {
+    let mut escaped = false;
+    for (at, c) in text.char_indices() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            '"' if !escaped => return &text[at + 1..],
+            _ => escaped = false,
+        }
+    }
+    ""
+}
+
 /// A `redis://` or `rediss://` URL without credentials, query or fragment.
-fn validate_redis_url(path: &str, url: &str) -> Result<(), ManifestError> {
-    let rest = url
+fn validate_redis_url(p: &mut Problems, path: &str, url: &str) {
+    let Some(rest) = url
         .strip_prefix("redis://")
         .or_else(|| url.strip_prefix("rediss://"))
-        .ok_or_else(|| {
-            ManifestError::invalid(
-                path,
-                format!("{url:?} must start with redis:// or rediss://"),
-            )
-        })?;
-    require(
-        !rest.contains(['#', '?']),
-        path,
-        "takes no query or fragment (certificates are always verified; there is no #insecure)",
-    )?;
+    else {
+        p.add(
+            path,
+            format!(
+                "{} must start with redis:// or rediss:// (in lower case)",
+                shown(url)
+            ),
+        );
+        return;
+    };
     let (authority, database) = rest.split_once('/').unwrap_or((rest, ""));
-    require(
+    if !p.require(
         !authority.contains('@'),
         path,
         "must not carry credentials; write the ACL user in redis.username and name the variable that holds the password in redis.password_env",
-    )?;
-    require(!authority.is_empty(), path, "needs a host")?;
-    require(
+    ) {
+        return;
+    }
+    if !p.require(
+        !rest.contains(['#', '?']),
+        path,
+        "takes no query or fragment (certificates are always verified; there is no #insecure)",
+    ) {
+        return;
+    }
+    p.require(!authority.is_empty(), path, "needs a host");
+    p.require(
         database.len() <= 5 && database.bytes().all(|b| b.is_ascii_digit()),
         path,
         "the path is the database number, /0 to /99999, or nothing",
-    )?;
-    Ok(())
+    );
 }
 
-/// `value` within `range`; the message names the range, then `unit`.
-fn within<T: PartialOrd + std::fmt::Display + Copy>(
-    value: T,
-    range: std::ops::RangeInclusive<T>,
-    path: impl Into<String>,
-    unit: &str,
-) -> Result<(), ManifestError> {
-    let message = format!("must be {} to {}{unit}", range.start(), range.end());
-    require(range.contains(&value), path, message)
-}
-
-fn check_env_name(path: &str, env: &str) -> Result<(), ManifestError> {
+fn check_env_name(p: &mut Problems, path: &str, env: &str) {
     let valid = !env.is_empty()
         && !env.starts_with(|c: char| c.is_ascii_digit())
         && env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    require(
+    // The value is not shown: what is not a variable name here is most often the secret.
+    p.require(
         valid,
         path,
-        format!(
-            "{env:?} is not an environment variable name; the manifest names the variable that holds a secret, never the secret itself"
-        ),
-    )
+        "is not an environment variable name (letters, digits and '_'; the value is not shown, in case it is the secret itself); the manifest names the variable that holds a secret, never the secret",
+    );
 }
 
 impl Manifest {
     pub(super) fn validate(&self) -> Result<(), ManifestError> {
-        self.validate_kafka()?;
-        self.validate_redis()?;
-        self.validate_endpoints_and_groups()?;
-        self.validate_server()?;
-        self.validate_auth()?;
-        self.validate_formats()?;
+        let mut p = Problems::default();
+        self.validate_kafka(&mut p);
+        self.validate_redis(&mut p);
+        self.validate_endpoints_and_groups(&mut p);
+        self.validate_server(&mut p);
+        self.validate_auth(&mut p);
+        self.validate_formats(&mut p);
         for named in self.secrets() {
-            check_env_name(named.path, named.secret.env_name())?;
+            check_env_name(&mut p, named.path, named.secret.env_name());
         }
-        Ok(())
+        p.into_result()
     }
 
-    fn validate_auth(&self) -> Result<(), ManifestError> {
+    fn validate_auth(&self, p: &mut Problems) {
         let AuthConfig::Jwt(jwt) = &self.auth else {
-            return Ok(());
+            return;
         };
-        require(
+        p.require(
             !jwt.algorithms.is_empty(),
             "$.auth.algorithms",
             "name at least one algorithm",
-        )?;
+        );
         let shared = jwt.algorithms.contains(&JwtAlgorithm::Hs256);
         let public = jwt.algorithms.iter().any(|alg| *alg != JwtAlgorithm::Hs256);
-        require(
+        p.require(
             !shared || jwt.hs256_secret_env.is_some(),
             "$.auth.hs256_secret_env",
             "HS256 needs the variable that holds the shared secret",
-        )?;
-        require(
+        );
+        p.require(
             jwt.hs256_secret_env.is_none() || shared,
             "$.auth.hs256_secret_env",
             "a shared secret is only used with HS256 in algorithms",
-        )?;
-        require(
+        );
+        p.require(
             !public || !jwt.keys.is_empty() || jwt.jwks_url.is_some(),
             "$.auth.keys",
             "EdDSA, ES256 and RS256 need public keys or a jwks_url",
-        )?;
+        );
         for (i, key) in jwt.keys.iter().enumerate() {
-            require(
+            p.require(
                 key.pem.is_some() != key.pem_file.is_some(),
                 format!("$.auth.keys[{i}]"),
                 "give the key as pem or as pem_file, one of the two",
-            )?;
+            );
         }
         if let Some(url) = &jwt.jwks_url {
-            check_jwks_url(url)?;
+            check_jwks_url(p, url);
         }
-        require(jwt.leeway_secs <= 300, "$.auth.leeway_secs", "at most 300")?;
+        p.require(jwt.leeway_secs <= 300, "$.auth.leeway_secs", "at most 300");
         if let Some(cookie) = &jwt.token_cookie {
             let valid = !cookie.is_empty()
                 && cookie
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            require(
+            p.require(
                 valid,
                 "$.auth.token_cookie",
                 "a cookie name of letters, digits, '-' and '_'",
-            )?;
+            );
         }
-        Ok(())
     }
 
-    fn validate_kafka(&self) -> Result<(), ManifestError> {
-        require(
+    fn validate_kafka(&self, p: &mut Problems) {
+        p.require(
             !self.kafka.brokers.is_empty(),
             "$.kafka.brokers",
             "at least one broker is needed",
-        )?;
+        );
         for (i, broker) in self.kafka.brokers.iter().enumerate() {
             let valid = broker.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                !host.is_empty()
+                    && !host.contains(['@', '/'])
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
             });
-            require(
+            p.require(
                 valid,
                 format!("$.kafka.brokers[{i}]"),
-                format!("{broker:?} is not host:port"),
-            )?;
+                format!("{} is not host:port", shown(broker)),
+            );
         }
         match &self.kafka.security {
-            KafkaSecurity::None => Ok(()),
+            KafkaSecurity::None => {}
             KafkaSecurity::SaslPlain(sasl)
             | KafkaSecurity::SaslScramSha256(sasl)
             | KafkaSecurity::SaslScramSha512(sasl) => {
-                require(
+                p.require(
                     !sasl.username.is_empty(),
                     "$.kafka.security.username",
                     "must not be empty",
-                )?;
-                check_ca(sasl.ca_file.as_ref(), sasl.ca_pem.as_deref())
+                );
+                check_ca(p, sasl.ca_file.as_ref(), sasl.ca_pem.as_deref());
             }
             KafkaSecurity::Ssl(tls) => {
-                check_ca(tls.ca_file.as_ref(), tls.ca_pem.as_deref())?;
-                require(
+                check_ca(p, tls.ca_file.as_ref(), tls.ca_pem.as_deref());
+                p.require(
                     !(tls.cert_file.is_some() && tls.cert_pem.is_some()),
                     "$.kafka.security",
                     "give the client certificate as cert_pem or as cert_file, not both",
-                )?;
-                require(
+                );
+                p.require(
                     !(tls.key_file.is_some() && tls.key_pem_env.is_some()),
                     "$.kafka.security",
                     "give the private key as key_pem_env or as key_file, not both",
-                )?;
+                );
                 let cert = tls.cert_file.is_some() || tls.cert_pem.is_some();
                 let key = tls.key_file.is_some() || tls.key_pem_env.is_some();
-                require(
+                p.require(
                     cert == key,
                     "$.kafka.security",
                     "a client certificate (cert_pem or cert_file) and its private key (key_pem_env or key_file) go together",
-                )?;
-                require(
+                );
+                p.require(
                     key || tls.key_password_env.is_none(),
                     "$.kafka.security.key_password_env",
                     "a key password is only used with a private key",
-                )?;
-                match &tls.cert_pem {
-                    Some(pem) => check_certificates("$.kafka.security.cert_pem", pem),
-                    None => Ok(()),
+                );
+                if let Some(pem) = &tls.cert_pem {
+                    check_certificates(p, "$.kafka.security.cert_pem", pem);
                 }
             }
         }
     }
 
-    fn validate_redis(&self) -> Result<(), ManifestError> {
-        validate_redis_url("$.redis.url", &self.redis.url)?;
+    fn validate_redis(&self, p: &mut Problems) {
+        validate_redis_url(p, "$.redis.url", &self.redis.url);
         if let Some(cluster) = &self.redis.cluster {
             fn database(url: &str) -> &str {
                 url.split_once("://")
                     .and_then(|(_, rest)| rest.split_once('/'))
                     .map_or("", |(_, database)| database)
             }
-            require(
+            p.require(
                 matches!(database(&self.redis.url), "" | "0"),
                 "$.redis.url",
                 "a Redis Cluster has only database 0: no /N path",
-            )?;
+            );
             let tls = self.redis.url.starts_with("rediss://");
             for (index, url) in cluster.seed_urls.iter().enumerate() {
                 let path = format!("$.redis.cluster.seed_urls[{index}]");
-                validate_redis_url(&path, url)?;
-                require(
+                validate_redis_url(p, &path, url);
+                p.require(
                     matches!(database(url), "" | "0"),
                     &path,
                     "a Redis Cluster has only database 0: no /N path",
-                )?;
-                require(
+                );
+                p.require(
                     url.starts_with("rediss://") == tls,
                     &path,
                     "every node of a cluster is reached the same way: all redis:// or all rediss://, like redis.url",
-                )?;
+                );
             }
         }
         if let Some(acks) = &self.redis.commit_after_replicas {
-            within(
+            p.within(
                 acks.count,
                 1..=5,
                 "$.redis.commit_after_replicas.count",
                 " replicas",
-            )?;
-            within(
+            );
+            p.within(
                 acks.timeout_ms,
                 10..=60_000,
                 "$.redis.commit_after_replicas.timeout_ms",
                 " milliseconds",
-            )?;
+            );
         }
         if let Some(username) = &self.redis.username {
             let valid = !username.is_empty()
@@ -296,136 +427,140 @@ impl Manifest {
                 && !username
                     .chars()
                     .any(|c| c.is_whitespace() || c.is_control());
-            require(
+            p.require(
                 valid,
                 "$.redis.username",
                 "an ACL user name: 1 to 128 characters, no spaces",
-            )?;
-            require(
+            );
+            p.require(
                 self.redis.password_env.is_some(),
                 "$.redis.password_env",
                 "an ACL user (redis.username) needs the variable that holds its password",
-            )?;
+            );
         }
         let prefix_ok = !self.redis.key_prefix.is_empty()
             && self.redis.key_prefix.len() <= 64
             && !self.redis.key_prefix.contains(['{', '}', ' ']);
-        require(
+        p.require(
             prefix_ok,
             "$.redis.key_prefix",
             "1 to 64 characters, without braces or spaces",
-        )
+        );
     }
 
-    fn validate_endpoints_and_groups(&self) -> Result<(), ManifestError> {
-        require(
+    fn validate_endpoints_and_groups(&self, p: &mut Problems) {
+        p.require(
             !self.endpoints.is_empty(),
             "$.endpoints",
             "at least one endpoint is needed",
-        )?;
-        require(
+        );
+        p.require(
             self.endpoints.len() <= 1024,
             "$.endpoints",
             "at most 1024 endpoints",
-        )?;
+        );
         for (name, endpoint) in &self.endpoints {
             let path = format!("$.endpoints.{name}");
-            require(
+            p.require(
                 !endpoint.topics.is_empty(),
                 format!("{path}.topics"),
                 "at least one topic is needed",
-            )?;
+            );
             for (i, topic) in endpoint.topics.iter().enumerate() {
-                check_topic(&format!("{path}.topics[{i}]"), topic)?;
-                require(
-                    self.consumer_groups
-                        .iter()
-                        .any(|g| g.topics.contains(topic)),
-                    format!("{path}.topics[{i}]"),
-                    format!("topic {topic:?} is not consumed by any of consumer_groups"),
-                )?;
+                let topic_path = format!("{path}.topics[{i}]");
+                if check_topic(p, &topic_path, topic) {
+                    p.require(
+                        self.consumer_groups
+                            .iter()
+                            .any(|g| g.topics.contains(topic)),
+                        topic_path,
+                        format!("topic {topic:?} is not consumed by any of consumer_groups"),
+                    );
+                }
             }
-            require(
+            p.require(
                 endpoint.retention.max_records >= 1,
                 format!("{path}.retention.max_records"),
                 "must be at least 1",
-            )?;
-            require(
+            );
+            p.require(
                 endpoint.retention.max_age_secs >= 1,
                 format!("{path}.retention.max_age_secs"),
                 "must be at least 1",
-            )?;
+            );
         }
 
-        require(
+        p.require(
             !self.consumer_groups.is_empty(),
             "$.consumer_groups",
             "at least one consumer group is needed",
-        )?;
+        );
         let mut consumed_by: BTreeMap<&str, &str> = BTreeMap::new();
         for (g, group) in self.consumer_groups.iter().enumerate() {
             let path = format!("$.consumer_groups[{g}]");
-            require(
+            p.require(
                 !group.id.trim().is_empty(),
                 format!("{path}.id"),
                 "must not be empty",
-            )?;
-            require(
+            );
+            p.require(
                 self.consumer_groups[..g]
                     .iter()
                     .all(|other| other.id != group.id),
                 format!("{path}.id"),
                 format!("group {:?} is listed twice", group.id),
-            )?;
-            within(group.members, 1..=1000, format!("{path}.members"), "")?;
-            require(
+            );
+            p.within(group.members, 1..=1000, format!("{path}.members"), "");
+            p.require(
                 !group.topics.is_empty(),
                 format!("{path}.topics"),
                 "at least one topic is needed",
-            )?;
+            );
             for (i, topic) in group.topics.iter().enumerate() {
                 let topic_path = format!("{path}.topics[{i}]");
-                check_topic(&topic_path, topic)?;
+                if !check_topic(p, &topic_path, topic) {
+                    continue;
+                }
                 if let Some(other) = consumed_by.insert(topic, &group.id) {
                     // Two groups would publish each record twice.
-                    return Err(ManifestError::invalid(
+                    p.add(
                         topic_path,
                         format!(
                             "topic {topic:?} is already consumed by group {other:?}; a topic belongs to one group"
                         ),
-                    ));
+                    );
+                    continue;
                 }
-                require(
+                p.require(
                     self.endpoints_of_topic(topic).next().is_some(),
                     topic_path,
                     format!("topic {topic:?} is not streamed by any endpoint"),
-                )?;
+                );
             }
         }
-        Ok(())
     }
 
-    fn validate_server(&self) -> Result<(), ManifestError> {
+    fn validate_server(&self, p: &mut Problems) {
         let server = &self.server;
-        within(
+        p.within(
             server.heartbeat_secs,
             1..=3600,
             "$.server.heartbeat_secs",
             "",
-        )?;
-        within(server.retry_ms, 1..=600_000, "$.server.retry_ms", "")?;
-        within(
+        );
+        p.within(server.retry_ms, 1..=600_000, "$.server.retry_ms", "");
+        p.within(
             server.client_queue,
             1..=1_000_000,
             "$.server.client_queue",
             "",
-        )?;
-        within(
+        );
+        p.within(
             server.client_max_lag_ms,
             100..=3_600_000,
             "$.server.client_max_lag_ms",
             "",
-        )?;
+        );
         for (limit, path) in [
             (server.max_connections, "$.server.max_connections"),
             (
@@ -438,62 +573,69 @@ impl Manifest {
             ),
         ] {
             if let Some(limit) = limit {
-                within(limit, 1..=10_000_000, path, ", or absent for the default")?;
+                p.within(limit, 1..=10_000_000, path, ", or absent for the default");
             }
         }
         if let Some(metrics) = &server.metrics_listener {
-            require(
+            p.require(
                 metrics.port == 0 || metrics.port != server.port,
                 "$.server.metrics_listener.port",
                 format!(
                     "must differ from server.port ({}); leave metrics_listener out to serve /metrics on the public port",
                     server.port
                 ),
-            )?;
+            );
         }
         for (i, origin) in server.cors_origins.iter().enumerate() {
             let valid = origin == "*"
                 || ((origin.starts_with("https://") || origin.starts_with("http://"))
                     && !origin.ends_with('/')
+                    && !origin.contains('@')
                     && origin.parse::<http::HeaderValue>().is_ok());
-            require(
+            p.require(
                 valid,
                 format!("$.server.cors_origins[{i}]"),
                 format!(
-                    "{origin:?} is not an origin like https://app.example.com (scheme and host, no path) or \"*\""
+                    "{} is not an origin like https://app.example.com (scheme and host, no path) or \"*\"",
+                    shown(origin)
                 ),
-            )?;
+            );
         }
-        Ok(())
     }
 }
 
 /// A JWKS URL: `https://`, or plain `http://` only to a loopback host (a local identity
 /// provider, tests). Keys fetched over plain HTTP can be swapped on the way, and whoever
 /// swaps them can sign tokens that open every endpoint.
-fn check_jwks_url(url: &str) -> Result<(), ManifestError> {
+fn check_jwks_url(p: &mut Problems, url: &str) {
     const PATH: &str = "$.auth.jwks_url";
-    let parsed = url::Url::parse(url)
-        .map_err(|error| ManifestError::invalid(PATH, format!("{url:?} is not a URL: {error}")))?;
-    require(
+    let parsed = match url::Url::parse(url) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            p.add(PATH, format!("{} is not a URL: {error}", shown(url)));
+            return;
+        }
+    };
+    if !p.require(
         parsed.username().is_empty() && parsed.password().is_none(),
         PATH,
         "must not carry credentials",
-    )?;
+    ) {
+        return;
+    }
     let loopback = is_loopback(&parsed);
     match parsed.scheme() {
-        "https" => Ok(()),
-        "http" => require(
-            loopback,
-            PATH,
-            format!(
-                "{url:?} is plain http://, which lets anyone on the way replace the keys; use https:// (http:// is allowed only for loopback hosts: 127.0.0.0/8, ::1, localhost)"
-            ),
-        ),
-        _ => Err(ManifestError::invalid(
-            PATH,
-            format!("{url:?} is not an https:// URL"),
-        )),
+        "https" => {}
+        "http" => {
+            p.require(
+                loopback,
+                PATH,
+                format!(
+                    "{url:?} is plain http://, which lets anyone on the way replace the keys; use https:// (http:// is allowed only for loopback hosts: 127.0.0.0/8, ::1, localhost)"
+                ),
+            );
+        }
+        _ => p.add(PATH, format!("{url:?} is not an https:// URL")),
     }
 }
 
@@ -509,38 +651,39 @@ pub(super) fn is_loopback(url: &url::Url) -> bool {
 }
 
 /// A CA given as a file or as PEM text, not both.
-fn check_ca(file: Option<&PathBuf>, pem: Option<&str>) -> Result<(), ManifestError> {
-    check_ca_at("$.kafka.security", file, pem)
+fn check_ca(p: &mut Problems, file: Option<&PathBuf>, pem: Option<&str>) {
+    check_ca_at(p, "$.kafka.security", file, pem);
 }
 
 /// The same for the section at `section`.
 pub(super) fn check_ca_at(
+    p: &mut Problems,
     section: &str,
     file: Option<&PathBuf>,
     pem: Option<&str>,
-) -> Result<(), ManifestError> {
-    require(
+) {
+    p.require(
         file.is_none() || pem.is_none(),
         section,
         "give the CA as ca_pem or as ca_file, not both",
-    )?;
-    match pem {
-        Some(pem) => check_certificates(&format!("{section}.ca_pem"), pem),
-        None => Ok(()),
+    );
+    if let Some(pem) = pem {
+        check_certificates(p, &format!("{section}.ca_pem"), pem);
     }
 }
 
 /// PEM text of one or more certificates. Only the armour is checked here; the TLS library
 /// reads the rest when the client is made, and names the setting if it cannot.
-fn check_certificates(path: &str, pem: &str) -> Result<(), ManifestError> {
-    require(
+fn check_certificates(p: &mut Problems, path: &str, pem: &str) {
+    p.require(
         pem.contains("-----BEGIN CERTIFICATE-----") && pem.contains("-----END CERTIFICATE-----"),
         path,
         "not PEM certificates: expected the text from -----BEGIN CERTIFICATE----- to -----END CERTIFICATE----- (with its line breaks as \\n in JSON)",
-    )
+    );
 }
 
-pub(super) fn check_topic(path: &str, topic: &str) -> Result<(), ManifestError> {
+/// Whether `topic` is a valid Kafka topic name; records a problem if not.
+pub(super) fn check_topic(p: &mut Problems, path: &str, topic: &str) -> bool {
     let valid = !topic.is_empty()
         && topic.len() <= 249
         && topic != "."
@@ -548,10 +691,10 @@ pub(super) fn check_topic(path: &str, topic: &str) -> Result<(), ManifestError> 
         && topic
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    require(
+    p.require(
         valid,
         path,
-        format!("{topic:?} is not a valid Kafka topic name"),
+        format!("{} is not a valid Kafka topic name", shown(topic)),
     )
 }
 
@@ -966,8 +1109,9 @@ pub(super) mod tests {
             let (parent, field) = pointer.rsplit_once('/').expect("a pointer");
             value.pointer_mut(parent).expect("parent exists")[field] = replacement.clone();
             let error = error_of(&value);
+            // The only problem, or one of those listed.
             assert!(
-                error.starts_with(expected_path),
+                error.starts_with(expected_path) || error.contains(&format!("\n  {expected_path}")),
                 "{pointer} = {replacement}: {error}"
             );
         }
@@ -1051,7 +1195,7 @@ pub(super) mod tests {
             ),
             (
                 serde_json::json!({"protocol": "ssl", "cert_pem": CERT, "key_pem_env": "-----BEGIN"}),
-                "$.kafka.security.key_pem_env: \"-----BEGIN\" is not an environment variable name",
+                "$.kafka.security.key_pem_env: is not an environment variable name",
             ),
             (
                 serde_json::json!({"protocol": "ssl", "key_password_env": "PASS"}),
@@ -1212,6 +1356,81 @@ pub(super) mod tests {
             manifest.redis.password_env.as_ref().map(|s| s.env_name()),
             Some("FJORD_REDIS_PASSWORD")
         );
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_path() {
+        let mut value = minimal();
+        value["kafka"]["brokers"] = serde_json::json!(["no-port"]);
+        value["server"] = serde_json::json!({"heartbeat_secs": 0, "client_queue": 0});
+        value["auth"] = serde_json::json!({"mode": "jwt", "algorithms": []});
+        let error = error_of(&value);
+        assert_eq!(
+            error.lines().collect::<Vec<_>>(),
+            [
+                "4 problems",
+                "  $.kafka.brokers[0]: \"no-port\" is not host:port",
+                "  $.server.heartbeat_secs: must be 1 to 3600",
+                "  $.server.client_queue: must be 1 to 1000000",
+                "  $.auth.algorithms: name at least one algorithm",
+            ]
+        );
+
+        // Mistakes of form: each section is read on its own, so one does not hide another.
+        let mut value = minimal();
+        value["kafka"]["brokers"] = "127.0.0.1:9092".into();
+        value["endpoints"]["orders"]["start"] = "newest".into();
+        value["consumer_groups"][0]["members"] = "two".into();
+        value["unknown"] = true.into();
+        value.as_object_mut().expect("an object").remove("auth");
+        let error = error_of(&value);
+        for path in [
+            "$: missing field `auth`",
+            "$.kafka.brokers: invalid type: a string, expected a sequence",
+            "$.endpoints.orders.start: unknown variant, expected",
+            "$.consumer_groups[0].members: invalid type: a string, expected u32",
+            "$: unknown field `unknown`",
+        ] {
+            assert!(error.contains(&format!("\n  {path}")), "{path}: {error}");
+        }
+        assert!(error.starts_with("5 problems"), "{error}");
+    }
+
+    #[test]
+    fn values_are_not_quoted_where_they_may_be_secrets() {
+        use super::{shown, without_values};
+        assert_eq!(
+            without_values(r#"invalid type: string "hunter2 \"x\"", expected a map"#),
+            "invalid type: a string, expected a map"
+        );
+        assert_eq!(
+            without_values("unknown variant `hunter2`, expected one of `a`, `b`"),
+            "unknown variant, expected one of `a`, `b`"
+        );
+        assert_eq!(
+            without_values("unknown variant `hunter2`, there are no variants"),
+            "unknown variant, there are no variants"
+        );
+        assert_eq!(
+            without_values(r#"invalid value: string "x", expected y; invalid type: string "z""#),
+            "invalid value: a string, expected y; invalid type: a string"
+        );
+        assert_eq!(shown("redis://h:1"), r#""redis://h:1""#);
+        assert_eq!(shown("REDIS://u:pw@h:1/0"), r#""REDIS://***@h:1/0""#);
+        assert_eq!(shown("u:p/w?#@h:1"), r#""***@h:1""#);
+    }
+
+    #[test]
+    fn without_access_control_the_server_listens_on_loopback_unless_told() {
+        let open = accepted(&minimal());
+        assert_eq!(open.server_host(), std::net::Ipv4Addr::LOCALHOST);
+        let mut value = minimal();
+        value["server"] = serde_json::json!({"host": "0.0.0.0"});
+        assert!(accepted(&value).server_host().is_unspecified());
+        value["server"] = serde_json::json!({});
+        value["auth"] =
+            serde_json::json!({"mode": "jwt", "algorithms": ["EdDSA"], "keys": [{"pem": "x"}]});
+        assert!(accepted(&value).server_host().is_unspecified());
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub enum ConsumerError {
     #[error(transparent)]
     Config(#[from] ManifestError),
     /// Kafka refused the client: bad credentials, unreachable TLS, a fatal error.
-    #[error("kafka {operation}: {source}")]
+    #[error("kafka {operation}")]
     Kafka {
         /// What was being done.
         operation: &'static str,
@@ -61,7 +61,7 @@ pub enum ConsumerError {
     #[error("kafka: {0}")]
     Fatal(String),
     /// A record could not be encoded.
-    #[error("encoding record {topic}/{partition}@{offset}: {source}")]
+    #[error("encoding record {topic}/{partition}@{offset}")]
     Encode {
         /// Topic.
         topic: String,
@@ -160,12 +160,13 @@ fn trust<'a>(
     config
 }
 
-/// Sees librdkafka's errors and rebalances: logs assignments, and passes on the errors
-/// after which retrying is pointless.
+/// Sees librdkafka's errors and rebalances: logs assignments, says whether the member holds
+/// partitions, and passes on the errors after which retrying is pointless.
 struct MemberContext {
     group: String,
     fatal: mpsc::UnboundedSender<String>,
     in_flight: Arc<InFlight>,
+    assigned: tokio::sync::watch::Sender<bool>,
 }
 
 impl ClientContext for MemberContext {
@@ -238,8 +239,10 @@ impl ConsumerContext for MemberContext {
                     .map(|p| format!("{}/{}", p.topic(), p.partition()))
                     .collect();
                 tracing::info!(group = %self.group, partitions = %assigned.join(","), "partitions assigned");
+                self.assigned.send_replace(!assigned.is_empty());
             }
             Rebalance::Revoke(partitions) => {
+                self.assigned.send_replace(false);
                 tracing::info!(group = %self.group, count = partitions.count(), "partitions revoked");
             }
             Rebalance::Error(error) => {
@@ -273,12 +276,15 @@ fn routes_by_topic(manifest: &Manifest, group: &ConsumerGroupConfig) -> Routes {
 }
 
 /// Runs one member of `group` until `shutdown` resolves; then commits what it published and
-/// leaves the group.
+/// leaves the group. `assigned` is true while the member holds partitions: from then on,
+/// a record produced to them is read (from the group's committed offsets, or from where
+/// `offset_reset` says), which is what a readiness probe of a consuming process waits for.
 pub async fn run(
     manifest: &Manifest,
     group: &ConsumerGroupConfig,
     bus: &Bus,
     shutdown: impl Future<Output = ()>,
+    assigned: tokio::sync::watch::Sender<bool>,
 ) -> Result<(), ConsumerError> {
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let in_flight = Arc::new(InFlight::default());
@@ -286,6 +292,7 @@ pub async fn run(
         group: group.id.clone(),
         fatal: fatal_tx,
         in_flight: Arc::clone(&in_flight),
+        assigned,
     };
     let offset_reset = match group.offset_reset {
         OffsetReset::Earliest => "earliest",

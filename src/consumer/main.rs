@@ -43,6 +43,15 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let bus = fjord::bus::connect_redis(&manifest.redis)
         .await
         .context("connecting to redis")?;
-    fjord_consumer::run(&manifest, group, &bus, fjord::process::shutdown_signal()).await?;
+    // No probe asks whether this member holds partitions: it serves no HTTP.
+    let (assigned, _) = tokio::sync::watch::channel(false);
+    fjord_consumer::run(
+        &manifest,
+        group,
+        &bus,
+        fjord::process::shutdown_signal(),
+        assigned,
+    )
+    .await?;
     Ok(())
 }

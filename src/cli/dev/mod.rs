@@ -41,6 +41,9 @@ const DEMO_PARTITIONS: i32 = 3;
 const DEV_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 /// The key id that `fjord setup` writes and `fjord token` signs with by default.
 const DEV_KEY_ID: &str = "fjord-setup";
+/// How long `fjord dev` waits for a Kafka or Redis it was pointed at before it gives up,
+/// saying which: a developer who mistyped an address learns it at once, not never.
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Access control of `fjord dev`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +126,22 @@ pub enum DevError {
     /// The server failed.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// A Kafka or Redis that `fjord dev` was pointed at did not answer in time.
+    #[error(
+        "{service} at {address} did not answer within {} s: is it running, and is that its address?",
+        waited.as_secs()
+    )]
+    Unreachable {
+        /// `Kafka` or `Redis`.
+        service: &'static str,
+        /// Where it was looked for.
+        address: String,
+        /// How long it was waited for.
+        waited: Duration,
+    },
+    /// The demo topics could not be created on the real Kafka.
+    #[error("creating the demo topics")]
+    CreateTopics(#[source] rdkafka::error::KafkaError),
     /// A demo topic could not be created on the real Kafka.
     #[error("creating topic {topic}: {code}")]
     CreateTopic {
@@ -135,17 +154,17 @@ pub enum DevError {
     #[error("a task of fjord dev failed: {0}")]
     Task(String),
     /// The demo producer failed.
-    #[error("demo producer: {0}")]
+    #[error("demo producer")]
     Producer(#[from] rdkafka::error::KafkaError),
     /// The demo's Avro schema could not be registered with `--schema-registry`.
     #[error("schema registry: {0}")]
     Registry(String),
     /// The key pair for `--auth` could not be made, read or used.
-    #[error("access control keys: {0}")]
+    #[error("access control keys")]
     Keys(#[from] SetupError),
     /// The temporary folder for the keys could not be made.
-    #[error("a temporary folder for the keys: {0}")]
-    TempDir(std::io::Error),
+    #[error("a temporary folder for the keys")]
+    TempDir(#[source] std::io::Error),
 }
 
 /// An in-process Kafka cluster on a thread of its own (the mock cluster is not `Send`).
@@ -362,8 +381,16 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         keys.as_ref().map(|keys| keys.public_pem.as_str()),
         options.schema_registry.as_deref(),
     )?;
+    announce_connecting(&brokers, in_process_kafka.is_some(), options.redis.as_ref());
     let fresh_topics = match &options.kafka {
-        Some(_) => producer::ensure_topics(&manifest, DEMO_PARTITIONS).await?,
+        Some(_) => {
+            within_patience(
+                "Kafka",
+                &brokers,
+                producer::ensure_topics(&manifest, DEMO_PARTITIONS),
+            )
+            .await??
+        }
         None => true,
     };
     // Topics that hold only this run's records are read from their start, so that the
@@ -372,10 +399,20 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         group.offset_reset = OffsetReset::Earliest;
     }
     let bus = match &options.redis {
-        Some(_) => fjord::bus::connect_redis(&manifest.redis).await?,
+        Some(redis) => {
+            within_patience(
+                "Redis",
+                &redis.url,
+                fjord::bus::connect_redis(&manifest.redis),
+            )
+            .await??
+        }
         None => Bus::Memory(fjord::bus::memory::MemoryBus::new()),
     };
-    let bound = fjord::server::bind(&manifest).await?;
+    let (assigned_tx, assigned_rx) = tokio::sync::watch::channel(false);
+    let bound = fjord::server::bind(&manifest)
+        .await?
+        .ready_when_consumer_assigned(assigned_rx);
     let address = bound.local_addr().map_err(|source| ServerError::Bind {
         address: std::net::SocketAddr::new(options.host, options.port),
         source,
@@ -397,7 +434,9 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     let group = manifest.consumer_groups[0].clone();
     let consumer = {
         let (manifest, bus, stop) = (manifest.clone(), bus.clone(), stopped(stop_rx.clone()));
-        tokio::spawn(async move { fjord_consumer::run(&manifest, &group, &bus, stop).await })
+        tokio::spawn(async move {
+            fjord_consumer::run(&manifest, &group, &bus, stop, assigned_tx).await
+        })
     };
     let producer = options.demo_producer.then(|| {
         let (manifest, stop) = (manifest.clone(), stopped(stop_rx.clone()));
@@ -420,6 +459,21 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     Ok(())
 }
 
+/// `connecting`'s outcome, or [`DevError::Unreachable`] once [`CONNECT_PATIENCE`] is over.
+async fn within_patience<T>(
+    service: &'static str,
+    address: &str,
+    connecting: impl Future<Output = T>,
+) -> Result<T, DevError> {
+    tokio::time::timeout(CONNECT_PATIENCE, connecting)
+        .await
+        .map_err(|_| DevError::Unreachable {
+            service,
+            address: address.to_owned(),
+            waited: CONNECT_PATIENCE,
+        })
+}
+
 fn flatten<E: Into<DevError>>(
     joined: Result<Result<(), E>, tokio::task::JoinError>,
 ) -> Result<(), DevError> {
@@ -438,6 +492,24 @@ fn program() -> String {
     by_name
         .or_else(|| std::env::current_exe().ok().map(PathBuf::into_os_string))
         .map_or_else(|| "fjord".to_owned(), |p| p.to_string_lossy().into_owned())
+}
+
+/// Says what `fjord dev` connects to before it does, so that a wait has a reason on screen.
+#[allow(
+    clippy::print_stdout,
+    reason = "the developer's instructions go to the terminal"
+)]
+fn announce_connecting(brokers: &str, in_process: bool, redis: Option<&DevRedis>) {
+    let kafka = (!in_process).then(|| format!("Kafka at {brokers}"));
+    let redis = redis.map(|redis| format!("Redis at {}", redis.url));
+    let services: Vec<String> = kafka.into_iter().chain(redis).collect();
+    if !services.is_empty() {
+        println!(
+            "Connecting to {} (giving up after {} s)...",
+            services.join(" and "),
+            CONNECT_PATIENCE.as_secs()
+        );
+    }
 }
 
 #[allow(

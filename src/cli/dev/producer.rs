@@ -112,13 +112,19 @@ impl AvroOrders {
 /// Creates the demo topics on a real Kafka if they are missing; true when it created them
 /// all, so that they hold only what this run produces.
 pub(super) async fn ensure_topics(manifest: &Manifest, partitions: i32) -> Result<bool, DevError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(&manifest.kafka)?.create()?;
+    let admin: AdminClient<DefaultClientContext> = client_config(&manifest.kafka)?
+        .create()
+        .map_err(DevError::CreateTopics)?;
     let topics: Vec<NewTopic<'_>> = super::DEMO_TOPICS
         .iter()
         .map(|topic| NewTopic::new(topic, partitions, TopicReplication::Fixed(1)))
         .collect();
     let mut created_all = true;
-    for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
+    let created = admin
+        .create_topics(&topics, &AdminOptions::new())
+        .await
+        .map_err(DevError::CreateTopics)?;
+    for result in created {
         match result {
             Ok(_) => {}
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => created_all = false,
