@@ -32,6 +32,8 @@ const CONNECTIONS: [usize; 5] = [1_000, 2_500, 5_000, 10_000, 19_000];
 pub(crate) struct Sweep {
     date: String,
     machine: Machine,
+    /// Whether this binary, and so the server beside it, is a release build.
+    release: bool,
     /// The server, then the floor, at each rate of [`RATES`].
     load: Vec<Outcome>,
     /// The server, then the floor, at each count of [`CONNECTIONS`].
@@ -80,6 +82,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Sweep> {
     Ok(Sweep {
         date: utc_now(),
         machine: Machine::this(),
+        release: !cfg!(debug_assertions),
         load,
         memory,
     })
@@ -154,8 +157,13 @@ pub(crate) fn section(sweep: &Sweep, plots_dir: &str) -> String {
     let _ = writeln!(
         out,
         "Measured {} on {} cores ({}), {} GiB RAM, Linux {}, with `ci/bench.sh --plots`: \
-         release build, one `fjord-server` on Redis, the load generator on the same machine.\n",
-        sweep.date, machine.nproc, machine.cpu, machine.ram_gib, machine.kernel
+         {} build, one `fjord-server` on Redis, the load generator on the same machine.\n",
+        sweep.date,
+        machine.nproc,
+        machine.cpu,
+        machine.ram_gib,
+        machine.kernel,
+        if sweep.release { "release" } else { "debug" }
     );
     let _ = writeln!(
         out,
@@ -252,6 +260,7 @@ mod tests {
                 ram_gib: 1.0,
                 kernel: "test".into(),
             },
+            release: true,
             load: RATES
                 .iter()
                 .flat_map(|&rate| {
@@ -293,6 +302,10 @@ mod tests {
     fn the_section_has_the_headline_rows_and_the_plots() {
         let text = section(&sweep(), "docs/bench");
         assert!(text.starts_with(BEGIN) && text.trim_end().ends_with(END));
+        assert!(
+            text.contains("`ci/bench.sh --plots`: release build"),
+            "{text}"
+        );
         assert!(
             text.contains("| 1000 connections × 150 records/s | fjord-server | 150000 | 15.00 | 150.00 | 5.00 | 4.00 |"),
             "{text}"
