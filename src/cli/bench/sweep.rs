@@ -112,7 +112,14 @@ fn series(outcomes: &[Outcome], what: &str, point: impl Fn(&Outcome) -> (f64, f6
 
 /// The three charts, by file name.
 pub(crate) fn charts(sweep: &Sweep) -> Vec<(&'static str, Chart)> {
-    let load = |outcome: &Outcome| outcome.deliveries_per_sec;
+    // Offered, not delivered: past its capacity a side delivers less, and its line should
+    // go up, not fold back.
+    let load = |outcome: &Outcome| {
+        outcome
+            .load
+            .as_ref()
+            .map_or(0.0, |load| load.connections as f64 * load.rate)
+    };
     let mut latency = series(&sweep.load, ", p99", |o| (load(o), o.p99_ms));
     latency.extend(series(&sweep.load, ", p50", |o| (load(o), o.p50_ms)));
     let memory_mib = |outcome: &Outcome| outcome.rss_kib_after.iter().sum::<u64>() as f64 / 1024.0;
@@ -123,7 +130,7 @@ pub(crate) fn charts(sweep: &Sweep) -> Vec<(&'static str, Chart)> {
                 title: format!(
                     "Latency, publish → client, against load ({LOAD_CONNECTIONS} connections)"
                 ),
-                x_label: "deliveries per second".into(),
+                x_label: "deliveries per second offered".into(),
                 y_label: "milliseconds".into(),
                 series: latency,
             },
@@ -141,7 +148,7 @@ pub(crate) fn charts(sweep: &Sweep) -> Vec<(&'static str, Chart)> {
             "cpu.svg",
             Chart {
                 title: format!("CPU per delivery against load ({LOAD_CONNECTIONS} connections)"),
-                x_label: "deliveries per second".into(),
+                x_label: "deliveries per second offered".into(),
                 y_label: "µs of CPU per delivery".into(),
                 series: series(&sweep.load, "", |o| (load(o), o.cpu_us_per_delivery)),
             },
