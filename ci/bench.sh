@@ -6,12 +6,18 @@
 #   ci/bench.sh --tiny    debug build, every scenario at a tiny load (well under a minute);
 #                         fails if the tool is broken; writes only target/bench-tiny.json
 #   ci/bench.sh --only fanout --only floor    some scenarios
+#   ci/bench.sh --plots   release build, the server and its floor swept over load and
+#                         connections (about 5 minutes): writes docs/bench/*.svg and
+#                         sweep.json and rewrites BENCHMARKS.md's headline table
+# Without any service: `cargo run --release --bin fjord -- bench quick` (a few seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tiny=0
+plots=0
 for arg in "$@"; do
   [ "$arg" = --tiny ] && tiny=1
+  [ "$arg" = --plots ] && plots=1
 done
 
 ci/services.sh up >/dev/null
@@ -25,5 +31,8 @@ if [ "$tiny" = 1 ]; then
   exec target/debug/fjord bench all --out target/bench-tiny.json "$@"
 fi
 cargo build --locked --release --bins
+if [ "$plots" = 1 ]; then
+  exec target/release/fjord bench plots
+fi
 exec target/release/fjord bench all --out target/bench-results.json --markdown BENCHMARKS.md \
   --command "ci/bench.sh${*:+ $*}" "$@"

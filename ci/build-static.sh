@@ -36,23 +36,14 @@ source ci/services/common.sh
 apt_install musl-tools curl file
 rustup target add "$target"
 
-# musl-gcc sees musl's headers only, not /usr/include. librdkafka's one include of
-# <curl/curl.h> (see ci/install-build-deps.sh; nothing of curl is used) gets a directory
-# holding just curl's headers, those of libcurl4-openssl-dev.
-curl_h=$(dpkg -L libcurl4-openssl-dev | grep '/curl/curl\.h$' | head -n 1)
-[[ -n $curl_h ]] || die "libcurl4-openssl-dev has no curl/curl.h"
-target_dir=${CARGO_TARGET_DIR:-target}
-include=$target_dir/$target-include
-rm -rf "$include"
-mkdir -p "$include"
-cp -r "$(dirname "$curl_h")" "$include/"
-include=$(cd "$include" && pwd)
 # Debian's musl-tools has `musl-gcc` only, which the cc crate finds for x86_64 by itself
 # but not for aarch64 (it asks for aarch64-linux-musl-gcc). It has no C++ compiler:
 # librdkafka's CMake project wants one for its C++ wrapper, which rdkafka-sys does not link,
-# so the host's g++ stands in.
-export "CC_${target//-/_}=musl-gcc" "CFLAGS_${target//-/_}=-isystem $include" "CXX_${target//-/_}=g++"
+# so the host's g++ stands in. musl-gcc sees musl's headers only, which is enough: what
+# librdkafka uses (OpenSSL, zlib, zstd, libcurl) is built from vendored sources.
+export "CC_${target//-/_}=musl-gcc" "CXX_${target//-/_}=g++"
 
+target_dir=${CARGO_TARGET_DIR:-target}
 start=$SECONDS
 log "cargo build --release --target $target: fjord, fjord-consumer…"
 cargo build --release --locked --target "$target" -p fjord-cli -p fjord-consumer

@@ -9,7 +9,9 @@
 #     perl, pkg-config, bash, coreutils, findutils, diffutils, sed, grep, awk, tar, gzip,
 #     bzip2, xz, patch) and the Rust toolchain;
 #   - C headers of libc and the compilers only, and pkg-config finding nothing, so a crate
-#     that needs a system library the flake does not provide fails here too;
+#     that needs a system library the flake does not provide fails here too: in particular
+#     no curl/curl.h, no OpenSSL and no zlib headers, which the sandbox checks before it
+#     builds (librdkafka and what it uses are built from vendored sources);
 #   - a clean environment (only what Nix and crane set), HOME=/homeless-shelter unwritable,
 #     uid 1000 as nixbld, the source tree read-only; only /build (TMPDIR, CARGO_HOME and the
 #     target dir) is writable.
@@ -18,9 +20,9 @@
 #
 # With FJORD_SANDBOX_FRESH=1 it rehearses a fresh machine instead: `cargo build --bin fjord`
 # (what `cargo run --bin fjord -- dev` builds, debug) into an empty target dir, with the same libc and
-# compiler headers, curl's, and the same tools minus pkg-config: Rust and what
-# ci/install-build-deps.sh installs, nothing else. It prints how long the build took and
-# removes that target dir afterwards.
+# compiler headers and the same tools minus pkg-config: Rust and what
+# ci/install-build-deps.sh installs, nothing else. It prints how long the build took (wall
+# and CPU time) and removes that target dir afterwards.
 #
 #   ci/sandbox-build.sh [SOURCE_DIR]   build SOURCE_DIR (default: this checkout)
 #
@@ -32,12 +34,12 @@
 #   FJORD_SANDBOX_DEPLOY=0         1 also builds fjord-deploy (not in the images; the
 #                                  Nix job of ci.yml builds it for real; ~14 min more cold)
 #   FJORD_SANDBOX_FRESH=0          1: the fresh-machine rehearsal (see above)
-#   FJORD_SANDBOX_LIBS=libcurl4-openssl-dev
-#                                  Debian -dev packages whose headers and pkg-config files
-#                                  stand for the flake's buildInputs (today pkgs.curl, for a
-#                                  header only; see nix/packages.nix), installed when missing;
-#                                  "libssl-dev zlib1g-dev" for a tree whose flake provided
-#                                  openssl and zlib
+#   FJORD_SANDBOX_LIBS=            Debian -dev packages whose headers and pkg-config files
+#                                  stand for the flake's buildInputs (today none; see
+#                                  nix/packages.nix), installed when missing: e.g.
+#                                  libcurl4-openssl-dev for a tree whose flake provided curl
+#                                  (librdkafka 2.12 before the `curl-static` feature), which
+#                                  also turns the check for absent headers off
 set -euo pipefail
 
 log() { printf '[sandbox-build] %s\n' "$*" >&2; }
@@ -88,7 +90,7 @@ fi
 # compilers' own, plus those of FJORD_SANDBOX_LIBS, whose pkg-config files are the only
 # ones pkg-config finds. Host /usr/include also holds headers of OpenSSL, zlib, curl…,
 # which would let a -sys crate build here and fail in Nix.
-libs=${FJORD_SANDBOX_LIBS-libcurl4-openssl-dev}
+libs=${FJORD_SANDBOX_LIBS-}
 # shellcheck disable=SC2086 # a list of package names
 if [[ -n $libs ]] && ! dpkg-query -W $libs >/dev/null 2>&1; then
     log "installing $libs with apt…"
@@ -210,6 +212,22 @@ in_sandbox /bin/sh -c '
     ! (exec 3<>/dev/tcp/127.0.0.1/16379) 2>/dev/null || fail "loopback of the host is reachable"
     [ "$(id -u)" = 1000 ] || fail "not uid 1000"
 ' || die "the sandbox is not what it should be"
+# What a bare machine lacks: the headers of the libraries librdkafka can use (curl, OpenSSL,
+# zlib) and their pkg-config files. With FJORD_SANDBOX_LIBS the caller provides some.
+if [[ -z $libs ]]; then
+    log "sandbox checks: no curl, OpenSSL or zlib headers, no pkg-config file"
+    in_sandbox /bin/sh -c '
+        fail() { echo "sandbox property violated: $*" >&2; exit 1; }
+        for header in curl/curl.h openssl/ssl.h openssl/opensslv.h zlib.h zstd.h; do
+            [ ! -e "/usr/include/$header" ] || fail "/usr/include/$header exists"
+        done
+        [ -z "$(ls -A "$PKG_CONFIG_LIBDIR")" ] || fail "pkg-config finds $(ls "$PKG_CONFIG_LIBDIR")"
+        printf "#include <stdio.h>\n" | gcc -E -x c - >/dev/null || fail "gcc cannot use libc headers"
+        ! printf "#include <curl/curl.h>\n" | gcc -E -x c - >/dev/null 2>&1 || fail "gcc finds curl/curl.h"
+        ! printf "#include <zlib.h>\n" | gcc -E -x c - >/dev/null 2>&1 || fail "gcc finds zlib.h"
+        ! printf "#include <openssl/ssl.h>\n" | gcc -E -x c - >/dev/null 2>&1 || fail "gcc finds openssl/ssl.h"
+    ' || die "the sandbox has headers a bare machine lacks"
+fi
 
 build() {
     local what=$1

@@ -61,7 +61,6 @@ let
           "cmake"
           "perl"
           "pkg-config"
-          "curl"
           "libiconv"
           "cacert"
           "makeWrapper"
@@ -230,17 +229,17 @@ let
       "aarch64-linux"
       "aarch64-linux"
     ]) "images-arm64 is not built for aarch64-linux")
-    # librdkafka, OpenSSL, zlib and zstd come from vendored sources, built with cmake and
-    # perl; curl only for a header. ci/sandbox-build.sh's PATH and FJORD_SANDBOX_LIBS
-    # mirror these lists: change both together.
+    # librdkafka, OpenSSL, zlib, zstd and libcurl come from vendored sources, built with
+    # cmake and perl. ci/sandbox-build.sh's PATH and FJORD_SANDBOX_LIBS (empty) mirror these
+    # lists: change both together.
     (expect (
       packages.fjord-consumer.args.nativeBuildInputs == [
         basePkgs.cmake
         basePkgs.perl
         basePkgs.pkg-config
       ]
-      && packages.fjord-consumer.args.buildInputs == [ basePkgs.curl ]
-    ) "the build inputs are not cmake, perl and pkg-config, and curl")
+      && packages.fjord-consumer.args.buildInputs == [ ]
+    ) "the build inputs are not cmake, perl and pkg-config, and no library")
     # The server is the `fjord` crate's binary, which has no librdkafka among its
     # dependencies (ci/check-parts.sh), built on a dependency build of its own.
     (expect (

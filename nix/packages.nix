@@ -31,8 +31,8 @@ let
     version = "0.1.0";
     strictDeps = true;
     # librdkafka (fjord-consumer's and fjord-cli's) is built by rdkafka-sys with CMake, with
-    # OpenSSL (perl runs its Configure), zlib and zstd from vendored sources: no system
-    # library is linked. ci/sandbox-build.sh rehearses this build without /usr/bin/env,
+    # OpenSSL (perl runs its Configure), zlib, zstd and libcurl from vendored sources: no
+    # system library is linked. ci/sandbox-build.sh rehearses this build without /usr/bin/env,
     # with the headers of the Debian packages that stand for these buildInputs, and these
     # tools: pkg-config is kept so that librdkafka's CMake probes run as rehearsed there.
     nativeBuildInputs = [
@@ -40,10 +40,9 @@ let
       pkgs.perl
       pkgs.pkg-config
     ];
-    # curl for one header only: librdkafka 2.12's rdkafka_conf.c includes <curl/curl.h>
-    # under `#ifdef WITH_OAUTHBEARER_OIDC`, which its CMake config.h always defines (to 0
-    # without curl). libcurl itself is not linked. Rust programs link libiconv on Darwin.
-    buildInputs = [ pkgs.curl ] ++ lib.optionals isDarwin [ pkgs.libiconv ];
+    # No library: libcurl, whose header librdkafka 2.12 always includes, is built from
+    # curl-sys's sources too (rdkafka's `curl-static`). Rust programs link libiconv on Darwin.
+    buildInputs = lib.optionals isDarwin [ pkgs.libiconv ];
   };
 
   # `--workspace`: the top's default members leave the deploy tool out.

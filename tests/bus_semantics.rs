@@ -445,6 +445,9 @@ macro_rules! cases {
     ($kind:ident: $($case:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $case() {
+            if matches!(super::Kind::$kind, super::Kind::Redis) && super::skip_without_services() {
+                return;
+            }
             super::$case(super::Kind::$kind).await;
         }
     )*};

@@ -10,6 +10,9 @@ use common::*;
 
 #[tokio::test]
 async fn a_killed_primary_loses_no_committed_record() {
+    if skip_without_services() {
+        return;
+    }
     let services = services();
     let cluster = RedisCluster::start(3, 1);
     let urls = cluster.urls();

@@ -86,6 +86,9 @@ impl Pipeline {
 
 #[tokio::test]
 async fn redis_stopped_and_restarted_mid_stream() {
+    if skip_without_services() {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().await;
     let (pipeline, client, mut produced) = Pipeline::streaming(2, 1, |_| {}).await;
     stop_bus_redis();
@@ -115,6 +118,9 @@ async fn redis_stopped_and_restarted_mid_stream() {
 
 #[tokio::test]
 async fn a_killed_server_s_clients_resume_on_the_other() {
+    if skip_without_services() {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut pipeline = Pipeline::start(3, 2, |_| {}).await;
     let client = ResumingClient::start(vec![pipeline.url(0), pipeline.url(1)]);
@@ -143,6 +149,9 @@ async fn a_killed_server_s_clients_resume_on_the_other() {
 
 #[tokio::test]
 async fn a_draining_server_sends_shutdown_and_its_clients_resume_elsewhere() {
+    if skip_without_services() {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().await;
     let (mut pipeline, client, mut produced) = Pipeline::streaming(2, 2, |_| {}).await;
 
@@ -166,6 +175,9 @@ async fn a_draining_server_sends_shutdown_and_its_clients_resume_elsewhere() {
 
 #[tokio::test]
 async fn a_consumer_killed_mid_stream_loses_and_repeats_nothing() {
+    if skip_without_services() {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut pipeline = Pipeline::start(3, 1, |_| {}).await;
     let client = ResumingClient::start(vec![pipeline.url(0)]);
@@ -190,6 +202,9 @@ async fn a_consumer_killed_mid_stream_loses_and_repeats_nothing() {
 
 #[tokio::test]
 async fn a_terminated_consumer_commits_and_leaves_the_group() {
+    if skip_without_services() {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut pipeline = Pipeline::start(1, 1, |_| {}).await;
     let client = ResumingClient::start(vec![pipeline.url(0)]);
@@ -208,6 +223,9 @@ async fn a_terminated_consumer_commits_and_leaves_the_group() {
 
 #[tokio::test]
 async fn the_kafka_broker_restarted_mid_stream() {
+    if skip_without_services() {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().await;
     let (pipeline, client, mut produced) = Pipeline::streaming(2, 1, |_| {}).await;
     services_command("restart-kafka");
@@ -217,6 +235,9 @@ async fn the_kafka_broker_restarted_mid_stream() {
 
 #[tokio::test]
 async fn a_slow_client_is_cut_off_and_resumes_without_loss() {
+    if skip_without_services() {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().await;
     let pipeline = Pipeline::start(2, 1, |m| m["server"]["client_queue"] = 16.into()).await;
     let fast = ResumingClient::start(vec![pipeline.url(0)]);
@@ -256,6 +277,9 @@ async fn a_slow_client_is_cut_off_and_resumes_without_loss() {
 
 #[tokio::test]
 async fn a_resume_id_older_than_the_window_gets_a_gap_event() {
+    if skip_without_services() {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().await;
     let pipeline = Pipeline::start(1, 1, |m| {
         m["endpoints"]["orders"]["retention"] = serde_json::json!({"max_records": 10});

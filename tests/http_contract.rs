@@ -46,6 +46,9 @@ async fn json_error(response: reqwest::Response) -> (u16, String) {
 
 #[tokio::test]
 async fn cors_preflight_allows_listed_origins_only() {
+    if skip_without_services() {
+        return;
+    }
     let server = start_server(|m| {
         m["server"]["cors_origins"] = serde_json::json!(["https://app.example.com"])
     })
@@ -104,6 +107,9 @@ async fn cors_preflight_allows_listed_origins_only() {
 
 #[tokio::test]
 async fn with_auth_on_a_narrow_token_cannot_tell_which_endpoints_exist() {
+    if skip_without_services() {
+        return;
+    }
     const SECRET: &str = "http-contract-hs256-secret-of-48-random-bytes!!!";
     let services = services();
     let port = free_port();
@@ -163,6 +169,9 @@ async fn with_auth_on_a_narrow_token_cannot_tell_which_endpoints_exist() {
 
 #[tokio::test]
 async fn heartbeats_arrive_at_the_configured_interval() {
+    if skip_without_services() {
+        return;
+    }
     let server = start_server(|m| m["server"]["heartbeat_secs"] = 1.into()).await;
     let mut stream = SseStream::connect(
         &format!("http://127.0.0.1:{}/v1/streams/orders", server.port),
@@ -180,6 +189,9 @@ async fn heartbeats_arrive_at_the_configured_interval() {
 
 #[tokio::test]
 async fn bad_requests_get_json_errors_with_the_fitting_status() {
+    if skip_without_services() {
+        return;
+    }
     let server = start_server(|_| {}).await;
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{}", server.port);
@@ -239,6 +251,9 @@ async fn bad_requests_get_json_errors_with_the_fitting_status() {
 
 #[tokio::test]
 async fn health_readiness_and_metrics() {
+    if skip_without_services() {
+        return;
+    }
     let server = start_server(|_| {}).await;
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{}", server.port);
@@ -299,6 +314,9 @@ async fn health_readiness_and_metrics() {
 
 #[tokio::test]
 async fn an_http_1_0_client_gets_a_stream_that_ends_with_the_connection() {
+    if skip_without_services() {
+        return;
+    }
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let server = start_server(|_| {}).await;
     let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
@@ -332,6 +350,9 @@ async fn an_http_1_0_client_gets_a_stream_that_ends_with_the_connection() {
 
 #[tokio::test]
 async fn a_malformed_manifest_fails_with_its_path_before_binding() {
+    if skip_without_services() {
+        return;
+    }
     let services = services();
     let port = free_port();
     let mut manifest = manifest(&services, &[("orders", "orders")], "group", port);
@@ -383,6 +404,9 @@ async fn exchange(port: u16, request: &str) -> String {
 
 #[tokio::test]
 async fn head_is_answered_like_get_without_a_body() {
+    if skip_without_services() {
+        return;
+    }
     let server = start_server(|_| {}).await;
     for path in ["/healthz", "/readyz", "/metrics"] {
         let response = exchange(
@@ -425,6 +449,9 @@ async fn head_is_answered_like_get_without_a_body() {
 
 #[tokio::test]
 async fn absolute_form_targets_are_served_like_their_paths() {
+    if skip_without_services() {
+        return;
+    }
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let server = start_server(|_| {}).await;
     let port = server.port;
@@ -458,6 +485,9 @@ async fn absolute_form_targets_are_served_like_their_paths() {
 
 #[tokio::test]
 async fn cors_star_sends_a_literal_star_without_credentials() {
+    if skip_without_services() {
+        return;
+    }
     let server = start_server(|m| m["server"]["cors_origins"] = serde_json::json!(["*"])).await;
     let url = format!("http://127.0.0.1:{}/v1/streams/orders", server.port);
     let stream = SseStream::connect(&url, &[("origin", "https://anyone.example")]).await;
@@ -494,6 +524,9 @@ async fn cors_star_sends_a_literal_star_without_credentials() {
 
 #[tokio::test]
 async fn listed_origins_get_credentials_in_cookie_mode_and_refusals_are_logged() {
+    if skip_without_services() {
+        return;
+    }
     let server = start_server(|m| {
         m["server"]["cors_origins"] = serde_json::json!(["https://app.example.com"]);
         m["auth"] = serde_json::json!({

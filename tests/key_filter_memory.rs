@@ -57,6 +57,9 @@ async fn kib_per_connection(keys_of: impl Fn(usize) -> Vec<String>) -> f64 {
 
 #[tokio::test]
 async fn key_filters_of_a_thousand_keys_per_connection() {
+    if skip_without_services() {
+        return;
+    }
     let without = kib_per_connection(|_| Vec::new()).await;
     let different = kib_per_connection(|i| (0..KEYS).map(|k| format!("c{i}-k{k}")).collect()).await;
     let same = kib_per_connection(|_| (0..KEYS).map(|k| format!("shared-k{k}")).collect()).await;

@@ -34,6 +34,9 @@ fn port_of(url: &str) -> u16 {
 
 #[tokio::test]
 async fn a_killed_primary_s_replica_takes_over_its_slot_with_its_data() {
+    if skip_without_services() {
+        return;
+    }
     let cluster = RedisCluster::start(3, 1);
     let urls = cluster.urls();
     assert_eq!(urls.len(), 6, "{urls:?}");
@@ -90,6 +93,9 @@ async fn a_killed_primary_s_replica_takes_over_its_slot_with_its_data() {
 
 #[tokio::test]
 async fn up_again_leaves_a_healthy_cluster_alone_and_one_shard_serves_every_slot() {
+    if skip_without_services() {
+        return;
+    }
     // One shard: the baseline of a shards benchmark, made without `redis-cli --cluster
     // create`, which wants three primaries.
     let cluster = RedisCluster::start(1, 1);

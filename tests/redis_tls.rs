@@ -175,11 +175,17 @@ async fn failure_log(binary: &str, manifest: &Path, envs: &[(&str, &str)]) -> St
 
 #[tokio::test]
 async fn records_cross_a_tls_redis_as_an_acl_user() {
+    if skip_without_services() {
+        return;
+    }
     records_cross(TlsRedis::start(), |_| {}).await;
 }
 
 #[tokio::test]
 async fn records_cross_a_tls_redis_cluster_as_an_acl_user() {
+    if skip_without_services() {
+        return;
+    }
     // No replica to read from: the server falls back to the primary.
     records_cross(TlsRedis::start_cluster(), |manifest| {
         manifest["redis"]["cluster"] = serde_json::json!({"read_from": "replica"});
@@ -225,6 +231,9 @@ async fn records_cross(redis: TlsRedis, edit: impl FnOnce(&mut serde_json::Value
 
 #[tokio::test]
 async fn refused_credentials_stop_the_process_naming_user_and_variable() {
+    if skip_without_services() {
+        return;
+    }
     let services = services();
     let redis = TlsRedis::start();
     let mut manifest = tls_manifest(&services, &redis, "unused-topic", free_port());
@@ -288,6 +297,9 @@ async fn refused_credentials_stop_the_process_naming_user_and_variable() {
 
 #[tokio::test]
 async fn an_untrusted_certificate_or_a_plain_port_stops_the_process() {
+    if skip_without_services() {
+        return;
+    }
     let services = services();
     let redis = TlsRedis::start();
     let manifest = tls_manifest(&services, &redis, "unused-topic", free_port());
@@ -390,6 +402,9 @@ async fn an_untrusted_certificate_or_a_plain_port_stops_the_process() {
 
 #[tokio::test]
 async fn fjord_dev_streams_through_a_tls_redis() {
+    if skip_without_services() {
+        return;
+    }
     let redis = TlsRedis::start();
     let port = free_port();
     let url = redis.url();
@@ -423,6 +438,9 @@ async fn fjord_dev_streams_through_a_tls_redis() {
 
 #[tokio::test]
 async fn redis_url_to_a_tls_port_is_retried_with_a_hint() {
+    if skip_without_services() {
+        return;
+    }
     let services = services();
     let redis = TlsRedis::start();
     let mut manifest = tls_manifest(&services, &redis, "unused-topic", free_port());

@@ -122,6 +122,9 @@ impl Peaks {
 
 #[tokio::test]
 async fn resumers_that_never_read_hold_bounded_bytes_and_are_shed() {
+    if skip_without_services() {
+        return;
+    }
     let services = services();
     let port = free_port();
     let mut manifest = manifest(&services, &[("orders", &unique("replay"))], "unused", port);

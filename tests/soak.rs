@@ -19,6 +19,9 @@ use common::*;
 #[tokio::test]
 #[ignore = "a long run; ci/soak.sh runs it"]
 async fn soak_with_random_faults() {
+    if skip_without_services() {
+        return;
+    }
     let seconds: u64 = std::env::var("FJORD_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -34,6 +34,45 @@ fn required_env(name: &str) -> String {
     })
 }
 
+/// The command that runs the tests which need the real services.
+const SERVICES_HINT: &str =
+    "run ci/test.sh, or ci/services.sh up then source /tmp/fjord-ci/env (FJORD_CI_STATE/env)";
+
+/// Whether a test that needs the real Kafka and Redis must skip: true when
+/// `FJORD_TEST_KAFKA_BROKERS` is not set (ci/services.sh's env file sets it with the others),
+/// on a machine where they were never started. `cargo test` on a fresh clone then passes,
+/// saying once per test binary what runs these tests. Under CI (`CI` set and not `false`) a
+/// missing service is a failure, never a skip.
+///
+/// A test that needs them starts with `if skip_without_services() { return; }`.
+pub fn skip_without_services() -> bool {
+    if std::env::var_os("FJORD_TEST_KAFKA_BROKERS").is_some() {
+        return false;
+    }
+    let ci = std::env::var("CI").is_ok_and(|ci| !ci.is_empty() && ci != "false" && ci != "0");
+    assert!(
+        !ci,
+        "CI is set but FJORD_TEST_KAFKA_BROKERS is not: the services are missing ({SERVICES_HINT})"
+    );
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        // Past the test harness's capture, which would hide the line of a passing test.
+        use std::io::Write as _;
+        let test = std::env::current_exe().ok();
+        let name = test
+            .as_deref()
+            .and_then(Path::file_stem)
+            .and_then(|stem| stem.to_str())
+            .and_then(|stem| stem.rsplit_once('-').map(|(name, _hash)| name))
+            .unwrap_or("these tests");
+        let _ = writeln!(
+            std::io::stderr(),
+            "{name}: skipped the tests that need Kafka and Redis: {SERVICES_HINT}"
+        );
+    });
+    true
+}
+
 /// The real services.
 pub struct Services {
     pub brokers: String,
@@ -283,10 +322,13 @@ pub fn write_manifest(manifest: &serde_json::Value) -> (tempfile::TempDir, PathB
     (dir, path)
 }
 
-/// A binary of another package of the workspace (`fjord` of `fjord-cli`, `fjord-consumer`):
-/// cargo sets `CARGO_BIN_EXE_*` only for the tested package's own, so it is looked up beside
-/// this test, in `target/<profile>/`. `cargo test` does not build another package's binaries,
-/// so `ci/test.sh` runs `cargo build --bins` first.
+/// A binary of another package of the workspace (`fjord` of `fjord-cli`, `fjord-consumer`),
+/// built fresh: cargo sets `CARGO_BIN_EXE_*` only for the tested package's own, and
+/// `cargo test` does not build another package's binaries, so an old one could be tested.
+/// The first call in a test binary runs `cargo build --bins` at the top of the workspace,
+/// into the target dir and profile this test was built in (a no-op when they are fresh,
+/// as after ci/test.sh's own `cargo build --bins`); the binary is then beside this test,
+/// in `target/<profile>/`.
 pub fn workspace_binary(name: &str) -> String {
     let test = std::env::current_exe().expect("the test's own path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
@@ -294,13 +336,38 @@ pub fn workspace_binary(name: &str) -> String {
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>");
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| build_workspace_binaries(folder));
     let binary = folder.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         binary.exists(),
-        "{} is not built: run `cargo build --bins` at the top of the workspace before the tests (ci/test.sh does)",
+        "{} is not there after `cargo build --bins`",
         binary.display()
     );
     binary.to_str().expect("a UTF-8 target path").to_owned()
+}
+
+/// `cargo build --bins` of the workspace's default members into `profile_dir`
+/// (`<target dir>/<profile>`), with the cargo that built this test.
+fn build_workspace_binaries(profile_dir: &Path) {
+    let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => panic!("{}: not a profile's directory", profile_dir.display()),
+    };
+    let target_dir = profile_dir.parent().expect("the target dir");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--bins", "--profile", profile])
+        .env("CARGO_TARGET_DIR", target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .status()
+        .expect("running cargo");
+    assert!(
+        status.success(),
+        "cargo build --bins --profile {profile} failed ({status})"
+    );
 }
 
 /// A running binary of this crate, killed when dropped; its stderr is kept for assertions.

@@ -20,6 +20,8 @@ use super::scenario::{
 };
 use super::worker::{Target, WorkerReport, WorkerSpec};
 use super::{cpu_ticks, now_us, rss_kib, ticks_per_second};
+use fjord::bus::Bus;
+use fjord::bus::memory::MemoryBus;
 use fjord::config::Manifest;
 
 /// Most connections one worker process opens (this machine allows 20,000 open files).
@@ -79,6 +81,39 @@ impl Driven {
         tokio::time::timeout(patience, wait)
             .await
             .map_err(|_| anyhow::anyhow!("no {kind} within {patience:?}"))?
+    }
+}
+
+/// The server's code in this process, on the in-memory bus.
+struct InProcess {
+    bus: Bus,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), fjord::server::ServerError>>,
+}
+
+impl InProcess {
+    async fn start(manifest: Manifest) -> anyhow::Result<Self> {
+        let bus = Bus::Memory(MemoryBus::new());
+        let bound = fjord::server::bind(&manifest).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                let stopped = async {
+                    let _ = stopped.await;
+                };
+                fjord::server::serve(&manifest, &bus, bound, &[], stopped).await
+            })
+        };
+        Ok(Self { bus, stop, task })
+    }
+
+    /// Stops it and waits until it drained.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        if let Ok(Err(error)) = self.task.await {
+            tracing::warn!(%error, "the server in process");
+        }
     }
 }
 
@@ -223,6 +258,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     let mut servers: Vec<Child> = Vec::new();
     let mut floor: Option<Driven> = None;
     let mut consumer: Option<Child> = None;
+    let mut in_process: Option<InProcess> = None;
     let mut manifest_text = String::new();
     match scenario.kind {
         Kind::Ingest | Kind::Shards | Kind::ReplicaLag => {
@@ -264,9 +300,17 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
                     Some(server_command(env, scenario, "fjord-consumer", &manifest_text).spawn()?);
             }
         }
+        Kind::InProcess => {
+            let port = free_port()?;
+            manifest_text = manifest(env, scenario, &env.redis, port, &prefix, &topic);
+            in_process = Some(InProcess::start(Manifest::parse(&manifest_text)?).await?);
+            wait_ready(port).await?;
+            ports.push(port);
+        }
     }
     let measured_pids: Vec<u32> = match &floor {
         Some(floor) => vec![floor.pid()],
+        None if in_process.is_some() => vec![std::process::id()],
         None => servers
             .iter()
             .chain(consumer.iter())
@@ -275,6 +319,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     };
     let rss_pids: Vec<u32> = match &floor {
         Some(floor) => vec![floor.pid()],
+        None if in_process.is_some() => vec![std::process::id()],
         None => servers.iter().filter_map(Child::id).collect(),
     };
     let rss_kib_before: Vec<u64> = rss_pids
@@ -329,13 +374,21 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
             }
             None
         }
-        Kind::Server => Some(tokio::spawn(publish_to_bus(
-            Manifest::parse(&manifest_text)?,
-            scenario.rate,
-            scenario.keyed.then_some(scenario.connections as u64),
-            Arc::clone(&published),
-            Arc::clone(&stop),
-        ))),
+        Kind::Server | Kind::InProcess => {
+            let manifest = Manifest::parse(&manifest_text)?;
+            let bus = match &in_process {
+                Some(in_process) => in_process.bus.clone(),
+                None => fjord::bus::connect_redis(&manifest.redis).await?,
+            };
+            Some(tokio::spawn(publish_to_bus(
+                bus,
+                manifest,
+                scenario.rate,
+                scenario.keyed.then_some(scenario.connections as u64),
+                Arc::clone(&published),
+                Arc::clone(&stop),
+            )))
+        }
         Kind::EndToEnd => Some(tokio::spawn(produce_to_kafka(
             env.kafka.clone(),
             topic.clone(),
@@ -402,6 +455,9 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     drop(floor);
     drop(servers);
     drop(consumer);
+    if let Some(in_process) = in_process {
+        in_process.stop().await;
+    }
 
     let mut all = Histogram::default();
     for slice in &slices {

@@ -1,5 +1,5 @@
 //! `fjord bench`: the load generator, the floor and the standard scenarios behind
-//! `BENCHMARKS.md`. The controller starts real `fjord-server` (and for the end-to-end
+//! `BENCHMARKS.md`, its plots, and `fjord bench quick`, which needs no service. The controller starts real `fjord-server` (and for the end-to-end
 //! scenario `fjord-consumer`) processes, re-executes itself as worker processes that open
 //! HTTP/1.1 SSE connections from several 127.0.0.x source addresses, publishes records that
 //! carry their publish time and a sequence number (straight to the Redis bus with
@@ -16,9 +16,12 @@ mod floor;
 mod histogram;
 mod ingest;
 mod outcome;
+mod plot;
+mod quick;
 mod report;
 mod scenario;
 mod shards;
+mod sweep;
 mod worker;
 
 use std::path::PathBuf;
@@ -37,6 +40,25 @@ pub use worker::{Target, WorkerReport, WorkerSpec};
 /// The `fjord bench` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
+    /// Measures the fan-out in a few seconds with no service: the server's code in this
+    /// process on the in-memory bus, 1,000 connections, then the floor at the same load;
+    /// prints a summary.
+    Quick,
+    /// Sweeps the server and the floor over load and over connections (several minutes;
+    /// Redis and a release build, as `all`) and draws the plots of BENCHMARKS.md.
+    Plots {
+        /// Where the SVG plots and the sweep's JSON go.
+        #[arg(long, default_value = "docs/bench")]
+        out: PathBuf,
+        /// The Markdown file whose plots section is rewritten.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        markdown: PathBuf,
+        /// The plots' directory as the Markdown file refers to it.
+        #[arg(long, default_value = "docs/bench")]
+        link: String,
+        #[command(flatten)]
+        services: Services,
+    },
     /// Runs every standard scenario, writes JSON results and rewrites BENCHMARKS.md's table.
     All {
         /// Where the JSON results go.
@@ -134,6 +156,26 @@ pub struct Services {
 /// Runs a `fjord bench` subcommand.
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
+        BenchCommand::Quick => {
+            let summary = quick::run().await?;
+            #[allow(clippy::print_stdout, reason = "the summary is the command's output")]
+            {
+                print!("{summary}");
+            }
+            Ok(())
+        }
+        BenchCommand::Plots {
+            out,
+            markdown,
+            link,
+            services,
+        } => {
+            let env = Env::new(&services)?;
+            let swept = sweep::run(&env).await?;
+            sweep::write(&swept, &out, &markdown, &link)?;
+            tracing::info!(path = %out.display(), markdown = %markdown.display(), "wrote the plots");
+            Ok(())
+        }
         BenchCommand::All {
             out,
             markdown,
@@ -227,7 +269,9 @@ async fn run_scenario(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcome>
         // No connections: the bus alone, on clusters of its own.
         Kind::Shards => shards::run(scenario).await,
         Kind::ReplicaLag => shards::replica_lag(env, scenario).await,
-        Kind::Floor | Kind::Server | Kind::EndToEnd => fanout::run_connections(env, scenario).await,
+        Kind::Floor | Kind::Server | Kind::EndToEnd | Kind::InProcess => {
+            fanout::run_connections(env, scenario).await
+        }
     }
 }
 

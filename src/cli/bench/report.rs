@@ -341,16 +341,21 @@ pub(crate) fn rewrite_markdown(
     command: &str,
 ) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let fresh = section(results, command);
-    let updated = match (text.find(BEGIN), text.find(END)) {
-        (Some(begin), Some(end)) if end > begin => {
-            let after = &text[end + END.len()..];
+    let updated = replace_section(&text, BEGIN, END, &section(results, command));
+    std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `text` with what lies from `begin` to its `end` line replaced by `fresh` (which holds
+/// both markers), or with `fresh` appended when `text` has no such section.
+pub(crate) fn replace_section(text: &str, begin: &str, end: &str, fresh: &str) -> String {
+    match (text.find(begin), text.find(end)) {
+        (Some(first), Some(last)) if last > first => {
+            let after = &text[last + end.len()..];
             let after = after.strip_prefix('\n').unwrap_or(after);
-            format!("{}{fresh}{after}", &text[..begin])
+            format!("{}{fresh}{after}", &text[..first])
         }
         _ => format!("{text}\n{fresh}"),
-    };
-    std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
+    }
 }
 
 #[cfg(test)]
@@ -373,6 +378,24 @@ mod tests {
             tiny: false,
             outcomes,
         }
+    }
+
+    #[test]
+    fn a_section_is_replaced_in_place_or_appended() {
+        let fresh = "<!-- a -->\nnew\n<!-- b -->\n";
+        assert_eq!(
+            replace_section(
+                "top\n<!-- a -->\nold\n<!-- b -->\nbottom\n",
+                "<!-- a -->",
+                "<!-- b -->",
+                fresh
+            ),
+            "top\n<!-- a -->\nnew\n<!-- b -->\nbottom\n"
+        );
+        assert_eq!(
+            replace_section("top\n", "<!-- a -->", "<!-- b -->", fresh),
+            "top\n\n<!-- a -->\nnew\n<!-- b -->\n"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
 use super::{Services, event_envelope, now_us};
-use fjord::bus::Publication;
+use fjord::bus::{Bus, Publication};
 use fjord::config::Manifest;
 use fjord::envelope::Envelope;
 
@@ -28,6 +28,9 @@ pub enum Kind {
     Server,
     /// The bare write loop.
     Floor,
+    /// The server's code inside the controller's own process, on the in-memory bus (as
+    /// `fjord dev` runs it): `fjord bench quick`, which needs no Redis and no other binary.
+    InProcess,
     /// Kafka → fjord-consumer → Redis → fjord-server.
     EndToEnd,
     /// One fjord-consumer member through a Kafka backlog into Redis, no server.
@@ -42,7 +45,10 @@ impl Kind {
     /// Whether the scenario opens client connections (and so has a row in the
     /// connections table).
     pub fn has_connections(self) -> bool {
-        matches!(self, Self::Server | Self::Floor | Self::EndToEnd)
+        matches!(
+            self,
+            Self::Server | Self::Floor | Self::EndToEnd | Self::InProcess
+        )
     }
 }
 
@@ -111,6 +117,23 @@ impl Scenario {
                 ..base
             },
             "fanout" => base,
+            // `fjord bench quick`: a load that a debug build on a laptop carries too.
+            "quick" => Self {
+                kind: Kind::InProcess,
+                connections: 1_000,
+                rate: 20.0,
+                warmup_secs: 1,
+                measure_secs: 5,
+                ..base
+            },
+            "quick-floor" => Self {
+                kind: Kind::Floor,
+                connections: 1_000,
+                rate: 20.0,
+                warmup_secs: 1,
+                measure_secs: 5,
+                ..base
+            },
             // The same deliveries per second as fewer connections with more events each.
             "floor-1k" => Self {
                 kind: Kind::Floor,
@@ -198,7 +221,7 @@ impl Scenario {
                     ..full
                 });
             }
-            Kind::Server | Kind::Floor | Kind::EndToEnd => {}
+            Kind::Server | Kind::Floor | Kind::EndToEnd | Kind::InProcess => {}
         }
         Some(Self {
             connections: (full.connections / 100).max(60),
@@ -258,6 +281,23 @@ impl Env {
         Ok(Self {
             redis: services.redis.clone(),
             kafka: services.kafka.clone(),
+            bin_dir,
+            me,
+        })
+    }
+
+    /// For the scenarios of this binary alone (the floor, the server in process): no
+    /// services, no other binary.
+    pub(crate) fn alone() -> anyhow::Result<Self> {
+        let me = std::env::current_exe().context("locating this binary")?;
+        let bin_dir = me
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .context("this binary's directory")?;
+        // Written into the manifest, which wants them, and never connected to.
+        Ok(Self {
+            redis: "redis://127.0.0.1:6379".into(),
+            kafka: "127.0.0.1:9092".into(),
             bin_dir,
             me,
         })
@@ -335,15 +375,15 @@ pub(super) fn server_command(
     command
 }
 
-/// Publishes at `rate` until `stop`; counts into `published`.
+/// Publishes to `bus` at `rate` until `stop`; counts into `published`.
 pub(super) async fn publish_to_bus(
+    bus: Bus,
     manifest: Manifest,
     rate: f64,
     keys: Option<u64>,
     published: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let bus = fjord::bus::connect_redis(&manifest.redis).await?;
     let endpoints: Vec<_> = manifest
         .endpoints
         .iter()

@@ -607,6 +607,7 @@ pub(crate) async fn replica_lag(env: &Env, scenario: &Scenario) -> anyhow::Resul
     }
     let published = Arc::new(AtomicU64::new(0));
     let publisher = tokio::spawn(publish_to_bus(
+        fjord::bus::connect_redis(&manifest.redis).await?,
         manifest,
         scenario.rate,
         None,
