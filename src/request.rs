@@ -311,7 +311,14 @@ pub(crate) async fn open_stream(
     request.interest.keys = grant
         .narrow_keys(request.interest.keys.take())
         .map_err(|error| ApiError::forbidden(&error))?;
-    Ok(hub.subscribe(request.interest, request.resume.as_ref(), grant.expires_at))
+    hub.try_subscribe(request.interest, request.resume.as_ref(), grant.expires_at)
+        .map_err(|refusal| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_key_filters",
+                refusal.to_string(),
+            )
+        })
 }
 
 #[cfg(test)]

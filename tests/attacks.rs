@@ -165,6 +165,170 @@ fn keys_query(keys: impl Iterator<Item = String>) -> String {
         .join("&")
 }
 
+/// Row 1: one connection naming fifty endpoints with a thousand keys cost fifty copies of
+/// its key index, 3.7 MiB; now it costs one, and the key index's budget refuses new sets
+/// past it with a clear 503 while connections sharing a set held already still open.
+#[tokio::test]
+async fn a_key_set_on_fifty_endpoints_is_indexed_once_within_a_budget() {
+    const ENDPOINTS: usize = 50;
+    const CONNECTIONS: usize = 40;
+    let names: Vec<String> = (0..ENDPOINTS).map(|i| format!("e{i:02}")).collect();
+    let topics: Vec<String> = names.iter().map(|_| unique("keys-unused")).collect();
+    let endpoints: Vec<(&str, &str)> = names
+        .iter()
+        .zip(&topics)
+        .map(|(name, topic)| (name.as_str(), topic.as_str()))
+        .collect();
+    let server = start(&endpoints, |_| {}).await;
+    let every_endpoint = names
+        .iter()
+        .map(|name| format!("endpoint={name}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let request = |i: usize| {
+        get(
+            &format!(
+                "/v1/streams?{every_endpoint}&{}",
+                keys_query((0..1000).map(|k| format!("c{i}-k{k}")))
+            ),
+            "",
+        )
+    };
+    assert!(request(0).len() < 16 * 1024, "fits a request head");
+    for i in 0..5 {
+        drop(raw(server.port, &request(1000 + i), Some(b"retry:")).await);
+    }
+    let before = rss_kib(server.process.pid());
+    let mut open = Vec::new();
+    for i in 0..CONNECTIONS {
+        let response = raw(server.port, &request(i), Some(b"retry:")).await;
+        assert_eq!(response.status, 200, "{}", response.body_text());
+        open.push(response);
+    }
+    let per_connection =
+        (rss_kib(server.process.pid()).saturating_sub(before)) as f64 / CONNECTIONS as f64;
+    println!("{ENDPOINTS} endpoints, 1,000 keys: {per_connection:.1} KiB resident per connection");
+    assert!(
+        per_connection < 400.0,
+        "{per_connection:.1} KiB per connection"
+    );
+    // What the budget is charged is what the keys take, give or take a quarter.
+    let charged_kib = server.metric("fjord_key_filter_bytes").await / 1024.0 / CONNECTIONS as f64;
+    println!("{charged_kib:.1} KiB charged per connection");
+    assert!(
+        (0.75 * per_connection..1.25 * per_connection).contains(&charged_kib),
+        "{charged_kib:.1} KiB charged, {per_connection:.1} KiB resident"
+    );
+    drop(open);
+    server.assert_no_panic().await;
+
+    // A budget of 1 MiB: about a dozen such sets.
+    let small = start(&endpoints[..1], |manifest| {
+        manifest["server"]["key_filter_memory_mib"] = serde_json::json!(1);
+    })
+    .await;
+    let one = |i: usize| {
+        get(
+            &format!(
+                "/v1/streams/e00?{}",
+                keys_query((0..1000).map(|k| format!("c{i}-k{k}")))
+            ),
+            "",
+        )
+    };
+    let mut admitted = Vec::new();
+    let refused = loop {
+        let response = raw(small.port, &one(admitted.len()), Some(b"retry:")).await;
+        if response.status != 200 {
+            break response;
+        }
+        admitted.push(response);
+        assert!(admitted.len() < 100, "never refused");
+    };
+    assert!(
+        (5..30).contains(&admitted.len()),
+        "{} admitted",
+        admitted.len()
+    );
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some());
+    let body = refused.body_text();
+    assert!(
+        body.contains("too_many_key_filters") && body.contains("key_filter_memory_mib"),
+        "{body}"
+    );
+    assert_eq!(
+        small
+            .metric("fjord_connections_refused_total{limit=\"key_filters\"}")
+            .await,
+        1.0
+    );
+    // A set held already costs nothing more; a set given back makes room.
+    let shared = raw(small.port, &one(0), Some(b"retry:")).await;
+    assert_eq!(shared.status, 200);
+    admitted.truncate(admitted.len() - 1);
+    let status_after = |small: &Server| {
+        let port = small.port;
+        async move { raw(port, &one(500), Some(b"retry:")).await.status }
+    };
+    let mut status = 0;
+    for _ in 0..100 {
+        status = status_after(&small).await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "room once a set is given back");
+    small.assert_no_panic().await;
+}
+
+/// Row 4: connections with sets of a thousand keys that overlap in all but one made leaving
+/// quadratic under the index's write lock (8 s of CPU to close 4,000 in a release build).
+/// Closing them now costs about what opening them did, as leaving undoes what joining did.
+#[tokio::test]
+async fn connections_with_overlapping_key_sets_leave_in_linear_time() {
+    const CONNECTIONS: usize = 2000;
+    let server = start(&[("orders", &unique("orders-unused"))], |_| {}).await;
+    let request = |i: usize| {
+        let keys = (0..999)
+            .map(|k| format!("shared-{k}"))
+            .chain([format!("own-{i}")]);
+        get(&format!("/v1/streams/orders?{}", keys_query(keys)), "")
+    };
+    let pid = server.process.pid();
+    let before_opening = cpu_secs(pid);
+    let mut open = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
+        let response = raw(server.port, &request(i), Some(b"retry:")).await;
+        assert_eq!(response.status, 200);
+        open.push(response);
+    }
+    assert_eq!(
+        server.metric("fjord_open_connections").await,
+        CONNECTIONS as f64
+    );
+    let opening = cpu_secs(pid) - before_opening;
+    let before_closing = cpu_secs(pid);
+    let started = Instant::now();
+    drop(open);
+    while server.metric("fjord_open_connections").await > 0.0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(started.elapsed() < 4 * PATIENCE, "connections never closed");
+    }
+    let closing = cpu_secs(pid) - before_closing;
+    println!(
+        "{CONNECTIONS} connections with overlapping sets of 1,000 keys: {opening:.2} s of CPU to open, {closing:.2} s to close ({:?})",
+        started.elapsed()
+    );
+    // Opening parses and indexes each set; closing takes it out of the index. Linear both.
+    assert!(
+        closing < 2.0 * opening + 0.5,
+        "{closing:.2} s of CPU to close them, {opening:.2} s to open them"
+    );
+    server.assert_no_panic().await;
+}
+
 /// Row 3: a target in authority form (`GET a:1`, `CONNECT host:port`) reached warp and
 /// panicked inside `http`, twenty thousand times in 2.7 s from one client; with
 /// `panic = "abort"` one packet would end the server. Now it is a 400 before any router.
