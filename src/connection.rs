@@ -469,13 +469,14 @@ fn stream_response_head(allow_origin: Option<&AllowOrigin>, chunked: bool) -> Ve
         b"HTTP/1.1 200 OK\r\n\
           content-type: text/event-stream\r\n\
           cache-control: no-cache, no-transform\r\n\
-          x-accel-buffering: no\r\n",
+          x-accel-buffering: no\r\n\
+          connection: close\r\n",
     );
-    head.extend_from_slice(if chunked {
-        b"transfer-encoding: chunked\r\n"
-    } else {
-        b"connection: close\r\n"
-    });
+    // The server closes every stream connection once the stream ends: said, so that a
+    // keep-alive proxy does not send another request on it.
+    if chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
     append_allow_origin(&mut head, allow_origin);
     head.extend_from_slice(b"\r\n");
     head

@@ -368,6 +368,26 @@ async fn targets_that_are_not_a_path_or_a_url_are_refused_before_any_router() {
     server.assert_no_panic().await;
 }
 
+/// Row 10: a stream response says `Connection: close`, since the server closes every stream
+/// connection: a keep-alive proxy would otherwise reuse the socket and meet a reset.
+#[tokio::test]
+async fn stream_responses_say_the_connection_closes() {
+    let server = start(&[("orders", &unique("orders-unused"))], |_| {}).await;
+    for version in ["HTTP/1.1", "HTTP/1.0"] {
+        let request = format!("GET /v1/streams/orders {version}\r\nhost: x\r\n\r\n");
+        let response = raw(server.port, request.as_bytes(), Some(b"retry:")).await;
+        assert_eq!(response.status, 200);
+        assert_eq!(
+            response.header("connection"),
+            Some("close"),
+            "{}",
+            response.head
+        );
+        drop(response.socket);
+    }
+    server.assert_no_panic().await;
+}
+
 /// Publishes `count` records of about `bytes` bytes to every endpoint of `manifest`, through
 /// the bus the server reads.
 async fn publish_big(path: &std::path::Path, first_offset: i64, count: i64, bytes: usize) {
