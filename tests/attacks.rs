@@ -506,3 +506,77 @@ async fn lagging_readers_of_large_records_hold_a_bounded_coalescing_buffer() {
     let log = server.log().join("\n");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Row 6: with Redis unreachable, every resuming connection logged its own "replay failed"
+/// warning: 300 resumers, 300 lines. Now the warning is logged at a bounded rate, with the
+/// count held back.
+#[tokio::test]
+async fn replay_failures_are_logged_at_a_bounded_rate() {
+    const RESUMERS: usize = 60;
+    // A Redis of this test's own, which it stops: the shared one stays up for the others.
+    let redis_port = free_port();
+    let mut redis = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &redis_port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let services = services();
+    let port = free_port();
+    let mut manifest = manifest(
+        &services,
+        &[("orders", &unique("orders-unused"))],
+        "unused",
+        port,
+    );
+    manifest["redis"] = serde_json::json!({"url": format!("redis://127.0.0.1:{redis_port}")});
+    let (_dir, path) = write_manifest(&manifest);
+    let mut ready = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "redis-server never listened");
+    publish_big(&path, 0, 3, 10).await;
+    let server = Process::server(&path);
+    wait_ready(port).await;
+    // The server has read the records: a resume from before them needs a replay.
+    let resume = get("/v1/streams/orders", "last-event-id: 1-0\r\n");
+    let before_stop = raw(port, &resume, Some(b"data:")).await;
+    assert_eq!(before_stop.status, 200);
+    drop(before_stop);
+    redis.kill().expect("stop redis");
+    redis.wait().expect("redis stopped");
+    let resumers =
+        futures_util::future::join_all((0..RESUMERS).map(|_| raw(port, &resume, None))).await;
+    assert!(resumers.iter().all(|response| response.status == 200));
+    // Each stream ends when its replay fails.
+    for mut resumer in resumers {
+        let mut rest = Vec::new();
+        tokio::time::timeout(PATIENCE, resumer.socket.read_to_end(&mut rest))
+            .await
+            .expect("the stream ends")
+            .expect("read");
+    }
+    let warnings = || {
+        server
+            .log()
+            .iter()
+            .filter(|line| line.contains("replay failed"))
+            .count()
+    };
+    println!(
+        "{RESUMERS} resumers with Redis down: {} warnings",
+        warnings()
+    );
+    assert!(warnings() <= 3, "{} warnings", warnings());
+}

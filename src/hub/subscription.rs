@@ -19,6 +19,7 @@ use super::outlet::{ClientQueue, DirectWrite, Frame};
 use crate::bus::{BusEntry, BusError, Receivers, StreamId};
 use crate::keys::{ClientId, KeySet};
 use crate::metrics::Metrics;
+use crate::process::LogThrottle;
 use crate::replay::ReplayItem;
 use crate::sse::{self, RenderedEvent, ResumeId};
 
@@ -282,7 +283,12 @@ impl Subscription {
                 Poll::Ready(Some(Err(error))) => {
                     // Ending the stream makes the client reconnect and resume from what
                     // it got.
-                    tracing::warn!(%error, client = self.id, "replay failed; closing the stream");
+                    // Once per connection would be a line for each resumer while the bus is
+                    // down: the count held back says how many.
+                    static REPLAY_FAILURES: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                    if let Some(held_back) = REPLAY_FAILURES.admit() {
+                        tracing::warn!(%error, held_back, "replay failed; closing the stream");
+                    }
                     self.abandon_replay();
                     return Poll::Ready(None);
                 }
