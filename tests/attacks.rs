@@ -388,6 +388,55 @@ async fn stream_responses_say_the_connection_closes() {
     server.assert_no_panic().await;
 }
 
+/// Row 9: a token whose header names critical extensions (`crit`) was accepted; RFC 7515
+/// says a recipient that does not understand them must refuse it.
+#[tokio::test]
+async fn a_token_with_critical_extensions_is_refused() {
+    let server = start(&[("orders", &unique("orders-unused"))], |manifest| {
+        manifest["auth"] = serde_json::json!({
+            "mode": "jwt", "algorithms": ["HS256"], "hs256_secret_env": SECRET_ENV
+        });
+    })
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let claims = serde_json::json!({"sub": "s", "exp": exp, "fjord": {"endpoints": ["*"]}});
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    let plain = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &key,
+    )
+    .expect("sign");
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.crit = Some(vec!["exp".into()]);
+    let critical = jsonwebtoken::encode(&header, &claims, &key).expect("sign");
+    let bearer = |token: &str| format!("authorization: Bearer {token}\r\n");
+    let good = raw(
+        server.port,
+        &get("/v1/streams/orders", &bearer(&plain)),
+        Some(b"retry:"),
+    )
+    .await;
+    assert_eq!(good.status, 200);
+    let refused = raw(
+        server.port,
+        &get("/v1/streams/orders", &bearer(&critical)),
+        None,
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    let body = refused.body_text();
+    assert!(
+        body.contains("token_header") && body.contains("crit"),
+        "{body}"
+    );
+    server.assert_no_panic().await;
+}
+
 /// Publishes `count` records of about `bytes` bytes to every endpoint of `manifest`, through
 /// the bus the server reads.
 async fn publish_big(path: &std::path::Path, first_offset: i64, count: i64, bytes: usize) {

@@ -467,6 +467,13 @@ fn header_of(token: &str) -> Result<jsonwebtoken::Header, AuthError> {
     if alg.parse::<Algorithm>().is_err() {
         return Err(AuthError::Algorithm(alg.chars().take(20).collect()));
     }
+    // RFC 7515 §4.1.11: a recipient must refuse a token whose `crit` names an extension it
+    // does not understand, and this one understands none.
+    if fields.contains_key("crit") {
+        return Err(AuthError::Header(
+            "it names critical extensions (crit), which this server does not understand".into(),
+        ));
+    }
     jsonwebtoken::decode_header(token).map_err(|error| {
         let reason = match error.kind() {
             ErrorKind::Json(error) => error.to_string(),
@@ -782,6 +789,11 @@ mod tests {
                 with_header(r#"{"alg":"HS999"}"#),
                 "token_algorithm",
                 "HS999",
+            ),
+            (
+                with_header(r#"{"alg":"EdDSA","crit":["exp"]}"#),
+                "token_header",
+                "crit",
             ),
             (
                 with_header(r#"{"alg":"HS256"}"#),
