@@ -437,6 +437,40 @@ async fn a_token_with_critical_extensions_is_refused() {
     server.assert_no_panic().await;
 }
 
+/// Row 7: an HS256 secret was checked for its length only, so 32 × `a` or 32 spaces
+/// started a server whose tokens anyone could forge.
+#[tokio::test]
+async fn placeholder_hs256_secrets_are_refused_at_start_without_echoing_them() {
+    let services = services();
+    let port = free_port();
+    let mut manifest = manifest(
+        &services,
+        &[("orders", "orders-unused")],
+        &unique("group"),
+        port,
+    );
+    manifest["auth"] = serde_json::json!({
+        "mode": "jwt", "algorithms": ["HS256"], "hs256_secret_env": SECRET_ENV
+    });
+    let (_dir, path) = write_manifest(&manifest);
+    for secret in ["a".repeat(32), " ".repeat(32), "0123".repeat(16)] {
+        let mut server = Process::start(
+            env!("CARGO_BIN_EXE_fjord-server"),
+            &["--manifest", path.to_str().expect("utf-8")],
+            &[(SECRET_ENV, &secret)],
+        );
+        assert_ne!(server.wait_exit().await, Some(0), "{secret:?} was accepted");
+        let log = server.log().join("\n");
+        assert!(
+            log.contains("$.auth.hs256_secret_env")
+                && log.contains(SECRET_ENV)
+                && log.contains("placeholder"),
+            "{log}"
+        );
+        assert!(!log.contains(&secret), "the secret reached the log");
+    }
+}
+
 /// Publishes `count` records of about `bytes` bytes to every endpoint of `manifest`, through
 /// the bus the server reads.
 async fn publish_big(path: &std::path::Path, first_offset: i64, count: i64, bytes: usize) {
