@@ -471,6 +471,33 @@ async fn placeholder_hs256_secrets_are_refused_at_start_without_echoing_them() {
     }
 }
 
+/// Row 11: `fjord token --ttl 18446744073709551615` wrapped `iat + ttl` round to a token
+/// that had expired before it was made, without an error.
+#[test]
+fn a_token_lifetime_that_would_overflow_is_an_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let fjord = |args: &[&str]| {
+        std::process::Command::new(workspace_binary("fjord"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("fjord runs")
+    };
+    assert!(fjord(&["setup"]).status.success());
+    for ttl in ["18446744073709551615", "18446744073709551000", "315360001"] {
+        let output = fjord(&["token", "--endpoint", "orders", "--ttl", ttl]);
+        assert!(!output.status.success(), "--ttl {ttl} made a token");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("ten years"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    assert!(
+        fjord(&["token", "--endpoint", "orders", "--ttl", "315360000"])
+            .status
+            .success()
+    );
+}
+
 /// Publishes `count` records of about `bytes` bytes to every endpoint of `manifest`, through
 /// the bus the server reads.
 async fn publish_big(path: &std::path::Path, first_offset: i64, count: i64, bytes: usize) {
