@@ -617,6 +617,43 @@ async fn lagging_readers_of_large_records_hold_a_bounded_coalescing_buffer() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// Row 12: a value of control bytes is UTF-8, so it was sent as a JSON string whose every
+/// byte is a six-byte `\u0001` escape: 200 KB became a 1.2 MB `data:` line to every client.
+/// Such a value is now base64, a third larger than the record, through the real consumer.
+#[tokio::test]
+async fn control_bytes_are_sent_as_base64_not_six_times_their_size() {
+    const BYTES: usize = 200_000;
+    let services = services();
+    let port = free_port();
+    let topic = unique("control");
+    create_topic(&services.brokers, &topic, 1).await;
+    let manifest = manifest(&services, &[("orders", &topic)], &unique("group"), port);
+    let (_dir, path) = write_manifest(&manifest);
+    let _consumer = Process::consumer(&path, &[]);
+    let server = Process::server(&path);
+    wait_ready(port).await;
+    let mut stream =
+        SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders"), &[]).await;
+    produce(
+        &services.brokers,
+        &topic,
+        &[TestRecord {
+            partition: 0,
+            key: Some(b"control".to_vec()),
+            value: Some(vec![1; BYTES]),
+        }],
+    )
+    .await;
+    let record = stream.records(1).await.remove(0);
+    let data = record.data.as_deref().expect("data");
+    println!("{BYTES} control bytes: a data line of {} bytes", data.len());
+    assert!(data.len() < BYTES * 4 / 3 + 1024, "{} bytes", data.len());
+    let value = record.json()["value"]["base64"].as_str().map(str::len);
+    assert_eq!(value, Some(BYTES.div_ceil(3) * 4));
+    let log = server.log().join("\n");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 /// Row 6: with Redis unreachable, every resuming connection logged its own "replay failed"
 /// warning: 300 resumers, 300 lines. Now the warning is logged at a bounded rate, with the
 /// count held back.
