@@ -388,6 +388,62 @@ async fn stream_responses_say_the_connection_closes() {
     server.assert_no_panic().await;
 }
 
+/// Row 13: a `Last-Event-ID` from the future skipped every record until the bus's clock
+/// reached it; a query name spelled with percent escapes and a value that is not UTF-8
+/// (`k%65y=%FF`) became U+FFFD past the check for keys. Both are 400s now.
+#[tokio::test]
+async fn future_resume_ids_and_escaped_query_names_that_are_not_text_are_refused() {
+    let server = start(&[("orders", &unique("orders-unused"))], |_| {}).await;
+    let in_a_year = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis()
+        + 365 * 24 * 3600 * 1000)
+        .to_string();
+    for request in [
+        get(
+            "/v1/streams/orders",
+            &format!("last-event-id: {in_a_year}-0\r\n"),
+        ),
+        get(
+            &format!("/v1/streams/orders?last_event_id={in_a_year}-0"),
+            "",
+        ),
+    ] {
+        let response = raw(server.port, &request, None).await;
+        assert_eq!(response.status, 400);
+        assert!(
+            response.body_text().contains("bad_last_event_id"),
+            "{}",
+            response.body_text()
+        );
+    }
+    let near = get("/v1/streams/orders", "last-event-id: 1-0\r\n");
+    assert_eq!(raw(server.port, &near, Some(b"retry:")).await.status, 200);
+    for query in ["k%65y=%FF", "key=%FF", "%FF=a"] {
+        let response = raw(
+            server.port,
+            &get(&format!("/v1/streams/orders?{query}"), ""),
+            None,
+        )
+        .await;
+        assert_eq!(response.status, 400, "{query}");
+        assert!(
+            response.body_text().contains("bad_query"),
+            "{query}: {}",
+            response.body_text()
+        );
+    }
+    let spelled = raw(
+        server.port,
+        &get("/v1/streams/orders?k%65y=a", ""),
+        Some(b"retry:"),
+    )
+    .await;
+    assert_eq!(spelled.status, 200, "{}", spelled.body_text());
+    server.assert_no_panic().await;
+}
+
 /// Row 9: a token whose header names critical extensions (`crit`) was accepted; RFC 7515
 /// says a recipient that does not understand them must refuse it.
 #[tokio::test]
