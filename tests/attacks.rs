@@ -30,7 +30,7 @@ async fn start(endpoints: &[(&str, &str)], edit: impl FnOnce(&mut serde_json::Va
     edit(&mut manifest);
     let (dir, path) = write_manifest(&manifest);
     let mut process = Process::start(
-        env!("CARGO_BIN_EXE_fjord-server"),
+        &server_binary(),
         &["--manifest", path.to_str().expect("utf-8 path")],
         &[(SECRET_ENV, SECRET)],
     );
@@ -511,7 +511,7 @@ async fn placeholder_hs256_secrets_are_refused_at_start_without_echoing_them() {
     let (_dir, path) = write_manifest(&manifest);
     for secret in ["a".repeat(32), " ".repeat(32), "0123".repeat(16)] {
         let mut server = Process::start(
-            env!("CARGO_BIN_EXE_fjord-server"),
+            &server_binary(),
             &["--manifest", path.to_str().expect("utf-8")],
             &[(SECRET_ENV, &secret)],
         );
@@ -804,7 +804,7 @@ async fn a_churn_of_idle_connections_keeps_descriptors_within_the_reserve() {
         &[
             "-c",
             "ulimit -n 400 && exec \"$0\" --manifest \"$1\"",
-            env!("CARGO_BIN_EXE_fjord-server"),
+            &server_binary(),
             path.to_str().expect("utf-8"),
         ],
         &[],

@@ -118,7 +118,7 @@ async fn with_auth_on_a_narrow_token_cannot_tell_which_endpoints_exist() {
     });
     let (_dir, path) = write_manifest(&manifest);
     let _server = Process::start(
-        env!("CARGO_BIN_EXE_fjord-server"),
+        &server_binary(),
         &["--manifest", path.to_str().expect("utf-8")],
         &[("FJORD_TEST_HS256_SECRET", SECRET)],
     );
@@ -338,7 +338,7 @@ async fn a_malformed_manifest_fails_with_its_path_before_binding() {
     manifest["server"]["heartbeat_secs"] = 0.into();
     let (_dir, path) = write_manifest(&manifest);
     for binary in [
-        env!("CARGO_BIN_EXE_fjord-server"),
+        &server_binary(),
         &workspace_binary("fjord-consumer"),
     ] {
         let mut process =
