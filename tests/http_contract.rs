@@ -337,10 +337,7 @@ async fn a_malformed_manifest_fails_with_its_path_before_binding() {
     let mut manifest = manifest(&services, &[("orders", "orders")], "group", port);
     manifest["server"]["heartbeat_secs"] = 0.into();
     let (_dir, path) = write_manifest(&manifest);
-    for binary in [
-        &server_binary(),
-        &workspace_binary("fjord-consumer"),
-    ] {
+    for binary in [&server_binary(), &workspace_binary("fjord-consumer")] {
         let mut process =
             Process::start(binary, &["--manifest", path.to_str().expect("utf-8")], &[]);
         assert_ne!(process.wait_exit().await, Some(0));
