@@ -9,6 +9,7 @@
 #                       the nightly fuzz workflow runs 100000 in release mode)
 #   FJORD_FUZZ_SECONDS  the whole run's time bound (default 600); exceeding it fails the run
 #   FJORD_FUZZ_RELEASE=1  build the tests optimized (slower to build, far more cases a second)
+#   FJORD_FUZZ_PROFILE=P  build them in cargo profile P instead (ci/attack.sh: `attack`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ seconds="${FJORD_FUZZ_SECONDS:-600}"
 
 profile=()
 [ "${FJORD_FUZZ_RELEASE:-0}" = 1 ] && profile=(--release)
+[ -n "${FJORD_FUZZ_PROFILE:-}" ] && profile=(--profile "$FJORD_FUZZ_PROFILE")
 
 # Built first, so the time bound measures fuzzing, not compiling.
 cargo test --locked "${profile[@]}" --lib --no-run

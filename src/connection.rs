@@ -89,6 +89,15 @@ pub(crate) async fn serve(
             streams.hub.metrics().requests_refused.fetch_add(1, Relaxed);
             let _ = write_all_vectored(&socket, &[&error_response(&refusal, None, false)]).await;
         }
+        Ok(Ok(Head::BadTarget)) => {
+            let refusal = ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request_target",
+                "the request target must be a path (/v1/streams/…) or an absolute http(s) URL",
+            );
+            streams.hub.metrics().requests_refused.fetch_add(1, Relaxed);
+            let _ = write_all_vectored(&socket, &[&error_response(&refusal, None, false)]).await;
+        }
         Ok(Ok(Head::Other)) => fallback(Prefixed::new(buffer, socket)).await,
         Ok(Ok(Head::Stream(request))) => {
             drop(buffer);
@@ -124,6 +133,10 @@ enum Head {
     /// Any other request, or one this module does not understand: hyper answers it.
     Other,
     TooLarge,
+    /// A target in authority form (`CONNECT host:port`, `GET a:1`) or asterisk form
+    /// (`OPTIONS *`): no route serves one, and warp's routing panics on a URI without a
+    /// path, so it is refused here and never reaches hyper or warp.
+    BadTarget,
 }
 
 /// Reads until the request head is complete, then sorts it.
@@ -166,6 +179,11 @@ fn parse_head(buffer: &[u8]) -> Option<Head> {
         // hyper answers malformed requests with its own 400.
         Err(_) => Some(Head::Other),
         Ok(httparse::Status::Complete(_)) => {
+            if request.method == Some("CONNECT")
+                || !request.path.is_some_and(is_origin_or_absolute_form)
+            {
+                return Some(Head::BadTarget);
+            }
             Some(stream_head(&request).map_or(Head::Other, Head::Stream))
         }
     }
@@ -203,6 +221,12 @@ fn stream_head(request: &httparse::Request<'_, '_>) -> Option<StreamHead> {
         chunked: request.version != Some(0),
         head_only,
     })
+}
+
+/// Whether a request target is a path (origin form) or an `http(s)://` URL (absolute form),
+/// the only forms a server's routes take (RFC 9112, section 3.2).
+fn is_origin_or_absolute_form(target: &str) -> bool {
+    target.starts_with('/') || origin_form(target).len() != target.len()
 }
 
 /// The path and query of a request target. A proxy sends the absolute form,
@@ -445,13 +469,14 @@ fn stream_response_head(allow_origin: Option<&AllowOrigin>, chunked: bool) -> Ve
         b"HTTP/1.1 200 OK\r\n\
           content-type: text/event-stream\r\n\
           cache-control: no-cache, no-transform\r\n\
-          x-accel-buffering: no\r\n",
+          x-accel-buffering: no\r\n\
+          connection: close\r\n",
     );
-    head.extend_from_slice(if chunked {
-        b"transfer-encoding: chunked\r\n"
-    } else {
-        b"connection: close\r\n"
-    });
+    // The server closes every stream connection once the stream ends: said, so that a
+    // keep-alive proxy does not send another request on it.
+    if chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
     append_allow_origin(&mut head, allow_origin);
     head.extend_from_slice(b"\r\n");
     head
@@ -883,8 +908,20 @@ mod tests {
     /// query, a version, a few fields, and either the end of the head or not.
     fn near_valid_head() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
-        let method = prop::sample::select(vec!["GET", "HEAD", "POST", "OPTIONS", "get", ""]);
-        let scheme = prop::sample::select(vec!["", "http://h", "HTTPS://h:1", "http://", "http:/"]);
+        let method =
+            prop::sample::select(vec!["GET", "HEAD", "POST", "OPTIONS", "CONNECT", "get", ""]);
+        // Authority-form (`a:1`) and asterisk-form (`*`) targets once reached warp and panicked.
+        let scheme = prop::sample::select(vec![
+            "",
+            "http://h",
+            "HTTPS://h:1",
+            "http://",
+            "http:/",
+            "a:1",
+            "h",
+            "*",
+            "ftp://h",
+        ]);
         let piece = prop::sample::select(vec![
             "/v1",
             "/streams",
@@ -936,25 +973,62 @@ mod tests {
             })
     }
 
-    /// What a parsed stream head must hold, whatever the input.
-    fn check_stream_head(head: Option<Head>) -> Result<(), proptest::test_runner::TestCaseError> {
-        if let Some(Head::Stream(request)) = head
+    /// What a parsed head must hold, whatever the input: a stream's endpoint is one path
+    /// segment, and nothing but a path or an `http(s)://` URL, and no `CONNECT`, goes on to a
+    /// router.
+    fn check_stream_head(bytes: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
+        let head = parse_head(bytes);
+        if let Some(Head::Stream(request)) = &head
             && let Some(name) = &request.path_endpoint
         {
             proptest::prop_assert!(!name.is_empty() && !name.contains('/'));
         }
+        if let Some(Head::Stream(_) | Head::Other) = head {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut request = httparse::Request::new(&mut fields);
+            if let Ok(httparse::Status::Complete(_)) = request.parse(bytes) {
+                let target = request.path.unwrap_or_default();
+                proptest::prop_assert!(request.method != Some("CONNECT"));
+                proptest::prop_assert!(
+                    target.starts_with('/')
+                        || target.to_ascii_lowercase().starts_with("http://")
+                        || target.to_ascii_lowercase().starts_with("https://"),
+                    "{target}"
+                );
+            }
+        }
         Ok(())
+    }
+
+    #[test]
+    fn targets_in_authority_or_asterisk_form_are_refused_before_any_router() {
+        for head in [
+            "GET a:1 HTTP/1.1\r\n\r\n",
+            "CONNECT host:443 HTTP/1.1\r\nHost: host:443\r\n\r\n",
+            "CONNECT /v1/streams/orders HTTP/1.1\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\n\r\n",
+            "GET v1/streams/orders HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_head(head.as_bytes()), Some(Head::BadTarget)),
+                "{head}"
+            );
+        }
+        assert!(matches!(
+            parse_head(b"GET http://h:1 HTTP/1.1\r\n\r\n"),
+            Some(Head::Other)
+        ));
     }
 
     proptest::proptest! {
         #[test]
         fn fuzz_request_head_from_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
-            check_stream_head(parse_head(&bytes))?;
+            check_stream_head(&bytes)?;
         }
 
         #[test]
         fn fuzz_request_head_near_valid(bytes in near_valid_head()) {
-            check_stream_head(parse_head(&bytes))?;
+            check_stream_head(&bytes)?;
         }
 
         #[test]

@@ -35,6 +35,8 @@ pub(crate) struct Limits {
     per_subject: Option<usize>,
     max_sockets: usize,
     state: Mutex<State>,
+    /// Told each time a socket is given back.
+    released: Notify,
     metrics: Arc<Metrics>,
 }
 
@@ -101,6 +103,7 @@ impl Limits {
             per_subject: config.max_connections_per_subject,
             max_sockets,
             state: Mutex::new(State::default()),
+            released: Notify::new(),
             metrics,
         }
     }
@@ -115,7 +118,8 @@ impl Limits {
         let mut state = self.state();
         if state.sockets >= self.max_sockets {
             match state.waiting.pop_first() {
-                // Counted until its task drops its slot, a moment later.
+                // Counted until its task drops its slot, a moment later: the acceptor waits
+                // for that (`room`) before it accepts another.
                 Some((_, oldest)) => oldest.notify_one(),
                 None => {
                     drop(state);
@@ -138,6 +142,21 @@ impl Limits {
             address: None,
             subject: None,
         })
+    }
+
+    /// Resolves once the sockets given up for newer ones have closed: a socket given up is
+    /// counted until its task drops it, a moment later, and accepting more meanwhile would
+    /// take descriptors past the reserve under a churn of new connections.
+    pub(crate) async fn room(&self) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.state().sockets <= self.max_sockets {
+                return;
+            }
+            released.await;
+        }
     }
 
     fn refuse(&self, limit: Limit, message: String) -> LimitReached {
@@ -245,6 +264,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut state = self.limits.state();
         state.sockets -= 1;
+        self.limits.released.notify_waiters();
         if self.given_up.is_some() {
             state.waiting.remove(&self.id);
         }

@@ -45,6 +45,11 @@ pub struct Metrics {
     pub cors_refused: AtomicU64,
     /// Bytes read back from the bus for resuming clients and not yet written to them.
     pub replay_buffered_bytes: AtomicI64,
+    /// What the distinct key sets of keyed connections cost, as charged against
+    /// `server.key_filter_memory_mib`.
+    pub key_filter_bytes: AtomicU64,
+    /// Streams refused because their keys would take the key index past its budget.
+    pub refused_key_filters: AtomicU64,
 }
 
 impl Metrics {
@@ -113,6 +118,12 @@ impl Metrics {
             self.replay_buffered_bytes.load(Relaxed).to_string(),
         );
         metric(
+            "fjord_key_filter_bytes",
+            "gauge",
+            "What the distinct key sets of keyed connections cost, against server.key_filter_memory_mib.",
+            self.key_filter_bytes.load(Relaxed).to_string(),
+        );
+        metric(
             "fjord_requests_refused_total",
             "counter",
             "Requests answered with an error status.",
@@ -146,6 +157,7 @@ impl Metrics {
             ("address", &self.refused_per_address),
             ("subject", &self.refused_per_subject),
             ("file_descriptors", &self.refused_descriptors),
+            ("key_filters", &self.refused_key_filters),
         ] {
             let _ = writeln!(out, "{name}{{limit=\"{limit}\"}} {}", count.load(Relaxed));
         }

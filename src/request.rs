@@ -177,7 +177,7 @@ pub(crate) fn parse_stream_request(
     if let Some(name) = path_endpoint {
         add_endpoint(name)?;
     }
-    refuse_keys_that_are_not_text(query)?;
+    refuse_queries_that_are_not_text(query)?;
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         match name.as_ref() {
             "endpoint" if path_endpoint.is_some() => {
@@ -233,26 +233,49 @@ pub(crate) fn parse_stream_request(
         .map(|id| ResumeId::parse(id, endpoints.len()))
         .transpose()
         .map_err(|error| ApiError::bad_last_event_id(error.to_string()))?;
+    if let Some(resume) = &resume {
+        refuse_ids_from_the_future(resume, crate::clock::now_ms())?;
+    }
     Ok(StreamRequest {
         interest: Interest { endpoints, keys },
         resume,
     })
 }
 
-/// Refuses a `key=` whose percent-decoded bytes are not UTF-8, which form decoding would
-/// turn into other text, matching no record, instead of the key meant.
-fn refuse_keys_that_are_not_text(query: &str) -> Result<(), ApiError> {
+/// How far ahead of this server's clock a resume id may be: the bus's clock, which makes
+/// the ids, may be a little ahead, and another instance may have read a little further.
+const MAX_RESUME_AHEAD_MS: u64 = 60_000;
+
+/// Refuses a resume id later than any the bus can have made yet: resuming from it would
+/// silently skip every record until the bus's clock caught up.
+fn refuse_ids_from_the_future(resume: &ResumeId, now_ms: u64) -> Result<(), ApiError> {
+    if resume
+        .0
+        .iter()
+        .any(|id| id.ms > now_ms.saturating_add(MAX_RESUME_AHEAD_MS))
+    {
+        return Err(ApiError::bad_last_event_id(
+            "the resume id is from the future: no record has such an id yet; drop it and reconnect without one",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a query whose names or values are not UTF-8 once percent-decoded: form decoding
+/// would turn them into other text (U+FFFD), and a `key=` spelled `k%65y=` would match no
+/// record instead of the key meant.
+fn refuse_queries_that_are_not_text(query: &str) -> Result<(), ApiError> {
     let not_text = query
         .split('&')
-        .filter_map(|pair| pair.strip_prefix("key="))
-        .any(|value| {
-            percent_encoding::percent_decode_str(value)
+        .flat_map(|pair| pair.splitn(2, '='))
+        .any(|part| {
+            percent_encoding::percent_decode_str(part)
                 .decode_utf8()
                 .is_err()
         });
     if not_text {
         return Err(ApiError::bad_query(
-            "a key= is not UTF-8 once percent-decoded; give a key that is not text as key_base64=",
+            "the query is not UTF-8 once percent-decoded; give a key that is not text as key_base64=",
         ));
     }
     Ok(())
@@ -311,7 +334,14 @@ pub(crate) async fn open_stream(
     request.interest.keys = grant
         .narrow_keys(request.interest.keys.take())
         .map_err(|error| ApiError::forbidden(&error))?;
-    Ok(hub.subscribe(request.interest, request.resume.as_ref(), grant.expires_at))
+    hub.try_subscribe(request.interest, request.resume.as_ref(), grant.expires_at)
+        .map_err(|refusal| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_key_filters",
+                refusal.to_string(),
+            )
+        })
 }
 
 #[cfg(test)]

@@ -184,7 +184,10 @@ pub async fn serve(
     loop {
         let (socket, peer) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = acceptor.accept() => accepted,
+            accepted = async {
+                limits.room().await;
+                acceptor.accept().await
+            } => accepted,
         };
         let slot = match limits.accept() {
             Ok(slot) => slot,

@@ -255,7 +255,7 @@ async fn the_server_refuses_an_hs256_secret_shorter_than_32_bytes() {
     assert_eq!(short.len(), 31);
     for secret in ["", short] {
         let mut server = Process::start(
-            env!("CARGO_BIN_EXE_fjord-server"),
+            &server_binary(),
             &["--manifest", path.to_str().expect("utf-8")],
             &[("FJORD_TEST_HS256_SECRET", secret)],
         );

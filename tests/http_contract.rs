@@ -124,7 +124,7 @@ async fn with_auth_on_a_narrow_token_cannot_tell_which_endpoints_exist() {
     });
     let (_dir, path) = write_manifest(&manifest);
     let _server = Process::start(
-        env!("CARGO_BIN_EXE_fjord-server"),
+        &server_binary(),
         &["--manifest", path.to_str().expect("utf-8")],
         &[("FJORD_TEST_HS256_SECRET", SECRET)],
     );
@@ -358,10 +358,7 @@ async fn a_malformed_manifest_fails_with_its_path_before_binding() {
     let mut manifest = manifest(&services, &[("orders", "orders")], "group", port);
     manifest["server"]["heartbeat_secs"] = 0.into();
     let (_dir, path) = write_manifest(&manifest);
-    for binary in [
-        env!("CARGO_BIN_EXE_fjord-server"),
-        &workspace_binary("fjord-consumer"),
-    ] {
+    for binary in [&server_binary(), &workspace_binary("fjord-consumer")] {
         let mut process =
             Process::start(binary, &["--manifest", path.to_str().expect("utf-8")], &[]);
         assert_ne!(process.wait_exit().await, Some(0));

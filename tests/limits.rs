@@ -33,7 +33,7 @@ async fn start(nofile: Option<u32>, edit: impl FnOnce(&mut serde_json::Value)) -
     );
     edit(&mut manifest);
     let (dir, path) = write_manifest(&manifest);
-    let server = env!("CARGO_BIN_EXE_fjord-server");
+    let server = &server_binary();
     let manifest = path.to_str().expect("utf-8 path");
     let envs = [(SECRET_ENV, SECRET)];
     let mut process = match nofile {

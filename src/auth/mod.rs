@@ -322,16 +322,31 @@ fn load_keys(jwt: &JwtConfig) -> Result<Vec<Key>, ManifestError> {
 /// guess a shorter or empty one can sign tokens that open every endpoint.
 const MIN_HS256_SECRET_BYTES: usize = 32;
 
-/// Refuses an HS256 secret too short to resist guessing. The message names the variable
-/// and the manifest field, never the value or its length.
+/// Fewest different bytes an HS256 secret may have. Random bytes of the accepted length,
+/// in any text encoding (hex, base64), have far more; a secret of one repeated character or
+/// of spaces is a placeholder anyone can guess, whatever its length.
+const MIN_HS256_SECRET_DISTINCT_BYTES: usize = 8;
+
+/// Refuses an HS256 secret too short or too uniform to resist guessing. The message names
+/// the variable and the manifest field, never the value or its length.
 fn check_hs256_secret(env: &str, value: &str) -> Result<(), ManifestError> {
-    if value.len() >= MIN_HS256_SECRET_BYTES {
-        return Ok(());
+    let mut seen = [false; 256];
+    for byte in value.bytes() {
+        seen[usize::from(byte)] = true;
     }
+    let distinct = seen.iter().filter(|&&seen| seen).count();
     let what = if value.is_empty() {
         "is empty".to_owned()
-    } else {
+    } else if value.len() < MIN_HS256_SECRET_BYTES {
         format!("is shorter than {MIN_HS256_SECRET_BYTES} bytes")
+    } else if distinct < MIN_HS256_SECRET_DISTINCT_BYTES
+        || value.trim().len() < MIN_HS256_SECRET_BYTES
+    {
+        format!(
+            "looks like a placeholder, not random bytes (fewer than {MIN_HS256_SECRET_DISTINCT_BYTES} different bytes, or mostly spaces)"
+        )
+    } else {
+        return Ok(());
     };
     Err(ManifestError::Invalid {
         file: None,
@@ -466,6 +481,13 @@ fn header_of(token: &str) -> Result<jsonwebtoken::Header, AuthError> {
     };
     if alg.parse::<Algorithm>().is_err() {
         return Err(AuthError::Algorithm(alg.chars().take(20).collect()));
+    }
+    // RFC 7515 §4.1.11: a recipient must refuse a token whose `crit` names an extension it
+    // does not understand, and this one understands none.
+    if fields.contains_key("crit") {
+        return Err(AuthError::Header(
+            "it names critical extensions (crit), which this server does not understand".into(),
+        ));
     }
     jsonwebtoken::decode_header(token).map_err(|error| {
         let reason = match error.kind() {
@@ -733,9 +755,20 @@ mod tests {
             );
             assert!(secret.is_empty() || !message.contains(secret), "{message}");
         }
-        assert!(check_hs256_secret("FJORD_HS256", &"s".repeat(MIN_HS256_SECRET_BYTES)).is_ok());
+        for placeholder in [
+            "a".repeat(MIN_HS256_SECRET_BYTES),
+            " ".repeat(MIN_HS256_SECRET_BYTES),
+            "abab".repeat(20),
+            format!("{}{}", " ".repeat(40), "abcdefghij"),
+        ] {
+            let message = check_hs256_secret("FJORD_HS256", &placeholder)
+                .expect_err("a placeholder")
+                .to_string();
+            assert!(message.contains("placeholder") && message.contains("FJORD_HS256"));
+        }
+        assert!(check_hs256_secret("FJORD_HS256", "the real shared secret, 32 bytes").is_ok());
         // Bytes, not characters: 11 three-byte characters are 33 bytes.
-        assert!(check_hs256_secret("FJORD_HS256", &"€".repeat(11)).is_ok());
+        assert!(check_hs256_secret("FJORD_HS256", "€₤₩₿₹₽€₤₩₿₹").is_ok());
     }
 
     #[tokio::test]
@@ -754,6 +787,11 @@ mod tests {
                 format!("%%.{payload}.c2ln"),
                 "token_malformed",
                 "header is not base64url",
+            ),
+            (
+                with_header(r#"{"alg":"EdDSA","crit":["exp"]}"#),
+                "token_header",
+                "crit",
             ),
             (
                 with_header("[1, 2]"),

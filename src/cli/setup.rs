@@ -41,7 +41,17 @@ pub enum SetupError {
         /// What is wrong.
         message: String,
     },
+    /// The token's lifetime is longer than [`MAX_TOKEN_TTL`].
+    #[error(
+        "a token lifetime of {0} s is longer than the {max} s (ten years) a test token may live",
+        max = MAX_TOKEN_TTL.as_secs()
+    )]
+    Lifetime(u64),
 }
+
+/// The longest a minted token may live: ten years. Far beyond any test's need, and far from
+/// where `iat + ttl` would overflow and wrap to a token that has already expired.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// What `fjord setup` wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +191,9 @@ pub struct TokenRequest {
 
 /// Signs a token with the Ed25519 private key in `private_key` (PEM).
 pub fn mint(private_key: &Path, request: &TokenRequest) -> Result<String, SetupError> {
+    if request.ttl > MAX_TOKEN_TTL {
+        return Err(SetupError::Lifetime(request.ttl.as_secs()));
+    }
     let pem = std::fs::read(private_key).map_err(io(private_key))?;
     let key_error = |message: String| SetupError::Key {
         path: private_key.to_owned(),
@@ -198,7 +211,7 @@ pub fn mint(private_key: &Path, request: &TokenRequest) -> Result<String, SetupE
         "aud": request.audience,
         "iat": now,
         "nbf": now,
-        "exp": now + request.ttl.as_secs(),
+        "exp": now.saturating_add(request.ttl.as_secs()),
         "fjord": fjord,
     });
     let mut header = Header::new(Algorithm::EdDSA);

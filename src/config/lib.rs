@@ -665,6 +665,11 @@ pub struct ServerConfig {
     /// Most open streams for one token subject (`sub`); `None` for no such limit.
     #[serde(default)]
     pub max_connections_per_subject: Option<usize>,
+    /// MiB that the key filters of all streams may take together, counted once per distinct
+    /// set of keys however many streams and endpoints share it; a stream with a new set past
+    /// it is refused with a 503.
+    #[serde(default = "default_key_filter_memory_mib")]
+    pub key_filter_memory_mib: u64,
     /// Whether a client's address is the last entry of `X-Forwarded-For` (what a load
     /// balancer in front appends) rather than the connection's peer, for the per-address limit.
     #[serde(default)]
@@ -700,6 +705,12 @@ impl ServerConfig {
         Duration::from_millis(self.client_max_lag_ms)
     }
 
+    /// What the key filters of all streams may take together, in bytes.
+    pub fn key_filter_memory(&self) -> usize {
+        usize::try_from(self.key_filter_memory_mib.saturating_mul(1024 * 1024))
+            .unwrap_or(usize::MAX)
+    }
+
     /// Whether the public port serves `/metrics`.
     pub fn metrics_on_public_port(&self) -> bool {
         self.metrics_listener
@@ -721,6 +732,7 @@ impl Default for ServerConfig {
             max_connections: None,
             max_connections_per_address: None,
             max_connections_per_subject: None,
+            key_filter_memory_mib: default_key_filter_memory_mib(),
             trust_forwarded_for: false,
             metrics_listener: None,
         }
@@ -836,4 +848,7 @@ fn default_client_queue() -> usize {
 }
 fn default_client_max_lag_ms() -> u64 {
     5000
+}
+fn default_key_filter_memory_mib() -> u64 {
+    256
 }

@@ -561,6 +561,12 @@ impl Manifest {
             "$.server.client_max_lag_ms",
             "",
         );
+        p.within(
+            server.key_filter_memory_mib,
+            1..=1_048_576,
+            "$.server.key_filter_memory_mib",
+            "",
+        );
         for (limit, path) in [
             (server.max_connections, "$.server.max_connections"),
             (

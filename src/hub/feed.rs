@@ -14,7 +14,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Hub;
-use super::index::read;
 use super::outlet::{ClientQueue, Frame, QueuedEvent};
 use crate::backoff::Backoff;
 use crate::bus::{BusEntry, BusReader, EntryKind, Receivers, SkipReason};
@@ -63,9 +62,6 @@ impl Hub {
         // in a few milliseconds; otherwise the tasks write in parallel and coalesce.
         let may_write_now = batch.len() == 1;
         for (endpoint, entry) in batch {
-            let Some(lock) = self.index.channel(*endpoint) else {
-                continue;
-            };
             let Some(rendered) = self.render(*endpoint, entry) else {
                 continue;
             };
@@ -90,13 +86,15 @@ impl Hub {
                 event: rendered,
                 queued_at: Instant::now(),
             });
-            let channel = read(lock);
+            let Some(channel) = self.index.receivers(*endpoint) else {
+                continue;
+            };
             let last = channel.last_id();
             if entry.previous > last {
                 // Retention trimmed entries before this server read them: its live
                 // connections missed them, and are told so, as a resuming client would be.
                 let gap = Arc::new(sse::gap(self.endpoints[*endpoint].as_str(), last, entry.id));
-                for (client, sender) in channel.all_receivers() {
+                for (client, sender) in channel.all() {
                     if let Err(PushError::Full) = sender.push(Frame::Raw(Arc::clone(&gap))) {
                         too_slow.insert(client);
                     }
@@ -118,12 +116,12 @@ impl Hub {
             match entry.receivers() {
                 Receivers::Key(key) => {
                     let write_now = may_write_now && channel.count(key) <= MAX_DIRECT_WRITES;
-                    for (client, sender) in channel.receivers(key) {
+                    for (client, sender) in channel.of(key) {
                         deliver(client, sender, write_now);
                     }
                 }
                 Receivers::All => {
-                    for (client, sender) in channel.all_receivers() {
+                    for (client, sender) in channel.all() {
                         deliver(client, sender, false);
                     }
                 }

@@ -1,8 +1,10 @@
 //! The hub's index of connections. For each endpoint: the connections that take every
-//! record, those that take only some keys (by key), and the id of the last entry queued to
-//! them, where a new connection's live stream starts. For each connection: where it is
-//! indexed, and when its token runs out. The feed reads an endpoint's connections under its
-//! read lock; a connection coming or going takes the write locks.
+//! record, and the id of the last entry queued to them, where a new connection's live stream
+//! starts. For every endpoint at once: the connections that take only some keys, by key, so
+//! that a connection's keys are indexed once however many endpoints it names, within a
+//! budget for the whole server. For each connection: where it is indexed, and when its token
+//! runs out. The feed reads an endpoint's connections under the read locks of its channel,
+//! then of the key index; a connection coming or going takes the write locks, one at a time.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -10,15 +12,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 use super::outlet::{ClientQueue, Frame};
 use crate::bus::StreamId;
-use crate::keys::{ClientId, KeyIndex, KeySet};
+use crate::keys::{ClientId, KeyBudgetReached, KeyIndex, KeySet};
+use crate::metrics::Metrics;
 
-/// The connections of one endpoint.
+/// The connections of one endpoint that take every record, and where its live stream is.
 #[derive(Debug, Default)]
-pub(super) struct Channel {
-    /// Connections that receive every record.
+struct Channel {
     everyone: HashMap<ClientId, ClientQueue>,
-    /// Connections that receive only records with one of their keys, by key.
-    by_key: KeyIndex<ClientQueue>,
     /// The id of the last entry queued to this channel's connections. Written under the
     /// read lock by the one feed, read under the write lock by a new subscriber.
     last_ms: AtomicU64,
@@ -26,43 +26,61 @@ pub(super) struct Channel {
 }
 
 impl Channel {
+    fn last_id(&self) -> StreamId {
+        StreamId {
+            ms: self.last_ms.load(Relaxed),
+            seq: self.last_seq.load(Relaxed),
+        }
+    }
+}
+
+/// One endpoint's connections, read by the feed: its channel's and the key index's read
+/// locks, taken in that order.
+pub(super) struct Receivers<'a> {
+    endpoint: usize,
+    channel: RwLockReadGuard<'a, Channel>,
+    keyed: RwLockReadGuard<'a, KeyIndex<ClientQueue>>,
+}
+
+impl Receivers<'_> {
     /// Every connection of the endpoint once, whatever its keys.
-    pub(super) fn all_receivers(&self) -> impl Iterator<Item = (ClientId, &ClientQueue)> {
-        self.everyone
+    pub(super) fn all(&self) -> impl Iterator<Item = (ClientId, &ClientQueue)> {
+        self.channel
+            .everyone
             .iter()
             .map(|(&client, sender)| (client, sender))
-            .chain(self.by_key.all())
+            .chain(self.keyed.all(self.endpoint))
     }
 
     /// How many connections receive a record with `key`.
     pub(super) fn count(&self, key: Option<&[u8]>) -> usize {
-        self.everyone.len() + key.map_or(0, |key| self.by_key.count(key))
+        self.channel.everyone.len() + key.map_or(0, |key| self.keyed.count(self.endpoint, key))
     }
 
     /// The connections that receive a record with `key`: those that take every record, then
     /// those that asked for the key.
-    pub(super) fn receivers<'a>(
+    pub(super) fn of<'a>(
         &'a self,
         key: Option<&'a [u8]>,
     ) -> impl Iterator<Item = (ClientId, &'a ClientQueue)> {
-        let keyed = key.into_iter().flat_map(|key| self.by_key.receivers(key));
-        self.everyone
+        let keyed = key
+            .into_iter()
+            .flat_map(|key| self.keyed.receivers(self.endpoint, key));
+        self.channel
+            .everyone
             .iter()
             .map(|(&client, sender)| (client, sender))
             .chain(keyed)
     }
 
     pub(super) fn last_id(&self) -> StreamId {
-        StreamId {
-            ms: self.last_ms.load(Relaxed),
-            seq: self.last_seq.load(Relaxed),
-        }
+        self.channel.last_id()
     }
 
     /// Notes `id` as the last entry queued to the endpoint's connections.
     pub(super) fn set_last_id(&self, id: StreamId) {
-        self.last_ms.store(id.ms, Relaxed);
-        self.last_seq.store(id.seq, Relaxed);
+        self.channel.last_ms.store(id.ms, Relaxed);
+        self.channel.last_seq.store(id.seq, Relaxed);
     }
 }
 
@@ -79,6 +97,8 @@ struct Client {
 #[derive(Debug)]
 pub(super) struct Index {
     channels: Vec<RwLock<Channel>>,
+    keyed: RwLock<KeyIndex<ClientQueue>>,
+    metrics: Arc<Metrics>,
     clients: Mutex<HashMap<ClientId, Client>>,
     /// Connections by the time their token runs out.
     expiries: Mutex<BTreeSet<(u64, ClientId)>>,
@@ -91,12 +111,12 @@ pub(super) struct Indexed {
     pub(super) id: ClientId,
     /// Where its live events begin, one id for each of its endpoints.
     pub(super) live_start: Vec<StreamId>,
-    /// Its keys, shared with every endpoint's index and with other connections that asked
-    /// for the same keys.
+    /// Its keys, shared with the key index and with other connections that asked for the
+    /// same keys.
     pub(super) keys: Option<Arc<KeySet>>,
 }
 
-pub(super) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     // Every critical section leaves the maps consistent, so a poisoned lock is usable.
     lock.read().unwrap_or_else(PoisonError::into_inner)
 }
@@ -107,8 +127,14 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 
 impl Index {
     /// An empty index of `endpoints` endpoints, whose entries so far end at `last` (one id
-    /// each; `ZERO` for those without one).
-    pub(super) fn new(endpoints: usize, last: &[StreamId]) -> Self {
+    /// each; `ZERO` for those without one), whose distinct key sets may cost `key_budget`
+    /// bytes in all.
+    pub(super) fn new(
+        endpoints: usize,
+        last: &[StreamId],
+        key_budget: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let channels = (0..endpoints)
             .map(|i| {
                 let id = last.get(i).copied().unwrap_or(StreamId::ZERO);
@@ -121,6 +147,8 @@ impl Index {
             .collect();
         Self {
             channels,
+            keyed: RwLock::new(KeyIndex::with_budget(key_budget)),
+            metrics,
             clients: Mutex::new(HashMap::new()),
             expiries: Mutex::new(BTreeSet::new()),
             next_client: AtomicU64::new(0),
@@ -128,8 +156,20 @@ impl Index {
     }
 
     /// The connections of `endpoint`; `None` for an endpoint the hub does not have.
-    pub(super) fn channel(&self, endpoint: usize) -> Option<&RwLock<Channel>> {
-        self.channels.get(endpoint)
+    pub(super) fn receivers(&self, endpoint: usize) -> Option<Receivers<'_>> {
+        let channel = read(self.channels.get(endpoint)?);
+        Some(Receivers {
+            endpoint,
+            channel,
+            keyed: read(&self.keyed),
+        })
+    }
+
+    /// Shows what the key index holds in the metrics.
+    fn count_key_bytes(&self, keyed: &KeyIndex<ClientQueue>) {
+        self.metrics
+            .key_filter_bytes
+            .store(keyed.held_bytes() as u64, Relaxed);
     }
 
     fn clients(&self) -> MutexGuard<'_, HashMap<ClientId, Client>> {
@@ -141,24 +181,32 @@ impl Index {
     }
 
     /// Indexes a new connection, reached through `sender`, for `endpoints` (indexes into the
-    /// hub's) and `keys` (all records for `None`), until `expires_at` if it is given.
+    /// hub's, each known to it) and `keys` (all records for `None`), until `expires_at` if it
+    /// is given; or refuses it when its keys are new and the key index's budget is spent.
     pub(super) fn add(
         &self,
         sender: ClientQueue,
         endpoints: &[usize],
         keys: Option<KeySet>,
         expires_at: Option<u64>,
-    ) -> Indexed {
+    ) -> Result<Indexed, KeyBudgetReached> {
         let id = self.next_client.fetch_add(1, Relaxed);
+        let keys = match keys {
+            None => None,
+            Some(keys) => {
+                let mut keyed = write(&self.keyed);
+                let kept = keyed.insert(&Arc::new(keys), endpoints, id, &sender)?;
+                self.count_key_bytes(&keyed);
+                Some(kept)
+            }
+        };
+        // Read after the connection is in the key index: every entry dispatched after this
+        // id finds it there, and the subscription skips what it gets twice.
         let mut live_start = Vec::with_capacity(endpoints.len());
-        let mut keys = keys.map(Arc::new);
         for &endpoint in endpoints {
             let mut channel = write(&self.channels[endpoint]);
-            match &mut keys {
-                None => {
-                    channel.everyone.insert(id, sender.clone());
-                }
-                Some(keys) => *keys = channel.by_key.insert(keys, id, sender.clone()),
+            if keys.is_none() {
+                channel.everyone.insert(id, sender.clone());
             }
             live_start.push(channel.last_id());
         }
@@ -174,11 +222,11 @@ impl Index {
         if let Some(at) = expires_at {
             self.expiries().insert((at, id));
         }
-        Indexed {
+        Ok(Indexed {
             id,
             live_start,
             keys,
-        }
+        })
     }
 
     /// Removes a connection from the index and closes its queue, after `last` when there is
@@ -196,15 +244,16 @@ impl Index {
         if let Some(at) = client.expires_at {
             self.expiries().remove(&(at, id));
         }
-        for &endpoint in &client.endpoints {
-            let mut channel = write(&self.channels[endpoint]);
-            match &client.keys {
-                None => {
-                    channel.everyone.remove(&id);
+        match &client.keys {
+            None => {
+                for &endpoint in &client.endpoints {
+                    write(&self.channels[endpoint]).everyone.remove(&id);
                 }
-                Some(keys) => {
-                    channel.by_key.remove(keys, id);
-                }
+            }
+            Some(keys) => {
+                let mut keyed = write(&self.keyed);
+                keyed.remove(keys, &client.endpoints, id);
+                self.count_key_bytes(&keyed);
             }
         }
         true
@@ -236,10 +285,11 @@ impl Index {
     #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
         self.clients().is_empty()
-            && self.channels.iter().all(|channel| {
-                let channel = read(channel);
-                channel.everyone.is_empty() && channel.by_key.is_empty()
-            })
+            && read(&self.keyed).is_empty()
+            && self
+                .channels
+                .iter()
+                .all(|channel| read(channel).everyone.is_empty())
     }
 
     /// How many connections wait for their token to run out.

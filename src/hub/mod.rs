@@ -36,7 +36,7 @@ pub use self::subscription::{Outgoing, Subscription};
 use crate::bus::{Bus, BusEntry, StreamId};
 use crate::clock::now_ms;
 use crate::config::{EndpointName, ServerConfig, StartPosition};
-use crate::keys::{ClientId, KeySet};
+use crate::keys::{ClientId, KeyBudgetReached, KeySet};
 use crate::metrics::Metrics;
 use crate::queue::PushError;
 use crate::replay::{ReplayRange, replay};
@@ -81,7 +81,12 @@ impl Hub {
     ) -> Self {
         let (endpoints, starts): (Vec<_>, Vec<_>) = endpoints.into_iter().unzip();
         Self {
-            index: Index::new(endpoints.len(), reader_start),
+            index: Index::new(
+                endpoints.len(),
+                reader_start,
+                server.key_filter_memory(),
+                Arc::clone(&metrics),
+            ),
             endpoints,
             starts,
             queue_size: server.client_queue,
@@ -122,13 +127,14 @@ impl Hub {
     /// without one, the retention window of endpoints configured to start at the oldest.
     /// Registering before reading back means no record falls between the two. A connection
     /// whose token runs out at `expires_at` (seconds since the epoch) is sent `fjord.expired`
-    /// then, and closed.
-    pub fn subscribe(
+    /// then, and closed. A connection with keys no other has asked for is refused when the
+    /// key index's budget is spent.
+    pub fn try_subscribe(
         self: &Arc<Self>,
         interest: Interest,
         resume: Option<&ResumeId>,
         expires_at: Option<u64>,
-    ) -> Subscription {
+    ) -> Result<Subscription, KeyBudgetReached> {
         let outlet = Arc::new(Outlet::new(self.queue_size));
         let receiver = Arc::clone(&outlet);
         let Indexed {
@@ -137,7 +143,10 @@ impl Hub {
             keys,
         } = self
             .index
-            .add(outlet, &interest.endpoints, interest.keys, expires_at);
+            .add(outlet, &interest.endpoints, interest.keys, expires_at)
+            .inspect_err(|_| {
+                self.metrics.refused_key_filters.fetch_add(1, Relaxed);
+            })?;
         self.metrics.open_connections.fetch_add(1, Relaxed);
 
         let mut cursor = Vec::with_capacity(live_start.len());
@@ -177,14 +186,26 @@ impl Hub {
             cursor,
             backlog,
         };
-        Subscription::new(
+        Ok(Subscription::new(
             Arc::clone(self) as Arc<dyn HubHandle>,
             id,
             receiver,
             interest.endpoints,
             keys,
             start,
-        )
+        ))
+    }
+
+    /// [`Hub::try_subscribe`], for tests whose keys fit the budget.
+    #[cfg(test)]
+    pub(crate) fn subscribe(
+        self: &Arc<Self>,
+        interest: Interest,
+        resume: Option<&ResumeId>,
+        expires_at: Option<u64>,
+    ) -> Subscription {
+        self.try_subscribe(interest, resume, expires_at)
+            .expect("within the key budget")
     }
 
     fn cut_off(&self, clients: impl IntoIterator<Item = ClientId>) {

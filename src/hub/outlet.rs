@@ -106,6 +106,17 @@ pub(super) enum Frame {
     Unfinished,
 }
 
+impl Frame {
+    /// About the bytes it writes (an event's `id:` line may grow by a few).
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Self::Event(event) => event.event.bytes().len(),
+            Self::Raw(bytes) => bytes.len(),
+            Self::Unfinished => 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;

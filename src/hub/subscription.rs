@@ -19,11 +19,15 @@ use super::outlet::{ClientQueue, DirectWrite, Frame};
 use crate::bus::{BusEntry, BusError, Receivers, StreamId};
 use crate::keys::{ClientId, KeySet};
 use crate::metrics::Metrics;
+use crate::process::LogThrottle;
 use crate::replay::ReplayItem;
 use crate::sse::{self, RenderedEvent, ResumeId};
 
 /// Most frames written to a connection in one write.
 const MAX_COALESCED_FRAMES: usize = 64;
+/// Most bytes of frames coalesced into one write (a frame larger than this goes alone, from
+/// its shared bytes where it can).
+const MAX_COALESCED_BYTES: usize = 64 * 1024;
 /// About the most replayed bytes written to a connection in one write (one event may pass
 /// it): a resuming connection holds its replay's page and this.
 const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
@@ -279,7 +283,12 @@ impl Subscription {
                 Poll::Ready(Some(Err(error))) => {
                     // Ending the stream makes the client reconnect and resume from what
                     // it got.
-                    tracing::warn!(%error, client = self.id, "replay failed; closing the stream");
+                    // Once per connection would be a line for each resumer while the bus is
+                    // down: the count held back says how many.
+                    static REPLAY_FAILURES: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                    if let Some(held_back) = REPLAY_FAILURES.admit() {
+                        tracing::warn!(%error, held_back, "replay failed; closing the stream");
+                    }
                     self.abandon_replay();
                     return Poll::Ready(None);
                 }
@@ -339,13 +348,21 @@ impl Stream for Subscription {
             if let Frame::Unfinished = first {
                 return Poll::Ready(Some(Outgoing::Unfinished));
             }
-            let finished = |frame: &Frame| !matches!(frame, Frame::Unfinished);
-            if let Some(second) = self.receiver.queue.try_next_if(finished) {
+            // Coalesced into a buffer of the connection's own, copied from the shared
+            // events: bounded in bytes too, or a lagging connection would copy its whole
+            // queue of large records.
+            let fits = |taken: usize| {
+                move |frame: &Frame| {
+                    !matches!(frame, Frame::Unfinished)
+                        && taken + frame.len() <= MAX_COALESCED_BYTES
+                }
+            };
+            if let Some(second) = self.receiver.queue.try_next_if(fits(first.len())) {
                 let mut out = BytesMut::with_capacity(4096);
                 self.write_frame(first, &mut out);
                 self.write_frame(second, &mut out);
                 for _ in 2..MAX_COALESCED_FRAMES {
-                    match self.receiver.queue.try_next_if(finished) {
+                    match self.receiver.queue.try_next_if(fits(out.len())) {
                         Some(frame) => self.write_frame(frame, &mut out),
                         None => break,
                     }

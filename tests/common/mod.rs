@@ -370,6 +370,13 @@ fn build_workspace_binaries(profile_dir: &Path) {
     );
 }
 
+/// The `fjord-server` the tests start: this package's, or `FJORD_TEST_SERVER` (ci/attack.sh
+/// sets it to the release build with `panic = "abort"`).
+pub fn server_binary() -> String {
+    std::env::var("FJORD_TEST_SERVER")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fjord-server").to_owned())
+}
+
 /// A running binary of this crate, killed when dropped; its stderr is kept for assertions.
 pub struct Process {
     name: String,
@@ -416,7 +423,7 @@ impl Process {
     /// `fjord-server`, the binary of the package these tests belong to.
     pub fn server(manifest: &Path) -> Self {
         Self::start(
-            env!("CARGO_BIN_EXE_fjord-server"),
+            &server_binary(),
             &["--manifest", manifest.to_str().unwrap()],
             &[],
         )
