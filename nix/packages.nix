@@ -152,7 +152,11 @@ let
         cargoTestExtraArgs = "--workspace --lib --bins";
       }
     );
-    fmt = craneLib.cargoFmt { inherit src; };
+    # `--all`: without it cargo fmt checks the root package only, not the workspace.
+    fmt = craneLib.cargoFmt {
+      inherit src;
+      cargoExtraArgs = "--all";
+    };
   };
   # On a Mac, `nix flake check` builds what runs there; the rest is checked on Linux.
   checks = if isDarwin then { inherit fjord-deploy; } else linuxChecks;
@@ -190,7 +194,7 @@ in
       pkgs.redis
       pkgs.jdk17_headless
       pkgs.maven
-      pkgs.docker-distribution
+      pkgs.distribution
       pkgs.actionlint
       pkgs.kcat
       (pkgs.python3.withPackages (ps: [
