@@ -98,14 +98,24 @@ let
       "deploy"
       "deploy-arm64"
       "deploy-x86_64"
-    ]) (builtins.attrValues outputs.apps)) "a system lacks apps.deploy, deploy-arm64 or deploy-x86_64")
+      "fjord-deploy"
+    ]) (builtins.attrValues outputs.apps)) "a system lacks apps.deploy, deploy-arm64, deploy-x86_64 or fjord-deploy")
+    # The tool alone: no image in its wrapper, so bootstrap, destroy, status, diff and
+    # policy build nothing for Linux (a Mac needs no Linux builder for them).
+    (expect (builtins.all (
+      here:
+      outputs.apps.${here}.fjord-deploy.program == "${(fjordFor here).deployTool}/bin/fjord-deploy"
+      && !(hasInfix "IMAGE" (fjordFor here).deployTool.args.script)
+    ) (builtins.attrNames outputs.apps)) "apps.fjord-deploy is not the tool alone")
     (expect (outputs.apps.${system}.deploy.type == "app") "apps.deploy is not an app")
     (expect (wrapper == "fjord-deploy-with-images") "apps.deploy runs ${program}")
     (deploysWith system "deploy" "x86_64-linux")
     (deploysWith system "deploy-arm64" "aarch64-linux")
-    (deploysWith "aarch64-linux" "deploy" "aarch64-linux")
-    (deploysWith "aarch64-linux" "deploy-x86_64" "x86_64-linux")
-    (deploysWith darwin "deploy" "aarch64-linux")
+    # `deploy` is x86_64, the manifest's default architecture, on every machine.
+    (deploysWith "aarch64-linux" "deploy" "x86_64-linux")
+    (deploysWith "aarch64-linux" "deploy-arm64" "aarch64-linux")
+    (deploysWith darwin "deploy" "x86_64-linux")
+    (deploysWith darwin "deploy-arm64" "aarch64-linux")
     (deploysWith darwin "deploy-x86_64" "x86_64-linux")
     (deploysWith "x86_64-darwin" "deploy" "x86_64-linux")
     (deploysWith "x86_64-darwin" "deploy-arm64" "aarch64-linux")

@@ -176,6 +176,14 @@ in
     inherit (images) server consumer;
   };
 
+  # `nix run .#fjord-deploy`: this system's deploy tool with the CA certificates and no
+  # images, for what needs none (bootstrap, destroy, status, diff, rollback, verify,
+  # policy): nothing is built for Linux.
+  deployTool = pkgs.runCommand "fjord-deploy-tool" { nativeBuildInputs = [ pkgs.makeWrapper ]; } ''
+    makeWrapper ${fjord-deploy}/bin/fjord-deploy $out/bin/fjord-deploy \
+      --set-default SSL_CERT_FILE ${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt
+  '';
+
   # `nix run .#deploy`: this system's deploy tool, pointed at the given images (built for
   # Linux, maybe by another machine) unless FJORD_SERVER_IMAGE / FJORD_CONSUMER_IMAGE say
   # otherwise.
