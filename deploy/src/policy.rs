@@ -177,11 +177,11 @@ impl Arns {
     }
 }
 
-fn statement(sid: String, actions: &[&str], resources: Vec<String>) -> Value {
+fn statement(sid: &str, actions: &[&str], resources: &[String]) -> Value {
     json!({ "Sid": sid, "Effect": "Allow", "Action": actions, "Resource": resources })
 }
 
-fn service_linked_roles(sid: String, services: &[&str]) -> Value {
+fn service_linked_roles(sid: &str, services: &[&str]) -> Value {
     json!({
         "Sid": sid,
         "Effect": "Allow",
@@ -226,9 +226,9 @@ fn deploy(arns: &Arns) -> Vec<Value> {
         "secretsmanager:DescribeSecret",
     ]);
     vec![
-        statement(sid("Read"), &reads, vec!["*".into()]),
+        statement(&sid("Read"), &reads, &["*".into()]),
         statement(
-            sid("Images"),
+            &sid("Images"),
             &[
                 "ecr:DescribeRepositories",
                 "ecr:CreateRepository",
@@ -243,19 +243,19 @@ fn deploy(arns: &Arns) -> Vec<Value> {
                 "ecr:PutImage",
                 "ecr:BatchGetImage",
             ],
-            vec![arns.repositories()],
+            &[arns.repositories()],
         ),
         statement(
-            sid("Logs"),
+            &sid("Logs"),
             &[
                 "logs:CreateLogGroup",
                 "logs:TagResource",
                 "logs:PutRetentionPolicy",
             ],
-            arns.log_group(),
+            &arns.log_group(),
         ),
         statement(
-            sid("Services"),
+            &sid("Services"),
             &[
                 "ecs:DescribeClusters",
                 "ecs:DescribeServices",
@@ -265,16 +265,16 @@ fn deploy(arns: &Arns) -> Vec<Value> {
                 "ecs:TagResource",
                 "ecs:DescribeTasks",
             ],
-            arns.ecs_resources(),
+            &arns.ecs_resources(),
         ),
         statement(
-            sid("Alarms"),
+            &sid("Alarms"),
             &[
                 "cloudwatch:PutMetricAlarm",
                 "cloudwatch:DescribeAlarms",
                 "cloudwatch:DeleteAlarms",
             ],
-            vec![arns.alarms()],
+            &[arns.alarms()],
         ),
         json!({
             "Sid": sid("PassRoles"),
@@ -284,24 +284,24 @@ fn deploy(arns: &Arns) -> Vec<Value> {
             "Condition": { "StringEquals": { "iam:PassedToService": "ecs-tasks.amazonaws.com" } }
         }),
         // `verify`: that the roles are there, and what the execution role may do.
-        statement(sid("Roles"), &["iam:GetRole"], arns.roles.clone()),
+        statement(&sid("Roles"), &["iam:GetRole"], &arns.roles),
         statement(
-            sid("ExecutionRolePolicy"),
+            &sid("ExecutionRolePolicy"),
             &[
                 "iam:GetRolePolicy",
                 "iam:PutRolePolicy",
                 "iam:ListRolePolicies",
                 "iam:ListAttachedRolePolicies",
             ],
-            vec![arns.execution_role.clone()],
+            std::slice::from_ref(&arns.execution_role),
         ),
         statement(
-            sid("AttachedPolicies"),
+            &sid("AttachedPolicies"),
             &["iam:GetPolicy", "iam:GetPolicyVersion"],
-            vec![format!("arn:{}:iam::*:policy/*", arns.partition)],
+            &[format!("arn:{}:iam::*:policy/*", arns.partition)],
         ),
         service_linked_roles(
-            sid("ServiceLinkedRoles"),
+            &sid("ServiceLinkedRoles"),
             &[
                 "ecs.amazonaws.com",
                 "ecs.application-autoscaling.amazonaws.com",
@@ -337,7 +337,7 @@ const PART_READS: &[&str] = &[
 ];
 
 /// Changes to EC2 resources that exist, allowed on those tagged as the deployment's.
-fn tagged(sid: String, actions: &[&str], name: &str) -> Value {
+fn tagged(sid: &str, actions: &[&str], name: &str) -> Value {
     json!({
         "Sid": sid,
         "Effect": "Allow",
@@ -361,7 +361,7 @@ fn bootstrap(arns: &Arns) -> Vec<Value> {
         "ec2:AllocateAddress",
     ];
     vec![
-        statement(sid("Read"), &reads, vec!["*".into()]),
+        statement(&sid("Read"), &reads, &["*".into()]),
         // What bootstrap creates in EC2 carries the tag from the start: allowed only so.
         json!({
             "Sid": sid("NetworkCreate"),
@@ -378,7 +378,7 @@ fn bootstrap(arns: &Arns) -> Vec<Value> {
             "Condition": { "StringEquals": { "ec2:CreateAction": creates } }
         }),
         tagged(
-            sid("Network"),
+            &sid("Network"),
             &[
                 "ec2:ModifyVpcAttribute",
                 "ec2:AttachInternetGateway",
@@ -393,7 +393,7 @@ fn bootstrap(arns: &Arns) -> Vec<Value> {
             &arns.name,
         ),
         statement(
-            sid("LoadBalancer"),
+            &sid("LoadBalancer"),
             &[
                 "elasticloadbalancing:CreateLoadBalancer",
                 "elasticloadbalancing:CreateTargetGroup",
@@ -403,39 +403,39 @@ fn bootstrap(arns: &Arns) -> Vec<Value> {
                 "elasticloadbalancing:ModifyTargetGroupAttributes",
                 "elasticloadbalancing:ModifyListener",
             ],
-            arns.load_balancing(),
+            &arns.load_balancing(),
         ),
         statement(
-            sid("Redis"),
+            &sid("Redis"),
             &[
                 "elasticache:CreateCacheSubnetGroup",
                 "elasticache:CreateReplicationGroup",
                 "elasticache:AddTagsToResource",
                 "elasticache:ListTagsForResource",
             ],
-            arns.elasticache(),
+            &arns.elasticache(),
         ),
         statement(
-            sid("RedisSecret"),
+            &sid("RedisSecret"),
             &[
                 "secretsmanager:CreateSecret",
                 "secretsmanager:TagResource",
                 "secretsmanager:DescribeSecret",
                 "secretsmanager:GetSecretValue",
             ],
-            vec![arns.secrets()],
+            &[arns.secrets()],
         ),
         statement(
-            sid("Cluster"),
+            &sid("Cluster"),
             &[
                 "ecs:CreateCluster",
                 "ecs:DescribeClusters",
                 "ecs:TagResource",
             ],
-            vec![arns.cluster()],
+            &[arns.cluster()],
         ),
         statement(
-            sid("Roles"),
+            &sid("Roles"),
             &[
                 "iam:GetRole",
                 "iam:CreateRole",
@@ -443,20 +443,20 @@ fn bootstrap(arns: &Arns) -> Vec<Value> {
                 "iam:GetRolePolicy",
                 "iam:PutRolePolicy",
             ],
-            vec![arns.bootstrap_roles()],
+            &[arns.bootstrap_roles()],
         ),
         statement(
-            sid("Logs"),
+            &sid("Logs"),
             &[
                 "logs:CreateLogGroup",
                 "logs:TagResource",
                 "logs:ListTagsForResource",
                 "logs:PutRetentionPolicy",
             ],
-            arns.log_group(),
+            &arns.log_group(),
         ),
         service_linked_roles(
-            sid("ServiceLinkedRoles"),
+            &sid("ServiceLinkedRoles"),
             &[
                 "elasticloadbalancing.amazonaws.com",
                 "elasticache.amazonaws.com",
@@ -480,9 +480,9 @@ fn destroy(arns: &Arns) -> Vec<Value> {
     reads.sort_unstable();
     reads.dedup();
     vec![
-        statement(sid("Read"), &reads, vec!["*".into()]),
+        statement(&sid("Read"), &reads, &["*".into()]),
         statement(
-            sid("Services"),
+            &sid("Services"),
             &[
                 "ecs:DescribeClusters",
                 "ecs:DescribeServices",
@@ -490,29 +490,29 @@ fn destroy(arns: &Arns) -> Vec<Value> {
                 "ecs:DeleteService",
                 "ecs:DeleteCluster",
             ],
-            arns.ecs_resources(),
+            &arns.ecs_resources(),
         ),
         statement(
-            sid("Alarms"),
+            &sid("Alarms"),
             &["cloudwatch:DescribeAlarms", "cloudwatch:DeleteAlarms"],
-            vec![arns.alarms()],
+            &[arns.alarms()],
         ),
         statement(
-            sid("Repositories"),
+            &sid("Repositories"),
             &[
                 "ecr:DescribeRepositories",
                 "ecr:ListTagsForResource",
                 "ecr:DeleteRepository",
             ],
-            vec![arns.repositories()],
+            &[arns.repositories()],
         ),
         statement(
-            sid("Logs"),
+            &sid("Logs"),
             &["logs:ListTagsForResource", "logs:DeleteLogGroup"],
-            arns.log_group(),
+            &arns.log_group(),
         ),
         tagged(
-            sid("Network"),
+            &sid("Network"),
             &[
                 "ec2:DeleteNatGateway",
                 "ec2:ReleaseAddress",
@@ -527,32 +527,32 @@ fn destroy(arns: &Arns) -> Vec<Value> {
             &arns.name,
         ),
         statement(
-            sid("LoadBalancer"),
+            &sid("LoadBalancer"),
             &[
                 "elasticloadbalancing:DeleteLoadBalancer",
                 "elasticloadbalancing:DeleteTargetGroup",
             ],
-            arns.load_balancing(),
+            &arns.load_balancing(),
         ),
         statement(
-            sid("Redis"),
+            &sid("Redis"),
             &[
                 "elasticache:ListTagsForResource",
                 "elasticache:DeleteReplicationGroup",
                 "elasticache:DeleteCacheSubnetGroup",
             ],
-            arns.elasticache(),
+            &arns.elasticache(),
         ),
         statement(
-            sid("RedisSecret"),
+            &sid("RedisSecret"),
             &[
                 "secretsmanager:DescribeSecret",
                 "secretsmanager:DeleteSecret",
             ],
-            vec![arns.secrets()],
+            &[arns.secrets()],
         ),
         statement(
-            sid("Roles"),
+            &sid("Roles"),
             &[
                 "iam:GetRole",
                 "iam:ListRolePolicies",
@@ -561,7 +561,7 @@ fn destroy(arns: &Arns) -> Vec<Value> {
                 "iam:DetachRolePolicy",
                 "iam:DeleteRole",
             ],
-            vec![arns.bootstrap_roles()],
+            &[arns.bootstrap_roles()],
         ),
     ]
 }

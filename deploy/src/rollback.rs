@@ -60,7 +60,7 @@ pub async fn rollback(
         let previous = ledger
             .run(
                 format!("service {name}"),
-                back_one(&aws, &deploy.cluster, name, options.dry_run),
+                Box::pin(back_one(&aws, &deploy.cluster, name, options.dry_run)),
             )
             .await?;
         targets.push(previous);
