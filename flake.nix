@@ -12,8 +12,9 @@
 
   # nix build .#images               result/fjord-server.tar.gz, result/fjord-consumer.tar.gz,
   #                                  result/fjord-dev.tar.gz (`fjord dev`, see the README)
-  # nix run .#deploy -- manifest.json  pushes those images and deploys them (docs/deploy.md);
+  # nix run .#deploy -- manifest.json  pushes x86_64 images and deploys them (docs/deploy.md);
   #                                  also on macOS, with a Linux builder for the images
+  # nix run .#fjord-deploy -- status manifest.json   the tool alone, no image built
   # nix flake check                  clippy, unit tests, rustfmt, and every package
   # nix develop                      toolchain plus the services the tests start
   outputs =
@@ -52,7 +53,7 @@
         x86_64 = "x86_64-linux";
         arm64 = "aarch64-linux";
       };
-      # The architecture of this machine's CPU: what `images` and `deploy` use.
+      # The architecture of this machine's CPU: what `images` (for local use) are built for.
       nativeArchitecture =
         system: if builtins.substring 0 8 system == "aarch64-" then "arm64" else "x86_64";
       linuxFjord = architecture: fjord.${linuxFor.${architecture}};
@@ -81,13 +82,20 @@
         }
       );
 
-      # nix run .#deploy         images for this machine's CPU architecture
-      # nix run .#deploy-arm64   images for `"architecture": "arm64"` (Graviton), and so on
+      # nix run .#deploy         x86_64 images, as the manifest's `deploy.architecture` is
+      #                          unless it says otherwise, whatever this machine's CPU
+      # nix run .#deploy-arm64   images for `"architecture": "arm64"` (Graviton)
+      # nix run .#fjord-deploy   the tool alone, no image built: bootstrap, destroy, status,
+      #                          diff, rollback, verify, policy
       apps = eachSystem (
         system: fjordHere: {
-          deploy = deployApp fjordHere (nativeArchitecture system);
+          deploy = deployApp fjordHere "x86_64";
           deploy-x86_64 = deployApp fjordHere "x86_64";
           deploy-arm64 = deployApp fjordHere "arm64";
+          fjord-deploy = {
+            type = "app";
+            program = "${fjordHere.deployTool}/bin/fjord-deploy";
+          };
         }
       );
 

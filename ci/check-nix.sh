@@ -3,7 +3,9 @@
 #   1. every .nix file parses (nix-instantiate --parse, Debian's nix-bin);
 #   2. flake.lock pins exactly the revisions and hashes of shared/nix/pins.json, when
 #      that file is there (the steering copy of the real upstream locks);
-#   3. the flake's outputs evaluate, strictly, with stand-in inputs, to the expected
+#   3. the stand-in nixpkgs has only the attributes of nix/nixpkgs-attributes.nix, each
+#      checked against the real nixpkgs, and throws for the names nixpkgs has renamed;
+#   4. the flake's outputs evaluate, strictly, with stand-in inputs, to the expected
 #      structure (nix/eval-stub.nix: packages, the deploy apps of every system, Linux and
 #      Darwin, with the images of the right Linux, checks, devShells, the build inputs,
 #      what the images are made of, and that the dev image runs `fjord dev --host 0.0.0.0`).
@@ -47,6 +49,23 @@ PY
 else
     log "no $pins here: flake.lock not compared"
 fi
+
+# The stand-in nixpkgs has only the attributes checked against the real one
+# (nix/nixpkgs-attributes.nix): a renamed one throws as nixpkgs' alias does, an unknown one
+# is missing.
+stub_attribute() {
+    nix-instantiate --eval --strict -E "((import ./nix/stub-pkgs.nix).pkgsFor \"x86_64-linux\").$1" 2>&1
+}
+if refused=$(stub_attribute docker-distribution) ||
+    ! grep -q "renamed to/replaced by 'distribution'" <<<"$refused"; then
+    log "the stub nixpkgs does not refuse pkgs.docker-distribution as nixpkgs does: $refused"
+    exit 1
+fi
+if refused=$(stub_attribute not-in-nixpkgs) || ! grep -q "attribute 'not-in-nixpkgs' missing" <<<"$refused"; then
+    log "the stub nixpkgs has an attribute nix/nixpkgs-attributes.nix does not list: $refused"
+    exit 1
+fi
+log "the stub nixpkgs refuses renamed and unchecked attributes"
 
 summary=$(nix-instantiate --eval --strict --json nix/eval-stub.nix)
 [[ $(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["ok"])' "$summary") == True ]] ||

@@ -10,90 +10,14 @@ let
   system = "x86_64-linux";
   rev = "0123456789abcdef0123456789abcdef01234567";
 
-  # A stand-in derivation for one system; its path differs by name, system and script.
-  drv = system: name: args: {
-    type = "derivation";
-    inherit name args system;
-    outPath = "/nix/store/${
-      builtins.substring 0 32 (builtins.hashString "sha256" "${system} ${name} ${args.script or ""}")
-    }-${name}";
-  };
-  genAttrs =
-    names: f:
-    builtins.listToAttrs (
-      map (name: {
-        inherit name;
-        value = f name;
-      }) names
-    );
-
-  lib = {
-    inherit genAttrs;
-    optionals = cond: list: if cond then list else [ ];
-    optionalAttrs = cond: attrs: if cond then attrs else { };
-    fileset = {
-      unions = files: files;
-      # Every file in the source set must exist.
-      toSource =
-        { root, fileset }:
-        if builtins.all builtins.pathExists fileset then
-          root
-        else
-          throw "eval-stub: a path in the crane source fileset does not exist";
-    };
-  };
-
-  linuxSystems = [
-    "x86_64-linux"
-    "aarch64-linux"
-  ];
-  darwinSystems = [
-    "aarch64-darwin"
-    "x86_64-darwin"
-  ];
-  pkgsFor =
-    system:
-    let
-      drv' = drv system;
-      pythonPackages = genAttrs [ "moto" "flask" "flask-cors" ] (name: drv' name { });
-      basePkgs =
-        genAttrs [
-          "cmake"
-          "perl"
-          "pkg-config"
-          "libiconv"
-          "cacert"
-          "makeWrapper"
-          "redis"
-          "jdk17_headless"
-          "maven"
-          "docker-distribution"
-          "actionlint"
-          "kcat"
-        ] (name: drv' name { })
-        // {
-          inherit lib;
-          stdenv.hostPlatform = {
-            inherit system;
-            isDarwin = builtins.elem system darwinSystems;
-          };
-          python3 = drv' "python3" { } // {
-            withPackages = f: drv' "python3-env" { packages = f pythonPackages; };
-          };
-          dockerTools.buildLayeredImage = args: drv' "${args.name}.tar.gz" args;
-          runCommand =
-            name: env: script:
-            drv' name { inherit env script; };
-          linkFarm = name: entries: drv' name { inherit entries; };
-          extend =
-            overlay:
-            let
-              final = basePkgs // overlay final basePkgs;
-            in
-            final;
-        };
-    in
-    basePkgs;
+  inherit (import ./stub-pkgs.nix)
+    drv
+    genAttrs
+    lib
+    linuxSystems
+    darwinSystems
+    pkgsFor
+    ;
   basePkgs = pkgsFor system;
 
   mkCraneLib =
@@ -174,14 +98,24 @@ let
       "deploy"
       "deploy-arm64"
       "deploy-x86_64"
-    ]) (builtins.attrValues outputs.apps)) "a system lacks apps.deploy, deploy-arm64 or deploy-x86_64")
+      "fjord-deploy"
+    ]) (builtins.attrValues outputs.apps)) "a system lacks apps.deploy, deploy-arm64, deploy-x86_64 or fjord-deploy")
+    # The tool alone: no image in its wrapper, so bootstrap, destroy, status, diff and
+    # policy build nothing for Linux (a Mac needs no Linux builder for them).
+    (expect (builtins.all (
+      here:
+      outputs.apps.${here}.fjord-deploy.program == "${(fjordFor here).deployTool}/bin/fjord-deploy"
+      && !(hasInfix "IMAGE" (fjordFor here).deployTool.args.script)
+    ) (builtins.attrNames outputs.apps)) "apps.fjord-deploy is not the tool alone")
     (expect (outputs.apps.${system}.deploy.type == "app") "apps.deploy is not an app")
     (expect (wrapper == "fjord-deploy-with-images") "apps.deploy runs ${program}")
     (deploysWith system "deploy" "x86_64-linux")
     (deploysWith system "deploy-arm64" "aarch64-linux")
-    (deploysWith "aarch64-linux" "deploy" "aarch64-linux")
-    (deploysWith "aarch64-linux" "deploy-x86_64" "x86_64-linux")
-    (deploysWith darwin "deploy" "aarch64-linux")
+    # `deploy` is x86_64, the manifest's default architecture, on every machine.
+    (deploysWith "aarch64-linux" "deploy" "x86_64-linux")
+    (deploysWith "aarch64-linux" "deploy-arm64" "aarch64-linux")
+    (deploysWith darwin "deploy" "x86_64-linux")
+    (deploysWith darwin "deploy-arm64" "aarch64-linux")
     (deploysWith darwin "deploy-x86_64" "x86_64-linux")
     (deploysWith "x86_64-darwin" "deploy" "x86_64-linux")
     (deploysWith "x86_64-darwin" "deploy-arm64" "aarch64-linux")
@@ -197,6 +131,7 @@ let
       ]
     ) "checks has ${toString (names outputs.checks.${system})}")
     (expect (names outputs.devShells.${system} == [ "default" ]) "devShells has no default")
+    (expect (outputs.checks.${system}.fmt.args.cargoExtraArgs == "--all") "checks.fmt does not check every crate of the workspace")
     (expect (names outputs.packages == [
       "aarch64-darwin"
       "aarch64-linux"

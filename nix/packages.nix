@@ -151,7 +151,11 @@ let
         cargoTestExtraArgs = "--workspace --lib --bins";
       }
     );
-    fmt = craneLib.cargoFmt { inherit src; };
+    # `--all`: without it cargo fmt checks the root package only, not the workspace.
+    fmt = craneLib.cargoFmt {
+      inherit src;
+      cargoExtraArgs = "--all";
+    };
   };
   # On a Mac, `nix flake check` builds what runs there; the rest is checked on Linux.
   checks = if isDarwin then { inherit fjord-deploy; } else linuxChecks;
@@ -171,6 +175,14 @@ in
     inherit (images) server consumer;
   };
 
+  # `nix run .#fjord-deploy`: this system's deploy tool with the CA certificates and no
+  # images, for what needs none (bootstrap, destroy, status, diff, rollback, verify,
+  # policy): nothing is built for Linux.
+  deployTool = pkgs.runCommand "fjord-deploy-tool" { nativeBuildInputs = [ pkgs.makeWrapper ]; } ''
+    makeWrapper ${fjord-deploy}/bin/fjord-deploy $out/bin/fjord-deploy \
+      --set-default SSL_CERT_FILE ${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt
+  '';
+
   # `nix run .#deploy`: this system's deploy tool, pointed at the given images (built for
   # Linux, maybe by another machine) unless FJORD_SERVER_IMAGE / FJORD_CONSUMER_IMAGE say
   # otherwise.
@@ -189,7 +201,7 @@ in
       pkgs.redis
       pkgs.jdk17_headless
       pkgs.maven
-      pkgs.docker-distribution
+      pkgs.distribution
       pkgs.actionlint
       pkgs.kcat
       (pkgs.python3.withPackages (ps: [

@@ -21,6 +21,7 @@ use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum};
 use base64::Engine as _;
 
 use crate::archive::Image;
+use crate::bootstrap;
 use crate::clients::Clients;
 use crate::config::Deployment;
 use crate::destroy::{self, Family, FoundService, find_repository};
@@ -54,6 +55,10 @@ pub struct Options {
 
 /// How long a pruned service may take to stop its tasks when the deploy does not wait.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
+/// The images an ECR repository keeps, newest first.
+const KEPT_IMAGES: u32 = 30;
+/// The step that keeps the execution role's policy up to the manifest's secrets.
+const EXECUTION_ROLE_STEP: &str = "execution role";
 /// Why a service or task definition is pruned.
 const GONE: &str = "(consumer group no longer in the manifest)";
 
@@ -91,6 +96,11 @@ pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), De
         &image_ref(Role::Server),
         &image_ref(Role::Consumer),
     );
+    plan.check_size()
+        .map_err(|message| DeployError::Precondition {
+            resource: "task definitions".into(),
+            message,
+        })?;
 
     say(format_args!(
         "{} {} to ECS cluster {} in {}{}",
@@ -133,6 +143,8 @@ pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), De
         aws: &aws,
         deployment,
         dry_run: options.dry_run,
+        drain_timeout: options.wait.unwrap_or(DRAIN_TIMEOUT),
+        poll: options.poll,
     };
     let mut ledger = Ledger::new(step_labels(deployment, &plan, &stale, options));
     for (role, _) in &images {
@@ -157,6 +169,16 @@ pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), De
         .run(
             format!("log group {}", deploy.logs.group),
             Box::pin(step.log_group()),
+        )
+        .await?;
+    ledger
+        .run(
+            EXECUTION_ROLE_STEP.to_owned(),
+            Box::pin(bootstrap::refresh_execution_policy(
+                &aws,
+                deployment,
+                options.dry_run,
+            )),
         )
         .await?;
     let mut arns = Vec::with_capacity(plan.task_definitions.len());
@@ -214,11 +236,17 @@ pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), De
     }
     if let Some(timeout) = options.wait {
         ledger
-            .run("services stable".to_owned(), async {
-                wait::until_stable(&aws.ecs, &deploy.cluster, &names, timeout, options.poll)
-                    .await
-                    .map(|()| ((), "yes".to_owned()))
-            })
+            .run(
+                "services stable".to_owned(),
+                wait::services_stable(
+                    &aws.ecs,
+                    &deploy.cluster,
+                    &names,
+                    &arns,
+                    timeout,
+                    options.poll,
+                ),
+            )
             .await?;
     }
     wait::print_status(
@@ -254,6 +282,7 @@ fn step_labels(
             .map(|role| format!("image {}", plan::repository(deployment, *role))),
     );
     labels.push(format!("log group {}", deployment.deploy.logs.group));
+    labels.push(EXECUTION_ROLE_STEP.to_owned());
     labels.extend(
         plan.task_definitions
             .iter()
@@ -528,6 +557,9 @@ struct Step<'a> {
     aws: &'a Clients,
     deployment: &'a Deployment,
     dry_run: bool,
+    /// How long a deleted service of the same name may stay DRAINING.
+    drain_timeout: Duration,
+    poll: Duration,
 }
 
 impl Step<'_> {
@@ -558,7 +590,34 @@ impl Step<'_> {
     async fn repository(&self, name: &str) -> Outcome<()> {
         let resource = format!("ECR repository {name}");
         if find_repository(self.aws, name, &resource).await?.is_some() {
-            return Ok(((), "exists".into()));
+            // A repository made before the tool set a lifecycle policy gets one; a policy
+            // of anyone's own is left as it is.
+            let policy = self
+                .aws
+                .ecr
+                .get_lifecycle_policy()
+                .repository_name(name)
+                .send()
+                .await;
+            return match policy {
+                Ok(_) => Ok(((), "exists".into())),
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|e| e.is_lifecycle_policy_not_found_exception()) =>
+                {
+                    if !self.dry_run {
+                        self.lifecycle_policy(name, &resource).await?;
+                    }
+                    Ok((
+                        (),
+                        format!(
+                            "exists; {} lifecycle policy (keeps the newest {KEPT_IMAGES} images)",
+                            self.would("add its", "added its")
+                        ),
+                    ))
+                }
+                Err(e) => Err(DeployError::aws(&resource, "GetLifecyclePolicy", &e)),
+            };
         }
         if !self.dry_run {
             self.aws
@@ -581,8 +640,42 @@ impl Step<'_> {
                 .send()
                 .await
                 .map_err(|e| DeployError::aws(&resource, "CreateRepository", &e))?;
+            self.lifecycle_policy(name, &resource).await?;
         }
-        Ok(((), self.would("create", "created")))
+        Ok((
+            (),
+            format!(
+                "{} (its lifecycle policy keeps the newest {KEPT_IMAGES} images)",
+                self.would("create", "created")
+            ),
+        ))
+    }
+
+    /// Every deploy pushes an image to each repository: without an end, they would be
+    /// kept (and paid for) forever. The newest [`KEPT_IMAGES`] stay, which covers the
+    /// task definitions a rollback goes back to.
+    async fn lifecycle_policy(&self, name: &str, resource: &str) -> Result<(), DeployError> {
+        let policy = serde_json::json!({
+            "rules": [{
+                "rulePriority": 1,
+                "description": format!("fjord-deploy: keep the newest {KEPT_IMAGES} images"),
+                "selection": {
+                    "tagStatus": "any",
+                    "countType": "imageCountMoreThan",
+                    "countNumber": KEPT_IMAGES
+                },
+                "action": { "type": "expire" }
+            }]
+        });
+        self.aws
+            .ecr
+            .put_lifecycle_policy()
+            .repository_name(name)
+            .lifecycle_policy_text(policy.to_string())
+            .send()
+            .await
+            .map_err(|e| DeployError::aws(resource, "PutLifecyclePolicy", &e))?;
+        Ok(())
     }
 
     async fn push(&self, registry: &Registry, repository: &str, image: &Image) -> Outcome<()> {
@@ -758,6 +851,31 @@ impl Step<'_> {
             .iter()
             .find(|s| s.status() == Some("ACTIVE"));
         let Some(current) = current else {
+            // ECS refuses to create a service while one of the same name drains (deleted
+            // by a destroy or a prune moments ago).
+            let draining = existing
+                .services()
+                .iter()
+                .any(|s| s.status() == Some("DRAINING"));
+            if draining && self.dry_run {
+                return Ok((
+                    (),
+                    format!(
+                        "would create with {} tasks once the deleted service of that name has drained",
+                        spec.desired_count
+                    ),
+                ));
+            }
+            if draining {
+                wait::until_inactive(
+                    &self.aws.ecs,
+                    &deploy.cluster,
+                    &spec.name,
+                    self.drain_timeout,
+                    self.poll,
+                )
+                .await?;
+            }
             if !self.dry_run {
                 self.aws
                     .ecs

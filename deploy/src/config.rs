@@ -82,6 +82,10 @@ pub struct DeployConfig {
     /// Environment variable → Secrets Manager or SSM parameter ARN, injected by ECS.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// The customer-managed KMS keys that encrypt those secrets: the execution role may
+    /// decrypt with them.
+    #[serde(default)]
+    pub kms_key_arns: Vec<String>,
     /// Sizes and scaling of the services.
     pub services: ServicesConfig,
     /// What `fjord-deploy bootstrap` creates; a deploy ignores it.
@@ -103,7 +107,8 @@ pub struct BootstrapConfig {
     /// cut the others off from Kafka).
     #[serde(default)]
     pub nat_gateways: NatGateways,
-    /// The new VPC's address range, `/16` to `/24`; each subnet gets a sixteenth of it.
+    /// The new VPC's address range, `/16` to `/23`; each subnet gets a sixteenth of it
+    /// (a /27 at the least, the smallest subnet an Application Load Balancer takes).
     #[serde(default = "default_vpc_cidr")]
     pub vpc_cidr: String,
     /// Public subnets for the load balancer, needed only with a VPC of your own.
@@ -434,6 +439,9 @@ pub struct BootstrapSection {
     /// `$.deploy.secrets`.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// `$.deploy.kms_key_arns`.
+    #[serde(default)]
+    pub kms_key_arns: Vec<String>,
     /// `$.deploy.services`, for the target group only.
     #[serde(default)]
     pub services: Option<PartialServices>,
@@ -697,6 +705,17 @@ impl DeployConfig {
                 "must be the ARN of a Secrets Manager secret (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME) or an SSM parameter (arn:aws:ssm:REGION:ACCOUNT:parameter/NAME); secrets never go in the manifest".into()
             })?;
         }
+        for (i, key) in self.kms_key_arns.iter().enumerate() {
+            let key_ok = arn_parts(key, "kms").is_some_and(|(region, resource)| {
+                !region.is_empty()
+                    && resource
+                        .strip_prefix("key/")
+                        .is_some_and(|id| !id.is_empty())
+            });
+            require(key_ok, format!("$.deploy.kms_key_arns[{i}]"), || {
+                format!("{key:?} is not a KMS key ARN like \"arn:aws:kms:REGION:ACCOUNT:key/ID\"")
+            })?;
+        }
         let named = manifest.secrets();
         for secret in &named {
             let env = secret.secret.env_name();
@@ -878,7 +897,7 @@ impl BootstrapConfig {
             format!("{at}.vpc_cidr"),
             || {
                 format!(
-                    "{:?} is not an IPv4 range from /16 to /24 like \"10.0.0.0/16\"",
+                    "{:?} is not an IPv4 range from /16 to /23 like \"10.0.0.0/16\" (each subnet gets a sixteenth of it, and the load balancer's need a /27 at the least)",
                     self.vpc_cidr
                 )
             },
@@ -922,13 +941,14 @@ impl BootstrapConfig {
     }
 }
 
-/// The network address and prefix length of an IPv4 range from /16 to /24.
+/// The network address and prefix length of an IPv4 range from /16 to /23: split in
+/// sixteen, a /23 gives /27 subnets, the smallest an Application Load Balancer takes.
 pub fn vpc_prefix(cidr: &str) -> Option<(std::net::Ipv4Addr, u8)> {
     let (address, prefix) = cidr.split_once('/')?;
     let address: std::net::Ipv4Addr = address.parse().ok()?;
     let prefix: u8 = prefix.parse().ok()?;
     let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-    ((16..=24).contains(&prefix) && u32::from(address) & !mask == 0).then_some((address, prefix))
+    ((16..=23).contains(&prefix) && u32::from(address) & !mask == 0).then_some((address, prefix))
 }
 
 /// Fargate's CPU and memory pairs.
@@ -991,6 +1011,20 @@ fn is_aws_id(id: &str, prefix: &str) -> bool {
 
 /// Splits `arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE` for `service`, checking the
 /// partition and the 12-digit account; returns the region and the resource.
+/// The secret a Secrets Manager `valueFrom` names: the ARN cut after the secret's name
+/// (secret names have no `:`; what follows one selects a JSON key or a version). Any
+/// other ARN is returned whole.
+pub fn secret_arn(value_from: &str) -> &str {
+    let Some(at) = value_from.find(":secret:") else {
+        return value_from;
+    };
+    let name_at = at + ":secret:".len();
+    match value_from[name_at..].find(':') {
+        Some(end) => &value_from[..name_at + end],
+        None => value_from,
+    }
+}
+
 fn arn_parts<'a>(arn: &'a str, service: &str) -> Option<(&'a str, &'a str)> {
     let mut parts = arn.splitn(6, ':');
     let (Some("arn"), Some(partition), Some(svc), Some(region), Some(account), Some(resource)) = (
@@ -1386,6 +1420,10 @@ mod tests {
             (
                 "$.deploy.bootstrap.vpc_cidr:",
                 Box::new(|v| v["deploy"]["bootstrap"]["vpc_cidr"] = json!("10.0.0.1/16")),
+            ),
+            (
+                "$.deploy.bootstrap.vpc_cidr: \"10.0.0.0/24\" is not an IPv4 range from /16 to /23",
+                Box::new(|v| v["deploy"]["bootstrap"]["vpc_cidr"] = json!("10.0.0.0/24")),
             ),
             (
                 "$.deploy.bootstrap.nat_gateways: unknown variant, expected `one` or `per_zone`",

@@ -285,7 +285,7 @@ pub(crate) async fn remove_service(
             .await
             .map_err(|e| DeployError::aws(&resource, "UpdateService", &e))?;
     }
-    let took = wait::until_drained(&aws.ecs, cluster, name, timeout, poll).await?;
+    let mut took = wait::until_drained(&aws.ecs, cluster, name, timeout, poll).await?;
     if !service.draining {
         aws.ecs
             .delete_service()
@@ -295,6 +295,9 @@ pub(crate) async fn remove_service(
             .await
             .map_err(|e| DeployError::aws(&resource, "DeleteService", &e))?;
     }
+    // A deleted service stays DRAINING for a while: the cluster cannot be deleted, nor a
+    // service of the same name created (a consumer group added back), until it is not.
+    took += wait::until_inactive(&aws.ecs, cluster, name, timeout, poll).await?;
     Ok((
         (),
         format!(

@@ -17,7 +17,12 @@
 //! - [`apply`]: the steps against AWS, read first, changing only what differs.
 //! - [`destroy`]: finds what deploys and bootstrap made by name and tag; prunes and
 //!   tears it down, bootstrap's part in [`teardown`].
-//! - [`wait`]: waits for the services to settle (or drain) and prints their state.
+//! - [`wait`]: waits until each service's PRIMARY deployment runs the task definition
+//!   the deploy registered, steady (or drains), and prints their state.
+//! - [`status`], [`diff`], [`verify`]: read-only looks at the deployment — where the
+//!   services stand, what a deploy would change, whether what the tasks need is there.
+//! - [`rollback`]: each service back one task definition revision, waited on.
+//! - [`policy`]: the IAM policy each command needs, printed from code.
 //! - [`error`]: why a deploy stopped, and what it had done by then.
 //! - [`clients`]: the AWS clients of one region, shared by every part that calls AWS.
 //! - [`output`]: what the operator reads as a run goes: progress lines, each step's
@@ -26,6 +31,8 @@
 //!
 //! Imports run one way: `apply` → `destroy` (prune) → `teardown` → `bootstrap` (its
 //! lookups); each of those → `wait`, `output`, `plan`, `clients`, `error`; none back.
+//! `status`, `diff`, `rollback` and `verify` sit beside `apply`, on the same lower
+//! modules; `policy` reads only the manifest.
 
 pub mod apply;
 pub mod archive;
@@ -33,16 +40,25 @@ pub mod bootstrap;
 mod clients;
 pub mod config;
 pub mod destroy;
+pub mod diff;
 pub mod document;
 pub mod error;
 mod output;
 pub mod plan;
+pub mod policy;
 pub mod registry;
+pub mod rollback;
+mod status;
 mod teardown;
+mod verify;
 mod wait;
 
 pub use apply::{Options, deploy};
 pub use bootstrap::{BootstrapOptions, bootstrap};
 pub use config::Deployment;
 pub use destroy::{DestroyOptions, destroy};
+pub use diff::diff;
 pub use error::DeployError;
+pub use rollback::rollback;
+pub use status::status;
+pub use verify::verify;

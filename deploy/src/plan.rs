@@ -244,6 +244,26 @@ impl Plan {
             scaling,
         }
     }
+
+    /// Refuses a task definition above ECS's size limit before anything is changed,
+    /// where RegisterTaskDefinition would refuse it midway.
+    pub fn check_size(&self) -> Result<(), String> {
+        for spec in &self.task_definitions {
+            let size = spec.size();
+            if size > TASK_DEFINITION_LIMIT {
+                let manifest = spec
+                    .container
+                    .environment
+                    .get("FJORD_MANIFEST_JSON")
+                    .map_or(0, String::len);
+                return Err(format!(
+                    "task definition {} would be {size} bytes, above ECS's limit of {TASK_DEFINITION_LIMIT} (64 KiB); the manifest the tasks read (FJORD_MANIFEST_JSON, without `deploy`) takes {manifest} bytes of it: shorten it (fewer endpoints, shorter descriptions)",
+                    spec.family
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The service (and task family) of a consumer group: `<name>-consumer-<group>`, with
@@ -312,10 +332,21 @@ pub struct ContainerSpec {
     pub log_stream_prefix: String,
 }
 
+/// The largest task definition ECS registers, bytes (its service quota "task definition
+/// size", 64 KiB, not adjustable).
+pub const TASK_DEFINITION_LIMIT: usize = 64 * 1024;
+
 impl TaskDefinitionSpec {
     /// The fingerprint of everything this spec sets.
     pub fn fingerprint(&self) -> String {
         fingerprint(self)
+    }
+
+    /// The size of the task definition this spec registers, bytes, as its JSON counts
+    /// it: every value the request carries (the runtime manifest in
+    /// `FJORD_MANIFEST_JSON` above all), escaped as JSON escapes it.
+    pub fn size(&self) -> usize {
+        serde_json::to_vec(self).map_or(0, |json| json.len())
     }
 
     /// The runtime platform.
@@ -644,6 +675,27 @@ mod tests {
             .iter()
             .map(|kv| (kv.name().unwrap(), kv.value().unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn a_task_definition_above_64_kib_is_refused_before_any_call() {
+        let (mut deployment, _) = example();
+        assert!(
+            Plan::new(&deployment, SERVER_IMAGE, CONSUMER_IMAGE)
+                .check_size()
+                .is_ok()
+        );
+        deployment.runtime_manifest = format!(
+            "{{\"pad\":\"{}\"}}",
+            "\\\"".repeat(TASK_DEFINITION_LIMIT / 3)
+        );
+        let plan = Plan::new(&deployment, SERVER_IMAGE, CONSUMER_IMAGE);
+        let refused = plan.check_size().unwrap_err();
+        assert!(
+            refused.starts_with("task definition fjord-server would be "),
+            "{refused}"
+        );
+        assert!(refused.contains("above ECS's limit of 65536"), "{refused}");
     }
 
     #[test]

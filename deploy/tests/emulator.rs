@@ -170,7 +170,12 @@ fn archives_give_stable_digests() {
 /// The AWS side of a test: moto freshly reset, with a VPC, two subnets, a security
 /// group, an ALB with an `ip` target group, and an ECS cluster.
 struct Aws {
+    /// The proxy's endpoint, which the tool talks to.
     endpoint: String,
+    /// Between the tool and moto.
+    proxy: MotoProxy,
+    /// The SDK's configuration for moto itself, for clients the struct has none of.
+    config: SdkConfig,
     ecs: aws_sdk_ecs::Client,
     ecr: aws_sdk_ecr::Client,
     elb: aws_sdk_elasticloadbalancingv2::Client,
@@ -318,8 +323,11 @@ impl Aws {
             .send()
             .await
             .unwrap();
+        let proxy = MotoProxy::start(&endpoint).await;
         let aws = Self {
-            endpoint,
+            endpoint: proxy.endpoint.clone(),
+            proxy,
+            config: config.clone(),
             ecr: aws_sdk_ecr::Client::new(&config),
             scaling: aws_sdk_applicationautoscaling::Client::new(&config),
             logs: aws_sdk_cloudwatchlogs::Client::new(&config),
@@ -576,8 +584,28 @@ impl Fixture {
 
     /// Runs `fjord-deploy destroy manifest.json` with `args`, against the emulator.
     fn destroy(&self, aws: &Aws, args: &[&str]) -> Run {
+        self.command(aws, "destroy", args)
+    }
+
+    /// Both services' two tasks come up: moto counts them running once a service's
+    /// desired count is updated.
+    async fn tasks_up(&self, aws: &Aws) {
+        for service in [self.server(), self.consumer()] {
+            aws.ecs
+                .update_service()
+                .cluster(&self.cluster)
+                .service(service)
+                .desired_count(2)
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Runs `fjord-deploy SUBCOMMAND manifest.json` with `args`, against the emulator.
+    fn command(&self, aws: &Aws, subcommand: &str, args: &[&str]) -> Run {
         let mut command = Command::new(env!("CARGO_BIN_EXE_fjord-deploy"));
-        command.arg("destroy").arg(self.path("manifest.json"));
+        command.arg(subcommand).arg(self.path("manifest.json"));
         Self::run(command, aws, args)
     }
 
@@ -595,6 +623,37 @@ impl Fixture {
             .unwrap();
         Run::from(output)
     }
+}
+
+/// Fails unless every AWS call the tool made through the proxy since the last look is
+/// granted by what `fjord-deploy policy --for COMMAND` prints for the fixture's manifest.
+fn granted(fixture: &Fixture, aws: &Aws, command: &str) {
+    let calls = aws.proxy.take_calls();
+    assert!(!calls.is_empty(), "no AWS call recorded for {command}");
+    let output = Command::new(env!("CARGO_BIN_EXE_fjord-deploy"))
+        .arg("policy")
+        .arg(fixture.path("manifest.json"))
+        .args(["--for", command])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let policy: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let actions: std::collections::BTreeSet<String> = fjord_deploy::policy::actions(&policy)
+        .into_iter()
+        .map(|a| a.to_ascii_lowercase())
+        .collect();
+    let missing: std::collections::BTreeSet<&String> = calls
+        .iter()
+        .filter(|call| !actions.contains(&call.to_ascii_lowercase()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{command} called {missing:?}, which `fjord-deploy policy --for {command}` does not grant"
+    );
 }
 
 struct Run {
@@ -674,7 +733,7 @@ async fn registry_digest(repository: &str, tag: &str) -> Option<String> {
 
 // ------------------------------------------------------------------------- the tests
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_deploy_then_a_second_run_changes_nothing() {
     let _one = EMULATOR.lock().await;
     let (fixture, aws) = Fixture::new("full").await;
@@ -708,6 +767,22 @@ async fn full_deploy_then_a_second_run_changes_nothing() {
         repositories,
         [format!("{name}/consumer"), format!("{name}/server")]
     );
+    // Each keeps the newest 30 images, not every deploy's forever.
+    for repository in &repositories {
+        let policy = aws
+            .ecr
+            .get_lifecycle_policy()
+            .repository_name(repository)
+            .send()
+            .await
+            .unwrap();
+        let policy: Value = serde_json::from_str(policy.lifecycle_policy_text().unwrap()).unwrap();
+        assert_eq!(
+            policy["rules"][0]["selection"],
+            json!({"tagStatus": "any", "countType": "imageCountMoreThan", "countNumber": 30})
+        );
+        assert_eq!(policy["rules"][0]["action"]["type"], "expire");
+    }
     let server_digest = registry_digest(&format!("{name}/server"), "v1")
         .await
         .expect("server image pushed");
@@ -876,7 +951,7 @@ async fn full_deploy_then_a_second_run_changes_nothing() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_changes_nothing() {
     let _one = EMULATOR.lock().await;
     let (fixture, aws) = Fixture::new("dry").await;
@@ -920,7 +995,7 @@ async fn dry_run_changes_nothing() {
     assert!(aws.log_groups(&format!("/ecs/{name}")).await.is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_before_any_change() {
     let _one = EMULATOR.lock().await;
     let (fixture, aws) = Fixture::new("refuse").await;
@@ -963,7 +1038,7 @@ async fn refused_before_any_change() {
     assert_eq!(aws.revisions(&fixture.server()).await, 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_group_that_cannot_drain_is_refused() {
     let _one = EMULATOR.lock().await;
     let (fixture, aws) = Fixture::new("drain").await;
@@ -1056,7 +1131,7 @@ async fn a_target_group_that_cannot_drain_is_refused() {
         .says("Dry run: nothing was changed.");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_container_gets_only_the_secrets_it_reads() {
     let _one = EMULATOR.lock().await;
     let (fixture, aws) = Fixture::new("secrets").await;
@@ -1099,7 +1174,7 @@ async fn each_container_gets_only_the_secrets_it_reads() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_midway_reports_what_was_done() {
     let _one = EMULATOR.lock().await;
     let (fixture, aws) = Fixture::new("midway").await;
@@ -1109,7 +1184,7 @@ async fn a_failure_midway_reports_what_was_done() {
         .deploy_to(&aws, "http://127.0.0.1:9", &["--no-wait"])
         .failed();
     run.says(&format!("image {name}/server failed: registry 127.0.0.1:9, repository {name}/server"))
-        .says(&format!("done:\n  - ECR repository {name}/server: created\n  - ECR repository {name}/consumer: created\nnot done:"))
+        .says(&format!("done:\n  - ECR repository {name}/server: created (its lifecycle policy keeps the newest 30 images)\n  - ECR repository {name}/consumer: created (its lifecycle policy keeps the newest 30 images)\nnot done:"))
         .says(&format!("  - image {name}/server (failed)\n  - image {name}/consumer\n  - log group /ecs/{name}"))
         .says(&format!("  - task definition {}", fixture.server()))
         .says(&format!("  - service {}", fixture.consumer()))
@@ -1126,7 +1201,7 @@ async fn a_failure_midway_reports_what_was_done() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_until_the_services_are_stable() {
     let _one = EMULATOR.lock().await;
     let (fixture, aws) = Fixture::new("wait").await;
@@ -1142,6 +1217,10 @@ async fn waits_until_the_services_are_stable() {
             "services stable failed: services not stable after 2 s: {}: ACTIVE, 0/2 running",
             fixture.server()
         ))
+        .says(&format!(
+            "(no task of {}:1 has started, and none failed: ECS's circuit breaker never trips on tasks that do not start",
+            fixture.server()
+        ))
         .says("done:")
         .says(&format!(
             "  - service {}: created with 2 tasks",
@@ -1149,17 +1228,7 @@ async fn waits_until_the_services_are_stable() {
         ))
         .says("not done:\n  - services stable (failed)");
 
-    // Tasks come up (moto counts them running once a service is updated).
-    for service in [fixture.server(), fixture.consumer()] {
-        aws.ecs
-            .update_service()
-            .cluster(&fixture.cluster)
-            .service(service)
-            .desired_count(2)
-            .send()
-            .await
-            .unwrap();
-    }
+    fixture.tasks_up(&aws).await;
     fixture
         .deploy(&aws, &["--wait-timeout", "20", "--poll-secs", "1"])
         .succeeded()
@@ -1174,6 +1243,284 @@ async fn waits_until_the_services_are_stable() {
             "Service {}: ACTIVE, 2/2 running",
             fixture.consumer()
         ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_deploy_fails_with_the_stopped_tasks_reasons() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("rollback").await;
+    fixture.deploy(&aws, &["--no-wait"]).succeeded();
+    fixture.tasks_up(&aws).await;
+
+    // New images; ECS's circuit breaker rolls the server back to revision 1. The counts
+    // and the single deployment look settled: only the revision tells.
+    fixture.write_images("v2");
+    aws.proxy.roll_back(&fixture.server());
+    fixture
+        .deploy(&aws, &["--wait-timeout", "20", "--poll-secs", "1"])
+        .failed()
+        .says(&format!(
+            "services stable failed: ECS service {0}: its PRIMARY deployment runs {0}:1, not {0}:2 that this deploy registered: ECS rolled the deployment back",
+            fixture.server()
+        ))
+        .says(&format!("stopped tasks of {}:2:", fixture.server()))
+        .says(&format!("stopped: {ROLLED_BACK_REASON}"))
+        .says("not done:\n  - services stable (failed)");
+    let server = aws
+        .service(&fixture.cluster, &fixture.server())
+        .await
+        .unwrap();
+    assert!(
+        server
+            .task_definition()
+            .unwrap()
+            .ends_with(&format!("{}:1", fixture.server()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_diff_verify_and_rollback_on_the_emulator_within_the_printed_policy() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("everyday").await;
+    let (server, consumer) = (fixture.server(), fixture.consumer());
+    fixture.deploy(&aws, &["--no-wait"]).succeeded();
+    granted(&fixture, &aws, "deploy");
+    fixture.tasks_up(&aws).await;
+
+    let status = fixture.command(&aws, "status", &[]).succeeded();
+    status
+        .says(&format!("Service {server}: ACTIVE, 2/2 running, 0 pending"))
+        .says(&format!(
+            "(PRIMARY): task definition {server}:1, 2/2 running"
+        ))
+        .says(&format!("image of server ({server}:1): "))
+        .says(&format!("/{}/server@sha256:", fixture.name))
+        .says(&format!("Service {consumer}: ACTIVE"));
+    granted(&fixture, &aws, "deploy");
+
+    // Nothing changed: nothing to show. Then a consumer group grows and the heartbeat
+    // changes: the service's count and the runtime manifest's field show, alone.
+    fixture
+        .command(&aws, "diff", &[])
+        .succeeded()
+        .says(&format!("task definition {server}:1: unchanged"))
+        .says(&format!("service {consumer}: unchanged"))
+        .says("No changes.");
+    fixture.write_edited(|m| {
+        m["consumer_groups"][0]["members"] = json!(3);
+        m["server"]["heartbeat_secs"] = json!(25);
+    });
+    let diff = fixture.command(&aws, "diff", &[]).succeeded();
+    diff.says(&format!(
+        "--- service {consumer} in ECS\n+++ service {consumer} wanted"
+    ))
+    .says("-  \"desiredCount\": 2,\n+  \"desiredCount\": 3,")
+    .says(&format!("--- task definition {server}:1 in ECS"));
+    assert!(
+        diff.stdout
+            .lines()
+            .any(|l| l.starts_with('+') && l.contains("\"heartbeat_secs\": 25")),
+        "{}",
+        diff.stdout
+    );
+    assert!(!diff.stdout.contains("No changes."), "{}", diff.stdout);
+    granted(&fixture, &aws, "deploy");
+    fixture.write_manifest();
+
+    // verify: nothing the tasks need is there yet.
+    let execution = fixture.manifest["deploy"]["roles"]["execution_role_arn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let secret = fixture.manifest["deploy"]["secrets"]["FJORD_KAFKA_PASSWORD"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let parameter = fixture.manifest["deploy"]["secrets"]["FJORD_REDIS_PASSWORD"].clone();
+    fixture
+        .command(&aws, "verify", &[])
+        .failed()
+        .says(&format!(
+            "PROBLEM: execution role {execution} does not exist"
+        ))
+        .says(&format!(
+            "PROBLEM: secret {secret} (FJORD_KAFKA_PASSWORD) does not exist"
+        ));
+    granted(&fixture, &aws, "deploy");
+    // The role, trusting ECS tasks, that may pull and log but not yet read the secret.
+    let iam = aws_sdk_iam::Client::new(&aws.config);
+    let secrets = aws_sdk_secretsmanager::Client::new(&aws.config);
+    let role = execution.rsplit('/').next().unwrap();
+    let task_role = fixture.manifest["deploy"]["roles"]["task_role_arn"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap();
+    for name in [role, task_role] {
+        iam.create_role()
+            .role_name(name)
+            .assume_role_policy_document(
+                json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+                    "Principal": {"Service": "ecs-tasks.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
+                .to_string(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+    let created = secrets
+        .create_secret()
+        .name(format!("{}/kafka", fixture.name))
+        .secret_string("not-a-real-token")
+        .send()
+        .await
+        .unwrap();
+    let secret = created.arn().unwrap().to_owned();
+    let mut grants = vec![
+        json!({"Effect": "Allow", "Action": ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"], "Resource": "*"}),
+        json!({"Effect": "Allow", "Action": "logs:PutLogEvents", "Resource": format!("arn:aws:logs:{REGION}:123456789012:log-group:/ecs/{}:*", fixture.name)}),
+        json!({"Effect": "Allow", "Action": "ssm:GetParameters", "Resource": parameter}),
+    ];
+    let put = |grants: &[Value]| {
+        iam.put_role_policy()
+            .role_name(role)
+            .policy_name("mine")
+            .policy_document(json!({"Version": "2012-10-17", "Statement": grants}).to_string())
+            .send()
+    };
+    put(&grants).await.unwrap();
+    fixture.write_edited(|m| {
+        m["deploy"]["secrets"]["FJORD_KAFKA_PASSWORD"] = json!(format!("{secret}:password::"));
+    });
+    fixture
+        .command(&aws, "verify", &[])
+        .failed()
+        .says(&format!(
+            "ok: execution role {execution} exists; ECS tasks may assume it"
+        ))
+        .says(&format!(
+            "ok: secret {secret} (FJORD_KAFKA_PASSWORD) exists"
+        ))
+        .says(&format!(
+            "PROBLEM: the execution role may not read FJORD_KAFKA_PASSWORD (secret {secret})"
+        ))
+        .says(&format!(
+            "ok: the execution role may pull images from {}/server",
+            fixture.name
+        ));
+    // Granted as AWS matches it: the secret's own ARN, by its name and six characters.
+    let name_arn = secret.rsplit_once('-').unwrap().0;
+    grants.push(json!({"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": format!("{name_arn}-??????")}));
+    put(&grants).await.unwrap();
+    fixture
+        .command(&aws, "verify", &[])
+        .succeeded()
+        .says("Everything the tasks need is there.");
+    granted(&fixture, &aws, "deploy");
+    fixture.write_manifest();
+
+    // New images: revision 2 of each; rollback puts each service back on revision 1 and
+    // waits as a deploy does.
+    fixture.write_images("v2");
+    fixture.deploy(&aws, &["--no-wait"]).succeeded();
+    aws.proxy.take_calls();
+    fixture
+        .command(&aws, "rollback", &["--dry-run"])
+        .succeeded()
+        .says(&format!(
+            "service {server}: would roll back {server}:2 → {server}:1"
+        ));
+    assert!(
+        aws.service(&fixture.cluster, &server)
+            .await
+            .unwrap()
+            .task_definition()
+            .unwrap()
+            .ends_with(&format!("{server}:2"))
+    );
+    fixture
+        .command(
+            &aws,
+            "rollback",
+            &["--wait-timeout", "20", "--poll-secs", "1"],
+        )
+        .succeeded()
+        .says(&format!(
+            "service {server}: rolled back {server}:2 → {server}:1"
+        ))
+        .says(&format!(
+            "service {consumer}: rolled back {consumer}:2 → {consumer}:1"
+        ))
+        .says("services stable: yes");
+    granted(&fixture, &aws, "deploy");
+    for service in [&server, &consumer] {
+        let running = aws.service(&fixture.cluster, service).await.unwrap();
+        assert!(
+            running
+                .task_definition()
+                .unwrap()
+                .ends_with(&format!("{service}:1"))
+        );
+    }
+    fixture
+        .command(&aws, "rollback", &["--no-wait"])
+        .failed()
+        .says(&format!(
+            "runs {server}:1, and the family has no earlier active revision"
+        ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_deleted_moments_ago_is_created_again_once_drained() {
+    let _one = EMULATOR.lock().await;
+    let (fixture, aws) = Fixture::new("drain").await;
+    fixture.deploy(&aws, &["--no-wait"]).succeeded();
+    // Deleted as a destroy or a prune deletes it, through the proxy, which keeps it
+    // DRAINING for a while as AWS does.
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .endpoint_url(&aws.endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .load()
+        .await;
+    let ecs = aws_sdk_ecs::Client::new(&config);
+    // Long enough for the dry run and the deploy to find it draining.
+    aws.proxy.drain_for(std::time::Duration::from_secs(10));
+    ecs.update_service()
+        .cluster(&fixture.cluster)
+        .service(fixture.consumer())
+        .desired_count(0)
+        .send()
+        .await
+        .unwrap();
+    ecs.delete_service()
+        .cluster(&fixture.cluster)
+        .service(fixture.consumer())
+        .send()
+        .await
+        .unwrap();
+
+    fixture
+        .deploy(&aws, &["--dry-run"])
+        .succeeded()
+        .says(&format!(
+            "service {}: would create with 2 tasks once the deleted service of that name has drained",
+            fixture.consumer()
+        ));
+    fixture
+        .deploy(&aws, &["--no-wait", "--poll-secs", "1"])
+        .succeeded()
+        .says(&format!("  … ECS service {}: DRAINING", fixture.consumer()))
+        .says(&format!(
+            "service {}: created with 2 tasks",
+            fixture.consumer()
+        ));
+    let consumer = aws
+        .service(&fixture.cluster, &fixture.consumer())
+        .await
+        .unwrap();
+    assert_eq!(consumer.status(), Some("ACTIVE"));
 }
 
 // ------------------------------------------------------------------------- ECR-shaped pushes, prune, destroy
@@ -1303,7 +1650,7 @@ async fn registry_blob_size(repository: &str, digest: &str) -> Option<u64> {
     )
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_mib_layer_pushes_and_an_unchanged_image_sends_nothing() {
     let _one = EMULATOR.lock().await;
     let (fixture, aws) = Fixture::new("bigpush").await;
@@ -1400,7 +1747,7 @@ fn with_audit_group(manifest: &mut Value) {
     groups.push(json!({ "id": "audit", "topics": [topic], "members": 1 }));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_consumer_group_is_pruned_after_a_dry_run_shows_it() {
     let _one = EMULATOR.lock().await;
     let (fixture, aws) = Fixture::new("prune").await;
@@ -1440,6 +1787,7 @@ async fn a_removed_consumer_group_is_pruned_after_a_dry_run_shows_it() {
         "pruned"
     );
     assert_eq!(aws.revisions(&audit).await, 0);
+    granted(&fixture, &aws, "deploy");
     // The group that stays keeps running.
     assert!(
         aws.service(&fixture.cluster, &fixture.consumer())
@@ -1493,7 +1841,7 @@ async fn handmade_service(aws: &Aws, fixture: &Fixture) -> String {
     name
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroy_removes_what_deploys_made_and_spares_the_rest() {
     let _one = EMULATOR.lock().await;
     let (fixture, aws) = Fixture::new("destroy").await;
@@ -1506,6 +1854,7 @@ async fn destroy_removes_what_deploys_made_and_spares_the_rest() {
         .await
         .unwrap();
     fixture.deploy(&aws, &["--no-wait"]).succeeded();
+    granted(&fixture, &aws, "deploy");
     let handmade = handmade_service(&aws, &fixture).await;
     let resource = format!("service/{cluster}/{}", fixture.server());
     let scaling = async |aws: &Aws| {
@@ -1544,6 +1893,7 @@ async fn destroy_removes_what_deploys_made_and_spares_the_rest() {
     assert_eq!(scaling(&aws).await, (1, 2));
 
     let run = fixture.destroy(&aws, &["--poll-secs", "1"]).succeeded();
+    granted(&fixture, &aws, "destroy");
     run.says(&format!(
         "service {}: removed (with its scaling target and 2 policies): drained 2 task(s) in",
         fixture.server()
@@ -1585,6 +1935,7 @@ async fn destroy_removes_what_deploys_made_and_spares_the_rest() {
         ));
     assert_eq!(aws.repositories().await, [format!("{name}/consumer")]);
     assert_eq!(log_groups(&aws).await, 0);
+    granted(&fixture, &aws, "destroy");
     fixture
         .destroy(&aws, &["--repositories", "--log-group"])
         .succeeded()
@@ -1596,14 +1947,36 @@ async fn destroy_removes_what_deploys_made_and_spares_the_rest() {
 
 // ------------------------------------------------------------------------- bootstrap
 
-/// What moto lacks for ElastiCache, stood in for between the tool and moto (the tool
-/// itself talks to AWS as it is): moto has no DeleteCacheSubnetGroup, and a replication
-/// group it deletes stays `deleting` forever where AWS removes it after a few minutes.
-/// This proxy answers DeleteCacheSubnetGroup itself and, from then on, answers for a
-/// deleted subnet group or replication group as AWS does once it is gone (not found);
-/// every other request goes to moto unchanged.
+/// What stands between the tool and moto (the tool itself talks to AWS as it is): it
+/// records every AWS operation the tool calls, as `service:Operation` (the IAM action),
+/// and makes up for what moto does not do as AWS does.
+///
+/// - ElastiCache: moto has no DeleteCacheSubnetGroup, and a replication group it deletes
+///   stays `deleting` forever where AWS removes it after a few minutes. The proxy answers
+///   DeleteCacheSubnetGroup itself and, from then on, answers for a deleted subnet group
+///   or replication group as AWS does once it is gone (not found).
+/// - ECS: moto's UpdateService leaves the PRIMARY deployment as CreateService made it
+///   (its task definition, counts and rollout state), where AWS's PRIMARY deployment is
+///   the one the update started. The proxy fills DescribeServices' PRIMARY deployment in
+///   from the service, as AWS reports it.
+/// - ECS settings: moto keeps no deployment configuration or health check grace period;
+///   the proxy remembers what CreateService and UpdateService set and DescribeServices
+///   answers with it, as AWS does.
+/// - ECS draining: moto makes a deleted service INACTIVE at once, where AWS keeps it
+///   DRAINING until its tasks have stopped, refusing meanwhile a new service of the same
+///   name and the deletion of its cluster. The proxy keeps a service it saw deleted
+///   DRAINING for [`DRAINING_FOR`], and refuses those calls as AWS does.
+/// - ECS rollbacks: for a service named in [`MotoProxy::roll_back`], each UpdateService
+///   that changes its task definition is followed by a second one back to the revision it
+///   ran before, as the deployment circuit breaker does when the new tasks fail; ListTasks
+///   and DescribeTasks then answer for a stopped task of the new revision, stopped with
+///   [`ROLLED_BACK_REASON`].
+///
+/// Every other request goes to moto unchanged. The tests run on a multi-thread runtime:
+/// the tool runs as a blocking child process, and the proxy needs a worker of its own.
 struct MotoProxy {
     endpoint: String,
+    shared: std::sync::Arc<std::sync::Mutex<ProxyState>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -1613,11 +1986,43 @@ impl Drop for MotoProxy {
     }
 }
 
-/// Names deleted through the proxy, by kind.
+/// How long a deleted service stays DRAINING behind the proxy.
+const DRAINING_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// An ECS error answer, as the JSON protocol carries it.
+fn ecs_error(kind: &str, message: &str) -> (u16, String, Vec<u8>) {
+    (
+        400,
+        "application/x-amz-json-1.1".to_owned(),
+        json!({ "__type": kind, "message": message })
+            .to_string()
+            .into_bytes(),
+    )
+}
+
+/// Why the task of a rolled-back revision stopped, as ECS says it.
+const ROLLED_BACK_REASON: &str = "Essential container in task exited";
+
+/// What the proxy remembers.
 #[derive(Default)]
-struct Gone {
+struct ProxyState {
+    /// ElastiCache subnet groups deleted through the proxy.
     subnet_groups: std::collections::HashSet<String>,
+    /// ElastiCache replication groups deleted through the proxy.
     replication_groups: std::collections::HashSet<String>,
+    /// ECS services whose updates are rolled back.
+    roll_back: std::collections::HashSet<String>,
+    /// Deleted ECS services, with when they stop DRAINING.
+    draining: std::collections::HashMap<String, std::time::Instant>,
+    /// The settings moto keeps no record of, by service, as the last create or update
+    /// set them: `deploymentConfiguration`, `healthCheckGracePeriodSeconds`.
+    settings: std::collections::HashMap<String, serde_json::Map<String, Value>>,
+    /// The stopped tasks of rolled-back revisions, as DescribeTasks answers them.
+    stopped: Vec<Value>,
+    /// How long the next deleted services drain, when not [`DRAINING_FOR`].
+    drain_window: Option<std::time::Duration>,
+    /// Every operation passed on, as `service:Operation`, in order.
+    calls: Vec<String>,
 }
 
 fn form(body: &str) -> std::collections::HashMap<String, String> {
@@ -1646,20 +2051,125 @@ fn not_found(code: &str) -> (u16, String) {
     )
 }
 
+/// One HTTP request as the proxy read it.
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The IAM action this request calls: the service from the signature's credential
+    /// scope, the operation from `X-Amz-Target` (JSON protocols) or `Action=` (query).
+    fn action(&self) -> Option<String> {
+        let scope = self.header("authorization")?.split("Credential=").nth(1)?;
+        let service = scope.split('/').nth(3)?;
+        let operation = match self.header("x-amz-target") {
+            Some(target) => target.rsplit('.').next()?.to_owned(),
+            None => form(&String::from_utf8_lossy(&self.body))
+                .get("Action")?
+                .clone(),
+        };
+        Some(format!("{service}:{operation}"))
+    }
+
+    /// Sends this request to `moto`; its answer.
+    async fn forward(&self, http: &reqwest::Client, moto: &str) -> (u16, String, Vec<u8>) {
+        let mut request = http.request(
+            reqwest::Method::from_bytes(self.method.as_bytes()).unwrap(),
+            format!("{moto}{}", self.path),
+        );
+        for (k, v) in &self.headers {
+            if !k.eq_ignore_ascii_case("host") && !k.eq_ignore_ascii_case("content-length") {
+                request = request.header(k, v);
+            }
+        }
+        let response = request.body(self.body.clone()).send().await.unwrap();
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("text/xml")
+            .to_owned();
+        (
+            status,
+            content_type,
+            response.bytes().await.unwrap().to_vec(),
+        )
+    }
+
+    /// The same ECS call with another operation and body.
+    fn ecs(&self, operation: &str, body: &Value) -> Self {
+        let mut headers: Vec<(String, String)> = self
+            .headers
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case("x-amz-target"))
+            .cloned()
+            .collect();
+        headers.push((
+            "X-Amz-Target".to_owned(),
+            format!("AmazonEC2ContainerServiceV20141113.{operation}"),
+        ));
+        Self {
+            method: self.method.clone(),
+            path: self.path.clone(),
+            headers,
+            body: serde_json::to_vec(body).unwrap(),
+        }
+    }
+}
+
+/// DescribeServices' answer with each PRIMARY deployment filled in from its service.
+fn as_aws_reports_deployments(answer: &[u8]) -> Vec<u8> {
+    let Ok(mut answer) = serde_json::from_slice::<Value>(answer) else {
+        return answer.to_vec();
+    };
+    for service in answer["services"].as_array_mut().into_iter().flatten() {
+        let (running, pending, desired) = (
+            service["runningCount"].clone(),
+            service["pendingCount"].clone(),
+            service["desiredCount"].clone(),
+        );
+        let settled = running.as_i64() >= desired.as_i64() && pending.as_i64() == Some(0);
+        let task_definition = service["taskDefinition"].clone();
+        for deployment in service["deployments"].as_array_mut().into_iter().flatten() {
+            if deployment["status"] == "PRIMARY" {
+                deployment["taskDefinition"] = task_definition.clone();
+                deployment["runningCount"] = running.clone();
+                deployment["pendingCount"] = pending.clone();
+                deployment["desiredCount"] = desired.clone();
+                deployment["rolloutState"] =
+                    json!(if settled { "COMPLETED" } else { "IN_PROGRESS" });
+            }
+        }
+    }
+    serde_json::to_vec(&answer).unwrap()
+}
+
 impl MotoProxy {
     async fn start(moto: &str) -> Self {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let moto = moto.to_owned();
-        let gone = std::sync::Arc::new(std::sync::Mutex::new(Gone::default()));
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(ProxyState::default()));
+        let state = shared.clone();
         let http = reqwest::Client::new();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut socket, _)) = listener.accept().await else {
                     return;
                 };
-                let (moto, gone, http) = (moto.clone(), gone.clone(), http.clone());
+                let (moto, state, http) = (moto.clone(), state.clone(), http.clone());
                 tokio::spawn(async move {
                     let mut buffer = Vec::new();
                     loop {
@@ -1695,79 +2205,15 @@ impl MotoProxy {
                         }
                         let body: Vec<u8> = buffer[head_end..head_end + length].to_vec();
                         buffer.drain(..head_end + length);
-                        let fields = form(&String::from_utf8_lossy(&body));
-                        let action = fields.get("Action").map(String::as_str).unwrap_or_default();
-                        let answered = {
-                            let mut gone = gone.lock().unwrap();
-                            match action {
-                                "DeleteCacheSubnetGroup" => {
-                                    let name = fields
-                                        .get("CacheSubnetGroupName")
-                                        .cloned()
-                                        .unwrap_or_default();
-                                    gone.subnet_groups.insert(name);
-                                    Some(query_answer(
-                                        200,
-                                        r#"<DeleteCacheSubnetGroupResponse xmlns="http://elasticache.amazonaws.com/doc/2015-02-02/"><ResponseMetadata><RequestId>proxy</RequestId></ResponseMetadata></DeleteCacheSubnetGroupResponse>"#,
-                                    ))
-                                }
-                                "DescribeCacheSubnetGroups"
-                                    if fields
-                                        .get("CacheSubnetGroupName")
-                                        .is_some_and(|n| gone.subnet_groups.contains(n)) =>
-                                {
-                                    Some(not_found("CacheSubnetGroupNotFoundFault"))
-                                }
-                                "DescribeReplicationGroups"
-                                    if fields
-                                        .get("ReplicationGroupId")
-                                        .is_some_and(|n| gone.replication_groups.contains(n)) =>
-                                {
-                                    Some(not_found("ReplicationGroupNotFoundFault"))
-                                }
-                                "DeleteReplicationGroup" => {
-                                    if let Some(id) = fields.get("ReplicationGroupId") {
-                                        gone.replication_groups.insert(id.clone());
-                                    }
-                                    None
-                                }
-                                _ => None,
-                            }
+                        let mut parts = request_line.split(' ');
+                        let request = Request {
+                            method: parts.next().unwrap_or("GET").to_owned(),
+                            path: parts.next().unwrap_or("/").to_owned(),
+                            headers,
+                            body,
                         };
-                        let (status, content_type, answer) = match answered {
-                            Some((status, answer)) => {
-                                (status, "text/xml".to_owned(), answer.into_bytes())
-                            }
-                            None => {
-                                let mut parts = request_line.split(' ');
-                                let method = parts.next().unwrap_or("GET");
-                                let path = parts.next().unwrap_or("/");
-                                let mut request = http.request(
-                                    reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
-                                    format!("{moto}{path}"),
-                                );
-                                for (k, v) in &headers {
-                                    if !k.eq_ignore_ascii_case("host")
-                                        && !k.eq_ignore_ascii_case("content-length")
-                                    {
-                                        request = request.header(k, v);
-                                    }
-                                }
-                                let response = request.body(body).send().await.unwrap();
-                                let status = response.status().as_u16();
-                                let content_type = response
-                                    .headers()
-                                    .get("content-type")
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("text/xml")
-                                    .to_owned();
-                                (
-                                    status,
-                                    content_type,
-                                    response.bytes().await.unwrap().to_vec(),
-                                )
-                            }
-                        };
+                        let (status, content_type, answer) =
+                            Self::answer(&request, &state, &http, &moto).await;
                         let head = format!(
                             "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
                             answer.len()
@@ -1781,14 +2227,225 @@ impl MotoProxy {
                 });
             }
         });
-        Self { endpoint, task }
+        Self {
+            endpoint,
+            shared,
+            task,
+        }
+    }
+
+    /// ECS rolls back every update of `service` that changes its task definition.
+    fn roll_back(&self, service: &str) {
+        self.shared
+            .lock()
+            .unwrap()
+            .roll_back
+            .insert(service.to_owned());
+    }
+
+    /// Services deleted from now on drain for `window`.
+    fn drain_for(&self, window: std::time::Duration) {
+        self.shared.lock().unwrap().drain_window = Some(window);
+    }
+
+    /// The operations called through the proxy since the last look, as
+    /// `service:Operation`.
+    fn take_calls(&self) -> Vec<String> {
+        std::mem::take(&mut self.shared.lock().unwrap().calls)
+    }
+
+    async fn answer(
+        request: &Request,
+        state: &std::sync::Mutex<ProxyState>,
+        http: &reqwest::Client,
+        moto: &str,
+    ) -> (u16, String, Vec<u8>) {
+        let action = request.action().unwrap_or_default();
+        let fields = form(&String::from_utf8_lossy(&request.body));
+        let answered = {
+            let mut state = state.lock().unwrap();
+            state.calls.push(action.clone());
+            match action.as_str() {
+                "elasticache:DeleteCacheSubnetGroup" => {
+                    let name = fields
+                        .get("CacheSubnetGroupName")
+                        .cloned()
+                        .unwrap_or_default();
+                    state.subnet_groups.insert(name);
+                    Some(query_answer(
+                        200,
+                        r#"<DeleteCacheSubnetGroupResponse xmlns="http://elasticache.amazonaws.com/doc/2015-02-02/"><ResponseMetadata><RequestId>proxy</RequestId></ResponseMetadata></DeleteCacheSubnetGroupResponse>"#,
+                    ))
+                }
+                "elasticache:DescribeCacheSubnetGroups"
+                    if fields
+                        .get("CacheSubnetGroupName")
+                        .is_some_and(|n| state.subnet_groups.contains(n)) =>
+                {
+                    Some(not_found("CacheSubnetGroupNotFoundFault"))
+                }
+                "elasticache:DescribeReplicationGroups"
+                    if fields
+                        .get("ReplicationGroupId")
+                        .is_some_and(|n| state.replication_groups.contains(n)) =>
+                {
+                    Some(not_found("ReplicationGroupNotFoundFault"))
+                }
+                "elasticache:DeleteReplicationGroup" => {
+                    if let Some(id) = fields.get("ReplicationGroupId") {
+                        state.replication_groups.insert(id.clone());
+                    }
+                    None
+                }
+                _ => None,
+            }
+        };
+        if let Some((status, answer)) = answered {
+            return (status, "text/xml".to_owned(), answer.into_bytes());
+        }
+        let body: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        if let ("ecs:CreateService" | "ecs:UpdateService", Some(name)) = (
+            action.as_str(),
+            body["serviceName"].as_str().or(body["service"].as_str()),
+        ) {
+            let mut state = state.lock().unwrap();
+            let settings = state.settings.entry(name.to_owned()).or_default();
+            for key in ["deploymentConfiguration", "healthCheckGracePeriodSeconds"] {
+                if !body[key].is_null() {
+                    settings.insert(key.to_owned(), body[key].clone());
+                }
+            }
+        }
+        let draining = |name: &Value| {
+            let mut state = state.lock().unwrap();
+            state
+                .draining
+                .retain(|_, until| *until > std::time::Instant::now());
+            name.as_str()
+                .is_some_and(|n| state.draining.contains_key(n))
+        };
+        match action.as_str() {
+            "ecs:DescribeServices" => {
+                let (status, content_type, answer) = request.forward(http, moto).await;
+                let mut answer: Value =
+                    serde_json::from_slice(&as_aws_reports_deployments(&answer))
+                        .unwrap_or_default();
+                for service in answer["services"].as_array_mut().into_iter().flatten() {
+                    if draining(&service["serviceName"]) {
+                        service["status"] = json!("DRAINING");
+                    }
+                    let name = service["serviceName"].as_str().unwrap_or_default();
+                    if let Some(settings) = state.lock().unwrap().settings.get(name) {
+                        for (key, value) in settings {
+                            service[key] = value.clone();
+                        }
+                    }
+                }
+                (status, content_type, serde_json::to_vec(&answer).unwrap())
+            }
+            "ecs:ListTasks" if body["desiredStatus"] == "STOPPED" => {
+                let arns: Vec<Value> = state
+                    .lock()
+                    .unwrap()
+                    .stopped
+                    .iter()
+                    .map(|task| task["taskArn"].clone())
+                    .collect();
+                let answer = json!({ "taskArns": arns }).to_string().into_bytes();
+                (200, "application/x-amz-json-1.1".to_owned(), answer)
+            }
+            "ecs:DescribeTasks"
+                if {
+                    let state = state.lock().unwrap();
+                    body["tasks"].as_array().is_some_and(|asked| {
+                        asked
+                            .iter()
+                            .all(|arn| state.stopped.iter().any(|t| t["taskArn"] == *arn))
+                    })
+                } =>
+            {
+                let tasks = state.lock().unwrap().stopped.clone();
+                let answer = json!({ "tasks": tasks, "failures": [] })
+                    .to_string()
+                    .into_bytes();
+                (200, "application/x-amz-json-1.1".to_owned(), answer)
+            }
+            "ecs:CreateService" if draining(&body["serviceName"]) => ecs_error(
+                "InvalidParameterException",
+                "Unable to Start a service that is still Draining.",
+            ),
+            "ecs:DeleteCluster"
+                if {
+                    let mut state = state.lock().unwrap();
+                    state
+                        .draining
+                        .retain(|_, until| *until > std::time::Instant::now());
+                    !state.draining.is_empty()
+                } =>
+            {
+                ecs_error(
+                    "ClusterContainsServicesException",
+                    "The Cluster cannot be deleted while Services are active.",
+                )
+            }
+            "ecs:DeleteService" => {
+                let answer = request.forward(http, moto).await;
+                if answer.0 == 200 {
+                    let name = body["service"].as_str().unwrap_or_default();
+                    let name = name.rsplit('/').next().unwrap_or(name).to_owned();
+                    let mut state = state.lock().unwrap();
+                    let until =
+                        std::time::Instant::now() + state.drain_window.unwrap_or(DRAINING_FOR);
+                    state.draining.insert(name, until);
+                }
+                answer
+            }
+            "ecs:UpdateService" => {
+                let update = body;
+                let service = update["service"].as_str().unwrap_or_default().to_owned();
+                let rolled_back = state.lock().unwrap().roll_back.contains(&service)
+                    && update["taskDefinition"].is_string();
+                if !rolled_back {
+                    return request.forward(http, moto).await;
+                }
+                let describe = request.ecs(
+                    "DescribeServices",
+                    &json!({"cluster": update["cluster"], "services": [service]}),
+                );
+                let (_, _, before) = describe.forward(http, moto).await;
+                let before: Value = serde_json::from_slice(&before).unwrap();
+                let previous = before["services"][0]["taskDefinition"].clone();
+                let answer = request.forward(http, moto).await;
+                let back = request.ecs(
+                    "UpdateService",
+                    &json!({
+                        "cluster": update["cluster"],
+                        "service": service,
+                        "taskDefinition": previous,
+                    }),
+                );
+                back.forward(http, moto).await;
+                // The failed revision's task, stopped, as the tasks the breaker counted
+                // (moto cannot run a task whose containers name no memory of their own).
+                let mut state = state.lock().unwrap();
+                let id = state.stopped.len();
+                state.stopped.push(json!({
+                    "taskArn": format!("arn:aws:ecs:{REGION}:123456789012:task/{}/rolledback{id}", update["cluster"].as_str().unwrap_or_default()),
+                    "taskDefinitionArn": update["taskDefinition"],
+                    "lastStatus": "STOPPED",
+                    "desiredStatus": "STOPPED",
+                    "stoppedReason": ROLLED_BACK_REASON,
+                    "containers": [{ "name": "server", "exitCode": 1, "lastStatus": "STOPPED" }],
+                }));
+                answer
+            }
+            _ => request.forward(http, moto).await,
+        }
     }
 }
 
 /// A bootstrap test's AWS: moto freshly reset, clients, and the proxy the tool talks to.
 struct Empty {
-    /// Kept for the test's length: dropping it stops the proxy.
-    _proxy: MotoProxy,
     ec2: aws_sdk_ec2::Client,
     elb: aws_sdk_elasticloadbalancingv2::Client,
     elasticache: aws_sdk_elasticache::Client,
@@ -1812,6 +2469,8 @@ impl Empty {
             ecs: aws_sdk_ecs::Client::new(&config),
             aws: Aws {
                 endpoint: proxy.endpoint.clone(),
+                proxy,
+                config: config.clone(),
                 ecs: aws_sdk_ecs::Client::new(&config),
                 ecr: aws_sdk_ecr::Client::new(&config),
                 elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
@@ -1823,7 +2482,6 @@ impl Empty {
                 load_balancer_arn: String::new(),
                 dns_name: String::new(),
             },
-            _proxy: proxy,
         }
     }
 
@@ -1981,7 +2639,6 @@ fn read_manifest(fixture: &Fixture) -> String {
     std::fs::read_to_string(fixture.path("manifest.json")).unwrap()
 }
 
-// The tool runs as a blocking child process: the proxy needs a worker of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
     let _one = EMULATOR.lock().await;
@@ -2005,10 +2662,12 @@ async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
         .says("Redis: would create AUTH token secret, cache subnet group, replication group")
         .says("Would set in")
         .says("$.deploy.network.subnets = ");
+    granted(&fixture, aws, "bootstrap");
     assert_eq!(read_manifest(&fixture), before);
     assert!(account.tagged_resources(&name).await.is_empty());
 
     let run = bootstrap_run(&fixture, aws, &[]).succeeded();
+    granted(&fixture, aws, "bootstrap");
     run.says("network: vpc-")
         .says("Kafka must accept connections from the NAT gateways' addresses: ")
         .says("Wrote ")
@@ -2091,6 +2750,7 @@ async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
         .says("ECS cluster: exists")
         .says("already names all of it");
     assert!(!again.stdout.contains("created"), "{}", again.stdout);
+    granted(&fixture, aws, "bootstrap");
     assert_eq!(read_manifest(&fixture), written_text);
 
     // An interrupted run: the ids never written, the cluster and a role never made. A
@@ -2117,6 +2777,7 @@ async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
         .says("Redis: exists: ")
         .says("ECS cluster: created the cluster")
         .says(&format!("created {task_role}"));
+    granted(&fixture, aws, "bootstrap");
     let resumed: Value = serde_json::from_str(&read_manifest(&fixture)).unwrap();
     assert_eq!(resumed["deploy"]["network"], written["deploy"]["network"]);
     assert_eq!(resumed["redis"], written["redis"]);
@@ -2132,7 +2793,57 @@ async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
         .says(&format!(
             "service {}: created with 2 tasks",
             fixture.server()
-        ));
+        ))
+        .says("execution role: unchanged");
+    granted(&fixture, aws, "deploy");
+
+    // A key named after bootstrap: the deploy brings the execution role's policy up to
+    // it (ECS could not decrypt the secrets otherwise, and the tasks would never start).
+    let key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    let mut keyed = resumed.clone();
+    keyed["deploy"]["kms_key_arns"] = json!([key]);
+    std::fs::write(
+        fixture.path("manifest.json"),
+        serde_json::to_string_pretty(&keyed).unwrap(),
+    )
+    .unwrap();
+    fixture
+        .deploy(aws, &["--no-wait"])
+        .succeeded()
+        .says("execution role: policy updated to the manifest's secrets");
+    granted(&fixture, aws, "deploy");
+    let policy = account
+        .iam
+        .get_role_policy()
+        .role_name(format!("{name}-execution"))
+        .policy_name("fjord-execution")
+        .send()
+        .await
+        .unwrap();
+    let policy: Value = serde_json::from_str(&fjord_deploy::bootstrap::percent_decode(
+        policy.policy_document(),
+    ))
+    .unwrap();
+    let statements = policy["Statement"].as_array().unwrap();
+    let decrypt = statements
+        .iter()
+        .find(|s| s["Action"] == "kms:Decrypt")
+        .unwrap();
+    assert_eq!(decrypt["Resource"], json!([key]));
+    let secret = resumed["deploy"]["secrets"]["FJORD_REDIS_PASSWORD"]
+        .as_str()
+        .unwrap();
+    let read = statements
+        .iter()
+        .find(|s| s["Action"] == "secretsmanager:GetSecretValue")
+        .unwrap();
+    assert!(
+        read["Resource"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(secret)),
+        "{read}"
+    );
 
     // Destroy: services, then everything bootstrap made, in order; nothing tagged is left.
     fixture
@@ -2143,6 +2854,7 @@ async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
         .says("ElastiCache replication group: deleted")
         .says("NAT gateways: deleted 1 NAT gateway(s)")
         .says("VPC: deleted 1 VPC(s)");
+    granted(&fixture, aws, "destroy");
     assert_eq!(account.tagged_resources(&name).await, Vec::<String>::new());
     assert!(aws.log_groups(&format!("/ecs/{name}")).await.is_empty());
     fixture
@@ -2153,7 +2865,57 @@ async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
         ));
 }
 
-// The tool runs as a blocking child process: the proxy needs a worker of its own.
+/// A certificate from moto's ACM for `domain` (the tests have no ACM client): its ARN.
+async fn acm_certificate(endpoint: &str, domain: &str) -> String {
+    let answer: Value = reqwest::Client::new()
+        .post(format!("{endpoint}/"))
+        .header("Content-Type", "application/x-amz-json-1.1")
+        .header("X-Amz-Target", "CertificateManager.RequestCertificate")
+        .header(
+            "Authorization",
+            format!("AWS4-HMAC-SHA256 Credential=testing/20250101/{REGION}/acm/aws4_request, SignedHeaders=host, Signature=0"),
+        )
+        .body(json!({ "DomainName": domain }).to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["CertificateArn"].as_str().unwrap().to_owned()
+}
+
+/// The HTTPS listener of the load balancer in front of `manifest`'s target group.
+async fn https_listener(
+    account: &Empty,
+    manifest: &Value,
+) -> aws_sdk_elasticloadbalancingv2::types::Listener {
+    let target_group = manifest["deploy"]["services"]["server"]["target_group_arn"]
+        .as_str()
+        .unwrap();
+    let groups = account
+        .elb
+        .describe_target_groups()
+        .target_group_arns(target_group)
+        .send()
+        .await
+        .unwrap();
+    let balancer = groups.target_groups()[0].load_balancer_arns()[0].clone();
+    let listeners = account
+        .elb
+        .describe_listeners()
+        .load_balancer_arn(balancer)
+        .send()
+        .await
+        .unwrap();
+    listeners
+        .listeners()
+        .iter()
+        .find(|l| l.port() == Some(443))
+        .unwrap()
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_uses_your_own_vpc_and_redis_as_they_are() {
     let _one = EMULATOR.lock().await;
@@ -2188,8 +2950,14 @@ async fn bootstrap_uses_your_own_vpc_and_redis_as_they_are() {
     let name = unique("byo");
     let mut manifest = empty_account_manifest(&name);
     manifest["deploy"]["network"] = json!({ "subnets": private });
+    let certificate = acm_certificate(
+        &required_env("FJORD_TEST_AWS_ENDPOINT"),
+        "streams.example.com",
+    )
+    .await;
     manifest["deploy"]["bootstrap"] = json!({
         "load_balancer_subnets": public,
+        "certificate_arn": certificate,
         "redis": { "create": false }
     });
     manifest["redis"]["url"] = json!("rediss://my-redis.example.internal:6379");
@@ -2209,6 +2977,29 @@ async fn bootstrap_uses_your_own_vpc_and_redis_as_they_are() {
         .says("Redis: yours: rediss://my-redis.example.internal:6379");
     let written: Value = serde_json::from_str(&read_manifest(&fixture)).unwrap();
     assert_eq!(written["deploy"]["network"]["subnets"], json!(private));
+    // HTTPS with TLS 1.2 and 1.3 only, not the API's default policy that takes TLS 1.0;
+    // a listener made with that default gets the policy on the next run.
+    let https = https_listener(&account, &written).await;
+    assert_eq!(
+        https.ssl_policy(),
+        Some("ELBSecurityPolicy-TLS13-1-2-2021-06")
+    );
+    account
+        .elb
+        .modify_listener()
+        .listener_arn(https.listener_arn().unwrap())
+        .ssl_policy("ELBSecurityPolicy-2016-08")
+        .send()
+        .await
+        .unwrap();
+    bootstrap_run(&fixture, aws, &[])
+        .succeeded()
+        .says("load balancer: ");
+    granted(&fixture, aws, "bootstrap");
+    assert_eq!(
+        https_listener(&account, &written).await.ssl_policy(),
+        Some("ELBSecurityPolicy-TLS13-1-2-2021-06")
+    );
     assert_eq!(
         written["redis"]["url"],
         "rediss://my-redis.example.internal:6379"
@@ -2253,6 +3044,7 @@ async fn bootstrap_uses_your_own_vpc_and_redis_as_they_are() {
     fixture
         .destroy(aws, &["--log-group", "--poll-secs", "1"])
         .succeeded();
+    granted(&fixture, aws, "destroy");
     assert_eq!(account.tagged_resources(&name).await, Vec::<String>::new());
     // Yours stays.
     let left = ec2

@@ -20,9 +20,11 @@ use crate::error::DeployError;
 use crate::output::{Ledger, say};
 use network::Source;
 pub(crate) use network::{describe_nat_gateway, tagged};
+pub use parts::percent_decode;
 pub(crate) use parts::{
     Names, describe_load_balancer, describe_replication_group, find_cluster, find_load_balancer,
     find_redis, find_role, find_secret, find_subnet_group, find_target_group,
+    refresh_execution_policy,
 };
 
 /// The id shown for what a dry run would create.
@@ -424,6 +426,7 @@ pub async fn bootstrap(
                     &deploy.name,
                     &log_group,
                     &secrets,
+                    &deploy.kms_key_arns,
                 );
                 let changed = if arn == PLANNED {
                     true

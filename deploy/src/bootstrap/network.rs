@@ -740,9 +740,10 @@ mod tests {
         assert_eq!(block("10.0.0.0/16", 0).as_deref(), Some("10.0.0.0/20"));
         assert_eq!(block("10.0.0.0/16", 9).as_deref(), Some("10.0.144.0/20"));
         assert_eq!(
-            block("192.168.4.0/24", 15).as_deref(),
-            Some("192.168.4.240/28")
+            block("192.168.4.0/23", 15).as_deref(),
+            Some("192.168.5.224/27")
         );
+        assert_eq!(block("192.168.4.0/24", 0), None);
         assert_eq!(summary(&["VPC", "subnet", "subnet"]), "VPC, 2 subnets");
     }
 }

@@ -14,6 +14,7 @@ use aws_sdk_elasticloadbalancingv2::types::{
 
 use super::{Ctx, PLANNED};
 use crate::clients::Clients;
+use crate::config::{Deployment, secret_arn};
 use crate::error::{DeployError, none_if};
 use crate::output::Outcome;
 use crate::plan::{DEPLOYMENT_TAG, DEREGISTRATION_DELAY_SECS, HEALTH_CHECK_PATH};
@@ -461,8 +462,12 @@ async fn set_attribute(
     Ok(true)
 }
 
+/// The HTTPS listener's security policy: TLS 1.3 and 1.2 only, the one AWS recommends.
+pub(crate) const SSL_POLICY: &str = "ELBSecurityPolicy-TLS13-1-2-2021-06";
+
 /// Creates the listeners that are missing: HTTPS on 443 forwarding to the target group
-/// and HTTP on 80 redirecting to it with a certificate, HTTP on 80 forwarding without.
+/// and HTTP on 80 redirecting to it with a certificate, HTTP on 80 forwarding without;
+/// gives an HTTPS listener made before [`SSL_POLICY`] that policy.
 async fn listeners(ctx: &Ctx<'_>, balancer: &str, target_group: &str) -> Result<bool, DeployError> {
     let elb = &ctx.aws.elb;
     let resource = format!("listeners of load balancer {}", ctx.name);
@@ -472,7 +477,7 @@ async fn listeners(ctx: &Ctx<'_>, balancer: &str, target_group: &str) -> Result<
         .send()
         .await
         .map_err(|e| DeployError::aws(&resource, "elasticloadbalancing:DescribeListeners", &e))?;
-    let has = |port: i32| found.listeners().iter().any(|l| l.port() == Some(port));
+    let listener = |port: i32| found.listeners().iter().find(|l| l.port() == Some(port));
     let forward = Action::builder()
         .r#type(ActionTypeEnum::Forward)
         .target_group_arn(target_group)
@@ -497,7 +502,24 @@ async fn listeners(ctx: &Ctx<'_>, balancer: &str, target_group: &str) -> Result<
     }
     let mut changed = false;
     for (port, protocol, action, certificate) in wanted {
-        if has(port) {
+        // Without a policy, ELB's API gives HTTPS listeners ELBSecurityPolicy-2016-08,
+        // which still accepts TLS 1.0 and 1.1.
+        let ssl_policy = certificate.is_some().then_some(SSL_POLICY);
+        if let Some(existing) = listener(port) {
+            let outdated = ssl_policy.is_some_and(|p| existing.ssl_policy() != Some(p));
+            if let (true, Some(arn)) = (outdated, existing.listener_arn()) {
+                changed = true;
+                if !ctx.dry_run {
+                    elb.modify_listener()
+                        .listener_arn(arn)
+                        .set_ssl_policy(ssl_policy.map(str::to_owned))
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            DeployError::aws(&resource, "elasticloadbalancing:ModifyListener", &e)
+                        })?;
+                }
+            }
             continue;
         }
         changed = true;
@@ -511,6 +533,7 @@ async fn listeners(ctx: &Ctx<'_>, balancer: &str, target_group: &str) -> Result<
             .set_certificates(
                 certificate.map(|arn| vec![Certificate::builder().certificate_arn(arn).build()]),
             )
+            .set_ssl_policy(ssl_policy.map(str::to_owned))
             .default_actions(action)
             .tags(elb_tag(ctx))
             .send()
@@ -980,13 +1003,15 @@ pub(super) async fn role(ctx: &Ctx<'_>, name: &str) -> Result<(String, bool), De
 }
 
 /// What the execution role may do, and no more: pull the deployment's images, write to its
-/// log group, read the secrets ECS injects.
-pub(super) fn execution_policy(
+/// log group, read the secrets ECS injects, and decrypt them with the customer-managed
+/// keys the manifest names.
+pub(crate) fn execution_policy(
     role_arn: &str,
     region: &str,
     deployment: &str,
     log_group: &str,
     secrets: &[&str],
+    kms_keys: &[String],
 ) -> serde_json::Value {
     // The role's ARN carries the partition and the account the other ARNs need.
     let mut parts = role_arn.split(':');
@@ -1008,12 +1033,13 @@ pub(super) fn execution_policy(
             "Resource": format!("arn:{partition}:logs:{region}:{account}:log-group:{log_group}:*")
         }),
     ];
-    let of = |service: &str| -> Vec<&str> {
+    let of = |service: &str| -> Vec<String> {
         let prefix = format!("arn:{partition}:{service}:");
-        let mut arns: Vec<&str> = secrets
+        let mut arns: Vec<String> = secrets
             .iter()
             .copied()
             .filter(|arn| arn.starts_with(&prefix))
+            .flat_map(secret_resources)
             .collect();
         arns.sort_unstable();
         arns.dedup();
@@ -1033,7 +1059,27 @@ pub(super) fn execution_policy(
             "Action": "ssm:GetParameters", "Resource": from_ssm
         }));
     }
+    if !kms_keys.is_empty() {
+        statements.push(serde_json::json!({
+            "Sid": "DecryptSecrets", "Effect": "Allow",
+            "Action": "kms:Decrypt", "Resource": kms_keys
+        }));
+    }
     serde_json::json!({ "Version": "2012-10-17", "Statement": statements })
+}
+
+/// The IAM resources that grant reading the secret ECS injects from `value_from`. ECS
+/// takes a Secrets Manager ARN with a JSON key, a version stage or a version id after
+/// the name (`…:secret:NAME:KEY:STAGE:ID`), and with or without the six characters
+/// Secrets Manager appends to the name; IAM matches the secret's own ARN, which has them
+/// and nothing after. Hence the ARN cut after the name, as it is and with `-??????`. An
+/// SSM parameter's ARN is its own resource.
+fn secret_resources(value_from: &str) -> Vec<String> {
+    let secret = secret_arn(value_from);
+    if !value_from.contains(":secret:") {
+        return vec![secret.to_owned()];
+    }
+    vec![secret.to_owned(), format!("{secret}-??????")]
 }
 
 /// Puts the inline policy on the role when it differs from what it has; returns whether
@@ -1043,11 +1089,19 @@ pub(super) async fn put_policy(
     role: &str,
     policy: &serde_json::Value,
 ) -> Result<bool, DeployError> {
+    let current = role_policy(&ctx.aws.iam, role).await?;
+    put_if_changed(&ctx.aws.iam, role, current.as_ref(), policy, ctx.dry_run).await
+}
+
+/// The execution role's inline policy, as fjord-deploy put it there; `None` where the
+/// role has none (a role of your own).
+async fn role_policy(
+    iam: &aws_sdk_iam::Client,
+    role: &str,
+) -> Result<Option<serde_json::Value>, DeployError> {
     let resource = format!("IAM role {role}");
-    let current = none_if(
-        ctx.aws
-            .iam
-            .get_role_policy()
+    let found = none_if(
+        iam.get_role_policy()
             .role_name(role)
             .policy_name(EXECUTION_POLICY)
             .send()
@@ -1055,34 +1109,72 @@ pub(super) async fn put_policy(
         |e| e.is_no_such_entity_exception(),
         &resource,
         "iam:GetRolePolicy",
-    )?
-    .map(|found| found.policy_document().to_owned());
+    )?;
     // IAM hands policy documents back URL-encoded.
-    let same = current.is_some_and(|document| {
-        let decoded = percent_decode(&document);
-        serde_json::from_str::<serde_json::Value>(&decoded)
-            .ok()
-            .as_ref()
-            == Some(policy)
-    });
-    if same {
+    Ok(found.map(|found| {
+        serde_json::from_str(&percent_decode(found.policy_document())).unwrap_or_default()
+    }))
+}
+
+async fn put_if_changed(
+    iam: &aws_sdk_iam::Client,
+    role: &str,
+    current: Option<&serde_json::Value>,
+    policy: &serde_json::Value,
+    dry_run: bool,
+) -> Result<bool, DeployError> {
+    if current == Some(policy) {
         return Ok(false);
     }
-    if !ctx.dry_run {
-        ctx.aws
-            .iam
-            .put_role_policy()
+    if !dry_run {
+        iam.put_role_policy()
             .role_name(role)
             .policy_name(EXECUTION_POLICY)
             .policy_document(policy.to_string())
             .send()
             .await
-            .map_err(|e| DeployError::aws(&resource, "iam:PutRolePolicy", &e))?;
+            .map_err(|e| DeployError::aws(format!("IAM role {role}"), "iam:PutRolePolicy", &e))?;
     }
     Ok(true)
 }
 
-fn percent_decode(text: &str) -> String {
+/// A deploy's look at the execution role: where bootstrap made it (it carries
+/// fjord-deploy's inline policy), the policy is brought up to the manifest's secrets and
+/// keys, so that a secret added after bootstrap does not stop the tasks from starting. A
+/// role of your own is left as it is.
+pub(crate) async fn refresh_execution_policy(
+    aws: &Clients,
+    deployment: &Deployment,
+    dry_run: bool,
+) -> Outcome<()> {
+    let deploy = &deployment.deploy;
+    let arn = &deploy.roles.execution_role_arn;
+    let role = arn.rsplit('/').next().unwrap_or(arn);
+    let Some(current) = role_policy(&aws.iam, role).await? else {
+        return Ok(((), "yours: left as it is".into()));
+    };
+    let secrets: Vec<&str> = deploy.secrets.values().map(String::as_str).collect();
+    let policy = execution_policy(
+        arn,
+        &deploy.region,
+        &deploy.name,
+        &deploy.logs.group,
+        &secrets,
+        &deploy.kms_key_arns,
+    );
+    let changed = put_if_changed(&aws.iam, role, Some(&current), &policy, dry_run).await?;
+    Ok((
+        (),
+        match (changed, dry_run) {
+            (false, _) => "unchanged".into(),
+            (true, true) => "would update its policy to the manifest's secrets".into(),
+            (true, false) => "policy updated to the manifest's secrets".into(),
+        },
+    ))
+}
+
+/// `text` with its `%XX` escapes decoded: IAM hands policy documents back URL-encoded.
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -1164,10 +1256,33 @@ mod tests {
             &[
                 "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/redis-auth-token-AbCdEf",
                 "arn:aws:ssm:eu-west-1:123456789012:parameter/fjord/kafka",
+                // A JSON key and a version stage; a name without its six characters.
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/kafka-XyZ123:password:AWSCURRENT:",
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/jwt",
+            ],
+            &[
+                "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+                    .to_owned(),
             ],
         );
         let statements = policy["Statement"].as_array().unwrap();
-        assert_eq!(statements.len(), 5);
+        assert_eq!(statements.len(), 6);
+        assert_eq!(
+            statements[3]["Resource"],
+            serde_json::json!([
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/jwt",
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/jwt-??????",
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/kafka-XyZ123",
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/kafka-XyZ123-??????",
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/redis-auth-token-AbCdEf",
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:fjord/redis-auth-token-AbCdEf-??????",
+            ])
+        );
+        assert_eq!(statements[5]["Action"], "kms:Decrypt");
+        assert_eq!(
+            statements[5]["Resource"][0],
+            "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        );
         assert_eq!(
             statements[1]["Resource"],
             "arn:aws:ecr:eu-west-1:123456789012:repository/fjord/*"
