@@ -170,6 +170,9 @@ fn keys_query(keys: impl Iterator<Item = String>) -> String {
 /// past it with a clear 503 while connections sharing a set held already still open.
 #[tokio::test]
 async fn a_key_set_on_fifty_endpoints_is_indexed_once_within_a_budget() {
+    if skip_without_services() {
+        return;
+    }
     const ENDPOINTS: usize = 50;
     const CONNECTIONS: usize = 40;
     let names: Vec<String> = (0..ENDPOINTS).map(|i| format!("e{i:02}")).collect();
@@ -288,6 +291,9 @@ async fn a_key_set_on_fifty_endpoints_is_indexed_once_within_a_budget() {
 /// Closing them now costs about what opening them did, as leaving undoes what joining did.
 #[tokio::test]
 async fn connections_with_overlapping_key_sets_leave_in_linear_time() {
+    if skip_without_services() {
+        return;
+    }
     const CONNECTIONS: usize = 2000;
     let server = start(&[("orders", &unique("orders-unused"))], |_| {}).await;
     let request = |i: usize| {
@@ -334,6 +340,9 @@ async fn connections_with_overlapping_key_sets_leave_in_linear_time() {
 /// `panic = "abort"` one packet would end the server. Now it is a 400 before any router.
 #[tokio::test]
 async fn targets_that_are_not_a_path_or_a_url_are_refused_before_any_router() {
+    if skip_without_services() {
+        return;
+    }
     let server = start(&[("orders", &unique("orders-unused"))], |_| {}).await;
     for request in [
         &b"GET a:1 HTTP/1.1\r\nhost: x\r\n\r\n"[..],
@@ -372,6 +381,9 @@ async fn targets_that_are_not_a_path_or_a_url_are_refused_before_any_router() {
 /// connection: a keep-alive proxy would otherwise reuse the socket and meet a reset.
 #[tokio::test]
 async fn stream_responses_say_the_connection_closes() {
+    if skip_without_services() {
+        return;
+    }
     let server = start(&[("orders", &unique("orders-unused"))], |_| {}).await;
     for version in ["HTTP/1.1", "HTTP/1.0"] {
         let request = format!("GET /v1/streams/orders {version}\r\nhost: x\r\n\r\n");
@@ -393,6 +405,9 @@ async fn stream_responses_say_the_connection_closes() {
 /// (`k%65y=%FF`) became U+FFFD past the check for keys. Both are 400s now.
 #[tokio::test]
 async fn future_resume_ids_and_escaped_query_names_that_are_not_text_are_refused() {
+    if skip_without_services() {
+        return;
+    }
     let server = start(&[("orders", &unique("orders-unused"))], |_| {}).await;
     let in_a_year = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -448,6 +463,9 @@ async fn future_resume_ids_and_escaped_query_names_that_are_not_text_are_refused
 /// says a recipient that does not understand them must refuse it.
 #[tokio::test]
 async fn a_token_with_critical_extensions_is_refused() {
+    if skip_without_services() {
+        return;
+    }
     let server = start(&[("orders", &unique("orders-unused"))], |manifest| {
         manifest["auth"] = serde_json::json!({
             "mode": "jwt", "algorithms": ["HS256"], "hs256_secret_env": SECRET_ENV
@@ -497,6 +515,9 @@ async fn a_token_with_critical_extensions_is_refused() {
 /// started a server whose tokens anyone could forge.
 #[tokio::test]
 async fn placeholder_hs256_secrets_are_refused_at_start_without_echoing_them() {
+    if skip_without_services() {
+        return;
+    }
     let services = services();
     let port = free_port();
     let mut manifest = manifest(
@@ -624,6 +645,9 @@ async fn crawl(port: u16, request: Vec<u8>) -> tokio::task::JoinHandle<()> {
 /// larger event goes out alone from its shared bytes.
 #[tokio::test]
 async fn lagging_readers_of_large_records_hold_a_bounded_coalescing_buffer() {
+    if skip_without_services() {
+        return;
+    }
     const READERS: usize = 40;
     const RECORDS: i64 = 100;
     const RECORD_BYTES: usize = 60 * 1000;
@@ -678,6 +702,9 @@ async fn lagging_readers_of_large_records_hold_a_bounded_coalescing_buffer() {
 /// Such a value is now base64, a third larger than the record, through the real consumer.
 #[tokio::test]
 async fn control_bytes_are_sent_as_base64_not_six_times_their_size() {
+    if skip_without_services() {
+        return;
+    }
     const BYTES: usize = 200_000;
     let services = services();
     let port = free_port();
@@ -715,6 +742,9 @@ async fn control_bytes_are_sent_as_base64_not_six_times_their_size() {
 /// count held back.
 #[tokio::test]
 async fn replay_failures_are_logged_at_a_bounded_rate() {
+    if skip_without_services() {
+        return;
+    }
     const RESUMERS: usize = 60;
     // A Redis of this test's own, which it stops: the shared one stays up for the others.
     let redis_port = free_port();
@@ -790,6 +820,9 @@ async fn replay_failures_are_logged_at_a_bounded_rate() {
 /// waits for the sockets it gave up to close before it accepts another.
 #[tokio::test]
 async fn a_churn_of_idle_connections_keeps_descriptors_within_the_reserve() {
+    if skip_without_services() {
+        return;
+    }
     let services = services();
     let port = free_port();
     let manifest = manifest(

@@ -111,7 +111,12 @@ impl Problems {
     }
 
     /// Records a problem unless `ok`; returns `ok`.
-    pub(super) fn require(&mut self, ok: bool, path: impl Into<String>, message: impl Into<String>) -> bool {
+    pub(super) fn require(
+        &mut self,
+        ok: bool,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> bool {
         if !ok {
             self.add(path, message);
         }
