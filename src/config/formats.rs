@@ -273,7 +273,7 @@ mod tests {
             (
                 serde_json::json!({"orders": {"value_format": "xml"}}),
                 registry,
-                "$.topics.orders.value_format: unknown variant `xml`",
+                "$.topics.orders.value_format: unknown variant, expected one of",
             ),
             (
                 serde_json::json!({}),
@@ -300,7 +300,7 @@ mod tests {
                 serde_json::json!({}),
                 serde_json::json!({"urls": ["https://sr.internal"],
                     "auth": {"type": "basic", "username": "u", "password_env": "the secret"}}),
-                "$.schema_registry.auth.password_env: \"the secret\" is not an environment variable name",
+                "$.schema_registry.auth.password_env: is not an environment variable name (letters, digits and '_'; the value is not shown",
             ),
             (
                 serde_json::json!({}),
@@ -325,7 +325,7 @@ mod tests {
             ),
         ] {
             let error = error_of(&with(topics, registry));
-            assert!(error.starts_with(expected), "{error}\nexpected: {expected}");
+            assert!(error.contains(expected), "{error}\nexpected: {expected}");
         }
     }
 

@@ -331,11 +331,15 @@ fn structural_problems(value: &serde_json::Value) -> Vec<Problem> {
             ("consumer_groups", _) => check::<Vec<ConsumerGroupConfig>>(section, &path, problems),
             ("server", _) => check::<ServerConfig>(section, &path, problems),
             ("auth", _) => check::<AuthConfig>(section, &path, problems),
+            ("topics", _) => check::<BTreeMap<String, TopicFormats>>(section, &path, problems),
+            ("schema_registry", _) => {
+                check::<Option<SchemaRegistryConfig>>(section, &path, problems);
+            }
             ("deploy", _) => {}
             _ => problems.push(Problem {
                 path: "$".into(),
                 message: format!(
-                    "unknown field `{name}`, expected one of `$schema`, `kafka`, `redis`, `endpoints`, `consumer_groups`, `server`, `auth`, `deploy`"
+                    "unknown field `{name}`, expected one of `$schema`, `kafka`, `redis`, `endpoints`, `consumer_groups`, `server`, `auth`, `topics`, `schema_registry`, `deploy`"
                 ),
             }),
         }
