@@ -414,7 +414,8 @@ async fn decode(
     decoder: &mut Decoder<'_>,
     message: &BorrowedMessage<'_>,
 ) -> Result<Decoded, decode::Undecodable> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    // Made only when the registry is down: the common path is one lookup per record.
+    let mut backoff = None;
     let mut down_since = None;
     loop {
         match decoder
@@ -429,7 +430,11 @@ async fn decode(
             }
             Outcome::Undecodable(undecodable) => return Err(undecodable),
             Outcome::RegistryDown(reason) => {
-                let retry_in = backoff.next_delay();
+                let retry_in = backoff
+                    .get_or_insert_with(|| {
+                        Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
+                    })
+                    .next_delay();
                 if down_since.is_none() {
                     down_since = Some(std::time::Instant::now());
                     tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), %reason, ?retry_in, "schema registry unavailable; holding the partition at this record until it answers");
