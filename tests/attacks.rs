@@ -5,11 +5,9 @@
 //! resume ids and queries. Memory and time are measured on the server process, with
 //! generous bounds that the attacks exceeded many times over before their fixes.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -578,15 +576,15 @@ fn a_token_lifetime_that_would_overflow_is_an_error() {
 /// Publishes `count` records of about `bytes` bytes to every endpoint of `manifest`, through
 /// the bus the server reads.
 async fn publish_big(path: &std::path::Path, first_offset: i64, count: i64, bytes: usize) {
-    use fjord::bus::Publication;
-    use fjord::envelope::{Envelope, RecordParts};
-    let config = fjord::config::Manifest::load(path).expect("manifest");
+    use fjord_bus::Publication;
+    use fjord_bus::envelope::{Envelope, RecordParts};
+    let config = fjord_config::Manifest::load(path).expect("manifest");
     let endpoints: Vec<_> = config
         .endpoints
         .iter()
         .map(|(name, endpoint)| (name.clone(), endpoint.retention))
         .collect();
-    let bus = fjord::bus::connect_redis(&config.redis)
+    let bus = fjord_bus::connect_redis(&config.redis)
         .await
         .expect("redis");
     let value = format!("{{\"pad\":\"{}\"}}", "x".repeat(bytes));

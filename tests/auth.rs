@@ -1,16 +1,14 @@
 //! Access control against the real server, with keys from `fjord setup` and tokens from
 //! `fjord token`, records from real Kafka through real Redis.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::common::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::*;
 use warp::Filter;
 
 fn fjord(args: &[&str], dir: &Path) -> std::process::Output {

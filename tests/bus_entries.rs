@@ -6,12 +6,10 @@
 //! wire.
 #![allow(clippy::panic, reason = "a test fails loudly")]
 
-mod common;
-
-use common::*;
-use fjord::bus::{Bus, Publication, connect_redis};
-use fjord::config::{EndpointName, RedisConfig, Retention};
-use fjord::envelope::{Envelope, RecordParts};
+use crate::common::*;
+use fjord_bus::envelope::{Envelope, RecordParts};
+use fjord_bus::{Bus, Publication, connect_redis};
+use fjord_config::{EndpointName, RedisConfig, Retention};
 
 /// What a client should see, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +143,7 @@ async fn malformed_entries_become_gaps_and_good_records_around_them_arrive_live_
         serde_json::from_value(manifest["redis"].clone()).expect("a redis section");
     let bus: Bus = connect_redis(&config).await.expect("redis");
     let endpoint = EndpointName::try_from("orders".to_owned()).expect("a name");
-    let stream_key = fjord::bus::redis::stream_key(&config.key_prefix, &endpoint);
+    let stream_key = fjord_bus::redis::stream_key(&config.key_prefix, &endpoint);
     let mut raw_connection = redis_connection_for(&services, &stream_key).await;
 
     let url = format!("http://127.0.0.1:{port}/v1/streams/orders");

@@ -8,21 +8,19 @@
 //! Entries someone else wrote can only reach the Redis bus; their case runs there alone.
 #![allow(clippy::panic, reason = "a test fails loudly")]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
-use fjord::bus::memory::MemoryBus;
-use fjord::bus::{
+use crate::common::*;
+use fjord_bus::envelope::{Envelope, RecordParts};
+use fjord_bus::memory::MemoryBus;
+use fjord_bus::{
     Bus, BusEntry, EntryKind, InvalidEntry, Problem, Publication, Published, Receivers, SkipReason,
     SkippedRecords, StreamId, connect_redis,
 };
-use fjord::config::{EndpointName, RedisConfig, Retention, ServerConfig, StartPosition};
-use fjord::envelope::{Envelope, RecordParts};
-use fjord::hub::{Hub, Interest, Outgoing, Subscription};
-use fjord::sse::ResumeId;
+use fjord_config::{EndpointName, RedisConfig, Retention, ServerConfig, StartPosition};
+use fjord_server::hub::{Hub, Interest, Outgoing, Subscription};
+use fjord_server::sse::ResumeId;
 use futures_util::StreamExt;
 
 /// Which bus a case runs on.
@@ -105,7 +103,7 @@ async fn everything(bus: &Bus, endpoint: &EndpointName) -> Vec<BusEntry> {
 }
 
 /// Reads until `count` entries came.
-async fn read(reader: &mut fjord::bus::BusReader, count: usize) -> Vec<(usize, BusEntry)> {
+async fn read(reader: &mut fjord_bus::BusReader, count: usize) -> Vec<(usize, BusEntry)> {
     let mut entries = Vec::new();
     let deadline = std::time::Instant::now() + PATIENCE;
     while entries.len() < count {
@@ -407,7 +405,7 @@ async fn invalid_entries_are_read_in_place_and_the_rest_read_on(kind: Kind) {
     let (bus, prefix) = fresh(kind).await;
     let endpoints = [(name("a"), Retention::default())];
     let mut reader = bus.reader(vec![name("a")]).await.expect("reader");
-    let stream_key = fjord::bus::redis::stream_key(&prefix, &name("a"));
+    let stream_key = fjord_bus::redis::stream_key(&prefix, &name("a"));
     let mut raw = redis_connection_for(&services(), &stream_key).await;
     publish(&bus, &endpoints, 0, 0).await;
     let _: String = ::redis::cmd("XADD")

@@ -5,16 +5,14 @@
 //! broker's disk) does not stop its partition: it is skipped once, and clients — live and
 //! resuming — are sent `fjord.gap` for it.
 
-mod common;
-
 use std::io::{Seek as _, SeekFrom, Write as _};
 
-use common::*;
-use fjord::bus::{
+use crate::common::*;
+use fjord_bus::envelope::Envelope;
+use fjord_bus::{
     Bus, EntryKind, Publication, Published, SkipReason, SkippedRecords, connect_redis,
 };
-use fjord::config::{EndpointName, RedisConfig, Retention};
-use fjord::envelope::Envelope;
+use fjord_config::{EndpointName, RedisConfig, Retention};
 
 /// Kafka's codec numbers in a batch's attributes.
 const CODECS: [(&str, u8); 4] = [("gzip", 1), ("snappy", 2), ("lz4", 3), ("zstd", 4)];

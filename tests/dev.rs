@@ -2,12 +2,10 @@
 //! that keeps dropping its connection and resuming with `Last-Event-ID` loses nothing.
 #![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn a_hundred_drop_and_resume_cycles_lose_nothing() {

@@ -3,10 +3,8 @@
 //! group committed, the consumer publishes the rest again, once, and a client of a server
 //! reading from replicas gets every record exactly once, in order.
 
-mod common;
-
-use common::redis_cluster::RedisCluster;
-use common::*;
+use crate::common::redis_cluster::RedisCluster;
+use crate::common::*;
 
 #[tokio::test]
 async fn a_killed_primary_loses_no_committed_record() {
@@ -34,8 +32,8 @@ async fn a_killed_primary_loses_no_committed_record() {
     let consumer = Process::consumer(&path, &[]);
     let client = ResumingClient::start(vec![format!("http://127.0.0.1:{port}/v1/streams/orders")]);
 
-    let endpoint = fjord::config::EndpointName::try_from("orders".to_owned()).expect("a name");
-    let stream = fjord::bus::redis::stream_key(&prefix, &endpoint);
+    let endpoint = fjord_config::EndpointName::try_from("orders".to_owned()).expect("a name");
+    let stream = fjord_bus::redis::stream_key(&prefix, &endpoint);
     // Records keep coming while the primary dies, so that publishes are in flight then.
     let producer = tokio::spawn({
         let brokers = services.brokers.clone();

@@ -3,9 +3,7 @@
 //! exactly the records produced: all of them, in order per partition, none twice. The tests
 //! restart shared services, so they run one at a time.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use tokio::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());

@@ -1,9 +1,7 @@
 //! The HTTP contract of `fjord-server` against real Redis: CORS, heartbeats, JSON errors,
 //! health, metrics, and a manifest refused before any port is bound.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 struct Server {
     port: u16,

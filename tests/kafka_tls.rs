@@ -5,13 +5,11 @@
 //! are made by the test with `openssl`.
 #![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::tls::{Certificates, make_certificates};
-use common::*;
+use crate::common::tls::{Certificates, make_certificates};
+use crate::common::*;
 
 const KEY_ENV: &str = "FJORD_TEST_KAFKA_KEY";
 

@@ -2,9 +2,7 @@
 //! different and all the same, measured from the process's resident memory. Prints the
 //! figures that README.md quotes; asserts only a loose bound.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const CONNECTIONS: usize = 200;

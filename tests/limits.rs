@@ -2,12 +2,10 @@
 //! per-address and per-subject limits, health checks that answer while streams are at their
 //! limit and when the open-file limit is low, and the separate metrics listener.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 

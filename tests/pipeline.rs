@@ -1,9 +1,7 @@
 //! End to end through real Kafka and Redis: records produced to Kafka reach SSE clients of
 //! every server instance, complete and in order per partition.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn every_record_reaches_clients_of_two_servers_in_partition_order() {

@@ -4,10 +4,8 @@
 //! written to both.
 #![allow(clippy::panic, reason = "a test fails loudly")]
 
-mod common;
-
-use common::redis_cluster::RedisCluster;
-use common::*;
+use crate::common::redis_cluster::RedisCluster;
+use crate::common::*;
 use redis::aio::MultiplexedConnection;
 
 async fn connect(port: u16) -> MultiplexedConnection {
@@ -113,14 +111,12 @@ async fn up_again_leaves_a_healthy_cluster_alone_and_one_shard_serves_every_slot
     }
 
     // `up` of the same shape over a healthy cluster: the same nodes, not new ones.
-    let up = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/redis-cluster.sh"),
-    )
-    .arg("up")
-    .arg(cluster.dir())
-    .args([first.to_string().as_str(), "1", "1"])
-    .output()
-    .expect("run ci/redis-cluster.sh");
+    let up = std::process::Command::new(repo_root().join("ci/redis-cluster.sh"))
+        .arg("up")
+        .arg(cluster.dir())
+        .args([first.to_string().as_str(), "1", "1"])
+        .output()
+        .expect("run ci/redis-cluster.sh");
     assert!(up.status.success(), "{up:?}");
     assert!(
         String::from_utf8_lossy(&up.stderr).contains("already up"),

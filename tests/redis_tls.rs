@@ -4,14 +4,12 @@
 //! the process at start with a one-line reason, or, where it may yet pass, is retried with
 //! the reason logged.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 
-use common::*;
+use crate::common::*;
 
 const USER: &str = "fjord";
 /// The variable the manifests name for the password; set only in the spawned processes.
@@ -209,7 +207,7 @@ async fn records_cross(redis: TlsRedis, edit: impl FnOnce(&mut serde_json::Value
     ];
     let path_arg = path.to_str().expect("utf-8 path");
     let mut server = Process::start(
-        env!("CARGO_BIN_EXE_fjord-server"),
+        &workspace_binary("fjord-server"),
         &["--manifest", path_arg],
         &envs,
     );
@@ -237,7 +235,7 @@ async fn refused_credentials_stop_the_process_naming_user_and_variable() {
     let services = services();
     let redis = TlsRedis::start();
     let mut manifest = tls_manifest(&services, &redis, "unused-topic", free_port());
-    let server = env!("CARGO_BIN_EXE_fjord-server");
+    let server = &workspace_binary("fjord-server");
     let consumer = &workspace_binary("fjord-consumer");
 
     let (_dir, path) = write_manifest(&manifest);
@@ -304,7 +302,7 @@ async fn an_untrusted_certificate_or_a_plain_port_stops_the_process() {
     let redis = TlsRedis::start();
     let manifest = tls_manifest(&services, &redis, "unused-topic", free_port());
     let (_dir, path) = write_manifest(&manifest);
-    let server = env!("CARGO_BIN_EXE_fjord-server");
+    let server = &workspace_binary("fjord-server");
 
     // The roots this machine trusts (the system's, or an SSL_CERT_FILE of its own) do not
     // hold the test CA.
@@ -448,7 +446,7 @@ async fn redis_url_to_a_tls_port_is_retried_with_a_hint() {
     let (_dir, path) = write_manifest(&manifest);
     // A reset connection may also pass, so the process keeps trying and says why.
     let server = Process::start(
-        env!("CARGO_BIN_EXE_fjord-server"),
+        &workspace_binary("fjord-server"),
         &["--manifest", path.to_str().expect("utf-8 path")],
         &[(PASSWORD_ENV, redis.user_password.as_str())],
     );

@@ -2,15 +2,13 @@
 //! big records: the bytes their replays hold stay bounded (`fjord_replay_buffered_bytes`),
 //! and they are shed like live clients that cannot keep up (`fjord_clients_dropped_total`).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
-use fjord::bus::{Bus, Publication};
-use fjord::config::{EndpointName, Manifest, Retention};
-use fjord::envelope::{Envelope, RecordParts};
-use fjord::replay::PAGE_BYTES;
+use crate::common::*;
+use fjord_bus::envelope::{Envelope, RecordParts};
+use fjord_bus::{Bus, Publication};
+use fjord_config::{EndpointName, Manifest, Retention};
+use fjord_server::replay::PAGE_BYTES;
 use tokio::io::AsyncWriteExt as _;
 
 /// Resumers that never read.
@@ -136,7 +134,7 @@ async fn resumers_that_never_read_hold_bounded_bytes_and_are_shed() {
         .iter()
         .map(|(name, endpoint)| (name.clone(), endpoint.retention))
         .collect();
-    let bus = fjord::bus::connect_redis(&config.redis)
+    let bus = fjord_bus::connect_redis(&config.redis)
         .await
         .expect("redis");
     for offset in 0..RECORDS {

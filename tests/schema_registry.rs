@@ -6,16 +6,14 @@
 //! type-checks (client/e2e/typed/page.ts, `tsc`) the records an SSE client receives.
 #![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::common::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use common::*;
 
 /// The registry and the venv with the producers, started and installed when missing.
 struct Registry {
@@ -25,7 +23,7 @@ struct Registry {
 
 fn registry() -> Registry {
     // `up` is idempotent: a running registry is only checked.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/services/schema-registry.sh");
+    let script = repo_root().join("ci/services/schema-registry.sh");
     let output = Command::new(script)
         .arg("up")
         .stderr(Stdio::inherit())
@@ -59,7 +57,7 @@ fn produce_serialized(
     records: &serde_json::Value,
 ) -> Vec<i64> {
     use std::io::Write as _;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schema_registry/produce.py");
+    let script = repo_root().join("tests/schema_registry/produce.py");
     let mut child = Command::new(&registry.python)
         .arg(script)
         .stdin(Stdio::piped())
@@ -715,7 +713,7 @@ async fn fjord_devs_demo_producer_writes_orders_in_avro_through_the_registry() {
 /// client/src); the client's dev dependencies installed first when missing. Its output when
 /// it fails.
 fn type_check(dir: &Path) -> Result<(), String> {
-    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("client");
+    let client = repo_root().join("client");
     let tsc = client.join("node_modules/.bin/tsc");
     if !tsc.exists() {
         let status = Command::new("npm")
@@ -851,7 +849,7 @@ async fn fjord_types_output_types_what_the_client_receives() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("generated.ts"), &generated).unwrap();
     std::fs::write(dir.path().join("received.ts"), &received).unwrap();
-    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("client/e2e/typed/page.ts");
+    let page = repo_root().join("client/e2e/typed/page.ts");
     std::fs::copy(&page, dir.path().join("page.ts")).unwrap();
     if let Err(errors) = type_check(dir.path()) {
         panic!("{errors}\ngenerated.ts:\n{generated}\nreceived.ts:\n{received}");

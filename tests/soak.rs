@@ -10,11 +10,9 @@
     reason = "the soak run reports its progress as it goes"
 )]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 #[ignore = "a long run; ci/soak.sh runs it"]

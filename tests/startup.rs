@@ -5,14 +5,12 @@
 //! of any binary echoes a secret or the userinfo of a URL.
 #![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
-mod common;
-
 use std::io::Read as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use crate::common::*;
 
 /// What a command that ran to its end printed.
 #[derive(Debug)]
@@ -303,7 +301,7 @@ fn a_cause_is_printed_once() {
     let manifest = manifest(&services, &[("orders", "orders")], "once", port);
     let (_dir, path) = write_manifest(&manifest);
     let server = run(
-        env!("CARGO_BIN_EXE_fjord-server"),
+        &workspace_binary("fjord-server"),
         &["--manifest", path.to_str().unwrap()],
         &[],
         PATIENCE,
@@ -499,7 +497,7 @@ fn configuration_errors_never_echo_a_secret() {
     ];
     let fjord = workspace_binary("fjord");
     let consumer = workspace_binary("fjord-consumer");
-    let server = env!("CARGO_BIN_EXE_fjord-server");
+    let server = &workspace_binary("fjord-server");
     // The variables the manifests name hold the secret too: their values are read, never shown.
     let envs = [("HS", SECRET), ("K", SECRET)];
     for (pointer, value) in &cases {
@@ -531,7 +529,7 @@ fn configuration_errors_never_echo_a_secret() {
             );
         }
         // The deploy's pre-flight: the same parser, its error as the deploy prints it.
-        let error = fjord::config::Manifest::parse(&text)
+        let error = fjord_config::Manifest::parse(&text)
             .unwrap_err()
             .in_file(Path::new("manifest.json"));
         assert!(!error.to_string().contains(SECRET), "{pointer}: {error}");

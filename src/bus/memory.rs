@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use super::entry::{decode, field};
 use super::{Append, AppendEntry, AppendKind, BusEntry, READ_BATCH, StreamId};
 use crate::clock::now_ms;
-use crate::config::{EndpointName, Retention};
+use fjord_config::{EndpointName, Retention};
 
 /// How long [`MemoryReader::next_batch`] waits for an entry.
 const READ_WAIT: Duration = Duration::from_secs(1);

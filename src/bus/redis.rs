@@ -30,7 +30,7 @@ use redis::{
 
 use super::entry::decode;
 use super::{Append, AppendKind, BusEntry, BusError, READ_BATCH, StreamId};
-use crate::config::{EndpointName, ReadFrom, RedisConfig, ReplicaAcks, Retention};
+use fjord_config::{EndpointName, ReadFrom, RedisConfig, ReplicaAcks, Retention};
 
 /// How long one blocking read waits for new entries.
 const READ_BLOCK: Duration = Duration::from_secs(1);
@@ -311,7 +311,7 @@ fn connection_infos(config: &RedisConfig) -> Result<Vec<ConnectionInfo>, BusErro
     let password = config
         .password_env
         .as_ref()
-        .map(crate::config::Secret::read)
+        .map(fjord_config::Secret::read)
         .transpose()?;
     let seeds = config.cluster.iter().flat_map(|cluster| &cluster.seed_urls);
     std::iter::once(&config.url)

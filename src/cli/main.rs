@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fjord::config::Manifest;
 use fjord_cli::dev::{DevAuth, DevOptions, DevRedis};
+use fjord_config::Manifest;
 
 /// Fjord: a real-time API proxy for Kafka.
 #[derive(Debug, Parser)]
@@ -117,8 +117,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    fjord::process::init_logging();
-    fjord::process::exit_code(run(cli.command).await, cli.verbose)
+    fjord_bus::process::init_logging();
+    fjord_bus::process::exit_code(run(cli.command).await, cli.verbose)
 }
 
 /// Prints a command's result, which is its output (not a log line).
@@ -203,7 +203,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             say!("{} is valid", manifest.display());
         }
         Command::Bench { command } => fjord_cli::bench::run(command).await?,
-        Command::Schema => say!("{}", fjord::config::SCHEMA),
+        Command::Schema => say!("{}", fjord_config::SCHEMA),
         Command::Types { manifest, endpoint } => {
             let manifest = Manifest::load(&manifest)?;
             say!(

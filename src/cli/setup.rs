@@ -127,7 +127,7 @@ pub fn setup(dir: &Path) -> Result<SetupOutcome, SetupError> {
     };
     for (name, contents) in [
         ("manifest.json", manifest_skeleton(&public_pem)),
-        ("manifest.schema.json", fjord::config::SCHEMA.to_owned()),
+        ("manifest.schema.json", fjord_config::SCHEMA.to_owned()),
     ] {
         let path = dir.join(name);
         match write_new(&path, &contents, false) {
@@ -200,7 +200,7 @@ pub fn mint(private_key: &Path, request: &TokenRequest) -> Result<String, SetupE
         message,
     };
     let key = EncodingKey::from_ed_pem(&pem).map_err(|e| key_error(e.to_string()))?;
-    let now = fjord::clock::now_secs();
+    let now = fjord_bus::clock::now_secs();
     let mut fjord = serde_json::json!({"endpoints": request.endpoints});
     if !request.keys.is_empty() {
         fjord["keys"] = serde_json::json!(request.keys);
@@ -224,8 +224,8 @@ mod tests {
     use ed25519_dalek::pkcs8::DecodePrivateKey as _;
 
     use super::*;
-    use fjord::auth::Authenticator;
-    use fjord::config::Manifest;
+    use fjord_config::Manifest;
+    use fjord_server::auth::Authenticator;
 
     #[tokio::test]
     async fn setup_writes_a_working_pair_and_refuses_to_overwrite() {
@@ -270,6 +270,9 @@ mod tests {
         .expect("mint");
         let grant = auth.grant(Some(&token)).await.expect("valid");
         assert_eq!(grant.endpoints, Some(vec!["orders".to_owned()]));
-        assert_eq!(grant.keys, Some(fjord::auth::KeySet::new(["driver-42"])));
+        assert_eq!(
+            grant.keys,
+            Some(fjord_server::auth::KeySet::new(["driver-42"]))
+        );
     }
 }

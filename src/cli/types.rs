@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use apache_avro::Schema;
-use fjord::config::Manifest;
+use fjord_config::Manifest;
 use fjord_consumer::registry::{FetchError, Registry, SchemaKind};
 use prost_reflect::{Kind, MessageDescriptor};
 
@@ -27,7 +27,7 @@ pub enum TypesError {
     UnknownEndpoint(String),
     /// The registry client could not be made.
     #[error(transparent)]
-    Manifest(#[from] fjord::config::ManifestError),
+    Manifest(#[from] fjord_config::ManifestError),
     /// The registry did not answer.
     #[error("{0}")]
     Registry(FetchError),

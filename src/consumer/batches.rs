@@ -16,8 +16,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::task::JoinHandle;
 
 use super::{MemberContext, Routes, until_accepted};
-use fjord::bus::{Batch, Bus};
-use fjord::envelope::Envelope;
+use fjord_bus::envelope::Envelope;
+use fjord_bus::{Batch, Bus};
 
 /// Most records read but not yet published, over all partitions: past it the member stops
 /// reading until the bus catches up.

@@ -22,8 +22,8 @@ use apache_avro::Schema as AvroSchema;
 use apache_avro::types::Value as Avro;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use fjord::config::{Format, Manifest, TopicFormats};
-use fjord::envelope::{Decoded, DecodedField, SchemaRef};
+use fjord_bus::envelope::{Decoded, DecodedField, SchemaRef};
+use fjord_config::{Format, Manifest, TopicFormats};
 use serde_json::value::RawValue;
 
 use crate::registry::{FetchError, Registry, SchemaKind, WriterSchema};
@@ -69,7 +69,7 @@ fn wire_format(bytes: &[u8]) -> Option<(u32, &[u8])> {
 
 impl<'a> Decoder<'a> {
     /// A decoder for `manifest`'s topics, with a client of its registry if it names one.
-    pub(crate) fn new(manifest: &'a Manifest) -> Result<Self, fjord::config::ManifestError> {
+    pub(crate) fn new(manifest: &'a Manifest) -> Result<Self, fjord_config::ManifestError> {
         let registry = manifest
             .schema_registry
             .as_ref()

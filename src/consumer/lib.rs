@@ -35,13 +35,13 @@ use tokio::sync::mpsc;
 use self::batches::{InFlight, Publisher};
 use self::decode::{Decoder, Outcome};
 use self::skip::{Skipper, UNREADABLE, unreadable};
-use fjord::backoff::Backoff;
-use fjord::bus::{Bus, BusError};
-use fjord::config::{
+use fjord_bus::backoff::Backoff;
+use fjord_bus::envelope::{Decoded, Envelope, RecordParts};
+use fjord_bus::{Bus, BusError};
+use fjord_config::{
     ConsumerGroupConfig, EndpointName, KafkaConfig, KafkaSecurity, Manifest, ManifestError,
     OffsetReset, Retention,
 };
-use fjord::envelope::{Decoded, Envelope, RecordParts};
 
 /// Why a consumer stopped.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +81,7 @@ pub fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, ManifestError>
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", kafka.brokers.join(","));
     let mut sasl = |mechanism: &str,
-                    credentials: &fjord::config::SaslCredentials|
+                    credentials: &fjord_config::SaslCredentials|
      -> Result<(), ManifestError> {
         let protocol = if credentials.tls {
             "sasl_ssl"

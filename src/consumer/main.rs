@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use fjord::config::Manifest;
-use fjord::process::ManifestArgs;
+use fjord_bus::process::ManifestArgs;
+use fjord_config::Manifest;
 
 /// One member of a Kafka consumer group that publishes each record to the bus.
 #[derive(Debug, Parser)]
@@ -21,8 +21,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    fjord::process::init_logging();
-    fjord::process::exit_code(run(&args).await, args.common.verbose)
+    fjord_bus::process::init_logging();
+    fjord_bus::process::exit_code(run(&args).await, args.common.verbose)
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
@@ -40,7 +40,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             );
         }
     };
-    let bus = fjord::bus::connect_redis(&manifest.redis)
+    let bus = fjord_bus::connect_redis(&manifest.redis)
         .await
         .context("connecting to redis")?;
     // No probe asks whether this member holds partitions: it serves no HTTP.
@@ -49,7 +49,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         &manifest,
         group,
         &bus,
-        fjord::process::shutdown_signal(),
+        fjord_bus::process::shutdown_signal(),
         assigned,
     )
     .await?;

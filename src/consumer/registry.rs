@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use fjord::config::{ManifestError, RegistryAuth, SchemaRegistryConfig};
+use fjord_config::{ManifestError, RegistryAuth, SchemaRegistryConfig};
 use prost_reflect::{DescriptorPool, MessageDescriptor};
 use serde::Deserialize;
 

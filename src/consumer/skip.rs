@@ -16,8 +16,8 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::decode::Undecodable;
 use super::{MemberContext, Routes, client_config, until_accepted};
-use fjord::bus::{Bus, SkipReason, SkippedRecords};
-use fjord::config::{ConsumerGroupConfig, KafkaConfig, OffsetReset};
+use fjord_bus::{Bus, SkipReason, SkippedRecords};
+use fjord_config::{ConsumerGroupConfig, KafkaConfig, OffsetReset};
 
 /// The error codes with which librdkafka reports a batch it cannot read at all: a corrupt
 /// or undecodable payload, an unknown codec or format. librdkafka fetches the same batch

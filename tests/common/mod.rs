@@ -2,9 +2,8 @@
 //! Redis Cluster with `FJORD_TEST_BUS=cluster`) that `ci/test.sh` starts, the real
 //! `fjord-consumer` and `fjord-server` binaries, and an SSE client.
 #![allow(
-    dead_code,
     unreachable_pub,
-    reason = "each test crate uses part of the harness"
+    reason = "the harness's items are the modules' shared API"
 )]
 #![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly")]
 
@@ -322,10 +321,17 @@ pub fn write_manifest(manifest: &serde_json::Value) -> (tempfile::TempDir, PathB
     (dir, path)
 }
 
-/// A binary of another package of the workspace (`fjord` of `fjord-cli`, `fjord-consumer`),
-/// built fresh: cargo sets `CARGO_BIN_EXE_*` only for the tested package's own, and
+/// The root of the repository, for its scripts (`ci/services.sh`) and fixtures.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests' package is a folder of the repository")
+}
+
+/// A binary of the workspace (`fjord`, `fjord-consumer`, `fjord-server`), built fresh: cargo
+/// sets `CARGO_BIN_EXE_*` only for the tested package's own binaries (this one has none), and
 /// `cargo test` does not build another package's binaries, so an old one could be tested.
-/// The first call in a test binary runs `cargo build --bins` at the top of the workspace,
+/// The first call in the test binary runs `cargo build --bins` at the top of the workspace,
 /// into the target dir and profile this test was built in (a no-op when they are fresh,
 /// as after ci/test.sh's own `cargo build --bins`); the binary is then beside this test,
 /// in `target/<profile>/`.
@@ -360,7 +366,7 @@ fn build_workspace_binaries(profile_dir: &Path) {
     let status = Command::new(cargo)
         .args(["build", "--quiet", "--bins", "--profile", profile])
         .env("CARGO_TARGET_DIR", target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(repo_root())
         .stdin(Stdio::null())
         .status()
         .expect("running cargo");
@@ -370,14 +376,13 @@ fn build_workspace_binaries(profile_dir: &Path) {
     );
 }
 
-/// The `fjord-server` the tests start: this package's, or `FJORD_TEST_SERVER` (ci/attack.sh
+/// The `fjord-server` the tests start: the workspace's, or `FJORD_TEST_SERVER` (ci/attack.sh
 /// sets it to the release build with `panic = "abort"`).
 pub fn server_binary() -> String {
-    std::env::var("FJORD_TEST_SERVER")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fjord-server").to_owned())
+    std::env::var("FJORD_TEST_SERVER").unwrap_or_else(|_| workspace_binary("fjord-server"))
 }
 
-/// A running binary of this crate, killed when dropped; its stderr is kept for assertions.
+/// A running binary of the workspace, killed when dropped; its stderr is kept for assertions.
 pub struct Process {
     name: String,
     child: Child,
@@ -420,7 +425,7 @@ impl Process {
         }
     }
 
-    /// `fjord-server`, the binary of the package these tests belong to.
+    /// `fjord-server` ([`server_binary`]).
     pub fn server(manifest: &Path) -> Self {
         Self::start(
             &server_binary(),
@@ -834,7 +839,7 @@ pub async fn status_of(url: &str) -> u16 {
 
 /// Runs `ci/services.sh COMMAND` (stop-redis, start-redis, restart-kafka, ...).
 pub fn services_command(command: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/services.sh");
+    let script = repo_root().join("ci/services.sh");
     let status = Command::new(script).arg(command).status().unwrap();
     assert!(status.success(), "ci/services.sh {command} failed");
 }

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 /// Runs `ci/redis-cluster.sh COMMAND DIR ARGS...`; its standard output, trimmed, or its
 /// standard error when it fails.
 fn script(command: &str, dir: &Path, args: &[String]) -> Result<String, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ci/redis-cluster.sh");
+    let script = super::repo_root().join("ci/redis-cluster.sh");
     let output = Command::new(&script)
         .arg(command)
         .arg(dir)
@@ -116,11 +116,6 @@ impl RedisCluster {
     /// new primary's port.
     pub fn wait_failover(&self, key: &str) -> u16 {
         self.port("wait-failover", key)
-    }
-
-    /// Stops every node (SIGTERM), keeping their data.
-    pub fn stop(&self) {
-        self.run("down", &[]);
     }
 
     /// Starts every node that is not running, keeping its data (a killed primary comes back

@@ -20,9 +20,9 @@ use super::scenario::{
 };
 use super::worker::{Target, WorkerReport, WorkerSpec};
 use super::{cpu_ticks, now_us, rss_kib, ticks_per_second};
-use fjord::bus::Bus;
-use fjord::bus::memory::MemoryBus;
-use fjord::config::Manifest;
+use fjord_bus::Bus;
+use fjord_bus::memory::MemoryBus;
+use fjord_config::Manifest;
 
 /// Most connections one worker process opens (this machine allows 20,000 open files).
 const MAX_PER_WORKER: usize = 15_000;
@@ -88,13 +88,13 @@ impl Driven {
 struct InProcess {
     bus: Bus,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), fjord::server::ServerError>>,
+    task: tokio::task::JoinHandle<Result<(), fjord_server::ServerError>>,
 }
 
 impl InProcess {
     async fn start(manifest: Manifest) -> anyhow::Result<Self> {
         let bus = Bus::Memory(MemoryBus::new());
-        let bound = fjord::server::bind(&manifest).await?;
+        let bound = fjord_server::bind(&manifest).await?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = {
             let bus = bus.clone();
@@ -102,7 +102,7 @@ impl InProcess {
                 let stopped = async {
                     let _ = stopped.await;
                 };
-                fjord::server::serve(&manifest, &bus, bound, &[], stopped).await
+                fjord_server::serve(&manifest, &bus, bound, &[], stopped).await
             })
         };
         Ok(Self { bus, stop, task })
@@ -378,7 +378,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
             let manifest = Manifest::parse(&manifest_text)?;
             let bus = match &in_process {
                 Some(in_process) => in_process.bus.clone(),
-                None => fjord::bus::connect_redis(&manifest.redis).await?,
+                None => fjord_bus::connect_redis(&manifest.redis).await?,
             };
             Some(tokio::spawn(publish_to_bus(
                 bus,

@@ -19,9 +19,9 @@ use super::delay::{DelayProxy, round_trips};
 use super::outcome::{IngestRun, Outcome};
 use super::scenario::{Env, Scenario, create_topic, free_port, manifest, server_command, unique};
 use super::{cpu_ticks, now_us, ticks_per_second};
-use fjord::bus::StreamId;
-use fjord::bus::redis::stream_key;
-use fjord::config::Manifest;
+use fjord_bus::StreamId;
+use fjord_bus::redis::stream_key;
+use fjord_config::Manifest;
 
 /// How often the stream's length is looked at.
 const POLL: Duration = Duration::from_millis(2);

@@ -3,7 +3,7 @@
 //! scenario `fjord-consumer`) processes, re-executes itself as worker processes that open
 //! HTTP/1.1 SSE connections from several 127.0.0.x source addresses, publishes records that
 //! carry their publish time and a sequence number (straight to the Redis bus with
-//! [`fjord::bus`], or to Kafka end to end), and reads the servers' CPU time and resident
+//! [`fjord_bus`], or to Kafka end to end), and reads the servers' CPU time and resident
 //! memory from `/proc`. The floor is a bare non-blocking write loop doing the same fan-out,
 //! measured by the same workers in the same run. The ingest scenario instead times one
 //! `fjord-consumer` through a Kafka backlog, with Redis behind a delaying proxy; the shards

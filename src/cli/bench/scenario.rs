@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
 use super::{Services, event_envelope, now_us};
-use fjord::bus::{Bus, Publication};
-use fjord::config::Manifest;
-use fjord::envelope::Envelope;
+use fjord_bus::envelope::Envelope;
+use fjord_bus::{Bus, Publication};
+use fjord_config::Manifest;
 
 /// The endpoint the scenarios stream.
 pub(super) const ENDPOINT: &str = "bench";

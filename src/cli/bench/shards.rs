@@ -23,9 +23,9 @@ use super::histogram::Histogram;
 use super::outcome::{Latency, Outcome, ReplicaLag, ShardRun};
 use super::scenario::{Env, Scenario, free_port, manifest, publish_to_bus, unique};
 use super::{cpu_ticks, event_envelope, now_us, ticks_per_second};
-use fjord::bus::{Batch, Bus, BusReader, EntryKind};
-use fjord::config::{EndpointName, Manifest, RedisConfig, Retention};
-use fjord::envelope::Envelope;
+use fjord_bus::envelope::Envelope;
+use fjord_bus::{Batch, Bus, BusReader, EntryKind};
+use fjord_config::{EndpointName, Manifest, RedisConfig, Retention};
 
 /// Endpoints the shards scenario publishes to, spread evenly over the primaries.
 const ENDPOINTS: usize = 12;
@@ -369,7 +369,7 @@ async fn run_shards(
     primaries: usize,
 ) -> anyhow::Result<ShardRun> {
     let prefix = unique("bench-shards");
-    let bus = fjord::bus::connect_redis(&cluster.redis_config(&prefix, "primary")?).await?;
+    let bus = fjord_bus::connect_redis(&cluster.redis_config(&prefix, "primary")?).await?;
     let owners = cluster.slot_owners().await?;
     let mut primary_ports: Vec<i64> = owners.iter().map(|&(_, _, port)| port).collect();
     primary_ports.sort_unstable();
@@ -478,7 +478,7 @@ async fn spread_endpoints(
         }
         let name = EndpointName::try_from(format!("shard-{candidate}"))
             .map_err(|error| anyhow::anyhow!(error))?;
-        let key = fjord::bus::redis::stream_key(prefix, &name);
+        let key = fjord_bus::redis::stream_key(prefix, &name);
         let slot: i64 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(&key)
@@ -597,7 +597,7 @@ pub(crate) async fn replica_lag(env: &Env, scenario: &Scenario) -> anyhow::Resul
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     for read_from in ["primary", "replica"] {
-        let bus = fjord::bus::connect_redis(&cluster.redis_config(&prefix, read_from)?).await?;
+        let bus = fjord_bus::connect_redis(&cluster.redis_config(&prefix, read_from)?).await?;
         let reader = bus.reader(endpoints.clone()).await?;
         readers.push(tokio::spawn(time_entries(
             reader,
@@ -607,7 +607,7 @@ pub(crate) async fn replica_lag(env: &Env, scenario: &Scenario) -> anyhow::Resul
     }
     let published = Arc::new(AtomicU64::new(0));
     let publisher = tokio::spawn(publish_to_bus(
-        fjord::bus::connect_redis(&manifest.redis).await?,
+        fjord_bus::connect_redis(&manifest.redis).await?,
         manifest,
         scenario.rate,
         None,

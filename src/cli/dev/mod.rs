@@ -13,11 +13,11 @@ use std::time::Duration;
 use rdkafka::mocking::MockCluster;
 
 use crate::setup::{self, SetupError, TokenRequest};
-use fjord::bus::{Bus, BusError};
-use fjord::config::{Manifest, ManifestError, OffsetReset};
-use fjord::server::ServerError;
-use fjord::server::StaticFile;
+use fjord_bus::{Bus, BusError};
+use fjord_config::{Manifest, ManifestError, OffsetReset};
 use fjord_consumer::ConsumerError;
+use fjord_server::ServerError;
+use fjord_server::StaticFile;
 
 /// What `fjord dev` serves besides the streams: the demo page at `/`, and the JavaScript
 /// client it imports (built from `client/`; `ci/test-client.sh` keeps the copy fresh).
@@ -403,14 +403,14 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
             within_patience(
                 "Redis",
                 &redis.url,
-                fjord::bus::connect_redis(&manifest.redis),
+                fjord_bus::connect_redis(&manifest.redis),
             )
             .await??
         }
-        None => Bus::Memory(fjord::bus::memory::MemoryBus::new()),
+        None => Bus::Memory(fjord_bus::memory::MemoryBus::new()),
     };
     let (assigned_tx, assigned_rx) = tokio::sync::watch::channel(false);
-    let bound = fjord::server::bind(&manifest)
+    let bound = fjord_server::bind(&manifest)
         .await?
         .ready_when_consumer_assigned(assigned_rx);
     let address = bound.local_addr().map_err(|source| ServerError::Bind {
@@ -444,10 +444,10 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     });
     let server = {
         let (manifest, bus, stop) = (manifest.clone(), bus.clone(), stopped(stop_rx.clone()));
-        tokio::spawn(async move { fjord::server::serve(&manifest, &bus, bound, files, stop).await })
+        tokio::spawn(async move { fjord_server::serve(&manifest, &bus, bound, files, stop).await })
     };
 
-    fjord::process::shutdown_signal().await;
+    fjord_bus::process::shutdown_signal().await;
     let _ = stop_tx.send(true);
     if let Some(producer) = producer {
         flatten(producer.await)?;
@@ -591,8 +591,8 @@ fn announce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fjord::auth::Authenticator;
-    use fjord::config::StartPosition;
+    use fjord_config::StartPosition;
+    use fjord_server::auth::Authenticator;
 
     #[tokio::test]
     async fn auth_keys_sign_the_token_the_manifest_verifies_and_a_folder_keeps_them() {

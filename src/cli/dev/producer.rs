@@ -14,7 +14,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
 use super::DevError;
-use fjord::config::Manifest;
+use fjord_config::Manifest;
 use fjord_consumer::client_config;
 
 const RESTAURANTS: [&str; 6] = [
@@ -157,7 +157,7 @@ fn between((low, high): (f64, f64)) -> f64 {
 }
 
 fn now_ms() -> i64 {
-    i64::try_from(fjord::clock::now_ms()).unwrap_or(i64::MAX)
+    i64::try_from(fjord_bus::clock::now_ms()).unwrap_or(i64::MAX)
 }
 
 struct Simulation {

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use fjord::config::Manifest;
-use fjord::process::ManifestArgs;
+use fjord_bus::process::ManifestArgs;
+use fjord_config::Manifest;
 
 /// jemalloc returns freed memory in smaller pieces than glibc: fewer resident bytes per
 /// idle connection (see BENCHMARKS.md).
@@ -24,22 +24,22 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    fjord::process::init_logging();
-    fjord::process::exit_code(run(&args).await, args.common.verbose)
+    fjord_bus::process::init_logging();
+    fjord_bus::process::exit_code(run(&args).await, args.common.verbose)
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
     let manifest = Manifest::load_from_env_or(&args.common.manifest)?;
-    let bus = fjord::bus::connect_redis(&manifest.redis)
+    let bus = fjord_bus::connect_redis(&manifest.redis)
         .await
         .context("connecting to redis")?;
-    let bound = fjord::server::bind(&manifest).await?;
-    fjord::server::serve(
+    let bound = fjord_server::bind(&manifest).await?;
+    fjord_server::serve(
         &manifest,
         &bus,
         bound,
         &[],
-        fjord::process::shutdown_signal(),
+        fjord_bus::process::shutdown_signal(),
     )
     .await?;
     Ok(())

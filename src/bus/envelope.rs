@@ -517,7 +517,7 @@ mod tests {
             .map_err(|error| TestCaseError::fail(error.to_string()))?;
             // What the bus checks every entry for, so that each envelope passes.
             prop_assert!(
-                crate::bus::WireJson::new(bytes::Bytes::from(envelope.json.clone())).is_ok(),
+                crate::WireJson::new(bytes::Bytes::from(envelope.json.clone())).is_ok(),
                 "{:?}",
                 String::from_utf8_lossy(&envelope.json)
             );

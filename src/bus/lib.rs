@@ -1,4 +1,11 @@
-//! The bus: the only link between consumers and servers. A consumer publishes each record
+//! `fjord-bus`: what the consumer and the server share, and none of the web stack (no warp,
+//! hyper server or JWT; `ci/check-parts.sh`). The crate's root is the bus itself; beside it:
+//! - [`envelope`]: a Kafka record as clients see it, encoded once.
+//! - [`backoff`]: the delays between retries, doubling with jitter, for every retry loop.
+//! - [`clock`]: wall-clock milliseconds and seconds, the one clock every part reads.
+//! - [`process`]: logging, shutdown signals and the exit line, shared by every binary.
+//!
+//! The bus is the only link between consumers and servers. A consumer publishes each record
 //! to the stream of every endpoint that carries its topic; every server instance reads all
 //! of its endpoints' streams and can read back the retention window to resume a client.
 //!
@@ -10,8 +17,12 @@
 //! same idempotent way, so that servers can tell every client of the endpoint. Every entry
 //! read, by either bus, is decoded and checked once, in [`entry`], before a server sees it.
 
+pub mod backoff;
+pub mod clock;
 pub mod entry;
+pub mod envelope;
 pub mod memory;
+pub mod process;
 pub mod redis;
 
 use std::fmt;
@@ -21,9 +32,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::backoff::Backoff;
-use crate::config::{EndpointName, Retention};
 use crate::envelope::Envelope;
 pub use entry::{InvalidEntry, Problem, WireJson};
+use fjord_config::{EndpointName, Retention};
 
 /// A position in an endpoint's stream, `<milliseconds>-<sequence>` as Redis Streams number
 /// entries. Ordered; the same entry has the same id on every server instance.
@@ -323,7 +334,7 @@ pub enum BusError {
     },
     /// The manifest's secret for Redis is missing.
     #[error(transparent)]
-    Config(#[from] crate::config::ManifestError),
+    Config(#[from] fjord_config::ManifestError),
 }
 
 /// The bus, shared by clone.
@@ -440,7 +451,7 @@ impl Bus {
 /// Connects to Redis, retrying with backoff while it cannot be reached; fails at once on
 /// what retrying cannot mend: a missing password variable, credentials Redis refuses, a
 /// certificate that is not trusted, a port that does not speak TLS.
-pub async fn connect_redis(config: &crate::config::RedisConfig) -> Result<Bus, BusError> {
+pub async fn connect_redis(config: &fjord_config::RedisConfig) -> Result<Bus, BusError> {
     let mut backoff = Backoff::new(
         std::time::Duration::from_millis(200),
         std::time::Duration::from_secs(5),

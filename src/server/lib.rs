@@ -8,25 +8,12 @@
 //!                        Streams)  per key)   wire format)
 //! ```
 //!
-//! The workspace has one crate per part; each folder under `src/` that holds a `Cargo.toml`
-//! is one:
-//!
-//! | crate | folder | what it is | binary |
-//! |---|---|---|---|
-//! | `fjord-config` | `src/config/` | the manifest: types, schema, example, validation | |
-//! | `fjord` (this one) | `src/` | bus, hub, HTTP and the server | `fjord-server` |
-//! | `fjord-consumer` | `src/consumer/` | Kafka consumer-group members (librdkafka) | `fjord-consumer` |
-//! | `fjord-cli` | `src/cli/` | `dev`, `setup`, `token`, `check`, `bench` | `fjord` |
-//! | `fjord-deploy` | `deploy/` | AWS: bootstrap, images to ECR, ECS services | `fjord-deploy` |
-//!
-//! Each depends only on those above it in the data flow: the deploy tool and every binary
-//! read `fjord-config` (re-exported here as [`config`]), the server links no librdkafka and
-//! no load generator, and `fjord-deploy` none of the web stack (`ci/check-parts.sh`).
+//! This crate, `fjord-server`, is the part from the bus on: the hub, the HTTP routes and the
+//! streams. The bus, the envelope, backoff, clock and process plumbing come from `fjord-bus`,
+//! the manifest from `fjord-config`; it links no librdkafka and no load generator
+//! (`ci/check-parts.sh`). The workspace's crate map is in the README.
 //!
 //! This crate's modules:
-//! - [`config`]: the manifest every binary reads, validated at start (`fjord-config`).
-//! - [`envelope`]: a Kafka record as clients see it, encoded once.
-//! - [`bus`]: the link between consumers and servers: Redis Streams, or in process.
 //! - [`hub`]: a server's fan-out from the bus to its connections: a folder with a file per
 //!   job — outlet (a connection's queue), index (by endpoint and key), feed, subscription.
 //! - `keys`: key filters, stored once per distinct set, and the index by key.
@@ -40,29 +27,31 @@
 //! - `connection`: one TCP connection: stream responses written straight to the socket.
 //! - `limits`: how many connections a server holds, and descriptors kept for health checks.
 //! - `metrics`: the counters behind `/metrics`.
-//! - [`server`]: wires bus, hub and routes into a running server with graceful drain.
-//! - [`process`]: logging and shutdown signals, shared by the binaries.
-//! - [`backoff`]: the delays between retries, doubling with jitter, for every retry loop.
-//! - [`clock`]: wall-clock milliseconds and seconds, the one clock every part reads.
+//! - `serve`: wires bus, hub and routes into a running server with graceful drain; its
+//!   [`bind`] and [`serve`] are what the binaries call.
 //!
 //! The binaries are thin: they parse arguments and call into their crate's library.
 
 pub mod auth;
-pub mod backoff;
-pub mod bus;
-pub mod clock;
-pub use fjord_config as config;
 mod connection;
 mod cors;
-pub mod envelope;
 mod http;
 pub mod hub;
 mod keys;
 mod limits;
 mod metrics;
-pub mod process;
 mod queue;
 pub mod replay;
 mod request;
-pub mod server;
+mod serve;
 pub mod sse;
+
+// The shared crates under the names this crate's modules use (`crate::bus::Bus`,
+// `crate::config::Manifest`): imported, not re-exported.
+use fjord_bus as bus;
+#[cfg(test)]
+use fjord_bus::envelope;
+use fjord_bus::{backoff, clock, process};
+use fjord_config as config;
+
+pub use serve::{Bound, DRAIN_GRACE, ServerError, StaticFile, bind, serve};
