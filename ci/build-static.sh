@@ -46,9 +46,9 @@ export "CC_${target//-/_}=musl-gcc" "CXX_${target//-/_}=g++"
 target_dir=${CARGO_TARGET_DIR:-target}
 start=$SECONDS
 log "cargo build --release --target $target: fjord, fjord-consumer…"
-cargo build --release --locked --target "$target" -p fjord-cli -p fjord-consumer
+cargo build --release --locked --target "$target" -p fjord -p fjord-consumer
 log "cargo build --release --target $target: fjord-server…"
-cargo build --release --locked --target "$target" -p fjord --bin fjord-server
+cargo build --release --locked --target "$target" -p fjord-server
 log "built in $((SECONDS - start)) s"
 
 binaries=(fjord fjord-consumer fjord-server)

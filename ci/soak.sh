@@ -11,4 +11,4 @@ ci/services.sh up
 source "${FJORD_CI_STATE:-/tmp/fjord-ci}/env"
 # The consumer is another package's binary, which `cargo test` does not build by itself.
 cargo build --locked --bins
-cargo test --locked --test soak -- --ignored --nocapture
+cargo test --locked -p fjord-tests --test integration -- --ignored --nocapture soak::

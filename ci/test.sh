@@ -8,8 +8,9 @@
 # tests against moto and a registry, the Nix and workflow checks, and the JavaScript
 # client's tests (unit and in headless Chromium), then stops the services.
 #   FJORD_CI_KEEP_SERVICES=1 ci/test.sh   leaves the services running for the next run
-#   ci/test.sh [cargo test arguments]     only the Rust tests, e.g. ci/test.sh --test pipeline
-#   FJORD_TEST_BUS=cluster ci/test.sh --test pipeline   those on the Redis Cluster
+#   ci/test.sh [cargo test arguments]     only the Rust tests, e.g. one module of the
+#                                         integration tests: ci/test.sh -p fjord-tests pipeline::
+#   FJORD_TEST_BUS=cluster ci/test.sh -p fjord-tests pipeline::   those on the Redis Cluster
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,9 +42,15 @@ step "unit and integration tests"
 cargo test --locked "$@"
 [ $# -eq 0 ] || exit 0
 
+# The integration tests are one binary whose modules run side by side; the few that stop or
+# restart a shared service are #[ignore]d there and run here, alone.
+step "the fault tests that stop Redis or restart Kafka, alone"
+cargo test --locked -p fjord-tests --test integration -- --ignored faults::
+
 step "the bus's tests again, on the Redis Cluster (3 primaries, 3 replicas)"
-FJORD_TEST_BUS=cluster cargo test --locked --test pipeline --test faults --test http_contract \
-  --test bus_entries --test bus_semantics
+bus_tests=(pipeline:: faults:: http_contract:: bus_entries:: bus_semantics::)
+FJORD_TEST_BUS=cluster cargo test --locked -p fjord-tests --test integration -- "${bus_tests[@]}"
+FJORD_TEST_BUS=cluster cargo test --locked -p fjord-tests --test integration -- --ignored faults::
 
 step "the documentation's walkthroughs, run as written (the first command, Running it, Access control)"
 ci/test-readme.sh

@@ -175,11 +175,11 @@ let
       ]
       && packages.fjord-consumer.args.buildInputs == [ ]
     ) "the build inputs are not cmake, perl and pkg-config, and no library")
-    # The server is the `fjord` crate's binary, which has no librdkafka among its
+    # The server is `fjord-server`'s binary, which has no librdkafka among its
     # dependencies (ci/check-parts.sh), built on a dependency build of its own.
     (expect (
-      packages.fjord-server.args.cargoExtraArgs == "--locked -p fjord --bin fjord-server"
-      && packages.fjord-server.args.cargoArtifacts.args.cargoExtraArgs == "--locked -p fjord --bin fjord-server"
+      packages.fjord-server.args.cargoExtraArgs == "--locked -p fjord-server"
+      && packages.fjord-server.args.cargoArtifacts.args.cargoExtraArgs == "--locked -p fjord-server"
       && packages.fjord-consumer.args.cargoExtraArgs == "--locked -p fjord-consumer"
     ) "fjord-server is not built from its own crate, or the consumer not from fjord-consumer")
     (expect (
@@ -201,7 +201,7 @@ let
       && devImage.config.ExposedPorts ? "8080/tcp"
       && devImage.extraCommands == "mkdir -m 1777 tmp"
       && builtins.elem packages.fjord devImage.contents
-      && packages.fjord.args.cargoExtraArgs == "--locked -p fjord-cli"
+      && packages.fjord.args.cargoExtraArgs == "--locked -p fjord"
     ) "the dev image does not run `fjord dev --host 0.0.0.0` with the CLI binary")
     # The deploy's images keep their config: no command, JSON logs.
     (expect (builtins.all (

@@ -1,5 +1,5 @@
 # The workspace built with crane: one dependency build shared by the consumer, the CLI and
-# the checks, one of the server's own (the `fjord` crate: no librdkafka, no CLI, so fewer
+# the checks, one of the server's own (`fjord-server`: no librdkafka, no CLI, so fewer
 # crates and features than the workspace's), the images, the deploy tool wrapped to find
 # them, and the dev shell. On a Mac only the deploy tool is built here; its images come from
 # the Linux package set.
@@ -30,7 +30,7 @@ let
     pname = "fjord";
     version = "0.1.0";
     strictDeps = true;
-    # librdkafka (fjord-consumer's and fjord-cli's) is built by rdkafka-sys with CMake, with
+    # librdkafka (fjord-consumer's and fjord's) is built by rdkafka-sys with CMake, with
     # OpenSSL (perl runs its Configure), zlib, zstd and libcurl from vendored sources: no
     # system library is linked. ci/sandbox-build.sh rehearses this build without /usr/bin/env,
     # with the headers of the Debian packages that stand for these buildInputs, and these
@@ -47,13 +47,14 @@ let
 
   # `--workspace`: the top's default members leave the deploy tool out.
   cargoArtifacts = craneLib.buildDepsOnly (common // { cargoExtraArgs = "--locked --workspace"; });
-  # The server's dependencies only: its tests (whose dev-dependencies include librdkafka, to
-  # produce records) run in the checks, on the workspace's build.
+  # The server's dependencies only: its tests, and the integration tests (fjord-tests, whose
+  # dev-dependencies include librdkafka, to produce records), run in the checks, on the
+  # workspace's build.
   serverArtifacts = craneLib.buildDepsOnly (
     common
     // {
       pname = "fjord-server";
-      cargoExtraArgs = "--locked -p fjord --bin fjord-server";
+      cargoExtraArgs = "--locked -p fjord-server";
       cargoCheckExtraArgs = "";
       doCheck = false;
     }
@@ -93,7 +94,7 @@ let
   fjord-server = binary {
     pname = "fjord-server";
     artifacts = serverArtifacts;
-    cargoExtraArgs = "--locked -p fjord --bin fjord-server";
+    cargoExtraArgs = "--locked -p fjord-server";
   };
   fjord-consumer = binary {
     pname = "fjord-consumer";
@@ -104,7 +105,7 @@ let
   fjord = binary {
     pname = "fjord";
     artifacts = cargoArtifacts;
-    cargoExtraArgs = "--locked -p fjord-cli";
+    cargoExtraArgs = "--locked -p fjord";
   };
   fjord-deploy = binary {
     pname = "fjord-deploy";

@@ -10,7 +10,6 @@ use fjord_config::Manifest;
 
 /// Fjord: a real-time API proxy for Kafka.
 #[derive(Debug, Parser)]
-// Named for the binary: clap would take the package's name, `fjord-cli`.
 #[command(name = "fjord", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
