@@ -14,30 +14,14 @@ use tokio::net::TcpStream;
 const SECRET_ENV: &str = "FJORD_TEST_ATTACKS_SECRET";
 const SECRET: &str = "an attack-test secret: 48 bytes of varied text!!";
 
-struct Server {
-    port: u16,
-    process: Process,
-    _dir: tempfile::TempDir,
-}
-
-/// Starts `fjord-server` for `endpoints` (name, topic) with the manifest `edit` made.
+/// Starts `fjord-server` for `endpoints` (name, topic) with the manifest `edit` made and the
+/// secret in its environment.
 async fn start(endpoints: &[(&str, &str)], edit: impl FnOnce(&mut serde_json::Value)) -> Server {
-    let services = services();
-    let port = free_port();
-    let mut manifest = manifest(&services, endpoints, &unique("group"), port);
-    edit(&mut manifest);
-    let (dir, path) = write_manifest(&manifest);
-    let mut process = Process::start(
-        &server_binary(),
-        &["--manifest", path.to_str().expect("utf-8 path")],
-        &[(SECRET_ENV, SECRET)],
-    );
-    process.wait_ready(port).await;
-    Server {
-        port,
-        process,
-        _dir: dir,
-    }
+    ServerStart::new()
+        .endpoints(endpoints)
+        .env(SECRET_ENV, SECRET)
+        .start(edit)
+        .await
 }
 
 impl Server {

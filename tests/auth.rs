@@ -52,12 +52,10 @@ fn sign(dir: &Path, claims: &serde_json::Value) -> String {
 }
 
 struct AuthServer {
-    port: u16,
     topic: String,
     keys_dir: tempfile::TempDir,
-    server: Process,
+    server: Server,
     _consumer: Process,
-    _manifest: tempfile::TempDir,
 }
 
 async fn start(edit_auth: impl FnOnce(&mut serde_json::Value)) -> AuthServer {
@@ -88,31 +86,22 @@ async fn start(edit_auth: impl FnOnce(&mut serde_json::Value)) -> AuthServer {
     create_topic(&services.brokers, &topic, 2).await;
     let drivers = unique("drivers");
     create_topic(&services.brokers, &drivers, 1).await;
-    let port = free_port();
-    let mut manifest = manifest(
-        &services,
-        &[("orders", &topic), ("drivers", &drivers)],
-        &unique("group"),
-        port,
-    );
-    manifest["auth"] = auth;
-    let (manifest_dir, path) = write_manifest(&manifest);
-    let server = Process::server(&path);
-    wait_ready(port).await;
-    let consumer = Process::consumer(&path, &[]);
+    let server = ServerStart::new()
+        .endpoints(&[("orders", &topic), ("drivers", &drivers)])
+        .start(|manifest| manifest["auth"] = auth)
+        .await;
+    let consumer = Process::consumer(&server.path, &[]);
     AuthServer {
-        port,
         topic,
         keys_dir,
         server,
         _consumer: consumer,
-        _manifest: manifest_dir,
     }
 }
 
 impl AuthServer {
     fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        self.server.url(path)
     }
 
     fn token(&self, args: &[&str]) -> String {
@@ -335,7 +324,7 @@ async fn bad_tokens_are_refused_with_their_reason_and_never_logged() {
         server.refusal("/v1/streams/secret-plans", &[]).await,
         (401, "token_missing".into())
     );
-    let log = server.server.log().join("\n");
+    let log = server.server.process.log().join("\n");
     for secret in [&foreign, &expired, &not_yet, &elsewhere] {
         assert!(!log.contains(secret.as_str()), "a token reached the log");
     }

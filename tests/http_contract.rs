@@ -3,32 +3,6 @@
 
 use crate::common::*;
 
-struct Server {
-    port: u16,
-    process: Process,
-    _dir: tempfile::TempDir,
-}
-
-async fn start_server(edit: impl FnOnce(&mut serde_json::Value)) -> Server {
-    let services = services();
-    let port = free_port();
-    let mut manifest = manifest(
-        &services,
-        &[("orders", "orders-unused")],
-        &unique("group"),
-        port,
-    );
-    edit(&mut manifest);
-    let (dir, path) = write_manifest(&manifest);
-    let process = Process::server(&path);
-    wait_ready(port).await;
-    Server {
-        port,
-        process,
-        _dir: dir,
-    }
-}
-
 async fn json_error(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
     assert_eq!(response.headers()["content-type"], "application/json");

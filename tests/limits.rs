@@ -12,47 +12,16 @@ use tokio::net::{TcpSocket, TcpStream};
 const SECRET_ENV: &str = "FJORD_TEST_LIMITS_SECRET";
 const SECRET: &str = "a test secret of more than thirty-two bytes, for HS256";
 
-struct Server {
-    port: u16,
-    process: Process,
-    _dir: tempfile::TempDir,
-}
-
-/// Starts `fjord-server` with the manifest `edit` made, under `sh -c 'ulimit -n N; exec …'`
-/// when `nofile` is given.
+/// Starts `fjord-server` with the manifest `edit` made and the secret in its environment,
+/// at an open-file limit of `nofile` when given.
 async fn start(nofile: Option<u32>, edit: impl FnOnce(&mut serde_json::Value)) -> Server {
-    let services = services();
-    let port = free_port();
-    let mut manifest = manifest(
-        &services,
-        &[("orders", &unique("orders-unused"))],
-        &unique("group"),
-        port,
-    );
-    edit(&mut manifest);
-    let (dir, path) = write_manifest(&manifest);
-    let server = &server_binary();
-    let manifest = path.to_str().expect("utf-8 path");
-    let envs = [(SECRET_ENV, SECRET)];
-    let mut process = match nofile {
-        None => Process::start(server, &["--manifest", manifest], &envs),
-        Some(nofile) => Process::start(
-            "sh",
-            &[
-                "-c",
-                &format!("ulimit -n {nofile} && exec \"$0\" --manifest \"$1\""),
-                server,
-                manifest,
-            ],
-            &envs,
-        ),
-    };
-    process.wait_ready(port).await;
-    Server {
-        port,
-        process,
-        _dir: dir,
+    let server = ServerStart::new().env(SECRET_ENV, SECRET);
+    match nofile {
+        Some(nofile) => server.nofile(nofile),
+        None => server,
     }
+    .start(edit)
+    .await
 }
 
 fn jwt_auth() -> serde_json::Value {

@@ -6,8 +6,8 @@
 //! - [`bench`]: `fjord bench`, the load generator, the floor and the scenarios of
 //!   `BENCHMARKS.md`.
 //!
-//! It stands on the `fjord` library (bus, hub, server) and `fjord-consumer`; nothing that a
-//! deployed server or consumer runs lives here.
+//! It stands on `fjord-server` (hub, routes, serve), `fjord-consumer`, `fjord-bus` and
+//! `fjord-config`; nothing that a deployed server or consumer runs lives here.
 
 pub mod bench;
 pub mod dev;

@@ -11,6 +11,9 @@
 //!
 //! While the bus is unreachable the member stops reading once 8,192 records wait
 //! (backpressure) and retries the same batch; it never skips a record it can read.
+//!
+//! It links the bus, the envelope, backoff and clock (`fjord-bus`) and the manifest
+//! (`fjord-config`), not the server's web stack (`ci/check-parts.sh`).
 
 mod batches;
 pub mod decode;

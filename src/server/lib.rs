@@ -30,20 +30,28 @@
 //! - `serve`: wires bus, hub and routes into a running server with graceful drain; its
 //!   [`bind`] and [`serve`] are what the binaries call.
 //!
-//! The binaries are thin: they parse arguments and call into their crate's library.
+//! The binaries are thin: they parse arguments and call into their crate's library. What
+//! they call is this crate's API: [`bind`], [`serve`] and [`auth`] (for `fjord token` and
+//! `fjord dev --auth`). [`hub`], [`replay`] and [`sse`] are public only because the
+//! integration tests reach into them (`tests/bus_semantics.rs` drives a hub on each bus,
+//! `tests/replay_memory.rs` reads the replay's page size), and hidden from the docs: they are
+//! not API.
 
 pub mod auth;
 mod connection;
 mod cors;
 mod http;
+#[doc(hidden)]
 pub mod hub;
 mod keys;
 mod limits;
 mod metrics;
 mod queue;
+#[doc(hidden)]
 pub mod replay;
 mod request;
 mod serve;
+#[doc(hidden)]
 pub mod sse;
 
 // The shared crates under the names this crate's modules use (`crate::bus::Bus`,

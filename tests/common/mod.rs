@@ -313,6 +313,92 @@ pub fn manifest(
     })
 }
 
+/// A `fjord-server` that a test started on a free port with a manifest of its own; killed,
+/// and its manifest removed, when dropped.
+pub struct Server {
+    pub port: u16,
+    pub process: Process,
+    /// The manifest it runs, for a consumer of the same pipeline.
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// `http://127.0.0.1:PORT` followed by `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// Starts `fjord-server` with one endpoint, `orders`, on a topic nothing produces to, and
+/// the manifest `edit` made; returns once it is ready.
+pub async fn start_server(edit: impl FnOnce(&mut serde_json::Value)) -> Server {
+    ServerStart::new().start(edit).await
+}
+
+/// How [`start_server`] starts a server, when a test needs more than the manifest edit.
+#[derive(Debug, Default)]
+pub struct ServerStart<'a> {
+    endpoints: Option<&'a [(&'a str, &'a str)]>,
+    envs: Vec<(&'a str, &'a str)>,
+    nofile: Option<u32>,
+}
+
+impl<'a> ServerStart<'a> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The endpoints (name, topic) instead of `orders` alone.
+    pub fn endpoints(mut self, endpoints: &'a [(&'a str, &'a str)]) -> Self {
+        self.endpoints = Some(endpoints);
+        self
+    }
+
+    /// An environment variable of the server's (a secret the manifest names).
+    pub fn env(mut self, name: &'a str, value: &'a str) -> Self {
+        self.envs.push((name, value));
+        self
+    }
+
+    /// Runs the server under `sh -c 'ulimit -n NOFILE; exec …'`.
+    pub fn nofile(mut self, nofile: u32) -> Self {
+        self.nofile = Some(nofile);
+        self
+    }
+
+    pub async fn start(self, edit: impl FnOnce(&mut serde_json::Value)) -> Server {
+        let services = services();
+        let port = free_port();
+        let endpoints = self.endpoints.unwrap_or(&[("orders", "orders-unused")]);
+        let mut manifest = manifest(&services, endpoints, &unique("group"), port);
+        edit(&mut manifest);
+        let (dir, path) = write_manifest(&manifest);
+        let server = server_binary();
+        let manifest = path.to_str().expect("a UTF-8 path");
+        let mut process = match self.nofile {
+            None => Process::start(&server, &["--manifest", manifest], &self.envs),
+            Some(nofile) => Process::start(
+                "sh",
+                &[
+                    "-c",
+                    &format!("ulimit -n {nofile} && exec \"$0\" --manifest \"$1\""),
+                    &server,
+                    manifest,
+                ],
+                &self.envs,
+            ),
+        };
+        process.wait_ready(port).await;
+        Server {
+            port,
+            process,
+            path,
+            _dir: dir,
+        }
+    }
+}
+
 /// Writes a manifest into a temporary directory that lives as long as the returned guard.
 pub fn write_manifest(manifest: &serde_json::Value) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
