@@ -258,8 +258,10 @@ impl<'s, 'l> Parser<'s, 'l> {
         match self.peek() {
             Token::Not => {
                 self.term()?;
-                self.advance();
-                let operand = self.nested(|parser| parser.condition(|parser| parser.unary()))?;
+                let operand = self.nested(|parser| {
+                    parser.advance();
+                    parser.condition(|parser| parser.unary())
+                })?;
                 Ok(Expr::Not(Box::new(operand)))
             }
             Token::Minus => {
@@ -436,14 +438,18 @@ impl<'s, 'l> Parser<'s, 'l> {
                 None => return Err(self.error(Reason::UnknownName(name.to_owned()))),
             },
             Token::LParen => {
-                self.advance();
-                let inner = self.nested(|parser| parser.or())?;
-                self.expect(&Token::RParen, "')'")?;
-                return Ok(inner);
+                return self.nested(|parser| {
+                    parser.advance();
+                    let inner = parser.or()?;
+                    parser.expect(&Token::RParen, "')'")?;
+                    Ok(inner)
+                });
             }
             Token::LBracket => {
-                self.advance();
-                return self.nested(|parser| parser.list());
+                return self.nested(|parser| {
+                    parser.advance();
+                    parser.list()
+                });
             }
             _ => return Err(self.expected("a value")),
         };
