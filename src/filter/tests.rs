@@ -2,6 +2,7 @@
 //! targets (`fuzz_*`, run at length by ci/fuzz.sh).
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use serde_json::{Map, Value, json};
 
 use crate::{Filter, FilterError, Limits, Projection, Reason, RecordView};
@@ -910,6 +911,73 @@ fn near_filter() -> impl Strategy<Value = String> {
     })
 }
 
+/// Filters that compile: every construct of the language, with random literals and
+/// spacing, nested a few levels.
+fn valid_filter() -> impl Strategy<Value = String> {
+    let step = prop_oneof![
+        Just(".a".to_owned()),
+        Just(".b".to_owned()),
+        Just("[\"a\"]".to_owned()),
+        Just("['x y']".to_owned()),
+        (0..3_u8).prop_map(|index| format!("[{index}]")),
+    ];
+    let path = (
+        prop_oneof![Just("value"), Just("key"), Just("headers")],
+        proptest::collection::vec(step, 0..3),
+    )
+        .prop_map(|(root, steps)| format!("{root}{}", steps.concat()));
+    let scalar = prop_oneof![
+        Just("null".to_owned()),
+        any::<bool>().prop_map(|value| value.to_string()),
+        any::<i64>().prop_map(|value| value.to_string()),
+        any::<f64>()
+            .prop_filter("finite", |value| value.is_finite())
+            .prop_map(|value| format!("{value:e}")),
+        "\\PC{0,4}".prop_map(|text| Value::from(text).to_string()),
+        Just("'\\x41\\u00e9\\n'".to_owned()),
+    ];
+    let list = proptest::collection::vec(scalar.clone(), 0..3)
+        .prop_map(|elements| format!("[{}]", elements.join(", ")));
+    let operand = prop_oneof![
+        path.clone(),
+        scalar.clone(),
+        list.clone(),
+        path.clone().prop_map(|path| format!("size({path})")),
+        Just("topic".to_owned()),
+        Just("partition".to_owned()),
+        Just("timestamp".to_owned()),
+    ];
+    let comparison = prop_oneof![
+        Just("=="),
+        Just("!="),
+        Just("<"),
+        Just("<="),
+        Just(">"),
+        Just(">="),
+        Just("in"),
+    ];
+    let condition = prop_oneof![
+        (operand.clone(), comparison, operand)
+            .prop_map(|(left, operator, right)| format!("{left} {operator} {right}")),
+        path.clone().prop_map(|path| format!("has({path}.a)")),
+        path.clone(),
+        any::<bool>().prop_map(|value| value.to_string()),
+        (
+            path,
+            prop_oneof![Just("startsWith"), Just("endsWith"), Just("contains")],
+            scalar
+        )
+            .prop_map(|(path, method, argument)| format!("{path}.{method}({argument})")),
+    ];
+    condition.prop_recursive(4, 32, 3, |inner| {
+        prop_oneof![
+            inner.clone().prop_map(|inner| format!("!({inner})")),
+            (inner.clone(), prop_oneof![Just("&&"), Just("||")], inner)
+                .prop_map(|(left, operator, right)| format!("({left}){operator}({right})")),
+        ]
+    })
+}
+
 /// Compiling never panics; what compiles has a canonical form that compiles to itself and
 /// evaluates without panicking on any record.
 fn check_filter(source: &str, value: &Value) {
@@ -935,6 +1003,15 @@ fn check_filter(source: &str, value: &Value) {
 }
 
 proptest! {
+    // Failures are kept in this crate's folder (proptest would otherwise look for a `src`
+    // above this file and write beside the server's sources); cargo runs tests from here.
+    #![proptest_config(ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/tests.txt",
+        ))),
+        ..ProptestConfig::default()
+    })]
+
     #[test]
     fn fuzz_filter_source_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256), value in json_value()) {
         check_filter(&String::from_utf8_lossy(&bytes), &value);
@@ -948,6 +1025,23 @@ proptest! {
     #[test]
     fn fuzz_filter_near_valid(source in near_filter(), value in json_value()) {
         check_filter(&source, &value);
+    }
+
+    #[test]
+    fn fuzz_filter_canonical_form_keeps_meaning(source in valid_filter(), value in json_value()) {
+        let limits = Limits { max_length: 1 << 16, ..Limits::default() };
+        let filter = Filter::compile(&source, &limits);
+        prop_assert!(filter.is_ok(), "{:?}: {:?}", source, filter);
+        let Ok(filter) = filter else { return Ok(()) };
+        let again = Filter::compile(filter.canonical(), &limits);
+        prop_assert_eq!(again.as_ref().map(Filter::canonical), Ok(filter.canonical()));
+        let Ok(again) = again else { return Ok(()) };
+        let record = envelope(value);
+        let view = RecordView::from_envelope(&record);
+        prop_assert!(view.is_some());
+        if let Some(view) = view {
+            prop_assert_eq!(filter.matches(&view), again.matches(&view), "{}", filter.canonical());
+        }
     }
 
     #[test]
