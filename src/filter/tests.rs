@@ -392,6 +392,41 @@ fn filters_that_differ_only_in_spacing_are_equal() {
 }
 
 #[test]
+fn the_examples_in_docs_filters_md_mean_what_it_says() {
+    assert_eq!(
+        canonical(r#"value.status=='placed'&&(value["total_cents"]>=1000)"#),
+        r#"value.status == "placed" && value.total_cents >= 1000"#
+    );
+    for (value, expected) in [
+        (json!({"note": null}), true),
+        (json!({}), true),
+        (json!({"note": "x"}), false),
+    ] {
+        let record = envelope(value);
+        assert_eq!(
+            matches_envelope("!has(value.note) || value.note == null", &record),
+            expected
+        );
+    }
+    let record = envelope(json!({"total": 5, "vip": true}));
+    assert!(matches_envelope("value.total > 10 || value.vip", &record));
+    assert!(matches_envelope("value.vip || value.total > 10", &record));
+    assert!(!matches_envelope(
+        "has(value.missing) && value.missing > 10",
+        &record
+    ));
+    assert!(matches("value.paid && !has(value.refunded)"));
+    assert_eq!(
+        projection("[\"order id\"],items").canonical(),
+        "items,[\"order id\"]"
+    );
+    assert_eq!(
+        projection("customer.name, id, customer").canonical(),
+        "customer,id"
+    );
+}
+
+#[test]
 fn and_combines_filters_so_that_both_must_pass() {
     let limits = Limits::default();
     let compile = |source: &str| match Filter::compile(source, &limits) {
