@@ -17,8 +17,7 @@ pub(crate) enum Expr {
     And(Vec<Expr>),
     /// Two or more operands; nested disjunctions are flattened into one.
     Or(Vec<Expr>),
-    Compare(Comparison, Box<Expr>, Box<Expr>),
-    In(Box<Expr>, Box<Expr>),
+    Relation(Relation, Box<Expr>, Box<Expr>),
     /// `has(path)`: whether the path leads somewhere.
     Has(Path),
     Size(Box<Expr>),
@@ -61,7 +60,7 @@ impl Expr {
         match self {
             Expr::Or(_) => 1,
             Expr::And(_) => 2,
-            Expr::Compare(..) | Expr::In(..) => 3,
+            Expr::Relation(..) => 3,
             Expr::Not(_) => 4,
             // A negative number is a minus sign and a number, which takes no `.method()`.
             Expr::Literal(Value::Number(number))
@@ -99,16 +98,11 @@ impl Expr {
                     operand.write(out, inner);
                 }
             }
-            Expr::Compare(comparison, left, right) => {
+            Expr::Relation(relation, left, right) => {
                 left.write(out, 4);
                 out.push(' ');
-                out.push_str(comparison.symbol());
+                out.push_str(relation.symbol());
                 out.push(' ');
-                right.write(out, 4);
-            }
-            Expr::In(left, right) => {
-                left.write(out, 4);
-                out.push_str(" in ");
                 right.write(out, 4);
             }
             Expr::Has(path) => {
@@ -144,18 +138,19 @@ impl Expr {
     }
 }
 
-/// `==`, `!=`, `<`, `<=`, `>`, `>=`.
+/// `==`, `!=`, `<`, `<=`, `>`, `>=` and `in`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Comparison {
+pub(crate) enum Relation {
     Eq,
     Ne,
     Lt,
     Le,
     Gt,
     Ge,
+    In,
 }
 
-impl Comparison {
+impl Relation {
     fn symbol(self) -> &'static str {
         match self {
             Self::Eq => "==",
@@ -164,6 +159,7 @@ impl Comparison {
             Self::Le => "<=",
             Self::Gt => ">",
             Self::Ge => ">=",
+            Self::In => "in",
         }
     }
 }
@@ -186,7 +182,7 @@ impl TextTest {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::StartsWith => "startsWith",
             Self::EndsWith => "endsWith",

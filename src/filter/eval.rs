@@ -8,7 +8,7 @@ use std::cmp::Ordering;
 use serde_json::{Map, Value};
 
 use crate::RecordView;
-use crate::ast::{Comparison, Expr, Path, Root, Step, TextTest};
+use crate::ast::{Expr, Path, Relation, Root, Step, TextTest};
 
 /// What the record lacks, for its `key` when it has none.
 static NULL: Value = Value::Null;
@@ -93,27 +93,17 @@ fn evaluate<'a>(expr: &'a Expr, record: &RecordView<'a>) -> Option<Operand<'a>> 
         Expr::Literal(value) => Operand::from(value),
         Expr::Path(path) => resolve(path, record)?,
         Expr::And(_) | Expr::Or(_) | Expr::Not(_) => Operand::Bool(truth(expr, record)?),
-        Expr::Compare(comparison, left, right) => {
+        Expr::Relation(relation, left, right) => {
             let left = evaluate(left, record)?;
             let right = evaluate(right, record)?;
-            Operand::Bool(match comparison {
-                Comparison::Eq => equal(left, right),
-                Comparison::Ne => !equal(left, right),
-                Comparison::Lt => order(left, right)?.is_lt(),
-                Comparison::Le => order(left, right)?.is_le(),
-                Comparison::Gt => order(left, right)?.is_gt(),
-                Comparison::Ge => order(left, right)?.is_ge(),
-            })
-        }
-        Expr::In(element, collection) => {
-            let element = evaluate(element, record)?;
-            Operand::Bool(match evaluate(collection, record)? {
-                Operand::List(list) => list.iter().any(|item| equal(element, Operand::from(item))),
-                Operand::Map(map) => match element {
-                    Operand::Text(name) => map.contains_key(name),
-                    _ => false,
-                },
-                _ => return None,
+            Operand::Bool(match relation {
+                Relation::Eq => equal(left, right),
+                Relation::Ne => !equal(left, right),
+                Relation::Lt => order(left, right)?.is_lt(),
+                Relation::Le => order(left, right)?.is_le(),
+                Relation::Gt => order(left, right)?.is_gt(),
+                Relation::Ge => order(left, right)?.is_ge(),
+                Relation::In => contains(right, left)?,
             })
         }
         Expr::Has(path) => Operand::Bool(resolve(path, record).is_some()),
@@ -170,6 +160,18 @@ fn resolve<'a>(path: &'a Path, record: &RecordView<'a>) -> Option<Operand<'a>> {
         };
     }
     Some(Operand::from(at))
+}
+
+/// `element in collection`: an element of a list, a member's name of an object.
+fn contains(collection: Operand<'_>, element: Operand<'_>) -> Option<bool> {
+    match collection {
+        Operand::List(list) => Some(list.iter().any(|item| equal(element, item.into()))),
+        Operand::Map(map) => Some(match element {
+            Operand::Text(name) => map.contains_key(name),
+            _ => false,
+        }),
+        _ => None,
+    }
 }
 
 /// CEL's equality: values of different types are unequal (not an error), numbers compare by

@@ -6,7 +6,7 @@
 use serde_json::{Number, Value};
 
 use crate::Limits;
-use crate::ast::{Comparison, Expr, Path, Root, Step, TextTest};
+use crate::ast::{Expr, Path, Relation, Root, Step, TextTest};
 use crate::error::{FilterError, Reason};
 use crate::lexer::{Token, tokenize};
 
@@ -220,38 +220,33 @@ impl<'s, 'l> Parser<'s, 'l> {
         Ok(Expr::join(*operator == Token::Or, operands))
     }
 
-    /// A unary operand, optionally compared with one other.
+    /// A unary operand, optionally related to one other.
     fn relation(&mut self) -> Result<Expr, FilterError> {
         let left = self.unary()?;
-        let comparison = match self.peek() {
-            Token::Eq => Comparison::Eq,
-            Token::Ne => Comparison::Ne,
-            Token::Lt => Comparison::Lt,
-            Token::Le => Comparison::Le,
-            Token::Gt => Comparison::Gt,
-            Token::Ge => Comparison::Ge,
-            Token::Ident("in") => {
-                self.term()?;
-                self.advance();
-                let right = self.unary()?;
-                return self.unchained(Expr::In(Box::new(left), Box::new(right)));
-            }
-            _ => return Ok(left),
+        let Some(relation) = self.relation_next() else {
+            return Ok(left);
         };
         self.term()?;
         self.advance();
         let right = self.unary()?;
-        self.unchained(Expr::Compare(comparison, Box::new(left), Box::new(right)))
+        if self.relation_next().is_some() {
+            return Err(self.error(Reason::ChainedComparison));
+        }
+        Ok(Expr::Relation(relation, Box::new(left), Box::new(right)))
     }
 
-    fn unchained(&self, relation: Expr) -> Result<Expr, FilterError> {
-        match self.peek() {
-            Token::Eq | Token::Ne | Token::Lt | Token::Le | Token::Gt | Token::Ge => {
-                Err(self.error(Reason::ChainedComparison))
-            }
-            Token::Ident("in") => Err(self.error(Reason::ChainedComparison)),
-            _ => Ok(relation),
-        }
+    fn relation_next(&self) -> Option<Relation> {
+        let relation = match self.peek() {
+            Token::Eq => Relation::Eq,
+            Token::Ne => Relation::Ne,
+            Token::Lt => Relation::Lt,
+            Token::Le => Relation::Le,
+            Token::Gt => Relation::Gt,
+            Token::Ge => Relation::Ge,
+            Token::Ident("in") => Relation::In,
+            _ => return None,
+        };
+        Some(relation)
     }
 
     fn unary(&mut self) -> Result<Expr, FilterError> {
@@ -377,11 +372,7 @@ impl<'s, 'l> Parser<'s, 'l> {
                 self.source,
                 at,
                 Reason::Arguments {
-                    function: match test {
-                        TextTest::StartsWith => "startsWith",
-                        TextTest::EndsWith => "endsWith",
-                        TextTest::Contains => "contains",
-                    },
+                    function: test.name(),
                     expected: "one argument",
                 },
             )),
