@@ -74,6 +74,14 @@ fn canonical(source: &str) -> String {
 }
 
 #[test]
+fn compiled_forms_can_be_shared_between_threads() {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<Filter>();
+    shared::<Projection>();
+    shared::<FilterError>();
+}
+
+#[test]
 fn the_readme_example_passes_placed_orders_of_ten_euros_or_more() {
     let source = r#"value.status == "placed" && value.total_cents >= 1000"#;
     assert!(matches(source));
