@@ -71,7 +71,7 @@ pub enum Reason {
     #[error("unexpected character {0:?}")]
     UnexpectedChar(char),
     /// A character that is close to an operator the language has, e.g. `=` for `==`.
-    #[error("unexpected {found:?}: did you mean {suggestion:?}?")]
+    #[error("unexpected '{found}': did you mean '{suggestion}'?")]
     DidYouMean {
         /// What was written.
         found: &'static str,
@@ -97,11 +97,11 @@ pub enum Reason {
     },
     /// A name that is not one of the record's parts.
     #[error(
-        "unknown name {0:?}: a path starts with value, key, headers, topic, partition, offset or timestamp"
+        "unknown name '{0}': a path starts with value, key, headers, topic, partition, offset or timestamp"
     )]
     UnknownName(String),
     /// A function or method the language does not have.
-    #[error("unknown function {0:?}")]
+    #[error("unknown function '{0}'")]
     UnknownFunction(String),
     /// A function or method given the wrong number of arguments.
     #[error("{function}() takes {expected}")]

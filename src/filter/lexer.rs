@@ -37,7 +37,7 @@ impl Token<'_> {
     /// The token as an error message names it.
     pub(crate) fn describe(&self) -> String {
         let text = match self {
-            Self::Ident(name) => return format!("{name:?}"),
+            Self::Ident(name) => return format!("'{name}'"),
             Self::Int(_) | Self::Float(_) => "a number",
             Self::Str(_) => "a string",
             Self::Dot => "'.'",

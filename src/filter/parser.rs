@@ -30,6 +30,7 @@ pub(crate) fn parse_paths(source: &str, limits: &Limits) -> Result<Vec<Vec<Strin
         }
         let mut steps = Vec::new();
         loop {
+            let at = parser.position();
             let name = match (steps.is_empty(), parser.peek()) {
                 (true, Token::Ident(name)) => {
                     let name = (*name).to_owned();
@@ -54,9 +55,13 @@ pub(crate) fn parse_paths(source: &str, limits: &Limits) -> Result<Vec<Vec<Strin
                 (false, _) => break,
             };
             if steps.len() == limits.max_depth {
-                return Err(parser.error(Reason::TooDeep {
-                    limit: limits.max_depth,
-                }));
+                return Err(FilterError::at(
+                    source,
+                    at,
+                    Reason::TooDeep {
+                        limit: limits.max_depth,
+                    },
+                ));
             }
             steps.push(name);
         }
