@@ -19,13 +19,14 @@ use crate::backoff::Backoff;
 use crate::bus::{Bus, BusError};
 use crate::config::ManifestError;
 use crate::config::{AuthConfig, Manifest};
-use crate::connection::{self, Fallback, Prefixed, StreamService};
+use crate::connection::{self, Fallback, Prefixed};
 use crate::cors::Cors;
 pub use crate::http::StaticFile;
 use crate::hub::Hub;
 use crate::limits::Limits;
 use crate::metrics::{EmfTarget, Metrics};
 use crate::process::LogThrottle;
+use crate::request::Admission;
 
 /// How long a draining server waits for its connections to close; below ECS's 30 s
 /// default stop timeout.
@@ -143,7 +144,7 @@ pub async fn serve(
     // Cookies are the one credential a browser sends by itself, and only where allowed to.
     let cookies = matches!(&manifest.auth, AuthConfig::Jwt(jwt) if jwt.token_cookie.is_some());
     let cors = Cors::new(&manifest.server.cors_origins, cookies);
-    let streams = Arc::new(StreamService {
+    let admission = Arc::new(Admission {
         hub: Arc::clone(&hub),
         auth,
         cors: cors.clone(),
@@ -192,8 +193,7 @@ pub async fn serve(
         let slot = match limits.accept() {
             Ok(slot) => slot,
             Err(refusal) => {
-                metrics.requests_refused.fetch_add(1, Relaxed);
-                connection::refuse(&socket, &refusal.into());
+                connection::refuse(&socket, &metrics, &refusal.into());
                 continue;
             }
         };
@@ -203,7 +203,7 @@ pub async fn serve(
             socket,
             peer,
             slot,
-            Arc::clone(&streams),
+            Arc::clone(&admission),
             Arc::clone(&fallback),
         );
         tokio::spawn(async move {
