@@ -12,15 +12,16 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::auth::Authenticator;
 use crate::backoff::Backoff;
 use crate::bus::{Bus, BusError};
 use crate::config::ManifestError;
-use crate::config::{AuthConfig, Manifest};
+use crate::config::{AuthConfig, Manifest, MetricsListener};
 use crate::connection::{self, Fallback, Prefixed};
 use crate::cors::Cors;
+use crate::http::Readiness;
 pub use crate::http::StaticFile;
 use crate::hub::Hub;
 use crate::limits::Limits;
@@ -123,7 +124,7 @@ struct Running {
     fallback: Fallback,
     acceptor: Acceptor,
     /// The metrics listener's task, if `server.metrics_listener` asks for one.
-    probes: Option<tokio::task::JoinHandle<()>>,
+    probes: Option<JoinHandle<()>>,
     /// The tasks that run as long as the server does; dropped, the set ends them.
     background: JoinSet<()>,
     /// Every connection task holds a receiver; the drain waits until all are gone.
@@ -181,7 +182,7 @@ impl Running {
             cors: cors.clone(),
             trust_forwarded_for: manifest.server.trust_forwarded_for,
         });
-        let readiness = crate::http::Readiness {
+        let readiness = Readiness {
             hub: Arc::clone(&hub),
             consumer_assigned,
         };
@@ -192,21 +193,7 @@ impl Running {
             static_files,
         ));
         let probes = match &manifest.server.metrics_listener {
-            Some(config) => {
-                let address = SocketAddr::new(config.host, config.port);
-                let listener = TcpListener::bind(address)
-                    .await
-                    .map_err(|source| ServerError::Bind { address, source })?;
-                if let Ok(address) = listener.local_addr() {
-                    tracing::info!(%address, "metrics listening");
-                }
-                let probes = self::fallback(crate::http::probe_routes(&readiness));
-                Some(tokio::spawn(serve_probes(
-                    listener,
-                    probes,
-                    Arc::clone(&metrics),
-                )))
-            }
+            Some(config) => Some(spawn_probes(config, &readiness, &metrics).await?),
             None => None,
         };
         Ok(Self {
@@ -326,13 +313,28 @@ impl Acceptor {
     }
 }
 
-/// The metrics listener: health, readiness and metrics, one request per connection.
-async fn serve_probes(listener: TcpListener, probes: Fallback, metrics: Arc<Metrics>) {
-    let mut acceptor = Acceptor::new(listener, metrics);
-    loop {
-        let (socket, _) = acceptor.accept().await;
-        tokio::spawn(probes(Prefixed::new(Vec::new(), socket)));
+/// Binds the metrics listener, and serves health, readiness and metrics there, one request
+/// per connection, until the task is aborted.
+async fn spawn_probes(
+    config: &MetricsListener,
+    readiness: &Readiness,
+    metrics: &Arc<Metrics>,
+) -> Result<JoinHandle<()>, ServerError> {
+    let address = SocketAddr::new(config.host, config.port);
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| ServerError::Bind { address, source })?;
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "metrics listening");
     }
+    let probes = fallback(crate::http::probe_routes(readiness));
+    let mut acceptor = Acceptor::new(listener, Arc::clone(metrics));
+    Ok(tokio::spawn(async move {
+        loop {
+            let (socket, _) = acceptor.accept().await;
+            tokio::spawn(probes(Prefixed::new(Vec::new(), socket)));
+        }
+    }))
 }
 
 /// hyper with warp's routes, for every request that is not a stream: one request per
