@@ -2626,6 +2626,18 @@ fn empty_account_manifest(name: &str) -> Value {
     manifest
 }
 
+/// A fixture of [`empty_account_manifest`], its manifest written.
+fn empty_account_fixture(name: &str) -> Fixture {
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        name: name.to_owned(),
+        cluster: name.to_owned(),
+        manifest: empty_account_manifest(name),
+    };
+    fixture.write_manifest();
+    fixture
+}
+
 fn bootstrap_run(fixture: &Fixture, aws: &Aws, args: &[&str]) -> Run {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fjord-deploy"));
     command
@@ -2645,13 +2657,7 @@ async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
     let account = Empty::account().await;
     let aws = &account.aws;
     let name = unique("boot");
-    let fixture = Fixture {
-        dir: tempfile::tempdir().unwrap(),
-        name: name.clone(),
-        cluster: name.clone(),
-        manifest: empty_account_manifest(&name),
-    };
-    fixture.write_manifest();
+    let fixture = empty_account_fixture(&name);
     fixture.write_images("v1");
     let before = read_manifest(&fixture);
 
@@ -3106,13 +3112,7 @@ async fn names_another_took_are_refused_by_bootstrap_and_spared_by_destroy() {
         .send()
         .await
         .unwrap();
-    let fixture = Fixture {
-        dir: tempfile::tempdir().unwrap(),
-        name: name.clone(),
-        cluster: name.clone(),
-        manifest: empty_account_manifest(&name),
-    };
-    fixture.write_manifest();
+    let fixture = empty_account_fixture(&name);
     let before = read_manifest(&fixture);
 
     bootstrap_run(&fixture, aws, &["--dry-run"])

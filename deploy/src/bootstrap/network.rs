@@ -277,7 +277,7 @@ async fn internet_gateway(ctx: &Ctx<'_>, vpc: &str) -> Result<(String, bool), De
     let found = ctx.lookup::<InternetGateway>(ctx.name).await?.ours();
     let (id, attached, new) = match found {
         Some(gateway) => (
-            gateway.internet_gateway_id().unwrap_or_default().to_owned(),
+            id(gateway.internet_gateway_id()),
             gateway
                 .attachments()
                 .iter()
@@ -292,12 +292,12 @@ async fn internet_gateway(ctx: &Ctx<'_>, vpc: &str) -> Result<(String, bool), De
                 .send()
                 .await
                 .map_err(|e| DeployError::aws(&resource, "ec2:CreateInternetGateway", &e))?;
-            let id = created
-                .internet_gateway()
-                .and_then(|g| g.internet_gateway_id())
-                .unwrap_or_default()
-                .to_owned();
-            (id, false, true)
+            let gateway = created.internet_gateway();
+            (
+                id(gateway.and_then(|g| g.internet_gateway_id())),
+                false,
+                true,
+            )
         }
     };
     // Created but not attached: an interrupted run.
@@ -411,11 +411,7 @@ async fn nat_gateway(
             .find_map(|a| a.public_ip())
             .unwrap_or("(pending)")
             .to_owned();
-        return Ok((
-            nat.nat_gateway_id().unwrap_or_default().to_owned(),
-            address,
-            false,
-        ));
+        return Ok((id(nat.nat_gateway_id()), address, false));
     }
     let found = ctx.lookup::<Address>(name).await?.ours();
     let existing = found.as_ref();
@@ -426,10 +422,7 @@ async fn nat_gateway(
         return Ok((PLANNED.to_owned(), address.to_owned(), true));
     }
     let (allocation, address) = match existing {
-        Some(address) => (
-            address.allocation_id().unwrap_or_default().to_owned(),
-            address.public_ip().unwrap_or_default().to_owned(),
-        ),
+        Some(address) => (id(address.allocation_id()), id(address.public_ip())),
         None => {
             let allocated = ec2
                 .allocate_address()
@@ -438,10 +431,7 @@ async fn nat_gateway(
                 .send()
                 .await
                 .map_err(|e| DeployError::aws(&resource, "ec2:AllocateAddress", &e))?;
-            (
-                allocated.allocation_id().unwrap_or_default().to_owned(),
-                allocated.public_ip().unwrap_or_default().to_owned(),
-            )
+            (id(allocated.allocation_id()), id(allocated.public_ip()))
         }
     };
     let created = ec2
@@ -452,12 +442,8 @@ async fn nat_gateway(
         .send()
         .await
         .map_err(|e| DeployError::aws(&resource, "ec2:CreateNatGateway", &e))?;
-    let id = created
-        .nat_gateway()
-        .and_then(|n| n.nat_gateway_id())
-        .unwrap_or_default()
-        .to_owned();
-    Ok((id, address, true))
+    let nat = id(created.nat_gateway().and_then(|n| n.nat_gateway_id()));
+    Ok((nat, address, true))
 }
 
 /// The NAT gateway `id` as EC2 describes it (a deleted one stays listed for a while).
