@@ -103,13 +103,12 @@ pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), De
             message,
         })?;
 
+    let (name, cluster, region) = (&deploy.name, &deploy.cluster, &deploy.region);
+    let what = format!("{name} to ECS cluster {cluster} in {region}");
     announce(
         options.dry_run,
         ["Planning the deploy of", "Deploying"],
-        format_args!(
-            "{} to ECS cluster {} in {}",
-            deploy.name, deploy.cluster, deploy.region
-        ),
+        &what,
     );
     for (role, image) in &images {
         say(format_args!(

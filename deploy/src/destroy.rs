@@ -422,14 +422,9 @@ pub async fn destroy_bootstrapped(
 ) -> Result<(), DeployError> {
     let deploy = &blueprint.deploy;
     let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
-    announce(
-        options.dry_run,
-        REMOVING,
-        format_args!(
-            "what bootstrap created for {} in {}",
-            deploy.name, deploy.region
-        ),
-    );
+    let (name, region) = (&deploy.name, &deploy.region);
+    let what = format!("what bootstrap created for {name} in {region}");
+    announce(options.dry_run, REMOVING, &what);
     let removal = options.removal(&aws, &deploy.name);
     let infrastructure = removal.find(deploy.cluster_name()).await?;
     let labels = infrastructure.labels();
@@ -451,14 +446,9 @@ pub async fn destroy_bootstrapped(
 pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Result<(), DeployError> {
     let deploy = &deployment.deploy;
     let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
-    announce(
-        options.dry_run,
-        REMOVING,
-        format_args!(
-            "{} from ECS cluster {} in {}",
-            deploy.name, deploy.cluster, deploy.region
-        ),
-    );
+    let (name, cluster, region) = (&deploy.name, &deploy.cluster, &deploy.region);
+    let what = format!("{name} from ECS cluster {cluster} in {region}");
+    announce(options.dry_run, REMOVING, &what);
 
     // Everything is found first, with read-only calls, so that a failure midway can say
     // what was removed and what was not.

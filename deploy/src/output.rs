@@ -19,7 +19,7 @@ pub(crate) fn say(line: impl std::fmt::Display) {
 
 /// Says what a command does (`doing`, like `Removing`), or plans to in a dry run
 /// (`planning`, like `Planning the removal of`), to `what`.
-pub(crate) fn announce(dry_run: bool, [planning, doing]: [&str; 2], what: std::fmt::Arguments<'_>) {
+pub(crate) fn announce(dry_run: bool, [planning, doing]: [&str; 2], what: &str) {
     if dry_run {
         say(format_args!(
             "{planning} {what} (dry run: nothing will be changed)"

@@ -34,13 +34,12 @@ pub async fn rollback(
 ) -> Result<(), DeployError> {
     let deploy = &deployment.deploy;
     let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
+    let (name, cluster) = (&deploy.name, &deploy.cluster);
+    let what = format!("{name} in ECS cluster {cluster} to the revisions before the ones they run");
     announce(
         options.dry_run,
         ["Planning the rollback of", "Rolling back"],
-        format_args!(
-            "{} in ECS cluster {} to the revisions before the ones they run",
-            deploy.name, deploy.cluster
-        ),
+        &what,
     );
     let names = service_names(deployment);
     let mut labels: Vec<String> = names.iter().map(|n| format!("service {n}")).collect();

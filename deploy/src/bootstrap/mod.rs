@@ -147,14 +147,9 @@ pub async fn bootstrap(
 ) -> Result<(), DeployError> {
     let deploy = &blueprint.deploy;
     let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
-    announce(
-        options.dry_run,
-        ["Planning", "Creating"],
-        format_args!(
-            "what Fjord deployment {} runs on in {}",
-            deploy.name, deploy.region
-        ),
-    );
+    let (name, region) = (&deploy.name, &deploy.region);
+    let what = format!("what Fjord deployment {name} runs on in {region}");
+    announce(options.dry_run, ["Planning", "Creating"], &what);
     let mut run = Run::new(&aws, blueprint, options);
     let net = run.network().await?;
     let groups = run.security_groups(&net).await?;
