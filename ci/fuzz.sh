@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Fuzzes every parser that takes outside input, on stable Rust: the `fuzz_*` property tests
-# (proptest) in the library, run with many more cases than the ordinary test run gives them.
-# Each one feeds arbitrary bytes and near-valid shapes to a parser (request head, query,
-# Last-Event-ID, tokens, JWKS, bus entries, envelopes, key filters) and requires a clear
-# error or a valid result, never a panic. A failing input is shrunk and written to
-# `proptest-regressions/`, which is checked in: every later run replays it first.
+# (proptest) in the libraries (`--lib` runs every default member's), run with many more cases
+# than the ordinary test run gives them. Each one feeds arbitrary bytes and near-valid shapes
+# to a parser (request head, query, Last-Event-ID, tokens, JWKS, bus entries, envelopes, key
+# filters; filter expressions and projections in src/filter) and requires a clear error or a
+# valid result, never a panic. A failing input is shrunk and written to
+# `proptest-regressions/` (src/filter/proptest-regressions/ for the filter crate), which is
+# checked in: every later run replays it first.
 #   FJORD_FUZZ_CASES    cases per target (default 5000; the ordinary `cargo test` runs 256;
 #                       the nightly fuzz workflow runs 100000 in release mode)
 #   FJORD_FUZZ_SECONDS  the whole run's time bound (default 600); exceeding it fails the run

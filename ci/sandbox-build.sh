@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A rehearsal of the Nix build sandbox: builds the images' release binaries (fjord-server
+# A rehearsal of the Nix build sandbox: builds the images' binaries (fjord-server
 # without librdkafka, fjord-healthcheck, fjord-consumer, fjord), and on request fjord-deploy, in a bubblewrap
 # sandbox that has the properties of a Nix build which break builds elsewhere:
 #   - crates from `cargo vendor`, read-only, with CARGO_HOME pointing at them as crane does;
@@ -31,6 +31,10 @@
 #                                  headers are kept in $FJORD_CI_STATE/sandbox, so that
 #                                  reruns are incremental
 #   FJORD_SANDBOX_JOBS=$(nproc)    cargo jobs (NIX_BUILD_CORES)
+#   FJORD_SANDBOX_PROFILE=dev      the cargo profile: ci/test.sh builds `dev`, which runs every
+#                                  build script, C compile and link the images' build does, in
+#                                  a fraction of release's CPU time; `release` rehearses the
+#                                  images' exact build (the Nix job of ci.yml builds it for real)
 #   FJORD_SANDBOX_DEPLOY=0         1 also builds fjord-deploy (not in the images; the
 #                                  Nix job of ci.yml builds it for real; ~14 min more cold)
 #   FJORD_SANDBOX_FRESH=0          1: the fresh-machine rehearsal (see above)
@@ -52,6 +56,12 @@ src=$(cd "${1:-$(dirname "$0")/..}" && pwd)
 [[ -f $src/Cargo.lock ]] || die "$src has no Cargo.lock"
 state=${FJORD_CI_STATE:-/tmp/fjord-ci}/sandbox
 fresh=${FJORD_SANDBOX_FRESH:-0}
+profile=${FJORD_SANDBOX_PROFILE:-dev}
+case $profile in
+dev) profile_dir=debug ;;
+release) profile_dir=release ;;
+*) die "FJORD_SANDBOX_PROFILE is $profile: dev or release" ;;
+esac
 jobs=${FJORD_SANDBOX_JOBS:-$(nproc)}
 mkdir -p "$state"
 
@@ -233,8 +243,8 @@ build() {
     local what=$1
     shift
     local start=$SECONDS
-    log "cargo build --release $* ($what)…"
-    in_sandbox cargo build --release --offline --locked "$@" ||
+    log "cargo build --profile $profile $* ($what)…"
+    in_sandbox cargo build --profile "$profile" --offline --locked "$@" ||
         die "$what does not build in the sandbox (after $((SECONDS - start)) s)"
     log "$what built in $((SECONDS - start)) s"
 }
@@ -266,20 +276,20 @@ if [[ ${FJORD_SANDBOX_DEPLOY:-0} == 1 ]]; then
 fi
 
 for binary in "${binaries[@]}"; do
-    [[ -x $state/target/release/$binary ]] || die "no $binary in $state/target/release"
+    [[ -x $state/target/$profile_dir/$binary ]] || die "no $binary in $state/target/$profile_dir"
 done
-if nm --defined-only "$state/target/release/fjord-server" | grep -q 'rd_kafka_'; then
+if nm --defined-only "$state/target/$profile_dir/fjord-server" | grep -q 'rd_kafka_'; then
     die "fjord-server links librdkafka"
 fi
 # Linked only against libraries every image has (glibc), not the host's OpenSSL or zlib.
 for binary in "${binaries[@]}"; do
-    needed=$(readelf -d "$state/target/release/$binary" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')
+    needed=$(readelf -d "$state/target/$profile_dir/$binary" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')
     for lib in $needed; do
         case $lib in
         libc.so.* | libm.so.* | libgcc_s.so.* | libpthread.so.* | libdl.so.* | librt.so.* | ld-linux*) ;;
         *) die "$binary links $lib, which the image does not have" ;;
         esac
     done
-    log "$binary: $(du -h "$state/target/release/$binary" | cut -f1), needs: $needed"
+    log "$binary: $(du -h "$state/target/$profile_dir/$binary" | cut -f1), needs: $needed"
 done
-log "the release binaries build in the sandbox ($((SECONDS - total)) s)"
+log "the images' binaries ($profile) build in the sandbox ($((SECONDS - total)) s)"

@@ -24,9 +24,10 @@ use crate::archive::Image;
 use crate::bootstrap;
 use crate::clients::Clients;
 use crate::config::Deployment;
-use crate::destroy::{self, Family, FoundService, find_repository};
+use crate::destroy::{self, Family, FoundService};
 use crate::error::DeployError;
-use crate::output::{Ledger, Outcome, revision, say};
+use crate::output::{Ledger, Outcome, announce, revision, say};
+use crate::ownership::Named;
 use crate::plan::{
     self, DEPLOYMENT_TAG, DEREGISTRATION_DELAY_SECS, FINGERPRINT_TAG, HEALTH_CHECK_PATH, Plan,
     Role, ServiceSpec, TaskDefinitionSpec,
@@ -102,22 +103,13 @@ pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), De
             message,
         })?;
 
-    say(format_args!(
-        "{} {} to ECS cluster {} in {}{}",
-        if options.dry_run {
-            "Planning the deploy of"
-        } else {
-            "Deploying"
-        },
-        deploy.name,
-        deploy.cluster,
-        deploy.region,
-        if options.dry_run {
-            " (dry run: nothing will be changed)"
-        } else {
-            ""
-        },
-    ));
+    let (name, cluster, region) = (&deploy.name, &deploy.cluster, &deploy.region);
+    let what = format!("{name} to ECS cluster {cluster} in {region}");
+    announce(
+        options.dry_run,
+        ["Planning the deploy of", "Deploying"],
+        &what,
+    );
     for (role, image) in &images {
         say(format_args!(
             "  image {}: {} ({}, revision {})",
@@ -234,21 +226,17 @@ pub async fn deploy(deployment: &Deployment, options: &Options) -> Result<(), De
         say("Dry run: nothing was changed.");
         return Ok(());
     }
-    if let Some(timeout) = options.wait {
-        ledger
-            .run(
-                "services stable".to_owned(),
-                wait::services_stable(
-                    &aws.ecs,
-                    &deploy.cluster,
-                    &names,
-                    &arns,
-                    timeout,
-                    options.poll,
-                ),
-            )
-            .await?;
-    }
+    let (timeout, poll) = (options.wait, options.poll);
+    wait::stable_step(
+        &mut ledger,
+        &aws.ecs,
+        &deploy.cluster,
+        &names,
+        &arns,
+        timeout,
+        poll,
+    )
+    .await?;
     wait::print_status(
         &aws.ecs,
         &deploy.cluster,
@@ -307,7 +295,7 @@ fn step_labels(
             .map(|f| format!("task definition {} {GONE}", f.name)),
     );
     if options.wait.is_some() && !options.dry_run {
-        labels.push("services stable".to_owned());
+        labels.push(wait::STABLE_STEP.to_owned());
     }
     labels
 }
@@ -589,7 +577,12 @@ impl Step<'_> {
 
     async fn repository(&self, name: &str) -> Outcome<()> {
         let resource = format!("ECR repository {name}");
-        if find_repository(self.aws, name, &resource).await?.is_some() {
+        // Used whoever made it: the manifest names it.
+        let deployment = &self.deployment.deploy.name;
+        if aws_sdk_ecr::types::Repository::find_by_name(self.aws, deployment, name)
+            .await?
+            .is_some()
+        {
             // A repository made before the tool set a lifecycle policy gets one; a policy
             // of anyone's own is left as it is.
             let policy = self
@@ -727,42 +720,12 @@ impl Step<'_> {
     }
 
     async fn log_group(&self) -> Outcome<()> {
-        let logs = &self.deployment.deploy.logs;
-        let resource = format!("log group {}", logs.group);
-        let found = self
-            .aws
-            .logs
-            .describe_log_groups()
-            .log_group_name_prefix(&logs.group)
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&resource, "DescribeLogGroups", &e))?;
-        if found
-            .log_groups()
-            .iter()
-            .any(|g| g.log_group_name() == Some(logs.group.as_str()))
-        {
+        let deploy = &self.deployment.deploy;
+        let (group, days) = (&deploy.logs.group, deploy.logs.retention_days);
+        let created =
+            bootstrap::ensure_log_group(self.aws, &deploy.name, group, days, self.dry_run);
+        if !created.await? {
             return Ok(((), "exists".into()));
-        }
-        if !self.dry_run {
-            self.aws
-                .logs
-                .create_log_group()
-                .log_group_name(&logs.group)
-                .tags(DEPLOYMENT_TAG, &self.deployment.deploy.name)
-                .send()
-                .await
-                .map_err(|e| DeployError::aws(&resource, "CreateLogGroup", &e))?;
-            if let Some(days) = logs.retention_days {
-                self.aws
-                    .logs
-                    .put_retention_policy()
-                    .log_group_name(&logs.group)
-                    .retention_in_days(days)
-                    .send()
-                    .await
-                    .map_err(|e| DeployError::aws(&resource, "PutRetentionPolicy", &e))?;
-            }
         }
         Ok(((), self.would("create", "created")))
     }

@@ -8,11 +8,11 @@
 //! until no task is left) before they are deleted, with their scaling target. What
 //! `bootstrap` created goes last, by [`crate::teardown`].
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_applicationautoscaling::types::{ScalableDimension, ServiceNamespace};
-use aws_sdk_ecr::operation::describe_repositories::DescribeRepositoriesOutput;
+use aws_sdk_cloudwatchlogs::types::LogGroup;
+use aws_sdk_ecr::types::Repository;
 use aws_sdk_ecs::types::{
     ServiceField, TaskDefinitionFamilyStatus, TaskDefinitionField, TaskDefinitionStatus,
 };
@@ -20,8 +20,9 @@ use aws_sdk_ecs::types::{
 use crate::clients::Clients;
 use crate::config::{Blueprint, Deployment};
 use crate::error::{DeployError, none_if};
-use crate::output::{Ledger, Outcome, announce, say};
-use crate::plan::{self, DEPLOYMENT_TAG, FINGERPRINT_TAG, Role};
+use crate::output::{Ledger, Outcome, REMOVING, announce, say};
+use crate::ownership::{Owned, deployed_by, lookup};
+use crate::plan::{self, DEPLOYMENT_TAG, Role};
 use crate::teardown::Removal;
 use crate::wait;
 
@@ -43,25 +44,15 @@ pub struct DestroyOptions {
 }
 
 impl DestroyOptions {
-    /// The teardown of what bootstrap created for `name` in `region`, as these options say.
-    fn removal<'a>(&self, aws: &'a Clients, name: &'a str, region: &'a str) -> Removal<'a> {
+    /// The teardown of what bootstrap created for `name`, as these options say.
+    fn removal<'a>(&self, aws: &'a Clients, name: &'a str) -> Removal<'a> {
         Removal {
             aws,
             name,
-            region,
             dry_run: self.dry_run,
             timeout: self.drain_timeout,
             poll: self.poll,
         }
-    }
-}
-
-/// Whether a resource of `deployment` carrying `tags` was created by a deploy of it.
-fn ours<'a>(deployment: &str, tags: impl IntoIterator<Item = (&'a str, &'a str)>) -> bool {
-    let tags: HashMap<&str, &str> = tags.into_iter().collect();
-    match tags.get(DEPLOYMENT_TAG) {
-        Some(value) => *value == deployment,
-        None => tags.contains_key(FINGERPRINT_TAG),
     }
 }
 
@@ -137,7 +128,7 @@ pub(crate) async fn services(
         for service in described.services() {
             let status = service.status().unwrap_or_default();
             if !matches!(status, "ACTIVE" | "DRAINING")
-                || !ours(&deployment.deploy.name, ecs_tags(service.tags()))
+                || !deployed_by(&deployment.deploy.name, ecs_tags(service.tags()))
             {
                 continue;
             }
@@ -236,7 +227,7 @@ pub(crate) async fn families(
                     &e,
                 )
             })?;
-        if ours(&deployment.deploy.name, ecs_tags(described.tags())) {
+        if deployed_by(&deployment.deploy.name, ecs_tags(described.tags())) {
             found.push(Family {
                 name,
                 active,
@@ -423,106 +414,6 @@ pub(crate) async fn remove_family(aws: &Clients, family: &Family, dry_run: bool)
     ))
 }
 
-/// The log group, if a deploy created it; else why it stays.
-async fn log_group(aws: &Clients, deployment: &Deployment) -> Result<Found, DeployError> {
-    let group = &deployment.deploy.logs.group;
-    let resource = format!("log group {group}");
-    let found = aws
-        .logs
-        .describe_log_groups()
-        .log_group_name_prefix(group)
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "DescribeLogGroups", &e))?;
-    let Some(arn) = found
-        .log_groups()
-        .iter()
-        .find(|g| g.log_group_name() == Some(group.as_str()))
-        .and_then(|g| g.log_group_arn())
-    else {
-        return Ok(Found::Absent);
-    };
-    let tags = aws
-        .logs
-        .list_tags_for_resource()
-        .resource_arn(arn)
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "ListTagsForResource", &e))?;
-    let tags = tags.tags().into_iter().flatten();
-    Ok(Found::judge(
-        &deployment.deploy.name,
-        tags.map(|(k, v)| (k.as_str(), v.as_str())),
-    ))
-}
-
-/// An ECR repository, if a deploy created it; else why it stays.
-async fn repository(
-    aws: &Clients,
-    deployment: &Deployment,
-    name: &str,
-) -> Result<Found, DeployError> {
-    let resource = format!("ECR repository {name}");
-    let Some(found) = find_repository(aws, name, &resource).await? else {
-        return Ok(Found::Absent);
-    };
-    let Some(arn) = found
-        .repositories()
-        .first()
-        .and_then(|r| r.repository_arn())
-    else {
-        return Ok(Found::Absent);
-    };
-    let tags = aws
-        .ecr
-        .list_tags_for_resource()
-        .resource_arn(arn)
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "ListTagsForResource", &e))?;
-    Ok(Found::judge(
-        &deployment.deploy.name,
-        tags.tags().iter().map(|t| (t.key(), t.value())),
-    ))
-}
-
-/// A log group or repository as found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Found {
-    Absent,
-    Ours,
-    /// There, but not tagged by a deploy of this deployment: left alone.
-    NotOurs,
-}
-
-impl Found {
-    fn judge<'a>(deployment: &str, tags: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        // Only the deployment tag counts: the fingerprint was never put on these.
-        let tagged = tags
-            .into_iter()
-            .any(|(key, value)| key == DEPLOYMENT_TAG && value == deployment);
-        if tagged { Self::Ours } else { Self::NotOurs }
-    }
-}
-
-/// The ECR repository `name`, or `None` where there is none.
-pub(crate) async fn find_repository(
-    aws: &Clients,
-    name: &str,
-    resource: &str,
-) -> Result<Option<DescribeRepositoriesOutput>, DeployError> {
-    none_if(
-        aws.ecr
-            .describe_repositories()
-            .repository_names(name)
-            .send()
-            .await,
-        |e| e.is_repository_not_found_exception(),
-        resource,
-        "DescribeRepositories",
-    )
-}
-
 /// Removes what bootstrap created for a manifest that a deploy cannot read yet (a
 /// bootstrap that was interrupted before it wrote the ids back): there are no services.
 pub async fn destroy_bootstrapped(
@@ -531,14 +422,10 @@ pub async fn destroy_bootstrapped(
 ) -> Result<(), DeployError> {
     let deploy = &blueprint.deploy;
     let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
-    announce(
-        options.dry_run,
-        format_args!(
-            "what bootstrap created for {} in {}",
-            deploy.name, deploy.region
-        ),
-    );
-    let removal = options.removal(&aws, &deploy.name, &deploy.region);
+    let (name, region) = (&deploy.name, &deploy.region);
+    let what = format!("what bootstrap created for {name} in {region}");
+    announce(options.dry_run, REMOVING, &what);
+    let removal = options.removal(&aws, &deploy.name);
     let infrastructure = removal.find(deploy.cluster_name()).await?;
     let labels = infrastructure.labels();
     if labels.is_empty() {
@@ -559,13 +446,9 @@ pub async fn destroy_bootstrapped(
 pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Result<(), DeployError> {
     let deploy = &deployment.deploy;
     let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
-    announce(
-        options.dry_run,
-        format_args!(
-            "{} from ECS cluster {} in {}",
-            deploy.name, deploy.cluster, deploy.region
-        ),
-    );
+    let (name, cluster, region) = (&deploy.name, &deploy.cluster, &deploy.region);
+    let what = format!("{name} from ECS cluster {cluster} in {region}");
+    announce(options.dry_run, REMOVING, &what);
 
     // Everything is found first, with read-only calls, so that a failure midway can say
     // what was removed and what was not.
@@ -573,45 +456,49 @@ pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Resul
     let families = families(&aws, deployment, &[]).await?;
     let mut kept = Vec::new();
     let log_group = if options.log_group {
-        log_group(&aws, deployment).await?
+        lookup::<LogGroup>(&aws, &deploy.name, &deploy.logs.group).await?
     } else {
         kept.push(format!(
             "log group {} (kept; --log-group removes it)",
             deploy.logs.group
         ));
-        Found::Absent
+        Owned::Absent
     };
     let mut repositories = Vec::new();
     for role in Role::ALL {
         let name = plan::repository(deployment, role);
         if options.repositories {
-            repositories.push((repository(&aws, deployment, &name).await?, name));
+            repositories.push((lookup::<Repository>(&aws, &deploy.name, &name).await?, name));
         } else {
             kept.push(format!(
                 "ECR repository {name} (kept; --repositories removes it)"
             ));
         }
     }
-    if log_group == Found::NotOurs {
-        kept.push(format!(
-            "log group {} (not created by fjord-deploy: no {DEPLOYMENT_TAG} tag)",
-            deploy.logs.group
-        ));
-    }
-    for (found, name) in &repositories {
-        if *found == Found::NotOurs {
-            kept.push(format!(
-                "ECR repository {name} (not created by fjord-deploy: no {DEPLOYMENT_TAG} tag)"
-            ));
+    let not_ours = |resource: &str| {
+        format!("{resource} (not created by fjord-deploy: no {DEPLOYMENT_TAG} tag)")
+    };
+    let log_group = match log_group {
+        Owned::Ours(_) => true,
+        Owned::Theirs(resource) => {
+            kept.push(not_ours(&resource));
+            false
         }
-    }
+        Owned::Absent => false,
+    };
     let repositories: Vec<String> = repositories
         .into_iter()
-        .filter(|(found, _)| *found == Found::Ours)
-        .map(|(_, name)| name)
+        .filter_map(|(found, name)| match found {
+            Owned::Ours(_) => Some(name),
+            Owned::Theirs(resource) => {
+                kept.push(not_ours(&resource));
+                None
+            }
+            Owned::Absent => None,
+        })
         .collect();
 
-    let removal = options.removal(&aws, &deploy.name, &deploy.region);
+    let removal = options.removal(&aws, &deploy.name);
     let infrastructure = removal.find(&deploy.cluster).await?;
 
     let mut labels: Vec<String> = services
@@ -623,7 +510,7 @@ pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Resul
             .iter()
             .map(|f| format!("task definition {}", f.name)),
     );
-    if log_group == Found::Ours {
+    if log_group {
         labels.push(format!("log group {}", deploy.logs.group));
     }
     labels.extend(repositories.iter().map(|r| format!("ECR repository {r}")));
@@ -654,7 +541,7 @@ pub async fn destroy(deployment: &Deployment, options: &DestroyOptions) -> Resul
             )
             .await?;
     }
-    if log_group == Found::Ours {
+    if log_group {
         let group = &deploy.logs.group;
         ledger
             .run(format!("log group {group}"), async {
@@ -730,27 +617,6 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-
-    #[test]
-    fn ownership_is_decided_by_tags() {
-        assert!(ours("fjord", [(DEPLOYMENT_TAG, "fjord")]));
-        assert!(!ours("fjord", [(DEPLOYMENT_TAG, "other")]));
-        // Made before the deployment tag existed: the fingerprint only a deploy sets.
-        assert!(ours("fjord", [(FINGERPRINT_TAG, "sha256:aa")]));
-        assert!(!ours(
-            "fjord",
-            [(FINGERPRINT_TAG, "sha256:aa"), (DEPLOYMENT_TAG, "other")]
-        ));
-        assert!(!ours("fjord", [("team", "data")]));
-        assert_eq!(
-            Found::judge("fjord", [(FINGERPRINT_TAG, "x")]),
-            Found::NotOurs
-        );
-        assert_eq!(
-            Found::judge("fjord", [(DEPLOYMENT_TAG, "fjord")]),
-            Found::Ours
-        );
-    }
 
     #[test]
     fn names_follow_the_deployment() {

@@ -23,14 +23,17 @@
 //!   services stand, what a deploy would change, whether what the tasks need is there.
 //! - [`rollback`]: each service back one task definition revision, waited on.
 //! - [`policy`]: the IAM policy each command needs, printed from code.
+//! - [`ownership`]: what is the deployment's own — each AWS resource kind found by its
+//!   name and judged by its tag, for bootstrap, destroy and teardown alike.
 //! - [`error`]: why a deploy stopped, and what it had done by then.
 //! - [`clients`]: the AWS clients of one region, shared by every part that calls AWS.
 //! - [`output`]: what the operator reads as a run goes: progress lines, each step's
 //!   outcome, the report of what was done; apply, destroy, bootstrap and wait write
 //!   through it.
 //!
-//! Imports run one way: `apply` → `destroy` (prune) → `teardown` → `bootstrap` (its
-//! lookups); each of those → `wait`, `output`, `plan`, `clients`, `error`; none back.
+//! Imports run one way: `apply` → `destroy` (prune) → `teardown` → `bootstrap` (the
+//! log group, the roles' policies, the waits on what it made); each of those →
+//! `ownership`, `wait`, `output`, `plan`, `clients`, `error`; none back.
 //! `status`, `diff`, `rollback` and `verify` sit beside `apply`, on the same lower
 //! modules; `policy` reads only the manifest.
 
@@ -44,6 +47,7 @@ pub mod diff;
 pub mod document;
 pub mod error;
 mod output;
+mod ownership;
 pub mod plan;
 pub mod policy;
 pub mod registry;

@@ -1,5 +1,5 @@
 //! What the operator reads while the tool works, on stdout: a line at a time ([`say`]),
-//! the announcement of a removal, each step's outcome as the [`Ledger`] records it (and,
+//! the announcement of what a command does, each step's outcome as the [`Ledger`] records it (and,
 //! when a step fails, the report of what was done and what was not), and the short form
 //! of a task definition's ARN that those lines name. Apply, destroy, bootstrap and wait
 //! all write through here, so that none of them reaches into another for its output.
@@ -17,16 +17,20 @@ pub(crate) fn say(line: impl std::fmt::Display) {
     let _ = writeln!(out, "{line}");
 }
 
-/// Says what a removal removes, or plans to in a dry run.
-pub(crate) fn announce(dry_run: bool, what: std::fmt::Arguments<'_>) {
+/// Says what a command does (`doing`, like `Removing`), or plans to in a dry run
+/// (`planning`, like `Planning the removal of`), to `what`.
+pub(crate) fn announce(dry_run: bool, [planning, doing]: [&str; 2], what: &str) {
     if dry_run {
         say(format_args!(
-            "Planning the removal of {what} (dry run: nothing will be changed)"
+            "{planning} {what} (dry run: nothing will be changed)"
         ));
     } else {
-        say(format_args!("Removing {what}"));
+        say(format_args!("{doing} {what}"));
     }
 }
+
+/// What a removal says it does.
+pub(crate) const REMOVING: [&str; 2] = ["Planning the removal of", "Removing"];
 
 /// What a step gives back, with the line it reports.
 pub(crate) type Outcome<T> = Result<(T, String), DeployError>;

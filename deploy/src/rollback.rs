@@ -10,7 +10,7 @@ use aws_sdk_ecs::types::{SortOrder, TaskDefinitionStatus};
 use crate::clients::Clients;
 use crate::config::Deployment;
 use crate::error::DeployError;
-use crate::output::{Ledger, Outcome, revision, say};
+use crate::output::{Ledger, Outcome, announce, revision, say};
 use crate::status::service_names;
 use crate::wait;
 
@@ -34,25 +34,17 @@ pub async fn rollback(
 ) -> Result<(), DeployError> {
     let deploy = &deployment.deploy;
     let aws = Clients::connect(&deploy.region, options.endpoint_url.as_deref()).await;
-    say(format_args!(
-        "{} {} in ECS cluster {} to the revisions before the ones they run{}",
-        if options.dry_run {
-            "Planning the rollback of"
-        } else {
-            "Rolling back"
-        },
-        deploy.name,
-        deploy.cluster,
-        if options.dry_run {
-            " (dry run: nothing will be changed)"
-        } else {
-            ""
-        }
-    ));
+    let (name, cluster) = (&deploy.name, &deploy.cluster);
+    let what = format!("{name} in ECS cluster {cluster} to the revisions before the ones they run");
+    announce(
+        options.dry_run,
+        ["Planning the rollback of", "Rolling back"],
+        &what,
+    );
     let names = service_names(deployment);
     let mut labels: Vec<String> = names.iter().map(|n| format!("service {n}")).collect();
     if options.wait.is_some() && !options.dry_run {
-        labels.push("services stable".to_owned());
+        labels.push(wait::STABLE_STEP.to_owned());
     }
     let mut ledger = Ledger::new(labels);
     let mut targets = Vec::with_capacity(names.len());
@@ -69,21 +61,18 @@ pub async fn rollback(
         say("Dry run: nothing was changed.");
         return Ok(());
     }
-    if let Some(timeout) = options.wait {
-        ledger
-            .run(
-                "services stable".to_owned(),
-                wait::services_stable(
-                    &aws.ecs,
-                    &deploy.cluster,
-                    &names.iter().map(String::as_str).collect::<Vec<_>>(),
-                    &targets,
-                    timeout,
-                    options.poll,
-                ),
-            )
-            .await?;
-    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (timeout, poll) = (options.wait, options.poll);
+    wait::stable_step(
+        &mut ledger,
+        &aws.ecs,
+        &deploy.cluster,
+        &names,
+        &targets,
+        timeout,
+        poll,
+    )
+    .await?;
     Ok(())
 }
 

@@ -7,15 +7,23 @@
 //! and network interfaces linger after them, which EC2 reports as a dependency violation
 //! that is waited out. A second run finds nothing and does nothing.
 
-use aws_sdk_ec2::error::ProvideErrorMetadata;
-use aws_sdk_ec2::types::Filter;
 use std::future::Future;
 
-use crate::bootstrap::{self, Ctx, Names};
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_ec2::types::{
+    Address, Filter, InternetGateway, NatGateway, RouteTable, SecurityGroup, Subnet, Vpc,
+};
+use aws_sdk_ecs::types::Cluster;
+use aws_sdk_elasticache::types::{CacheSubnetGroup, ReplicationGroup};
+use aws_sdk_elasticloadbalancingv2::types::{LoadBalancer, TargetGroup};
+use aws_sdk_iam::types::Role;
+use aws_sdk_secretsmanager::operation::describe_secret::DescribeSecretOutput;
+
+use crate::bootstrap::{self, Names};
 use crate::clients::Clients;
-use crate::config::BootstrapConfig;
 use crate::error::{DeployError, none_if};
 use crate::output::{Ledger, Outcome};
+use crate::ownership::{Ec2, Named, all_tagged, describe_replication_group, lookup, nat_states};
 use crate::wait;
 
 /// What bootstrap created for a deployment, as found by name and tag.
@@ -44,7 +52,6 @@ pub(crate) struct Infrastructure {
 pub(crate) struct Removal<'a> {
     pub(crate) aws: &'a Clients,
     pub(crate) name: &'a str,
-    pub(crate) region: &'a str,
     pub(crate) dry_run: bool,
     pub(crate) timeout: std::time::Duration,
     pub(crate) poll: std::time::Duration,
@@ -75,6 +82,33 @@ impl Removal<'_> {
             .await
     }
 
+    /// Runs the deletion of each of `items` (by `delete`) as one ledger step, labelled
+    /// `label`, its outcome counting them as `what`; nothing where there are none.
+    async fn each<'i, T, F, Fut>(
+        &self,
+        ledger: &mut Ledger,
+        label: &str,
+        what: &str,
+        items: &'i [T],
+        mut delete: F,
+    ) -> Result<(), DeployError>
+    where
+        F: FnMut(&'i T) -> Fut,
+        Fut: Future<Output = Result<(), DeployError>>,
+    {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let work = async {
+            for item in items {
+                delete(item).await?;
+            }
+            Ok(())
+        };
+        let what = format!("{} {what}", items.len());
+        self.step(ledger, label, &what, work).await
+    }
+
     /// Waits, within the removal's timeout, until `look` finds `resource` gone (`None`).
     async fn until_gone<F, Fut>(&self, resource: &str, look: F) -> Result<(), DeployError>
     where
@@ -86,35 +120,31 @@ impl Removal<'_> {
             .map(drop)
     }
 
-    fn ctx<'a>(&'a self, settings: &'a BootstrapConfig) -> Ctx<'a> {
-        Ctx::removing(self.aws, self.name, self.region, settings, self.dry_run)
+    /// The resource `name` of kind `K`, if it is the deployment's.
+    async fn ours<K: Named>(&self, name: &str) -> Result<Option<K>, DeployError> {
+        Ok(lookup::<K>(self.aws, self.name, name).await?.ours())
     }
 
     /// Finds what bootstrap created for the deployment; `cluster` is the cluster's name.
     pub(crate) async fn find(&self, cluster: &str) -> Result<Infrastructure, DeployError> {
-        let settings = BootstrapConfig::default();
-        let ctx = self.ctx(&settings);
         let names = Names::of(self.name);
+        let arn = |arn: Option<&str>| arn.unwrap_or_default().to_owned();
+        let balancer = self.ours::<LoadBalancer>(&names.load_balancer).await?;
+        let group = self.ours::<TargetGroup>(&names.target_group).await?;
+        let secret = self.ours::<DescribeSecretOutput>(&names.secret).await?;
         let mut found = Infrastructure {
-            load_balancer: bootstrap::find_load_balancer(&ctx)
-                .await?
-                .ours()
-                .map(|(arn, _)| arn),
-            target_group: bootstrap::find_target_group(&ctx).await?.ours(),
-            redis: bootstrap::find_redis(&ctx)
-                .await?
-                .ours()
+            load_balancer: balancer.map(|b| arn(b.load_balancer_arn())),
+            target_group: group.map(|g| arn(g.target_group_arn())),
+            redis: (self.ours::<ReplicationGroup>(&names.redis).await?)
                 .map(|_| names.redis.clone()),
-            subnet_group: bootstrap::find_subnet_group(&ctx).await?.ours(),
-            secret: bootstrap::find_secret(&ctx, &names.secret).await?.ours(),
-            cluster: bootstrap::find_cluster(&ctx, cluster)
-                .await?
-                .ours()
-                .map(|()| cluster.to_owned()),
+            subnet_group: (self.ours::<CacheSubnetGroup>(&names.redis).await?)
+                .map(|_| names.redis.clone()),
+            secret: secret.map(|s| arn(s.arn())),
+            cluster: (self.ours::<Cluster>(cluster).await?).map(|_| cluster.to_owned()),
             ..Infrastructure::default()
         };
         for role in [&names.execution_role, &names.task_role] {
-            if bootstrap::find_role(&ctx, role).await?.ours().is_some() {
+            if self.ours::<Role>(role).await?.is_some() {
                 found.roles.push(role.clone());
             }
         }
@@ -122,50 +152,26 @@ impl Removal<'_> {
         Ok(found)
     }
 
+    /// Every EC2 resource of kind `K` tagged for the deployment that `also` matches.
+    async fn all<K: Ec2>(&self, also: Option<Filter>) -> Result<Vec<K>, DeployError> {
+        all_tagged(self.aws, self.name, also).await
+    }
+
     async fn find_network(&self, found: &mut Infrastructure) -> Result<(), DeployError> {
-        let ec2 = &self.aws.ec2;
-        let tag = || bootstrap::tagged(self.name);
-        let what = format!("EC2 resources tagged for {}", self.name);
-        let nats = ec2
-            .describe_nat_gateways()
-            .filter(tag())
-            .filter(
-                Filter::builder()
-                    .name("state")
-                    .values("pending")
-                    .values("available")
-                    .values("deleting")
-                    .values("failed")
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&what, "ec2:DescribeNatGateways", &e))?;
-        found.nat_gateways = nats
-            .nat_gateways()
-            .iter()
-            .filter_map(|n| n.nat_gateway_id().map(str::to_owned))
+        let ids = |id: Option<&str>| id.map(str::to_owned);
+        let nats = self.all::<NatGateway>(Some(nat_states(&[
+            "pending",
+            "available",
+            "deleting",
+            "failed",
+        ])));
+        found.nat_gateways = (nats.await?.iter())
+            .filter_map(|n| ids(n.nat_gateway_id()))
             .collect();
-        let addresses = ec2
-            .describe_addresses()
-            .filters(tag())
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&what, "ec2:DescribeAddresses", &e))?;
-        found.addresses = addresses
-            .addresses()
-            .iter()
-            .filter_map(|a| a.allocation_id().map(str::to_owned))
+        found.addresses = (self.all::<Address>(None).await?.iter())
+            .filter_map(|a| ids(a.allocation_id()))
             .collect();
-        let groups = ec2
-            .describe_security_groups()
-            .filters(tag())
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&what, "ec2:DescribeSecurityGroups", &e))?;
-        found.security_groups = groups
-            .security_groups()
-            .iter()
+        found.security_groups = (self.all::<SecurityGroup>(None).await?.iter())
             .filter_map(|g| {
                 let name = g
                     .tags()
@@ -184,64 +190,32 @@ impl Removal<'_> {
                 .position(|suffix| name.ends_with(suffix))
                 .unwrap_or(usize::MAX)
         });
-        let subnets = ec2
-            .describe_subnets()
-            .filters(tag())
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&what, "ec2:DescribeSubnets", &e))?;
-        found.subnets = subnets
-            .subnets()
-            .iter()
-            .filter_map(|s| s.subnet_id().map(str::to_owned))
+        found.subnets = (self.all::<Subnet>(None).await?.iter())
+            .filter_map(|s| ids(s.subnet_id()))
             .collect();
-        let tables = ec2
-            .describe_route_tables()
-            .filters(tag())
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&what, "ec2:DescribeRouteTables", &e))?;
-        found.route_tables = tables
-            .route_tables()
-            .iter()
+        found.route_tables = (self.all::<RouteTable>(None).await?.iter())
             .filter_map(|t| {
                 let associations = t
                     .associations()
                     .iter()
                     .filter(|a| a.main() != Some(true))
-                    .filter_map(|a| a.route_table_association_id().map(str::to_owned))
+                    .filter_map(|a| ids(a.route_table_association_id()))
                     .collect();
                 Some((t.route_table_id()?.to_owned(), associations))
             })
             .collect();
-        let gateways = ec2
-            .describe_internet_gateways()
-            .filters(tag())
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&what, "ec2:DescribeInternetGateways", &e))?;
-        found.gateways = gateways
-            .internet_gateways()
-            .iter()
+        found.gateways = (self.all::<InternetGateway>(None).await?.iter())
             .filter_map(|g| {
                 let vpcs = g
                     .attachments()
                     .iter()
-                    .filter_map(|a| a.vpc_id().map(str::to_owned))
+                    .filter_map(|a| ids(a.vpc_id()))
                     .collect();
                 Some((g.internet_gateway_id()?.to_owned(), vpcs))
             })
             .collect();
-        let vpcs = ec2
-            .describe_vpcs()
-            .filters(tag())
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&what, "ec2:DescribeVpcs", &e))?;
-        found.vpcs = vpcs
-            .vpcs()
-            .iter()
-            .filter_map(|v| v.vpc_id().map(str::to_owned))
+        found.vpcs = (self.all::<Vpc>(None).await?.iter())
+            .filter_map(|v| ids(v.vpc_id()))
             .collect();
         Ok(())
     }
@@ -341,8 +315,7 @@ impl Infrastructure {
                 )?;
                 removal
                     .until_gone(resource, move || async move {
-                        let found =
-                            bootstrap::describe_replication_group(aws, id, resource).await?;
+                        let found = describe_replication_group(aws, id, resource).await?;
                         Ok(found.map(|g| g.status().unwrap_or("deleting").to_owned()))
                     })
                     .await
@@ -421,8 +394,8 @@ impl Infrastructure {
         ledger: &mut Ledger,
     ) -> Result<(), DeployError> {
         let ec2 = &removal.aws.ec2;
-        // Each kind goes as one step: its label, and how many went.
-        let counted = |n: usize, what: &str| format!("{n} {what}");
+        // Each kind goes as one step: its label, and how many went. NAT gateways are all
+        // deleted before any is waited on, since each takes minutes.
         if !self.nat_gateways.is_empty() {
             let work = async {
                 for id in &self.nat_gateways {
@@ -450,47 +423,54 @@ impl Infrastructure {
                 }
                 Ok(())
             };
-            let what = counted(self.nat_gateways.len(), "NAT gateway(s)");
+            let what = format!("{} NAT gateway(s)", self.nat_gateways.len());
             removal.step(ledger, "NAT gateways", &what, work).await?;
         }
-        if !self.addresses.is_empty() {
-            let work = async {
-                for id in &self.addresses {
+        let named = |id: &String, kind: &str| format!("{kind} {id}");
+        removal
+            .each(
+                ledger,
+                "Elastic IPs",
+                "Elastic IP(s)",
+                &self.addresses,
+                |id| async move {
                     in_use_retry(
                         removal,
-                        &format!("Elastic IP {id}"),
+                        &named(id, "Elastic IP"),
                         "ec2:ReleaseAddress",
                         || ec2.release_address().allocation_id(id).send(),
                     )
-                    .await?;
-                }
-                Ok(())
-            };
-            let what = counted(self.addresses.len(), "Elastic IP(s)");
-            removal.step(ledger, "Elastic IPs", &what, work).await?;
-        }
-        if !self.security_groups.is_empty() {
-            let work = async {
-                for (id, name) in &self.security_groups {
-                    in_use_retry(
-                        removal,
-                        &format!("security group {name} ({id})"),
-                        "ec2:DeleteSecurityGroup",
-                        || ec2.delete_security_group().group_id(id).send(),
-                    )
-                    .await?;
-                }
-                Ok(())
-            };
-            let what = counted(self.security_groups.len(), "security group(s)");
-            removal.step(ledger, "security groups", &what, work).await?;
-        }
-        if !self.route_tables.is_empty() {
-            let work = async {
-                for (id, associations) in &self.route_tables {
-                    let resource = format!("route table {id}");
-                    // A table with subnets cannot go; they fall back to the VPC's main
-                    // table until they go themselves.
+                    .await
+                },
+            )
+            .await?;
+        let groups = &self.security_groups;
+        removal
+            .each(
+                ledger,
+                "security groups",
+                "security group(s)",
+                groups,
+                |(id, name)| async move {
+                    let resource = format!("security group {name} ({id})");
+                    in_use_retry(removal, &resource, "ec2:DeleteSecurityGroup", || {
+                        ec2.delete_security_group().group_id(id).send()
+                    })
+                    .await
+                },
+            )
+            .await?;
+        let tables = &self.route_tables;
+        removal
+            .each(
+                ledger,
+                "route tables",
+                "route table(s)",
+                tables,
+                |(id, associations)| async move {
+                    let resource = named(id, "route table");
+                    // A table with subnets cannot go; they fall back to the VPC's main table
+                    // until they go themselves.
                     for association in associations {
                         ec2.disassociate_route_table()
                             .association_id(association)
@@ -503,30 +483,33 @@ impl Infrastructure {
                     in_use_retry(removal, &resource, "ec2:DeleteRouteTable", || {
                         ec2.delete_route_table().route_table_id(id).send()
                     })
-                    .await?;
-                }
-                Ok(())
-            };
-            let what = counted(self.route_tables.len(), "route table(s)");
-            removal.step(ledger, "route tables", &what, work).await?;
-        }
-        if !self.subnets.is_empty() {
-            let work = async {
-                for id in &self.subnets {
-                    in_use_retry(removal, &format!("subnet {id}"), "ec2:DeleteSubnet", || {
+                    .await
+                },
+            )
+            .await?;
+        removal
+            .each(
+                ledger,
+                "subnets",
+                "subnet(s)",
+                &self.subnets,
+                |id| async move {
+                    in_use_retry(removal, &named(id, "subnet"), "ec2:DeleteSubnet", || {
                         ec2.delete_subnet().subnet_id(id).send()
                     })
-                    .await?;
-                }
-                Ok(())
-            };
-            let what = counted(self.subnets.len(), "subnet(s)");
-            removal.step(ledger, "subnets", &what, work).await?;
-        }
-        if !self.gateways.is_empty() {
-            let work = async {
-                for (id, vpcs) in &self.gateways {
-                    let resource = format!("internet gateway {id}");
+                    .await
+                },
+            )
+            .await?;
+        let gateways = &self.gateways;
+        removal
+            .each(
+                ledger,
+                "internet gateway",
+                "internet gateway(s)",
+                gateways,
+                |(id, vpcs)| async move {
+                    let resource = named(id, "internet gateway");
                     for vpc in vpcs {
                         in_use_retry(removal, &resource, "ec2:DetachInternetGateway", || {
                             ec2.detach_internet_gateway()
@@ -539,29 +522,18 @@ impl Infrastructure {
                     in_use_retry(removal, &resource, "ec2:DeleteInternetGateway", || {
                         ec2.delete_internet_gateway().internet_gateway_id(id).send()
                     })
-                    .await?;
-                }
-                Ok(())
-            };
-            let what = counted(self.gateways.len(), "internet gateway(s)");
-            removal
-                .step(ledger, "internet gateway", &what, work)
-                .await?;
-        }
-        if !self.vpcs.is_empty() {
-            let work = async {
-                for id in &self.vpcs {
-                    in_use_retry(removal, &format!("VPC {id}"), "ec2:DeleteVpc", || {
-                        ec2.delete_vpc().vpc_id(id).send()
-                    })
-                    .await?;
-                }
-                Ok(())
-            };
-            let what = counted(self.vpcs.len(), "VPC(s)");
-            removal.step(ledger, "VPC", &what, work).await?;
-        }
-        Ok(())
+                    .await
+                },
+            )
+            .await?;
+        removal
+            .each(ledger, "VPC", "VPC(s)", &self.vpcs, |id| async move {
+                in_use_retry(removal, &named(id, "VPC"), "ec2:DeleteVpc", || {
+                    ec2.delete_vpc().vpc_id(id).send()
+                })
+                .await
+            })
+            .await
     }
 }
 /// Makes an EC2 deletion, again while EC2 says something still uses the resource (the
@@ -598,15 +570,9 @@ async fn remove_role(aws: &Clients, role: &str, dry_run: bool) -> Outcome<()> {
     if dry_run {
         return Ok(((), "would delete, with its policies".into()));
     }
-    let resource = format!("IAM role {role}");
-    let inline = aws
-        .iam
-        .list_role_policies()
-        .role_name(role)
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "iam:ListRolePolicies", &e))?;
-    for policy in inline.policy_names() {
+    let resource = Role::resource(role);
+    let (inline, attached) = bootstrap::role_policies(aws, role).await?;
+    for policy in inline {
         aws.iam
             .delete_role_policy()
             .role_name(role)
@@ -615,18 +581,11 @@ async fn remove_role(aws: &Clients, role: &str, dry_run: bool) -> Outcome<()> {
             .await
             .map_err(|e| DeployError::aws(&resource, "iam:DeleteRolePolicy", &e))?;
     }
-    let attached = aws
-        .iam
-        .list_attached_role_policies()
-        .role_name(role)
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "iam:ListAttachedRolePolicies", &e))?;
-    for policy in attached.attached_policies() {
+    for arn in attached {
         aws.iam
             .detach_role_policy()
             .role_name(role)
-            .set_policy_arn(policy.policy_arn().map(str::to_owned))
+            .policy_arn(arn)
             .send()
             .await
             .map_err(|e| DeployError::aws(&resource, "iam:DetachRolePolicy", &e))?;

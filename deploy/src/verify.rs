@@ -6,12 +6,16 @@
 //! included; conditions are not evaluated, and SSM parameters are checked only against
 //! the policies (the tool has no SSM client).
 
-use crate::bootstrap::percent_decode;
+use aws_sdk_iam::types::Role;
+use aws_sdk_secretsmanager::operation::describe_secret::DescribeSecretOutput;
+
+use crate::bootstrap::{percent_decode, role_policies};
 use crate::clients::Clients;
 use crate::config::Deployment;
 use crate::config::secret_arn;
-use crate::error::{DeployError, none_if};
+use crate::error::DeployError;
 use crate::output::say;
+use crate::ownership::Named;
 use crate::plan;
 
 /// What the tasks' principal is.
@@ -41,7 +45,7 @@ pub async fn verify(
     ));
 
     let execution = &deploy.roles.execution_role_arn;
-    let policies = match role(&aws, execution).await? {
+    let policies = match role(&aws, &deploy.name, execution).await? {
         Some(trusted) => {
             check(
                 trusted,
@@ -58,7 +62,7 @@ pub async fn verify(
         }
     };
     if let Some(task) = &deploy.roles.task_role_arn {
-        match role(&aws, task).await? {
+        match role(&aws, &deploy.name, task).await? {
             Some(trusted) => check(
                 trusted,
                 format!(
@@ -119,12 +123,7 @@ pub async fn verify(
             continue;
         }
         let id = secret_arn(value_from).to_owned();
-        let described = none_if(
-            aws.secrets.describe_secret().secret_id(&id).send().await,
-            |e| e.is_resource_not_found_exception(),
-            &format!("secret {id}"),
-            "secretsmanager:DescribeSecret",
-        )?;
+        let described = DescribeSecretOutput::find_by_name(&aws, &deploy.name, &id).await?;
         let Some(described) = described else {
             check(false, format!("secret {id} ({env}) does not exist"));
             continue;
@@ -176,19 +175,12 @@ fn name_of(role_arn: &str) -> &str {
     role_arn.rsplit('/').next().unwrap_or(role_arn)
 }
 
-/// Whether the role `arn` exists (`None` if not) and trusts the ECS tasks' principal.
-async fn role(aws: &Clients, arn: &str) -> Result<Option<bool>, DeployError> {
-    let name = name_of(arn);
-    let found = none_if(
-        aws.iam.get_role().role_name(name).send().await,
-        |e| e.is_no_such_entity_exception(),
-        &format!("IAM role {name}"),
-        "iam:GetRole",
-    )?;
-    Ok(found.map(|found| {
-        found
-            .role()
-            .and_then(|r| r.assume_role_policy_document())
+/// Whether the role `arn` exists (`None` if not) and trusts the ECS tasks' principal;
+/// whoever made it (`deployment` names the deployment verified).
+async fn role(aws: &Clients, deployment: &str, arn: &str) -> Result<Option<bool>, DeployError> {
+    let found = Role::find_by_name(aws, deployment, name_of(arn)).await?;
+    Ok(found.map(|role| {
+        role.assume_role_policy_document()
             .is_some_and(|trust| percent_decode(trust).contains(TASKS_PRINCIPAL))
     }))
 }
@@ -200,16 +192,10 @@ struct Policies {
 
 impl Policies {
     async fn of(aws: &Clients, role: &str) -> Result<Self, DeployError> {
-        let resource = format!("IAM role {role}");
+        let resource = Role::resource(role);
         let mut documents = Vec::new();
-        let inline = aws
-            .iam
-            .list_role_policies()
-            .role_name(role)
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&resource, "iam:ListRolePolicies", &e))?;
-        for name in inline.policy_names() {
+        let (inline, attached) = role_policies(aws, role).await?;
+        for name in inline {
             let policy = aws
                 .iam
                 .get_role_policy()
@@ -220,17 +206,7 @@ impl Policies {
                 .map_err(|e| DeployError::aws(&resource, "iam:GetRolePolicy", &e))?;
             documents.push(percent_decode(policy.policy_document()));
         }
-        let attached = aws
-            .iam
-            .list_attached_role_policies()
-            .role_name(role)
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&resource, "iam:ListAttachedRolePolicies", &e))?;
-        for policy in attached.attached_policies() {
-            let Some(arn) = policy.policy_arn() else {
-                continue;
-            };
+        for arn in &attached {
             let described = aws
                 .iam
                 .get_policy()

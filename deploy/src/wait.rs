@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_ecs::types::{Deployment, DeploymentRolloutState, DesiredStatus, Service, Task};
 
 use crate::error::DeployError;
-use crate::output::{Outcome, revision, say};
+use crate::output::{Ledger, Outcome, revision, say};
 
 /// Looks at a slow resource every `poll` until `look` says it is done (`None`), printing
 /// each new state it reports (`Some(state)`) with the seconds waited, up to `timeout`.
@@ -156,6 +156,27 @@ async fn until_stable(
         }
         tokio::time::sleep(poll).await;
     }
+}
+
+/// The label of the step that waits for the services.
+pub(crate) const STABLE_STEP: &str = "services stable";
+
+/// The last step of a deploy or a rollback where it waits (`wait` is the timeout): runs
+/// [`services_stable`] as a step of `ledger`.
+pub(crate) async fn stable_step(
+    ledger: &mut Ledger,
+    ecs: &aws_sdk_ecs::Client,
+    cluster: &str,
+    names: &[&str],
+    task_definitions: &[String],
+    wait: Option<Duration>,
+    poll: Duration,
+) -> Result<(), DeployError> {
+    let Some(timeout) = wait else {
+        return Ok(());
+    };
+    let stable = services_stable(ecs, cluster, names, task_definitions, timeout, poll);
+    ledger.run(STABLE_STEP.to_owned(), stable).await
 }
 
 /// The "services stable" step of a deploy or a rollback: waits until each service of

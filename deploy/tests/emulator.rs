@@ -2626,6 +2626,18 @@ fn empty_account_manifest(name: &str) -> Value {
     manifest
 }
 
+/// A fixture of [`empty_account_manifest`], its manifest written.
+fn empty_account_fixture(name: &str) -> Fixture {
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        name: name.to_owned(),
+        cluster: name.to_owned(),
+        manifest: empty_account_manifest(name),
+    };
+    fixture.write_manifest();
+    fixture
+}
+
 fn bootstrap_run(fixture: &Fixture, aws: &Aws, args: &[&str]) -> Run {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fjord-deploy"));
     command
@@ -2645,13 +2657,7 @@ async fn from_an_empty_account_bootstrap_deploy_and_destroy_leave_nothing() {
     let account = Empty::account().await;
     let aws = &account.aws;
     let name = unique("boot");
-    let fixture = Fixture {
-        dir: tempfile::tempdir().unwrap(),
-        name: name.clone(),
-        cluster: name.clone(),
-        manifest: empty_account_manifest(&name),
-    };
-    fixture.write_manifest();
+    let fixture = empty_account_fixture(&name);
     fixture.write_images("v1");
     let before = read_manifest(&fixture);
 
@@ -3064,4 +3070,78 @@ async fn bootstrap_uses_your_own_vpc_and_redis_as_they_are() {
             .len(),
         1
     );
+}
+
+/// Names bootstrap would give its own, taken by what fjord-deploy did not make for this
+/// deployment (a target group tagged for another, a role without the tag): bootstrap
+/// refuses them before any change, and destroy leaves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_another_took_are_refused_by_bootstrap_and_spared_by_destroy() {
+    let _one = EMULATOR.lock().await;
+    let account = Empty::account().await;
+    let aws = &account.aws;
+    let name = unique("taken");
+    let vpc = account
+        .ec2
+        .create_vpc()
+        .cidr_block("10.8.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let vpc = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
+    let group = ip_target_group(&account.elb, &format!("{name}-server"), &vpc).await;
+    account
+        .elb
+        .add_tags()
+        .resource_arns(&group)
+        .tags(
+            aws_sdk_elasticloadbalancingv2::types::Tag::builder()
+                .key("fjord:deployment")
+                .value("someone-else")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let role = format!("{name}-execution");
+    account
+        .iam
+        .create_role()
+        .role_name(&role)
+        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    let fixture = empty_account_fixture(&name);
+    let before = read_manifest(&fixture);
+
+    bootstrap_run(&fixture, aws, &["--dry-run"])
+        .failed()
+        .says(&format!(
+            "target group {name}-server: exists but was not created by fjord-deploy"
+        ))
+        .says("(nothing was changed)");
+    assert_eq!(read_manifest(&fixture), before);
+
+    fixture
+        .destroy(aws, &["--poll-secs", "1"])
+        .succeeded()
+        .says(&format!(
+            "Nothing left of {name} that fjord-deploy created and this run removes."
+        ));
+    let groups = account
+        .elb
+        .describe_target_groups()
+        .target_group_arns(&group)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(groups.target_groups().len(), 1);
+    account
+        .iam
+        .get_role()
+        .role_name(&role)
+        .send()
+        .await
+        .unwrap();
 }

@@ -1,10 +1,13 @@
 //! One accepted TCP connection. Its request head is read into a buffer that is freed once
-//! parsed. A stream request (`GET /v1/streams…`) is answered on this task: the response head,
-//! then the connection's events written straight to the socket as HTTP/1.1 chunks — so that
-//! an open stream costs its socket, this task and its queue, and no HTTP library's buffers.
-//! Every other request (health, metrics, files, CORS preflight, anything malformed) is
-//! handed to hyper with the bytes read so far, one request per connection. `HEAD` of a
-//! stream is checked like its `GET` and answered with the same head, without subscribing.
+//! parsed. A stream request (`GET /v1/streams…`) is admitted in one call (`request`'s
+//! `Admission`) and answered on this task: its refusal, as `ApiError::response` renders it,
+//! or the response head, then the connection's events written straight to the socket as
+//! HTTP/1.1 chunks, by this task or by the hub in its place (the rules that keep the two in
+//! order are in `hub::outlet`) — so that an open stream costs its socket, this task and its
+//! queue, and no HTTP library's buffers. Every other request (health, metrics, files, CORS
+//! preflight, anything malformed) is handed to hyper with the bytes read so far, one request
+//! per connection. `HEAD` of a stream is admitted like its `GET` and answered with the same
+//! head, and no stream.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -17,15 +20,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::auth::Authenticator;
-use crate::cors::{AllowOrigin, Cors};
-use crate::hub::{DirectWrite, Hub, Outgoing, Subscription, WrittenNow};
+use crate::cors::AllowOrigin;
+use crate::hub::{DirectWrite, Outgoing, Subscription, WrittenNow};
 use crate::limits::Slot;
-use crate::request::{ApiError, open_stream};
+use crate::metrics::Metrics;
+use crate::request::{Admission, Admitted, ApiError, Refused, StreamHead};
 
 /// Longest request head; a longer one is refused with 431.
 pub(crate) const MAX_HEAD: usize = 16 * 1024;
@@ -41,19 +44,6 @@ const SEND_BUFFER: usize = 32 * 1024;
 /// The first read of a request head; most heads fit.
 const FIRST_READ: usize = 2048;
 
-/// What a stream connection needs: the hub, the token checks, the CORS allowlist.
-#[derive(Debug)]
-pub(crate) struct StreamService {
-    /// The hub connections subscribe to.
-    pub hub: Arc<Hub>,
-    /// Verifies tokens.
-    pub auth: Authenticator,
-    /// The origins allowed to read streams.
-    pub cors: Cors,
-    /// Whether a client's address is `X-Forwarded-For`'s last entry.
-    pub trust_forwarded_for: bool,
-}
-
 /// Serves a connection that is not a stream request: hyper and warp, given the socket with
 /// the bytes read from it so far.
 pub(crate) type Fallback =
@@ -64,7 +54,7 @@ pub(crate) async fn serve(
     mut socket: TcpStream,
     peer: SocketAddr,
     mut slot: Slot,
-    streams: Arc<StreamService>,
+    admission: Arc<Admission>,
     fallback: Fallback,
 ) {
     let mut buffer = Vec::with_capacity(FIRST_READ);
@@ -75,6 +65,7 @@ pub(crate) async fn serve(
         () = given_up => return,
     };
     slot.head_read();
+    let metrics = admission.hub.metrics();
     match head {
         Err(_elapsed) => {}
         Ok(Err(error)) => {
@@ -86,8 +77,7 @@ pub(crate) async fn serve(
                 "header_too_large",
                 format!("the request head is larger than {MAX_HEAD} bytes"),
             );
-            streams.hub.metrics().requests_refused.fetch_add(1, Relaxed);
-            let _ = write_all_vectored(&socket, &[&error_response(&refusal, None, false)]).await;
+            let _ = write_refusal(&socket, metrics, &refusal, None, false).await;
         }
         Ok(Ok(Head::BadTarget)) => {
             let refusal = ApiError::new(
@@ -95,13 +85,12 @@ pub(crate) async fn serve(
                 "bad_request_target",
                 "the request target must be a path (/v1/streams/…) or an absolute http(s) URL",
             );
-            streams.hub.metrics().requests_refused.fetch_add(1, Relaxed);
-            let _ = write_all_vectored(&socket, &[&error_response(&refusal, None, false)]).await;
+            let _ = write_refusal(&socket, metrics, &refusal, None, false).await;
         }
         Ok(Ok(Head::Other)) => fallback(Prefixed::new(buffer, socket)).await,
         Ok(Ok(Head::Stream(request))) => {
             drop(buffer);
-            if let Err(error) = stream(socket, peer.ip(), slot, request, &streams).await {
+            if let Err(error) = stream(socket, peer.ip(), slot, request, &admission).await {
                 tracing::debug!(%error, "stream connection ended with an error");
             }
         }
@@ -110,17 +99,16 @@ pub(crate) async fn serve(
 
 /// Answers a connection refused before its request was read, as far as the socket takes
 /// the answer at once; the caller closes it.
-pub(crate) fn refuse(socket: &TcpStream, refusal: &ApiError) {
-    let _ = socket.try_write(&error_response(refusal, None, false));
+pub(crate) fn refuse(socket: &TcpStream, metrics: &Metrics, refusal: &ApiError) {
+    metrics.requests_refused.fetch_add(1, Relaxed);
+    let _ = socket.try_write(&refusal_bytes(refusal, None, false));
 }
 
 /// A parsed request head that asks for a stream.
 #[derive(Debug)]
-struct StreamHead {
-    /// `Some` for `/v1/streams/{endpoint}`.
-    path_endpoint: Option<String>,
-    query: String,
-    headers: HeaderMap,
+struct Stream {
+    /// What it asks for.
+    head: StreamHead,
     /// HTTP/1.0 has no chunked encoding: the body ends when the connection closes.
     chunked: bool,
     /// `HEAD`: the response head only.
@@ -129,7 +117,7 @@ struct StreamHead {
 
 #[derive(Debug)]
 enum Head {
-    Stream(StreamHead),
+    Stream(Stream),
     /// Any other request, or one this module does not understand: hyper answers it.
     Other,
     TooLarge,
@@ -189,7 +177,7 @@ fn parse_head(buffer: &[u8]) -> Option<Head> {
     }
 }
 
-fn stream_head(request: &httparse::Request<'_, '_>) -> Option<StreamHead> {
+fn stream_head(request: &httparse::Request<'_, '_>) -> Option<Stream> {
     let head_only = match request.method? {
         "GET" => false,
         "HEAD" => true,
@@ -214,10 +202,12 @@ fn stream_head(request: &httparse::Request<'_, '_>) -> Option<StreamHead> {
         let value = HeaderValue::from_bytes(field.value).ok()?;
         headers.append(name, value);
     }
-    Some(StreamHead {
-        path_endpoint,
-        query: query.to_owned(),
-        headers,
+    Some(Stream {
+        head: StreamHead {
+            path_endpoint,
+            query: query.to_owned(),
+            headers,
+        },
         chunked: request.version != Some(0),
         head_only,
     })
@@ -260,11 +250,12 @@ async fn stream(
     socket: TcpStream,
     peer: IpAddr,
     mut slot: Slot,
-    request: StreamHead,
-    service: &StreamService,
+    request: Stream,
+    admission: &Admission,
 ) -> io::Result<()> {
     let chunked = request.chunked;
-    let Some(mut subscription) = Box::pin(open(&socket, peer, &mut slot, request, service)).await?
+    let Some(mut subscription) =
+        Box::pin(open(&socket, peer, &mut slot, request, admission)).await?
     else {
         return shut_down(&socket);
     };
@@ -291,52 +282,36 @@ fn shut_down(socket: &TcpStream) -> io::Result<()> {
     socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write)
 }
 
-/// Checks and subscribes a stream request, and writes the response head with the stream's
-/// first bytes; or writes its refusal and returns `None`. Boxed by its caller: verifying a
-/// token may fetch keys, a large future that would otherwise stay in every connection's task
-/// for as long as its stream is open.
+/// Admits a stream request, and writes the response head with the stream's first bytes; or
+/// writes its refusal and returns `None`. Boxed by its caller: verifying a token may fetch
+/// keys, a large future that would otherwise stay in every connection's task for as long as
+/// its stream is open.
 async fn open(
     socket: &TcpStream,
     peer: IpAddr,
     slot: &mut Slot,
-    request: StreamHead,
-    service: &StreamService,
+    request: Stream,
+    admission: &Admission,
 ) -> io::Result<Option<Subscription>> {
-    let metrics = service.hub.metrics();
-    let (opened, allow_origin) = match service.cors.allow(request.headers.get("origin"), metrics) {
-        Err(refusal) => (Err(refusal), None),
-        Ok(allow_origin) => {
-            let address = client_address(peer, &request.headers, service.trust_forwarded_for);
-            let opened = match slot.admit_stream(address) {
-                Err(refusal) => Err(refusal.into()),
-                Ok(()) => {
-                    open_stream(
-                        &service.hub,
-                        &service.auth,
-                        request.path_endpoint.as_deref(),
-                        &request.query,
-                        &request.headers,
-                        slot,
-                    )
-                    .await
-                }
-            };
-            (opened, allow_origin)
-        }
-    };
-    match opened {
-        Err(refusal) => {
-            metrics.requests_refused.fetch_add(1, Relaxed);
-            let response = error_response(&refusal, allow_origin.as_ref(), request.head_only);
-            write_all_vectored(socket, &[&response]).await?;
+    match admission.admit(&request.head, peer, slot).await {
+        Err(Refused {
+            error,
+            allow_origin,
+        }) => {
+            let metrics = admission.hub.metrics();
+            let head_only = request.head_only;
+            write_refusal(socket, metrics, &error, allow_origin.as_ref(), head_only).await?;
             Ok(None)
         }
-        Ok(_) if request.head_only => {
+        Ok(Admitted { allow_origin, .. }) if request.head_only => {
             let head = stream_response_head(allow_origin.as_ref(), request.chunked);
             write_all_vectored(socket, &[&head]).await?;
             Ok(None)
         }
-        Ok(mut subscription) => {
+        Ok(Admitted {
+            mut subscription,
+            allow_origin,
+        }) => {
             let mut head = stream_response_head(allow_origin.as_ref(), request.chunked);
             // The prelude is ready at once: it goes out with the head, in one write.
             if let Some(Outgoing::Events(prelude)) = subscription.next().await {
@@ -446,83 +421,82 @@ fn next_or_gone(
     Poll::Pending
 }
 
-/// Where a stream comes from, for the per-address limit: the peer, or behind a trusted load
-/// balancer the last entry of `X-Forwarded-For` (the one it appended; earlier ones are the
-/// client's to write).
-fn client_address(peer: IpAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
-    if !trust_forwarded_for {
-        return peer;
-    }
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .next_back()
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.rsplit(',').next())
-        .and_then(|last| last.trim().parse().ok())
-        .unwrap_or(peer)
-}
-
 fn stream_response_head(allow_origin: Option<&AllowOrigin>, chunked: bool) -> Vec<u8> {
-    let mut head = Vec::with_capacity(512);
-    head.extend_from_slice(
-        b"HTTP/1.1 200 OK\r\n\
-          content-type: text/event-stream\r\n\
-          cache-control: no-cache, no-transform\r\n\
-          x-accel-buffering: no\r\n\
-          connection: close\r\n",
-    );
-    // The server closes every stream connection once the stream ends: said, so that a
-    // keep-alive proxy does not send another request on it.
+    let mut fields = HeaderMap::with_capacity(8);
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/event-stream"),
+        (header::CACHE_CONTROL, "no-cache, no-transform"),
+        (HeaderName::from_static("x-accel-buffering"), "no"),
+        // The server closes every stream connection once the stream ends: said, so that a
+        // keep-alive proxy does not send another request on it.
+        (header::CONNECTION, "close"),
+    ] {
+        fields.insert(name, HeaderValue::from_static(value));
+    }
     if chunked {
-        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        fields.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
     }
-    append_allow_origin(&mut head, allow_origin);
-    head.extend_from_slice(b"\r\n");
-    head
+    response_head(StatusCode::OK, fields, allow_origin)
 }
 
-fn append_allow_origin(out: &mut Vec<u8>, allow_origin: Option<&AllowOrigin>) {
-    for (name, value) in allow_origin.into_iter().flat_map(AllowOrigin::fields) {
-        append_field(out, name.as_str(), value.as_bytes());
-    }
-}
-
-fn append_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// A complete response for a refused stream request (without its body for `HEAD`); the
-/// connection closes after it.
-fn error_response(
+/// A complete response for a refused request (without its body for `HEAD`), as
+/// [`ApiError::response`] renders it; the connection closes after it.
+fn refusal_bytes(
     refusal: &ApiError,
     allow_origin: Option<&AllowOrigin>,
     head_only: bool,
 ) -> Vec<u8> {
-    let body = refusal.body();
-    let status = refusal.status();
-    let mut response = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        body.len()
-    )
-    .into_bytes();
-    if let Some(challenge) = refusal.challenge() {
-        append_field(&mut response, "www-authenticate", challenge.as_bytes());
-    }
-    if let Some(seconds) = refusal.retry_after() {
-        append_field(&mut response, "retry-after", seconds.to_string().as_bytes());
-    }
-    append_allow_origin(&mut response, allow_origin);
-    response.extend_from_slice(b"\r\n");
+    let (parts, body) = refusal.response().into_parts();
+    let mut fields = parts.headers;
+    fields.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    fields.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    let mut response = response_head(parts.status, fields, allow_origin);
     if !head_only {
         response.extend_from_slice(body.as_bytes());
     }
     response
+}
+
+/// Writes a refusal and counts it.
+async fn write_refusal(
+    socket: &TcpStream,
+    metrics: &Metrics,
+    refusal: &ApiError,
+    allow_origin: Option<&AllowOrigin>,
+    head_only: bool,
+) -> io::Result<()> {
+    metrics.requests_refused.fetch_add(1, Relaxed);
+    let response = refusal_bytes(refusal, allow_origin, head_only);
+    write_all_vectored(socket, &[&response]).await
+}
+
+/// A response head as bytes: the status line, `fields` with an allowed origin's CORS
+/// fields, the blank line.
+fn response_head(
+    status: StatusCode,
+    mut fields: HeaderMap,
+    allow_origin: Option<&AllowOrigin>,
+) -> Vec<u8> {
+    if let Some(allow_origin) = allow_origin {
+        allow_origin.add_to(&mut fields);
+    }
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in &fields {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
 }
 
 /// The size line of an HTTP/1.1 chunk, written without allocating.
@@ -717,9 +691,9 @@ mod tests {
         else {
             panic!("a stream request");
         };
-        assert_eq!(one.path_endpoint.as_deref(), Some("orders"));
-        assert_eq!(one.query, "key=a");
-        assert_eq!(one.headers["last-event-id"], "1-0");
+        assert_eq!(one.head.path_endpoint.as_deref(), Some("orders"));
+        assert_eq!(one.head.query, "key=a");
+        assert_eq!(one.head.headers["last-event-id"], "1-0");
         assert!(one.chunked);
 
         let Some(Head::Stream(several)) =
@@ -727,7 +701,7 @@ mod tests {
         else {
             panic!("a stream request");
         };
-        assert_eq!(several.path_endpoint, None);
+        assert_eq!(several.head.path_endpoint, None);
         assert!(!several.chunked);
 
         for other in [
@@ -762,8 +736,8 @@ mod tests {
         ) else {
             panic!("a stream request");
         };
-        assert_eq!(request.path_endpoint.as_deref(), Some("orders"));
-        assert_eq!(request.query, "key=a");
+        assert_eq!(request.head.path_endpoint.as_deref(), Some("orders"));
+        assert_eq!(request.head.query, "key=a");
         for (target, path) in [
             ("HTTPS://h/v1/streams?endpoint=a", "/v1/streams?endpoint=a"),
             ("http://h", "/"),
@@ -779,37 +753,20 @@ mod tests {
     }
 
     #[test]
-    fn the_forwarded_address_counts_only_when_trusted() {
-        let peer: IpAddr = [10, 0, 0, 9].into();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "x-forwarded-for",
-            HeaderValue::from_static("6.6.6.6, 203.0.113.7"),
-        );
-        assert_eq!(client_address(peer, &headers, false), peer);
-        assert_eq!(
-            client_address(peer, &headers, true),
-            IpAddr::from([203, 0, 113, 7])
-        );
-        headers.insert("x-forwarded-for", HeaderValue::from_static("garbage"));
-        assert_eq!(client_address(peer, &headers, true), peer);
-    }
-
-    #[test]
     fn a_refusal_at_a_limit_says_when_to_retry_and_head_leaves_the_body_out() {
         let refusal = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
             "full",
         );
-        let full = String::from_utf8(error_response(&refusal, None, false)).expect("utf-8");
+        let full = String::from_utf8(refusal_bytes(&refusal, None, false)).expect("utf-8");
         assert!(
             full.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
             "{full}"
         );
         assert!(full.contains("\r\nretry-after: 5\r\n"), "{full}");
         assert!(full.ends_with(&refusal.body()), "{full}");
-        let head_only = String::from_utf8(error_response(&refusal, None, true)).expect("utf-8");
+        let head_only = String::from_utf8(refusal_bytes(&refusal, None, true)).expect("utf-8");
         assert!(head_only.ends_with("\r\n\r\n"), "{head_only}");
         assert!(head_only.contains(&format!("content-length: {}", refusal.body().len())));
     }
@@ -841,7 +798,7 @@ mod tests {
         let mut buffer = Vec::with_capacity(FIRST_READ);
         let head = read_head(&mut server, &mut buffer).await.expect("a head");
         assert!(
-            matches!(&head, Head::Stream(request) if request.path_endpoint.as_deref() == Some("orders")),
+            matches!(&head, Head::Stream(request) if request.head.path_endpoint.as_deref() == Some("orders")),
             "{head:?}"
         );
         drop(sender.await);
@@ -979,7 +936,7 @@ mod tests {
     fn check_stream_head(bytes: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
         let head = parse_head(bytes);
         if let Some(Head::Stream(request)) = &head
-            && let Some(name) = &request.path_endpoint
+            && let Some(name) = &request.head.path_endpoint
         {
             proptest::prop_assert!(!name.is_empty() && !name.contains('/'));
         }

@@ -1,17 +1,17 @@
 //! The one CORS policy, for streams and every other route alike: which origins' pages may
-//! read a response, with or without credentials, and the answer to a preflight.
+//! read a response, with or without credentials ([`Cors::allow`]), the fields that say so on
+//! a response ([`AllowOrigin::add_to`], the one way they reach one, whichever path wrote it),
+//! and the answer to a preflight.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 use warp::Reply;
 use warp::reply::Response;
 
 use crate::metrics::Metrics;
 use crate::process::LogThrottle;
-
-use crate::request::ApiError;
 
 /// The origins whose pages may read streams. `*` lets any page read them, without
 /// credentials; listed origins are echoed, and allowed credentials when the token may come
@@ -31,9 +31,22 @@ pub(crate) struct AllowOrigin {
     credentials: bool,
 }
 
+/// A request refused by the CORS policy (a 403 `cors_forbidden` to the client): the message
+/// says why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct CorsRefused(pub(crate) String);
+
 impl AllowOrigin {
+    /// Adds the CORS fields to a response's.
+    pub(crate) fn add_to(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.fields() {
+            headers.append(name, value);
+        }
+    }
+
     /// The header fields, in the order they are written.
-    pub(crate) fn fields(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
+    fn fields(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
         let echoed = self.origin != "*";
         [
             Some((header::ACCESS_CONTROL_ALLOW_ORIGIN, self.origin.clone())),
@@ -70,7 +83,7 @@ impl Cors {
         &self,
         origin: Option<&HeaderValue>,
         metrics: &Metrics,
-    ) -> Result<Option<AllowOrigin>, ApiError> {
+    ) -> Result<Option<AllowOrigin>, CorsRefused> {
         let Some(origin) = origin else {
             return Ok(None);
         };
@@ -102,10 +115,8 @@ impl Cors {
                 "refused a request from an origin that server.cors_origins does not list; a page there cannot read streams (scheme, host and port must match exactly)"
             );
         }
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "cors_forbidden",
-            "CORS request forbidden: origin not allowed",
+        Err(CorsRefused(
+            "CORS request forbidden: origin not allowed".into(),
         ))
     }
 }
@@ -128,17 +139,15 @@ impl Cors {
         &self,
         headers: &HeaderMap,
         metrics: &Metrics,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, CorsRefused> {
         let allowed = self.allow(headers.get(header::ORIGIN), metrics)?;
         let method = headers
             .get(header::ACCESS_CONTROL_REQUEST_METHOD)
             .and_then(|method| method.to_str().ok())
             .unwrap_or_default();
         if !ALLOWED_METHODS.contains(&method) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "cors_forbidden",
-                "CORS request forbidden: only GET and HEAD are allowed",
+            return Err(CorsRefused(
+                "CORS request forbidden: only GET and HEAD are allowed".into(),
             ));
         }
         let requested = headers
@@ -149,17 +158,15 @@ impl Cors {
             .filter(|name| !name.is_empty());
         for name in requested {
             if !ALLOWED_HEADERS.contains(&name.as_str()) {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "cors_forbidden",
-                    format!("CORS request forbidden: header {name:?} is not allowed"),
-                ));
+                return Err(CorsRefused(format!(
+                    "CORS request forbidden: header {name:?} is not allowed"
+                )));
             }
         }
         let mut response = warp::reply().into_response();
         let headers = response.headers_mut();
-        for (name, value) in allowed.iter().flat_map(AllowOrigin::fields) {
-            headers.append(name, value);
+        if let Some(allowed) = &allowed {
+            allowed.add_to(headers);
         }
         for (name, list) in [
             (header::ACCESS_CONTROL_ALLOW_METHODS, &ALLOWED_METHODS[..]),
@@ -216,10 +223,7 @@ mod tests {
             Some(&HeaderValue::from_static("http://127.0.0.1:5173")),
             &metrics,
         );
-        assert_eq!(
-            refused.expect_err("refused").status(),
-            StatusCode::FORBIDDEN
-        );
+        assert!(refused.is_err());
         assert_eq!(metrics.cors_refused.load(Relaxed), 1);
         assert_eq!(listed.allow(None, &metrics), Ok(None));
     }

@@ -94,7 +94,7 @@ pub(crate) fn routes(
                 // An OPTIONS request that is no preflight goes on to the routes (405).
                 let answer = if headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
                     cors.preflight(&headers, hub.metrics())
-                        .map_err(warp::reject::custom)
+                        .map_err(|refusal| warp::reject::custom(ApiError::from(refusal)))
                 } else {
                     Err(warp::reject::not_found())
                 };
@@ -109,16 +109,15 @@ pub(crate) fn routes(
             move |origin: Option<HeaderValue>| {
                 let allowed = cors
                     .allow(origin.as_ref(), hub.metrics())
-                    .map_err(warp::reject::custom);
+                    .map_err(|refusal| warp::reject::custom(ApiError::from(refusal)));
                 std::future::ready(allowed)
             },
         )
     };
     let answered = origin.and(routes.recover(recover.clone()).unify()).map(
-        |allowed: Option<AllowOrigin>, reply: Response| {
-            let mut response = reply;
-            for (name, value) in allowed.iter().flat_map(AllowOrigin::fields) {
-                response.headers_mut().append(name, value);
+        |allowed: Option<AllowOrigin>, mut response: Response| {
+            if let Some(allowed) = &allowed {
+                allowed.add_to(response.headers_mut());
             }
             response
         },
@@ -155,9 +154,9 @@ fn probes(
         .and(with_readiness)
         .map(|readiness: Readiness| match readiness.not_ready() {
             None => warp::reply::json(&serde_json::json!({"status": "ready"})).into_response(),
-            Some(why) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why).into_response()
-            }
+            Some(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why)
+                .response()
+                .map(Into::into),
         });
     let metrics = warp::path!("metrics")
         .and(get_or_head())
@@ -181,10 +180,12 @@ fn recover(
 ) -> impl Fn(Rejection) -> std::future::Ready<Result<Response, Infallible>> + Clone + Send + Sync + 'static
 {
     let hub = Arc::clone(hub);
-    move |rejection: Rejection| std::future::ready(Ok(error_response(&hub, &rejection)))
+    move |rejection: Rejection| std::future::ready(Ok(refusal(&hub, &rejection)))
 }
 
-fn error_response(hub: &Hub, rejection: &Rejection) -> Response {
+/// The answer to a rejected request: the [`ApiError`] it carries, or one for warp's own
+/// rejections.
+fn refusal(hub: &Hub, rejection: &Rejection) -> Response {
     hub.metrics().requests_refused.fetch_add(1, Relaxed);
     let error = if let Some(error) = rejection.find::<ApiError>() {
         error.clone()
@@ -209,5 +210,5 @@ fn error_response(hub: &Hub, rejection: &Rejection) -> Response {
             format!("{rejection:?}"),
         )
     };
-    error.into_response()
+    error.response().map(Into::into)
 }

@@ -21,7 +21,8 @@
 //! - [`replay`]: reading back what a resuming client missed, and noticing gaps.
 //! - [`sse`]: the bytes on the wire: events, heartbeats, resume ids.
 //! - [`auth`]: JWT verification and what a token opens.
-//! - `request`: what a stream request asks for and may have, and the JSON error refusing it.
+//! - `request`: what a stream request asks for and may have, decided in one call, and the
+//!   JSON error refusing it, rendered once for every route.
 //! - `cors`: the one CORS policy, for streams and the other routes.
 //! - `http`: warp's routes besides the streams: health, readiness, metrics, static files.
 //! - `connection`: one TCP connection: stream responses written straight to the socket.

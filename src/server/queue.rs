@@ -1,7 +1,9 @@
 //! A connection's bounded queue, from the hub to the connection's task. Queuing an event
 //! takes one uncontended lock; so does taking one. An idle queue costs about a hundred
 //! bytes — a tokio channel keeps a block of 32 slots and a semaphore for every connection —
-//! and a queue that grew in a burst gives its memory back once drained.
+//! and a queue that grew in a burst gives its memory back once drained. How an item delivered
+//! in the consumer's place keeps its order with those the consumer takes is stated, with the
+//! tests that guard it, in the hub's outlet (`hub::outlet`), the queue's one user.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -210,6 +212,23 @@ mod tests {
         assert_eq!(queue.try_next_if(|&item| item != 30), None);
         assert_eq!(queue.try_next_if(|_| true), Some(30));
         assert_eq!(queue.try_next_if(|_| true), Some(4));
+    }
+
+    #[test]
+    fn a_closed_queue_takes_nothing_more_not_even_directly() {
+        let queue = Queue::new(4);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(queue.poll_next(&mut cx), Poll::Pending);
+        // Closed while its consumer waits on it, as a shed connection's queue is.
+        queue.close_and_clear();
+        let delivered = std::cell::Cell::new(false);
+        let pushed = queue.push_or_deliver(1, |_| {
+            delivered.set(true);
+            Delivery::Done
+        });
+        assert_eq!(pushed, Err(PushError::Closed));
+        assert!(!delivered.get(), "nothing is delivered after the end");
+        assert_eq!(queue.poll_next(&mut cx), Poll::Ready(None));
     }
 
     #[test]

@@ -1,15 +1,17 @@
 //! A stream request: what it asks for (endpoints, key filters, where to resume) and whether
-//! it may have it (token, grant, the per-subject limit), and the JSON error with the fitting
-//! status that refuses it. Requests are parsed and checked here; a bad one is answered with a
-//! clear error, never a panic or a 500. The connection module reads the request and writes
-//! the stream.
+//! it may have it — its origin, the connection limits, its token and grant — all decided in
+//! one call, [`Admission::admit`]; and the JSON error with the fitting status that refuses it,
+//! rendered once ([`ApiError::response`]) for the stream path and warp's routes alike.
+//! Requests are parsed and checked here; a bad one is answered with a clear error, never a
+//! panic or a 500. The connection module reads the request and writes the stream.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use warp::reply::Response;
 
 use crate::auth::{AuthError, Authenticator, Forbidden, Grant, find_token};
+use crate::cors::{AllowOrigin, Cors, CorsRefused};
 use crate::hub::{Hub, Interest, Subscription};
 use crate::keys::KeySet;
 use crate::limits::{LimitReached, Slot};
@@ -44,29 +46,35 @@ impl ApiError {
         }
     }
 
-    /// The HTTP status.
-    pub(crate) fn status(&self) -> StatusCode {
-        self.status
-    }
-
     /// The JSON body: `{"error":{"code":..,"message":..}}`.
     pub(crate) fn body(&self) -> String {
         serde_json::json!({"error": {"code": self.code, "message": self.message}}).to_string()
     }
 
-    /// The `Retry-After` seconds of a 503.
-    pub(crate) fn retry_after(&self) -> Option<u64> {
-        (self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECS)
-    }
-
-    /// The `WWW-Authenticate` challenge of a 401.
-    pub(crate) fn challenge(&self) -> Option<String> {
-        (self.status == StatusCode::UNAUTHORIZED).then(|| {
-            format!(
+    /// The one rendering of a refusal: its status, its fields (`Content-Type`, a 401's
+    /// `WWW-Authenticate` challenge, a 503's `Retry-After`) and its JSON body. warp's routes
+    /// send it as it is; the connection adds its own framing fields and writes it itself.
+    pub(crate) fn response(&self) -> http::Response<String> {
+        let mut response = http::Response::new(self.body());
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            let challenge = format!(
                 "Bearer error=\"invalid_token\", error_description=\"{}\"",
                 self.code
-            )
-        })
+            );
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                headers.insert(header::WWW_AUTHENTICATE, value);
+            }
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
     }
 
     fn bad_query(message: impl Into<String>) -> Self {
@@ -109,26 +117,6 @@ impl ApiError {
             message: error.to_string(),
         }
     }
-
-    pub(crate) fn into_response(self) -> Response {
-        let mut response = http::Response::new(self.body().into());
-        *response.status_mut() = self.status;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(value) = self
-            .challenge()
-            .and_then(|challenge| HeaderValue::from_str(&challenge).ok())
-        {
-            headers.insert(header::WWW_AUTHENTICATE, value);
-        }
-        if let Some(seconds) = self.retry_after() {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
-    }
 }
 
 impl From<LimitReached> for ApiError {
@@ -138,6 +126,12 @@ impl From<LimitReached> for ApiError {
             "too_many_connections",
             refusal.0,
         )
+    }
+}
+
+impl From<CorsRefused> for ApiError {
+    fn from(refusal: CorsRefused) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "cors_forbidden", refusal.0)
     }
 }
 
@@ -305,43 +299,140 @@ fn query_value(query: &str, name: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-/// Authenticates, parses, authorizes and subscribes one stream request. The token is
-/// checked first, so that a caller without one learns nothing about the endpoints.
-pub(crate) async fn open_stream(
-    hub: &Arc<Hub>,
-    auth: &Authenticator,
-    path_endpoint: Option<&str>,
-    query: &str,
-    headers: &HeaderMap,
-    slot: &mut Slot,
-) -> Result<Subscription, ApiError> {
-    let query_token = query_value(query, "access_token");
-    let token = find_token(headers, query_token.as_deref(), auth.sources());
-    let grant = auth
-        .grant(token)
-        .await
-        .map_err(|error| ApiError::unauthorized(&error))?;
-    if let Some(subject) = &grant.subject {
-        slot.admit_subject(subject)?;
+/// A stream request as its head asks for it.
+#[derive(Debug)]
+pub(crate) struct StreamHead {
+    /// `Some` for `/v1/streams/{endpoint}`.
+    pub path_endpoint: Option<String>,
+    /// The raw query string.
+    pub query: String,
+    /// The request's header fields.
+    pub headers: HeaderMap,
+}
+
+/// What admitting a stream request needs: the hub, the token checks, the CORS allowlist.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    /// The hub connections subscribe to.
+    pub hub: Arc<Hub>,
+    /// Verifies tokens.
+    pub auth: Authenticator,
+    /// The origins allowed to read streams.
+    pub cors: Cors,
+    /// Whether a client's address is `X-Forwarded-For`'s last entry.
+    pub trust_forwarded_for: bool,
+}
+
+/// A stream request let in: its subscription, and the CORS fields of its response.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    pub subscription: Subscription,
+    pub allow_origin: Option<AllowOrigin>,
+}
+
+/// A stream request refused: why, and the CORS fields of the refusal, so that a page on an
+/// allowed origin can read why.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub error: ApiError,
+    pub allow_origin: Option<AllowOrigin>,
+}
+
+impl Admission {
+    /// Every check a stream request passes, in this order: its origin; the streams a server,
+    /// and one client address, may hold (`slot`, which counts it once admitted); its token,
+    /// before anything it asks for is looked at, so that a caller without one learns nothing
+    /// about the endpoints; the streams of one token subject; what it asks for (endpoints,
+    /// keys, resume id) within what the token opens; the key index's budget. Admitted, it is
+    /// subscribed.
+    pub(crate) async fn admit(
+        &self,
+        head: &StreamHead,
+        peer: IpAddr,
+        slot: &mut Slot,
+    ) -> Result<Admitted, Refused> {
+        let origin = head.headers.get(header::ORIGIN);
+        let allow_origin = self
+            .cors
+            .allow(origin, self.hub.metrics())
+            .map_err(|refusal| Refused {
+                error: refusal.into(),
+                allow_origin: None,
+            })?;
+        match self.subscribe(head, peer, slot).await {
+            Ok(subscription) => Ok(Admitted {
+                subscription,
+                allow_origin,
+            }),
+            Err(error) => Err(Refused {
+                error,
+                allow_origin,
+            }),
+        }
     }
-    let last_event_id = headers.get("last-event-id").map(|value| {
-        value
-            .to_str()
-            .map_err(|_| ApiError::bad_last_event_id("Last-Event-ID is not ASCII"))
-    });
-    let last_event_id = last_event_id.transpose()?;
-    let mut request = parse_stream_request(hub, &grant, path_endpoint, query, last_event_id)?;
-    request.interest.keys = grant
-        .narrow_keys(request.interest.keys.take())
-        .map_err(|error| ApiError::forbidden(&error))?;
-    hub.try_subscribe(request.interest, request.resume.as_ref(), grant.expires_at)
-        .map_err(|refusal| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_key_filters",
-                refusal.to_string(),
-            )
-        })
+
+    /// The checks after the origin's, then the subscription.
+    async fn subscribe(
+        &self,
+        head: &StreamHead,
+        peer: IpAddr,
+        slot: &mut Slot,
+    ) -> Result<Subscription, ApiError> {
+        let address = client_address(peer, &head.headers, self.trust_forwarded_for);
+        slot.admit_stream(address)?;
+        let query_token = query_value(&head.query, "access_token");
+        let token = find_token(&head.headers, query_token.as_deref(), self.auth.sources());
+        let grant = self
+            .auth
+            .grant(token)
+            .await
+            .map_err(|error| ApiError::unauthorized(&error))?;
+        if let Some(subject) = &grant.subject {
+            slot.admit_subject(subject)?;
+        }
+        let last_event_id = head.headers.get("last-event-id").map(|value| {
+            value
+                .to_str()
+                .map_err(|_| ApiError::bad_last_event_id("Last-Event-ID is not ASCII"))
+        });
+        let last_event_id = last_event_id.transpose()?;
+        let mut request = parse_stream_request(
+            &self.hub,
+            &grant,
+            head.path_endpoint.as_deref(),
+            &head.query,
+            last_event_id,
+        )?;
+        request.interest.keys = grant
+            .narrow_keys(request.interest.keys.take())
+            .map_err(|error| ApiError::forbidden(&error))?;
+        self.hub
+            .try_subscribe(request.interest, request.resume.as_ref(), grant.expires_at)
+            .map_err(|refusal| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_key_filters",
+                    refusal.to_string(),
+                )
+            })
+    }
+}
+
+/// Where a stream comes from, for the per-address limit: the peer, or behind a trusted load
+/// balancer the last entry of `X-Forwarded-For` (the one it appended; earlier ones are the
+/// client's to write).
+fn client_address(peer: IpAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
+    if !trust_forwarded_for {
+        return peer;
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.rsplit(',').next())
+        .and_then(|last| last.trim().parse().ok())
+        .unwrap_or(peer)
 }
 
 #[cfg(test)]
@@ -368,6 +459,23 @@ mod tests {
             bus,
             Arc::default(),
         )
+    }
+
+    #[test]
+    fn the_forwarded_address_counts_only_when_trusted() {
+        let peer: IpAddr = [10, 0, 0, 9].into();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.7"),
+        );
+        assert_eq!(client_address(peer, &headers, false), peer);
+        assert_eq!(
+            client_address(peer, &headers, true),
+            IpAddr::from([203, 0, 113, 7])
+        );
+        headers.insert("x-forwarded-for", HeaderValue::from_static("garbage"));
+        assert_eq!(client_address(peer, &headers, true), peer);
     }
 
     #[test]
@@ -567,7 +675,7 @@ mod tests {
                 }
             }
             Err(error) => {
-                proptest::prop_assert!(error.status().is_client_error());
+                proptest::prop_assert!(error.status.is_client_error());
                 proptest::prop_assert!(!error.message.is_empty());
             }
         }

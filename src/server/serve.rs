@@ -12,20 +12,22 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::auth::Authenticator;
 use crate::backoff::Backoff;
 use crate::bus::{Bus, BusError};
 use crate::config::ManifestError;
-use crate::config::{AuthConfig, Manifest};
-use crate::connection::{self, Fallback, Prefixed, StreamService};
+use crate::config::{AuthConfig, Manifest, MetricsListener};
+use crate::connection::{self, Fallback, Prefixed};
 use crate::cors::Cors;
+use crate::http::Readiness;
 pub use crate::http::StaticFile;
 use crate::hub::Hub;
 use crate::limits::Limits;
 use crate::metrics::{EmfTarget, Metrics};
 use crate::process::LogThrottle;
+use crate::request::Admission;
 
 /// How long a draining server waits for its connections to close; below ECS's 30 s
 /// default stop timeout.
@@ -106,123 +108,165 @@ pub async fn serve(
     static_files: &'static [StaticFile],
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Bound {
-        listener,
-        auth,
-        consumer_assigned,
-    } = bound;
-    let reader = bus
-        .reader(manifest.endpoints.keys().cloned().collect())
-        .await?;
-    let metrics = Arc::new(Metrics::default());
-    let endpoints = manifest
-        .endpoints
-        .iter()
-        .map(|(name, endpoint)| (name.clone(), endpoint.start))
-        .collect();
-    let hub = Arc::new(Hub::new(
-        endpoints,
-        reader.cursors(),
-        &manifest.server,
-        bus.clone(),
-        Arc::clone(&metrics),
-    ));
-    // The tasks that run as long as the server does; dropped, the set ends them.
-    let mut background = JoinSet::new();
-    background.spawn(Arc::clone(&hub).run_feed(reader));
-    background.spawn(Arc::clone(&hub).run_heartbeats(manifest.server.heartbeat()));
-    background.spawn(Arc::clone(&hub).run_expiries(Duration::from_secs(1)));
-    if let Some(target) = EmfTarget::from_env() {
-        background.spawn(target.run(Arc::clone(&metrics), EMF_INTERVAL));
+    let mut running = Running::build(manifest, bus, bound, static_files).await?;
+    running.accept_until(shutdown).await;
+    running.drain().await;
+    Ok(())
+}
+
+/// A server built from its manifest: the hub fed from the bus, the routes, the limits and
+/// the tasks that run beside them, ready to accept connections.
+struct Running {
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
+    admission: Arc<Admission>,
+    fallback: Fallback,
+    acceptor: Acceptor,
+    /// The metrics listener's task, if `server.metrics_listener` asks for one.
+    probes: Option<JoinHandle<()>>,
+    /// The tasks that run as long as the server does; dropped, the set ends them.
+    background: JoinSet<()>,
+    /// Every connection task holds a receiver; the drain waits until all are gone.
+    connections_open: tokio::sync::watch::Sender<()>,
+}
+
+impl Running {
+    /// Starts reading the bus into a new hub, with its heartbeats, expiries and metrics
+    /// export, and makes the routes; binds the metrics listener if the manifest has one.
+    async fn build(
+        manifest: &Manifest,
+        bus: &Bus,
+        bound: Bound,
+        static_files: &'static [StaticFile],
+    ) -> Result<Self, ServerError> {
+        let Bound {
+            listener,
+            auth,
+            consumer_assigned,
+        } = bound;
+        let reader = bus
+            .reader(manifest.endpoints.keys().cloned().collect())
+            .await?;
+        let metrics = Arc::new(Metrics::default());
+        let endpoints = manifest
+            .endpoints
+            .iter()
+            .map(|(name, endpoint)| (name.clone(), endpoint.start))
+            .collect();
+        let hub = Arc::new(Hub::new(
+            endpoints,
+            reader.cursors(),
+            &manifest.server,
+            bus.clone(),
+            Arc::clone(&metrics),
+        ));
+        let mut background = JoinSet::new();
+        background.spawn(Arc::clone(&hub).run_feed(reader));
+        background.spawn(Arc::clone(&hub).run_heartbeats(manifest.server.heartbeat()));
+        background.spawn(Arc::clone(&hub).run_expiries(Duration::from_secs(1)));
+        if let Some(target) = EmfTarget::from_env() {
+            background.spawn(target.run(Arc::clone(&metrics), EMF_INTERVAL));
+        }
+
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, endpoints = hub.endpoints().len(), "fjord-server listening");
+        }
+        let limits = Arc::new(Limits::new(&manifest.server, Arc::clone(&metrics)));
+        // Cookies are the one credential a browser sends by itself, and only where allowed to.
+        let cookies = matches!(&manifest.auth, AuthConfig::Jwt(jwt) if jwt.token_cookie.is_some());
+        let cors = Cors::new(&manifest.server.cors_origins, cookies);
+        let admission = Arc::new(Admission {
+            hub: Arc::clone(&hub),
+            auth,
+            cors: cors.clone(),
+            trust_forwarded_for: manifest.server.trust_forwarded_for,
+        });
+        let readiness = Readiness {
+            hub: Arc::clone(&hub),
+            consumer_assigned,
+        };
+        let fallback = fallback(crate::http::routes(
+            &readiness,
+            &manifest.server,
+            cors,
+            static_files,
+        ));
+        let probes = match &manifest.server.metrics_listener {
+            Some(config) => Some(spawn_probes(config, &readiness, &metrics).await?),
+            None => None,
+        };
+        Ok(Self {
+            acceptor: Acceptor::new(listener, Arc::clone(&metrics)),
+            hub,
+            metrics,
+            limits,
+            admission,
+            fallback,
+            probes,
+            background,
+            connections_open: tokio::sync::watch::channel(()).0,
+        })
     }
 
-    if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, endpoints = hub.endpoints().len(), "fjord-server listening");
-    }
-    let limits = Arc::new(Limits::new(&manifest.server, Arc::clone(&metrics)));
-    // Cookies are the one credential a browser sends by itself, and only where allowed to.
-    let cookies = matches!(&manifest.auth, AuthConfig::Jwt(jwt) if jwt.token_cookie.is_some());
-    let cors = Cors::new(&manifest.server.cors_origins, cookies);
-    let streams = Arc::new(StreamService {
-        hub: Arc::clone(&hub),
-        auth,
-        cors: cors.clone(),
-        trust_forwarded_for: manifest.server.trust_forwarded_for,
-    });
-    let readiness = crate::http::Readiness {
-        hub: Arc::clone(&hub),
-        consumer_assigned,
-    };
-    let fallback = fallback(crate::http::routes(
-        &readiness,
-        &manifest.server,
-        cors,
-        static_files,
-    ));
-    let probes = match &manifest.server.metrics_listener {
-        Some(config) => {
-            let address = SocketAddr::new(config.host, config.port);
-            let listener = TcpListener::bind(address)
-                .await
-                .map_err(|source| ServerError::Bind { address, source })?;
-            if let Ok(address) = listener.local_addr() {
-                tracing::info!(%address, "metrics listening");
-            }
-            let probes = self::fallback(crate::http::probe_routes(&readiness));
-            Some(tokio::spawn(serve_probes(
-                listener,
-                probes,
-                Arc::clone(&metrics),
-            )))
+    /// Accepts connections, each served on a task of its own, until `shutdown` resolves.
+    async fn accept_until(&mut self, shutdown: impl Future<Output = ()>) {
+        let Self {
+            metrics,
+            limits,
+            admission,
+            fallback,
+            acceptor,
+            connections_open,
+            ..
+        } = self;
+        tokio::pin!(shutdown);
+        loop {
+            let (socket, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = async {
+                    limits.room().await;
+                    acceptor.accept().await
+                } => accepted,
+            };
+            let slot = match limits.accept() {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    connection::refuse(&socket, metrics, &refusal.into());
+                    continue;
+                }
+            };
+            let _ = socket.set_nodelay(true);
+            let open = connections_open.subscribe();
+            let served = connection::serve(
+                socket,
+                peer,
+                slot,
+                Arc::clone(admission),
+                Arc::clone(fallback),
+            );
+            tokio::spawn(async move {
+                served.await;
+                drop(open);
+            });
         }
-        None => None,
-    };
-    // Every connection task holds a receiver; the drain waits until all are gone.
-    let (connections_open, _) = tokio::sync::watch::channel(());
-    let mut acceptor = Acceptor::new(listener, Arc::clone(&metrics));
-    tokio::pin!(shutdown);
-    loop {
-        let (socket, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = async {
-                limits.room().await;
-                acceptor.accept().await
-            } => accepted,
-        };
-        let slot = match limits.accept() {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                metrics.requests_refused.fetch_add(1, Relaxed);
-                connection::refuse(&socket, &refusal.into());
-                continue;
-            }
-        };
-        let _ = socket.set_nodelay(true);
-        let open = connections_open.subscribe();
-        let served = connection::serve(
-            socket,
-            peer,
-            slot,
-            Arc::clone(&streams),
-            Arc::clone(&fallback),
-        );
-        tokio::spawn(async move {
-            served.await;
-            drop(open);
-        });
     }
-    drop(acceptor);
-    if let Some(probes) = probes {
-        probes.abort();
+
+    /// Stops listening, tells every client to reconnect elsewhere, and waits for their
+    /// connections to close, at most [`DRAIN_GRACE`]; then ends the background tasks.
+    async fn drain(mut self) {
+        drop(self.acceptor);
+        if let Some(probes) = self.probes {
+            probes.abort();
+        }
+        tracing::info!("draining: telling clients to reconnect elsewhere");
+        self.hub.drain();
+        tokio::select! {
+            () = self.connections_open.closed() => tracing::info!("all connections closed"),
+            () = tokio::time::sleep(DRAIN_GRACE) => tracing::warn!("connections still open after the grace period; exiting"),
+        }
+        self.background.shutdown().await;
     }
-    tracing::info!("draining: telling clients to reconnect elsewhere");
-    hub.drain();
-    tokio::select! {
-        () = connections_open.closed() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(DRAIN_GRACE) => tracing::warn!("connections still open after the grace period; exiting"),
-    }
-    background.shutdown().await;
-    Ok(())
 }
 
 /// Accepts connections; a failed accept is logged at a bounded rate and waited out, longer
@@ -269,13 +313,28 @@ impl Acceptor {
     }
 }
 
-/// The metrics listener: health, readiness and metrics, one request per connection.
-async fn serve_probes(listener: TcpListener, probes: Fallback, metrics: Arc<Metrics>) {
-    let mut acceptor = Acceptor::new(listener, metrics);
-    loop {
-        let (socket, _) = acceptor.accept().await;
-        tokio::spawn(probes(Prefixed::new(Vec::new(), socket)));
+/// Binds the metrics listener, and serves health, readiness and metrics there, one request
+/// per connection, until the task is aborted.
+async fn spawn_probes(
+    config: &MetricsListener,
+    readiness: &Readiness,
+    metrics: &Arc<Metrics>,
+) -> Result<JoinHandle<()>, ServerError> {
+    let address = SocketAddr::new(config.host, config.port);
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| ServerError::Bind { address, source })?;
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "metrics listening");
     }
+    let probes = fallback(crate::http::probe_routes(readiness));
+    let mut acceptor = Acceptor::new(listener, Arc::clone(metrics));
+    Ok(tokio::spawn(async move {
+        loop {
+            let (socket, _) = acceptor.accept().await;
+            tokio::spawn(probes(Prefixed::new(Vec::new(), socket)));
+        }
+    }))
 }
 
 /// hyper with warp's routes, for every request that is not a stream: one request per

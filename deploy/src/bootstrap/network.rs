@@ -8,15 +8,17 @@
 use std::net::Ipv4Addr;
 
 use aws_sdk_ec2::types::{
-    AttributeBooleanValue, DomainType, Filter, IpPermission, IpRange, NatGateway, ResourceType,
-    SecurityGroup, Tag, TagSpecification, UserIdGroupPair,
+    Address, AttributeBooleanValue, DomainType, Filter, InternetGateway, IpPermission, IpRange,
+    NatGateway, ResourceType, RouteTable, SecurityGroup, Subnet, Tag, TagSpecification,
+    UserIdGroupPair, Vpc,
 };
 
-use super::{Ctx, PLANNED};
+use super::{Ctx, PLANNED, id};
 use crate::clients::Clients;
 use crate::config::{NatGateways, vpc_prefix};
 use crate::error::DeployError;
 use crate::output::Outcome;
+use crate::ownership::Named;
 use crate::plan::DEPLOYMENT_TAG;
 use crate::wait;
 
@@ -30,25 +32,6 @@ pub(super) struct Network {
     pub(super) private: Vec<String>,
     /// The NAT gateways' public addresses: what Kafka must allow.
     pub(super) nat_addresses: Vec<String>,
-}
-
-/// The filters that find a deployment's EC2 resource by its `Name` tag.
-pub(super) fn named(deployment: &str, name: &str) -> Vec<Filter> {
-    vec![
-        Filter::builder()
-            .name(format!("tag:{DEPLOYMENT_TAG}"))
-            .values(deployment)
-            .build(),
-        Filter::builder().name("tag:Name").values(name).build(),
-    ]
-}
-
-/// The filter that finds every EC2 resource of a deployment.
-pub(crate) fn tagged(deployment: &str) -> Filter {
-    Filter::builder()
-        .name(format!("tag:{DEPLOYMENT_TAG}"))
-        .values(deployment)
-        .build()
 }
 
 fn tags(ctx: &Ctx<'_>, kind: ResourceType, name: &str) -> TagSpecification {
@@ -100,19 +83,8 @@ pub(super) async fn zones(ctx: &Ctx<'_>, count: u8) -> Result<Vec<String>, Deplo
 
 /// The deployment's VPC, if it has one.
 pub(super) async fn find_vpc(ctx: &Ctx<'_>) -> Result<Option<String>, DeployError> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_vpcs()
-        .set_filters(Some(named(ctx.name, ctx.name)))
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(format!("VPC {}", ctx.name), "ec2:DescribeVpcs", &e))?;
-    Ok(found
-        .vpcs()
-        .iter()
-        .find_map(|v| v.vpc_id())
-        .map(str::to_owned))
+    let vpc = ctx.lookup::<Vpc>(ctx.name).await?.ours();
+    Ok(vpc.and_then(|v| v.vpc_id().map(str::to_owned)))
 }
 
 /// Finds or creates the VPC and everything in it; waits for the NAT gateways.
@@ -120,14 +92,13 @@ pub(super) async fn ensure(ctx: &Ctx<'_>, zones: &[String]) -> Outcome<Network> 
     let settings = &ctx.settings;
     let ec2 = &ctx.aws.ec2;
     let mut created = Vec::new();
-    let vpc = match find_vpc(ctx).await? {
-        Some(vpc) => vpc,
-        None if ctx.dry_run => {
-            created.push("VPC");
-            PLANNED.to_owned()
-        }
-        None => {
-            let resource = format!("VPC {}", ctx.name);
+    let found = ctx.find_or_create(
+        ctx.name,
+        "VPC",
+        &mut created,
+        |found: Vpc| id(found.vpc_id()),
+        || async {
+            let resource = Vpc::resource(ctx.name);
             let vpc = ec2
                 .create_vpc()
                 .cidr_block(&settings.vpc_cidr)
@@ -135,22 +106,18 @@ pub(super) async fn ensure(ctx: &Ctx<'_>, zones: &[String]) -> Outcome<Network> 
                 .send()
                 .await
                 .map_err(|e| DeployError::aws(&resource, "ec2:CreateVpc", &e))?;
-            let id = vpc
-                .vpc()
-                .and_then(|v| v.vpc_id())
-                .unwrap_or_default()
-                .to_owned();
+            let vpc = id(vpc.vpc().and_then(|v| v.vpc_id()));
             // ElastiCache and ECR endpoints are reached by name from the private subnets.
             ec2.modify_vpc_attribute()
-                .vpc_id(&id)
+                .vpc_id(&vpc)
                 .enable_dns_hostnames(AttributeBooleanValue::builder().value(true).build())
                 .send()
                 .await
                 .map_err(|e| DeployError::aws(&resource, "ec2:ModifyVpcAttribute", &e))?;
-            created.push("VPC");
-            id
-        }
-    };
+            Ok(vpc)
+        },
+    );
+    let vpc = found.await?.unwrap_or_else(|| PLANNED.to_owned());
 
     let mut public = Vec::new();
     let mut private = Vec::new();
@@ -158,11 +125,7 @@ pub(super) async fn ensure(ctx: &Ctx<'_>, zones: &[String]) -> Outcome<Network> 
         for (kind, offset, list) in [("public", 0, &mut public), ("private", 8, &mut private)] {
             let name = format!("{}-{kind}-{zone}", ctx.name);
             let cidr = block(&settings.vpc_cidr, offset + i).unwrap_or_default();
-            let (id, new) = subnet(ctx, &vpc, &name, zone, &cidr).await?;
-            if new {
-                created.push("subnet");
-            }
-            list.push(id);
+            list.push(subnet(ctx, &vpc, &name, zone, &cidr, &mut created).await?);
         }
     }
 
@@ -275,61 +238,46 @@ fn summary(created: &[&str]) -> String {
         .join(", ")
 }
 
+/// Finds or creates the subnet `name`, noting it in `created` where it is (or would be)
+/// created; returns its id.
 async fn subnet(
     ctx: &Ctx<'_>,
     vpc: &str,
     name: &str,
     zone: &str,
     cidr: &str,
-) -> Result<(String, bool), DeployError> {
-    let resource = format!("subnet {name}");
-    let found = ctx
-        .aws
-        .ec2
-        .describe_subnets()
-        .set_filters(Some(named(ctx.name, name)))
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "ec2:DescribeSubnets", &e))?;
-    if let Some(id) = found.subnets().iter().find_map(|s| s.subnet_id()) {
-        return Ok((id.to_owned(), false));
-    }
-    if ctx.dry_run {
-        return Ok((PLANNED.to_owned(), true));
-    }
-    let created = ctx
-        .aws
-        .ec2
-        .create_subnet()
-        .vpc_id(vpc)
-        .cidr_block(cidr)
-        .availability_zone(zone)
-        .tag_specifications(tags(ctx, ResourceType::Subnet, name))
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "ec2:CreateSubnet", &e))?;
-    Ok((
-        created
-            .subnet()
-            .and_then(|s| s.subnet_id())
-            .unwrap_or_default()
-            .to_owned(),
-        true,
-    ))
+    created: &mut Vec<&'static str>,
+) -> Result<String, DeployError> {
+    let found = ctx.find_or_create(
+        name,
+        "subnet",
+        created,
+        |found: Subnet| id(found.subnet_id()),
+        || async {
+            let made = ctx
+                .aws
+                .ec2
+                .create_subnet()
+                .vpc_id(vpc)
+                .cidr_block(cidr)
+                .availability_zone(zone)
+                .tag_specifications(tags(ctx, ResourceType::Subnet, name))
+                .send()
+                .await
+                .map_err(|e| DeployError::aws(Subnet::resource(name), "ec2:CreateSubnet", &e))?;
+            Ok(id(made.subnet().and_then(|s| s.subnet_id())))
+        },
+    );
+    Ok(found.await?.unwrap_or_else(|| PLANNED.to_owned()))
 }
 
 async fn internet_gateway(ctx: &Ctx<'_>, vpc: &str) -> Result<(String, bool), DeployError> {
     let ec2 = &ctx.aws.ec2;
-    let resource = format!("internet gateway {}", ctx.name);
-    let found = ec2
-        .describe_internet_gateways()
-        .set_filters(Some(named(ctx.name, ctx.name)))
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "ec2:DescribeInternetGateways", &e))?;
-    let (id, attached, new) = match found.internet_gateways().first() {
+    let resource = InternetGateway::resource(ctx.name);
+    let found = ctx.lookup::<InternetGateway>(ctx.name).await?.ours();
+    let (id, attached, new) = match found {
         Some(gateway) => (
-            gateway.internet_gateway_id().unwrap_or_default().to_owned(),
+            id(gateway.internet_gateway_id()),
             gateway
                 .attachments()
                 .iter()
@@ -344,12 +292,12 @@ async fn internet_gateway(ctx: &Ctx<'_>, vpc: &str) -> Result<(String, bool), De
                 .send()
                 .await
                 .map_err(|e| DeployError::aws(&resource, "ec2:CreateInternetGateway", &e))?;
-            let id = created
-                .internet_gateway()
-                .and_then(|g| g.internet_gateway_id())
-                .unwrap_or_default()
-                .to_owned();
-            (id, false, true)
+            let gateway = created.internet_gateway();
+            (
+                id(gateway.and_then(|g| g.internet_gateway_id())),
+                false,
+                true,
+            )
         }
     };
     // Created but not attached: an interrupted run.
@@ -381,14 +329,9 @@ async fn route_table(
     subnets: &[String],
 ) -> Result<bool, DeployError> {
     let ec2 = &ctx.aws.ec2;
-    let resource = format!("route table {name}");
-    let found = ec2
-        .describe_route_tables()
-        .set_filters(Some(named(ctx.name, name)))
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "ec2:DescribeRouteTables", &e))?;
-    let table = found.route_tables().first();
+    let resource = RouteTable::resource(name);
+    let found = ctx.lookup::<RouteTable>(name).await?.ours();
+    let table = found.as_ref();
     if table.is_none() && ctx.dry_run {
         return Ok(true);
     }
@@ -460,41 +403,18 @@ async fn nat_gateway(
     subnet: &str,
 ) -> Result<(String, String, bool), DeployError> {
     let ec2 = &ctx.aws.ec2;
-    let resource = format!("NAT gateway {name}");
-    let mut filters = named(ctx.name, name);
-    filters.push(
-        Filter::builder()
-            .name("state")
-            .values("pending")
-            .values("available")
-            .build(),
-    );
-    let found = ec2
-        .describe_nat_gateways()
-        .set_filter(Some(filters))
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "ec2:DescribeNatGateways", &e))?;
-    if let Some(nat) = found.nat_gateways().first() {
+    let resource = NatGateway::resource(name);
+    if let Some(nat) = ctx.lookup::<NatGateway>(name).await?.ours() {
         let address = nat
             .nat_gateway_addresses()
             .iter()
             .find_map(|a| a.public_ip())
             .unwrap_or("(pending)")
             .to_owned();
-        return Ok((
-            nat.nat_gateway_id().unwrap_or_default().to_owned(),
-            address,
-            false,
-        ));
+        return Ok((id(nat.nat_gateway_id()), address, false));
     }
-    let addresses = ec2
-        .describe_addresses()
-        .set_filters(Some(named(ctx.name, name)))
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "ec2:DescribeAddresses", &e))?;
-    let existing = addresses.addresses().first();
+    let found = ctx.lookup::<Address>(name).await?.ours();
+    let existing = found.as_ref();
     if ctx.dry_run {
         let address = existing
             .and_then(|a| a.public_ip())
@@ -502,10 +422,7 @@ async fn nat_gateway(
         return Ok((PLANNED.to_owned(), address.to_owned(), true));
     }
     let (allocation, address) = match existing {
-        Some(address) => (
-            address.allocation_id().unwrap_or_default().to_owned(),
-            address.public_ip().unwrap_or_default().to_owned(),
-        ),
+        Some(address) => (id(address.allocation_id()), id(address.public_ip())),
         None => {
             let allocated = ec2
                 .allocate_address()
@@ -514,10 +431,7 @@ async fn nat_gateway(
                 .send()
                 .await
                 .map_err(|e| DeployError::aws(&resource, "ec2:AllocateAddress", &e))?;
-            (
-                allocated.allocation_id().unwrap_or_default().to_owned(),
-                allocated.public_ip().unwrap_or_default().to_owned(),
-            )
+            (id(allocated.allocation_id()), id(allocated.public_ip()))
         }
     };
     let created = ec2
@@ -528,12 +442,8 @@ async fn nat_gateway(
         .send()
         .await
         .map_err(|e| DeployError::aws(&resource, "ec2:CreateNatGateway", &e))?;
-    let id = created
-        .nat_gateway()
-        .and_then(|n| n.nat_gateway_id())
-        .unwrap_or_default()
-        .to_owned();
-    Ok((id, address, true))
+    let nat = id(created.nat_gateway().and_then(|n| n.nat_gateway_id()));
+    Ok((nat, address, true))
 }
 
 /// The NAT gateway `id` as EC2 describes it (a deleted one stays listed for a while).
@@ -584,34 +494,9 @@ pub(super) enum Source {
     Groups(Vec<String>),
 }
 
-/// The deployment's security group `name`, if it has one.
-pub(super) async fn find_security_group(
-    ctx: &Ctx<'_>,
-    name: &str,
-) -> Result<Option<String>, DeployError> {
-    let found = ctx
-        .aws
-        .ec2
-        .describe_security_groups()
-        .set_filters(Some(named(ctx.name, name)))
-        .send()
-        .await
-        .map_err(|e| {
-            DeployError::aws(
-                format!("security group {name}"),
-                "ec2:DescribeSecurityGroups",
-                &e,
-            )
-        })?;
-    Ok(found
-        .security_groups()
-        .first()
-        .and_then(|g| g.group_id())
-        .map(str::to_owned))
-}
-
 /// Finds or creates the security group `name` in `vpc`, allowing `source` on each of
-/// `ports`; returns its id and whether anything was (or would be) created.
+/// `ports`; returns its id, and adds its name to `made` where anything was (or would be)
+/// created.
 pub(super) async fn security_group(
     ctx: &Ctx<'_>,
     vpc: &str,
@@ -619,18 +504,15 @@ pub(super) async fn security_group(
     description: &str,
     ports: &[i32],
     source: &Source,
-) -> Result<(String, bool), DeployError> {
+    made: &mut Vec<String>,
+) -> Result<String, DeployError> {
     let ec2 = &ctx.aws.ec2;
-    let resource = format!("security group {name}");
-    let found = ec2
-        .describe_security_groups()
-        .set_filters(Some(named(ctx.name, name)))
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "ec2:DescribeSecurityGroups", &e))?;
-    let group: Option<&SecurityGroup> = found.security_groups().first();
+    let resource = SecurityGroup::resource(name);
+    let found = ctx.lookup::<SecurityGroup>(name).await?.ours();
+    let group = found.as_ref();
     if group.is_none() && ctx.dry_run {
-        return Ok((PLANNED.to_owned(), true));
+        made.push(name.to_owned());
+        return Ok(PLANNED.to_owned());
     }
     let mut changed = false;
     let id = match group.and_then(|g| g.group_id()) {
@@ -694,7 +576,10 @@ pub(super) async fn security_group(
             .await
             .map_err(|e| DeployError::aws(&resource, "ec2:AuthorizeSecurityGroupIngress", &e))?;
     }
-    Ok((id, changed))
+    if changed {
+        made.push(name.to_owned());
+    }
+    Ok(id)
 }
 
 fn source_planned(source: &Source) -> bool {

@@ -5,18 +5,23 @@
 //! and refused otherwise, since a name the manifest does not name is not the user's to
 //! share.
 
-use aws_sdk_elasticache::types::ReplicationGroup;
+use aws_sdk_cloudwatchlogs::types::LogGroup;
+use aws_sdk_ecs::types::Cluster;
+use aws_sdk_elasticache::types::{CacheSubnetGroup, ReplicationGroup};
 use aws_sdk_elasticloadbalancingv2::types::{
     Action, ActionTypeEnum, Certificate, LoadBalancer, LoadBalancerAttribute,
     LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher, ProtocolEnum, RedirectActionConfig,
-    RedirectActionStatusCodeEnum, TargetGroupAttribute, TargetTypeEnum,
+    RedirectActionStatusCodeEnum, TargetGroup, TargetGroupAttribute, TargetTypeEnum,
 };
+use aws_sdk_iam::types::Role;
+use aws_sdk_secretsmanager::operation::describe_secret::DescribeSecretOutput;
 
-use super::{Ctx, PLANNED};
+use super::{Ctx, PLANNED, id};
 use crate::clients::Clients;
 use crate::config::{Deployment, secret_arn};
 use crate::error::{DeployError, none_if};
 use crate::output::Outcome;
+use crate::ownership::{Named, Owned, describe_replication_group, not_ours};
 use crate::plan::{DEPLOYMENT_TAG, DEREGISTRATION_DELAY_SECS, HEALTH_CHECK_PATH};
 use crate::wait;
 
@@ -48,61 +53,6 @@ impl Names {
             task_role: format!("{deployment}-task"),
         }
     }
-}
-
-/// A resource looked up by its name.
-#[derive(Debug, Clone)]
-pub(crate) enum Owned<T> {
-    /// There is none.
-    Absent,
-    /// There is one, tagged as this deployment's.
-    Ours(T),
-    /// There is one that fjord-deploy did not make for this deployment.
-    Theirs,
-}
-
-impl<T> Owned<T> {
-    /// What bootstrap may use: its own, or nothing; another's is refused.
-    pub(crate) fn usable(self, resource: &str) -> Result<Option<T>, DeployError> {
-        match self {
-            Self::Absent => Ok(None),
-            Self::Ours(value) => Ok(Some(value)),
-            Self::Theirs => Err(not_ours(resource)),
-        }
-    }
-
-    /// Only what the deployment owns (what destroy removes).
-    pub(crate) fn ours(self) -> Option<T> {
-        match self {
-            Self::Ours(value) => Some(value),
-            _ => None,
-        }
-    }
-}
-
-fn judge<'a, T>(
-    ctx: &Ctx<'_>,
-    tags: impl Iterator<Item = (&'a str, &'a str)>,
-    value: T,
-) -> Owned<T> {
-    if is_ours(ctx, tags) {
-        Owned::Ours(value)
-    } else {
-        Owned::Theirs
-    }
-}
-
-fn not_ours(resource: &str) -> DeployError {
-    DeployError::Precondition {
-        resource: resource.to_owned(),
-        message: format!(
-            "exists but was not created by fjord-deploy (no {DEPLOYMENT_TAG} tag for this deployment): name it in the manifest to use it as it is, or choose another $.deploy.name"
-        ),
-    }
-}
-
-fn is_ours<'a>(ctx: &Ctx<'_>, mut tags: impl Iterator<Item = (&'a str, &'a str)>) -> bool {
-    tags.any(|(k, v)| k == DEPLOYMENT_TAG && v == ctx.name)
 }
 
 /// What a wait reports when the resource it waits on is no longer there.
@@ -137,83 +87,15 @@ fn elb_tag(ctx: &Ctx<'_>) -> aws_sdk_elasticloadbalancingv2::types::Tag {
         .build()
 }
 
-/// Judges a load balancer or target group by the tags of `arn`.
-async fn elb_owned<T>(
-    ctx: &Ctx<'_>,
-    arn: &str,
-    resource: &str,
-    value: T,
-) -> Result<Owned<T>, DeployError> {
-    let described = ctx
-        .aws
-        .elb
-        .describe_tags()
-        .resource_arns(arn)
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(resource, "elasticloadbalancing:DescribeTags", &e))?;
-    Ok(judge(
-        ctx,
-        described
-            .tag_descriptions()
-            .iter()
-            .flat_map(|d| d.tags())
-            .filter_map(|t| Some((t.key()?, t.value()?))),
-        value,
-    ))
-}
-
-/// The deployment's target group, by name: its ARN.
-pub(crate) async fn find_target_group(ctx: &Ctx<'_>) -> Result<Owned<String>, DeployError> {
-    let name = Names::of(ctx.name).target_group;
-    let resource = format!("target group {name}");
-    let found = none_if(
-        ctx.aws
-            .elb
-            .describe_target_groups()
-            .names(&name)
-            .send()
-            .await,
-        |e| e.is_target_group_not_found_exception(),
-        &resource,
-        "elasticloadbalancing:DescribeTargetGroups",
-    )?;
-    let Some(arn) = found
-        .as_ref()
-        .and_then(|found| found.target_groups().first())
-        .and_then(|g| g.target_group_arn())
-    else {
-        return Ok(Owned::Absent);
-    };
-    elb_owned(ctx, arn, &resource, arn.to_owned()).await
-}
-
-/// The deployment's load balancer, by name: its ARN and DNS name.
-pub(crate) async fn find_load_balancer(
-    ctx: &Ctx<'_>,
-) -> Result<Owned<(String, String)>, DeployError> {
-    let name = Names::of(ctx.name).load_balancer;
-    let resource = format!("load balancer {name}");
-    let found = none_if(
-        ctx.aws
-            .elb
-            .describe_load_balancers()
-            .names(&name)
-            .send()
-            .await,
-        |e| e.is_load_balancer_not_found_exception(),
-        &resource,
-        "elasticloadbalancing:DescribeLoadBalancers",
-    )?;
-    let Some(balancer) = found
-        .as_ref()
-        .and_then(|found| found.load_balancers().first())
-    else {
-        return Ok(Owned::Absent);
-    };
-    let arn = balancer.load_balancer_arn().unwrap_or_default();
-    let dns = balancer.dns_name().unwrap_or_default();
-    elb_owned(ctx, arn, &resource, (arn.to_owned(), dns.to_owned())).await
+/// A load balancer's ARN and DNS name.
+fn arn_and_dns(balancer: Option<&LoadBalancer>) -> (String, String) {
+    (
+        id(balancer.and_then(|b| b.load_balancer_arn())),
+        balancer
+            .and_then(|b| b.dns_name())
+            .unwrap_or_default()
+            .to_owned(),
+    )
 }
 
 /// Finds or creates the load balancer, its target group and its listener(s).
@@ -230,14 +112,12 @@ pub(super) async fn load_balancer(
     let resource = format!("load balancer {}", names.load_balancer);
     let mut created = Vec::new();
     let https = ctx.settings.certificate_arn.is_some();
-    let (balancer_arn, dns_name) = match find_load_balancer(ctx).await?.usable(&resource)? {
-        Some(found) => found,
-        None if ctx.dry_run => {
-            created.push("load balancer");
-            (PLANNED.to_owned(), PLANNED.to_owned())
-        }
-        None => {
-            created.push("load balancer");
+    let found = ctx.find_or_create(
+        &names.load_balancer,
+        "load balancer",
+        &mut created,
+        |found: LoadBalancer| arn_and_dns(Some(&found)),
+        || async {
             let made = elb
                 .create_load_balancer()
                 .name(&names.load_balancer)
@@ -251,19 +131,12 @@ pub(super) async fn load_balancer(
                 .map_err(|e| {
                     DeployError::aws(&resource, "elasticloadbalancing:CreateLoadBalancer", &e)
                 })?;
-            let balancer = made.load_balancers().first();
-            (
-                balancer
-                    .and_then(|b| b.load_balancer_arn())
-                    .unwrap_or_default()
-                    .to_owned(),
-                balancer
-                    .and_then(|b| b.dns_name())
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
-        }
-    };
+            Ok(arn_and_dns(made.load_balancers().first()))
+        },
+    );
+    let (balancer_arn, dns_name) = found
+        .await?
+        .unwrap_or_else(|| (PLANNED.to_owned(), PLANNED.to_owned()));
     // Streams are idle between heartbeats: the load balancer must wait longer.
     let idle = (heartbeat_secs * 4).clamp(60, 4000).to_string();
     if balancer_arn != PLANNED
@@ -278,15 +151,12 @@ pub(super) async fn load_balancer(
         created.push("idle timeout");
     }
 
-    let group_resource = format!("target group {}", names.target_group);
-    let target_group_arn = match find_target_group(ctx).await?.usable(&group_resource)? {
-        Some(arn) => arn,
-        None if ctx.dry_run => {
-            created.push("target group");
-            PLANNED.to_owned()
-        }
-        None => {
-            created.push("target group");
+    let found = ctx.find_or_create(
+        &names.target_group,
+        "target group",
+        &mut created,
+        |found: TargetGroup| id(found.target_group_arn()),
+        || async {
             let group = format!("target group {}", names.target_group);
             let made = elb
                 .create_target_group()
@@ -305,13 +175,13 @@ pub(super) async fn load_balancer(
                 .map_err(|e| {
                     DeployError::aws(&group, "elasticloadbalancing:CreateTargetGroup", &e)
                 })?;
-            made.target_groups()
+            Ok(id(made
+                .target_groups()
                 .first()
-                .and_then(|g| g.target_group_arn())
-                .unwrap_or_default()
-                .to_owned()
-        }
-    };
+                .and_then(|g| g.target_group_arn())))
+        },
+    );
+    let target_group_arn = found.await?.unwrap_or_else(|| PLANNED.to_owned());
     debug_assert!(DEREGISTRATION_DELAY_SECS.contains(&DEREGISTRATION_DELAY));
     if target_group_arn != PLANNED
         && set_attribute(
@@ -585,111 +455,6 @@ pub(super) struct Redis {
     pub(super) secret_arn: String,
 }
 
-/// The AUTH token's secret, by name: its ARN.
-pub(crate) async fn find_secret(ctx: &Ctx<'_>, name: &str) -> Result<Owned<String>, DeployError> {
-    let resource = format!("secret {name}");
-    let found = none_if(
-        ctx.aws
-            .secrets
-            .describe_secret()
-            .secret_id(name)
-            .send()
-            .await,
-        |e| e.is_resource_not_found_exception(),
-        &resource,
-        "secretsmanager:DescribeSecret",
-    )?;
-    Ok(found.map_or(Owned::Absent, |found| {
-        judge(
-            ctx,
-            found
-                .tags()
-                .iter()
-                .filter_map(|t| Some((t.key()?, t.value()?))),
-            found.arn().unwrap_or_default().to_owned(),
-        )
-    }))
-}
-
-/// The deployment's replication group, by name.
-pub(crate) async fn find_redis(ctx: &Ctx<'_>) -> Result<Owned<ReplicationGroup>, DeployError> {
-    let name = Names::of(ctx.name).redis;
-    let resource = format!("ElastiCache replication group {name}");
-    let Some(group) = describe_replication_group(ctx.aws, &name, &resource).await? else {
-        return Ok(Owned::Absent);
-    };
-    let arn = group.arn().unwrap_or_default().to_owned();
-    cache_owned(ctx, &arn, &resource, group).await
-}
-
-/// The replication group `id` as ElastiCache describes it; `None` where there is none.
-pub(crate) async fn describe_replication_group(
-    aws: &Clients,
-    id: &str,
-    resource: &str,
-) -> Result<Option<ReplicationGroup>, DeployError> {
-    let found = none_if(
-        aws.elasticache
-            .describe_replication_groups()
-            .replication_group_id(id)
-            .send()
-            .await,
-        |e| e.is_replication_group_not_found_fault(),
-        resource,
-        "elasticache:DescribeReplicationGroups",
-    )?;
-    Ok(found.and_then(|found| found.replication_groups().first().cloned()))
-}
-
-/// Judges an ElastiCache resource by the tags of `arn`.
-async fn cache_owned<T>(
-    ctx: &Ctx<'_>,
-    arn: &str,
-    resource: &str,
-    value: T,
-) -> Result<Owned<T>, DeployError> {
-    let tags = ctx
-        .aws
-        .elasticache
-        .list_tags_for_resource()
-        .resource_name(arn)
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(resource, "elasticache:ListTagsForResource", &e))?;
-    Ok(judge(
-        ctx,
-        tags.tag_list()
-            .iter()
-            .filter_map(|t| Some((t.key()?, t.value()?))),
-        value,
-    ))
-}
-
-/// The deployment's cache subnet group, by name.
-pub(crate) async fn find_subnet_group(ctx: &Ctx<'_>) -> Result<Owned<String>, DeployError> {
-    let name = Names::of(ctx.name).redis;
-    let resource = format!("cache subnet group {name}");
-    let found = none_if(
-        ctx.aws
-            .elasticache
-            .describe_cache_subnet_groups()
-            .cache_subnet_group_name(&name)
-            .send()
-            .await,
-        |e| e.is_cache_subnet_group_not_found_fault(),
-        &resource,
-        "elasticache:DescribeCacheSubnetGroups",
-    )?;
-    let Some(group) = found
-        .as_ref()
-        .and_then(|found| found.cache_subnet_groups().first())
-    else {
-        return Ok(Owned::Absent);
-    };
-    let arn = group.arn().unwrap_or_default();
-    cache_owned(ctx, arn, &resource, name).await
-}
-
 fn cache_tag(ctx: &Ctx<'_>) -> aws_sdk_elasticache::types::Tag {
     aws_sdk_elasticache::types::Tag::builder()
         .key(DEPLOYMENT_TAG)
@@ -708,17 +473,12 @@ pub(super) async fn redis(
     let resource = format!("ElastiCache replication group {}", names.redis);
     let mut created = Vec::new();
 
-    let secret_arn = match find_secret(ctx, &names.secret)
-        .await?
-        .usable(&format!("secret {}", names.secret))?
-    {
-        Some(arn) => arn,
-        None if ctx.dry_run => {
-            created.push("AUTH token secret");
-            PLANNED.to_owned()
-        }
-        None => {
-            created.push("AUTH token secret");
+    let found = ctx.find_or_create(
+        &names.secret,
+        "AUTH token secret",
+        &mut created,
+        |found: DescribeSecretOutput| id(found.arn()),
+        || async {
             let secret = format!("secret {}", names.secret);
             // ElastiCache takes 16 to 128 printable characters but `@`, `"` and `/`.
             let token = ctx
@@ -730,7 +490,8 @@ pub(super) async fn redis(
                 .send()
                 .await
                 .map_err(|e| DeployError::aws(&secret, "secretsmanager:GetRandomPassword", &e))?;
-            ctx.aws
+            Ok(ctx
+                .aws
                 .secrets
                 .create_secret()
                 .name(&names.secret)
@@ -750,18 +511,18 @@ pub(super) async fn redis(
                 .map_err(|e| DeployError::aws(&secret, "secretsmanager:CreateSecret", &e))?
                 .arn()
                 .unwrap_or_default()
-                .to_owned()
-        }
-    };
+                .to_owned())
+        },
+    );
+    let secret_arn = found.await?.unwrap_or_else(|| PLANNED.to_owned());
 
-    let subnet_group = format!("cache subnet group {}", names.redis);
-    let exists = find_subnet_group(ctx)
-        .await?
-        .usable(&subnet_group)?
-        .is_some();
-    if !exists {
-        created.push("cache subnet group");
-        if !ctx.dry_run {
+    let subnet_group = CacheSubnetGroup::resource(&names.redis);
+    let found = ctx.find_or_create(
+        &names.redis,
+        "cache subnet group",
+        &mut created,
+        |_: CacheSubnetGroup| (),
+        || async {
             ctx.aws
                 .elasticache
                 .create_cache_subnet_group()
@@ -774,17 +535,17 @@ pub(super) async fn redis(
                 .map_err(|e| {
                     DeployError::aws(&subnet_group, "elasticache:CreateCacheSubnetGroup", &e)
                 })?;
-        }
-    }
+            Ok(())
+        },
+    );
+    found.await?;
 
-    let group = match find_redis(ctx).await?.usable(&resource)? {
-        Some(group) => Some(group),
-        None if ctx.dry_run => {
-            created.push("replication group");
-            None
-        }
-        None => {
-            created.push("replication group");
+    let found = ctx.find_or_create(
+        &names.redis,
+        "replication group",
+        &mut created,
+        Some,
+        || async {
             let token = ctx
                 .aws
                 .secrets
@@ -821,9 +582,10 @@ pub(super) async fn redis(
                 .map_err(|e| {
                     DeployError::aws(&resource, "elasticache:CreateReplicationGroup", &e)
                 })?;
-            made.replication_group().cloned()
-        }
-    };
+            Ok(made.replication_group().cloned())
+        },
+    );
+    let group = found.await?.flatten();
 
     let url = match group {
         None => format!("rediss://{PLANNED}:{REDIS_PORT}"),
@@ -880,47 +642,16 @@ async fn wait_for_redis(
 
 // ----------------------------------------------------------------------------- cluster
 
-/// The active ECS cluster `name`.
-pub(crate) async fn find_cluster(ctx: &Ctx<'_>, name: &str) -> Result<Owned<()>, DeployError> {
-    let resource = format!("ECS cluster {name}");
-    let found = ctx
-        .aws
-        .ecs
-        .describe_clusters()
-        .clusters(name)
-        .include(aws_sdk_ecs::types::ClusterField::Tags)
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "ecs:DescribeClusters", &e))?;
-    Ok(
-        match found
-            .clusters()
-            .iter()
-            .find(|c| c.status() == Some("ACTIVE"))
-        {
-            Some(cluster) => judge(
-                ctx,
-                cluster
-                    .tags()
-                    .iter()
-                    .filter_map(|t| Some((t.key()?, t.value()?))),
-                (),
-            ),
-            None => Owned::Absent,
-        },
-    )
-}
-
 /// Finds or creates the ECS cluster `name`; one that exists is used when the manifest
 /// names it (`named`) or the deployment's tag says bootstrap made it.
 pub(super) async fn cluster(ctx: &Ctx<'_>, name: &str, named: bool) -> Outcome<String> {
     let resource = format!("ECS cluster {name}");
-    match find_cluster(ctx, name).await? {
-        Owned::Ours(()) => return Ok((name.to_owned(), "exists".into())),
-        Owned::Theirs if named => {
+    match ctx.lookup::<Cluster>(name).await? {
+        Owned::Ours(_) => return Ok((name.to_owned(), "exists".into())),
+        Owned::Theirs(_) if named => {
             return Ok((name.to_owned(), "exists (yours, used as it is)".into()));
         }
-        Owned::Theirs => return Err(not_ours(&resource)),
+        Owned::Theirs(_) => return Err(not_ours(&resource)),
         Owned::Absent => {}
     }
     if !ctx.dry_run {
@@ -948,58 +679,38 @@ const TRUST_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Al
 /// The name of the execution role's inline policy.
 const EXECUTION_POLICY: &str = "fjord-execution";
 
-/// The deployment's role `name`: its ARN.
-pub(crate) async fn find_role(ctx: &Ctx<'_>, name: &str) -> Result<Owned<String>, DeployError> {
-    let resource = format!("IAM role {name}");
-    let found = none_if(
-        ctx.aws.iam.get_role().role_name(name).send().await,
-        |e| e.is_no_such_entity_exception(),
-        &resource,
-        "iam:GetRole",
-    )?;
-    Ok(match found.as_ref().and_then(|found| found.role()) {
-        Some(role) => judge(
-            ctx,
-            role.tags().iter().map(|t| (t.key(), t.value())),
-            role.arn().to_owned(),
-        ),
-        None => Owned::Absent,
-    })
-}
-
 /// Finds or creates the role `name` that ECS tasks assume; returns its ARN and whether it
 /// was (or would be) created.
 pub(super) async fn role(ctx: &Ctx<'_>, name: &str) -> Result<(String, bool), DeployError> {
-    if let Some(arn) = find_role(ctx, name)
-        .await?
-        .usable(&format!("IAM role {name}"))?
-    {
-        return Ok((arn, false));
-    }
-    if ctx.dry_run {
-        return Ok((PLANNED.to_owned(), true));
-    }
-    let resource = format!("IAM role {name}");
-    let tag = aws_sdk_iam::types::Tag::builder()
-        .key(DEPLOYMENT_TAG)
-        .value(ctx.name)
-        .build()
-        .map_err(|e| DeployError::request(&resource, &e))?;
-    let made = ctx
-        .aws
-        .iam
-        .create_role()
-        .role_name(name)
-        .assume_role_policy_document(TRUST_POLICY)
-        .description(format!("Fjord deployment {}", ctx.name))
-        .tags(tag)
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "iam:CreateRole", &e))?;
-    Ok((
-        made.role().map(|r| r.arn().to_owned()).unwrap_or_default(),
-        true,
-    ))
+    let mut created = Vec::new();
+    let found = ctx.find_or_create(
+        name,
+        "role",
+        &mut created,
+        |found: Role| found.arn().to_owned(),
+        || async {
+            let resource = Role::resource(name);
+            let tag = aws_sdk_iam::types::Tag::builder()
+                .key(DEPLOYMENT_TAG)
+                .value(ctx.name)
+                .build()
+                .map_err(|e| DeployError::request(&resource, &e))?;
+            let made = ctx
+                .aws
+                .iam
+                .create_role()
+                .role_name(name)
+                .assume_role_policy_document(TRUST_POLICY)
+                .description(format!("Fjord deployment {}", ctx.name))
+                .tags(tag)
+                .send()
+                .await
+                .map_err(|e| DeployError::aws(&resource, "iam:CreateRole", &e))?;
+            Ok(made.role().map(|r| r.arn().to_owned()).unwrap_or_default())
+        },
+    );
+    let arn = found.await?.unwrap_or_else(|| PLANNED.to_owned());
+    Ok((arn, !created.is_empty()))
 }
 
 /// What the execution role may do, and no more: pull the deployment's images, write to its
@@ -1173,6 +884,34 @@ pub(crate) async fn refresh_execution_policy(
     ))
 }
 
+/// The role's policies: the names of its inline ones and the ARNs of those attached to it.
+pub(crate) async fn role_policies(
+    aws: &Clients,
+    role: &str,
+) -> Result<(Vec<String>, Vec<String>), DeployError> {
+    let resource = Role::resource(role);
+    let inline = aws
+        .iam
+        .list_role_policies()
+        .role_name(role)
+        .send()
+        .await
+        .map_err(|e| DeployError::aws(&resource, "iam:ListRolePolicies", &e))?;
+    let attached = aws
+        .iam
+        .list_attached_role_policies()
+        .role_name(role)
+        .send()
+        .await
+        .map_err(|e| DeployError::aws(&resource, "iam:ListAttachedRolePolicies", &e))?;
+    let attached = attached
+        .attached_policies()
+        .iter()
+        .filter_map(|p| p.policy_arn().map(str::to_owned))
+        .collect();
+    Ok((inline.policy_names().to_vec(), attached))
+}
+
 /// `text` with its `%XX` escapes decoded: IAM hands policy documents back URL-encoded.
 pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
@@ -1202,44 +941,53 @@ pub fn percent_decode(text: &str) -> String {
 
 /// Finds or creates the log group, tagged, with `retention_days`.
 pub(super) async fn log_group(ctx: &Ctx<'_>, group: &str, retention_days: i32) -> Outcome<()> {
-    let resource = format!("log group {group}");
-    let found = ctx
-        .aws
-        .logs
-        .describe_log_groups()
-        .log_group_name_prefix(group)
-        .send()
-        .await
-        .map_err(|e| DeployError::aws(&resource, "logs:DescribeLogGroups", &e))?;
-    if found
-        .log_groups()
-        .iter()
-        .any(|g| g.log_group_name() == Some(group))
-    {
+    let created = ensure_log_group(ctx.aws, ctx.name, group, Some(retention_days), ctx.dry_run);
+    if !created.await? {
         return Ok(((), "exists".into()));
-    }
-    if !ctx.dry_run {
-        ctx.aws
-            .logs
-            .create_log_group()
-            .log_group_name(group)
-            .tags(DEPLOYMENT_TAG, ctx.name)
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&resource, "logs:CreateLogGroup", &e))?;
-        ctx.aws
-            .logs
-            .put_retention_policy()
-            .log_group_name(group)
-            .retention_in_days(retention_days)
-            .send()
-            .await
-            .map_err(|e| DeployError::aws(&resource, "logs:PutRetentionPolicy", &e))?;
     }
     Ok((
         (),
         would(ctx, &format!("the group, keeping {retention_days} days")),
     ))
+}
+
+/// Creates the log group `group` of `deployment`, tagged, keeping `retention_days` where
+/// given, unless it exists: one that does is used whoever made it, since tasks write to
+/// the group the manifest names. Returns whether it was (or would be) created.
+pub(crate) async fn ensure_log_group(
+    aws: &Clients,
+    deployment: &str,
+    group: &str,
+    retention_days: Option<i32>,
+    dry_run: bool,
+) -> Result<bool, DeployError> {
+    if LogGroup::find_by_name(aws, deployment, group)
+        .await?
+        .is_some()
+    {
+        return Ok(false);
+    }
+    if dry_run {
+        return Ok(true);
+    }
+    let resource = LogGroup::resource(group);
+    aws.logs
+        .create_log_group()
+        .log_group_name(group)
+        .tags(DEPLOYMENT_TAG, deployment)
+        .send()
+        .await
+        .map_err(|e| DeployError::aws(&resource, "logs:CreateLogGroup", &e))?;
+    if let Some(days) = retention_days {
+        aws.logs
+            .put_retention_policy()
+            .log_group_name(group)
+            .retention_in_days(days)
+            .send()
+            .await
+            .map_err(|e| DeployError::aws(&resource, "logs:PutRetentionPolicy", &e))?;
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

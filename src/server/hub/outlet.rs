@@ -2,6 +2,43 @@
 //! and once the connection is live, the hub's way to write an event to its socket in the
 //! connection task's place. The hub hands over SSE text only; how a connection frames it on
 //! the wire, and what it keeps of a write the socket took in part, is the connection's.
+//!
+//! # Ordering: the queue and direct writes
+//!
+//! Bytes reach a connection's socket two ways: its task writes what it takes from the queue
+//! (`connection::pump`), and the hub writes an event itself ([`DirectWrite`]) under the
+//! queue's lock ([`Queue::push_or_deliver`]). These rules make the two one ordered stream
+//! without repeats; this is the one place they are stated, with the tests that guard them.
+//!
+//! 1. **A direct write is the next bytes either way.** The hub writes in the task's place
+//!    only under the queue's lock, while the queue is empty and the task waits on it: its
+//!    last poll found nothing and nothing has woken it since, so it holds no bytes it has yet
+//!    to write. The first item queued wakes it, and every event after queues behind until it
+//!    waits again. Guarded by `queue::tests::only_a_waiting_consumer_s_items_are_delivered_directly_in_its_place`
+//!    and `hub::outlet::tests::once_live_a_waiting_connection_s_events_are_written_in_its_place_in_order`.
+//! 2. **Heartbeats, gaps and notices always queue.** Only events are written directly; a
+//!    [`Frame::Raw`] is pushed, which wakes the task, so an event that follows it waits behind
+//!    it instead of overtaking it. Guarded by
+//!    `hub::outlet::tests::once_live_a_waiting_connection_s_events_are_written_in_its_place_in_order`
+//!    (an event after a heartbeat).
+//! 3. **A write the socket took in part is finished first.** The writer keeps the framed rest
+//!    and [`Frame::Unfinished`] is queued in the event's place, first in the empty queue; the
+//!    task takes it alone, never coalesced ([`Outgoing::Unfinished`](super::Outgoing)), and
+//!    writes the rest before anything else. Guarded by
+//!    `hub::outlet::tests::a_direct_write_taken_in_part_is_finished_before_anything_else` and
+//!    `connection::tests::a_direct_write_the_socket_cannot_take_whole_leaves_its_framed_rest`.
+//! 4. **Only events new to the connection are written directly.** The task skips an event at
+//!    or before the connection's position (its replay, and the overlap with the index when it
+//!    subscribed); the hub does not look. So the subscription hands the writer over only once
+//!    it took a live event past its position, after which every event is newer, and never for
+//!    a connection of several endpoints, whose `id:` lines are its own. Guarded by
+//!    `hub::outlet::tests::what_a_connection_had_already_is_never_written_in_its_place`.
+//! 5. **Nothing after a hole or the end.** A closed queue (cut off, drained, expired) takes
+//!    nothing more, directly or not, so its last notice is the stream's last word; and a
+//!    connection that missed an event of a batch (its queue was full) is given nothing after
+//!    it, then cut off, and resumes from before the hole. Guarded by
+//!    `queue::tests::a_closed_queue_takes_nothing_more_not_even_directly` and
+//!    `hub::feed::tests::a_full_queue_cuts_the_connection_off_after_what_was_queued`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -127,7 +164,7 @@ mod tests {
     use super::super::testing::{entry, hub, live, next_text};
     use super::*;
     use crate::hub::{Hub, Outgoing, Subscription};
-    use crate::sse;
+    use crate::sse::{self, ResumeId};
 
     /// Records what the hub writes in a connection task's place; the socket takes `taken`.
     #[derive(Debug)]
@@ -189,6 +226,35 @@ mod tests {
         assert!(queued.starts_with(": heartbeat\n\n"), "{queued}");
         assert!(queued.contains("id: 12-0"), "{queued}");
         assert_eq!(hub.metrics().events_out.load(Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn what_a_connection_had_already_is_never_written_in_its_place() {
+        let hub = hub(8);
+        let recorder = Recorder::new(WrittenNow::All);
+        // Resumed from ahead of this instance: the next records are not new to it.
+        let ahead = ResumeId(vec![StreamId { ms: 20, seq: 0 }]);
+        let mut client = hub.subscribe(live(vec![1]), Some(&ahead), None);
+        client.write_directly(Arc::clone(&recorder) as Arc<dyn DirectWrite>);
+        next_text(&mut client).await;
+        for ms in [10, 20] {
+            hub.dispatch(&[(1, entry(ms, "a"))]);
+            assert!(
+                futures_util::FutureExt::now_or_never(client.next()).is_none(),
+                "{ms} is skipped, and the task waits on its queue"
+            );
+        }
+        assert_eq!(recorder.written(), Vec::<String>::new());
+        // The first new event goes through the queue; the ones after it are written directly.
+        hub.dispatch(&[(1, entry(21, "a"))]);
+        assert!(next_text(&mut client).await.starts_with("id: 21-0"));
+        assert!(futures_util::FutureExt::now_or_never(client.next()).is_none());
+        hub.dispatch(&[(1, entry(22, "a"))]);
+        let written = recorder.written();
+        assert!(
+            written.len() == 1 && written[0].starts_with("id: 22-0"),
+            "{written:?}"
+        );
     }
 
     #[tokio::test]
