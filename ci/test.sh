@@ -31,7 +31,7 @@ cargo clippy --all-targets --locked -- -D warnings
 step "each part links only its own: the server no librdkafka or load generator, deploy no web stack"
 ci/check-parts.sh
 
-step "the binaries the integration tests start (fjord, fjord-consumer: other packages')"
+step "the binaries the integration tests start (fjord, fjord-server, fjord-consumer)"
 cargo build --locked --bins
 if nm --defined-only target/debug/fjord-server | grep -q 'rd_kafka_'; then
   echo "fjord-server links librdkafka" >&2
