@@ -363,9 +363,15 @@ pub async fn run(
         if !routes.contains_key(message.topic()) {
             continue;
         }
-        let decoded = tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            outcome = decode(&mut decoder, &message) => outcome,
+        // At once, unless a schema must be fetched first: that alone waits (and may be
+        // cut short by the shutdown).
+        let decoded = match decoder.decode(message.topic(), message.key(), message.payload()) {
+            Outcome::Decoded(decoded) => Ok(decoded),
+            Outcome::Undecodable(undecodable) => Err(undecodable),
+            Outcome::Fetch(id) => tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                decoded = fetch_and_decode(&mut decoder, &message, id) => decoded,
+            },
         };
         let decoded = match decoded {
             Ok(decoded) => decoded,
@@ -408,28 +414,35 @@ pub async fn run(
     outcome
 }
 
-/// Decodes a record by its topic's formats; while the registry is down, waits with the
-/// shared backoff and tries again, holding the record (and so its partition) back.
-async fn decode(
+/// Fetches the schema with `id` that `message` needs, then decodes it; while the registry
+/// is down, waits with the shared backoff and tries again, holding the record (and so its
+/// partition) back.
+async fn fetch_and_decode(
     decoder: &mut Decoder<'_>,
     message: &BorrowedMessage<'_>,
+    mut id: u32,
 ) -> Result<Decoded, decode::Undecodable> {
-    // Made only when the registry is down: the common path is one lookup per record.
     let mut backoff = None;
     let mut down_since = None;
     loop {
-        match decoder
-            .decode(message.topic(), message.key(), message.payload())
-            .await
-        {
-            Outcome::Decoded(decoded) => {
+        match decoder.fetch(id).await {
+            Ok(()) => {
+                let decoded =
+                    match decoder.decode(message.topic(), message.key(), message.payload()) {
+                        // The key's schema is in; the value's is another.
+                        Outcome::Fetch(next) => {
+                            id = next;
+                            continue;
+                        }
+                        Outcome::Decoded(decoded) => Ok(decoded),
+                        Outcome::Undecodable(undecodable) => Err(undecodable),
+                    };
                 if let Some(since) = down_since {
                     tracing::info!(topic = message.topic(), partition = message.partition(), offset = message.offset(), down_for = ?std::time::Instant::now().duration_since(since), "schema registry answers again; the partition moves on");
                 }
-                return Ok(decoded);
+                return decoded;
             }
-            Outcome::Undecodable(undecodable) => return Err(undecodable),
-            Outcome::RegistryDown(reason) => {
+            Err(reason) => {
                 let retry_in = backoff
                     .get_or_insert_with(|| {
                         Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
