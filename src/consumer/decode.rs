@@ -195,9 +195,19 @@ impl<'a> Decoder<'a> {
     }
 }
 
+/// The longest Avro string or bytes, and the most items in one block of an array or map,
+/// that a record may declare: 16 Mi, sixteen times Kafka's default largest record. A
+/// length is read before the data it counts, and apache-avro reserves room for that many
+/// values at once (by default up to 512 Mi of them: tens of GiB for an array or a map, an
+/// allocation failure that aborts the process, caused by a record of a few bytes; found by
+/// `fuzz_decode_with_huge_lengths`).
+const MAX_AVRO_LENGTH: usize = 16 << 20;
+
 /// Decodes the data after the wire format's header with its writer's schema (public so that
 /// `fjord types`'s tests hold its types to what this writes).
 pub fn decode_with(schema: &WriterSchema, data: &[u8]) -> Result<DecodedField, String> {
+    // The first call sets the process's limit; it stays (apache-avro's is process-wide).
+    apache_avro::util::max_allocation_bytes(MAX_AVRO_LENGTH);
     let json = match &schema.kind {
         SchemaKind::Avro {
             schema: avro,
@@ -205,9 +215,10 @@ pub fn decode_with(schema: &WriterSchema, data: &[u8]) -> Result<DecodedField, S
             names,
         } => {
             let mut reader = data;
+            // The writer's schema among them too: its own named types, used again by name.
             let value = apache_avro::from_avro_datum_schemata(
                 avro,
-                references.iter().collect(),
+                std::iter::once(avro).chain(references).collect(),
                 &mut reader,
                 None,
             )
@@ -644,5 +655,121 @@ mod tests {
                 "next": {"sku": "b", "price": "-0.5"}
             })
         );
+    }
+
+    #[test]
+    fn avro_named_types_may_be_used_again_by_name() {
+        let schema = WriterSchema {
+            id: 9,
+            subject: None,
+            kind: SchemaKind::parse(
+                "AVRO",
+                r#"{"type": "record", "name": "Node", "fields": [
+                    {"name": "n", "type": "int"},
+                    {"name": "next", "type": ["null", "Node"]}
+                ]}"#,
+            )
+            .expect("parses"),
+        };
+        // n = 1, next = (branch 1) n = 2, next = (branch 0) null.
+        let field = decode_with(&schema, &[2, 2, 4, 0]).expect("decodes");
+        assert_eq!(field.json.get(), r#"{"n":1,"next":{"n":2,"next":null}}"#);
+    }
+
+    /// Schemas with every kind of Avro type (a recursive one too), Protobuf messages with
+    /// nesting, maps, enums, a oneof and a well-known type, and JSON Schema.
+    fn fuzzed_schemas() -> &'static [WriterSchema] {
+        static SCHEMAS: std::sync::LazyLock<Vec<WriterSchema>> = std::sync::LazyLock::new(|| {
+            let avro = r#"{"type": "record", "name": "Node", "fields": [
+                {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+                {"name": "total", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}},
+                {"name": "price", "type": {"type": "fixed", "name": "P", "size": 3, "logicalType": "decimal", "precision": 6, "scale": 1}},
+                {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+                {"name": "at", "type": {"type": "long", "logicalType": "timestamp-nanos"}},
+                {"name": "t", "type": {"type": "long", "logicalType": "time-micros"}},
+                {"name": "state", "type": {"type": "enum", "name": "S", "symbols": ["A", "B"]}},
+                {"name": "f", "type": "float"},
+                {"name": "tags", "type": {"type": "map", "values": ["null", "double", "bytes"]}},
+                {"name": "items", "type": {"type": "array", "items": "long"}},
+                {"name": "next", "type": ["null", "Node"]}
+            ]}"#;
+            let proto = r#"syntax = "proto3";
+                import "google/protobuf/timestamp.proto";
+                message Order {
+                  message Line { string sku = 1; sint64 qty = 2; bytes raw = 3; }
+                  enum State { NEW = 0; PAID = 1; }
+                  int64 id = 1; double total = 2; repeated Line lines = 3; State state = 4;
+                  map<string, fixed32> tags = 5; oneof pick { string a = 6; Line b = 7; }
+                  google.protobuf.Timestamp at = 8; optional bool paid = 9; Order child = 10;
+                }
+                message Other { repeated uint64 n = 1; }"#;
+            [
+                ("AVRO", avro),
+                ("PROTOBUF", proto),
+                ("JSON", r#"{"type": "object"}"#),
+                // What a length starts: the data first.
+                ("AVRO", r#""bytes""#),
+                ("AVRO", r#""string""#),
+                ("AVRO", r#"{"type": "array", "items": "long"}"#),
+                ("AVRO", r#"{"type": "map", "values": "int"}"#),
+            ]
+            .into_iter()
+            .zip(1..)
+            .map(|((kind, text), id)| WriterSchema {
+                id,
+                subject: None,
+                kind: SchemaKind::parse(kind, text).expect("the fuzzed schemas parse"),
+            })
+            .collect()
+        });
+        &SCHEMAS
+    }
+
+    /// Decodes `data` with `schema` and holds the outcome to a clear error or JSON on one
+    /// line.
+    fn decodes_or_refuses(schema: &WriterSchema, data: &[u8]) -> Result<(), TestCaseError> {
+        if let Ok(field) = decode_with(schema, data) {
+            let json = field.json.get();
+            prop_assert!(!json.contains(['\n', '\r']), "{json}");
+            prop_assert!(
+                serde_json::from_str::<serde_json::Value>(json).is_ok(),
+                "{json}"
+            );
+        }
+        Ok(())
+    }
+
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+
+    proptest! {
+        #[test]
+        fn fuzz_decode_with_bytes(
+            schema in 0..7_usize,
+            data in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            decodes_or_refuses(&fuzzed_schemas()[schema], &data)?;
+        }
+
+        /// Lengths and counts the data does not hold: a varint of up to 2^64 where bytes,
+        /// a string, an array or a map starts, or the message indexes' count.
+        #[test]
+        fn fuzz_decode_with_huge_lengths(
+            schema in prop_oneof![Just(1_usize), 3..7_usize],
+            prefix in proptest::collection::vec(any::<u8>(), 0..2),
+            // Mostly what apache-avro's own bound (2^29) lets through.
+            length in prop_oneof![any::<u64>(), (1_u64 << 20)..(1 << 31)],
+            rest in proptest::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let mut data = prefix;
+            let mut n = length;
+            while n >= 0x80 {
+                data.push(u8::try_from(n & 0x7f).unwrap_or(0) | 0x80);
+                n >>= 7;
+            }
+            data.push(u8::try_from(n).unwrap_or(0));
+            data.extend(rest);
+            decodes_or_refuses(&fuzzed_schemas()[schema], &data)?;
+        }
     }
 }
