@@ -47,6 +47,10 @@ pub struct WriterSchema {
 
 /// A schema by its type.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per schema id, kept in an Arc: their size does not matter"
+)]
 pub enum SchemaKind {
     /// Avro: the schema and the named schemas it references.
     Avro {

@@ -6,7 +6,7 @@
 
 use anyhow::Context as _;
 use apache_avro::types::Value as Avro;
-use prost::Message as _;
+use prost_reflect::prost::Message as _;
 use prost_reflect::{DynamicMessage, MessageDescriptor, Value as Proto};
 
 use super::scenario::ValueFormat;
@@ -73,7 +73,7 @@ impl Line {
             sku: format!("sku-{:04}", seq % 1_000),
             qty: i32::try_from(seq % 7).unwrap_or(0) + 1,
             price: (seq % 10_000) as f64 / 100.0,
-            paid: seq % 2 == 0,
+            paid: seq.is_multiple_of(2),
         }
     }
 
