@@ -257,7 +257,7 @@ if ((fresh)); then
     # inside the sandbox, where cargo waits for every compiler it starts.
     # shellcheck disable=SC2016 # expanded by the sandbox's shell
     in_sandbox /bin/sh -c 'TIMEFORMAT="[sandbox-build] cargo build: %0R s wall, %0U s user and %0S s system CPU"
-        time cargo build --offline --locked -p fjord-cli --bin fjord' ||
+        time cargo build --offline --locked -p fjord --bin fjord' ||
         die "fjord does not build on a machine with only Rust and ci/install-build-deps.sh's list"
     log "fjord built from nothing in $((SECONDS - start)) s (load average $load before, $(cut -d' ' -f1-3 /proc/loadavg) after)"
     in_sandbox /build/target/debug/fjord --version
@@ -266,8 +266,8 @@ if ((fresh)); then
 fi
 
 total=$SECONDS
-build "fjord-consumer and fjord (the dev image's), with librdkafka" -p fjord-consumer -p fjord-cli
-build "fjord-server, without librdkafka" -p fjord --bin fjord-server
+build "fjord-consumer and fjord (the dev image's), with librdkafka" -p fjord-consumer -p fjord
+build "fjord-server, without librdkafka" -p fjord-server
 build "fjord-healthcheck" -p fjord-healthcheck
 binaries=(fjord-consumer fjord fjord-server fjord-healthcheck)
 if [[ ${FJORD_SANDBOX_DEPLOY:-0} == 1 ]]; then

@@ -108,6 +108,16 @@ async fn named_pipeline(
     registry_url: &str,
     endpoints: &[(&str, &str, serde_json::Value)],
 ) -> Pipeline {
+    configured_pipeline(serde_json::json!({"urls": [registry_url]}), endpoints, &[]).await
+}
+
+/// [`named_pipeline`] with the manifest's `schema_registry` section as given, and `envs`
+/// (its secrets) for both processes.
+async fn configured_pipeline(
+    schema_registry: serde_json::Value,
+    endpoints: &[(&str, &str, serde_json::Value)],
+    envs: &[(&str, &str)],
+) -> Pipeline {
     let services = services();
     for (_, topic, _) in endpoints {
         create_topic(&services.brokers, topic, 1).await;
@@ -120,9 +130,13 @@ async fn named_pipeline(
         .map(|(_, topic, formats)| ((*topic).to_owned(), formats.clone()))
         .collect::<serde_json::Map<_, _>>()
         .into();
-    manifest["schema_registry"] = serde_json::json!({"urls": [registry_url]});
+    manifest["schema_registry"] = schema_registry;
     let (dir, path) = write_manifest(&manifest);
-    let mut server = Process::server(&path);
+    let mut server = Process::start(
+        &server_binary(),
+        &["--manifest", path.to_str().unwrap()],
+        envs,
+    );
     server.wait_ready(port).await;
     let mut clients = Vec::new();
     for (endpoint, _, _) in endpoints {
@@ -135,7 +149,7 @@ async fn named_pipeline(
         client.next().await.expect("prelude");
         clients.push(client);
     }
-    let consumer = Process::consumer(&path, &[]);
+    let consumer = Process::consumer(&path, envs);
     Pipeline {
         port,
         manifest: path,
@@ -480,6 +494,291 @@ async fn undecodable_records_are_skipped_with_a_gap_and_the_partition_moves_on()
     );
 }
 
+#[tokio::test]
+async fn avro_keys_are_decoded_with_their_subjects_schema() {
+    if skip_without_services() {
+        return;
+    }
+    let registry = registry();
+    let services = services();
+    let topic = unique("sr-key");
+    let mut pipeline = pipeline(
+        &registry.url,
+        &[(
+            &topic,
+            serde_json::json!({"key_format": "avro", "value_format": "avro"}),
+        )],
+    )
+    .await;
+    let key_schema = serde_json::json!({"type": "record", "name": "OrderKey",
+    "namespace": topic.replace('-', "_"), "fields": [
+        {"name": "shop", "type": "string"},
+        {"name": "n", "type": "long"},
+        {"name": "day", "type": {"type": "int", "logicalType": "date"}}
+    ]})
+    .to_string();
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &topic,
+        &serde_json::json!([{"format": "avro", "schema": avro_order(&topic, &[]),
+            "value": avro_order_value(3),
+            "key_avro": {"schema": key_schema, "value": {"shop": "north", "n": 3, "day": 19_723}}}]),
+    );
+    let event = pipeline.clients[0].records(1).await[0].json();
+    assert_eq!(
+        event["key"],
+        serde_json::json!({"shop": "north", "n": 3, "day": "2024-01-01"}),
+        "{event}"
+    );
+    assert_eq!(event["key_schema"]["subject"], format!("{topic}-key"));
+    assert_eq!(event["key_schema"]["version"], 1);
+    assert_ne!(event["key_schema"]["id"], event["value_schema"]["id"]);
+    assert_eq!(event["value"], avro_order_json(3));
+}
+
+#[tokio::test]
+async fn a_registry_url_that_does_not_answer_is_passed_over_for_the_next() {
+    if skip_without_services() {
+        return;
+    }
+    let registry = registry();
+    let services = services();
+    let topic = unique("sr-urls");
+    // A port nothing listens on, first.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let mut pipeline = configured_pipeline(
+        serde_json::json!({"urls": [dead_url, registry.url]}),
+        &[(&topic, &topic, serde_json::json!({"value_format": "avro"}))],
+        &[],
+    )
+    .await;
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &topic,
+        &serde_json::json!([{"format": "avro", "schema": avro_order(&topic, &[]),
+            "value": avro_order_value(5)}]),
+    );
+    let event = pipeline.clients[0].records(1).await[0].json();
+    assert_eq!(event["value"], avro_order_json(5), "{event}");
+}
+
+/// A proxy in front of the registry that answers 401 to a request without the expected
+/// `Authorization` header, and counts the requests that had it. (Apicurio's own
+/// authentication needs Keycloak; this checks what Fjord sends.) A request is read up to the
+/// end of its head, checked, then passed on with the rest of its connection.
+struct AuthProxy {
+    url: String,
+    authorized: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AuthProxy {
+    async fn start(upstream_url: &str, authorization: &str) -> Self {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (upstream, path) = upstream_url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split_once('/'))
+            .unwrap();
+        let upstream = upstream.to_owned();
+        let expected = format!("authorization: {authorization}\r\n").to_lowercase();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://127.0.0.1:{}/{path}",
+            listener.local_addr().unwrap().port()
+        );
+        let authorized = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&authorized);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let (upstream, expected, count) =
+                    (upstream.clone(), expected.clone(), Arc::clone(&count));
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buffer = [0_u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match inbound.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => head.extend_from_slice(&buffer[..read]),
+                        }
+                    }
+                    if !String::from_utf8_lossy(&head)
+                        .to_lowercase()
+                        .contains(&expected)
+                    {
+                        let _ = inbound
+                            .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await
+                        && outbound.write_all(&head).await.is_ok()
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            authorized,
+            task,
+        }
+    }
+}
+
+impl Drop for AuthProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn registry_credentials_from_the_environment_are_sent() {
+    if skip_without_services() {
+        return;
+    }
+    let registry = registry();
+    let services = services();
+    let basic = format!("Basic {}", BASE64.encode("fjord-key:s3cret-basic"));
+    for (auth, authorization, secret) in [
+        (
+            serde_json::json!({"type": "bearer", "token_env": "FJORD_TEST_REGISTRY_SECRET"}),
+            "Bearer t0ken-bearer".to_owned(),
+            "t0ken-bearer",
+        ),
+        (
+            serde_json::json!({"type": "basic", "username": "fjord-key",
+                "password_env": "FJORD_TEST_REGISTRY_SECRET"}),
+            basic.clone(),
+            "s3cret-basic",
+        ),
+    ] {
+        let proxy = AuthProxy::start(&registry.url, &authorization).await;
+        let topic = unique("sr-auth");
+        let mut pipeline = configured_pipeline(
+            serde_json::json!({"urls": [proxy.url], "auth": auth}),
+            &[(&topic, &topic, serde_json::json!({"value_format": "avro"}))],
+            &[("FJORD_TEST_REGISTRY_SECRET", secret)],
+        )
+        .await;
+        produce_serialized(
+            &registry,
+            &services.brokers,
+            &topic,
+            &serde_json::json!([{"format": "avro", "schema": avro_order(&topic, &[]),
+                "value": avro_order_value(7)}]),
+        );
+        let event = pipeline.clients[0].records(1).await[0].json();
+        assert_eq!(
+            event["value"],
+            avro_order_json(7),
+            "{authorization}: {event}"
+        );
+        assert!(proxy.authorized.load(Ordering::SeqCst) > 0);
+        // The secret is in no log line.
+        let log = pipeline.consumer.log().join("\n");
+        assert!(!log.contains(secret), "{log}");
+    }
+}
+
+/// A TLS proxy in front of the registry, with a certificate of a CA of its own (made by
+/// `openssl`, tests/common/tls.rs): `https://` URL, and the CA's file.
+struct TlsProxy {
+    url: String,
+    ca: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsProxy {
+    async fn start(upstream_url: &str) -> Self {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (upstream, path) = upstream_url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split_once('/'))
+            .unwrap();
+        let upstream = upstream.to_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let certificates = tls::make_certificates(dir.path(), None);
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(&certificates.server_cert)
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&certificates.server_key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "https://127.0.0.1:{}/{path}",
+            listener.local_addr().unwrap().port()
+        );
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    if let Ok(mut inbound) = acceptor.accept(inbound).await
+                        && let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            ca: certificates.ca,
+            _dir: dir,
+            task,
+        }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_registry_over_tls_is_trusted_through_the_given_ca_file() {
+    if skip_without_services() {
+        return;
+    }
+    let registry = registry();
+    let services = services();
+    let proxy = TlsProxy::start(&registry.url).await;
+    let topic = unique("sr-tls");
+    let mut pipeline = configured_pipeline(
+        serde_json::json!({"urls": [proxy.url], "ca_file": proxy.ca}),
+        &[(&topic, &topic, serde_json::json!({"value_format": "avro"}))],
+        &[],
+    )
+    .await;
+    produce_serialized(
+        &registry,
+        &services.brokers,
+        &topic,
+        &serde_json::json!([{"format": "avro", "schema": avro_order(&topic, &[]),
+            "value": avro_order_value(8)}]),
+    );
+    let event = pipeline.clients[0].records(1).await[0].json();
+    assert_eq!(event["value"], avro_order_json(8), "{event}");
+}
+
 /// A TCP proxy in front of the registry that can refuse every connection, as a registry
 /// that is down does.
 struct Proxy {
@@ -571,6 +870,80 @@ async fn a_registry_that_is_down_holds_the_partition_until_it_is_back() {
         .consumer
         .wait_for_log(&["schema registry answers again"])
         .await;
+}
+
+/// Asks `/readyz` until it answers `status` with a body holding `says`.
+async fn readyz_until(port: u16, status: u16, says: &str) {
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok(response) = client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+        {
+            let answered = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            if answered == status && body.contains(says) {
+                return;
+            }
+            last = format!("{answered} {body}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("/readyz never answered {status} with {says:?}; last: {last}");
+}
+
+#[tokio::test]
+async fn fjord_devs_readiness_says_the_registry_is_down_while_it_holds_a_record() {
+    if skip_without_services() {
+        return;
+    }
+    let registry = registry();
+    let proxy = Proxy::start(&registry.url).await;
+    proxy.down.store(false, Ordering::SeqCst);
+    let port = free_port();
+    let port_text = port.to_string();
+    let _dev = Process::start(
+        &workspace_binary("fjord"),
+        &[
+            "dev",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port_text,
+            "--no-demo-producer",
+            "--schema-registry",
+            &proxy.url,
+        ],
+        &[],
+    );
+    readyz_until(port, 200, "ready").await;
+    let info: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/dev.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let brokers = info["kafka"].as_str().unwrap();
+    let mut client =
+        SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders"), &[]).await;
+    assert_eq!(client.status, 200);
+    proxy.down.store(true, Ordering::SeqCst);
+    // A schema of its own: fetched at this record, from a registry that is down.
+    let schema = avro_order(&unique("dev-down"), &[]);
+    produce_serialized(
+        &registry,
+        brokers,
+        "orders",
+        &serde_json::json!([{"format": "avro", "schema": schema, "value": avro_order_value(6)}]),
+    );
+    readyz_until(port, 503, "schema registry does not answer").await;
+    proxy.down.store(false, Ordering::SeqCst);
+    readyz_until(port, 200, "ready").await;
+    let events = next_events(&mut client, 1).await;
+    assert_eq!(events[0].1["value"], avro_order_json(6));
 }
 
 #[tokio::test]

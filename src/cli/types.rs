@@ -75,7 +75,9 @@ pub fn module(endpoints: &[(&str, Vec<Option<SchemaKind>>)]) -> String {
         let mut variants = Vec::new();
         for kind in kinds {
             let typed = match kind {
-                Some(SchemaKind::Avro { schema, references }) => {
+                Some(SchemaKind::Avro {
+                    schema, references, ..
+                }) => {
                     for reference in references {
                         ts_type(reference, &mut named);
                     }

@@ -16,6 +16,7 @@
 //! mapping (64-bit integers as strings, bytes as base64, enums by name, well-known types
 //! as theirs) with the `.proto` field names and every field, defaults included.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use apache_avro::Schema as AvroSchema;
@@ -24,6 +25,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use fjord_bus::envelope::{Decoded, DecodedField, SchemaRef};
 use fjord_config::{Format, Manifest, TopicFormats};
+use serde::ser::{Serialize, SerializeMap as _, Serializer};
 use serde_json::value::RawValue;
 
 use crate::registry::{FetchError, Registry, SchemaKind, WriterSchema};
@@ -38,15 +40,16 @@ pub(crate) struct Undecodable {
     pub(crate) reason: String,
 }
 
-/// What decoding a record came to.
+/// What decoding a record with the schemas at hand came to.
 #[derive(Debug)]
 pub(crate) enum Outcome {
     /// Decoded (or left to the envelope's rules).
     Decoded(Decoded),
     /// Cannot be decoded, ever: skip it.
     Undecodable(Undecodable),
-    /// The registry is down: try again later.
-    RegistryDown(String),
+    /// The writer's schema with this id is not in the cache: fetch it
+    /// ([`Decoder::fetch`]), then decode again.
+    Fetch(u32),
 }
 
 /// A member's decoder: its manifest's formats and its registry client.
@@ -54,6 +57,14 @@ pub(crate) enum Outcome {
 pub(crate) struct Decoder<'a> {
     manifest: &'a Manifest,
     registry: Option<Registry>,
+}
+
+/// Why a field is not decoded now.
+enum Missing {
+    /// Never: the field is undecodable.
+    Refused(String),
+    /// Not before the schema with this id is fetched.
+    Schema(u32),
 }
 
 /// The Confluent wire format's magic byte.
@@ -78,42 +89,47 @@ impl<'a> Decoder<'a> {
         Ok(Self { manifest, registry })
     }
 
-    /// Decodes a record of `topic`.
-    pub(crate) async fn decode(
-        &mut self,
-        topic: &str,
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
-    ) -> Outcome {
+    /// Decodes a record of `topic` with the schemas in the cache, at once: the path of
+    /// every record but the first of each schema id.
+    pub(crate) fn decode(&self, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Outcome {
         let TopicFormats {
             value_format,
             key_format,
         } = self.manifest.topic_formats(topic);
-        let outcome = |part, error| match error {
-            FetchError::Refused(reason) => Outcome::Undecodable(Undecodable { part, reason }),
-            FetchError::Down(reason) => Outcome::RegistryDown(reason),
+        let outcome = |part, missing| match missing {
+            Missing::Refused(reason) => Outcome::Undecodable(Undecodable { part, reason }),
+            Missing::Schema(id) => Outcome::Fetch(id),
         };
-        let key = match self.field(key_format, key).await {
+        let key = match self.field(key_format, key) {
             Ok(key) => key,
-            Err(error) => return outcome("key", error),
+            Err(missing) => return outcome("key", missing),
         };
-        let value = match self.field(value_format, value).await {
+        let value = match self.field(value_format, value) {
             Ok(value) => value,
-            Err(error) => return outcome("value", error),
+            Err(missing) => return outcome("value", missing),
         };
         Outcome::Decoded(Decoded { key, value })
     }
 
-    /// A key or value decoded; `Refused` when it cannot be, ever.
-    async fn field(
-        &mut self,
-        format: Format,
-        bytes: Option<&[u8]>,
-    ) -> Result<Option<DecodedField>, FetchError> {
+    /// Fetches the schema with `id` into the cache (a refusal too); `Err` says why the
+    /// registry is down.
+    pub(crate) async fn fetch(&mut self, id: u32) -> Result<(), String> {
+        match &mut self.registry {
+            Some(registry) => match registry.schema(id).await {
+                Err(FetchError::Down(reason)) => Err(reason),
+                Ok(_) | Err(FetchError::Refused(_)) => Ok(()),
+            },
+            // Never asked: without a registry no schema is missing.
+            None => Ok(()),
+        }
+    }
+
+    /// A key or value decoded, `None` for the envelope's rules.
+    fn field(&self, format: Format, bytes: Option<&[u8]>) -> Result<Option<DecodedField>, Missing> {
         let Some(bytes) = bytes else {
             return Ok(None);
         };
-        let fail = FetchError::Refused;
+        let fail = Missing::Refused;
         let plain = |json: String| {
             RawValue::from_string(json)
                 .map(|json| Some(DecodedField { json, schema: None }))
@@ -135,11 +151,10 @@ impl<'a> Decoder<'a> {
                 let Some((id, data)) = wire_format(bytes) else {
                     return Ok(None);
                 };
-                match self.schema(id).await {
+                match self.cached(id)? {
                     Ok(schema) => decode_with(&schema, data).map(Some).map_err(fail),
                     // Bytes that only look like the wire format: the envelope's rules.
-                    Err(FetchError::Refused(_)) => Ok(None),
-                    Err(down) => Err(down),
+                    Err(_) => Ok(None),
                 }
             }
             Format::Avro | Format::Protobuf | Format::JsonSchema => {
@@ -149,7 +164,7 @@ impl<'a> Decoder<'a> {
                             .into(),
                     ));
                 };
-                let schema = self.schema(id).await?;
+                let schema = self.cached(id)?.map_err(fail)?;
                 let matches = matches!(
                     (format, &schema.kind),
                     (Format::Avro, SchemaKind::Avro { .. })
@@ -166,27 +181,44 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    async fn schema(&mut self, id: u32) -> Result<Arc<WriterSchema>, FetchError> {
-        match &mut self.registry {
-            Some(registry) => registry.schema(id).await,
+    /// The cached schema with `id`, or the registry's refusal of it.
+    fn cached(&self, id: u32) -> Result<Result<Arc<WriterSchema>, String>, Missing> {
+        match &self.registry {
+            Some(registry) => match registry.cached(id) {
+                Some(Ok(schema)) => Ok(Ok(schema)),
+                Some(Err(refused)) => Ok(Err(refused)),
+                None => Err(Missing::Schema(id)),
+            },
             // The manifest's validation requires a registry for these formats.
-            None => Err(FetchError::Refused("no schema_registry".into())),
+            None => Ok(Err("no schema_registry".into())),
         }
     }
 }
 
+/// The longest Avro string or bytes, and the most items in one block of an array or map,
+/// that a record may declare: 16 Mi, sixteen times Kafka's default largest record. A
+/// length is read before the data it counts, and apache-avro reserves room for that many
+/// values at once (by default up to 512 Mi of them: tens of GiB for an array or a map, an
+/// allocation failure that aborts the process, caused by a record of a few bytes; found by
+/// `fuzz_decode_with_huge_lengths`).
+const MAX_AVRO_LENGTH: usize = 16 << 20;
+
 /// Decodes the data after the wire format's header with its writer's schema (public so that
 /// `fjord types`'s tests hold its types to what this writes).
 pub fn decode_with(schema: &WriterSchema, data: &[u8]) -> Result<DecodedField, String> {
+    // The first call sets the process's limit; it stays (apache-avro's is process-wide).
+    apache_avro::util::max_allocation_bytes(MAX_AVRO_LENGTH);
     let json = match &schema.kind {
         SchemaKind::Avro {
             schema: avro,
             references,
+            names,
         } => {
             let mut reader = data;
+            // The writer's schema among them too: its own named types, used again by name.
             let value = apache_avro::from_avro_datum_schemata(
                 avro,
-                references.iter().collect(),
+                std::iter::once(avro).chain(references).collect(),
                 &mut reader,
                 None,
             )
@@ -198,8 +230,12 @@ pub fn decode_with(schema: &WriterSchema, data: &[u8]) -> Result<DecodedField, S
                     schema.id
                 ));
             }
-            let names = Names::of(avro, references);
-            serde_json::to_string(&avro_json(&value, avro, &names)).map_err(|e| e.to_string())?
+            let json = AvroJson {
+                value: &value,
+                schema: avro,
+                names,
+            };
+            serde_json::to_string(&json).map_err(|e| e.to_string())?
         }
         SchemaKind::Protobuf { messages } => {
             let (indexes, rest) = message_indexes(data)?;
@@ -288,24 +324,27 @@ fn message_of(
     Some(message)
 }
 
-/// The named types of an Avro schema and its references, for `Ref`s.
-struct Names<'s>(std::collections::HashMap<&'s apache_avro::schema::Name, &'s AvroSchema>);
+/// The named types of an Avro schema and its references, by name: what a `Ref` in the
+/// schema stands for. Made once per schema, when it is parsed.
+#[derive(Debug, Default)]
+pub struct AvroNames(HashMap<apache_avro::schema::Name, AvroSchema>);
 
-impl<'s> Names<'s> {
-    fn of(schema: &'s AvroSchema, references: &'s [AvroSchema]) -> Self {
-        let mut names = std::collections::HashMap::new();
+impl AvroNames {
+    /// The named types of `schema` and of the schemas it references.
+    pub fn of(schema: &AvroSchema, references: &[AvroSchema]) -> Self {
+        let mut names = HashMap::new();
         let mut stack: Vec<&AvroSchema> = references.iter().chain([schema]).collect();
         while let Some(schema) = stack.pop() {
             match schema {
                 AvroSchema::Record(record) => {
-                    names.insert(&record.name, schema);
+                    names.insert(record.name.clone(), schema.clone());
                     stack.extend(record.fields.iter().map(|field| &field.schema));
                 }
                 AvroSchema::Enum(e) => {
-                    names.insert(&e.name, schema);
+                    names.insert(e.name.clone(), schema.clone());
                 }
                 AvroSchema::Fixed(fixed) => {
-                    names.insert(&fixed.name, schema);
+                    names.insert(fixed.name.clone(), schema.clone());
                 }
                 AvroSchema::Array(array) => stack.push(&array.items),
                 AvroSchema::Map(map) => stack.push(&map.types),
@@ -316,105 +355,116 @@ impl<'s> Names<'s> {
         Self(names)
     }
 
-    fn resolve<'a>(&self, schema: &'a AvroSchema) -> &'a AvroSchema
-    where
-        's: 'a,
-    {
+    fn resolve<'a>(&'a self, schema: &'a AvroSchema) -> &'a AvroSchema {
         match schema {
-            AvroSchema::Ref { name } => self.0.get(name).copied().unwrap_or(schema),
+            AvroSchema::Ref { name } => self.0.get(name).unwrap_or(schema),
             other => other,
         }
     }
 }
 
-/// An Avro value as JSON, by the mapping in this module's documentation. The schema is
-/// followed beside the value for what the value alone does not say: a decimal's scale.
-fn avro_json(value: &Avro, schema: &AvroSchema, names: &Names<'_>) -> serde_json::Value {
-    use serde_json::Value as Json;
-    let schema = names.resolve(schema);
-    match value {
-        Avro::Null => Json::Null,
-        Avro::Boolean(b) => Json::Bool(*b),
-        Avro::Int(i) => Json::from(*i),
-        Avro::Long(i) => Json::from(*i),
-        Avro::Float(f) => Json::from(f64::from(*f)),
-        Avro::Double(f) => Json::from(*f),
-        Avro::Bytes(bytes) | Avro::Fixed(_, bytes) => Json::from(BASE64.encode(bytes)),
-        Avro::String(s) | Avro::Enum(_, s) => Json::from(s.as_str()),
-        Avro::Union(branch, value) => {
-            let variant = match schema {
-                AvroSchema::Union(union) => usize::try_from(*branch)
-                    .ok()
-                    .and_then(|branch| union.variants().get(branch)),
-                _ => None,
-            };
-            avro_json(value, variant.unwrap_or(&AvroSchema::Null), names)
+/// An Avro value written as JSON by the mapping in this module's documentation, straight
+/// to the output. The schema is followed beside the value for what the value alone does
+/// not say: a decimal's scale.
+struct AvroJson<'a> {
+    value: &'a Avro,
+    schema: &'a AvroSchema,
+    names: &'a AvroNames,
+}
+
+impl Serialize for AvroJson<'_> {
+    fn serialize<S: Serializer>(&self, out: S) -> Result<S::Ok, S::Error> {
+        let schema = self.names.resolve(self.schema);
+        let names = self.names;
+        let at = |value, schema| AvroJson {
+            value,
+            schema,
+            names,
+        };
+        match self.value {
+            Avro::Null => out.serialize_unit(),
+            Avro::Boolean(b) => out.serialize_bool(*b),
+            Avro::Int(i) => out.serialize_i32(*i),
+            Avro::Long(i) => out.serialize_i64(*i),
+            // JSON has no NaN or infinity: serde_json writes them as null.
+            Avro::Float(f) => out.serialize_f64(f64::from(*f)),
+            Avro::Double(f) => out.serialize_f64(*f),
+            Avro::Bytes(bytes) | Avro::Fixed(_, bytes) => out.serialize_str(&BASE64.encode(bytes)),
+            Avro::String(s) | Avro::Enum(_, s) => out.serialize_str(s),
+            Avro::Union(branch, value) => {
+                let variant = match schema {
+                    AvroSchema::Union(union) => usize::try_from(*branch)
+                        .ok()
+                        .and_then(|branch| union.variants().get(branch)),
+                    _ => None,
+                };
+                at(value, variant.unwrap_or(&AvroSchema::Null)).serialize(out)
+            }
+            Avro::Array(items) => {
+                let item = match schema {
+                    AvroSchema::Array(array) => &*array.items,
+                    _ => &AvroSchema::Null,
+                };
+                out.collect_seq(items.iter().map(|value| at(value, item)))
+            }
+            Avro::Map(entries) => {
+                let item = match schema {
+                    AvroSchema::Map(map) => &*map.types,
+                    _ => &AvroSchema::Null,
+                };
+                let mut sorted: Vec<_> = entries.iter().collect();
+                sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                out.collect_map(sorted.into_iter().map(|(k, v)| (k, at(v, item))))
+            }
+            Avro::Record(fields) => {
+                let field_schemas = match schema {
+                    AvroSchema::Record(record) => Some(&record.fields),
+                    _ => None,
+                };
+                out.collect_map(fields.iter().enumerate().map(|(i, (name, value))| {
+                    let field = field_schemas
+                        .and_then(|f| f.get(i))
+                        .map_or(&AvroSchema::Null, |f| &f.schema);
+                    (name, at(value, field))
+                }))
+            }
+            Avro::Decimal(decimal) => {
+                let scale = match schema {
+                    AvroSchema::Decimal(decimal) => decimal.scale,
+                    _ => 0,
+                };
+                out.serialize_str(&decimal_text(
+                    &num_bigint::BigInt::from(decimal.clone()),
+                    scale,
+                ))
+            }
+            Avro::BigDecimal(decimal) => out.collect_str(decimal),
+            Avro::Uuid(uuid) => out.collect_str(uuid),
+            Avro::Date(days) => out.serialize_str(&date(i64::from(*days))),
+            Avro::TimeMillis(ms) => out.serialize_str(&time_of_day(i64::from(*ms) * 1_000_000, 3)),
+            Avro::TimeMicros(us) => out.serialize_str(&time_of_day(us.saturating_mul(1000), 6)),
+            Avro::TimestampMillis(t) => {
+                out.serialize_str(&timestamp(i128::from(*t) * 1_000_000, 3, "Z"))
+            }
+            Avro::TimestampMicros(t) => {
+                out.serialize_str(&timestamp(i128::from(*t) * 1000, 6, "Z"))
+            }
+            Avro::TimestampNanos(t) => out.serialize_str(&timestamp(i128::from(*t), 9, "Z")),
+            Avro::LocalTimestampMillis(t) => {
+                out.serialize_str(&timestamp(i128::from(*t) * 1_000_000, 3, ""))
+            }
+            Avro::LocalTimestampMicros(t) => {
+                out.serialize_str(&timestamp(i128::from(*t) * 1000, 6, ""))
+            }
+            Avro::LocalTimestampNanos(t) => out.serialize_str(&timestamp(i128::from(*t), 9, "")),
+            Avro::Duration(duration) => {
+                let mut map = out.serialize_map(Some(3))?;
+                map.serialize_entry("months", &u32::from(duration.months()))?;
+                map.serialize_entry("days", &u32::from(duration.days()))?;
+                map.serialize_entry("millis", &u32::from(duration.millis()))?;
+                map.end()
+            }
         }
-        Avro::Array(items) => {
-            let item = match schema {
-                AvroSchema::Array(array) => &*array.items,
-                _ => &AvroSchema::Null,
-            };
-            Json::Array(items.iter().map(|v| avro_json(v, item, names)).collect())
-        }
-        Avro::Map(entries) => {
-            let item = match schema {
-                AvroSchema::Map(map) => &*map.types,
-                _ => &AvroSchema::Null,
-            };
-            let mut sorted: Vec<_> = entries.iter().collect();
-            sorted.sort_by(|a, b| a.0.cmp(b.0));
-            Json::Object(
-                sorted
-                    .into_iter()
-                    .map(|(k, v)| (k.clone(), avro_json(v, item, names)))
-                    .collect(),
-            )
-        }
-        Avro::Record(fields) => {
-            let field_schemas = match schema {
-                AvroSchema::Record(record) => Some(&record.fields),
-                _ => None,
-            };
-            Json::Object(
-                fields
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (name, v))| {
-                        let field = field_schemas
-                            .and_then(|f| f.get(i))
-                            .map_or(&AvroSchema::Null, |f| &f.schema);
-                        (name.clone(), avro_json(v, field, names))
-                    })
-                    .collect(),
-            )
-        }
-        Avro::Decimal(decimal) => {
-            let scale = match schema {
-                AvroSchema::Decimal(decimal) => decimal.scale,
-                _ => 0,
-            };
-            Json::from(decimal_text(
-                &num_bigint::BigInt::from(decimal.clone()),
-                scale,
-            ))
-        }
-        Avro::BigDecimal(decimal) => Json::from(decimal.to_string()),
-        Avro::Uuid(uuid) => Json::from(uuid.to_string()),
-        Avro::Date(days) => Json::from(date(i64::from(*days))),
-        Avro::TimeMillis(ms) => Json::from(time_of_day(i64::from(*ms) * 1_000_000, 3)),
-        Avro::TimeMicros(us) => Json::from(time_of_day(us.saturating_mul(1000), 6)),
-        Avro::TimestampMillis(t) => Json::from(timestamp(i128::from(*t) * 1_000_000, 3, "Z")),
-        Avro::TimestampMicros(t) => Json::from(timestamp(i128::from(*t) * 1000, 6, "Z")),
-        Avro::TimestampNanos(t) => Json::from(timestamp(i128::from(*t), 9, "Z")),
-        Avro::LocalTimestampMillis(t) => Json::from(timestamp(i128::from(*t) * 1_000_000, 3, "")),
-        Avro::LocalTimestampMicros(t) => Json::from(timestamp(i128::from(*t) * 1000, 6, "")),
-        Avro::LocalTimestampNanos(t) => Json::from(timestamp(i128::from(*t), 9, "")),
-        Avro::Duration(duration) => serde_json::json!({
-            "months": u32::from(duration.months()),
-            "days": u32::from(duration.days()),
-            "millis": u32::from(duration.millis()),
-        }),
     }
 }
 
@@ -584,9 +634,14 @@ mod tests {
         let bytes = apache_avro::to_avro_datum(&schema, value).expect("encodes");
         let decoded =
             apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None).expect("decodes");
-        let names = Names::of(&schema, &[]);
+        let names = AvroNames::of(&schema, &[]);
+        let json = AvroJson {
+            value: &decoded,
+            schema: &schema,
+            names: &names,
+        };
         assert_eq!(
-            avro_json(&decoded, &schema, &names),
+            serde_json::to_value(&json).expect("JSON"),
             serde_json::json!({
                 "id": "8f2d6a52-6f0e-4a57-9c39-0a4c2a8f1b3e",
                 "total": "-1234.50",
@@ -600,5 +655,121 @@ mod tests {
                 "next": {"sku": "b", "price": "-0.5"}
             })
         );
+    }
+
+    #[test]
+    fn avro_named_types_may_be_used_again_by_name() {
+        let schema = WriterSchema {
+            id: 9,
+            subject: None,
+            kind: SchemaKind::parse(
+                "AVRO",
+                r#"{"type": "record", "name": "Node", "fields": [
+                    {"name": "n", "type": "int"},
+                    {"name": "next", "type": ["null", "Node"]}
+                ]}"#,
+            )
+            .expect("parses"),
+        };
+        // n = 1, next = (branch 1) n = 2, next = (branch 0) null.
+        let field = decode_with(&schema, &[2, 2, 4, 0]).expect("decodes");
+        assert_eq!(field.json.get(), r#"{"n":1,"next":{"n":2,"next":null}}"#);
+    }
+
+    /// Schemas with every kind of Avro type (a recursive one too), Protobuf messages with
+    /// nesting, maps, enums, a oneof and a well-known type, and JSON Schema.
+    fn fuzzed_schemas() -> &'static [WriterSchema] {
+        static SCHEMAS: std::sync::LazyLock<Vec<WriterSchema>> = std::sync::LazyLock::new(|| {
+            let avro = r#"{"type": "record", "name": "Node", "fields": [
+                {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+                {"name": "total", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}},
+                {"name": "price", "type": {"type": "fixed", "name": "P", "size": 3, "logicalType": "decimal", "precision": 6, "scale": 1}},
+                {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+                {"name": "at", "type": {"type": "long", "logicalType": "timestamp-nanos"}},
+                {"name": "t", "type": {"type": "long", "logicalType": "time-micros"}},
+                {"name": "state", "type": {"type": "enum", "name": "S", "symbols": ["A", "B"]}},
+                {"name": "f", "type": "float"},
+                {"name": "tags", "type": {"type": "map", "values": ["null", "double", "bytes"]}},
+                {"name": "items", "type": {"type": "array", "items": "long"}},
+                {"name": "next", "type": ["null", "Node"]}
+            ]}"#;
+            let proto = r#"syntax = "proto3";
+                import "google/protobuf/timestamp.proto";
+                message Order {
+                  message Line { string sku = 1; sint64 qty = 2; bytes raw = 3; }
+                  enum State { NEW = 0; PAID = 1; }
+                  int64 id = 1; double total = 2; repeated Line lines = 3; State state = 4;
+                  map<string, fixed32> tags = 5; oneof pick { string a = 6; Line b = 7; }
+                  google.protobuf.Timestamp at = 8; optional bool paid = 9; Order child = 10;
+                }
+                message Other { repeated uint64 n = 1; }"#;
+            [
+                ("AVRO", avro),
+                ("PROTOBUF", proto),
+                ("JSON", r#"{"type": "object"}"#),
+                // What a length starts: the data first.
+                ("AVRO", r#""bytes""#),
+                ("AVRO", r#""string""#),
+                ("AVRO", r#"{"type": "array", "items": "long"}"#),
+                ("AVRO", r#"{"type": "map", "values": "int"}"#),
+            ]
+            .into_iter()
+            .zip(1..)
+            .map(|((kind, text), id)| WriterSchema {
+                id,
+                subject: None,
+                kind: SchemaKind::parse(kind, text).expect("the fuzzed schemas parse"),
+            })
+            .collect()
+        });
+        &SCHEMAS
+    }
+
+    /// Decodes `data` with `schema` and holds the outcome to a clear error or JSON on one
+    /// line.
+    fn decodes_or_refuses(schema: &WriterSchema, data: &[u8]) -> Result<(), TestCaseError> {
+        if let Ok(field) = decode_with(schema, data) {
+            let json = field.json.get();
+            prop_assert!(!json.contains(['\n', '\r']), "{json}");
+            prop_assert!(
+                serde_json::from_str::<serde_json::Value>(json).is_ok(),
+                "{json}"
+            );
+        }
+        Ok(())
+    }
+
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+
+    proptest! {
+        #[test]
+        fn fuzz_decode_with_bytes(
+            schema in 0..7_usize,
+            data in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            decodes_or_refuses(&fuzzed_schemas()[schema], &data)?;
+        }
+
+        /// Lengths and counts the data does not hold: a varint of up to 2^64 where bytes,
+        /// a string, an array or a map starts, or the message indexes' count.
+        #[test]
+        fn fuzz_decode_with_huge_lengths(
+            schema in prop_oneof![Just(1_usize), 3..7_usize],
+            prefix in proptest::collection::vec(any::<u8>(), 0..2),
+            // Mostly what apache-avro's own bound (2^29) lets through.
+            length in prop_oneof![any::<u64>(), (1_u64 << 20)..(1 << 31)],
+            rest in proptest::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let mut data = prefix;
+            let mut n = length;
+            while n >= 0x80 {
+                data.push(u8::try_from(n & 0x7f).unwrap_or(0) | 0x80);
+                n >>= 7;
+            }
+            data.push(u8::try_from(n).unwrap_or(0));
+            data.extend(rest);
+            decodes_or_refuses(&fuzzed_schemas()[schema], &data)?;
+        }
     }
 }

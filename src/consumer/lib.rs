@@ -169,7 +169,7 @@ struct MemberContext {
     group: String,
     fatal: mpsc::UnboundedSender<String>,
     in_flight: Arc<InFlight>,
-    assigned: tokio::sync::watch::Sender<bool>,
+    readiness: Readiness,
 }
 
 impl ClientContext for MemberContext {
@@ -242,10 +242,11 @@ impl ConsumerContext for MemberContext {
                     .map(|p| format!("{}/{}", p.topic(), p.partition()))
                     .collect();
                 tracing::info!(group = %self.group, partitions = %assigned.join(","), "partitions assigned");
-                self.assigned.send_replace(!assigned.is_empty());
+                self.readiness
+                    .send_replace((assigned.is_empty()).then_some(UNASSIGNED));
             }
             Rebalance::Revoke(partitions) => {
-                self.assigned.send_replace(false);
+                self.readiness.send_replace(Some(UNASSIGNED));
                 tracing::info!(group = %self.group, count = partitions.count(), "partitions revoked");
             }
             Rebalance::Error(error) => {
@@ -253,6 +254,25 @@ impl ConsumerContext for MemberContext {
             }
         }
     }
+}
+
+/// Why a member is not consuming, for a readiness probe of its process: `None` while it
+/// holds partitions and is not holding one back.
+pub type Readiness = tokio::sync::watch::Sender<Option<&'static str>>;
+
+/// Before the member holds partitions, and between a rebalance's revoke and assign.
+pub const UNASSIGNED: &str = "the consumer has not been assigned its partitions yet";
+
+/// While a record waits for the Schema Registry.
+pub const REGISTRY_DOWN: &str =
+    "the consumer is holding its partitions back: the schema registry does not answer";
+
+/// A readiness channel in its first state, [`UNASSIGNED`].
+pub fn readiness() -> (
+    Readiness,
+    tokio::sync::watch::Receiver<Option<&'static str>>,
+) {
+    tokio::sync::watch::channel(Some(UNASSIGNED))
 }
 
 /// The endpoints (and their retention) each topic of the group publishes to.
@@ -279,15 +299,17 @@ fn routes_by_topic(manifest: &Manifest, group: &ConsumerGroupConfig) -> Routes {
 }
 
 /// Runs one member of `group` until `shutdown` resolves; then commits what it published and
-/// leaves the group. `assigned` is true while the member holds partitions: from then on,
-/// a record produced to them is read (from the group's committed offsets, or from where
-/// `offset_reset` says), which is what a readiness probe of a consuming process waits for.
+/// leaves the group. `readiness` is `None` while the member holds partitions and holds none
+/// back: from then on, a record produced to them is read (from the group's committed
+/// offsets, or from where `offset_reset` says), which is what a readiness probe of a
+/// consuming process waits for. While a record waits for the Schema Registry it says
+/// [`REGISTRY_DOWN`].
 pub async fn run(
     manifest: &Manifest,
     group: &ConsumerGroupConfig,
     bus: &Bus,
     shutdown: impl Future<Output = ()>,
-    assigned: tokio::sync::watch::Sender<bool>,
+    readiness: Readiness,
 ) -> Result<(), ConsumerError> {
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let in_flight = Arc::new(InFlight::default());
@@ -295,7 +317,7 @@ pub async fn run(
         group: group.id.clone(),
         fatal: fatal_tx,
         in_flight: Arc::clone(&in_flight),
-        assigned,
+        readiness: readiness.clone(),
     };
     let offset_reset = match group.offset_reset {
         OffsetReset::Earliest => "earliest",
@@ -366,9 +388,15 @@ pub async fn run(
         if !routes.contains_key(message.topic()) {
             continue;
         }
-        let decoded = tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            outcome = decode(&mut decoder, &message) => outcome,
+        // At once, unless a schema must be fetched first: that alone waits (and may be
+        // cut short by the shutdown).
+        let decoded = match decoder.decode(message.topic(), message.key(), message.payload()) {
+            Outcome::Decoded(decoded) => Ok(decoded),
+            Outcome::Undecodable(undecodable) => Err(undecodable),
+            Outcome::Fetch(id) => tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                decoded = fetch_and_decode(&mut decoder, &message, id, &readiness) => decoded,
+            },
         };
         let decoded = match decoded {
             Ok(decoded) => decoded,
@@ -411,28 +439,43 @@ pub async fn run(
     outcome
 }
 
-/// Decodes a record by its topic's formats; while the registry is down, waits with the
-/// shared backoff and tries again, holding the record (and so its partition) back.
-async fn decode(
+/// Fetches the schema with `id` that `message` needs, then decodes it; while the registry
+/// is down, waits with the shared backoff and tries again, holding the record (and so its
+/// partition) back.
+async fn fetch_and_decode(
     decoder: &mut Decoder<'_>,
     message: &BorrowedMessage<'_>,
+    mut id: u32,
+    readiness: &Readiness,
 ) -> Result<Decoded, decode::Undecodable> {
-    // Made only when the registry is down: the common path is one lookup per record.
     let mut backoff = None;
     let mut down_since = None;
     loop {
-        match decoder
-            .decode(message.topic(), message.key(), message.payload())
-            .await
-        {
-            Outcome::Decoded(decoded) => {
+        match decoder.fetch(id).await {
+            Ok(()) => {
+                let decoded =
+                    match decoder.decode(message.topic(), message.key(), message.payload()) {
+                        // The key's schema is in; the value's is another.
+                        Outcome::Fetch(next) => {
+                            id = next;
+                            continue;
+                        }
+                        Outcome::Decoded(decoded) => Ok(decoded),
+                        Outcome::Undecodable(undecodable) => Err(undecodable),
+                    };
                 if let Some(since) = down_since {
+                    readiness.send_if_modified(|now| {
+                        let held = *now == Some(REGISTRY_DOWN);
+                        if held {
+                            *now = None;
+                        }
+                        held
+                    });
                     tracing::info!(topic = message.topic(), partition = message.partition(), offset = message.offset(), down_for = ?std::time::Instant::now().duration_since(since), "schema registry answers again; the partition moves on");
                 }
-                return Ok(decoded);
+                return decoded;
             }
-            Outcome::Undecodable(undecodable) => return Err(undecodable),
-            Outcome::RegistryDown(reason) => {
+            Err(reason) => {
                 let retry_in = backoff
                     .get_or_insert_with(|| {
                         Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
@@ -440,6 +483,14 @@ async fn decode(
                     .next_delay();
                 if down_since.is_none() {
                     down_since = Some(std::time::Instant::now());
+                    // Not over a revoke's UNASSIGNED: the member holds nothing then.
+                    readiness.send_if_modified(|now| {
+                        let assigned = now.is_none();
+                        if assigned {
+                            *now = Some(REGISTRY_DOWN);
+                        }
+                        assigned
+                    });
                     tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), %reason, ?retry_in, "schema registry unavailable; holding the partition at this record until it answers");
                 } else {
                     tracing::debug!(%reason, ?retry_in, "schema registry still unavailable");

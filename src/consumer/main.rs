@@ -43,14 +43,15 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let bus = fjord_bus::connect_redis(&manifest.redis)
         .await
         .context("connecting to redis")?;
-    // No probe asks whether this member holds partitions: it serves no HTTP.
-    let (assigned, _) = tokio::sync::watch::channel(false);
+    // No probe asks whether this member consumes: it serves no HTTP. A hold on the
+    // registry is in its log.
+    let (readiness, _) = fjord_consumer::readiness();
     fjord_consumer::run(
         &manifest,
         group,
         &bus,
         fjord_bus::process::shutdown_signal(),
-        assigned,
+        readiness,
     )
     .await?;
     Ok(())

@@ -47,11 +47,17 @@ pub struct WriterSchema {
 
 /// A schema by its type.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per schema id, kept in an Arc: their size does not matter"
+)]
 pub enum SchemaKind {
     /// Avro: the schema and the named schemas it references.
     Avro {
         schema: apache_avro::Schema,
         references: Vec<apache_avro::Schema>,
+        /// Their named types, for the decoder.
+        names: crate::decode::AvroNames,
     },
     /// Protobuf: the messages of the schema's own file, top level, in declaration order.
     Protobuf { messages: Vec<MessageDescriptor> },
@@ -166,10 +172,19 @@ impl Registry {
                 .map(|url| url.trim_end_matches('/').to_owned())
                 .collect(),
             authorization,
-            capacity: config.cache_schemas,
+            // A record may need two schemas at once, its key's and its value's.
+            capacity: config.cache_schemas.max(2),
             cache: HashMap::new(),
             order: VecDeque::new(),
         })
+    }
+
+    /// The schema with `id` if it is in the cache (`Err` if the registry refused it),
+    /// without asking the registry.
+    pub fn cached(&self, id: u32) -> Option<Result<Arc<WriterSchema>, String>> {
+        self.cache
+            .get(&id)
+            .map(|cached| cached.clone().map_err(|refused| refused.to_string()))
     }
 
     /// The schema with `id`, from the cache or else from the registry. A refusal is cached
@@ -365,7 +380,12 @@ fn parse(
                 references.iter().map(|(_, r)| r.schema.as_str()),
             )
             .map_err(|error| error.to_string())?;
-            Ok(SchemaKind::Avro { schema, references })
+            let names = crate::decode::AvroNames::of(&schema, &references);
+            Ok(SchemaKind::Avro {
+                schema,
+                references,
+                names,
+            })
         }
         SchemaType::Protobuf => parse_protobuf(&response.schema, references),
         SchemaType::Json => Ok(SchemaKind::Json {

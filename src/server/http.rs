@@ -34,11 +34,13 @@ fn get_or_head() -> impl Filter<Extract = (), Error = Rejection> + Copy {
 
 /// What `/readyz` says: the hub's readiness (the bus answers, the server is not draining),
 /// and, in a process that also consumes (`fjord dev`), that its consumer holds its
-/// partitions, so that a record produced once `/readyz` says 200 is not missed.
+/// partitions and is not holding one back, so that a record produced once `/readyz` says
+/// 200 is not missed.
 #[derive(Debug, Clone)]
 pub(crate) struct Readiness {
     pub(crate) hub: Arc<Hub>,
-    pub(crate) consumer_assigned: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Why the consumer is not consuming; `None` while it is.
+    pub(crate) consumer: Option<tokio::sync::watch::Receiver<Option<&'static str>>>,
 }
 
 impl Readiness {
@@ -46,14 +48,10 @@ impl Readiness {
     fn not_ready(&self) -> Option<&'static str> {
         if !self.hub.is_ready() {
             Some("the bus has not answered recently, or the server is draining")
-        } else if self
-            .consumer_assigned
-            .as_ref()
-            .is_some_and(|assigned| !*assigned.borrow())
-        {
-            Some("the consumer has not been assigned its partitions yet")
         } else {
-            None
+            self.consumer
+                .as_ref()
+                .and_then(|consumer| *consumer.borrow())
         }
     }
 }

@@ -64,17 +64,17 @@ pub enum ServerError {
 pub struct Bound {
     listener: TcpListener,
     auth: Authenticator,
-    consumer_assigned: Option<tokio::sync::watch::Receiver<bool>>,
+    consumer: Option<tokio::sync::watch::Receiver<Option<&'static str>>>,
 }
 
 impl Bound {
-    /// Makes `/readyz` wait, besides the bus, for a consumer of the same process to hold
-    /// its partitions (`fjord dev`): `assigned` is what the consumer's member sets.
-    pub fn ready_when_consumer_assigned(
+    /// Makes `/readyz` say, besides the bus, why a consumer of the same process is not
+    /// consuming (`fjord dev`): `consumer` is what its member sets, `None` while it is.
+    pub fn ready_while_consumer_consumes(
         mut self,
-        assigned: tokio::sync::watch::Receiver<bool>,
+        consumer: tokio::sync::watch::Receiver<Option<&'static str>>,
     ) -> Self {
-        self.consumer_assigned = Some(assigned);
+        self.consumer = Some(consumer);
         self
     }
 
@@ -96,7 +96,7 @@ pub async fn bind(manifest: &Manifest) -> Result<Bound, ServerError> {
     Ok(Bound {
         listener,
         auth,
-        consumer_assigned: None,
+        consumer: None,
     })
 }
 
@@ -143,7 +143,7 @@ impl Running {
         let Bound {
             listener,
             auth,
-            consumer_assigned,
+            consumer,
         } = bound;
         let reader = bus
             .reader(manifest.endpoints.keys().cloned().collect())
@@ -184,7 +184,7 @@ impl Running {
         });
         let readiness = Readiness {
             hub: Arc::clone(&hub),
-            consumer_assigned,
+            consumer,
         };
         let fallback = fallback(crate::http::routes(
             &readiness,

@@ -709,12 +709,22 @@ impl SseStream {
         }
     }
 
-    /// Reads until `count` record events arrived (skipping comments and the prelude).
+    /// Reads until `count` record events arrived (skipping comments and the prelude). Fails
+    /// when no record came for [`PATIENCE`], heartbeats or not: a stream that stays open
+    /// but delivers nothing must fail the test, not hang it.
     pub async fn records(&mut self, count: usize) -> Vec<SseEvent> {
         let mut records = Vec::with_capacity(count);
+        let mut last_record = Instant::now();
         while records.len() < count {
             match self.next().await {
-                Some(event) if event.data.is_some() => records.push(event),
+                Some(event) if event.data.is_some() => {
+                    records.push(event);
+                    last_record = Instant::now();
+                }
+                Some(_) if last_record.elapsed() > PATIENCE => panic!(
+                    "only heartbeats for {PATIENCE:?} after {} of {count} records",
+                    records.len()
+                ),
                 Some(_) => {}
                 None => panic!("stream ended after {} of {count} records", records.len()),
             }

@@ -14,6 +14,9 @@ the records in order to partition 0 and prints their offsets as a JSON array. A 
                 REST, the wire format written here (the serializer registers descriptors only)
   json_schema   "schema": JSON Schema text, "subject" (optional): JSONSerializer
   raw           "hex": the value's bytes, as they are
+
+A record's key is "key" (text), or "key_avro": {"schema", "value"}, written by AvroSerializer
+under the topic's key subject.
 """
 import decimal
 import json
@@ -133,7 +136,13 @@ def main():
         else:
             raise SystemExit(f"unknown format {kind}")
         key = record.get("key")
-        producer.produce(topic, value=value, key=key.encode() if key is not None else None,
+        if key is not None:
+            key = key.encode()
+        elif "key_avro" in record:
+            key_ctx = SerializationContext(topic, MessageField.KEY)
+            key = AvroSerializer(registry, record["key_avro"]["schema"])(
+                avro_value(record["key_avro"]["value"]), key_ctx)
+        producer.produce(topic, value=value, key=key,
                          partition=0, on_delivery=delivered(index))
         producer.poll(0)
     if producer.flush(60) != 0:

@@ -5,7 +5,8 @@
 //! talking to Redis directly (0 ms) or through a [`DelayProxy`]. The rate is taken from the
 //! stream itself — the ids of its first and last entries are Redis's clock when each was
 //! appended — while a direct connection polls the stream's length to see the end, and the
-//! consumer's and Redis's CPU time over that span are read alongside.
+//! consumer's and Redis's CPU time over that span are read alongside. The values are JSON,
+//! or Avro, Protobuf or JSON Schema records that the consumer decodes ([`Values`]).
 
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::time::{Duration, Instant};
@@ -17,7 +18,10 @@ use redis::streams::StreamRangeReply;
 
 use super::delay::{DelayProxy, round_trips};
 use super::outcome::{IngestRun, Outcome};
-use super::scenario::{Env, Scenario, create_topic, free_port, manifest, server_command, unique};
+use super::scenario::{
+    Env, Scenario, ValueFormat, create_topic, free_port, manifest, server_command, unique,
+};
+use super::values::Values;
 use super::{cpu_ticks, now_us, ticks_per_second};
 use fjord_bus::StreamId;
 use fjord_bus::redis::stream_key;
@@ -45,8 +49,14 @@ pub(crate) async fn run(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcom
     let redis = redis_address(&env.redis)?;
     let topic = unique("bench-ingest");
     create_topic(&env.kafka, &topic, 1).await?;
+    let values = Values::new(
+        scenario.value_format,
+        env.schema_registry.as_deref(),
+        &topic,
+    )
+    .await?;
     let filled = Instant::now();
-    prefill(&env.kafka, &topic, scenario.records)
+    prefill(&env.kafka, &topic, scenario.records, &values)
         .await
         .with_context(|| format!("filling topic {topic}"))?;
     tracing::info!(%topic, records = scenario.records, secs = filled.elapsed().as_secs_f64(), "topic filled");
@@ -108,7 +118,14 @@ async fn run_one(
             .context("timing a PING to Redis")?;
 
     let prefix = unique("bench-ingest");
-    let manifest_text = manifest(env, scenario, &url, free_port()?, &prefix, topic);
+    let mut manifest_text = manifest(env, scenario, &url, free_port()?, &prefix, topic);
+    if scenario.value_format != ValueFormat::Json {
+        let mut json: serde_json::Value = serde_json::from_str(&manifest_text)?;
+        let format = serde_json::to_value(scenario.value_format)?;
+        json["topics"] = serde_json::json!({topic: {"value_format": format}});
+        json["schema_registry"] = serde_json::json!({"urls": [env.schema_registry]});
+        manifest_text = json.to_string();
+    }
     let manifest = Manifest::parse(&manifest_text)?;
     let endpoint = manifest
         .endpoints
@@ -329,9 +346,9 @@ async fn forget(redis: &mut ConnectionManager, prefix: &str) {
     }
 }
 
-/// Produces `records` small JSON records to `topic` as fast as the producer batches them,
-/// and waits until Kafka has them all.
-async fn prefill(brokers: &str, topic: &str, records: u64) -> anyhow::Result<()> {
+/// Produces `records` small records (order lines, in the scenario's format) to `topic` as
+/// fast as the producer batches them, and waits until Kafka has them all.
+async fn prefill(brokers: &str, topic: &str, records: u64, values: &Values) -> anyhow::Result<()> {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -342,7 +359,7 @@ async fn prefill(brokers: &str, topic: &str, records: u64) -> anyhow::Result<()>
     let mut deliveries = Vec::new();
     for record in 0..records {
         let key = format!("k{}", record % KEYS);
-        let value = format!(r#"{{"seq":{record},"ts":{}}}"#, now_us());
+        let value = values.value(record, now_us())?;
         let delivery = producer
             .send_result(FutureRecord::to(topic).key(&key).payload(&value))
             .map_err(|(error, _)| anyhow::anyhow!("produce: {error}"))?;

@@ -22,6 +22,7 @@ mod report;
 mod scenario;
 mod shards;
 mod sweep;
+mod values;
 mod worker;
 
 use std::path::PathBuf;
@@ -109,6 +110,10 @@ pub enum BenchCommand {
         /// Ingest: round trips to Redis in milliseconds, comma-separated (0: Redis straight).
         #[arg(long, value_delimiter = ',')]
         rtt_ms: Vec<f64>,
+        /// Ingest: the values' format; all but json are registered in the Schema Registry
+        /// (--schema-registry) and decoded by the consumer.
+        #[arg(long, value_enum)]
+        value_format: Option<scenario::ValueFormat>,
         #[command(flatten)]
         services: Services,
     },
@@ -151,6 +156,10 @@ pub struct Services {
     /// The directory holding `fjord-server` and `fjord-consumer` (default: beside this binary).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// The Schema Registry (its Confluent API) for the ingest scenario's Avro, Protobuf and
+    /// JSON Schema values.
+    #[arg(long, env = "FJORD_TEST_SCHEMA_REGISTRY_URL")]
+    pub schema_registry: Option<String>,
 }
 
 /// Runs a `fjord bench` subcommand.
@@ -213,6 +222,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             client_queue,
             records,
             rtt_ms,
+            value_format,
             services,
         } => {
             let env = Env::new(&services)?;
@@ -241,6 +251,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             }
             if !rtt_ms.is_empty() {
                 chosen.rtt_ms = rtt_ms;
+            }
+            if let Some(format) = value_format {
+                chosen.value_format = format;
             }
             let outcome = run_scenario(&env, &chosen).await?;
             #[allow(clippy::print_stdout, reason = "the outcome is the command's output")]

@@ -85,6 +85,26 @@ pub struct Scenario {
     /// Round trips to Redis to ingest at, in milliseconds; 0 is Redis straight (ingest).
     #[serde(default)]
     pub rtt_ms: Vec<f64>,
+    /// How the backlog's values are written, and so decoded (ingest).
+    #[serde(default)]
+    pub value_format: ValueFormat,
+}
+
+/// The ingest backlog's value format: plain JSON, or the Confluent wire format with a
+/// schema registered in the Schema Registry, which the consumer then decodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueFormat {
+    /// An order line as JSON (`seq`, `ts`, `sku`, `qty`, `price`, `paid`), read with
+    /// format `auto`.
+    #[default]
+    Json,
+    /// The same fields in Avro, read with format `avro`.
+    Avro,
+    /// The same fields in Protobuf, read with format `protobuf`.
+    Protobuf,
+    /// The same JSON behind the wire format's header, read with format `json_schema`.
+    JsonSchema,
 }
 
 impl Scenario {
@@ -104,6 +124,7 @@ impl Scenario {
             pinned: false,
             records: 0,
             rtt_ms: Vec::new(),
+            value_format: ValueFormat::Json,
         };
         let full = match name {
             "idle" => Self {
@@ -258,6 +279,8 @@ pub(crate) struct Env {
     pub(super) kafka: String,
     bin_dir: PathBuf,
     pub(super) me: PathBuf,
+    /// The Schema Registry's URL, when one is given.
+    pub(super) schema_registry: Option<String>,
 }
 
 impl Env {
@@ -283,6 +306,7 @@ impl Env {
             kafka: services.kafka.clone(),
             bin_dir,
             me,
+            schema_registry: services.schema_registry.clone(),
         })
     }
 
@@ -300,6 +324,7 @@ impl Env {
             kafka: "127.0.0.1:9092".into(),
             bin_dir,
             me,
+            schema_registry: None,
         })
     }
 }

@@ -409,10 +409,10 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         }
         None => Bus::Memory(fjord_bus::memory::MemoryBus::new()),
     };
-    let (assigned_tx, assigned_rx) = tokio::sync::watch::channel(false);
+    let (readiness, consuming) = fjord_consumer::readiness();
     let bound = fjord_server::bind(&manifest)
         .await?
-        .ready_when_consumer_assigned(assigned_rx);
+        .ready_while_consumer_consumes(consuming);
     let address = bound.local_addr().map_err(|source| ServerError::Bind {
         address: std::net::SocketAddr::new(options.host, options.port),
         source,
@@ -434,9 +434,9 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
     let group = manifest.consumer_groups[0].clone();
     let consumer = {
         let (manifest, bus, stop) = (manifest.clone(), bus.clone(), stopped(stop_rx.clone()));
-        tokio::spawn(async move {
-            fjord_consumer::run(&manifest, &group, &bus, stop, assigned_tx).await
-        })
+        tokio::spawn(
+            async move { fjord_consumer::run(&manifest, &group, &bus, stop, readiness).await },
+        )
     };
     let producer = options.demo_producer.then(|| {
         let (manifest, stop) = (manifest.clone(), stopped(stop_rx.clone()));
