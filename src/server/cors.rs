@@ -11,7 +11,7 @@ use warp::Reply;
 use warp::reply::Response;
 
 use crate::metrics::Metrics;
-use crate::process::LogThrottle;
+use fjord_bus::process::LogThrottle;
 
 /// The origins whose pages may read streams. `*` lets any page read them, without
 /// credentials; listed origins are echoed, and allowed credentials when the token may come

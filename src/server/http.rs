@@ -10,8 +10,8 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::config::ServerConfig;
 use crate::hub::Hub;
+use fjord_config::ServerConfig;
 
 use crate::cors::{AllowOrigin, Cors};
 use crate::request::ApiError;

@@ -55,12 +55,4 @@ mod serve;
 #[doc(hidden)]
 pub mod sse;
 
-// The shared crates under the names this crate's modules use (`crate::bus::Bus`,
-// `crate::config::Manifest`): imported, not re-exported.
-use fjord_bus as bus;
-#[cfg(test)]
-use fjord_bus::envelope;
-use fjord_bus::{backoff, clock, process};
-use fjord_config as config;
-
 pub use serve::{Bound, DRAIN_GRACE, ServerError, StaticFile, bind, serve};

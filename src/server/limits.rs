@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::config::ServerConfig;
 use crate::metrics::Metrics;
-use crate::process::LogThrottle;
+use fjord_bus::process::LogThrottle;
+use fjord_config::ServerConfig;
 
 /// Descriptors no client socket may take: the bus's connections, listeners, the runtime's
 /// own, key fetches, logs.

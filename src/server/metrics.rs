@@ -214,7 +214,7 @@ impl EmfTarget {
         let mut ticker = tokio::time::interval(interval);
         loop {
             ticker.tick().await;
-            let now = crate::clock::now_ms();
+            let now = fjord_bus::clock::now_ms();
             println!("{}", self.line(metrics.open_connections.load(Relaxed), now));
         }
     }

@@ -7,8 +7,8 @@ use std::collections::VecDeque;
 
 use futures_util::stream::{self, BoxStream, StreamExt};
 
-use crate::bus::{Bus, BusEntry, BusError, StreamId};
-use crate::config::EndpointName;
+use fjord_bus::{Bus, BusEntry, BusError, StreamId};
+use fjord_config::EndpointName;
 
 /// Most entries fetched per bus round trip.
 const PAGE: usize = 512;
@@ -140,7 +140,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::bus::{EntryKind, WireJson};
+    use fjord_bus::{EntryKind, WireJson};
 
     fn entries(sizes: &[usize]) -> Vec<BusEntry> {
         sizes

@@ -228,7 +228,7 @@ pub(crate) fn parse_stream_request(
         .transpose()
         .map_err(|error| ApiError::bad_last_event_id(error.to_string()))?;
     if let Some(resume) = &resume {
-        refuse_ids_from_the_future(resume, crate::clock::now_ms())?;
+        refuse_ids_from_the_future(resume, fjord_bus::clock::now_ms())?;
     }
     Ok(StreamRequest {
         interest: Interest { endpoints, keys },
@@ -438,9 +438,9 @@ fn client_address(peer: IpAddr, headers: &HeaderMap, trust_forwarded_for: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::memory::MemoryBus;
-    use crate::bus::{Bus, StreamId};
-    use crate::config::{EndpointName, ServerConfig, StartPosition};
+    use fjord_bus::memory::MemoryBus;
+    use fjord_bus::{Bus, StreamId};
+    use fjord_config::{EndpointName, ServerConfig, StartPosition};
 
     fn hub() -> Hub {
         let endpoints = ["drivers", "orders"]

@@ -15,10 +15,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::auth::Authenticator;
-use crate::backoff::Backoff;
-use crate::bus::{Bus, BusError};
-use crate::config::ManifestError;
-use crate::config::{AuthConfig, Manifest, MetricsListener};
 use crate::connection::{self, Fallback, Prefixed};
 use crate::cors::Cors;
 use crate::http::Readiness;
@@ -26,8 +22,12 @@ pub use crate::http::StaticFile;
 use crate::hub::Hub;
 use crate::limits::Limits;
 use crate::metrics::{EmfTarget, Metrics};
-use crate::process::LogThrottle;
 use crate::request::Admission;
+use fjord_bus::backoff::Backoff;
+use fjord_bus::process::LogThrottle;
+use fjord_bus::{Bus, BusError};
+use fjord_config::ManifestError;
+use fjord_config::{AuthConfig, Manifest, MetricsListener};
 
 /// How long a draining server waits for its connections to close; below ECS's 30 s
 /// default stop timeout.

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::bus::{Problem, SkipReason, SkippedRecords, StreamId};
+use fjord_bus::{Problem, SkipReason, SkippedRecords, StreamId};
 
 /// A heartbeat: a comment line, ignored by clients, that keeps proxies from closing the
 /// connection as idle.
@@ -145,7 +145,7 @@ pub struct ResumeId(pub Vec<StreamId>);
 pub enum BadResumeId {
     /// Not of the form.
     #[error("last event id is malformed: {0}")]
-    Malformed(crate::bus::BadStreamId),
+    Malformed(fjord_bus::BadStreamId),
     /// An id of a connection with another number of endpoints.
     #[error("last event id has {found} positions, but this stream has {expected} endpoints")]
     WrongLength {

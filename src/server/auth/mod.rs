@@ -16,8 +16,8 @@ use std::sync::Arc;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
-use crate::config::{AuthConfig, JwtAlgorithm, JwtConfig, ManifestError};
 pub use crate::keys::KeySet;
+use fjord_config::{AuthConfig, JwtAlgorithm, JwtConfig, ManifestError};
 pub(crate) use token::{TokenSources, find_token};
 
 /// Why a request's token was refused (401).
@@ -531,7 +531,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::config::PublicKeyConfig;
+    use fjord_config::PublicKeyConfig;
 
     /// An HS256 secret of the shortest accepted length.
     const SHARED_SECRET: &[u8; MIN_HS256_SECRET_BYTES] = b"the real shared secret, 32 bytes";
@@ -556,7 +556,7 @@ mod tests {
     }
 
     fn now() -> u64 {
-        crate::clock::now_secs()
+        fjord_bus::clock::now_secs()
     }
 
     fn config(public_pem: &str, algorithms: Vec<JwtAlgorithm>) -> AuthConfig {

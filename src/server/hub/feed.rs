@@ -15,13 +15,13 @@ use tokio::time::Instant;
 
 use super::Hub;
 use super::outlet::{ClientQueue, Frame, QueuedEvent};
-use crate::backoff::Backoff;
-use crate::bus::{BusEntry, BusReader, EntryKind, Receivers, SkipReason};
-use crate::clock::now_ms;
 use crate::keys::ClientId;
-use crate::process::LogThrottle;
 use crate::queue::PushError;
 use crate::sse::{self, RenderedEvent};
+use fjord_bus::backoff::Backoff;
+use fjord_bus::clock::now_ms;
+use fjord_bus::process::LogThrottle;
+use fjord_bus::{BusEntry, BusReader, EntryKind, Receivers, SkipReason};
 
 /// Most receivers of an event that the hub writes to itself, about 10 ms of system calls.
 const MAX_DIRECT_WRITES: usize = 1_000;
@@ -163,9 +163,9 @@ mod tests {
     use super::super::testing::{
         entry, hub, hub_on_memory_bus, keyed, live, name, next_text, offsets, publish, read_text,
     };
-    use crate::bus::{Bus, SkipReason, SkippedRecords};
-    use crate::config::{Retention, StartPosition};
     use crate::sse::ResumeId;
+    use fjord_bus::{Bus, SkipReason, SkippedRecords};
+    use fjord_config::{Retention, StartPosition};
 
     #[tokio::test]
     async fn events_reach_matching_connections_once() {

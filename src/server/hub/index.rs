@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::outlet::{ClientQueue, Frame};
-use crate::bus::StreamId;
 use crate::keys::{ClientId, KeyBudgetReached, KeyIndex, KeySet};
 use crate::metrics::Metrics;
+use fjord_bus::StreamId;
 
 /// The connections of one endpoint that take every record, and where its live stream is.
 #[derive(Debug, Default)]
@@ -306,11 +306,11 @@ mod tests {
     use super::super::testing::{
         entry, hub, hub_on_memory_bus, live, name, next_text, publish_envelope, read_text,
     };
-    use crate::bus::StreamId;
-    use crate::config::{Retention, StartPosition};
-    use crate::envelope::Envelope;
     use crate::hub::{Hub, Subscription};
     use crate::sse::ResumeId;
+    use fjord_bus::StreamId;
+    use fjord_bus::envelope::Envelope;
+    use fjord_config::{Retention, StartPosition};
 
     #[tokio::test]
     async fn a_subscriber_starts_after_the_last_dispatched_entry() {
@@ -335,7 +335,7 @@ mod tests {
         let endpoints = [(name("orders"), Retention::default())];
         for (offset, key) in [(0, binary), (1, text)] {
             let envelope = Envelope::encode(
-                crate::envelope::RecordParts {
+                fjord_bus::envelope::RecordParts {
                     topic: "orders",
                     partition: 0,
                     offset,

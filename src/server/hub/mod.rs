@@ -33,14 +33,14 @@ pub use self::outlet::{DirectWrite, WrittenNow};
 use self::outlet::{Frame, Outlet};
 use self::subscription::{HubHandle, Start};
 pub use self::subscription::{Outgoing, Subscription};
-use crate::bus::{Bus, BusEntry, StreamId};
-use crate::clock::now_ms;
-use crate::config::{EndpointName, ServerConfig, StartPosition};
 use crate::keys::{ClientId, KeyBudgetReached, KeySet};
 use crate::metrics::Metrics;
 use crate::queue::PushError;
 use crate::replay::{ReplayRange, replay};
 use crate::sse::{self, RenderedEvent, ResumeId};
+use fjord_bus::clock::now_ms;
+use fjord_bus::{Bus, BusEntry, StreamId};
+use fjord_config::{EndpointName, ServerConfig, StartPosition};
 
 /// The bus counts as unreachable when no read succeeded for this long.
 const READY_WINDOW_MS: u64 = 5_000;
@@ -312,7 +312,7 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::testing::{entry, hub, hub_on_memory_bus, live, next_text, publish, read_offsets};
-    use crate::config::{Retention, StartPosition};
+    use fjord_config::{Retention, StartPosition};
 
     #[tokio::test]
     async fn drain_says_shutdown_and_ends_streams() {

@@ -45,9 +45,9 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::bus::StreamId;
 use crate::queue::{Delivery, PushError, Queue};
 use crate::sse::RenderedEvent;
+use fjord_bus::StreamId;
 
 /// A connection's outlet, shared by the hub's index (which pushes) and its subscription
 /// (which takes).

@@ -16,12 +16,12 @@ use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::time::Instant;
 
 use super::outlet::{ClientQueue, DirectWrite, Frame};
-use crate::bus::{BusEntry, BusError, Receivers, StreamId};
 use crate::keys::{ClientId, KeySet};
 use crate::metrics::Metrics;
-use crate::process::LogThrottle;
 use crate::replay::ReplayItem;
 use crate::sse::{self, RenderedEvent, ResumeId};
+use fjord_bus::process::LogThrottle;
+use fjord_bus::{BusEntry, BusError, Receivers, StreamId};
 
 /// Most frames written to a connection in one write.
 const MAX_COALESCED_FRAMES: usize = 64;
@@ -418,11 +418,11 @@ mod tests {
         publish_padded, read_offsets, read_text,
     };
     use super::REPLAY_CHUNK_BYTES;
-    use crate::bus::memory::MemoryBus;
-    use crate::bus::{Bus, StreamId};
-    use crate::config::{Retention, ServerConfig, StartPosition};
     use crate::hub::Hub;
     use crate::sse::ResumeId;
+    use fjord_bus::memory::MemoryBus;
+    use fjord_bus::{Bus, StreamId};
+    use fjord_config::{Retention, ServerConfig, StartPosition};
 
     #[tokio::test]
     async fn several_endpoints_carry_a_position_for_each() {

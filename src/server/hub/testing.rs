@@ -9,11 +9,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use super::{Hub, Interest, Outgoing, Subscription};
-use crate::bus::memory::MemoryBus;
-use crate::bus::{Bus, BusEntry, BusReader, EntryKind, Publication, StreamId, WireJson};
-use crate::config::{EndpointName, Retention, ServerConfig, StartPosition};
-use crate::envelope::Envelope;
 use crate::keys::KeySet;
+use fjord_bus::envelope::Envelope;
+use fjord_bus::memory::MemoryBus;
+use fjord_bus::{Bus, BusEntry, BusReader, EntryKind, Publication, StreamId, WireJson};
+use fjord_config::{EndpointName, Retention, ServerConfig, StartPosition};
 
 pub(super) fn name(name: &str) -> EndpointName {
     EndpointName::try_from(name.to_owned()).expect("valid")
