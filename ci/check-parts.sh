@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Each part of the workspace links only what it needs (issues 15 and 23): the server neither
 # librdkafka nor the CLI's load generator; the consumer neither the CLI nor the web stack
-# (warp, JWT, an HTTP server), only the bus it shares with the server; the bus none of the
-# web stack; and the deploy tool only the manifest's types. Reads cargo's dependency graph, so it
-# builds nothing; `ci/test.sh` also checks the built fjord-server for librdkafka's symbols.
+# (warp, JWT, hyper, server or client half: its registry client is ureq), only the bus it
+# shares with the server; the bus none of the web stack; and the deploy tool only the
+# manifest's types. Reads cargo's dependency graph, so it builds nothing; `ci/test.sh` also
+# checks the built fjord-server for librdkafka's symbols.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 status=0
-# tree PACKAGE EDGES: the crates (with `-e normal,features`, also "crate feature" lines) in
-# PACKAGE's normal (non-dev) dependencies, resolved as when PACKAGE is built alone.
+# tree PACKAGE: the crates in PACKAGE's normal (non-dev) dependencies, resolved as when
+# PACKAGE is built alone.
 tree() {
-  cargo tree --locked -p "$1" -e "$2" --prefix none | sed 's/ (.*//' | sort -u
+  cargo tree --locked -p "$1" -e normal --prefix none | sed 's/ (.*//' | sort -u
 }
 
 # forbid PACKAGE CRATE...: fails when PACKAGE's normal (non-dev) dependencies hold a CRATE.
@@ -20,7 +21,7 @@ forbid() {
   shift
   local pattern found
   pattern=$(IFS='|' && echo "$*")
-  found=$(tree "$package" normal | grep -E "^($pattern) v" || true)
+  found=$(tree "$package" | grep -E "^($pattern) v" || true)
   if [ -n "$found" ]; then
     echo "$package must not depend on: $(echo "$found" | tr '\n' ' ')" >&2
     status=1
@@ -29,22 +30,9 @@ forbid() {
   fi
 }
 
-# forbid_feature PACKAGE CRATE FEATURE: fails when PACKAGE's dependencies build CRATE with
-# FEATURE.
-forbid_feature() {
-  if tree "$1" normal,features | grep -qx "$2 feature \"$3\""; then
-    echo "$1 must not build $2 with its \"$3\" feature" >&2
-    status=1
-  else
-    echo "$1: no $2 with \"$3\""
-  fi
-}
-
 forbid fjord-server rdkafka rdkafka-sys fjord-consumer fjord tempfile
 forbid fjord-bus fjord-server warp hyper jsonwebtoken reqwest rdkafka
-forbid fjord-consumer fjord-server fjord warp jsonwebtoken tempfile
-# The consumer's schema registry client (reqwest) brings hyper's client half; never its server.
-forbid_feature fjord-consumer hyper server
+forbid fjord-consumer fjord-server fjord warp hyper jsonwebtoken reqwest tempfile
 forbid fjord-config fjord-bus fjord-server warp hyper redis rdkafka jsonwebtoken reqwest tokio
 forbid fjord-deploy fjord-bus fjord-server warp rdkafka rdkafka-sys jsonwebtoken redis
 exit "$status"

@@ -4,6 +4,9 @@
 //! `cache_schemas`, refusals included, so the registry is asked once per id. A registry that
 //! does not answer, or answers 5xx, is [`FetchError::Down`]: the caller waits with the shared
 //! backoff and asks again, and the record waits with it.
+//!
+//! The HTTP client is ureq's blocking one, run on tokio's blocking pool: a request happens
+//! once per schema id, and ureq brings no hyper into the consumer (issue 23).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -17,6 +20,10 @@ use serde::Deserialize;
 
 /// How long one request may take before the registry counts as down.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest answer read from the registry: a schema is kilobytes, so a bigger answer is
+/// refused rather than held in memory.
+const MAX_ANSWER_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Most schemas one schema may reference, through its references' references: a bound on
 /// a cycle or a very deep chain.
@@ -133,9 +140,9 @@ struct SubjectVersion {
 /// The registry's schemas, fetched once per id.
 #[derive(Debug)]
 pub struct Registry {
-    client: reqwest::Client,
-    urls: Vec<String>,
-    authorization: Option<String>,
+    client: ureq::Agent,
+    urls: Arc<[String]>,
+    authorization: Option<Arc<str>>,
     capacity: usize,
     cache: HashMap<u32, Result<Arc<WriterSchema>, FetchError>>,
     /// Ids in the order they were cached: the oldest goes first when the cache is full.
@@ -158,19 +165,23 @@ impl Registry {
             Some(RegistryAuth::Bearer { token_env }) => {
                 Some(format!("Bearer {}", token_env.read()?))
             }
-        };
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls_config(config)?)
-            .timeout(REQUEST_TIMEOUT)
+        }
+        .map(Arc::from);
+        let client = ureq::Agent::config_builder()
+            .tls_config(tls_config(config)?)
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            // Statuses are sorted below: 5xx and 429 are "down", the rest "refused".
+            .http_status_as_error(false)
             .build()
-            .map_err(|error| invalid("$.schema_registry", error.to_string()))?;
+            .into();
         Ok(Self {
             client,
             urls: config
                 .urls
                 .iter()
                 .map(|url| url.trim_end_matches('/').to_owned())
-                .collect(),
+                .collect::<Vec<_>>()
+                .into(),
             authorization,
             // A record may need two schemas at once, its key's and its value's.
             capacity: config.cache_schemas.max(2),
@@ -280,48 +291,74 @@ impl Registry {
         Ok(())
     }
 
-    /// `GET` of `path` from the first URL that answers.
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, FetchError> {
-        let mut down = String::new();
-        for base in &self.urls {
-            let mut request = self.client.get(format!("{base}{path}")).header(
-                "Accept",
-                "application/vnd.schemaregistry.v1+json, application/json",
-            );
-            if let Some(authorization) = &self.authorization {
-                request = request.header("Authorization", authorization);
-            }
-            let response = match request.send().await {
-                Ok(response) => response,
-                Err(error) => {
-                    // The URL may carry no secret, but the error's chain says what failed.
-                    down = format!("{base}: {}", error.without_url());
-                    continue;
-                }
-            };
-            let status = response.status();
-            if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                down = format!("{base}{path}: HTTP {status}");
+    /// `GET` of `path` from the first URL that answers, on the blocking pool.
+    async fn get<T>(&self, path: &str) -> Result<T, FetchError>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        let client = self.client.clone();
+        let urls = Arc::clone(&self.urls);
+        let authorization = self.authorization.clone();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || get(&client, &urls, authorization.as_deref(), &path))
+            .await
+            .unwrap_or_else(|error| Err(FetchError::Down(error.to_string())))
+    }
+}
+
+/// [`Registry::get`]'s blocking half.
+fn get<T: serde::de::DeserializeOwned>(
+    client: &ureq::Agent,
+    urls: &[String],
+    authorization: Option<&str>,
+    path: &str,
+) -> Result<T, FetchError> {
+    let mut down = String::new();
+    for base in urls {
+        let mut request = client.get(format!("{base}{path}")).header(
+            "Accept",
+            "application/vnd.schemaregistry.v1+json, application/json",
+        );
+        if let Some(authorization) = authorization {
+            request = request.header("Authorization", authorization);
+        }
+        let mut response = match request.call() {
+            Ok(response) => response,
+            Err(error) => {
+                // ureq's errors name no URL; the base (which carries no secret) says which.
+                down = format!("{base}: {error}");
                 continue;
             }
-            if !status.is_success() {
-                return Err(FetchError::Refused(format!(
-                    "the registry answered {path} with HTTP {status}"
-                )));
-            }
-            return match response.json::<T>().await {
-                Ok(body) => Ok(body),
-                Err(error) if error.is_decode() => Err(FetchError::Refused(format!(
-                    "the registry's answer to {path} is not what the Confluent API returns: {error}"
-                ))),
-                Err(error) => {
-                    down = format!("{base}: {}", error.without_url());
-                    continue;
-                }
-            };
+        };
+        let status = response.status();
+        if status.is_server_error() || status == ureq::http::StatusCode::TOO_MANY_REQUESTS {
+            down = format!("{base}{path}: HTTP {status}");
+            continue;
         }
-        Err(FetchError::Down(down))
+        if !status.is_success() {
+            return Err(FetchError::Refused(format!(
+                "the registry answered {path} with HTTP {status}"
+            )));
+        }
+        return match response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_json::<T>()
+        {
+            Ok(body) => Ok(body),
+            Err(error @ (ureq::Error::Json(_) | ureq::Error::BodyExceedsLimit(_))) => {
+                Err(FetchError::Refused(format!(
+                    "the registry's answer to {path} is not what the Confluent API returns: {error}"
+                )))
+            }
+            Err(error) => {
+                down = format!("{base}: {error}");
+                continue;
+            }
+        };
     }
+    Err(FetchError::Down(down))
 }
 
 fn invalid(path: &str, message: String) -> ManifestError {
@@ -332,9 +369,9 @@ fn invalid(path: &str, message: String) -> ManifestError {
     }
 }
 
-/// rustls with the system's roots, or the manifest's CA instead.
-fn tls_config(config: &SchemaRegistryConfig) -> Result<rustls::ClientConfig, ManifestError> {
-    let mut roots = rustls::RootCertStore::empty();
+/// TLS over rustls and ring with the system's roots, or the manifest's CA instead.
+fn tls_config(config: &SchemaRegistryConfig) -> Result<ureq::tls::TlsConfig, ManifestError> {
+    let mut roots = Vec::new();
     let pem = match (&config.ca_file, &config.ca_pem) {
         (Some(file), _) => Some(std::fs::read(file).map_err(|error| {
             invalid(
@@ -348,24 +385,35 @@ fn tls_config(config: &SchemaRegistryConfig) -> Result<rustls::ClientConfig, Man
     match pem {
         Some(pem) => {
             use rustls::pki_types::pem::PemObject as _;
+            // A CA that is not one fails here, at start, rather than at the first fetch.
+            let mut check = rustls::RootCertStore::empty();
             for certificate in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-                let added = certificate
+                let der = certificate
                     .map_err(|error| error.to_string())
-                    .and_then(|der| roots.add(der).map_err(|error| error.to_string()));
-                added.map_err(|error| invalid("$.schema_registry", format!("the CA: {error}")))?;
+                    .and_then(|der| {
+                        check
+                            .add(der.clone())
+                            .map(|()| der)
+                            .map_err(|error| error.to_string())
+                    })
+                    .map_err(|error| invalid("$.schema_registry", format!("the CA: {error}")))?;
+                roots.push(ureq::tls::Certificate::from_der(&der).to_owned());
             }
         }
         None => {
             let native = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(native.certs);
+            roots.extend(
+                native
+                    .certs
+                    .iter()
+                    .map(|der| ureq::tls::Certificate::from_der(der).to_owned()),
+            );
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|error| invalid("$.schema_registry", error.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .build())
 }
 
 /// Parses a schema of any type with its references (name, schema), fetched beforehand.
@@ -539,6 +587,30 @@ mod tests {
         registry.schema(1).await.expect("schema 1 again");
         assert_eq!(fetched.load(Ordering::SeqCst), 4);
         assert!(registry.cache.len() <= 2);
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_end_is_refused_once_it_passes_the_bound() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        tokio::spawn(async move {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = socket.read(&mut [0; 4096]).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+            let _ = socket.write_all(head.as_bytes()).await;
+            // JSON whitespace, in chunks, until the client hangs up.
+            let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+            while socket.write_all(chunk.as_bytes()).await.is_ok() {}
+        });
+        let mut registry = Registry::new(&config(&url, 10)).expect("client");
+        match registry.schema(1).await {
+            Err(FetchError::Refused(message)) => assert!(message.contains("/schemas/ids/1")),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[tokio::test]
