@@ -62,12 +62,15 @@ cargo test --locked "$@"
 # The integration tests are one binary whose modules run side by side; the few that stop or
 # restart a shared service are #[ignore]d there and run here, alone.
 step "the fault tests that stop Redis or restart Kafka, alone"
-cargo test --locked -p fjord-tests --test integration -- --ignored faults::
+# Without `-p`: the same packages as the run above, hence the same features and no rebuild
+# (`-p fjord-tests` alone resolves the dependencies' features anew and recompiles the
+# server and the tests).
+cargo test --locked --test integration -- --ignored faults::
 
 step "the bus's tests again, on the Redis Cluster (3 primaries, 3 replicas)"
 bus_tests=(pipeline:: faults:: http_contract:: bus_entries:: bus_semantics::)
-FJORD_TEST_BUS=cluster cargo test --locked -p fjord-tests --test integration -- "${bus_tests[@]}"
-FJORD_TEST_BUS=cluster cargo test --locked -p fjord-tests --test integration -- --ignored faults::
+FJORD_TEST_BUS=cluster cargo test --locked --test integration -- "${bus_tests[@]}"
+FJORD_TEST_BUS=cluster cargo test --locked --test integration -- --ignored faults::
 
 step "the documentation's walkthroughs, run as written (the first command, Running it, Access control)"
 ci/test-readme.sh
