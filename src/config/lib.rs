@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use fjord_filter::{Filter, FilterError, Limits};
 pub use formats::{Format, RegistryAuth, SchemaRegistryConfig, TopicFormats};
 pub use validate::{ManifestError, Problem, without_values};
 
@@ -572,6 +573,20 @@ pub struct EndpointConfig {
     /// How much of the stream the bus keeps for resuming clients.
     #[serde(default)]
     pub retention: Retention,
+    /// A filter every connection to this endpoint gets, ANDed with the token's and the
+    /// query's (docs/filters.md); `None` for every record.
+    #[serde(default)]
+    pub filter: Option<String>,
+}
+
+impl EndpointConfig {
+    /// The endpoint's filter compiled within `limits`; checked when the manifest is loaded.
+    pub fn filter(&self, limits: &Limits) -> Result<Option<Filter>, FilterError> {
+        self.filter
+            .as_deref()
+            .map(|source| Filter::compile(source, limits))
+            .transpose()
+    }
 }
 
 /// Where a new connection without a resume id starts.
@@ -674,6 +689,14 @@ pub struct ServerConfig {
     /// it is refused with a 503.
     #[serde(default = "default_key_filter_memory_mib")]
     pub key_filter_memory_mib: u64,
+    /// How long and deep the filters and field lists of queries, tokens and endpoints may be.
+    #[serde(default)]
+    pub filter_limits: Limits,
+    /// Most distinct views (filter and field list) the streams of one server may ask for at
+    /// once; connections that ask for the same one share it. A stream with a new one past it
+    /// is refused with a 503.
+    #[serde(default = "default_max_distinct_filters")]
+    pub max_distinct_filters: usize,
     /// Whether a client's address is the last entry of `X-Forwarded-For` (what a load
     /// balancer in front appends) rather than the connection's peer, for the per-address limit.
     #[serde(default)]
@@ -737,6 +760,8 @@ impl Default for ServerConfig {
             max_connections_per_address: None,
             max_connections_per_subject: None,
             key_filter_memory_mib: default_key_filter_memory_mib(),
+            filter_limits: Limits::default(),
+            max_distinct_filters: default_max_distinct_filters(),
             trust_forwarded_for: false,
             metrics_listener: None,
         }
@@ -855,4 +880,7 @@ fn default_client_max_lag_ms() -> u64 {
 }
 fn default_key_filter_memory_mib() -> u64 {
     256
+}
+fn default_max_distinct_filters() -> usize {
+    10_000
 }

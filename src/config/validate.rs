@@ -493,6 +493,9 @@ impl Manifest {
                 format!("{path}.retention.max_age_secs"),
                 "must be at least 1",
             );
+            if let Err(error) = endpoint.filter(&self.server.filter_limits) {
+                p.add(format!("{path}.filter"), format!("not a filter: {error}"));
+            }
         }
 
         p.require(
@@ -570,6 +573,23 @@ impl Manifest {
             server.key_filter_memory_mib,
             1..=1_048_576,
             "$.server.key_filter_memory_mib",
+            "",
+        );
+        let limits = &server.filter_limits;
+        // The parser recurses as deep as `max_depth`: hundreds are safe on any stack.
+        for (value, range, name) in [
+            (limits.max_length, 1..=65_536, "max_length"),
+            (limits.max_depth, 1..=256, "max_depth"),
+            (limits.max_terms, 1..=10_000, "max_terms"),
+            (limits.max_list, 1..=10_000, "max_list"),
+            (limits.max_fields, 1..=1_000, "max_fields"),
+        ] {
+            p.within(value, range, format!("$.server.filter_limits.{name}"), "");
+        }
+        p.within(
+            server.max_distinct_filters,
+            1..=1_000_000,
+            "$.server.max_distinct_filters",
             "",
         );
         for (limit, path) in [

@@ -23,7 +23,9 @@ pub use projection::Projection;
 
 /// How large a filter or projection may be. Every limit bounds the work of compiling, and
 /// with it the work of evaluating: at most `max_terms` nodes, each linear in the record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The manifest's `server.filter_limits`, each field defaulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// The source's length in bytes (default 1024).
     pub max_length: usize,

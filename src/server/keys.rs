@@ -257,22 +257,20 @@ impl<T> KeyIndex<T> {
         self.held
     }
 
-    /// Adds `client` with `keys` on `endpoints`; returns the set the index keeps for them
-    /// (an equal one already kept, or `keys`), for the caller to keep instead of its own.
-    /// A new set that would take the index past its budget is refused.
+    /// Adds `client` with `keys` on `endpoints`, as `value` of each endpoint; returns the
+    /// set the index keeps for them (an equal one already kept, or `keys`), for the caller
+    /// to keep instead of its own. A new set that would take the index past its budget is
+    /// refused.
     pub(crate) fn insert(
         &mut self,
         keys: &Arc<KeySet>,
         endpoints: &[usize],
         client: ClientId,
-        value: &T,
-    ) -> Result<Arc<KeySet>, KeyBudgetReached>
-    where
-        T: Clone,
-    {
+        value: impl Fn(usize) -> T,
+    ) -> Result<Arc<KeySet>, KeyBudgetReached> {
         let members = endpoints
             .iter()
-            .map(|&endpoint| ((endpoint, client), value.clone()));
+            .map(|&endpoint| ((endpoint, client), value(endpoint)));
         if let Some(group) = self
             .group_of
             .get(&**keys)
@@ -428,7 +426,9 @@ mod tests {
         let keys = Arc::new(KeySet::new((0..1000).map(|k| format!("k{k}"))));
         // One connection on fifty endpoints: one entry per key, whatever the endpoints.
         let endpoints: Vec<usize> = (0..50).collect();
-        let kept = index.insert(&keys, &endpoints, 1, &()).expect("no budget");
+        let kept = index
+            .insert(&keys, &endpoints, 1, |_| ())
+            .expect("no budget");
         assert!(Arc::ptr_eq(&kept, &keys));
         drop(kept);
         assert_eq!(index.by_key.len(), 1000);
@@ -436,7 +436,7 @@ mod tests {
         // A second connection with the same keys, parsed apart, gets the set already kept
         // and adds one entry to the group, none to the index.
         let same = Arc::new(KeySet::new((0..1000).rev().map(|k| format!("k{k}"))));
-        let kept = index.insert(&same, &[7], 2, &()).expect("no budget");
+        let kept = index.insert(&same, &[7], 2, |_| ()).expect("no budget");
         assert!(Arc::ptr_eq(&kept, &keys));
         drop(kept);
         assert_eq!((index.groups.len(), index.by_key.len()), (1, 1000));
@@ -455,17 +455,17 @@ mod tests {
         let first = Arc::new(KeySet::new(["a", "b"]));
         let second = Arc::new(KeySet::new(["c", "d"]));
         let mut index = KeyIndex::with_budget(key_set_cost(&first) + 1);
-        index.insert(&first, &[0], 1, &()).expect("within");
+        index.insert(&first, &[0], 1, |_| ()).expect("within");
         assert_eq!(
-            index.insert(&second, &[0], 2, &()),
+            index.insert(&second, &[0], 2, |_| ()),
             Err(KeyBudgetReached {
                 budget: key_set_cost(&first) + 1
             })
         );
-        index.insert(&first, &[0], 3, &()).expect("shared: free");
+        index.insert(&first, &[0], 3, |_| ()).expect("shared: free");
         assert!(index.remove(&first, &[0], 1) && index.remove(&first, &[0], 3));
         assert_eq!(index.held_bytes(), 0);
-        index.insert(&second, &[0], 2, &()).expect("given back");
+        index.insert(&second, &[0], 2, |_| ()).expect("given back");
     }
 
     #[test]
@@ -473,8 +473,8 @@ mod tests {
         let mut index = KeyIndex::default();
         let first = Arc::new(KeySet::new(["a", "b"]));
         let second = Arc::new(KeySet::new(["b", "c"]));
-        index.insert(&first, &[0], 1, &()).expect("no budget");
-        index.insert(&second, &[0], 2, &()).expect("no budget");
+        index.insert(&first, &[0], 1, |_| ()).expect("no budget");
+        index.insert(&second, &[0], 2, |_| ()).expect("no budget");
         assert!(index.remove(&first, &[0], 1));
         assert_eq!(Arc::strong_count(&first), 1, "no longer borrowed for b");
         assert!(keys_are_borrowed_from_groups(&index));
@@ -541,7 +541,7 @@ mod tests {
                         if let Some((old, on)) = clients.remove(&client) {
                             prop_assert!(index.remove(&old, &on, client));
                         }
-                        let kept = index.insert(&Arc::new(KeySet::new(&keys)), &endpoints, client, &client).expect("no budget");
+                        let kept = index.insert(&Arc::new(KeySet::new(&keys)), &endpoints, client, |_| client).expect("no budget");
                         prop_assert_eq!(&*kept, &KeySet::new(&keys));
                         clients.insert(client, (kept, endpoints));
                     }

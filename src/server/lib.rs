@@ -17,6 +17,8 @@
 //! - [`hub`]: a server's fan-out from the bus to its connections: a folder with a file per
 //!   job — outlet (a connection's queue), index (by endpoint and key), feed, subscription.
 //! - `keys`: key filters, stored once per distinct set, and the index by key.
+//! - `views`: filters on values and field lists (`fjord-filter`), shared by the connections
+//!   that ask for the same, each record decided once per distinct view.
 //! - `queue`: a connection's bounded queue, from the hub to its task.
 //! - [`replay`]: reading back what a resuming client missed, and noticing gaps.
 //! - [`sse`]: the bytes on the wire: events, heartbeats, resume ids.
@@ -54,5 +56,6 @@ mod request;
 mod serve;
 #[doc(hidden)]
 pub mod sse;
+mod views;
 
 pub use serve::{Bound, DRAIN_GRACE, ServerError, StaticFile, bind, serve};

@@ -50,6 +50,12 @@ pub struct Metrics {
     pub key_filter_bytes: AtomicU64,
     /// Streams refused because their keys would take the key index past its budget.
     pub refused_key_filters: AtomicU64,
+    /// Streams refused because their view (filter and fields) would be one more than
+    /// `server.max_distinct_filters`.
+    pub refused_filters: AtomicU64,
+    /// Records decided for a view: once per record and distinct view that could receive it,
+    /// however many connections share the view.
+    pub filter_evaluations: AtomicU64,
 }
 
 impl Metrics {
@@ -124,6 +130,12 @@ impl Metrics {
             self.key_filter_bytes.load(Relaxed).to_string(),
         );
         metric(
+            "fjord_filter_evaluations_total",
+            "counter",
+            "Records decided for a filter or field list: once per record and distinct view, however many streams share it.",
+            self.filter_evaluations.load(Relaxed).to_string(),
+        );
+        metric(
             "fjord_requests_refused_total",
             "counter",
             "Requests answered with an error status.",
@@ -158,6 +170,7 @@ impl Metrics {
             ("subject", &self.refused_per_subject),
             ("file_descriptors", &self.refused_descriptors),
             ("key_filters", &self.refused_key_filters),
+            ("filters", &self.refused_filters),
         ] {
             let _ = writeln!(out, "{name}{{limit=\"{limit}\"}} {}", count.load(Relaxed));
         }

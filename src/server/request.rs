@@ -12,10 +12,11 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use crate::auth::{AuthError, Authenticator, Forbidden, Grant, find_token};
 use crate::cors::{AllowOrigin, Cors, CorsRefused};
-use crate::hub::{Hub, Interest, Subscription};
+use crate::hub::{Hub, Interest, NoRoom, Subscription, ViewSpec};
 use crate::keys::KeySet;
 use crate::limits::{LimitReached, Slot};
 use crate::sse::ResumeId;
+use fjord_filter::{Filter, FilterError, Projection};
 
 /// Most keys one connection may filter on.
 const MAX_KEYS: usize = 1000;
@@ -32,6 +33,8 @@ pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// More fields of the error object, for programs: where a filter went wrong.
+    detail: serde_json::Map<String, serde_json::Value>,
 }
 
 impl warp::reject::Reject for ApiError {}
@@ -43,12 +46,16 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            detail: serde_json::Map::new(),
         }
     }
 
-    /// The JSON body: `{"error":{"code":..,"message":..}}`.
+    /// The JSON body: `{"error":{"code":..,"message":..}}`, and the detail's fields.
     pub(crate) fn body(&self) -> String {
-        serde_json::json!({"error": {"code": self.code, "message": self.message}}).to_string()
+        let mut error = self.detail.clone();
+        error.insert("code".into(), self.code.into());
+        error.insert("message".into(), self.message.clone().into());
+        serde_json::json!({ "error": error }).to_string()
     }
 
     /// The one rendering of a refusal: its status, its fields (`Content-Type`, a 401's
@@ -78,11 +85,24 @@ impl ApiError {
     }
 
     fn bad_query(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            code: "bad_query",
-            message: message.into(),
-        }
+        Self::new(StatusCode::BAD_REQUEST, "bad_query", message)
+    }
+
+    /// A filter (`code` `bad_filter`) or field list (`bad_fields`) in query parameter
+    /// `parameter` that does not compile: the message says where and why, and so do the
+    /// error's `parameter`, `position` (a byte offset) and `column` fields.
+    fn bad_view(code: &'static str, parameter: &str, error: &FilterError) -> Self {
+        let mut refusal = Self::new(
+            StatusCode::BAD_REQUEST,
+            code,
+            format!("{parameter}= {error}"),
+        );
+        refusal.detail.insert("parameter".into(), parameter.into());
+        refusal
+            .detail
+            .insert("position".into(), error.position.into());
+        refusal.detail.insert("column".into(), error.column.into());
+        refusal
     }
 
     /// A resume id that does not fit this stream: a code of its own, so that a client can
@@ -92,30 +112,22 @@ impl ApiError {
     }
 
     fn unknown_endpoint(name: &str) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            code: "unknown_endpoint",
-            message: format!(
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "unknown_endpoint",
+            format!(
                 "no endpoint is named {:?}",
                 name.chars().take(100).collect::<String>()
             ),
-        }
+        )
     }
 
     fn unauthorized(error: &AuthError) -> Self {
-        Self {
-            status: StatusCode::UNAUTHORIZED,
-            code: error.code(),
-            message: error.to_string(),
-        }
+        Self::new(StatusCode::UNAUTHORIZED, error.code(), error.to_string())
     }
 
     fn forbidden(error: &Forbidden) -> Self {
-        Self {
-            status: StatusCode::FORBIDDEN,
-            code: "forbidden",
-            message: error.to_string(),
-        }
+        Self::new(StatusCode::FORBIDDEN, "forbidden", error.to_string())
     }
 }
 
@@ -158,6 +170,7 @@ pub(crate) fn parse_stream_request(
     let mut endpoints = Vec::new();
     let mut keys: Option<Vec<Vec<u8>>> = None;
     let mut query_last_event_id = None;
+    let mut views = ViewParameters::default();
     let mut add_endpoint = |name: &str| -> Result<(), ApiError> {
         grant
             .open(name)
@@ -203,9 +216,10 @@ pub(crate) fn parse_stream_request(
             "last_event_id" => query_last_event_id = Some(value.into_owned()),
             // Taken by the auth layer, where the manifest allows it.
             "access_token" => {}
+            other if views.take(other, &value, hub.filter_limits())? => {}
             other => {
                 return Err(ApiError::bad_query(format!(
-                    "unknown query parameter {:?}; expected endpoint, key, key_base64, last_event_id or access_token",
+                    "unknown query parameter {:?}; expected endpoint, key, key_base64, filter, fields, last_event_id or access_token",
                     other.chars().take(100).collect::<String>()
                 )));
             }
@@ -219,6 +233,7 @@ pub(crate) fn parse_stream_request(
     endpoints.sort_unstable();
     endpoints.dedup();
     let keys = keys.map(KeySet::new);
+    let views = views.per_endpoint(hub, &endpoints, grant)?;
     // The header wins: EventSource sends it on reconnect, after a first request whose
     // query id is stale.
     let resume = last_event_id
@@ -231,9 +246,121 @@ pub(crate) fn parse_stream_request(
         refuse_ids_from_the_future(resume, fjord_bus::clock::now_ms())?;
     }
     Ok(StreamRequest {
-        interest: Interest { endpoints, keys },
+        interest: Interest {
+            endpoints,
+            keys,
+            views,
+        },
         resume,
     })
+}
+
+/// The query's filters and field lists: `filter=` and `fields=` for every endpoint of the
+/// stream, `filter.{endpoint}=` and `fields.{endpoint}=` for one, each compiled as it is read.
+#[derive(Debug, Default)]
+struct ViewParameters {
+    filter: Option<Filter>,
+    fields: Option<Projection>,
+    filters: Vec<(String, Filter)>,
+    field_lists: Vec<(String, Projection)>,
+}
+
+impl ViewParameters {
+    /// Takes query parameter `name` if it is a filter or field list; false if it is not.
+    fn take(
+        &mut self,
+        name: &str,
+        value: &str,
+        limits: &fjord_filter::Limits,
+    ) -> Result<bool, ApiError> {
+        let (kind, endpoint) = match name.split_once('.') {
+            Some((kind, endpoint)) => (kind, Some(endpoint)),
+            None => (name, None),
+        };
+        let twice = || ApiError::bad_query(format!("{name}= is given twice"));
+        match kind {
+            "filter" => {
+                let filter = Filter::compile(value, limits)
+                    .map_err(|error| ApiError::bad_view("bad_filter", name, &error))?;
+                match endpoint {
+                    None if self.filter.is_some() => return Err(twice()),
+                    None => self.filter = Some(filter),
+                    Some(endpoint) if self.filters.iter().any(|(e, _)| e == endpoint) => {
+                        return Err(twice());
+                    }
+                    Some(endpoint) => self.filters.push((endpoint.to_owned(), filter)),
+                }
+            }
+            "fields" => {
+                let fields = Projection::parse(value, limits)
+                    .map_err(|error| ApiError::bad_view("bad_fields", name, &error))?;
+                match endpoint {
+                    None if self.fields.is_some() => return Err(twice()),
+                    None => self.fields = Some(fields),
+                    Some(endpoint) if self.field_lists.iter().any(|(e, _)| e == endpoint) => {
+                        return Err(twice());
+                    }
+                    Some(endpoint) => self.field_lists.push((endpoint.to_owned(), fields)),
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// What the stream sees of each of `endpoints` (sorted indexes into the hub's): the
+    /// query's filters and the token's, ANDed, and the endpoint's field list, else the
+    /// stream's. A parameter for an endpoint the stream does not name is refused.
+    fn per_endpoint(
+        self,
+        hub: &Hub,
+        endpoints: &[usize],
+        grant: &Grant,
+    ) -> Result<Vec<ViewSpec>, ApiError> {
+        let names: Vec<&str> = endpoints
+            .iter()
+            .map(|&endpoint| hub.endpoints()[endpoint].as_str())
+            .collect();
+        let named = self
+            .filters
+            .iter()
+            .map(|(endpoint, _)| ("filter", endpoint))
+            .chain(
+                self.field_lists
+                    .iter()
+                    .map(|(endpoint, _)| ("fields", endpoint)),
+            );
+        for (kind, endpoint) in named {
+            if !names.contains(&endpoint.as_str()) {
+                return Err(ApiError::bad_query(format!(
+                    "{kind}.{}= names no endpoint of this stream",
+                    endpoint.chars().take(100).collect::<String>()
+                )));
+            }
+        }
+        Ok(names
+            .iter()
+            .map(|&name| {
+                let own_filter = self
+                    .filters
+                    .iter()
+                    .find(|(endpoint, _)| endpoint == name)
+                    .map(|(_, filter)| filter.clone());
+                let fields = self
+                    .field_lists
+                    .iter()
+                    .find(|(endpoint, _)| endpoint == name)
+                    .map(|(_, fields)| fields.clone())
+                    .or_else(|| self.fields.clone());
+                ViewSpec {
+                    filter: self.filter.clone(),
+                    projection: fields,
+                }
+                .and(own_filter)
+                .and(grant.filter_of(name))
+            })
+            .collect())
+    }
 }
 
 /// How far ahead of this server's clock a resume id may be: the bus's clock, which makes
@@ -409,11 +536,11 @@ impl Admission {
         self.hub
             .try_subscribe(request.interest, request.resume.as_ref(), grant.expires_at)
             .map_err(|refusal| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too_many_key_filters",
-                    refusal.to_string(),
-                )
+                let code = match refusal {
+                    NoRoom::Keys(_) => "too_many_key_filters",
+                    NoRoom::Views(_) => "too_many_filters",
+                };
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, refusal.to_string())
             })
     }
 }
@@ -437,6 +564,8 @@ fn client_address(peer: IpAddr, headers: &HeaderMap, trust_forwarded_for: bool) 
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use fjord_bus::memory::MemoryBus;
     use fjord_bus::{Bus, StreamId};
@@ -571,10 +700,96 @@ mod tests {
     }
 
     #[test]
+    fn bad_filters_and_field_lists_are_refused_with_where_and_why() {
+        let refusal = |query: &str| {
+            let error = parse_stream_request(
+                &hub(),
+                &Grant::everything(),
+                None,
+                &format!("endpoint=orders&endpoint=drivers&{query}"),
+                None,
+            )
+            .expect_err("refused");
+            let body: serde_json::Value = serde_json::from_str(&error.body()).expect("JSON");
+            (error.status, body["error"].clone())
+        };
+        let (status, error) = refusal("filter=value.total+%3E%3D");
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(error["code"], "bad_filter");
+        assert_eq!(error["parameter"], "filter");
+        assert_eq!(error["position"], 14);
+        assert_eq!(error["column"], 15);
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("filter= at column 15: ")),
+            "{error}"
+        );
+        let (_, error) = refusal("fields.orders=id,,total");
+        assert_eq!(error["code"], "bad_fields");
+        assert_eq!(error["parameter"], "fields.orders");
+        for query in [
+            "filter=true&filter=false",
+            "filter.orders=true&filter.orders=true",
+            "filter.payments=true",
+            "fields.payments=id",
+        ] {
+            assert_eq!(refusal(query).1["code"], "bad_query", "{query}");
+        }
+        let long = format!("filter={}", "1".repeat(2000));
+        assert_eq!(refusal(&long).1["code"], "bad_filter");
+    }
+
+    #[test]
+    fn each_endpoint_sees_the_stream_s_filter_its_own_and_the_token_s() {
+        let grant = Grant {
+            filters: BTreeMap::from([(
+                "drivers".to_owned(),
+                Filter::compile("value.active", &fjord_filter::Limits::default()).expect("filter"),
+            )]),
+            ..Grant::everything()
+        };
+        let request = parse_stream_request(
+            &hub(),
+            &grant,
+            None,
+            "endpoint=orders&endpoint=drivers&filter=offset>1&filter.orders=value.total>2&fields=id&fields.drivers=position",
+            None,
+        )
+        .expect("valid");
+        let views: Vec<(Option<String>, Option<String>)> = request
+            .interest
+            .views
+            .iter()
+            .map(|view| {
+                (
+                    view.filter.as_ref().map(|f| f.canonical().to_owned()),
+                    view.projection.as_ref().map(|p| p.canonical().to_owned()),
+                )
+            })
+            .collect();
+        // Endpoints sorted: drivers, orders.
+        assert_eq!(
+            views,
+            vec![
+                (
+                    Some("offset > 1 && value.active".to_owned()),
+                    Some("position".to_owned())
+                ),
+                (
+                    Some("offset > 1 && value.total > 2".to_owned()),
+                    Some("id".to_owned())
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn a_narrow_token_gets_the_same_refusal_for_existing_and_unknown_endpoints() {
         let narrow = Grant {
             endpoints: Some(vec!["orders".into()]),
             keys: None,
+            filters: BTreeMap::new(),
             expires_at: None,
             subject: None,
         };

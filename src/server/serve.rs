@@ -19,7 +19,7 @@ use crate::connection::{self, Fallback, Prefixed};
 use crate::cors::Cors;
 use crate::http::Readiness;
 pub use crate::http::StaticFile;
-use crate::hub::Hub;
+use crate::hub::{Hub, HubEndpoint};
 use crate::limits::Limits;
 use crate::metrics::{EmfTarget, Metrics};
 use crate::request::Admission;
@@ -49,6 +49,14 @@ pub enum ServerError {
     /// A key or secret the manifest names could not be loaded.
     #[error(transparent)]
     Auth(#[from] ManifestError),
+    /// An endpoint's filter does not compile (a manifest that was not validated).
+    #[error("endpoints.{endpoint}.filter is not a filter")]
+    Filter {
+        /// The endpoint.
+        endpoint: String,
+        /// Where and why.
+        source: fjord_config::FilterError,
+    },
     /// The port could not be bound.
     #[error("cannot listen on {address}")]
     Bind {
@@ -88,7 +96,7 @@ impl Bound {
 /// `server.host` (see [`Manifest::server_host`]) and `server.port`: a manifest whose secret
 /// is refused never holds the port, even for a moment.
 pub async fn bind(manifest: &Manifest) -> Result<Bound, ServerError> {
-    let auth = Authenticator::new(&manifest.auth).await?;
+    let auth = Authenticator::new(&manifest.auth, &manifest.server.filter_limits).await?;
     let address = SocketAddr::new(manifest.server_host(), manifest.server.port);
     let listener = TcpListener::bind(address)
         .await
@@ -152,8 +160,20 @@ impl Running {
         let endpoints = manifest
             .endpoints
             .iter()
-            .map(|(name, endpoint)| (name.clone(), endpoint.start))
-            .collect();
+            .map(|(name, endpoint)| {
+                let filter = endpoint
+                    .filter(&manifest.server.filter_limits)
+                    .map_err(|source| ServerError::Filter {
+                        endpoint: name.as_str().to_owned(),
+                        source,
+                    })?;
+                Ok(HubEndpoint {
+                    name: name.clone(),
+                    start: endpoint.start,
+                    filter,
+                })
+            })
+            .collect::<Result<Vec<_>, ServerError>>()?;
         let hub = Arc::new(Hub::new(
             endpoints,
             reader.cursors(),

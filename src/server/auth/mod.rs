@@ -4,20 +4,23 @@
 //! URL), and its `fjord` claim becomes a [`Grant`]: the endpoints it opens and the record
 //! keys it pins. Tokens are never logged.
 //!
-//! The claim: `"fjord": {"endpoints": ["orders"], "keys": ["driver-42"]}`; `"*"` opens every
-//! endpoint; without `keys` the token sees every record of its endpoints. A key is text, or
-//! `{"base64": "..."}` for a key that is not UTF-8.
+//! The claim: `"fjord": {"endpoints": ["orders"], "keys": ["driver-42"], "filters":
+//! {"orders": "value.restaurant_id == \"r-7\""}}`; `"*"` opens every endpoint; without
+//! `keys` the token sees every record of its endpoints. A key is text, or `{"base64": "..."}`
+//! for a key that is not UTF-8. A filter pins what the token sees of one endpoint (`"*"`: of
+//! every one); a request's own filter is ANDed with it, so it can only narrow it.
 
 mod jwks;
 mod token;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
 pub use crate::keys::KeySet;
-use fjord_config::{AuthConfig, JwtAlgorithm, JwtConfig, ManifestError};
+use fjord_config::{AuthConfig, Filter, JwtAlgorithm, JwtConfig, Limits, ManifestError};
 pub(crate) use token::{TokenSources, find_token};
 
 /// Why a request's token was refused (401).
@@ -96,6 +99,8 @@ pub struct Grant {
     pub endpoints: Option<Vec<String>>,
     /// The only record keys it may see; `None` for all.
     pub keys: Option<KeySet>,
+    /// The filters it pins, by endpoint name (`"*"` for every endpoint).
+    pub filters: BTreeMap<String, Filter>,
     /// When the stream must end, in seconds since the epoch: the token's `exp` plus the
     /// leeway that admitted it; `None` when auth is disabled.
     pub expires_at: Option<u64>,
@@ -109,6 +114,7 @@ impl Grant {
         Self {
             endpoints: None,
             keys: None,
+            filters: BTreeMap::new(),
             expires_at: None,
             subject: None,
         }
@@ -123,6 +129,16 @@ impl Grant {
                 Err(Forbidden::Endpoint(endpoint.to_owned()))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// The filter the token pins on `endpoint`: its own and the one for every endpoint,
+    /// ANDed; `None` when it pins none.
+    pub(crate) fn filter_of(&self, endpoint: &str) -> Option<Filter> {
+        let every = self.filters.get("*").cloned();
+        match (every, self.filters.get(endpoint).cloned()) {
+            (Some(every), Some(own)) => Some(every.and(own)),
+            (every, own) => every.or(own),
         }
     }
 
@@ -161,6 +177,9 @@ struct FjordClaim {
     endpoints: Vec<String>,
     #[serde(default)]
     keys: Option<Vec<PinnedKey>>,
+    /// Filter source by endpoint name.
+    #[serde(default)]
+    filters: BTreeMap<String, String>,
 }
 
 /// A record key a token pins, as the envelope shows keys: text for the key of those UTF-8
@@ -226,11 +245,14 @@ struct JwtVerifier {
     issuer: Option<String>,
     audience: Option<String>,
     leeway_secs: u64,
+    /// How large the filters a token pins may be.
+    filter_limits: Limits,
 }
 
 impl Authenticator {
     /// Loads keys and secrets named by the manifest; fails on a key that does not parse.
-    pub async fn new(config: &AuthConfig) -> Result<Self, ManifestError> {
+    /// The filters tokens pin may be as large as `filter_limits` allows.
+    pub async fn new(config: &AuthConfig, filter_limits: &Limits) -> Result<Self, ManifestError> {
         let AuthConfig::Jwt(jwt) = config else {
             tracing::warn!("auth is disabled by the manifest: every endpoint is open to anyone");
             return Ok(Self {
@@ -250,6 +272,7 @@ impl Authenticator {
             issuer: jwt.issuer.clone(),
             audience: jwt.audience.clone(),
             leeway_secs: jwt.leeway_secs,
+            filter_limits: *filter_limits,
         };
         Ok(Self {
             jwt: Some(Arc::new(verifier)),
@@ -382,7 +405,9 @@ impl JwtVerifier {
         let mut last_error = AuthError::Signature;
         for key in &candidates {
             match jsonwebtoken::decode::<Claims>(token, key, &validation) {
-                Ok(data) => return Ok(grant_of(data.claims, self.leeway_secs)),
+                Ok(data) => {
+                    return grant_of(data.claims, self.leeway_secs, &self.filter_limits);
+                }
                 Err(error) => {
                     last_error = match error.kind() {
                         ErrorKind::InvalidSignature
@@ -498,24 +523,40 @@ fn header_of(token: &str) -> Result<jsonwebtoken::Header, AuthError> {
     })
 }
 
-fn grant_of(claims: Claims, leeway_secs: u64) -> Grant {
-    let (endpoints, keys) = match claims.fjord {
+fn grant_of(claims: Claims, leeway_secs: u64, filter_limits: &Limits) -> Result<Grant, AuthError> {
+    let (endpoints, keys, filters) = match claims.fjord {
         Some(claim) => (
             Some(claim.endpoints),
             claim
                 .keys
                 .map(|keys| KeySet::new(keys.iter().map(|key| &key.0))),
+            claim.filters,
         ),
         // A valid token without the claim opens nothing.
-        None => (Some(Vec::new()), None),
+        None => (Some(Vec::new()), None, BTreeMap::new()),
     };
-    Grant {
+    // A pinned filter that does not compile is the issuer's mistake: refusing the token
+    // says so, where ignoring the filter would widen what it opens.
+    let filters = filters
+        .into_iter()
+        .map(
+            |(endpoint, source)| match Filter::compile(&source, filter_limits) {
+                Ok(filter) => Ok((endpoint, filter)),
+                Err(error) => Err(AuthError::Claims(format!(
+                    "fjord.filters[{:?}] is not a filter: {error}",
+                    endpoint.chars().take(64).collect::<String>()
+                ))),
+            },
+        )
+        .collect::<Result<_, _>>()?;
+    Ok(Grant {
         endpoints,
         keys,
+        filters,
         subject: claims.sub,
         // Admitted until `exp` plus the leeway, so cut off then too, not earlier.
         expires_at: Some(claims.exp.saturating_add(leeway_secs)),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -602,9 +643,12 @@ mod tests {
     }
 
     async fn verdict(token: &str) -> Result<Grant, AuthError> {
-        let auth = Authenticator::new(&config(&keys(1).public_pem, vec![JwtAlgorithm::EdDsa]))
-            .await
-            .expect("auth");
+        let auth = Authenticator::new(
+            &config(&keys(1).public_pem, vec![JwtAlgorithm::EdDsa]),
+            &Limits::default(),
+        )
+        .await
+        .expect("auth");
         auth.grant(Some(token)).await
     }
 
@@ -616,6 +660,34 @@ mod tests {
         assert_eq!(grant.endpoints, Some(vec!["orders".to_owned()]));
         assert_eq!(grant.keys, Some(KeySet::new(["driver-42"])));
         assert!(grant.expires_at.is_some_and(|at| at > now()));
+    }
+
+    #[tokio::test]
+    async fn a_token_pins_filters_per_endpoint_and_one_that_does_not_compile_is_refused() {
+        let pinned = |filters: serde_json::Value| {
+            sign_ed(&keys(1), &claims(|c| c["fjord"]["filters"] = filters))
+        };
+        let grant = verdict(&pinned(serde_json::json!({
+            "orders": "value.restaurant == 'r-7'",
+            "*": "value.region == 'eu'",
+        })))
+        .await
+        .expect("valid");
+        let filter_of = |endpoint| grant.filter_of(endpoint).map(|f| f.canonical().to_owned());
+        assert_eq!(
+            filter_of("orders").as_deref(),
+            Some(r#"value.region == "eu" && value.restaurant == "r-7""#)
+        );
+        assert_eq!(
+            filter_of("drivers").as_deref(),
+            Some(r#"value.region == "eu""#)
+        );
+
+        let refused = verdict(&pinned(serde_json::json!({"orders": "value.total >"})))
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), "token_claims");
+        assert!(refused.to_string().contains("column 14"), "{refused}");
     }
 
     #[tokio::test]
@@ -724,6 +796,7 @@ mod tests {
                 issuer: Some("issuer".into()),
                 audience: Some("fjord".into()),
                 leeway_secs: 0,
+                filter_limits: Limits::default(),
             })),
             sources: TokenSources::default(),
         };
@@ -846,7 +919,7 @@ mod tests {
     async fn a_stream_admitted_within_the_leeway_ends_at_exp_plus_leeway() {
         let mut jwt = jwt_config(&keys(1).public_pem, vec![JwtAlgorithm::EdDsa]);
         jwt.leeway_secs = 30;
-        let auth = Authenticator::new(&AuthConfig::Jwt(jwt))
+        let auth = Authenticator::new(&AuthConfig::Jwt(jwt), &Limits::default())
             .await
             .expect("auth");
         let exp = now() - 10;
@@ -974,6 +1047,7 @@ mod tests {
                 issuer: Some("issuer".into()),
                 audience: Some("fjord".into()),
                 leeway_secs: 0,
+                filter_limits: Limits::default(),
             })),
             sources: TokenSources::default(),
         }
@@ -1069,6 +1143,7 @@ mod tests {
         let grant = Grant {
             endpoints: Some(vec!["orders".into()]),
             keys: Some(KeySet::new(["a", "b"])),
+            filters: BTreeMap::new(),
             expires_at: None,
             subject: None,
         };
@@ -1089,6 +1164,7 @@ mod tests {
         let all = Grant {
             endpoints: Some(vec!["*".into()]),
             keys: None,
+            filters: BTreeMap::new(),
             expires_at: None,
             subject: None,
         };

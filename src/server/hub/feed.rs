@@ -18,6 +18,7 @@ use super::outlet::{ClientQueue, Frame, QueuedEvent};
 use crate::keys::ClientId;
 use crate::queue::PushError;
 use crate::sse::{self, RenderedEvent};
+use crate::views::Verdicts;
 use fjord_bus::backoff::Backoff;
 use fjord_bus::clock::now_ms;
 use fjord_bus::process::LogThrottle;
@@ -101,11 +102,14 @@ impl Hub {
                 }
             }
             let mut queued = 0;
-            let mut deliver = |client: ClientId, sender: &ClientQueue, write_now: bool| {
+            let mut deliver = |client: ClientId,
+                               sender: &ClientQueue,
+                               event: &Arc<QueuedEvent>,
+                               write_now: bool| {
                 if !too_slow.is_empty() && too_slow.contains(&client) {
                     return;
                 }
-                match sender.push_event(&event, write_now) {
+                match sender.push_event(event, write_now) {
                     Ok(()) => queued += 1,
                     Err(PushError::Full) => {
                         too_slow.insert(client);
@@ -116,13 +120,40 @@ impl Hub {
             match entry.receivers() {
                 Receivers::Key(key) => {
                     let write_now = may_write_now && channel.count(key) <= MAX_DIRECT_WRITES;
-                    for (client, sender) in channel.of(key) {
-                        deliver(client, sender, write_now);
+                    let wrap = |rendered| {
+                        Arc::new(QueuedEvent {
+                            event: rendered,
+                            ..*event
+                        })
+                    };
+                    let name = self.endpoints[*endpoint].as_str();
+                    let mut verdicts = Verdicts::new(entry, name, &wrap);
+                    for (client, sender) in channel.everyone() {
+                        deliver(client, sender, &event, write_now);
                     }
+                    for viewers in channel.viewing() {
+                        if let Some(seen) = verdicts.of(&viewers.view, &event) {
+                            for (&client, sender) in &viewers.members {
+                                deliver(client, sender, &seen, write_now);
+                            }
+                        }
+                    }
+                    for (client, member) in key.into_iter().flat_map(|key| channel.keyed(key)) {
+                        let seen = match &member.view {
+                            None => Some(Arc::clone(&event)),
+                            Some(view) => verdicts.of(view, &event),
+                        };
+                        if let Some(seen) = seen {
+                            deliver(client, &member.queue, &seen, write_now);
+                        }
+                    }
+                    self.metrics
+                        .filter_evaluations
+                        .fetch_add(verdicts.evaluations(), Relaxed);
                 }
                 Receivers::All => {
                     for (client, sender) in channel.all() {
-                        deliver(client, sender, false);
+                        deliver(client, sender, &event, false);
                     }
                 }
             }

@@ -1,6 +1,8 @@
 //! The hub's index of connections. For each endpoint: the connections that take every
-//! record, and the id of the last entry queued to them, where a new connection's live stream
-//! starts. For every endpoint at once: the connections that take only some keys, by key, so
+//! record, those that take every key through a view (a filter or projection), grouped by
+//! view so that a record is decided once per view, and the id of the last entry queued to
+//! them, where a new connection's live stream starts. For every endpoint at once: the
+//! connections that take only some keys, by key, each with its view of the endpoint, so
 //! that a connection's keys are indexed once however many endpoints it names, within a
 //! budget for the whole server. For each connection: where it is indexed, and when its token
 //! runs out. The feed reads an endpoint's connections under the read locks of its channel,
@@ -13,12 +15,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use super::outlet::{ClientQueue, Frame};
 use crate::keys::{ClientId, KeyBudgetReached, KeyIndex, KeySet};
 use crate::metrics::Metrics;
+use crate::views::{View, ViewId};
 use fjord_bus::StreamId;
 
-/// The connections of one endpoint that take every record, and where its live stream is.
+/// The connections of one endpoint that take every key, and where its live stream is.
 #[derive(Debug, Default)]
 struct Channel {
+    /// Those that take every record whole.
     everyone: HashMap<ClientId, ClientQueue>,
+    /// Those that see the records through a view, by view.
+    viewing: HashMap<ViewId, Viewers>,
     /// The id of the last entry queued to this channel's connections. Written under the
     /// read lock by the one feed, read under the write lock by a new subscriber.
     last_ms: AtomicU64,
@@ -34,43 +40,80 @@ impl Channel {
     }
 }
 
+/// The connections of an endpoint that share one view and take every key.
+#[derive(Debug)]
+pub(super) struct Viewers {
+    pub(super) view: Arc<View>,
+    pub(super) members: HashMap<ClientId, ClientQueue>,
+}
+
+/// A keyed connection in the key index: its queue, and its view of the endpoint.
+#[derive(Debug, Clone)]
+pub(super) struct Member {
+    pub(super) queue: ClientQueue,
+    pub(super) view: Option<Arc<View>>,
+}
+
 /// One endpoint's connections, read by the feed: its channel's and the key index's read
 /// locks, taken in that order.
 pub(super) struct Receivers<'a> {
     endpoint: usize,
     channel: RwLockReadGuard<'a, Channel>,
-    keyed: RwLockReadGuard<'a, KeyIndex<ClientQueue>>,
+    keyed: RwLockReadGuard<'a, KeyIndex<Member>>,
 }
 
 impl Receivers<'_> {
-    /// Every connection of the endpoint once, whatever its keys.
+    /// Every connection of the endpoint once, whatever its keys and view.
     pub(super) fn all(&self) -> impl Iterator<Item = (ClientId, &ClientQueue)> {
+        let viewing = self
+            .channel
+            .viewing
+            .values()
+            .flat_map(|viewers| viewers.members.iter());
         self.channel
             .everyone
             .iter()
+            .chain(viewing)
             .map(|(&client, sender)| (client, sender))
-            .chain(self.keyed.all(self.endpoint))
+            .chain(
+                self.keyed
+                    .all(self.endpoint)
+                    .map(|(client, member)| (client, &member.queue)),
+            )
     }
 
-    /// How many connections receive a record with `key`.
+    /// How many connections may receive a record with `key`.
     pub(super) fn count(&self, key: Option<&[u8]>) -> usize {
-        self.channel.everyone.len() + key.map_or(0, |key| self.keyed.count(self.endpoint, key))
+        let viewing: usize = self
+            .channel
+            .viewing
+            .values()
+            .map(|viewers| viewers.members.len())
+            .sum();
+        self.channel.everyone.len()
+            + viewing
+            + key.map_or(0, |key| self.keyed.count(self.endpoint, key))
     }
 
-    /// The connections that receive a record with `key`: those that take every record, then
-    /// those that asked for the key.
-    pub(super) fn of<'a>(
-        &'a self,
-        key: Option<&'a [u8]>,
-    ) -> impl Iterator<Item = (ClientId, &'a ClientQueue)> {
-        let keyed = key
-            .into_iter()
-            .flat_map(|key| self.keyed.receivers(self.endpoint, key));
+    /// The connections that take every record whole.
+    pub(super) fn everyone(&self) -> impl Iterator<Item = (ClientId, &ClientQueue)> {
         self.channel
             .everyone
             .iter()
             .map(|(&client, sender)| (client, sender))
-            .chain(keyed)
+    }
+
+    /// The connections that take every key through a view, a group per view.
+    pub(super) fn viewing(&self) -> impl Iterator<Item = &Viewers> {
+        self.channel.viewing.values()
+    }
+
+    /// The connections that asked for `key`, each with its view.
+    pub(super) fn keyed<'a>(
+        &'a self,
+        key: &'a [u8],
+    ) -> impl Iterator<Item = (ClientId, &'a Member)> {
+        self.keyed.receivers(self.endpoint, key)
     }
 
     pub(super) fn last_id(&self) -> StreamId {
@@ -88,6 +131,8 @@ impl Receivers<'_> {
 struct Client {
     sender: ClientQueue,
     endpoints: Vec<usize>,
+    /// Its view of each of its endpoints.
+    views: Vec<Option<Arc<View>>>,
     keys: Option<Arc<KeySet>>,
     /// When its token runs out, in seconds since the epoch.
     expires_at: Option<u64>,
@@ -97,7 +142,7 @@ struct Client {
 #[derive(Debug)]
 pub(super) struct Index {
     channels: Vec<RwLock<Channel>>,
-    keyed: RwLock<KeyIndex<ClientQueue>>,
+    keyed: RwLock<KeyIndex<Member>>,
     metrics: Arc<Metrics>,
     clients: Mutex<HashMap<ClientId, Client>>,
     /// Connections by the time their token runs out.
@@ -166,7 +211,7 @@ impl Index {
     }
 
     /// Shows what the key index holds in the metrics.
-    fn count_key_bytes(&self, keyed: &KeyIndex<ClientQueue>) {
+    fn count_key_bytes(&self, keyed: &KeyIndex<Member>) {
         self.metrics
             .key_filter_bytes
             .store(keyed.held_bytes() as u64, Relaxed);
@@ -181,21 +226,32 @@ impl Index {
     }
 
     /// Indexes a new connection, reached through `sender`, for `endpoints` (indexes into the
-    /// hub's, each known to it) and `keys` (all records for `None`), until `expires_at` if it
-    /// is given; or refuses it when its keys are new and the key index's budget is spent.
+    /// hub's, each known to it) seen through `views` (one each; `None` to see every record
+    /// whole) and `keys` (all records for `None`), until `expires_at` if it is given; or
+    /// refuses it when its keys are new and the key index's budget is spent.
     pub(super) fn add(
         &self,
         sender: ClientQueue,
         endpoints: &[usize],
+        views: Vec<Option<Arc<View>>>,
         keys: Option<KeySet>,
         expires_at: Option<u64>,
     ) -> Result<Indexed, KeyBudgetReached> {
         let id = self.next_client.fetch_add(1, Relaxed);
+        let view_of = |endpoint: usize| {
+            endpoints
+                .iter()
+                .position(|&e| e == endpoint)
+                .and_then(|position| views.get(position).cloned().flatten())
+        };
         let keys = match keys {
             None => None,
             Some(keys) => {
                 let mut keyed = write(&self.keyed);
-                let kept = keyed.insert(&Arc::new(keys), endpoints, id, &sender)?;
+                let kept = keyed.insert(&Arc::new(keys), endpoints, id, |endpoint| Member {
+                    queue: sender.clone(),
+                    view: view_of(endpoint),
+                })?;
                 self.count_key_bytes(&keyed);
                 Some(kept)
             }
@@ -203,10 +259,25 @@ impl Index {
         // Read after the connection is in the key index: every entry dispatched after this
         // id finds it there, and the subscription skips what it gets twice.
         let mut live_start = Vec::with_capacity(endpoints.len());
-        for &endpoint in endpoints {
+        for (&endpoint, view) in endpoints.iter().zip(&views) {
             let mut channel = write(&self.channels[endpoint]);
             if keys.is_none() {
-                channel.everyone.insert(id, sender.clone());
+                match view {
+                    None => {
+                        channel.everyone.insert(id, sender.clone());
+                    }
+                    Some(view) => {
+                        channel
+                            .viewing
+                            .entry(ViewId::of(view))
+                            .or_insert_with(|| Viewers {
+                                view: Arc::clone(view),
+                                members: HashMap::new(),
+                            })
+                            .members
+                            .insert(id, sender.clone());
+                    }
+                }
             }
             live_start.push(channel.last_id());
         }
@@ -215,6 +286,7 @@ impl Index {
             Client {
                 sender,
                 endpoints: endpoints.to_vec(),
+                views,
                 keys: keys.clone(),
                 expires_at,
             },
@@ -246,8 +318,19 @@ impl Index {
         }
         match &client.keys {
             None => {
-                for &endpoint in &client.endpoints {
-                    write(&self.channels[endpoint]).everyone.remove(&id);
+                for (&endpoint, view) in client.endpoints.iter().zip(&client.views) {
+                    let mut channel = write(&self.channels[endpoint]);
+                    let Some(view) = view else {
+                        channel.everyone.remove(&id);
+                        continue;
+                    };
+                    let view = ViewId::of(view);
+                    if let Some(viewers) = channel.viewing.get_mut(&view) {
+                        viewers.members.remove(&id);
+                        if viewers.members.is_empty() {
+                            channel.viewing.remove(&view);
+                        }
+                    }
                 }
             }
             Some(keys) => {
@@ -286,10 +369,10 @@ impl Index {
     pub(super) fn is_empty(&self) -> bool {
         self.clients().is_empty()
             && read(&self.keyed).is_empty()
-            && self
-                .channels
-                .iter()
-                .all(|channel| read(channel).everyone.is_empty())
+            && self.channels.iter().all(|channel| {
+                let channel = read(channel);
+                channel.everyone.is_empty() && channel.viewing.is_empty()
+            })
     }
 
     /// How many connections wait for their token to run out.

@@ -16,6 +16,8 @@
 //! heartbeats, token expiries and the drain that reach every connection.
 
 mod feed;
+#[cfg(test)]
+mod filtered;
 mod index;
 mod outlet;
 mod subscription;
@@ -38,9 +40,11 @@ use crate::metrics::Metrics;
 use crate::queue::PushError;
 use crate::replay::{ReplayRange, replay};
 use crate::sse::{self, RenderedEvent, ResumeId};
+pub use crate::views::ViewSpec;
+use crate::views::{TooManyViews, Views};
 use fjord_bus::clock::now_ms;
 use fjord_bus::{Bus, BusEntry, StreamId};
-use fjord_config::{EndpointName, ServerConfig, StartPosition};
+use fjord_config::{EndpointName, Filter, Limits, ServerConfig, StartPosition};
 
 /// The bus counts as unreachable when no read succeeded for this long.
 const READY_WINDOW_MS: u64 = 5_000;
@@ -50,6 +54,11 @@ const READY_WINDOW_MS: u64 = 5_000;
 pub struct Hub {
     endpoints: Vec<EndpointName>,
     starts: Vec<StartPosition>,
+    /// The manifest's filter of each endpoint, which every connection to it gets.
+    filters: Vec<Option<Filter>>,
+    /// How large the filters and field lists of requests may be.
+    filter_limits: Limits,
+    views: Views,
     bus: Bus,
     index: Index,
     queue_size: usize,
@@ -67,19 +76,65 @@ pub struct Interest {
     pub endpoints: Vec<usize>,
     /// Only records with one of these keys; `None` for all.
     pub keys: Option<KeySet>,
+    /// What it sees of each endpoint (filter, fields), in the order of `endpoints`; those
+    /// past its end see every record. The endpoint's own filter is added by the hub.
+    pub views: Vec<ViewSpec>,
+}
+
+/// A connection the hub has no room for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoRoom {
+    /// Its set of keys is new, and the key index's budget is spent.
+    #[error(transparent)]
+    Keys(#[from] KeyBudgetReached),
+    /// Its view is new, and the server holds as many as it may.
+    #[error(transparent)]
+    Views(#[from] TooManyViews),
+}
+
+/// One endpoint of a hub: its name, where a new connection starts, and the manifest's
+/// filter for it.
+#[derive(Debug, Clone)]
+pub struct HubEndpoint {
+    /// The endpoint's name.
+    pub name: EndpointName,
+    /// Where a connection without a resume id starts.
+    pub start: StartPosition,
+    /// What every connection to it is narrowed to.
+    pub filter: Option<Filter>,
+}
+
+/// An endpoint without a filter of its own.
+impl From<(EndpointName, StartPosition)> for HubEndpoint {
+    fn from((name, start): (EndpointName, StartPosition)) -> Self {
+        Self {
+            name,
+            start,
+            filter: None,
+        }
+    }
 }
 
 impl Hub {
-    /// A hub for `endpoints` (sorted, with where a new connection starts), whose bus
-    /// reader starts after `reader_start` (one id each). `bus` serves replays.
+    /// A hub for `endpoints` (sorted by name), whose bus reader starts after
+    /// `reader_start` (one id each). `bus` serves replays.
     pub fn new(
-        endpoints: Vec<(EndpointName, StartPosition)>,
+        endpoints: impl IntoIterator<Item = impl Into<HubEndpoint>>,
         reader_start: &[StreamId],
         server: &ServerConfig,
         bus: Bus,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let (endpoints, starts): (Vec<_>, Vec<_>) = endpoints.into_iter().unzip();
+        let endpoints: Vec<HubEndpoint> = endpoints.into_iter().map(Into::into).collect();
+        let starts = endpoints.iter().map(|endpoint| endpoint.start).collect();
+        let filters = endpoints
+            .iter()
+            .map(|endpoint| endpoint.filter.clone())
+            .collect();
+        let endpoints: Vec<_> = endpoints
+            .into_iter()
+            .map(|endpoint| endpoint.name)
+            .collect();
         Self {
             index: Index::new(
                 endpoints.len(),
@@ -89,6 +144,9 @@ impl Hub {
             ),
             endpoints,
             starts,
+            filters,
+            filter_limits: server.filter_limits,
+            views: Views::new(server.max_distinct_filters),
             queue_size: server.client_queue,
             max_lag: server.client_max_lag(),
             retry_ms: server.retry_ms,
@@ -116,6 +174,11 @@ impl Hub {
         &self.metrics
     }
 
+    /// How large the filters and field lists of requests may be.
+    pub fn filter_limits(&self) -> &Limits {
+        &self.filter_limits
+    }
+
     /// Whether the bus answered recently and the server is not draining.
     pub fn is_ready(&self) -> bool {
         !self.draining.load(Relaxed)
@@ -128,13 +191,27 @@ impl Hub {
     /// Registering before reading back means no record falls between the two. A connection
     /// whose token runs out at `expires_at` (seconds since the epoch) is sent `fjord.expired`
     /// then, and closed. A connection with keys no other has asked for is refused when the
-    /// key index's budget is spent.
+    /// key index's budget is spent, one with a view no other has when the server holds as
+    /// many as it may.
     pub fn try_subscribe(
         self: &Arc<Self>,
         interest: Interest,
         resume: Option<&ResumeId>,
         expires_at: Option<u64>,
-    ) -> Result<Subscription, KeyBudgetReached> {
+    ) -> Result<Subscription, NoRoom> {
+        let mut specs = interest.views.into_iter();
+        let views = interest
+            .endpoints
+            .iter()
+            .map(|&endpoint| {
+                let spec = specs.next().unwrap_or_default();
+                let pinned = self.filters.get(endpoint).cloned().flatten();
+                self.views.share(spec.and(pinned))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .inspect_err(|_| {
+                self.metrics.refused_filters.fetch_add(1, Relaxed);
+            })?;
         let outlet = Arc::new(Outlet::new(self.queue_size));
         let receiver = Arc::clone(&outlet);
         let Indexed {
@@ -143,7 +220,13 @@ impl Hub {
             keys,
         } = self
             .index
-            .add(outlet, &interest.endpoints, interest.keys, expires_at)
+            .add(
+                outlet,
+                &interest.endpoints,
+                views.clone(),
+                interest.keys,
+                expires_at,
+            )
             .inspect_err(|_| {
                 self.metrics.refused_key_filters.fetch_add(1, Relaxed);
             })?;
@@ -192,6 +275,7 @@ impl Hub {
             receiver,
             interest.endpoints,
             keys,
+            views,
             start,
         ))
     }

@@ -20,6 +20,7 @@ use crate::keys::{ClientId, KeySet};
 use crate::metrics::Metrics;
 use crate::replay::ReplayItem;
 use crate::sse::{self, RenderedEvent, ResumeId};
+use crate::views::View;
 use fjord_bus::process::LogThrottle;
 use fjord_bus::{BusEntry, BusError, Receivers, StreamId};
 
@@ -94,6 +95,9 @@ pub struct Subscription {
     direct: Option<Arc<dyn DirectWrite>>,
     endpoints: Vec<usize>,
     keys: Option<Arc<KeySet>>,
+    /// Its view of each of its endpoints: a replay is filtered and projected as live
+    /// events are.
+    views: Vec<Option<Arc<View>>>,
     /// The connection's position in each of its endpoints: an event at or before it was
     /// sent already and is skipped.
     cursor: ResumeId,
@@ -113,13 +117,15 @@ impl std::fmt::Debug for Subscription {
 
 impl Subscription {
     /// The stream of connection `id` of `hub`, which takes its live events from `receiver`,
-    /// for `endpoints` and `keys` (all records for `None`), from `start`.
+    /// for `endpoints` and `keys` (all records for `None`) seen through `views` (one per
+    /// endpoint), from `start`.
     pub(super) fn new(
         hub: Arc<dyn HubHandle>,
         id: ClientId,
         receiver: ClientQueue,
         endpoints: Vec<usize>,
         keys: Option<Arc<KeySet>>,
+        views: Vec<Option<Arc<View>>>,
         start: Start,
     ) -> Self {
         Self {
@@ -134,6 +140,7 @@ impl Subscription {
             direct: None,
             endpoints,
             keys,
+            views,
             cursor: start.cursor,
             hub,
             id,
@@ -198,9 +205,25 @@ impl Subscription {
             (Some(keys), Receivers::Key(Some(key))) => keys.contains(key),
             (Some(_), Receivers::Key(None)) => false,
         };
-        if wanted && let Some(event) = self.hub.render(endpoint, entry) {
-            self.write_event(endpoint, entry.id, &event, out);
+        if !wanted {
+            return;
         }
+        let Some(mut event) = self.hub.render(endpoint, entry) else {
+            return;
+        };
+        let view = self
+            .endpoints
+            .iter()
+            .position(|&e| e == endpoint)
+            .and_then(|position| self.views.get(position).cloned().flatten());
+        if let Some(view) = view {
+            let Some(seen) = view.see_replayed(entry, self.hub.endpoint_name(endpoint), event)
+            else {
+                return;
+            };
+            event = seen;
+        }
+        self.write_event(endpoint, entry.id, &event, out);
     }
 
     /// Counts `bytes` as what this connection's replay holds now.

@@ -79,6 +79,7 @@ pub(super) fn live(endpoints: Vec<usize>) -> Interest {
     Interest {
         endpoints,
         keys: None,
+        views: Vec::new(),
     }
 }
 
@@ -87,6 +88,7 @@ pub(super) fn keyed<const N: usize>(endpoints: Vec<usize>, keys: [&str; N]) -> I
     Interest {
         endpoints,
         keys: Some(KeySet::new(keys)),
+        views: Vec::new(),
     }
 }
 
