@@ -425,6 +425,66 @@ async fn a_token_opens_its_endpoints_and_only_its_pinned_keys() {
 }
 
 #[tokio::test]
+async fn a_token_s_filter_holds_whatever_the_query_asks() {
+    if skip_without_services() {
+        return;
+    }
+    let server = start(|_| {}).await;
+    let pinned = server.token(&["--endpoint", "orders", "--filter", "orders=value.n >= 30"]);
+    let bearer = format!("Bearer {pinned}");
+    let auth = [("authorization", bearer.as_str())];
+    let mut narrowed = SseStream::connect(
+        &server.url("/v1/streams/orders?filter=value.n+%3C+45"),
+        &auth,
+    )
+    .await;
+    let mut widened =
+        SseStream::connect(&server.url("/v1/streams/orders?filter=true"), &auth).await;
+    for stream in [&mut narrowed, &mut widened] {
+        assert_eq!(stream.status, 200);
+        stream.next().await.expect("prelude");
+    }
+    let records: Vec<TestRecord> = (0..60)
+        .map(|n| TestRecord {
+            partition: n % 2,
+            key: Some(format!("order-{n}").into_bytes()),
+            value: Some(format!(r#"{{"n":{n}}}"#).into_bytes()),
+        })
+        .collect();
+    let produced = produce(&services().brokers, &server.topic, &records).await;
+    let within = |range: std::ops::Range<i32>| -> Vec<(i32, i64)> {
+        (0..60)
+            .zip(&produced)
+            .filter(|(n, _)| range.contains(n))
+            .map(|(_, placed)| *placed)
+            .collect()
+    };
+    let events = narrowed.records(15).await;
+    assert_complete_and_ordered(&events, &within(30..45));
+    let events = widened.records(30).await;
+    assert_complete_and_ordered(&events, &within(30..60));
+    // A resume replays through the token's filter too.
+    let after = events[9].id.clone().expect("an id");
+    let mut resumed = SseStream::connect(
+        &server.url("/v1/streams/orders?filter=value.n+%3E%3D+0"),
+        &[
+            ("authorization", bearer.as_str()),
+            ("last-event-id", after.as_str()),
+        ],
+    )
+    .await;
+    assert_eq!(resumed.status, 200);
+    let ids = |events: &[SseEvent]| -> Vec<Option<String>> {
+        events.iter().map(|event| event.id.clone()).collect()
+    };
+    assert_eq!(ids(&resumed.records(20).await), ids(&events[10..]));
+    let (status, code) = server
+        .refusal("/v1/streams/orders?filter=value.n+%3E", &auth)
+        .await;
+    assert_eq!((status, code.as_str()), (400, "bad_filter"));
+}
+
+#[tokio::test]
 async fn a_stream_is_closed_with_expired_when_its_token_runs_out() {
     if skip_without_services() {
         return;

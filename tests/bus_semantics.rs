@@ -356,6 +356,7 @@ async fn the_hub_s_live_start_misses_nothing_and_repeats_nothing(kind: Kind) {
     let live = || Interest {
         endpoints: vec![0],
         keys: None,
+        views: Vec::new(),
     };
     // Connections that subscribe while records flow, read a few, drop, and resume from the
     // last id they got, until the last record.

@@ -156,6 +156,78 @@ async fn key_filters_deliver_only_matching_records() {
 }
 
 #[tokio::test]
+async fn value_filters_and_field_lists_narrow_what_clients_get() {
+    if skip_without_services() {
+        return;
+    }
+    let services = services();
+    let topic = unique("orders");
+    create_topic(&services.brokers, &topic, 2).await;
+    let port = free_port();
+    let mut manifest = manifest(&services, &[("orders", &topic)], &unique("group"), port);
+    // The manifest's filter applies to every stream of the endpoint.
+    manifest["endpoints"]["orders"]["filter"] = r#"value.status != "draft""#.into();
+    let (_dir, path) = write_manifest(&manifest);
+    let _server = Process::server(&path);
+    wait_ready(port).await;
+    let stream = |query: &str| format!("http://127.0.0.1:{port}/v1/streams/orders?{query}");
+
+    let refusal = reqwest::get(stream("filter=value.total_cents+%3E%3D"))
+        .await
+        .expect("an answer");
+    assert_eq!(refusal.status(), 400);
+    let body: serde_json::Value = refusal.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "bad_filter");
+    assert_eq!(body["error"]["column"], 21, "{body}");
+
+    let mut filtered = SseStream::connect(
+        &stream("filter=value.status+%3D%3D+%22placed%22+%26%26+value.total_cents+%3E%3D+1000&fields=id,total_cents"),
+        &[],
+    )
+    .await;
+    let mut everything = SseStream::connect(&stream(""), &[]).await;
+    for client in [&mut filtered, &mut everything] {
+        assert_eq!(client.status, 200);
+        client.next().await.expect("prelude");
+    }
+    let _consumer = Process::consumer(&path, &[]);
+
+    let status = |n: usize| ["placed", "paid", "draft"][n % 3];
+    let records: Vec<TestRecord> = (0..90)
+        .map(|n| TestRecord {
+            partition: i32::try_from(n % 2).expect("small"),
+            key: Some(format!("order-{n}").into_bytes()),
+            value: Some(
+                serde_json::json!({"id": n, "status": status(n), "total_cents": n * 30, "items": ["tea"]})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        })
+        .collect();
+    let produced = produce(&services.brokers, &topic, &records).await;
+    let placed: Vec<(i32, i64)> = (0..90)
+        .zip(&produced)
+        .filter(|(n, _)| status(*n) == "placed" && n * 30 >= 1000)
+        .map(|(_, placed)| *placed)
+        .collect();
+    let not_draft: Vec<(i32, i64)> = (0..90)
+        .zip(&produced)
+        .filter(|(n, _)| status(*n) != "draft")
+        .map(|(_, placed)| *placed)
+        .collect();
+    assert_eq!(placed.len(), 18);
+    let events = filtered.records(placed.len()).await;
+    assert_complete_and_ordered(&events, &placed);
+    for event in &events {
+        let value = &event.json()["value"];
+        let n = value["id"].as_u64().expect("an id");
+        assert_eq!(value, &serde_json::json!({"id": n, "total_cents": n * 30}));
+    }
+    let events = everything.records(not_draft.len()).await;
+    assert_complete_and_ordered(&events, &not_draft);
+}
+
+#[tokio::test]
 async fn two_members_split_the_partitions_and_lose_nothing() {
     if skip_without_services() {
         return;

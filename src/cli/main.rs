@@ -82,6 +82,10 @@ enum Command {
         /// A record key the token pins (repeatable); none for all keys.
         #[arg(long = "key")]
         keys: Vec<String>,
+        /// A filter the token pins, as ENDPOINT=FILTER (`*=FILTER` for every endpoint;
+        /// repeatable): a request's own filter can only narrow it (docs/filters.md).
+        #[arg(long = "filter", value_parser = endpoint_filter, value_name = "ENDPOINT=FILTER")]
+        filters: Vec<(String, String)>,
         /// How long it lives, in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
@@ -111,6 +115,16 @@ enum Command {
         #[command(subcommand)]
         command: fjord_cli::bench::BenchCommand,
     },
+}
+
+/// `ENDPOINT=FILTER`, split at the first `=` (endpoint names have none).
+fn endpoint_filter(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((endpoint, filter)) if !endpoint.is_empty() => {
+            Ok((endpoint.to_owned(), filter.to_owned()))
+        }
+        _ => Err("expected ENDPOINT=FILTER, e.g. orders='value.total >= 1000'".into()),
+    }
 }
 
 #[tokio::main]
@@ -179,6 +193,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             sub,
             endpoints,
             keys,
+            filters,
             ttl,
             private_key,
             issuer,
@@ -189,6 +204,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 subject: sub,
                 endpoints,
                 keys,
+                filters,
                 ttl: std::time::Duration::from_secs(ttl),
                 issuer,
                 audience,

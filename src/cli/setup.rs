@@ -41,6 +41,14 @@ pub enum SetupError {
         /// What is wrong.
         message: String,
     },
+    /// A filter to pin does not compile.
+    #[error("--filter {endpoint}=…: {source}")]
+    Filter {
+        /// The endpoint it was for.
+        endpoint: String,
+        /// Where and why.
+        source: fjord_config::FilterError,
+    },
     /// The token's lifetime is longer than [`MAX_TOKEN_TTL`].
     #[error(
         "a token lifetime of {0} s is longer than the {max} s (ten years) a test token may live",
@@ -179,6 +187,8 @@ pub struct TokenRequest {
     pub endpoints: Vec<String>,
     /// Record keys it pins; empty for all.
     pub keys: Vec<String>,
+    /// Filters it pins: (endpoint or `*`, filter).
+    pub filters: Vec<(String, String)>,
     /// How long it lives.
     pub ttl: Duration,
     /// `iss`.
@@ -204,6 +214,24 @@ pub fn mint(private_key: &Path, request: &TokenRequest) -> Result<String, SetupE
     let mut fjord = serde_json::json!({"endpoints": request.endpoints});
     if !request.keys.is_empty() {
         fjord["keys"] = serde_json::json!(request.keys);
+    }
+    if !request.filters.is_empty() {
+        // Checked here with the default limits, so that a typo fails now rather than as
+        // every stream's 401.
+        for (endpoint, source) in &request.filters {
+            fjord_config::Filter::compile(source, &fjord_config::Limits::default()).map_err(
+                |source| SetupError::Filter {
+                    endpoint: endpoint.clone(),
+                    source,
+                },
+            )?;
+        }
+        fjord["filters"] = request
+            .filters
+            .iter()
+            .map(|(endpoint, source)| (endpoint.clone(), serde_json::Value::from(source.as_str())))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
     }
     let claims = serde_json::json!({
         "sub": request.subject,
@@ -254,13 +282,16 @@ mod tests {
         let manifest_text =
             std::fs::read_to_string(dir.path().join("manifest.json")).expect("manifest");
         let manifest = Manifest::parse(&manifest_text).expect("the skeleton is valid");
-        let auth = Authenticator::new(&manifest.auth).await.expect("keys load");
+        let auth = Authenticator::new(&manifest.auth, &manifest.server.filter_limits)
+            .await
+            .expect("keys load");
         let token = mint(
             &dir.path().join(PRIVATE_KEY_FILE),
             &TokenRequest {
                 subject: "driver-42".into(),
                 endpoints: vec!["orders".into()],
                 keys: vec!["driver-42".into()],
+                filters: Vec::new(),
                 ttl: Duration::from_secs(60),
                 issuer: DEFAULT_ISSUER.into(),
                 audience: DEFAULT_AUDIENCE.into(),

@@ -321,6 +321,7 @@ impl DevKeys {
                 subject: "fjord-dev".into(),
                 endpoints: DEMO_TOPICS.iter().map(|t| (*t).to_owned()).collect(),
                 keys: Vec::new(),
+                filters: Vec::new(),
                 ttl: DEV_TOKEN_TTL,
                 issuer: setup::DEFAULT_ISSUER.into(),
                 audience: setup::DEFAULT_AUDIENCE.into(),
@@ -609,7 +610,9 @@ mod tests {
             None,
         )
         .expect("the dev manifest is valid");
-        let auth = Authenticator::new(&manifest.auth).await.expect("keys load");
+        let auth = Authenticator::new(&manifest.auth, &manifest.server.filter_limits)
+            .await
+            .expect("keys load");
         let grant = auth
             .grant(Some(&keys.token))
             .await
