@@ -229,13 +229,16 @@ export async function kafka(brokers) {
         topics: topics.map((topic) => ({ topic, numPartitions: partitions, replicationFactor: 1 })),
       });
     },
-    /** Produces `{ seq }` records keyed `k<seq % keys>`, one send per record, so order per key holds. */
-    async produce(topic, from, to, { keys = 3, everyMs = 0 } = {}) {
+    /**
+     * Produces records keyed `k<seq % keys>` whose value is `value(seq)` (`{ seq }` by default),
+     * one send per record, so order per key holds.
+     */
+    async produce(topic, from, to, { keys = 3, everyMs = 0, value = (seq) => ({ seq }) } = {}) {
       for (let seq = from; seq < to; seq++) {
         await producer.send({
           topic,
           acks: -1,
-          messages: [{ key: `k${seq % keys}`, value: JSON.stringify({ seq }), headers: { source: "e2e" } }],
+          messages: [{ key: `k${seq % keys}`, value: JSON.stringify(value(seq)), headers: { source: "e2e" } }],
         });
         if (everyMs > 0) await new Promise((r) => setTimeout(r, everyMs));
       }

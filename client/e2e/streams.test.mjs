@@ -2,7 +2,8 @@
 // of ci/services.sh: a page on another origin loads dist/fjord-client.js and streams with
 // JWTs minted by `fjord token`; a page on an origin the server does not allow, or aimed at no
 // server, says which; a stale saved id is dropped; `online` and a page shown again cut a grown
-// backoff short. Run by ci/test-browser.sh.
+// backoff short; `filter` and `fields` narrow and trim what the page gets. Run by
+// ci/test-browser.sh.
 
 import assert from "node:assert/strict";
 import { rm } from "node:fs/promises";
@@ -32,6 +33,7 @@ const ENDPOINTS = {
   other: unique("e2e-other"),
   stale: unique("e2e-stale"),
   wake: unique("e2e-wake"),
+  filter: unique("e2e-filter"),
 };
 const TIMEOUT = 60_000;
 
@@ -282,6 +284,30 @@ test("a saved id from another set of endpoints is dropped with a notice, and the
   assert.match(notice.message, /2 positions, but this stream has 1 endpoint/);
   assert.deepEqual(state.errors, []);
   assert.deepEqual(state.statuses.slice(0, 3), ["connecting:start", "reconnecting:stale_id", "open:opened"]);
+  await page.close();
+});
+
+test("with filter and fields the page receives only the matching records, with only those fields", { timeout: TIMEOUT }, async () => {
+  const page = await streamPage("filter", { filter: "value.total_cents >= 1000", fields: "id,total_cents" });
+  await waitOpen(page);
+  // Even seqs match (seq 0 at exactly 1000), odd ones do not, but the last three match: one per
+  // key, so once they are on the page every record of their key before them would be too.
+  const last = 30;
+  const matches = (seq) => seq % 2 === 0 || seq >= last;
+  await producer.produce(producer.topics.filter, 0, last + 3, {
+    value: (seq) => ({ id: `order-${seq}`, seq, status: "placed", total_cents: matches(seq) ? 1000 + seq : 999 }),
+  });
+  const expected = [];
+  for (let seq = 0; seq < last + 3; seq++) if (matches(seq)) expected.push(seq);
+  const state = await waitRecords(page, expected.length);
+  // `seq` itself is projected away: the id carries it.
+  const seqOf = (record) => Number(record.value.id.replace("order-", ""));
+  assert.deepEqual(state.records.map(seqOf).sort((a, b) => a - b), expected, "only the matching records, each once");
+  for (const record of state.records) {
+    assert.deepEqual(record.value, { id: `order-${seqOf(record)}`, total_cents: 1000 + seqOf(record) }, "only id and total_cents");
+  }
+  assert.deepEqual(state.errors, []);
+  assert.deepEqual(state.tokenCalls, ["connect"]);
   await page.close();
 });
 

@@ -3,6 +3,7 @@
 // delivered once, handles the reserved `fjord.*` events, and decides which errors are fatal.
 // It also ends with the caller's AbortSignal, drops a resume id that the server refuses, and
 // cuts a pending backoff short when the browser comes back online or a hidden page returns.
+// `filter` and `fields` are checked at `connect` and sent alike on every attempt.
 
 import { backoffDelay } from "./backoff.js";
 import { RecentIds } from "./dedupe.js";
@@ -10,6 +11,7 @@ import { eventSourceTransport } from "./eventsource-transport.js";
 import { fetchTransport } from "./fetch-transport.js";
 import type { SseMessage } from "./sse.js";
 import type { Connection, Failure, Transport } from "./transport.js";
+import type { PerEndpoint } from "./url.js";
 import {
   FjordError,
   type ConnectOptions,
@@ -57,6 +59,8 @@ class Stream<T extends EndpointTypes> {
   lastEventId: string | undefined;
   private readonly transport: Transport;
   private readonly endpoints: readonly string[];
+  private readonly filter: PerEndpoint | undefined;
+  private readonly fields: PerEndpoint | undefined;
   private readonly recent = new RecentIds(RECENT_IDS);
   private retryMs = DEFAULT_RETRY_MS;
   /** Failed attempts since the last healthy connection. */
@@ -71,6 +75,8 @@ class Stream<T extends EndpointTypes> {
   constructor(private readonly options: ConnectOptions<T>) {
     this.endpoints = typeof options.endpoints === "string" ? [options.endpoints] : [...options.endpoints];
     if (this.endpoints.length === 0) throw new TypeError("connect: at least one endpoint is needed");
+    this.filter = filterQuery(options.filter, this.endpoints);
+    this.fields = fieldsQuery(options.fields, this.endpoints);
     this.lastEventId = options.lastEventId;
     this.transport = makeTransport(options);
     this.emitStatus("connecting", "start");
@@ -128,6 +134,8 @@ class Stream<T extends EndpointTypes> {
         baseUrl: this.options.url,
         endpoints: this.endpoints,
         keys: this.options.keys ?? [],
+        filter: this.filter,
+        fields: this.fields,
         token,
         lastEventId: this.lastEventId,
       },
@@ -274,7 +282,10 @@ class Stream<T extends EndpointTypes> {
   }
 }
 
-/** 4xx answers other than 401/403 (handled apart), 408 and 429 will not change on retry. */
+/**
+ * 4xx answers other than 401/403 (handled apart), 408 and 429 will not change on retry: among
+ * them `bad_filter` and `bad_fields`, as every attempt sends the same filter and fields.
+ */
 function isFatal({ code, status }: Failure): boolean {
   if (code === "bad_content_type") return true;
   return status !== undefined && status >= 400 && status < 500 && status !== 408 && status !== 429;
@@ -299,6 +310,62 @@ function makeTransport<T extends EndpointTypes>(options: ConnectOptions<T>): Tra
     withCredentials,
     idleTimeoutMs: options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
   });
+}
+
+type PerEndpointOption<V> = V | Readonly<Record<string, V | undefined>> | undefined;
+
+/** The filter as the URL sends it. Its language is the server's to judge; the rest is checked here. */
+function filterQuery(filter: PerEndpointOption<string>, endpoints: readonly string[]): PerEndpoint | undefined {
+  if (filter === undefined || typeof filter === "string") return filter;
+  return byEndpoint("filter", "a string", filter, endpoints, (text, endpoint) => {
+    if (typeof text !== "string") throw new TypeError(`connect: filter.${endpoint} is not a string`);
+    return text;
+  });
+}
+
+/** The projection as the URL sends it: each list joined with `,`. */
+function fieldsQuery(fields: PerEndpointOption<readonly string[]>, endpoints: readonly string[]): PerEndpoint | undefined {
+  if (fields === undefined) return undefined;
+  if (isList(fields)) return joinPaths(fields, "fields");
+  return byEndpoint("fields", "a list of paths", fields, endpoints, (paths, endpoint) => joinPaths(paths, `fields.${endpoint}`));
+}
+
+/**
+ * Copies a per-endpoint option, so that later changes to the caller's object do not change
+ * what a reconnect asks for; an endpoint the stream does not have is a slip caught at once.
+ */
+function byEndpoint<V>(
+  option: string,
+  forAll: string,
+  values: Readonly<Record<string, V | undefined>>,
+  endpoints: readonly string[],
+  text: (value: V, endpoint: string) => string,
+): Record<string, string> {
+  if (typeof values !== "object" || values === null || isList(values)) {
+    throw new TypeError(`connect: ${option} is neither ${forAll} nor an object of endpoint names`);
+  }
+  const query: Record<string, string> = {};
+  for (const [endpoint, value] of Object.entries(values)) {
+    if (!endpoints.includes(endpoint)) {
+      const known = JSON.stringify(endpoints);
+      throw new TypeError(`connect: ${option} names ${JSON.stringify(endpoint)}, which is not one of the endpoints ${known}`);
+    }
+    if (value !== undefined) query[endpoint] = text(value, endpoint);
+  }
+  return query;
+}
+
+function joinPaths(paths: readonly string[], option: string): string {
+  if (!isList(paths)) throw new TypeError(`connect: ${option} is not a list of paths`);
+  // Joined, a blank path is a stray comma, for which the server would refuse the whole list.
+  if (paths.some((path) => typeof path !== "string" || path.trim() === "")) {
+    throw new TypeError(`connect: ${option} has an empty path`);
+  }
+  return paths.join(",");
+}
+
+function isList(value: unknown): value is readonly unknown[] {
+  return Array.isArray(value);
 }
 
 /** Runs an application callback; its exception surfaces on its own without breaking the stream. */

@@ -37,6 +37,8 @@ class EventSourceConnection implements Connection {
     const url = streamUrl(attempt.baseUrl, {
       endpoints: attempt.endpoints,
       keys: attempt.keys,
+      filter: attempt.filter,
+      fields: attempt.fields,
       lastEventId: attempt.lastEventId,
       accessToken: options.tokenInQuery ? attempt.token : undefined,
     });

@@ -60,7 +60,8 @@ class FetchConnection implements Connection {
     const headers: Record<string, string> = { Accept: "text/event-stream" };
     if (attempt.token !== undefined) headers["Authorization"] = `Bearer ${attempt.token}`;
     if (attempt.lastEventId !== undefined) headers["Last-Event-ID"] = attempt.lastEventId;
-    const url = streamUrl(attempt.baseUrl, { endpoints: attempt.endpoints, keys: attempt.keys });
+    const { endpoints, keys, filter, fields } = attempt;
+    const url = streamUrl(attempt.baseUrl, { endpoints, keys, filter, fields });
     this.alive();
     let response: Response;
     try {

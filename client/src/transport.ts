@@ -4,12 +4,16 @@
 // the server's JSON error, or, when the browser hid the answer, whether anything answered.
 
 import type { SseHandlers } from "./sse.js";
+import type { PerEndpoint } from "./url.js";
 
 /** What one connection attempt needs. */
 export interface Attempt {
   baseUrl: string;
   endpoints: readonly string[];
   keys: readonly string[];
+  /** Sent on every attempt: the server applies them to the replay too. */
+  filter: PerEndpoint | undefined;
+  fields: PerEndpoint | undefined;
   token: string | undefined;
   /** Resume after this id. */
   lastEventId: string | undefined;

@@ -31,8 +31,9 @@ export interface SchemaRef {
  * One Kafka record, as delivered by an endpoint.
  *
  * `value` is the record's JSON when it parses as JSON, a string when it is other UTF-8, a
- * `{ base64 }` object otherwise, and `null` for a tombstone. `V` lets an application name
- * the shape it expects (it is not checked); `E`, the endpoint's name.
+ * `{ base64 }` object otherwise, and `null` for a tombstone. With the `fields` option, only
+ * the parts named there. `V` lets an application name the shape it expects (it is not
+ * checked, and does not follow `fields`); `E`, the endpoint's name.
  */
 export interface FjordRecord<V = JsonValue, E extends string = string> {
   /** The endpoint (SSE event name) that delivered the record. */
@@ -148,6 +149,23 @@ export interface ConnectOptions<T extends EndpointTypes = Record<string, JsonVal
   endpoints: (keyof T & string) | readonly (keyof T & string)[];
   /** Only records with one of these keys. */
   keys?: readonly string[] | undefined;
+  /**
+   * Only records that pass this filter, checked by the server (a CEL subset:
+   * `value.status == "placed" && value.total_cents >= 1000`). A string applies to every
+   * endpoint (`?filter=`); an object gives each endpoint named in it its own
+   * (`?filter.<endpoint>=`). `""` or an endpoint left out: no filter. A token's own filter
+   * still applies: the server ANDs them, so a filter can only narrow what the token allows.
+   */
+  filter?: string | { readonly [E in keyof T & string]?: string | undefined } | undefined;
+  /**
+   * Only these parts of `value` are sent: paths of names joined by `.`, `["any name"]` for a
+   * name that is not an identifier (`["id", "customer.name"]`). A list applies to every
+   * endpoint (`?fields=`); an object gives each endpoint named in it its own list
+   * (`?fields.<endpoint>=`). An empty list or an endpoint left out: the whole value.
+   * The record types do not follow: with `fields`, name the projected shape in `T`
+   * (`{ orders: Pick<Order, "id" | "total_cents"> }`).
+   */
+  fields?: readonly string[] | { readonly [E in keyof T & string]?: readonly string[] | undefined } | undefined;
   /** Called before every connection attempt; return the bearer token (or nothing for cookie auth). */
   getToken?: ((request: TokenRequest) => TokenResult | Promise<TokenResult>) | undefined;
   /** Called once per record, in stream order, never twice for the same id. */
@@ -192,8 +210,8 @@ export interface Subscription {
 
 /**
  * An error of the stream. `status` is the HTTP status when the server answered, `code` the
- * server's error code (`token_expired`, `forbidden`, `unknown_endpoint`, ...) or one of the
- * client's own: `cors` (the server answered but the browser hid the answer from this page),
+ * server's error code (`token_expired`, `forbidden`, `unknown_endpoint`, `bad_filter`, ...)
+ * or one of the client's own: `cors` (the server answered but the browser hid the answer from this page),
  * `network` (nothing answered, or the connection was cut), `idle_timeout`, `stream_ended`,
  * `bad_content_type`, `bad_event`, `token_error`, `http_<status>`.
  */

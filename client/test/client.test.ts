@@ -1,6 +1,6 @@
 // `connect` with the fetch transport against scripted streams: delivery, resume with
 // Last-Event-ID, backoff from `retry:`, dedupe, tokens, fatal and retryable errors, reserved
-// events, close and the idle watchdog. Only setTimeout and Date are faked.
+// events, close, the idle watchdog, and `filter` and `fields`. Only setTimeout and Date are faked.
 
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { connect, type ConnectOptions, type FjordError, type FjordRecord, type GapInfo, type Notice, type Status, type StatusInfo, type Subscription, type TokenRequest } from "../src/index.js";
@@ -561,5 +561,124 @@ describe("connect: abort, stale ids, unreadable refusals, waking up", () => {
       await settle();
       expect(h.server.calls.length).toBe(1);
     });
+  });
+});
+
+describe("connect: filter and fields", () => {
+  /** The query of a call as the server reads it. */
+  const query = (url: string) => [...new URL(url).searchParams];
+  const placed = 'value.status == "placed" && value.total_cents >= 1000';
+
+  it("sends one filter and one projection for a single endpoint", async () => {
+    const h = start({ filter: placed, fields: ["id", "total_cents", "customer.name"] });
+    const call = await h.server.next();
+    expect(call.url).toBe(
+      "http://fjord.test/v1/streams/orders?filter=value.status+%3D%3D+%22placed%22+%26%26+value.total_cents+%3E%3D+1000" +
+        "&fields=id%2Ctotal_cents%2Ccustomer.name",
+    );
+    expect(query(call.url)).toEqual([
+      ["filter", placed],
+      ["fields", "id,total_cents,customer.name"],
+    ]);
+    h.sub.close();
+  });
+
+  it("sends them for every endpoint of several, or per endpoint", async () => {
+    const all = start({ endpoints: ["orders", "drivers"], filter: "has(value.id)", fields: ["id"] });
+    expect(query((await all.server.next()).url)).toEqual([
+      ["endpoint", "orders"],
+      ["endpoint", "drivers"],
+      ["filter", "has(value.id)"],
+      ["fields", "id"],
+    ]);
+    all.sub.close();
+    const each = start({
+      endpoints: ["orders", "drivers"],
+      filter: { orders: placed, drivers: 'key.startsWith("eu-")' },
+      fields: { orders: ["id", '["total cents"]'], drivers: [] },
+      keys: ["k"],
+    });
+    expect(query((await each.server.next()).url)).toEqual([
+      ["endpoint", "orders"],
+      ["endpoint", "drivers"],
+      ["key", "k"],
+      ["filter.orders", placed],
+      ["filter.drivers", 'key.startsWith("eu-")'],
+      ["fields.orders", 'id,["total cents"]'],
+    ]);
+    each.sub.close();
+  });
+
+  it("sends no parameter for an empty filter or list", async () => {
+    for (const options of [
+      { filter: "", fields: [] },
+      { filter: {}, fields: {} },
+      { filter: { orders: "" }, fields: { orders: [] } },
+      { filter: { orders: undefined }, fields: { orders: undefined } },
+    ]) {
+      const h = start(options);
+      expect((await h.server.next()).url).toBe("http://fjord.test/v1/streams/orders");
+      h.sub.close();
+    }
+  });
+
+  it("keeps them on every reconnect, whatever the caller changes meanwhile", async () => {
+    const fields = ["id", "total_cents"];
+    const filter = { orders: placed };
+    const h = start({ filter, fields });
+    const first = await h.server.next();
+    const stream = first.open();
+    stream.push("retry: 2000\n\n" + recordEvent("orders", "1-0", { value: { id: "o1", total_cents: 1250 } }));
+    await settle();
+    fields.push("customer");
+    filter.orders = "true";
+    stream.end();
+    await settle();
+    await vi.advanceTimersByTimeAsync(2000);
+    const second = await h.server.next();
+    expect(second.url).toBe(first.url);
+    expect(second.header("last-event-id")).toBe("1-0");
+    // And after fjord.expired, which reconnects at once.
+    second.open().push("event: fjord.expired\ndata: {}\n\n");
+    await settle();
+    const third = await h.server.next();
+    expect(third.url).toBe(first.url);
+    expect(h.records.map((r) => r.value)).toEqual([{ id: "o1", total_cents: 1250 }]);
+    h.sub.close();
+  });
+
+  it.each([
+    ["bad_filter", "filter at column 24: expected ',' or ')' after an argument, found a string"],
+    ["bad_fields", "fields at column 4: expected a name after '.'"],
+  ])("stops at once on a 400 %s, with the server's message", async (code, message) => {
+    const h = start({ filter: "value.a.startsWith(1 'x')", fields: ["id."] });
+    (await h.server.next()).error(400, code, message);
+    await settle();
+    expect(h.errors.map((e) => [e.status, e.code, e.message, e.fatal])).toEqual([[400, code, message, true]]);
+    expect(h.errors[0]?.name).toBe("FjordError");
+    expect(h.sub.status).toBe("closed");
+    expect(h.statuses.at(-1)).toEqual(["closed", { reason: "fatal" }]);
+    expect(h.tokens.map((t) => t.reason)).toEqual(["connect"]);
+    await vi.advanceTimersByTimeAsync(60_000);
+    expect(h.server.calls.length).toBe(1);
+  });
+
+  it("throws a TypeError at connect for what is wrong before any request", () => {
+    for (const [options, message] of [
+      [{ filter: { drivers: "true" } }, /^connect: filter names "drivers", which is not one of the endpoints \["orders"\]$/],
+      [{ fields: { orders: ["id"], driver: ["lat"] } }, /^connect: fields names "driver"/],
+      [{ fields: ["id", ""] }, /^connect: fields has an empty path$/],
+      [{ fields: { orders: [" "] } }, /^connect: fields\.orders has an empty path$/],
+      // What only JavaScript callers can pass.
+      [{ filter: ["true"] }, /^connect: filter is neither a string nor an object of endpoint names$/],
+      [{ filter: { orders: 1 } }, /^connect: filter\.orders is not a string$/],
+      [{ fields: "id,total_cents" }, /^connect: fields is neither a list of paths nor an object of endpoint names$/],
+      [{ fields: { orders: "id" } }, /^connect: fields\.orders is not a list of paths$/],
+    ] as [Partial<ConnectOptions>, RegExp][]) {
+      const fetchFn = vi.fn<typeof fetch>();
+      expect(() => start({ ...options, fetch: fetchFn })).toThrow(TypeError);
+      expect(() => start({ ...options, fetch: fetchFn })).toThrow(message);
+      expect(fetchFn).not.toHaveBeenCalled();
+    }
   });
 });

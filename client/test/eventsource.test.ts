@@ -1,6 +1,6 @@
 // `connect` with `transport: 'eventsource'` against a fake EventSource: the URL carries the
 // resume id and (when asked) the token; EventSource's own retries are cut short; a refused
-// stream is probed with fetch to learn its status.
+// stream is probed with fetch to learn its status; `filter` and `fields` go on every URL.
 
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { connect, type ConnectOptions, type EventSourceConstructor, type FjordError, type FjordRecord, type Notice, type Subscription } from "../src/index.js";
@@ -115,5 +115,28 @@ describe("connect (eventsource transport)", () => {
     expect((await source(1)).url).toBe("https://fjord.test/v1/streams?endpoint=orders&endpoint=drivers");
     expect(h.errors).toEqual([]);
     h.sub.close();
+  });
+
+  it("keeps filter and fields on every URL, the probe's too, and stops on bad_filter", async () => {
+    const h = start({ filter: { drivers: "value.lat > 47" }, fields: ["id"] });
+    const first = await source(0);
+    const shape = "filter.drivers=value.lat+%3E+47&fields=id";
+    expect(first.url).toBe(`https://fjord.test/v1/streams?endpoint=orders&endpoint=drivers&${shape}`);
+    first.open();
+    first.emit("orders", envelope, "2-0_1-0");
+    first.fail();
+    await vi.advanceTimersByTimeAsync(2000);
+    const second = await source(1);
+    expect(second.url).toBe(`https://fjord.test/v1/streams?endpoint=orders&endpoint=drivers&${shape}&last_event_id=2-0_1-0`);
+    second.fail();
+    const probe = await h.server.next();
+    expect(probe.url).toBe(second.url);
+    probe.error(400, "bad_filter", "filter.drivers at column 11: expected a value, found '>'");
+    await settle();
+    expect(h.errors.map((e) => [e.status, e.code, e.message, e.fatal])).toEqual([
+      [undefined, "network", "the stream was interrupted", false],
+      [400, "bad_filter", "filter.drivers at column 11: expected a value, found '>'", true],
+    ]);
+    expect(h.sub.status).toBe("closed");
   });
 });

@@ -1,8 +1,9 @@
 // Record value types per endpoint: `connect<{ orders: Order; drivers: Driver }>` checks the
-// endpoint names and narrows `record.value` by `record.endpoint`. The assertions are checked
-// by the type check of `npm test`; at run time the test only opens and closes streams.
+// endpoint names (in `endpoints`, `filter` and `fields`) and narrows `record.value` by
+// `record.endpoint`. The assertions are checked by the type check of `npm test`; at run time
+// the test opens and closes streams, and sees a misnamed endpoint refused.
 
-import { describe, expectTypeOf, it } from "vitest";
+import { describe, expect, expectTypeOf, it } from "vitest";
 import { connect, type FjordRecord, type JsonValue, type RecordOf } from "../src/index.js";
 import { ScriptedFetch } from "./scripted.js";
 
@@ -47,6 +48,28 @@ describe("typed endpoints", () => {
       endpoints: ["orders", "oders"],
       onRecord: () => undefined,
     }).close();
+  });
+
+  it("key per-endpoint filter and fields by the map's endpoint names", () => {
+    connect<Demo>({
+      url: "",
+      fetch,
+      endpoints: ["orders", "drivers"],
+      filter: { orders: 'value.status == "placed"' },
+      fields: { orders: ["order_id"], drivers: ["lat", "lon"] },
+      onRecord: () => undefined,
+    }).close();
+    // At run time too: a name not among the endpoints throws at connect.
+    expect(() =>
+      connect<Demo>({
+        url: "",
+        fetch,
+        endpoints: ["orders", "drivers"],
+        // @ts-expect-error: not an endpoint of Demo
+        filter: { oders: 'value.status == "placed"' },
+        onRecord: () => undefined,
+      }),
+    ).toThrow(TypeError);
   });
 
   it("default to any endpoint and JSON values", () => {
