@@ -74,9 +74,9 @@ done < <(for page in "${pages[@]}"; do
   sed -n 's/^<!-- ci\/test-readme\.sh: \([a-z-]*\) -->$/\1/p' "$page" | sed "s|^|$page |"
 done)
 
-# The fenced block after the marker NAME in PAGE.
+# The fenced block after the marker NAME in PAGE (or after MARKER, when given).
 block() {
-  awk -v marker="<!-- ci/test-readme.sh: $2 -->" '
+  awk -v marker="${3:-<!-- ci/test-readme.sh: $2 -->}" '
     $0 == marker { armed = 1; next }
     armed && /^```/ { if (inside) exit; inside = 1; next }
     inside { print }
@@ -171,6 +171,21 @@ curl -sN --max-time 4 "http://127.0.0.1:${ports[8080]}/v1/streams/orders" >"$wor
 records=$(grep -c '^event: orders' "$work/first/stream" || true)
 [ "$records" -ge 1 ] || fail "the first command's fjord dev streamed no orders: $(head -c 600 "$work/first/stream")"
 echo "first command: $records orders in 4 s; it stays on its port while the walkthroughs run"
+
+step "README: filters and fields, against the first command's fjord dev"
+filters=$(block README.md "filters" "<!-- ci/test-readme.sh, beside the first command: filters -->")
+[ -n "$filters" ] || fail "README.md has no block after <!-- ci/test-readme.sh, beside the first command: filters -->"
+printf '%s\n' "$filters" | sed 's/^/    /'
+(cd "$work/first" && timeout 20 bash -c "${filters//8080/${ports[8080]}}" >filtered 2>&1) || true
+python3 - "$work/first/filtered" <<'CHECK' || fail "the README's filter example: $(head -c 600 "$work/first/filtered")"
+import json, sys
+values = [json.loads(line[6:])["value"] for line in open(sys.argv[1]) if line.startswith("data: ")]
+assert values, "no record"
+for value in values:
+    assert set(value) == {"order_id", "status", "total_cents"}, value
+    assert value["status"] == "placed" and value["total_cents"] >= 1000, value
+print(f"filters: {len(values)} orders, each placed, worth at least 1000 cents, with three fields")
+CHECK
 
 names=()
 for found in "${walkthroughs[@]}"; do
