@@ -15,14 +15,18 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use super::histogram::Histogram;
 use super::outcome::Outcome;
 use super::scenario::{
-    ENDPOINT, Env, Kind, Scenario, create_topic, free_port, manifest, on_cpu, publish_to_bus,
-    server_command, unique,
+    ENDPOINT, Env, Kind, Scenario, Spread, create_topic, free_port, manifest, on_cpu,
+    publish_to_bus, server_command, unique,
 };
 use super::worker::{Target, WorkerReport, WorkerSpec};
 use super::{cpu_ticks, now_us, rss_kib, ticks_per_second};
 use fjord_bus::Bus;
 use fjord_bus::memory::MemoryBus;
 use fjord_config::Manifest;
+
+/// The servers' counters read around the window.
+const DROPPED: &str = "fjord_clients_dropped_total";
+const EVALUATIONS: &str = "fjord_filter_evaluations_total";
 
 /// Most connections one worker process opens (this machine allows 20,000 open files).
 const MAX_PER_WORKER: usize = 15_000;
@@ -132,7 +136,8 @@ async fn wait_ready(port: u16) -> anyhow::Result<()> {
     anyhow::bail!("server on port {port} not ready within 30 s")
 }
 
-async fn clients_dropped(ports: &[u16]) -> u64 {
+/// The sum over the servers on `ports` of the counter `name` on their `/metrics`.
+async fn counter_total(ports: &[u16], name: &str) -> u64 {
     let Ok(client) = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -151,7 +156,7 @@ async fn clients_dropped(ports: &[u16]) -> u64 {
         let text = response.text().await.unwrap_or_default();
         total += text
             .lines()
-            .find_map(|line| line.strip_prefix("fjord_clients_dropped_total "))
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|value| value.trim().parse::<f64>().ok())
             .unwrap_or(0.0) as u64;
     }
@@ -184,6 +189,7 @@ fn worker_specs(
                         path: format!("/v1/streams/{ENDPOINT}"),
                         count: to - from,
                         keys: scenario.keyed.then_some(total as u64),
+                        filters: (scenario.filters > 0).then_some(scenario.filters as u64),
                         first_index: from as u64,
                     })
                 })
@@ -331,7 +337,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     } else {
         ports.clone()
     };
-    let dropped_before = clients_dropped(&server_ports).await;
+    let dropped_before = counter_total(&server_ports, DROPPED).await;
 
     let addresses: Vec<SocketAddr> = ports
         .iter()
@@ -384,7 +390,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
                 bus,
                 manifest,
                 scenario.rate,
-                scenario.keyed.then_some(scenario.connections as u64),
+                Spread::of(scenario),
                 Arc::clone(&published),
                 Arc::clone(&stop),
             )))
@@ -407,9 +413,13 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     let window_start = Instant::now();
     let cpu_before: u64 = measured_pids.iter().filter_map(|&pid| cpu_ticks(pid)).sum();
     let published_before = published.load(Relaxed);
+    let evaluations_before = counter_total(&server_ports, EVALUATIONS).await;
     tokio::time::sleep(Duration::from_secs(scenario.measure_secs)).await;
     let cpu_after: u64 = measured_pids.iter().filter_map(|&pid| cpu_ticks(pid)).sum();
     let published_after = published.load(Relaxed);
+    let evaluations = counter_total(&server_ports, EVALUATIONS)
+        .await
+        .saturating_sub(evaluations_before);
     let window = window_start.elapsed().as_secs_f64();
     for worker in &mut workers {
         worker.say("stop").await;
@@ -422,7 +432,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
         .iter()
         .map(|&pid| rss_kib(pid).unwrap_or(0))
         .collect();
-    outcome.clients_dropped = clients_dropped(&server_ports)
+    outcome.clients_dropped = counter_total(&server_ports, DROPPED)
         .await
         .saturating_sub(dropped_before);
 
@@ -479,6 +489,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     }
     if outcome.records > 0 {
         outcome.cpu_us_per_record = outcome.server_cpu_secs * 1e6 / outcome.records as f64;
+        outcome.filter_evaluations_per_record = evaluations as f64 / outcome.records as f64;
     }
     if outcome.connected > 0 {
         let grown: u64 = outcome

@@ -132,7 +132,7 @@ pub(crate) fn run(port: u16, deadline_secs: u64) -> anyhow::Result<()> {
             continue;
         }
         sent += 1;
-        let envelope = event_envelope(sent, None, sent, now_us());
+        let envelope = event_envelope(sent, None, None, sent, now_us());
         let mut event = format!("id: {}-0\nevent: bench\ndata: ", now_us() / 1000).into_bytes();
         event.extend_from_slice(&envelope);
         event.extend_from_slice(b"\n\n");

@@ -101,6 +101,10 @@ pub enum BenchCommand {
         /// Every Nth connection stalls (0: none).
         #[arg(long)]
         slow_every: Option<usize>,
+        /// Connection `i` asks for `?filter=value.bucket == i % N`, N distinct filters in
+        /// all (0: no filter); records go round 1,000 buckets.
+        #[arg(long)]
+        filters: Option<usize>,
         /// The servers' per-client queue.
         #[arg(long)]
         client_queue: Option<usize>,
@@ -219,6 +223,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             secs,
             servers,
             slow_every,
+            filters,
             client_queue,
             records,
             rtt_ms,
@@ -242,6 +247,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             }
             if let Some(slow_every) = slow_every {
                 chosen.slow_every = slow_every;
+            }
+            if let Some(filters) = filters {
+                chosen.filters = filters;
             }
             if client_queue.is_some() {
                 chosen.client_queue = client_queue;
@@ -380,10 +388,17 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 /// The envelope JSON of benchmark record `offset`, as fjord-consumer would encode it, whose
 /// value carries the sequence number within what its receivers get and the publish time.
-pub fn event_envelope(offset: u64, key: Option<&str>, seq: u64, published_us: u64) -> Vec<u8> {
+pub fn event_envelope(
+    offset: u64,
+    key: Option<&str>,
+    bucket: Option<u64>,
+    seq: u64,
+    published_us: u64,
+) -> Vec<u8> {
     let key = key.map_or_else(|| "null".to_owned(), |key| format!("\"{key}\""));
+    let bucket = bucket.map_or_else(String::new, |bucket| format!(r#""bucket":{bucket},"#));
     format!(
-        r#"{{"topic":"bench","partition":0,"offset":{offset},"key":{key},"timestamp":{},"headers":{{}},"value":{{"seq":{seq},"ts":{published_us}}}}}"#,
+        r#"{{"topic":"bench","partition":0,"offset":{offset},"key":{key},"timestamp":{},"headers":{{}},"value":{{{bucket}"seq":{seq},"ts":{published_us}}}}}"#,
         published_us / 1000
     )
     .into_bytes()
@@ -402,10 +417,19 @@ mod tests {
 
     #[test]
     fn envelopes_are_json_with_seq_and_time() {
-        let json: serde_json::Value =
-            serde_json::from_slice(&event_envelope(7, Some("k1"), 3, 1_764_000_000_123_456))
-                .expect("json");
+        let json: serde_json::Value = serde_json::from_slice(&event_envelope(
+            7,
+            Some("k1"),
+            None,
+            3,
+            1_764_000_000_123_456,
+        ))
+        .expect("json");
         assert_eq!(json["value"]["seq"], 3);
+        let bucketed: serde_json::Value =
+            serde_json::from_slice(&event_envelope(7, None, Some(9), 3, 1)).expect("json");
+        assert_eq!(bucketed["value"]["bucket"], 9);
+        assert_eq!(bucketed["value"]["seq"], 3);
         assert_eq!(json["value"]["ts"], 1_764_000_000_123_456_u64);
         assert_eq!(json["key"], "k1");
         assert_eq!(json["timestamp"], 1_764_000_000_123_u64);

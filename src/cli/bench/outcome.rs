@@ -57,6 +57,10 @@ pub struct Outcome {
     pub cpu_us_per_delivery: f64,
     /// Server CPU per record published, in microseconds.
     pub cpu_us_per_record: f64,
+    /// Records decided for a filter in the window, per record published: the distinct
+    /// filters a record met, however many connections share them.
+    #[serde(default)]
+    pub filter_evaluations_per_record: f64,
     /// Load-generator CPU in the window, in seconds.
     pub loadgen_cpu_secs: f64,
     /// Problems that make the figures doubtful.

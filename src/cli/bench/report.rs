@@ -165,6 +165,39 @@ pub(crate) fn targets(results: &Results) -> Vec<(String, String, String)> {
             verdict(ratio >= 1.2).into(),
         ));
     }
+    let filtered: Vec<&Outcome> = ["filters-1", "filters-100", "filters-1000"]
+        .iter()
+        .filter_map(|name| find(results, name))
+        .collect();
+    if let [one, .., many] = filtered.as_slice() {
+        let each = |pick: fn(&Outcome) -> String| {
+            filtered
+                .iter()
+                .map(|run| pick(run))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let ratio = many.cpu_us_per_record / one.cpu_us_per_record.max(1e-9);
+        let distinct = many.load.as_ref().map_or(0, |load| load.filters) as f64;
+        let connections = many.connected as f64;
+        rows.push((
+            "issue 25: filters cost per distinct filter, not per connection".into(),
+            format!(
+                "{} connections, {} distinct filters: {} µs/record, {} decisions/record, {} deliveries/s; {:.0}× the filters cost {ratio:.1}× the CPU per record",
+                many.connected,
+                each(|run| run.load.as_ref().map_or(0, |load| load.filters).to_string()),
+                each(|run| format!("{:.0}", run.cpu_us_per_record)),
+                each(|run| format!("{:.0}", run.filter_evaluations_per_record)),
+                each(|run| format!("{:.0}", run.deliveries_per_sec)),
+                distinct / one.load.as_ref().map_or(1, |load| load.filters.max(1)) as f64,
+            ),
+            verdict(
+                (many.filter_evaluations_per_record - distinct).abs() <= distinct * 0.05
+                    && many.filter_evaluations_per_record < connections,
+            )
+            .into(),
+        ));
+    }
     if let (Some(keyed), Some(fanout)) = (find(results, "keyed"), find(results, "fanout")) {
         let ratio = keyed.cpu_us_per_record / fanout.cpu_us_per_record.max(1e-9);
         rows.push((

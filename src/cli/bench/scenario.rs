@@ -67,6 +67,10 @@ pub struct Scenario {
     pub rate: f64,
     /// Each connection asks for its own key (`?key=`); records go round the keys.
     pub keyed: bool,
+    /// Connections ask for this many distinct filters (`?filter=value.bucket == N`), in
+    /// turn; records go round [`FILTER_BUCKETS`] buckets. 0: no filter.
+    #[serde(default)]
+    pub filters: usize,
     /// Seconds of load before measuring.
     pub warmup_secs: u64,
     /// Seconds measured.
@@ -117,6 +121,7 @@ impl Scenario {
             connections: 10_000,
             rate: 10.0,
             keyed: false,
+            filters: 0,
             warmup_secs: 3,
             measure_secs: 20,
             slow_every: 0,
@@ -169,6 +174,14 @@ impl Scenario {
             },
             "keyed" => Self {
                 keyed: true,
+                ..base
+            },
+            // Issue 25: 10,000 connections, 1,000 records/s, as many deliveries whatever
+            // the number of distinct filters (each record matches one bucket's filter), so
+            // that what changes is the filters' own cost.
+            "filters-1" | "filters-100" | "filters-1000" => Self {
+                rate: 1_000.0,
+                filters: name.trim_start_matches("filters-").parse().unwrap_or(1),
                 ..base
             },
             "overload" => Self {
@@ -257,13 +270,16 @@ impl Scenario {
 }
 
 /// Every standard scenario, in the order they run.
-pub(crate) const ALL: [&str; 12] = [
+pub(crate) const ALL: [&str; 15] = [
     "idle",
     "floor",
     "fanout",
     "floor-1k",
     "fanout-1k",
     "keyed",
+    "filters-1",
+    "filters-100",
+    "filters-1000",
     "overload",
     "e2e",
     "scale",
@@ -401,11 +417,39 @@ pub(super) fn server_command(
 }
 
 /// Publishes to `bus` at `rate` until `stop`; counts into `published`.
+/// The buckets of the filter scenarios' records: `value.bucket` goes round them.
+pub(super) const FILTER_BUCKETS: u64 = 1_000;
+
+/// How the publisher spreads its records over what connections ask for; each part has a
+/// sequence of its own, so that a connection that gets one part sees no gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Spread {
+    /// One sequence, no key.
+    All,
+    /// Keys `k0`, `k1`, … in turn.
+    Keys(u64),
+    /// `value.bucket` 0, 1, … in turn.
+    Buckets(u64),
+}
+
+impl Spread {
+    /// What `scenario`'s connections ask for.
+    pub(crate) fn of(scenario: &Scenario) -> Self {
+        if scenario.keyed {
+            Self::Keys(scenario.connections.max(1) as u64)
+        } else if scenario.filters > 0 {
+            Self::Buckets(FILTER_BUCKETS)
+        } else {
+            Self::All
+        }
+    }
+}
+
 pub(super) async fn publish_to_bus(
     bus: Bus,
     manifest: Manifest,
     rate: f64,
-    keys: Option<u64>,
+    spread: Spread,
     published: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
@@ -422,12 +466,13 @@ pub(super) async fn publish_to_bus(
             tokio::time::sleep(Duration::from_micros(500)).await;
             continue;
         }
-        let (key, seq) = match keys {
-            Some(keys) => (Some(format!("k{}", sent % keys)), sent / keys),
-            None => (None, sent),
+        let (key, bucket, seq) = match spread {
+            Spread::Keys(keys) => (Some(format!("k{}", sent % keys)), None, sent / keys),
+            Spread::Buckets(buckets) => (None, Some(sent % buckets), sent / buckets),
+            Spread::All => (None, None, sent),
         };
         let envelope = Envelope {
-            json: event_envelope(sent, key.as_deref(), seq, now_us()),
+            json: event_envelope(sent, key.as_deref(), bucket, seq, now_us()),
             filter_key: key.map(String::into_bytes),
         };
         bus.publish(Publication {

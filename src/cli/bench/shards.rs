@@ -21,7 +21,7 @@ use redis::Value;
 
 use super::histogram::Histogram;
 use super::outcome::{Latency, Outcome, ReplicaLag, ShardRun};
-use super::scenario::{Env, Scenario, free_port, manifest, publish_to_bus, unique};
+use super::scenario::{Env, Scenario, Spread, free_port, manifest, publish_to_bus, unique};
 use super::{cpu_ticks, event_envelope, now_us, ticks_per_second};
 use fjord_bus::envelope::Envelope;
 use fjord_bus::{Batch, Bus, BusReader, EntryKind};
@@ -517,7 +517,7 @@ async fn publish_batches(
     let partition = i32::try_from(partition)?;
     let mut next = 0_u64;
     while !stop.load(Relaxed) {
-        let json = event_envelope(next, None, next, now_us());
+        let json = event_envelope(next, None, None, next, now_us());
         let records: Vec<(i64, Envelope)> = (next..next + BATCH as u64)
             .map(|offset| {
                 let envelope = Envelope {
@@ -610,7 +610,7 @@ pub(crate) async fn replica_lag(env: &Env, scenario: &Scenario) -> anyhow::Resul
         fjord_bus::connect_redis(&manifest.redis).await?,
         manifest,
         scenario.rate,
-        None,
+        Spread::All,
         Arc::clone(&published),
         Arc::clone(&stop),
     ));

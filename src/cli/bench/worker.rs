@@ -27,7 +27,11 @@ pub struct Target {
     pub count: usize,
     /// With `Some(keys)`, connection `i` asks for `?key=k{(first_index + i) % keys}`.
     pub keys: Option<u64>,
-    /// The index of this target's first connection, for keys.
+    /// With `Some(filters)`, connection `i` asks for
+    /// `?filter=value.bucket == {(first_index + i) % filters}`.
+    #[serde(default)]
+    pub filters: Option<u64>,
+    /// The index of this target's first connection, for keys and filters.
     pub first_index: u64,
 }
 
@@ -136,13 +140,15 @@ async fn drive(spec: WorkerSpec) -> anyhow::Result<()> {
         for i in 0..target.count {
             let source = spec.sources[total % spec.sources.len()];
             let slow = spec.slow_every > 0 && total % spec.slow_every == spec.slow_every - 1;
-            let path = match target.keys {
-                Some(keys) => format!(
-                    "{}?key=k{}",
+            let index = target.first_index + i as u64;
+            let path = match (target.keys, target.filters) {
+                (Some(keys), _) => format!("{}?key=k{}", target.path, index % keys),
+                (None, Some(filters)) => format!(
+                    "{}?filter=value.bucket%20%3D%3D%20{}",
                     target.path,
-                    (target.first_index + i as u64) % keys
+                    index % filters
                 ),
-                None => target.path.clone(),
+                (None, None) => target.path.clone(),
             };
             let request = format!(
                 "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
