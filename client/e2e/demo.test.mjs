@@ -1,8 +1,9 @@
 // The demo page of `fjord dev` in headless Chromium: it loads the embedded @fjord/client from
 // /fjord-client.js, is full of recent history at once, shows orders appearing and drivers
 // moving with labels that never overlap, resumes after "Drop connection" with no record
-// missed, follows one driver on a key-filtered connection, shows the open connections,
-// puts the live data first on a phone, asks nothing the server lacks (no 404, favicon
+// missed, follows one driver on a key-filtered connection, narrows orders with a value filter
+// and a field list on the server (and shows the bytes that saved, and a bad filter's 400),
+// shows the open connections, puts the live data first on a phone, asks nothing the server lacks (no 404, favicon
 // included), and with `fjord dev --auth` streams with the token of the banner's address.
 // Needs no Kafka or Redis (fjord dev runs its own). FJORD_E2E_SCREENSHOTS=DIR keeps screenshots.
 
@@ -161,6 +162,97 @@ test("the key filter follows one driver on a connection of its own, and the pane
   assert.match(await page.locator("#filter-info").textContent(), /\/v1\/streams\/drivers\?key=driver-3: \d+ records, all driver-3/);
   assert.match(await page.locator("#conns-list").textContent(), /key filter: driver-3 open/);
   assert.equal(await page.locator("#drivers-layer .drv.followed").count(), 1);
+  await page.close();
+});
+
+test("the value filter: only orders that pass it, with three fields, the bytes saved, and a bad filter's message", { timeout: 2 * TIMEOUT }, async () => {
+  const page = await openDemo(`http://127.0.0.1:${port}/`);
+  const FILTER = "value.total_cents >= 3000";
+  const applied = () =>
+    page.waitForFunction(
+      () => {
+        const f = window.fjordDemo.valueFilter;
+        return f.count >= 3 && f.bytes && f.bytes.orders >= 3 && f.bytes.savedPerSecond > 0;
+      },
+      null,
+      { timeout: TIMEOUT / 2 },
+    );
+  try {
+    await page.locator("#hood-value").waitFor({ timeout: TIMEOUT / 2 });
+    assert.equal(await page.inputValue("#value-filter"), FILTER);
+    assert.equal(await page.evaluate(() => window.fjordDemo.valueFilter.status), null, "not applied at load");
+    // The main connection has its history, so that "since Apply" means new orders.
+    await page.waitForFunction(() => document.querySelectorAll("#orders .order").length >= 10, null, { timeout: TIMEOUT / 2 });
+    await page.click("#value-apply");
+    await applied();
+    await page.waitForFunction(() => Number(document.getElementById("value-evals").textContent.replace(/\D/g, "")) > 0, null, {
+      timeout: 10_000,
+    });
+  } catch (error) {
+    throw explain(error, page);
+  }
+  const filter = await page.evaluate(() => window.fjordDemo.valueFilter);
+  assert.equal(filter.filter, FILTER);
+  assert.equal(filter.status, "open");
+  assert.equal(filter.error, null);
+  assert.equal(filter.others, 0);
+  assert.ok(filter.values.length >= 3);
+  for (const value of filter.values) {
+    assert.deepEqual(Object.keys(value).sort(), ["order_id", "status", "total_cents"], JSON.stringify(value));
+    assert.ok(value.total_cents >= 3000, JSON.stringify(value));
+  }
+  // The main connection got orders that the filter held back.
+  const totals = await page.$$eval("#orders .order .total", (ts) => ts.map((t) => Number(t.textContent)).filter((t) => t > 0));
+  assert.ok(totals.some((t) => t < 30), `orders of the main connection: ${totals.join(" ")}`);
+  const { bytes } = filter;
+  assert.ok(bytes.savedPercent > 0 && bytes.savedPercent < 100, JSON.stringify(bytes));
+  assert.ok(bytes.matchedBytes < bytes.ordersBytes, JSON.stringify(bytes));
+  const info = await page.locator("#value-info").textContent();
+  assert.match(info, /^Received \d+ records?\. Since Apply: \d+ of \d+ orders · \d+(\.\d)? (KB|B)\/s saved \(\d+ %\)$/);
+  assert.equal(await page.locator("#value-log li").count() > 0, true);
+  assert.match(await page.locator("#conns-list").textContent(), /value filter: value\.total_cents >= 3000 open/);
+  console.log(`value filter: ${info}`);
+
+  // A bad filter (Enter applies it): the server's 400 shows in the card, nothing is thrown.
+  await page.fill("#value-filter", "value.total_cents >=");
+  await page.press("#value-filter", "Enter");
+  try {
+    await page.locator("#value-error").waitFor({ state: "visible", timeout: TIMEOUT / 2 });
+  } catch (error) {
+    throw explain(error, page);
+  }
+  const refused = await page.evaluate(() => window.fjordDemo.valueFilter);
+  assert.equal(refused.error.code, "bad_filter");
+  assert.equal(refused.error.status, 400);
+  assert.equal(refused.status, "closed");
+  assert.equal(refused.count, 0);
+  const shown = await page.locator("#hood-value").textContent();
+  assert.match(shown, /bad_filter/);
+  assert.match(shown, /column \d+/);
+  assert.match(await page.locator("#conns-list").textContent(), /value filter: value\.total_cents >= refused \(bad_filter\)/);
+
+  // The next Apply tries again; an empty filter closes the connection.
+  await page.fill("#value-filter", FILTER);
+  await page.click("#value-apply");
+  try {
+    await applied();
+  } catch (error) {
+    throw explain(error, page);
+  }
+  assert.equal(await page.locator("#value-error").isHidden(), true);
+  await page.fill("#value-filter", "");
+  await page.click("#value-apply");
+  assert.equal(await page.evaluate(() => window.fjordDemo.valueFilter.status), null);
+  assert.doesNotMatch(await page.locator("#conns-list").textContent(), /value filter/);
+
+  // Nothing asked for that the server lacks: the only refusal is the bad filter's 400.
+  const refusals = page.failedRequests.filter((r) => !/^400 http:\/\/127\.0\.0\.1:\d+\/v1\/streams\/orders\?filter=value\.total_cents/.test(r));
+  assert.deepEqual(refusals, []);
+  assert.equal(page.failedRequests.length, 1, page.failedRequests.join("\n"));
+  assert.deepEqual(
+    page.consoleLines.filter((l) => /^(error|pageerror)/.test(l) && !/status of 400/.test(l)),
+    [],
+  );
   await page.close();
 });
 
