@@ -94,15 +94,24 @@ pub struct Subscription {
     /// Handed to the hub once the connection is live (see [`Subscription::write_directly`]).
     direct: Option<Arc<dyn DirectWrite>>,
     endpoints: Vec<usize>,
-    keys: Option<Arc<KeySet>>,
-    /// Its view of each of its endpoints: a replay is filtered and projected as live
-    /// events are.
-    views: Vec<Option<Arc<View>>>,
+    /// What narrows its replay; `None` when it takes every record whole.
+    narrowing: Option<Box<Narrowing>>,
     /// The connection's position in each of its endpoints: an event at or before it was
     /// sent already and is skipped.
     cursor: ResumeId,
     hub: Arc<dyn HubHandle>,
     id: ClientId,
+}
+
+/// What narrows a connection's replay as the hub narrows its live events: its keys, and its
+/// view of each of its endpoints. Boxed, and absent for a connection that takes everything,
+/// so that such a connection's task, where every byte counts once per open stream, does
+/// not grow for it.
+#[derive(Debug)]
+struct Narrowing {
+    keys: Option<Arc<KeySet>>,
+    /// In the order of the subscription's endpoints.
+    views: Vec<Option<Arc<View>>>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -139,8 +148,8 @@ impl Subscription {
             receiver,
             direct: None,
             endpoints,
-            keys,
-            views,
+            narrowing: (keys.is_some() || views.iter().any(Option::is_some))
+                .then(|| Box::new(Narrowing { keys, views })),
             cursor: start.cursor,
             hub,
             id,
@@ -200,7 +209,8 @@ impl Subscription {
     }
 
     fn write_replayed(&mut self, endpoint: usize, entry: &BusEntry, out: &mut BytesMut) {
-        let wanted = match (&self.keys, entry.receivers()) {
+        let narrowing = self.narrowing.as_deref();
+        let wanted = match (narrowing.and_then(|n| n.keys.as_deref()), entry.receivers()) {
             (None, _) | (_, Receivers::All) => true,
             (Some(keys), Receivers::Key(Some(key))) => keys.contains(key),
             (Some(_), Receivers::Key(None)) => false,
@@ -211,11 +221,10 @@ impl Subscription {
         let Some(mut event) = self.hub.render(endpoint, entry) else {
             return;
         };
-        let view = self
-            .endpoints
-            .iter()
-            .position(|&e| e == endpoint)
-            .and_then(|position| self.views.get(position).cloned().flatten());
+        let view = narrowing.and_then(|narrowing| {
+            let position = self.endpoints.iter().position(|&e| e == endpoint)?;
+            narrowing.views.get(position).cloned().flatten()
+        });
         if let Some(view) = view {
             let Some(seen) = view.see_replayed(entry, self.hub.endpoint_name(endpoint), event)
             else {
