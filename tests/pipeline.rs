@@ -163,14 +163,14 @@ async fn value_filters_and_field_lists_narrow_what_clients_get() {
     let services = services();
     let topic = unique("orders");
     create_topic(&services.brokers, &topic, 2).await;
-    let port = free_port();
-    let mut manifest = manifest(&services, &[("orders", &topic)], &unique("group"), port);
     // The manifest's filter applies to every stream of the endpoint.
-    manifest["endpoints"]["orders"]["filter"] = r#"value.status != "draft""#.into();
-    let (_dir, path) = write_manifest(&manifest);
-    let _server = Process::server(&path);
-    wait_ready(port).await;
-    let stream = |query: &str| format!("http://127.0.0.1:{port}/v1/streams/orders?{query}");
+    let server = ServerStart::new()
+        .endpoints(&[("orders", &topic)])
+        .start(|manifest| {
+            manifest["endpoints"]["orders"]["filter"] = r#"value.status != "draft""#.into();
+        })
+        .await;
+    let stream = |query: &str| server.url(&format!("/v1/streams/orders?{query}"));
 
     let refusal = reqwest::get(stream("filter=value.total_cents+%3E%3D"))
         .await
@@ -190,7 +190,7 @@ async fn value_filters_and_field_lists_narrow_what_clients_get() {
         assert_eq!(client.status, 200);
         client.next().await.expect("prelude");
     }
-    let _consumer = Process::consumer(&path, &[]);
+    let _consumer = Process::consumer(&server.path, &[]);
 
     let status = |n: usize| ["placed", "paid", "draft"][n % 3];
     let records: Vec<TestRecord> = (0..90)

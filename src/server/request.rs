@@ -277,31 +277,22 @@ impl ViewParameters {
             Some((kind, endpoint)) => (kind, Some(endpoint)),
             None => (name, None),
         };
-        let twice = || ApiError::bad_query(format!("{name}= is given twice"));
         match kind {
             "filter" => {
                 let filter = Filter::compile(value, limits)
                     .map_err(|error| ApiError::bad_view("bad_filter", name, &error))?;
-                match endpoint {
-                    None if self.filter.is_some() => return Err(twice()),
-                    None => self.filter = Some(filter),
-                    Some(endpoint) if self.filters.iter().any(|(e, _)| e == endpoint) => {
-                        return Err(twice());
-                    }
-                    Some(endpoint) => self.filters.push((endpoint.to_owned(), filter)),
-                }
+                place(&mut self.filter, &mut self.filters, endpoint, filter, name)?;
             }
             "fields" => {
                 let fields = Projection::parse(value, limits)
                     .map_err(|error| ApiError::bad_view("bad_fields", name, &error))?;
-                match endpoint {
-                    None if self.fields.is_some() => return Err(twice()),
-                    None => self.fields = Some(fields),
-                    Some(endpoint) if self.field_lists.iter().any(|(e, _)| e == endpoint) => {
-                        return Err(twice());
-                    }
-                    Some(endpoint) => self.field_lists.push((endpoint.to_owned(), fields)),
-                }
+                place(
+                    &mut self.fields,
+                    &mut self.field_lists,
+                    endpoint,
+                    fields,
+                    name,
+                )?;
             }
             _ => return Ok(false),
         }
@@ -361,6 +352,29 @@ impl ViewParameters {
             })
             .collect())
     }
+}
+
+/// Keeps `value` of parameter `name` as the stream's (`every`) or, for `Some(endpoint)`,
+/// as that endpoint's (`each`); a parameter given twice is refused.
+fn place<T>(
+    every: &mut Option<T>,
+    each: &mut Vec<(String, T)>,
+    endpoint: Option<&str>,
+    value: T,
+    name: &str,
+) -> Result<(), ApiError> {
+    let taken = match endpoint {
+        None => every.is_some(),
+        Some(endpoint) => each.iter().any(|(e, _)| e == endpoint),
+    };
+    if taken {
+        return Err(ApiError::bad_query(format!("{name}= is given twice")));
+    }
+    match endpoint {
+        None => *every = Some(value),
+        Some(endpoint) => each.push((endpoint.to_owned(), value)),
+    }
+    Ok(())
 }
 
 /// How far ahead of this server's clock a resume id may be: the bus's clock, which makes
