@@ -68,9 +68,14 @@ pub struct Scenario {
     /// Each connection asks for its own key (`?key=`); records go round the keys.
     pub keyed: bool,
     /// Connections ask for this many distinct filters (`?filter=value.bucket == N`), in
-    /// turn; records go round [`FILTER_BUCKETS`] buckets. 0: no filter.
+    /// turn. 0: no filter.
     #[serde(default)]
     pub filters: usize,
+    /// The buckets the records go round when connections filter: [`FILTER_BUCKETS`] at
+    /// full load, so that deliveries do not depend on the filters; as many as the filters
+    /// at tiny load, so that every record reaches someone within its short window.
+    #[serde(default)]
+    pub buckets: u64,
     /// Seconds of load before measuring.
     pub warmup_secs: u64,
     /// Seconds measured.
@@ -122,6 +127,7 @@ impl Scenario {
             rate: 10.0,
             keyed: false,
             filters: 0,
+            buckets: FILTER_BUCKETS,
             warmup_secs: 3,
             measure_secs: 20,
             slow_every: 0,
@@ -260,6 +266,7 @@ impl Scenario {
         Some(Self {
             connections: (full.connections / 100).max(60),
             rate: full.rate.min(20.0),
+            buckets: full.filters.max(1) as u64,
             warmup_secs: if full.kind == Kind::EndToEnd { 4 } else { 1 },
             measure_secs: 2,
             slow_every: full.slow_every.min(10),
@@ -438,7 +445,7 @@ impl Spread {
         if scenario.keyed {
             Self::Keys(scenario.connections.max(1) as u64)
         } else if scenario.filters > 0 {
-            Self::Buckets(FILTER_BUCKETS)
+            Self::Buckets(scenario.buckets.max(1))
         } else {
             Self::All
         }
