@@ -1024,6 +1024,21 @@ pub(super) mod tests {
                 "$.endpoints.orders.retention.max_records",
             ),
             (
+                "/endpoints/orders/filter",
+                serde_json::json!("value.total >"),
+                "$.endpoints.orders.filter",
+            ),
+            (
+                "/server",
+                serde_json::json!({"filter_limits": {"max_depth": 1000}}),
+                "$.server.filter_limits.max_depth",
+            ),
+            (
+                "/server",
+                serde_json::json!({"max_distinct_filters": 0}),
+                "$.server.max_distinct_filters",
+            ),
+            (
                 "/consumer_groups/0/members",
                 serde_json::json!(0),
                 "$.consumer_groups[0].members",
@@ -1146,6 +1161,27 @@ pub(super) mod tests {
                 "{pointer} = {replacement}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn an_endpoint_s_filter_is_checked_within_the_manifest_s_limits() {
+        let mut value = minimal();
+        value["endpoints"]["orders"]["filter"] = serde_json::json!("value.total >= 1000");
+        let manifest = accepted(&value);
+        let endpoint = &manifest.endpoints.values().next().expect("orders");
+        let filter = endpoint
+            .filter(&manifest.server.filter_limits)
+            .expect("compiles")
+            .expect("a filter");
+        assert_eq!(filter.canonical(), "value.total >= 1000");
+        value["server"]["filter_limits"] = serde_json::json!({"max_length": 10});
+        let error = error_of(&value);
+        assert!(
+            error.starts_with(
+                "$.endpoints.orders.filter: not a filter: at column 11: longer than 10 bytes"
+            ),
+            "{error}"
+        );
     }
 
     #[test]
