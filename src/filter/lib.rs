@@ -123,6 +123,11 @@ impl Filter {
         &self.canonical
     }
 
+    /// The filter that passes what every one of `filters` passes; `None` for none.
+    pub fn all(filters: impl IntoIterator<Item = Filter>) -> Option<Filter> {
+        filters.into_iter().reduce(Filter::and)
+    }
+
     /// A filter that passes what both pass (the manifest's, the token's and the query's
     /// filters are combined so). A conjunct already in `self` is not repeated. The result is
     /// not checked against any [`Limits`]: each part was.

@@ -52,11 +52,10 @@ impl ViewSpec {
     /// The same, narrowed by `filter` too.
     #[must_use]
     pub(crate) fn and(self, filter: Option<Filter>) -> Self {
-        let filter = match (self.filter, filter) {
-            (Some(mine), Some(other)) => Some(mine.and(other)),
-            (mine, other) => mine.or(other),
-        };
-        Self { filter, ..self }
+        Self {
+            filter: Filter::all(self.filter.into_iter().chain(filter)),
+            ..self
+        }
     }
 
     /// The shared form's name: equal for views that see the same.
@@ -115,10 +114,20 @@ fn project(
     id: StreamId,
     endpoint: &str,
 ) -> RenderedEvent {
-    let mut projected = envelope.clone();
-    if let Some(value) = projected.get_mut("value") {
-        *value = projection.apply(value);
-    }
+    // The envelope's other fields are copied; the value only in the parts kept.
+    let projected: serde_json::Map<String, Value> = envelope
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, field)| {
+            let field = if name == "value" {
+                projection.apply(field)
+            } else {
+                field.clone()
+            };
+            (name.clone(), field)
+        })
+        .collect();
     // Serialising a `Value` cannot fail: every key is a string.
     let bytes = serde_json::to_vec(&projected).unwrap_or_default();
     RenderedEvent::new(id, endpoint, &bytes)
@@ -236,17 +245,16 @@ impl<'a, T: Clone> Verdicts<'a, T> {
             .filter(|envelope| view.admits(envelope))
             .map(|envelope| match &view.projection {
                 None => whole.clone(),
-                Some(projection) => match self.projected.entry(projection.canonical().to_owned()) {
-                    Entry::Occupied(event) => event.get().clone(),
-                    Entry::Vacant(vacant) => vacant
-                        .insert((self.wrap)(project(
-                            projection,
-                            envelope,
-                            self.entry.id,
-                            self.endpoint,
-                        )))
-                        .clone(),
-                },
+                Some(projection) => {
+                    if let Some(event) = self.projected.get(projection.canonical()) {
+                        return event.clone();
+                    }
+                    let event =
+                        (self.wrap)(project(projection, envelope, self.entry.id, self.endpoint));
+                    self.projected
+                        .insert(projection.canonical().to_owned(), event.clone());
+                    event
+                }
             });
         decided.insert(event.clone());
         event

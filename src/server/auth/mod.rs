@@ -135,11 +135,11 @@ impl Grant {
     /// The filter the token pins on `endpoint`: its own and the one for every endpoint,
     /// ANDed; `None` when it pins none.
     pub(crate) fn filter_of(&self, endpoint: &str) -> Option<Filter> {
-        let every = self.filters.get("*").cloned();
-        match (every, self.filters.get(endpoint).cloned()) {
-            (Some(every), Some(own)) => Some(every.and(own)),
-            (every, own) => every.or(own),
-        }
+        Filter::all(
+            ["*", endpoint]
+                .into_iter()
+                .filter_map(|name| self.filters.get(name).cloned()),
+        )
     }
 
     /// Narrows `keys` (the request's filter) to the pinned keys: a request may narrow what

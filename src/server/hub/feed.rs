@@ -147,9 +147,11 @@ impl Hub {
                             deliver(client, &member.queue, &seen, write_now);
                         }
                     }
-                    self.metrics
-                        .filter_evaluations
-                        .fetch_add(verdicts.evaluations(), Relaxed);
+                    if verdicts.evaluations() > 0 {
+                        self.metrics
+                            .filter_evaluations
+                            .fetch_add(verdicts.evaluations(), Relaxed);
+                    }
                 }
                 Receivers::All => {
                     for (client, sender) in channel.all() {
