@@ -21,9 +21,11 @@ under the topic's key subject.
 import decimal
 import json
 import sys
+import time
 
 from confluent_kafka import Producer
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.schema_registry.json_schema import JSONSerializer
 from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
@@ -97,6 +99,19 @@ def subject(record):
     return {"subject.name.strategy": lambda _ctx, _name, s=record["subject"]: s}
 
 
+def registered(encode, attempts=5):
+    """Runs `encode`, again when the registry answers 5xx: Apicurio's in-memory (H2) storage
+    sometimes refuses a schema registered at the same moment by another test with a unique
+    key violation, and takes it on the next try."""
+    for attempt in range(attempts):
+        try:
+            return encode()
+        except SchemaRegistryError as error:
+            if error.http_status_code < 500 or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def main():
     job = json.load(sys.stdin)
     registry = SchemaRegistryClient({"url": job["registry"]})
@@ -113,7 +128,7 @@ def main():
             offsets[index] = message.offset()
         return report
 
-    for index, record in enumerate(job["records"]):
+    def encode(record):
         kind = record["format"]
         if kind == "avro":
             value = AvroSerializer(registry, record["schema"], conf=subject(record))(avro_value(record["value"]), ctx)
@@ -142,6 +157,10 @@ def main():
             key_ctx = SerializationContext(topic, MessageField.KEY)
             key = AvroSerializer(registry, record["key_avro"]["schema"])(
                 avro_value(record["key_avro"]["value"]), key_ctx)
+        return value, key
+
+    for index, record in enumerate(job["records"]):
+        value, key = registered(lambda: encode(record))
         producer.produce(topic, value=value, key=key,
                          partition=0, on_delivery=delivered(index))
         producer.poll(0)
