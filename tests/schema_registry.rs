@@ -15,6 +15,11 @@ use crate::common::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
+/// Held by the tests whose `fjord dev` writes topic `orders`: they share the registry's
+/// subject `orders-value`, and Apicurio refuses one of two writers that create a subject at
+/// the same moment (a 5xx, then 409 "already exists" on the retry).
+static ORDERS_VALUE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The registry and the venv with the producers, started and installed when missing.
 struct Registry {
     url: String,
@@ -900,6 +905,7 @@ async fn fjord_devs_readiness_says_the_registry_is_down_while_it_holds_a_record(
     if skip_without_services() {
         return;
     }
+    let _orders_value = ORDERS_VALUE.lock().await;
     let registry = registry();
     let proxy = Proxy::start(&registry.url).await;
     proxy.down.store(false, Ordering::SeqCst);
@@ -951,6 +957,7 @@ async fn fjord_dev_reads_its_topics_through_the_registry() {
     if skip_without_services() {
         return;
     }
+    let _orders_value = ORDERS_VALUE.lock().await;
     let registry = registry();
     let port = free_port();
     let port_text = port.to_string();
@@ -1054,7 +1061,10 @@ async fn fjord_devs_demo_producer_writes_orders_in_avro_through_the_registry() {
     if skip_without_services() {
         return;
     }
+    let _orders_value = ORDERS_VALUE.lock().await;
     let registry = registry();
+    // Down when `fjord dev` starts: the producer waits for it rather than giving up.
+    let proxy = Proxy::start(&registry.url).await;
     let port = free_port();
     let port_text = port.to_string();
     let _dev = Process::start(
@@ -1066,7 +1076,7 @@ async fn fjord_devs_demo_producer_writes_orders_in_avro_through_the_registry() {
             "--port",
             &port_text,
             "--schema-registry",
-            &registry.url,
+            &proxy.url,
         ],
         &[],
     );
@@ -1074,6 +1084,7 @@ async fn fjord_devs_demo_producer_writes_orders_in_avro_through_the_registry() {
     let mut client =
         SseStream::connect(&format!("http://127.0.0.1:{port}/v1/streams/orders"), &[]).await;
     assert_eq!(client.status, 200);
+    proxy.down.store(false, Ordering::SeqCst);
     for (_, order) in next_events(&mut client, 5).await {
         assert_eq!(order["value_schema"]["subject"], "orders-value", "{order}");
         assert_eq!(order["value"]["order_id"], order["key"], "{order}");

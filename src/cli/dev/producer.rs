@@ -4,6 +4,7 @@
 //! schema of the same shape registered as `orders-value`, so the page shows them decoded.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -14,6 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
 use super::DevError;
+use fjord_bus::backoff::Backoff;
 use fjord_config::Manifest;
 use fjord_consumer::client_config;
 
@@ -97,6 +99,28 @@ impl AvroOrders {
             .and_then(|id| u32::try_from(id).ok())
             .ok_or_else(|| failed(format!("no schema id in {answer}")))?;
         Ok(Self { id, schema })
+    }
+
+    /// Registers the schema, again and again while the registry refuses or does not answer
+    /// (it may still be starting, or busy with another writer of the same subject), until
+    /// it takes it or `stop` resolves (then `None`).
+    async fn register_until(
+        url: &str,
+        stop: &mut Pin<&mut impl Future<Output = ()>>,
+    ) -> Option<Self> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            match Self::register(url).await {
+                Ok(orders) => return Some(orders),
+                Err(error) => {
+                    tracing::warn!(%error, "the demo's orders wait for the schema registry");
+                }
+            }
+            tokio::select! {
+                () = stop.as_mut() => return None,
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
     }
 
     /// An order as the wire format: a zero byte, the id, the Avro datum.
@@ -347,10 +371,15 @@ pub(super) async fn run(
         .set("linger.ms", "5")
         .set("message.timeout.ms", "10000")
         .create()?;
-    let avro = match &manifest.schema_registry {
-        Some(registry) => match registry.urls.first() {
-            Some(url) => Some(AvroOrders::register(url).await?),
-            None => None,
+    let registry = manifest
+        .schema_registry
+        .as_ref()
+        .and_then(|registry| registry.urls.first());
+    tokio::pin!(stop);
+    let avro = match registry {
+        Some(url) => match AvroOrders::register_until(url, &mut stop).await {
+            Some(orders) => Some(orders),
+            None => return Ok(()),
         },
         None => None,
     };
@@ -374,7 +403,6 @@ pub(super) async fn run(
     )
     .await;
     let mut tick = tokio::time::interval(TICK);
-    tokio::pin!(stop);
     for round in u64::from(HISTORY_ROUNDS).. {
         tokio::select! {
             () = &mut stop => break,
