@@ -3,7 +3,9 @@
 // delivered once, handles the reserved `fjord.*` events, and decides which errors are fatal.
 // It also ends with the caller's AbortSignal, drops a resume id that the server refuses, and
 // cuts a pending backoff short when the browser comes back online or a hidden page returns.
-// `filter` and `fields` are checked at `connect` and sent alike on every attempt.
+// `filter` and `fields` are checked at `connect` and sent alike on every attempt. A table
+// endpoint's snapshot (`fjord.snapshot_start`, rows without ids, `fjord.snapshot_end`) is
+// gathered whole and handed to `onSnapshot`; its rows bypass the dedupe by id.
 
 import { backoffDelay } from "./backoff.js";
 import { RecentIds } from "./dedupe.js";
@@ -19,6 +21,7 @@ import {
   type GapInfo,
   type JsonValue,
   type RecordOf,
+  type SnapshotOf,
   type Status,
   type StatusReason,
   type Subscription,
@@ -62,6 +65,12 @@ class Stream<T extends EndpointTypes> {
   private readonly filter: PerEndpoint | undefined;
   private readonly fields: PerEndpoint | undefined;
   private readonly recent = new RecentIds(RECENT_IDS);
+  /**
+   * The rows of the snapshots under way, by endpoint. While an endpoint's snapshot is open
+   * every event of it is a row, whatever its id (EventSource repeats the last one); a new
+   * connection drops what a cut one left unfinished.
+   */
+  private readonly snapshots = new Map<string, RecordOf<T>[]>();
   private retryMs = DEFAULT_RETRY_MS;
   /** Failed attempts since the last healthy connection. */
   private attempt = 0;
@@ -129,6 +138,7 @@ class Stream<T extends EndpointTypes> {
     }
     if (this.status === "closed") return;
     this.openedAt = undefined;
+    this.snapshots.clear();
     this.connection = this.transport(
       {
         baseUrl: this.options.url,
@@ -161,9 +171,10 @@ class Stream<T extends EndpointTypes> {
   }
 
   private message(message: SseMessage): void {
-    switch (message.event) {
+    const { event, data, id } = message;
+    switch (event) {
       case "fjord.gap":
-        this.gap(message.data);
+        this.gap(data);
         return;
       case "fjord.shutdown":
         this.reconnectNow("shutdown", "reconnect");
@@ -171,18 +182,40 @@ class Stream<T extends EndpointTypes> {
       case "fjord.expired":
         this.reconnectNow("expired", "expired");
         return;
-      default:
-        if (message.event.startsWith("fjord.")) return; // a notice of a newer server
-        this.record(message);
+      case "fjord.snapshot_start":
+        this.snapshots.set(this.endpointOf(data), []);
+        return;
+      case "fjord.snapshot_end":
+        this.snapshotEnd(this.endpointOf(data), id);
+        return;
+      default: {
+        if (event.startsWith("fjord.")) return; // a notice of a newer server
+        const rows = this.snapshots.get(event);
+        if (rows === undefined) this.record(message);
+        else {
+          const row = this.envelope(message, "");
+          if (row !== undefined) rows.push(row);
+        }
+      }
     }
   }
 
-  private record({ event, data, id }: SseMessage): void {
+  private record(message: SseMessage): void {
+    const { event, id } = message;
     if (id === undefined) {
       this.report(new FjordError("bad_event", `an event of ${event} came without an id`));
       return;
     }
     if (!this.recent.add(event, id)) return;
+    this.lastEventId = id;
+    const record = this.envelope(message, id);
+    if (record === undefined) return;
+    this.attempt = 0;
+    guard(() => this.options.onRecord(record));
+  }
+
+  /** The record an event carries, or nothing (reported) when its data is not a JSON envelope. */
+  private envelope({ event, data }: SseMessage, id: string): RecordOf<T> | undefined {
     let envelope: unknown;
     try {
       envelope = JSON.parse(data);
@@ -190,15 +223,36 @@ class Stream<T extends EndpointTypes> {
       envelope = undefined;
     }
     if (typeof envelope !== "object" || envelope === null || Array.isArray(envelope)) {
-      this.lastEventId = id;
-      this.report(new FjordError("bad_event", `event ${id} of ${event} is not a JSON envelope`));
-      return;
+      this.report(new FjordError("bad_event", `an event ${id} of ${event} is not a JSON envelope`));
+      return undefined;
     }
     // The server builds the envelope; its shape is the contract, not checked field by field.
-    const record = { ...envelope, endpoint: event, id } as RecordOf<T>;
+    return { ...envelope, endpoint: event, id } as RecordOf<T>;
+  }
+
+  /** The endpoint a `fjord.snapshot_*` event names (`{"endpoint": "drivers"}`). */
+  private endpointOf(data: string): string {
+    try {
+      return String((JSON.parse(data) as { endpoint: unknown }).endpoint);
+    } catch {
+      return "";
+    }
+  }
+
+  /**
+   * A snapshot is whole: its rows take the id it ends with (resuming after it starts after
+   * the snapshot) and go to `onSnapshot` together.
+   */
+  private snapshotEnd(endpoint: string, id: string | undefined): void {
+    const rows = this.snapshots.get(endpoint);
+    this.snapshots.delete(endpoint);
+    if (id !== undefined) this.lastEventId = id;
+    const onSnapshot = this.options.onSnapshot;
+    if (rows === undefined) return;
+    const at = this.lastEventId ?? "";
+    for (const row of rows) row.id = at;
     this.attempt = 0;
-    this.lastEventId = id;
-    guard(() => this.options.onRecord(record));
+    if (onSnapshot !== undefined) guard(() => onSnapshot({ endpoint, rows, id: at } as SnapshotOf<T>));
   }
 
   private gap(data: string): void {
@@ -369,7 +423,7 @@ function isList(value: unknown): value is readonly unknown[] {
 }
 
 /** Runs an application callback; its exception surfaces on its own without breaking the stream. */
-function guard(callback: () => void): void {
+export function guard(callback: () => void): void {
   try {
     callback();
   } catch (error) {

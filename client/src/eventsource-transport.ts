@@ -17,7 +17,7 @@ export interface EventSourceTransportOptions {
 }
 
 /** Event names the server sends besides the endpoints' own. */
-const RESERVED = ["fjord.gap", "fjord.shutdown", "fjord.expired"];
+const RESERVED = ["fjord.gap", "fjord.shutdown", "fjord.expired", "fjord.snapshot_start", "fjord.snapshot_end"];
 
 export function eventSourceTransport(options: EventSourceTransportOptions): Transport {
   return (attempt, handlers) => new EventSourceConnection(options, attempt, handlers);
@@ -58,8 +58,9 @@ class EventSourceConnection implements Connection {
     for (const name of [...attempt.endpoints, ...RESERVED]) {
       this.source.addEventListener(name, (event: MessageEvent<unknown>) => {
         if (this.ended || typeof event.data !== "string") return;
-        const id = RESERVED.includes(name) || event.lastEventId === "" ? undefined : event.lastEventId;
-        handlers.onMessage({ event: name, data: event.data, id });
+        // The source's last id, which an event without an `id:` line (a snapshot row) repeats:
+        // the client takes each event of an open snapshot as a row, whatever its id.
+        handlers.onMessage({ event: name, data: event.data, id: event.lastEventId || undefined });
       });
     }
   }

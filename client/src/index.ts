@@ -1,7 +1,9 @@
 // @fjord/client: Kafka records from a Fjord server, streamed over Server-Sent Events, resumed
-// by id after any drop and delivered once. `connect` is the whole API; the rest are its types.
+// by id after any drop and delivered once. `connect` streams records, `table` keeps the rows
+// of a table endpoint; the rest are their types.
 
 export { connect } from "./client.js";
+export { rowKey, table } from "./table.js";
 export {
   FjordError,
   type Base64,
@@ -15,10 +17,14 @@ export {
   type Notice,
   type RecordOf,
   type SchemaRef,
+  type SnapshotOf,
   type Status,
   type StatusInfo,
   type StatusReason,
   type Subscription,
+  type Table,
+  type TableChange,
+  type TableOptions,
   type TokenRequest,
   type TokenResult,
 } from "./types.js";

@@ -1,6 +1,6 @@
 // Public types: the record envelope as the server sends it, record value types per endpoint,
-// the options of `connect`, the connection statuses and the notices (gap, dropped id, status
-// reasons) the client reports.
+// the options of `connect` and `table`, a table's snapshot and changes, the connection
+// statuses and the notices (gap, dropped id, status reasons) the client reports.
 
 /** Any JSON value. */
 export type JsonValue =
@@ -68,6 +68,23 @@ export type EndpointTypes = Record<string, unknown>;
 /** A record of one of the endpoints of `T`: checking `endpoint` narrows `value`. */
 export type RecordOf<T extends EndpointTypes> = {
   [E in keyof T & string]: FjordRecord<T[E], E>;
+}[keyof T & string];
+
+/**
+ * The snapshot of a table endpoint (a `"mode": "table"` endpoint, which keeps the latest
+ * record per key), once it has arrived whole: for `onSnapshot` of `connect`.
+ */
+export type SnapshotOf<T extends EndpointTypes> = {
+  [E in keyof T & string]: {
+    endpoint: E;
+    /**
+     * The current rows, one record per key, in key order, after the connection's `keys`,
+     * `filter` and `fields`. Each has as `id` the snapshot's `id`: the rows came without one.
+     */
+    rows: FjordRecord<T[E], E>[];
+    /** The id to resume after the snapshot (its `fjord.snapshot_end` event's). */
+    id: string;
+  };
 }[keyof T & string];
 
 /** Data of a `fjord.gap` event: records between `last_event_id` and `oldest_id` were missed. */
@@ -178,6 +195,13 @@ export interface ConnectOptions<T extends EndpointTypes = Record<string, JsonVal
   onGap?: ((gap: GapInfo) => void) | undefined;
   /** Called for what stops nothing but the application may show: a dropped resume id. */
   onNotice?: ((notice: Notice) => void) | undefined;
+  /**
+   * Called when a table endpoint's snapshot has come whole: at the start of a connection,
+   * and again after a resume the server could not serve (then the rows replace the ones
+   * before: a key left out was deleted meanwhile). Its rows never reach `onRecord`, and
+   * without `onSnapshot` they are dropped. `table()` keeps the rows for you.
+   */
+  onSnapshot?: ((snapshot: SnapshotOf<T>) => void) | undefined;
   /** Aborting it closes the stream for good, like `close()`. */
   signal?: AbortSignal | undefined;
   /** Resume after this id (for example one saved before a page reload). */
@@ -206,6 +230,41 @@ export interface Subscription {
   readonly lastEventId: string | undefined;
   /** The current status. */
   readonly status: Status;
+}
+
+/** Options of `table`: those of `connect` but `endpoints`, `onRecord`, `onSnapshot` and `lastEventId`. */
+export interface TableOptions<V = JsonValue>
+  extends Omit<ConnectOptions<Record<string, V>>, "endpoints" | "onRecord" | "onSnapshot" | "lastEventId"> {
+  /** The table endpoint. */
+  endpoint: string;
+  /** Called after each change of `rows`: a snapshot replaced them all, a key was set, a key was deleted. */
+  onChange?: ((change: TableChange<V>) => void) | undefined;
+  /** Records without a key, which are no rows: they are passed here and kept nowhere. */
+  onRecord?: ((record: FjordRecord<V>) => void) | undefined;
+}
+
+/**
+ * What changed in a table's `rows`. `snapshot`: a snapshot replaced every row (the first
+ * one, or a new one after a resume the server could not serve). `upsert`: a live record set
+ * the row of `key`. `delete`: a tombstone (`value: null`) deleted it; `row` is the one deleted.
+ */
+export type TableChange<V = JsonValue> =
+  | { type: "snapshot"; rows: ReadonlyMap<string, FjordRecord<V>> }
+  | { type: "upsert"; key: string; row: FjordRecord<V> }
+  | { type: "delete"; key: string; row: FjordRecord<V> };
+
+/** What `table` returns. */
+export interface Table<V = JsonValue> extends Subscription {
+  /**
+   * The current rows by key (see `rowKey`), one record each: the same Map for the table's
+   * life, changed in place. Read it; do not change it.
+   */
+  readonly rows: ReadonlyMap<string, FjordRecord<V>>;
+  /**
+   * Resolves with `rows` once the first snapshot is in; rejects with the `FjordError` that
+   * stopped the table first (`code` `closed` after `close()` or an aborted `signal`).
+   */
+  readonly ready: Promise<ReadonlyMap<string, FjordRecord<V>>>;
 }
 
 /**
