@@ -566,7 +566,7 @@ async fn publish_big(path: &std::path::Path, first_offset: i64, count: i64, byte
     let endpoints: Vec<_> = config
         .endpoints
         .iter()
-        .map(|(name, endpoint)| (name.clone(), endpoint.retention))
+        .map(|(name, endpoint)| (name.clone(), endpoint.keeping()))
         .collect();
     let bus = fjord_bus::connect_redis(&config.redis)
         .await

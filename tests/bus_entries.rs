@@ -175,7 +175,7 @@ async fn malformed_entries_become_gaps_and_good_records_around_them_arrive_live_
             topic: "orders",
             partition: 0,
             offset,
-            endpoints: &[(endpoint.clone(), Retention::default())],
+            endpoints: &[(endpoint.clone(), Retention::default().into())],
             envelope: &envelope,
         })
         .await

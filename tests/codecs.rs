@@ -285,7 +285,7 @@ async fn the_redis_bus_publishes_a_skipped_records_marker_once() {
     .expect("redis config");
     let bus: Bus = connect_redis(&config).await.expect("redis");
     let endpoint = EndpointName::try_from("events".to_owned()).expect("a name");
-    let endpoints = [(endpoint.clone(), Retention::default())];
+    let endpoints = [(endpoint.clone(), Retention::default().into())];
     let mut reader = bus.reader(vec![endpoint]).await.expect("a reader");
     let skipped = SkippedRecords {
         topic: "t".into(),
@@ -312,6 +312,7 @@ async fn the_redis_bus_publishes_a_skipped_records_marker_once() {
     let record = |offset| Envelope {
         filter_key: Some(key.to_vec()),
         json: format!("{{\"offset\":{offset}}}").into_bytes(),
+        tombstone: false,
     };
     for (offset, expected) in [(7, Published::Duplicate), (8, Published::Appended)] {
         let envelope = record(offset);

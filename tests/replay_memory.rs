@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::common::*;
 use fjord_bus::envelope::{Envelope, RecordParts};
 use fjord_bus::{Bus, Publication};
-use fjord_config::{EndpointName, Manifest, Retention};
+use fjord_config::{EndpointName, Keeping, Manifest};
 use fjord_server::replay::PAGE_BYTES;
 use tokio::io::AsyncWriteExt as _;
 
@@ -20,7 +20,7 @@ const RECORD_BYTES: usize = 100 * 1024;
 /// record is bigger), plus the chunk its connection is writing (64 KiB, or one event).
 const BOUND_PER_RESUMER: u64 = PAGE_BYTES as u64 + 2 * (RECORD_BYTES as u64 + 1024) + 64 * 1024;
 
-async fn publish(bus: &Bus, endpoints: &[(EndpointName, Retention)], offset: i64, bytes: usize) {
+async fn publish(bus: &Bus, endpoints: &[(EndpointName, Keeping)], offset: i64, bytes: usize) {
     let value = format!("{{\"pad\":\"{}\"}}", "x".repeat(bytes));
     let key = format!("k{offset}");
     let envelope = Envelope::encode(
@@ -129,10 +129,10 @@ async fn resumers_that_never_read_hold_bounded_bytes_and_are_shed() {
     manifest["server"]["client_queue"] = 16.into();
     let (_dir, path) = write_manifest(&manifest);
     let config = Manifest::load(&path).expect("manifest");
-    let endpoints: Vec<(EndpointName, Retention)> = config
+    let endpoints: Vec<(EndpointName, Keeping)> = config
         .endpoints
         .iter()
-        .map(|(name, endpoint)| (name.clone(), endpoint.retention))
+        .map(|(name, endpoint)| (name.clone(), endpoint.keeping()))
         .collect();
     let bus = fjord_bus::connect_redis(&config.redis)
         .await

@@ -47,6 +47,8 @@ pub struct Envelope {
     pub filter_key: Option<Vec<u8>>,
     /// The envelope's JSON, one line.
     pub json: Vec<u8>,
+    /// Whether the record is a tombstone (no value): it deletes its key from a table.
+    pub tombstone: bool,
 }
 
 /// Bytes shown as a JSON string when they are text, else as `{"base64": "..."}`. Text is
@@ -253,6 +255,7 @@ impl Envelope {
         Ok(Self {
             filter_key: record.key.map(<[u8]>::to_vec),
             json,
+            tombstone: record.value.is_none(),
         })
     }
 }

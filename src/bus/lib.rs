@@ -34,7 +34,7 @@ use bytes::Bytes;
 use crate::backoff::Backoff;
 use crate::envelope::Envelope;
 pub use entry::{InvalidEntry, Problem, WireJson};
-use fjord_config::{EndpointName, Retention};
+use fjord_config::{EndpointName, Keeping};
 
 /// A position in an endpoint's stream, `<milliseconds>-<sequence>` as Redis Streams number
 /// entries. Ordered; the same entry has the same id on every server instance.
@@ -174,6 +174,15 @@ impl BusEntry {
         }
     }
 
+    /// The key the entry is about: a record's, or an invalid entry's that names one.
+    pub fn filter_key(&self) -> Option<&Bytes> {
+        match &self.kind {
+            EntryKind::Record { filter_key, .. } => filter_key.as_ref(),
+            EntryKind::Invalid(invalid) => invalid.filter_key.as_ref(),
+            EntryKind::Skipped(_) => None,
+        }
+    }
+
     /// Which clients of its endpoint the entry concerns: a record's, or an invalid entry's
     /// that names a readable key, go by key; a marker of skipped records, or an invalid
     /// entry whose key is unknown, to everyone.
@@ -198,8 +207,8 @@ pub struct Publication<'a> {
     pub partition: i32,
     /// Its offset.
     pub offset: i64,
-    /// The endpoints to publish to.
-    pub endpoints: &'a [(EndpointName, Retention)],
+    /// The endpoints to publish to, and what the bus keeps of each.
+    pub endpoints: &'a [(EndpointName, Keeping)],
     /// The encoded record.
     pub envelope: &'a Envelope,
 }
@@ -223,8 +232,8 @@ pub struct Batch<'a> {
     pub topic: &'a str,
     /// Their partition.
     pub partition: i32,
-    /// The endpoints to publish to.
-    pub endpoints: &'a [(EndpointName, Retention)],
+    /// The endpoints to publish to, and what the bus keeps of each.
+    pub endpoints: &'a [(EndpointName, Keeping)],
     /// The records, as (offset, encoded record), offsets rising.
     pub records: &'a [(i64, Envelope)],
 }
@@ -235,7 +244,7 @@ pub struct Batch<'a> {
 struct Append<'a> {
     topic: &'a str,
     partition: i32,
-    endpoints: &'a [(EndpointName, Retention)],
+    endpoints: &'a [(EndpointName, Keeping)],
     /// Offsets rising.
     entries: Vec<AppendEntry<'a>>,
 }
@@ -254,7 +263,11 @@ impl<'a> AppendEntry<'a> {
     fn record(offset: i64, envelope: &'a Envelope) -> Self {
         Self {
             offset,
-            kind: AppendKind::Record,
+            kind: if envelope.tombstone {
+                AppendKind::Tombstone
+            } else {
+                AppendKind::Record
+            },
             filter_key: envelope.filter_key.as_deref(),
             body: &envelope.json,
         }
@@ -266,6 +279,8 @@ impl<'a> AppendEntry<'a> {
 enum AppendKind {
     /// A record's envelope.
     Record,
+    /// A tombstone's envelope: a record whose key a table endpoint deletes.
+    Tombstone,
     /// A [`SkippedRecords`] marker, as JSON.
     Skipped,
 }
@@ -374,7 +389,7 @@ impl Bus {
     pub async fn publish_skipped(
         &self,
         skipped: &SkippedRecords,
-        endpoints: &[(EndpointName, Retention)],
+        endpoints: &[(EndpointName, Keeping)],
     ) -> Result<Published, BusError> {
         let body = serde_json::to_vec(skipped).map_err(|error| BusError::Protocol {
             operation: "encode skipped records",
@@ -436,6 +451,23 @@ impl Bus {
         match self {
             Self::Redis(bus) => bus.trimmed_after(endpoint, after).await,
             Self::Memory(bus) => Ok(bus.trimmed_after(endpoint, after)),
+        }
+    }
+
+    /// Up to `count` rows of table endpoint `endpoint` whose key comes after `after` in
+    /// bytewise order (`None`: from the first), in that order, each as the stream entry of
+    /// the record it holds. Paging this way never repeats a row, and never misses one that
+    /// was there all along; a row changed or added meanwhile may or may not be included,
+    /// and its record is in the stream after where the snapshot began.
+    pub async fn rows(
+        &self,
+        endpoint: &EndpointName,
+        after: Option<&[u8]>,
+        count: usize,
+    ) -> Result<Vec<BusEntry>, BusError> {
+        match self {
+            Self::Redis(bus) => bus.rows(endpoint, after, count).await,
+            Self::Memory(bus) => Ok(bus.rows(endpoint, after, count)),
         }
     }
 
@@ -511,6 +543,39 @@ impl BusReader {
 
 /// Most entries one read returns per endpoint.
 const READ_BATCH: usize = 512;
+
+/// A table's row as a stream entry: the record of `key` held at `id`, checked as every
+/// entry read is.
+fn row_entry(id: StreamId, key: Bytes, envelope: Bytes) -> BusEntry {
+    entry::decode(
+        id,
+        [
+            (Bytes::from_static(entry::field::ENVELOPE), envelope),
+            (Bytes::from_static(entry::field::KEY), key),
+            (
+                Bytes::from_static(entry::field::PREVIOUS),
+                Bytes::from_static(b"0-0"),
+            ),
+        ],
+    )
+}
+
+/// Rows a table endpoint did not keep because it was full, logged at most once every ten
+/// seconds.
+fn report_table_full(endpoint: &EndpointName, refused: usize) {
+    static FULL: process::LogThrottle =
+        process::LogThrottle::new(std::time::Duration::from_secs(10));
+    if refused > 0
+        && let Some(held_back) = FULL.admit()
+    {
+        tracing::warn!(
+            endpoint = endpoint.as_str(),
+            refused,
+            held_back,
+            "a table endpoint is full (table.max_keys or table.max_bytes): records of new keys stream but are not kept as rows"
+        );
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,9 +1,10 @@
 //! The in-process bus of `fjord dev`: the same semantics as the Redis bus — per-endpoint
-//! streams with ordered ids, retention by count and age, idempotent publishing — in memory.
-//! An entry is written as the Redis bus writes it, as fields, and decoded by the same
-//! [`decode`] once, when it is appended.
+//! streams with ordered ids, retention by count and age, idempotent publishing, and the
+//! rows of table endpoints in key order — in memory. An entry is written as the Redis bus
+//! writes it, as fields, and decoded by the same [`decode`] once, when it is appended.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -11,9 +12,11 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::entry::{decode, field};
-use super::{Append, AppendEntry, AppendKind, BusEntry, READ_BATCH, StreamId};
+use super::{
+    Append, AppendEntry, AppendKind, BusEntry, READ_BATCH, StreamId, report_table_full, row_entry,
+};
 use crate::clock::now_ms;
-use fjord_config::{EndpointName, Retention};
+use fjord_config::{EndpointName, Retention, TableBounds};
 
 /// How long [`MemoryReader::next_batch`] waits for an entry.
 const READ_WAIT: Duration = Duration::from_secs(1);
@@ -28,7 +31,7 @@ struct Stream {
 
 impl Stream {
     /// Appends `entry` with the next id, as Redis's `XADD *` numbers it.
-    fn push(&mut self, now: u64, entry: &AppendEntry<'_>) {
+    fn push(&mut self, now: u64, entry: &AppendEntry<'_>) -> StreamId {
         let id = if now > self.last_id.ms {
             StreamId { ms: now, seq: 0 }
         } else {
@@ -40,8 +43,10 @@ impl Stream {
         let previous = std::mem::replace(&mut self.last_id, id);
         let tag = match (entry.kind, entry.filter_key) {
             (AppendKind::Skipped, _) => Some((field::SKIPPED, Bytes::from_static(b"1"))),
-            (AppendKind::Record, Some(key)) => Some((field::KEY, Bytes::copy_from_slice(key))),
-            (AppendKind::Record, None) => None,
+            (AppendKind::Record | AppendKind::Tombstone, Some(key)) => {
+                Some((field::KEY, Bytes::copy_from_slice(key)))
+            }
+            (AppendKind::Record | AppendKind::Tombstone, None) => None,
         };
         let fields = [
             Some((field::ENVELOPE, Bytes::copy_from_slice(entry.body))),
@@ -53,6 +58,7 @@ impl Stream {
             .flatten()
             .map(|(name, value)| (Bytes::from_static(name), value));
         self.entries.push_back(decode(id, fields));
+        id
     }
 
     /// Drops what `retention` no longer keeps.
@@ -72,9 +78,60 @@ impl Stream {
     }
 }
 
+/// A table endpoint's rows: per key, the id and envelope of its latest record.
+#[derive(Debug, Default)]
+struct Table {
+    rows: BTreeMap<Bytes, (StreamId, Bytes)>,
+    /// The bytes of keys and rows, as the Redis bus counts them: a row is its id, a space
+    /// and its envelope.
+    bytes: u64,
+}
+
+impl Table {
+    /// Applies a keyed record appended at `id`; false when it was a new key that the
+    /// table, being full, did not keep.
+    fn apply(&mut self, bounds: TableBounds, id: StreamId, entry: &AppendEntry<'_>) -> bool {
+        let Some(key) = entry.filter_key else {
+            return true;
+        };
+        let size = |key: &[u8], id: StreamId, envelope: &[u8]| {
+            (key.len() + id.to_string().len() + 1 + envelope.len()) as u64
+        };
+        match entry.kind {
+            AppendKind::Skipped => true,
+            AppendKind::Tombstone => {
+                if let Some((old_id, old)) = self.rows.remove(key) {
+                    self.bytes -= size(key, old_id, &old);
+                }
+                true
+            }
+            AppendKind::Record => {
+                let new = size(key, id, entry.body);
+                if let Some((old_id, old)) = self.rows.get_mut(key) {
+                    self.bytes = self.bytes - size(key, *old_id, old) + new;
+                    *old_id = id;
+                    *old = Bytes::copy_from_slice(entry.body);
+                    return true;
+                }
+                if self.rows.len() as u64 >= bounds.max_keys || self.bytes + new > bounds.max_bytes
+                {
+                    return false;
+                }
+                self.bytes += new;
+                self.rows.insert(
+                    Bytes::copy_from_slice(key),
+                    (id, Bytes::copy_from_slice(entry.body)),
+                );
+                true
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     streams: HashMap<EndpointName, Stream>,
+    tables: HashMap<EndpointName, Table>,
     /// Highest offset published per (endpoint, topic, partition).
     published: HashMap<(EndpointName, String, i32), i64>,
 }
@@ -99,27 +156,38 @@ impl MemoryBus {
     }
 
     pub(super) fn append(&self, append: &Append<'_>) -> usize {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let now = now_ms();
         let mut appended = 0;
-        for (endpoint, retention) in append.endpoints {
+        for (endpoint, keeping) in append.endpoints {
             let partition_key = (endpoint.clone(), append.topic.to_owned(), append.partition);
             let mut done = state.published.get(&partition_key).copied();
             let stream = state.streams.entry(endpoint.clone()).or_default();
+            let mut table = keeping
+                .table
+                .map(|bounds| (bounds, state.tables.entry(endpoint.clone()).or_default()));
+            let mut refused = 0;
             for entry in &append.entries {
                 if done.is_some_and(|done| done >= entry.offset) {
                     continue;
                 }
                 done = Some(entry.offset);
                 appended += 1;
-                stream.push(now, entry);
+                let id = stream.push(now, entry);
+                if let Some((bounds, table)) = &mut table
+                    && !table.apply(*bounds, id, entry)
+                {
+                    refused += 1;
+                }
             }
-            stream.trim(now, *retention);
+            stream.trim(now, keeping.retention);
+            report_table_full(endpoint, refused);
             if let Some(done) = done {
                 state.published.insert(partition_key, done);
             }
         }
-        drop(state);
+        drop(guard);
         if appended > 0 {
             self.appended.notify_waiters();
         }
@@ -179,6 +247,25 @@ impl MemoryBus {
                 .front()
                 .map_or(StreamId::ZERO, |entry| entry.id)
         })
+    }
+
+    pub(super) fn rows(
+        &self,
+        endpoint: &EndpointName,
+        after: Option<&[u8]>,
+        count: usize,
+    ) -> Vec<BusEntry> {
+        let state = self.lock();
+        let Some(table) = state.tables.get(endpoint) else {
+            return Vec::new();
+        };
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        table
+            .rows
+            .range::<[u8], _>((from, Bound::Unbounded))
+            .take(count)
+            .map(|(key, (id, envelope))| row_entry(*id, key.clone(), envelope.clone()))
+            .collect()
     }
 
     fn entries_after(

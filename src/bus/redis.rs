@@ -2,7 +2,8 @@
 //! under its own hash tag `{<prefix>:<endpoint>}`: its stream, trimmed to the endpoint's
 //! retention by count and age; a hash of the highest offset published to it per topic
 //! partition, which makes publishing idempotent per endpoint; and the stream's last id, for
-//! telling trimmed records (a gap) apart. One tag per endpoint puts an endpoint's keys in one
+//! telling trimmed records (a gap) apart. A table endpoint has three more for its rows
+//! (see [`PUBLISH_SCRIPT`]). One tag per endpoint puts an endpoint's keys in one
 //! slot, so the publish script may touch them atomically, while a cluster spreads endpoints
 //! over its shards. Streams and ids survive a Redis restart when Redis persists (AOF),
 //! which resuming depends on.
@@ -29,8 +30,10 @@ use redis::{
 };
 
 use super::entry::decode;
-use super::{Append, AppendKind, BusEntry, BusError, READ_BATCH, StreamId};
-use fjord_config::{EndpointName, ReadFrom, RedisConfig, ReplicaAcks, Retention};
+use super::{
+    Append, AppendKind, BusEntry, BusError, READ_BATCH, StreamId, report_table_full, row_entry,
+};
+use fjord_config::{EndpointName, Keeping, ReadFrom, RedisConfig, ReplicaAcks, TableBounds};
 
 /// How long one blocking read waits for new entries.
 const READ_BLOCK: Duration = Duration::from_secs(1);
@@ -44,26 +47,65 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// so the oldest kept entry's `p` tells exactly whether anything after a client's last id
 /// was trimmed. The last id is kept apart, as the stream may be empty.
 ///
-/// KEYS: the stream, the published-offsets hash, the last-id string.
-/// ARGV: "topic/partition", the stream's max records, its max age in milliseconds, then per
-/// entry: offset, kind ("1" keyed record, "0" record without a key, "s" skipped-records
-/// marker, stored with a field `s`), key, envelope or marker. Returns how many it appended.
+/// A table endpoint also keeps its rows, in the same step as the stream: per key, the id
+/// and envelope of its latest record (`<id> <envelope>`, in a hash), the keys in a sorted
+/// set of equal scores (read in bytewise order, page after page, without repeats), and the
+/// bytes they hold. A tombstone deletes its key. A new key past the table's bounds is not
+/// made a row, and counted as refused.
+///
+/// KEYS: the stream, the published-offsets hash, the last-id string, the rows hash, the
+/// row keys' sorted set, the rows' bytes.
+/// ARGV: "topic/partition", the stream's max records, its max age in milliseconds, the
+/// table's max keys (0 for a stream endpoint) and max bytes, then per entry: offset, kind
+/// ("1" keyed record, "t" keyed tombstone, "0" record without a key, "s" skipped-records
+/// marker, stored with a field `s`), key, envelope or marker. Returns how many entries it
+/// appended and how many rows it refused.
 const PUBLISH_SCRIPT: &str = r"
 local stream, published, last_id = KEYS[1], KEYS[2], KEYS[3]
+local rows, row_keys, row_bytes = KEYS[4], KEYS[5], KEYS[6]
 local done_text = redis.call('HGET', published, ARGV[1])
 local done = tonumber(done_text or '-1')
 local previous = redis.call('GET', last_id) or '0-0'
-local appended = 0
-for i = 4, #ARGV, 4 do
+local max_keys, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
+local keys_held, bytes_held = 0, 0
+if max_keys > 0 then
+  keys_held = redis.call('HLEN', rows)
+  bytes_held = tonumber(redis.call('GET', row_bytes) or '0')
+end
+local appended, refused = 0, 0
+for i = 6, #ARGV, 4 do
   local offset = tonumber(ARGV[i])
   if offset > done then
-    local kind = ARGV[i + 1]
-    if kind == '1' then
-      previous = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[i + 3], 'p', previous, 'k', ARGV[i + 2])
+    local kind, key, body = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local keyed = kind == '1' or kind == 't'
+    if keyed then
+      previous = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', body, 'p', previous, 'k', key)
     elseif kind == 's' then
-      previous = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[i + 3], 'p', previous, 's', '1')
+      previous = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', body, 'p', previous, 's', '1')
     else
-      previous = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[i + 3], 'p', previous)
+      previous = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', body, 'p', previous)
+    end
+    if max_keys > 0 and keyed then
+      local old = redis.call('HSTRLEN', rows, key)
+      if kind == 't' then
+        if old > 0 then
+          redis.call('HDEL', rows, key)
+          redis.call('ZREM', row_keys, key)
+          keys_held, bytes_held = keys_held - 1, bytes_held - #key - old
+        end
+      else
+        local row = previous .. ' ' .. body
+        if old > 0 then
+          redis.call('HSET', rows, key, row)
+          bytes_held = bytes_held - old + #row
+        elseif keys_held < max_keys and bytes_held + #key + #row <= max_bytes then
+          redis.call('HSET', rows, key, row)
+          redis.call('ZADD', row_keys, 0, key)
+          keys_held, bytes_held = keys_held + 1, bytes_held + #key + #row
+        else
+          refused = refused + 1
+        end
+      end
     end
     done, done_text = offset, ARGV[i]
     appended = appended + 1
@@ -72,6 +114,9 @@ end
 if appended > 0 then
   redis.call('SET', last_id, previous)
   redis.call('HSET', published, ARGV[1], done_text)
+  if max_keys > 0 then
+    redis.call('SET', row_bytes, bytes_held)
+  end
   local time = redis.call('TIME')
   local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   local max_age_ms = tonumber(ARGV[3])
@@ -79,7 +124,28 @@ if appended > 0 then
     redis.call('XTRIM', stream, 'MINID', '~', now_ms - max_age_ms)
   end
 end
-return appended
+return {appended, refused}
+";
+
+/// A page of a table endpoint's rows: up to ARGV[2] keys after ARGV[1] (a `ZRANGEBYLEX`
+/// bound: `-` for the first, `(key` after a key) and their rows, as key, row, key, row.
+/// One script, so that every key listed has its row.
+///
+/// KEYS: the rows hash, the row keys' sorted set.
+const ROWS_SCRIPT: &str = r"
+local keys = redis.call('ZRANGEBYLEX', KEYS[2], ARGV[1], '+', 'LIMIT', 0, tonumber(ARGV[2]))
+if #keys == 0 then
+  return {}
+end
+local rows = redis.call('HMGET', KEYS[1], unpack(keys))
+local page = {}
+for i = 1, #keys do
+  if rows[i] then
+    page[#page + 1] = keys[i]
+    page[#page + 1] = rows[i]
+  end
+end
+return page
 ";
 
 /// The Redis bus.
@@ -89,6 +155,7 @@ pub struct RedisBus {
     nodes: Nodes,
     prefix: String,
     publish_script: Script,
+    rows_script: Script,
     replica_acks: Option<ReplicaAcks>,
 }
 
@@ -306,6 +373,18 @@ fn last_id_key(prefix: &str, endpoint: &EndpointName) -> String {
     format!("{}:last-id", tag(prefix, endpoint))
 }
 
+fn rows_key(prefix: &str, endpoint: &EndpointName) -> String {
+    format!("{}:rows", tag(prefix, endpoint))
+}
+
+fn row_keys_key(prefix: &str, endpoint: &EndpointName) -> String {
+    format!("{}:row-keys", tag(prefix, endpoint))
+}
+
+fn row_bytes_key(prefix: &str, endpoint: &EndpointName) -> String {
+    format!("{}:row-bytes", tag(prefix, endpoint))
+}
+
 /// The manifest's URLs as connection settings, with the user and the password applied.
 fn connection_infos(config: &RedisConfig) -> Result<Vec<ConnectionInfo>, BusError> {
     let password = config
@@ -395,6 +474,7 @@ impl RedisBus {
             nodes,
             prefix: config.key_prefix.clone(),
             publish_script: Script::new(PUBLISH_SCRIPT),
+            rows_script: Script::new(ROWS_SCRIPT),
             replica_acks: config.commit_after_replicas,
         };
         // Without a password the connection succeeds and only commands fail (NOAUTH).
@@ -414,7 +494,7 @@ impl RedisBus {
             append
                 .endpoints
                 .iter()
-                .map(|(endpoint, retention)| self.append_to(endpoint, *retention, append)),
+                .map(|(endpoint, keeping)| self.append_to(endpoint, *keeping, append)),
         )
         .await?;
         if let Some(acks) = self.replica_acks {
@@ -440,31 +520,75 @@ impl RedisBus {
     async fn append_to(
         &self,
         endpoint: &EndpointName,
-        retention: Retention,
+        keeping: Keeping,
         append: &Append<'_>,
     ) -> Result<usize, BusError> {
+        let retention = keeping.retention;
+        let table = keeping.table.unwrap_or(TableBounds {
+            max_keys: 0,
+            max_bytes: 0,
+        });
         let mut invocation = self.publish_script.prepare_invoke();
         invocation
             .key(stream_key(&self.prefix, endpoint))
             .key(published_key(&self.prefix, endpoint))
             .key(last_id_key(&self.prefix, endpoint))
+            .key(rows_key(&self.prefix, endpoint))
+            .key(row_keys_key(&self.prefix, endpoint))
+            .key(row_bytes_key(&self.prefix, endpoint))
             .arg(format!("{}/{}", append.topic, append.partition))
             .arg(retention.max_records)
-            .arg(retention.max_age_secs.saturating_mul(1000));
+            .arg(retention.max_age_secs.saturating_mul(1000))
+            .arg(table.max_keys)
+            .arg(table.max_bytes);
         for entry in &append.entries {
             invocation.arg(entry.offset);
             match (entry.kind, entry.filter_key) {
                 (AppendKind::Skipped, _) => invocation.arg("s").arg(""),
                 (AppendKind::Record, Some(key)) => invocation.arg("1").arg(key),
-                (AppendKind::Record, None) => invocation.arg("0").arg(""),
+                (AppendKind::Tombstone, Some(key)) => invocation.arg("t").arg(key),
+                (AppendKind::Record | AppendKind::Tombstone, None) => invocation.arg("0").arg(""),
             };
             invocation.arg(entry.body);
         }
         let mut connection = self.commands.clone();
-        invocation
+        let (appended, refused): (usize, usize) = invocation
             .invoke_async(&mut connection)
             .await
-            .map_err(redis_error("publish"))
+            .map_err(redis_error("publish"))?;
+        report_table_full(endpoint, refused);
+        Ok(appended)
+    }
+
+    pub(super) async fn rows(
+        &self,
+        endpoint: &EndpointName,
+        after: Option<&[u8]>,
+        count: usize,
+    ) -> Result<Vec<BusEntry>, BusError> {
+        let after = after.map_or_else(|| b"-".to_vec(), |key| [b"(".as_slice(), key].concat());
+        let mut connection = self.commands.clone();
+        let page: Vec<Vec<u8>> = self
+            .rows_script
+            .key(rows_key(&self.prefix, endpoint))
+            .key(row_keys_key(&self.prefix, endpoint))
+            .arg(after)
+            .arg(count)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(redis_error("read rows"))?;
+        let mut rows = Vec::with_capacity(page.len() / 2);
+        let mut page = page.into_iter();
+        while let (Some(key), Some(row)) = (page.next(), page.next()) {
+            let row = Bytes::from(row);
+            let split = row.iter().position(|&b| b == b' ').unwrap_or(0);
+            let id = std::str::from_utf8(&row[..split])
+                .ok()
+                .and_then(|id| id.parse().ok())
+                .unwrap_or(StreamId::ZERO);
+            rows.push(row_entry(id, Bytes::from(key), row.slice(split + 1..)));
+        }
+        Ok(rows)
     }
 
     pub(super) async fn ping(&self) -> Result<(), BusError> {

@@ -577,9 +577,86 @@ pub struct EndpointConfig {
     /// query's (docs/filters.md); `None` for every record.
     #[serde(default)]
     pub filter: Option<String>,
+    /// Whether the endpoint is a stream of records or a table of the latest one per key.
+    #[serde(default)]
+    pub mode: EndpointMode,
+    /// The bounds of a table endpoint's rows; only with `mode: "table"`.
+    #[serde(default)]
+    pub table: Option<TableBounds>,
+}
+
+/// `endpoints.<name>.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointMode {
+    /// Records in order; a connection starts live, at the oldest, or where it left off.
+    #[default]
+    Stream,
+    /// The latest record per key as rows (a tombstone deletes its key): a connection gets
+    /// the current rows as a snapshot, then the records after it.
+    Table,
+}
+
+/// `endpoints.<name>.table`: how many rows a table endpoint keeps on the bus. A record of a
+/// key the table lacks is not made a row once either bound is reached (it still streams);
+/// the keys it has are always updated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableBounds {
+    /// At most this many keys.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: u64,
+    /// About the most bytes of keys and rows.
+    #[serde(default = "default_max_table_bytes")]
+    pub max_bytes: u64,
+}
+
+impl Default for TableBounds {
+    fn default() -> Self {
+        Self {
+            max_keys: default_max_keys(),
+            max_bytes: default_max_table_bytes(),
+        }
+    }
+}
+
+fn default_max_keys() -> u64 {
+    100_000
+}
+
+fn default_max_table_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
+/// What the bus keeps of one endpoint: its stream's window, and for a table endpoint, its
+/// rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keeping {
+    /// The stream's retention.
+    pub retention: Retention,
+    /// The table's bounds; `None` for a stream endpoint.
+    pub table: Option<TableBounds>,
+}
+
+/// A stream endpoint's.
+impl From<Retention> for Keeping {
+    fn from(retention: Retention) -> Self {
+        Self {
+            retention,
+            table: None,
+        }
+    }
 }
 
 impl EndpointConfig {
+    /// What the bus keeps of the endpoint.
+    pub fn keeping(&self) -> Keeping {
+        Keeping {
+            retention: self.retention,
+            table: (self.mode == EndpointMode::Table).then(|| self.table.unwrap_or_default()),
+        }
+    }
+
     /// The endpoint's filter compiled within `limits`; checked when the manifest is loaded.
     pub fn filter(&self, limits: &Limits) -> Result<Option<Filter>, FilterError> {
         self.filter

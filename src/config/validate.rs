@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::{AuthConfig, JwtAlgorithm, KafkaSecurity, Manifest};
+use super::{AuthConfig, EndpointMode, JwtAlgorithm, KafkaSecurity, Manifest, StartPosition};
 
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
@@ -495,6 +495,33 @@ impl Manifest {
             );
             if let Err(error) = endpoint.filter(&self.server.filter_limits) {
                 p.add(format!("{path}.filter"), format!("not a filter: {error}"));
+            }
+            match (endpoint.mode, endpoint.table) {
+                (EndpointMode::Stream, Some(_)) => p.add(
+                    format!("{path}.table"),
+                    "only for an endpoint with \"mode\": \"table\"",
+                ),
+                (EndpointMode::Table, bounds) => {
+                    let bounds = bounds.unwrap_or_default();
+                    p.within(
+                        bounds.max_keys,
+                        1..=100_000_000,
+                        format!("{path}.table.max_keys"),
+                        "",
+                    );
+                    p.within(
+                        bounds.max_bytes,
+                        1024..=1 << 40,
+                        format!("{path}.table.max_bytes"),
+                        " bytes",
+                    );
+                    p.require(
+                        endpoint.start == StartPosition::Live,
+                        format!("{path}.start"),
+                        "a table endpoint starts every connection with a snapshot of its rows; leave \"start\" out",
+                    );
+                }
+                (EndpointMode::Stream, None) => {}
             }
         }
 

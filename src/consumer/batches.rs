@@ -239,7 +239,9 @@ impl Publisher {
             .get(topic)
             .into_iter()
             .flatten()
-            .map(|(_, retention)| usize::try_from(retention.max_records).unwrap_or(usize::MAX))
+            .map(|(_, keeping)| {
+                usize::try_from(keeping.retention.max_records).unwrap_or(usize::MAX)
+            })
             .fold(BATCH_RECORDS, usize::min)
             .max(1);
         let mut batch = Vec::new();

@@ -42,8 +42,8 @@ use fjord_bus::backoff::Backoff;
 use fjord_bus::envelope::{Decoded, Envelope, RecordParts};
 use fjord_bus::{Bus, BusError};
 use fjord_config::{
-    ConsumerGroupConfig, EndpointName, KafkaConfig, KafkaSecurity, Manifest, ManifestError,
-    OffsetReset, Retention,
+    ConsumerGroupConfig, EndpointName, KafkaConfig, KafkaSecurity, Keeping, Manifest,
+    ManifestError, OffsetReset,
 };
 
 /// Why a consumer stopped.
@@ -276,7 +276,7 @@ pub fn readiness() -> (
 }
 
 /// The endpoints (and their retention) each topic of the group publishes to.
-type Routes = HashMap<String, Vec<(EndpointName, Retention)>>;
+type Routes = HashMap<String, Vec<(EndpointName, Keeping)>>;
 
 /// How long a member that stops waits for its publishes in flight.
 const SHUTDOWN_SETTLE: Duration = Duration::from_secs(5);
@@ -291,7 +291,7 @@ fn routes_by_topic(manifest: &Manifest, group: &ConsumerGroupConfig) -> Routes {
         .map(|topic| {
             let endpoints = manifest
                 .endpoints_of_topic(topic)
-                .map(|name| (name.clone(), manifest.endpoints[name].retention))
+                .map(|name| (name.clone(), manifest.endpoints[name].keeping()))
                 .collect();
             (topic.clone(), endpoints)
         })

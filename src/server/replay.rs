@@ -1,10 +1,13 @@
-//! Replay: reading back from the bus what a resuming client missed — the records of each
-//! endpoint between the client's last id and the point where its live subscription began —
-//! and noticing when retention already trimmed some of them (a gap). Pages are bounded in
-//! entries and, for big records, in bytes: a resuming client holds one page at a time.
+//! Replay: reading back from the bus what a client must have before its live records — the
+//! records of each endpoint between the client's last id and the point where its live
+//! subscription began, noticing when retention already trimmed some of them (a gap); and
+//! for a table endpoint, a snapshot of its rows instead, for a client that has none or
+//! whose records were trimmed. Pages are bounded in entries and, for big records, in bytes:
+//! a client holds one page at a time.
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
 
 use fjord_bus::{Bus, BusEntry, BusError, StreamId};
@@ -25,8 +28,41 @@ pub struct ReplayRange {
     pub after: StreamId,
     /// Where its live subscription began (inclusive).
     pub until: StreamId,
-    /// Whether to report trimmed records; not for a fresh client starting at the oldest.
-    pub report_gap: bool,
+    /// What the client is sent.
+    pub catch_up: CatchUp,
+}
+
+/// How a [`ReplayRange`] is caught up with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatchUp {
+    /// The records in the range, after a gap when some were trimmed (`report_gap`; not for
+    /// a fresh client starting at the oldest).
+    Records {
+        /// Whether to report trimmed records.
+        report_gap: bool,
+    },
+    /// A table endpoint's records in the range, or its snapshot when some were trimmed.
+    TableRecords,
+    /// A table endpoint's snapshot: its rows, then the live records after `until`.
+    Snapshot {
+        /// Whether `fjord.snapshot_start` was yielded.
+        started: bool,
+        /// The key of the last row read; `None` before the first.
+        after_key: Option<Bytes>,
+        /// Whether the last rows were read.
+        done: bool,
+    },
+}
+
+impl CatchUp {
+    /// A snapshot from its first row.
+    pub fn snapshot() -> Self {
+        Self::Snapshot {
+            started: false,
+            after_key: None,
+            done: false,
+        }
+    }
 }
 
 /// What a replay yields, in order.
@@ -44,6 +80,29 @@ pub enum ReplayItem {
     },
     /// Entries, as (endpoint index, entry).
     Entries(Vec<(usize, BusEntry)>),
+    /// A table endpoint's rows follow; they replace whatever the client held.
+    SnapshotStart {
+        /// The endpoint's index.
+        endpoint: usize,
+    },
+    /// Rows of a table endpoint's snapshot, in key order, each as the entry of its record:
+    /// those at or before where the live records after the snapshot begin. A row newer than
+    /// that changed while the snapshot was read; its record is among the live ones, which
+    /// bring it right after the snapshot, so that a client never gets a record twice, nor
+    /// one older than what it has, and resumes exactly from the snapshot's end.
+    Rows {
+        /// The endpoint's index.
+        endpoint: usize,
+        /// The rows.
+        rows: Vec<BusEntry>,
+    },
+    /// The snapshot is complete; live records follow from `at`.
+    SnapshotEnd {
+        /// The endpoint's index.
+        endpoint: usize,
+        /// Where the live records begin.
+        at: StreamId,
+    },
 }
 
 struct State {
@@ -100,18 +159,57 @@ async fn next_item(state: &mut State) -> Option<Result<ReplayItem, BusError>> {
             state.ranges.pop_front();
             continue;
         };
-        if range.report_gap {
-            range.report_gap = false;
-            match state.bus.trimmed_after(name, range.after).await {
-                Err(error) => return Some(Err(error)),
-                Ok(Some(oldest)) => {
-                    return Some(Ok(ReplayItem::Gap {
-                        endpoint: range.endpoint,
-                        requested: range.after,
-                        oldest,
-                    }));
+        let endpoint = range.endpoint;
+        match &mut range.catch_up {
+            CatchUp::Records { report_gap: false } => {}
+            CatchUp::Records { report_gap } => {
+                *report_gap = false;
+                match state.bus.trimmed_after(name, range.after).await {
+                    Err(error) => return Some(Err(error)),
+                    Ok(Some(oldest)) => {
+                        return Some(Ok(ReplayItem::Gap {
+                            endpoint,
+                            requested: range.after,
+                            oldest,
+                        }));
+                    }
+                    Ok(None) => {}
                 }
-                Ok(None) => {}
+            }
+            CatchUp::TableRecords => {
+                range.catch_up = match state.bus.trimmed_after(name, range.after).await {
+                    Err(error) => return Some(Err(error)),
+                    Ok(Some(_)) => CatchUp::snapshot(),
+                    Ok(None) => CatchUp::Records { report_gap: false },
+                };
+                continue;
+            }
+            CatchUp::Snapshot { started, .. } if !*started => {
+                *started = true;
+                return Some(Ok(ReplayItem::SnapshotStart { endpoint }));
+            }
+            CatchUp::Snapshot { done: true, .. } => {
+                let at = range.until;
+                state.ranges.pop_front();
+                return Some(Ok(ReplayItem::SnapshotEnd { endpoint, at }));
+            }
+            CatchUp::Snapshot {
+                after_key, done, ..
+            } => {
+                let count = state.count;
+                let rows = match state.bus.rows(name, after_key.as_deref(), count).await {
+                    Err(error) => return Some(Err(error)),
+                    Ok(rows) => rows,
+                };
+                state.count = next_count(&rows, count, state.max_count);
+                *done = rows.len() < count;
+                *after_key = rows.last().and_then(BusEntry::filter_key).cloned();
+                let until = range.until;
+                let rows: Vec<BusEntry> = rows.into_iter().filter(|row| row.id <= until).collect();
+                if !rows.is_empty() {
+                    return Some(Ok(ReplayItem::Rows { endpoint, rows }));
+                }
+                continue;
             }
         }
         let count = state.count;
@@ -120,7 +218,6 @@ async fn next_item(state: &mut State) -> Option<Result<ReplayItem, BusError>> {
             Ok(entries) => entries,
         };
         state.count = next_count(&entries, count, state.max_count);
-        let endpoint = range.endpoint;
         match entries.last() {
             Some(last) if entries.len() == count && last.id < range.until => range.after = last.id,
             _ => {
@@ -137,8 +234,6 @@ async fn next_item(state: &mut State) -> Option<Result<ReplayItem, BusError>> {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
     use fjord_bus::{EntryKind, WireJson};
 

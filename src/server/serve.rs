@@ -27,7 +27,7 @@ use fjord_bus::backoff::Backoff;
 use fjord_bus::process::LogThrottle;
 use fjord_bus::{Bus, BusError};
 use fjord_config::ManifestError;
-use fjord_config::{AuthConfig, Manifest, MetricsListener};
+use fjord_config::{AuthConfig, EndpointMode, Manifest, MetricsListener};
 
 /// How long a draining server waits for its connections to close; below ECS's 30 s
 /// default stop timeout.
@@ -171,6 +171,7 @@ impl Running {
                     name: name.clone(),
                     start: endpoint.start,
                     filter,
+                    table: endpoint.mode == EndpointMode::Table,
                 })
             })
             .collect::<Result<Vec<_>, ServerError>>()?;

@@ -26,6 +26,10 @@ pub mod reserved {
     pub const SHUTDOWN: &str = "fjord.shutdown";
     /// The token expired; refresh it and reconnect.
     pub const EXPIRED: &str = "fjord.expired";
+    /// A table endpoint's rows follow, without ids: they replace what the client holds.
+    pub const SNAPSHOT_START: &str = "fjord.snapshot_start";
+    /// The rows are complete; its id is where the live records after them begin.
+    pub const SNAPSHOT_END: &str = "fjord.snapshot_end";
 }
 
 /// An event rendered once: `id:`, `event:` and `data:` lines.
@@ -57,6 +61,12 @@ impl RenderedEvent {
         &self.bytes
     }
 
+    /// Appends the event without its `id:` line, as a table's row is sent: a row is not a
+    /// position to resume from.
+    pub fn write_without_id(&self, out: &mut BytesMut) {
+        out.put_slice(&self.bytes[self.tail_start..]);
+    }
+
     /// Appends the event with `resume_id` as its `id:` line.
     pub fn write_with_id(&self, resume_id: &ResumeId, out: &mut BytesMut) {
         out.put_slice(b"id: ");
@@ -79,6 +89,29 @@ pub fn prelude(retry_ms: u64, start: &ResumeId) -> Bytes {
 /// An out-of-band event with a reserved name and a JSON body.
 pub fn notice(event: &str, data: &serde_json::Value) -> Bytes {
     Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+/// `fjord.snapshot_start`: the rows of table endpoint `endpoint` follow.
+pub fn snapshot_start(endpoint: &str, out: &mut BytesMut) {
+    let _ = write!(
+        out,
+        "event: {}\ndata: {}\n\n",
+        reserved::SNAPSHOT_START,
+        serde_json::json!({"endpoint": endpoint})
+    );
+}
+
+/// `fjord.snapshot_end` of table endpoint `endpoint`, with the connection's position
+/// `resume_id` after the rows as its id.
+pub fn snapshot_end(endpoint: &str, resume_id: &ResumeId, out: &mut BytesMut) {
+    out.put_slice(b"id: ");
+    resume_id.write(out);
+    let _ = write!(
+        out,
+        "\nevent: {}\ndata: {}\n\n",
+        reserved::SNAPSHOT_END,
+        serde_json::json!({"endpoint": endpoint})
+    );
 }
 
 /// `fjord.gap`: records of `endpoint` after `last_event_id` are gone (past the retention

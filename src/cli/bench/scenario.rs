@@ -463,7 +463,7 @@ pub(super) async fn publish_to_bus(
     let endpoints: Vec<_> = manifest
         .endpoints
         .iter()
-        .map(|(name, endpoint)| (name.clone(), endpoint.retention))
+        .map(|(name, endpoint)| (name.clone(), endpoint.keeping()))
         .collect();
     let started = Instant::now();
     let mut sent = 0_u64;
@@ -481,6 +481,7 @@ pub(super) async fn publish_to_bus(
         let envelope = Envelope {
             json: event_envelope(sent, key.as_deref(), bucket, seq, now_us()),
             filter_key: key.map(String::into_bytes),
+            tombstone: false,
         };
         bus.publish(Publication {
             topic: "bench",

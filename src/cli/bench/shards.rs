@@ -25,7 +25,7 @@ use super::scenario::{Env, Scenario, Spread, free_port, manifest, publish_to_bus
 use super::{cpu_ticks, event_envelope, now_us, ticks_per_second};
 use fjord_bus::envelope::Envelope;
 use fjord_bus::{Batch, Bus, BusReader, EntryKind};
-use fjord_config::{EndpointName, Manifest, RedisConfig, Retention};
+use fjord_config::{EndpointName, Keeping, Manifest, RedisConfig, Retention};
 
 /// Endpoints the shards scenario publishes to, spread evenly over the primaries.
 const ENDPOINTS: usize = 12;
@@ -513,7 +513,13 @@ async fn publish_batches(
     published: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let endpoints = [(endpoint, RETENTION)];
+    let endpoints = [(
+        endpoint,
+        Keeping {
+            retention: RETENTION,
+            table: None,
+        },
+    )];
     let partition = i32::try_from(partition)?;
     let mut next = 0_u64;
     while !stop.load(Relaxed) {
@@ -523,6 +529,7 @@ async fn publish_batches(
                 let envelope = Envelope {
                     json: json.clone(),
                     filter_key: None,
+                    tombstone: false,
                 };
                 (i64::try_from(offset).unwrap_or(i64::MAX), envelope)
             })

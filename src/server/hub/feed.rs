@@ -3,8 +3,9 @@
 //! A marker of records the consumer could not read goes to every connection of its endpoint,
 //! whatever its keys, as `fjord.gap`; so does an entry the bus found invalid, to the
 //! connections that would have had its record (all of them when its key is unknown), and so
-//! do entries that retention trimmed before this server read them. A connection whose queue
-//! is full is cut off after the batch and resumes by id.
+//! do entries that retention trimmed before this server read them (a table's connections are
+//! cut off instead, and get a fresh snapshot when they resume). A connection whose queue is
+//! full is cut off after the batch and resumes by id.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -91,9 +92,14 @@ impl Hub {
                 continue;
             };
             let last = channel.last_id();
-            if entry.previous > last {
+            if entry.previous > last && self.is_table(*endpoint) {
                 // Retention trimmed entries before this server read them: its live
-                // connections missed them, and are told so, as a resuming client would be.
+                // connections to a table missed changes of its rows, and are cut off, to
+                // resume from their last id, which gets them a fresh snapshot.
+                too_slow.extend(channel.all().map(|(client, _)| client));
+            } else if entry.previous > last {
+                // The same for a stream: its live connections are told so, as a resuming
+                // client would be.
                 let gap = Arc::new(sse::gap(self.endpoints[*endpoint].as_str(), last, entry.id));
                 for (client, sender) in channel.all() {
                     if let Err(PushError::Full) = sender.push(Frame::Raw(Arc::clone(&gap))) {
@@ -298,7 +304,7 @@ mod tests {
             reason: SkipReason::UnreadableRecord,
         };
         Bus::Memory(bus.clone())
-            .publish_skipped(&skipped, &[(name("orders"), Retention::default())])
+            .publish_skipped(&skipped, &[(name("orders"), Retention::default().into())])
             .await
             .expect("memory bus");
         hub.dispatch(&reader.next_batch().await.expect("memory bus"));

@@ -31,6 +31,7 @@ async fn orders_hub(
         name: name("orders"),
         start: StartPosition::Live,
         filter: filter.map(|source| Filter::compile(source, &Limits::default()).expect("a filter")),
+        table: false,
     };
     let hub = Arc::new(Hub::new(
         [endpoint],
@@ -51,7 +52,7 @@ async fn publish(
     first: i64,
     values: &[Value],
 ) -> Vec<StreamId> {
-    let endpoints = [(name("orders"), Retention::default())];
+    let endpoints = [(name("orders"), Retention::default().into())];
     for (offset, value) in (first..).zip(values) {
         let key = format!("k{offset}");
         let value = value.to_string();
@@ -169,7 +170,7 @@ async fn gaps_reach_filtered_connections_and_resumes_are_filtered_and_projected(
         reason: SkipReason::UndecodableRecord,
     };
     Bus::Memory(bus.clone())
-        .publish_skipped(&skipped, &[(name("orders"), Retention::default())])
+        .publish_skipped(&skipped, &[(name("orders"), Retention::default().into())])
         .await
         .expect("memory bus");
     hub.dispatch(&reader.next_batch().await.expect("memory bus"));

@@ -415,7 +415,7 @@ mod tests {
         for subscription in [&mut by_text, &mut by_base64, &mut by_both] {
             next_text(subscription).await;
         }
-        let endpoints = [(name("orders"), Retention::default())];
+        let endpoints = [(name("orders"), Retention::default().into())];
         for (offset, key) in [(0, binary), (1, text)] {
             let envelope = Envelope::encode(
                 fjord_bus::envelope::RecordParts {

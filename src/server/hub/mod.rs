@@ -38,7 +38,7 @@ pub use self::subscription::{Outgoing, Subscription};
 use crate::keys::{ClientId, KeyBudgetReached, KeySet};
 use crate::metrics::Metrics;
 use crate::queue::PushError;
-use crate::replay::{ReplayRange, replay};
+use crate::replay::{CatchUp, ReplayRange, replay};
 use crate::sse::{self, RenderedEvent, ResumeId};
 pub use crate::views::ViewSpec;
 use crate::views::{TooManyViews, Views};
@@ -54,6 +54,8 @@ const READY_WINDOW_MS: u64 = 5_000;
 pub struct Hub {
     endpoints: Vec<EndpointName>,
     starts: Vec<StartPosition>,
+    /// Whether each endpoint is a table, whose connections start with a snapshot.
+    tables: Vec<bool>,
     /// The manifest's filter of each endpoint, which every connection to it gets.
     filters: Vec<Option<Filter>>,
     /// How large the filters and field lists of requests may be.
@@ -102,15 +104,18 @@ pub struct HubEndpoint {
     pub start: StartPosition,
     /// What every connection to it is narrowed to.
     pub filter: Option<Filter>,
+    /// Whether it is a table endpoint.
+    pub table: bool,
 }
 
-/// An endpoint without a filter of its own.
+/// A stream endpoint without a filter of its own.
 impl From<(EndpointName, StartPosition)> for HubEndpoint {
     fn from((name, start): (EndpointName, StartPosition)) -> Self {
         Self {
             name,
             start,
             filter: None,
+            table: false,
         }
     }
 }
@@ -127,6 +132,7 @@ impl Hub {
     ) -> Self {
         let endpoints: Vec<HubEndpoint> = endpoints.into_iter().map(Into::into).collect();
         let starts = endpoints.iter().map(|endpoint| endpoint.start).collect();
+        let tables = endpoints.iter().map(|endpoint| endpoint.table).collect();
         let filters = endpoints
             .iter()
             .map(|endpoint| endpoint.filter.clone())
@@ -144,6 +150,7 @@ impl Hub {
             ),
             endpoints,
             starts,
+            tables,
             filters,
             filter_limits: server.filter_limits,
             views: Views::new(server.max_distinct_filters),
@@ -172,6 +179,11 @@ impl Hub {
     /// The server's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Whether endpoint `endpoint` is a table.
+    fn is_table(&self, endpoint: usize) -> bool {
+        self.tables.get(endpoint).copied().unwrap_or(false)
     }
 
     /// How large the filters and field lists of requests may be.
@@ -236,6 +248,30 @@ impl Hub {
         let mut ranges = Vec::new();
         for (position, (&endpoint, &live)) in interest.endpoints.iter().zip(&live_start).enumerate()
         {
+            if self.is_table(endpoint) {
+                // A table's client without rows (no id, or 0-0 before its snapshot ended)
+                // gets a snapshot; one that had them catches up on the records it missed.
+                let after = resume
+                    .and_then(|resume| resume.0.get(position).copied())
+                    .unwrap_or(StreamId::ZERO);
+                cursor.push(after);
+                if after == StreamId::ZERO {
+                    ranges.push(ReplayRange {
+                        endpoint,
+                        after,
+                        until: live,
+                        catch_up: CatchUp::snapshot(),
+                    });
+                } else if after < live {
+                    ranges.push(ReplayRange {
+                        endpoint,
+                        after,
+                        until: live,
+                        catch_up: CatchUp::TableRecords,
+                    });
+                }
+                continue;
+            }
             let from = match resume {
                 Some(resume) => resume.0.get(position).map(|&after| (after, true)),
                 None => (self.starts.get(endpoint) == Some(&StartPosition::Oldest))
@@ -251,7 +287,7 @@ impl Hub {
                     endpoint,
                     after,
                     until: live,
-                    report_gap,
+                    catch_up: CatchUp::Records { report_gap },
                 });
             }
         }

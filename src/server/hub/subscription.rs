@@ -96,6 +96,8 @@ pub struct Subscription {
     endpoints: Vec<usize>,
     /// What narrows its replay; `None` when it takes every record whole.
     narrowing: Option<Box<Narrowing>>,
+    /// Whether `page` holds a table's rows, which carry no id, rather than records.
+    page_of_rows: bool,
     /// The connection's position in each of its endpoints: an event at or before it was
     /// sent already and is skipped.
     cursor: ResumeId,
@@ -150,6 +152,7 @@ impl Subscription {
             endpoints,
             narrowing: (keys.is_some() || views.iter().any(Option::is_some))
                 .then(|| Box::new(Narrowing { keys, views })),
+            page_of_rows: false,
             cursor: start.cursor,
             hub,
             id,
@@ -182,16 +185,8 @@ impl Subscription {
         true
     }
 
-    fn write_event(
-        &mut self,
-        endpoint: usize,
-        id: StreamId,
-        event: &RenderedEvent,
-        out: &mut BytesMut,
-    ) {
-        if !self.advance(endpoint, id) {
-            return;
-        }
+    /// Writes an event the connection's position moved to.
+    fn write_taken(&self, event: &RenderedEvent, out: &mut BytesMut) {
         if self.is_multi_endpoint() {
             event.write_with_id(&self.cursor, out);
         } else {
@@ -202,13 +197,19 @@ impl Subscription {
     fn write_frame(&mut self, frame: Frame, out: &mut BytesMut) {
         match frame {
             Frame::Raw(bytes) => out.extend_from_slice(&bytes),
-            Frame::Event(event) => self.write_event(event.endpoint, event.id, &event.event, out),
+            Frame::Event(event) => {
+                if self.advance(event.endpoint, event.id) {
+                    self.write_taken(&event.event, out);
+                }
+            }
             // Never coalesced: it is taken alone, first (see `poll_next`).
             Frame::Unfinished => {}
         }
     }
 
-    fn write_replayed(&mut self, endpoint: usize, entry: &BusEntry, out: &mut BytesMut) {
+    /// The event of a replayed entry or a row, as this connection's keys and view let it
+    /// see it; `None` when they leave it out.
+    fn seen(&self, endpoint: usize, entry: &BusEntry) -> Option<RenderedEvent> {
         let narrowing = self.narrowing.as_deref();
         let wanted = match (narrowing.and_then(|n| n.keys.as_deref()), entry.receivers()) {
             (None, _) | (_, Receivers::All) => true,
@@ -216,23 +217,32 @@ impl Subscription {
             (Some(_), Receivers::Key(None)) => false,
         };
         if !wanted {
-            return;
+            return None;
         }
-        let Some(mut event) = self.hub.render(endpoint, entry) else {
-            return;
-        };
+        let event = self.hub.render(endpoint, entry)?;
         let view = narrowing.and_then(|narrowing| {
             let position = self.endpoints.iter().position(|&e| e == endpoint)?;
             narrowing.views.get(position).cloned().flatten()
         });
-        if let Some(view) = view {
-            let Some(seen) = view.see_replayed(entry, self.hub.endpoint_name(endpoint), event)
-            else {
-                return;
-            };
-            event = seen;
+        match view {
+            Some(view) => view.see_replayed(entry, self.hub.endpoint_name(endpoint), event),
+            None => Some(event),
         }
-        self.write_event(endpoint, entry.id, &event, out);
+    }
+
+    fn write_replayed(&mut self, endpoint: usize, entry: &BusEntry, out: &mut BytesMut) {
+        if let Some(event) = self.seen(endpoint, entry)
+            && self.advance(endpoint, entry.id)
+        {
+            self.write_taken(&event, out);
+        }
+    }
+
+    /// Writes a snapshot's row, without an id: the position moves only at its end.
+    fn write_row(&self, endpoint: usize, entry: &BusEntry, out: &mut BytesMut) {
+        if let Some(event) = self.seen(endpoint, entry) {
+            event.write_without_id(out);
+        }
     }
 
     /// Counts `bytes` as what this connection's replay holds now.
@@ -243,6 +253,14 @@ impl Subscription {
             .replay_buffered_bytes
             .fetch_add(signed(bytes) - signed(self.replay_held), Relaxed);
         self.replay_held = bytes;
+    }
+
+    /// Makes `entries` the page to write next: a table's rows, or records.
+    fn take_page(&mut self, entries: Vec<(usize, BusEntry)>, rows: bool) {
+        self.page_of_rows = rows;
+        self.page_bytes = entries.iter().map(|(_, entry)| entry.size()).sum();
+        self.page = entries.into();
+        self.hold_replay(self.page_bytes);
     }
 
     /// Ends the replay early: the connection gets nothing more and resumes from what it got.
@@ -291,7 +309,11 @@ impl Subscription {
                         break;
                     };
                     self.page_bytes -= entry.size();
-                    self.write_replayed(endpoint, &entry, &mut out);
+                    if self.page_of_rows {
+                        self.write_row(endpoint, &entry, &mut out);
+                    } else {
+                        self.write_replayed(endpoint, &entry, &mut out);
+                    }
                     frames += 1;
                 }
                 self.hold_replay(self.page_bytes + out.len());
@@ -334,9 +356,25 @@ impl Subscription {
                     return Poll::Ready(Some(sse::gap(name, requested, oldest)));
                 }
                 Poll::Ready(Some(Ok(ReplayItem::Entries(entries)))) => {
-                    self.page_bytes = entries.iter().map(|(_, entry)| entry.size()).sum();
-                    self.page = entries.into();
-                    self.hold_replay(self.page_bytes);
+                    self.take_page(entries, false);
+                }
+                Poll::Ready(Some(Ok(ReplayItem::SnapshotStart { endpoint }))) => {
+                    self.hold_replay(0);
+                    let mut out = BytesMut::new();
+                    sse::snapshot_start(self.hub.endpoint_name(endpoint), &mut out);
+                    return Poll::Ready(Some(out.freeze()));
+                }
+                Poll::Ready(Some(Ok(ReplayItem::Rows { endpoint, rows }))) => {
+                    self.take_page(rows.into_iter().map(|row| (endpoint, row)).collect(), true);
+                }
+                Poll::Ready(Some(Ok(ReplayItem::SnapshotEnd { endpoint, at }))) => {
+                    self.hold_replay(0);
+                    if let Some(position) = self.endpoints.iter().position(|&e| e == endpoint) {
+                        self.cursor.0[position] = at;
+                    }
+                    let mut out = BytesMut::new();
+                    sse::snapshot_end(self.hub.endpoint_name(endpoint), &self.cursor, &mut out);
+                    return Poll::Ready(Some(out.freeze()));
                 }
             }
         }

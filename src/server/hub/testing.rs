@@ -13,7 +13,7 @@ use crate::keys::KeySet;
 use fjord_bus::envelope::Envelope;
 use fjord_bus::memory::MemoryBus;
 use fjord_bus::{Bus, BusEntry, BusReader, EntryKind, Publication, StreamId, WireJson};
-use fjord_config::{EndpointName, Retention, ServerConfig, StartPosition};
+use fjord_config::{EndpointName, Keeping, Retention, ServerConfig, StartPosition};
 
 pub(super) fn name(name: &str) -> EndpointName {
     EndpointName::try_from(name.to_owned()).expect("valid")
@@ -116,7 +116,7 @@ pub(super) async fn publish(
 /// Publishes `envelope` as record `offset` of partition 0 of the topic `orders`.
 pub(super) async fn publish_envelope(
     bus: &MemoryBus,
-    endpoints: &[(EndpointName, Retention)],
+    endpoints: &[(EndpointName, Keeping)],
     offset: i64,
     envelope: &Envelope,
 ) {
@@ -141,12 +141,13 @@ pub(super) async fn publish_padded(
     retention: Retention,
     pad: usize,
 ) -> Vec<StreamId> {
-    let endpoints = [(name("orders"), retention)];
+    let endpoints = [(name("orders"), retention.into())];
     let pad = "x".repeat(pad);
     for offset in offsets {
         let envelope = Envelope {
             filter_key: Some(format!("k{offset}").into_bytes()),
             json: format!("{{\"offset\":{offset},\"pad\":\"{pad}\"}}").into_bytes(),
+            tombstone: false,
         };
         publish_envelope(bus, &endpoints, offset, &envelope).await;
     }
