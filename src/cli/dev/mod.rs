@@ -233,17 +233,22 @@ pub fn manifest(
     let endpoints: serde_json::Map<String, serde_json::Value> = DEMO_TOPICS
         .iter()
         .map(|topic| {
-            // Drivers matter only where they are now; orders live for some minutes.
-            let retention = if *topic == "drivers" {
-                serde_json::json!({"max_records": 250, "max_age_secs": 60})
+            // Drivers matter only where they are now: a table, whose snapshot has each
+            // driver's last position. Orders live for some minutes, and a page starts with
+            // what the window holds.
+            let endpoint = if *topic == "drivers" {
+                serde_json::json!({
+                    "topics": [topic],
+                    "mode": "table",
+                    "retention": {"max_records": 250, "max_age_secs": 60}
+                })
             } else {
-                serde_json::json!({"max_records": 600, "max_age_secs": 300})
+                serde_json::json!({
+                    "topics": [topic],
+                    "start": "oldest",
+                    "retention": {"max_records": 600, "max_age_secs": 300}
+                })
             };
-            let endpoint = serde_json::json!({
-                "topics": [topic],
-                "start": "oldest",
-                "retention": retention
-            });
             ((*topic).to_owned(), endpoint)
         })
         .collect();
@@ -592,7 +597,7 @@ fn announce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fjord_config::StartPosition;
+    use fjord_config::{EndpointMode, StartPosition};
     use fjord_server::auth::Authenticator;
 
     #[tokio::test]
@@ -630,12 +635,16 @@ mod tests {
             .expect("auth is on");
         assert_eq!(again.public_pem, keys.public_pem);
         auth.grant(Some(&again.token)).await.expect("same key");
-        assert!(
+        let endpoint = |name: &str| {
             manifest
                 .endpoints
-                .values()
-                .all(|e| e.start == StartPosition::Oldest)
-        );
+                .iter()
+                .find(|(endpoint, _)| endpoint.as_str() == name)
+                .map(|(_, config)| config.clone())
+                .expect("a demo endpoint")
+        };
+        assert_eq!(endpoint("orders").start, StartPosition::Oldest);
+        assert_eq!(endpoint("drivers").mode, EndpointMode::Table);
     }
 
     #[test]
