@@ -227,6 +227,142 @@ async fn value_filters_and_field_lists_narrow_what_clients_get() {
     assert_complete_and_ordered(&events, &not_draft);
 }
 
+/// Reads a table endpoint's snapshot from `stream`, after its prelude: the rows, as
+/// (key, value), and the id of `fjord.snapshot_end`.
+async fn snapshot(stream: &mut SseStream) -> (Vec<(String, serde_json::Value)>, String) {
+    let mut rows = Vec::new();
+    let mut started = false;
+    loop {
+        let event = stream.next().await.expect("an open stream");
+        match event.event.as_deref() {
+            Some("fjord.snapshot_start") => {
+                assert_eq!(event.json()["endpoint"], "drivers");
+                started = true;
+            }
+            Some("fjord.snapshot_end") => {
+                assert!(started, "rows only within a snapshot");
+                return (rows, event.id.expect("the id live records go on from"));
+            }
+            Some("drivers") => {
+                assert!(
+                    started && event.id.is_none(),
+                    "a row, without id: {event:?}"
+                );
+                let envelope = event.json();
+                rows.push((
+                    envelope["key"].as_str().expect("a text key").to_owned(),
+                    envelope["value"].clone(),
+                ));
+            }
+            Some(other) => panic!("unexpected {other}: {event:?}"),
+            None => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_table_endpoint_sends_its_rows_then_what_changes() {
+    if skip_without_services() {
+        return;
+    }
+    let services = services();
+    let topic = unique("drivers");
+    create_topic(&services.brokers, &topic, 2).await;
+    let server = ServerStart::new()
+        .endpoints(&[("drivers", &topic)])
+        .start(|manifest| {
+            manifest["endpoints"]["drivers"]["mode"] = "table".into();
+        })
+        .await;
+    let stream = |query: &str| server.url(&format!("/v1/streams/drivers?{query}"));
+    let position = |driver: usize, round: usize| serde_json::json!({"driver": driver, "lat": 59.0 + driver as f64 / 10.0, "round": round});
+    let record = |driver: usize, value: Option<serde_json::Value>| TestRecord {
+        partition: i32::try_from(driver % 2).expect("small"),
+        key: Some(format!("driver-{driver}").into_bytes()),
+        value: value.map(|value| value.to_string().into_bytes()),
+    };
+    // Three rounds of ten drivers, then driver 3 goes off shift (a tombstone), and a record
+    // without a key, which streams but is no row.
+    let mut records: Vec<TestRecord> = (0..3)
+        .flat_map(|round| (0..10).map(move |driver| (driver, round)))
+        .map(|(driver, round)| record(driver, Some(position(driver, round))))
+        .collect();
+    records.push(record(3, None));
+    records.push(TestRecord {
+        partition: 0,
+        key: None,
+        value: Some(b"{\"note\":\"no key\"}".to_vec()),
+    });
+    let mut log = SseStream::connect(&stream(""), &[]).await;
+    assert_eq!(log.status, 200);
+    let _consumer = Process::consumer(&server.path, &[]);
+    produce(&services.brokers, &topic, &records).await;
+    // Everything is on the bus once a connection from before has had it all.
+    log.records(2 + records.len()).await;
+
+    let expected: Vec<(String, serde_json::Value)> = [0, 1, 2, 4, 5, 6, 7, 8, 9]
+        .into_iter()
+        .map(|driver| (format!("driver-{driver}"), position(driver, 2)))
+        .collect();
+    let mut table = SseStream::connect(&stream(""), &[]).await;
+    assert_eq!(
+        table.next().await.expect("prelude").id.as_deref(),
+        Some("0-0")
+    );
+    let (rows, end) = snapshot(&mut table).await;
+    assert_eq!(rows, expected, "the last record per key, in key order");
+
+    // Keys, filters and fields narrow the rows as they narrow records.
+    let mut narrowed = SseStream::connect(
+        &stream("key=driver-1&key=driver-3&key=driver-7&filter=value.lat+%3C+59.5&fields=lat"),
+        &[],
+    )
+    .await;
+    assert_eq!(narrowed.status, 200);
+    narrowed.next().await.expect("prelude");
+    let (rows, _) = snapshot(&mut narrowed).await;
+    assert_eq!(
+        rows,
+        [("driver-1".to_owned(), serde_json::json!({"lat": 59.1}))]
+    );
+
+    // What changes next arrives live, with ids: an update, and a delete.
+    let changes = produce(
+        &services.brokers,
+        &topic,
+        &[record(1, Some(position(1, 3))), record(2, None)],
+    )
+    .await;
+    let live = table.records(2).await;
+    assert_complete_and_ordered(&live, &changes);
+    assert!(live.iter().all(|event| event.id.is_some()));
+    assert_eq!(live[1].json()["value"], serde_json::Value::Null, "a delete");
+    let narrowed_live = narrowed.records(1).await;
+    assert_eq!(
+        narrowed_live[0].json()["value"],
+        serde_json::json!({"lat": 59.1})
+    );
+
+    // Resumed from the snapshot's end: those changes, and no snapshot.
+    let mut resumed = SseStream::connect(&stream(""), &[("last-event-id", &end)]).await;
+    resumed.next().await.expect("prelude");
+    let replayed = resumed.records(2).await;
+    assert!(
+        replayed
+            .iter()
+            .all(|event| event.event.as_deref() == Some("drivers"))
+    );
+    assert_complete_and_ordered(&replayed, &changes);
+    // A new connection's snapshot has them.
+    let mut later = SseStream::connect(&stream(""), &[]).await;
+    later.next().await.expect("prelude");
+    let (rows, _) = snapshot(&mut later).await;
+    let mut now = expected.clone();
+    now.retain(|(key, _)| key != "driver-2");
+    now[1].1 = position(1, 3);
+    assert_eq!(rows, now);
+}
+
 #[tokio::test]
 async fn two_members_split_the_partitions_and_lose_nothing() {
     if skip_without_services() {
