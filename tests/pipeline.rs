@@ -1,5 +1,6 @@
 //! End to end through real Kafka and Redis: records produced to Kafka reach SSE clients of
 //! every server instance, complete and in order per partition.
+#![allow(clippy::panic, reason = "a test fails loudly")]
 
 use crate::common::*;
 

@@ -78,15 +78,8 @@ pub(super) struct Start {
 /// connection.
 pub struct Subscription {
     prelude: Option<Bytes>,
-    backlog: Option<Backlog>,
-    /// The replayed entries of the backlog's current page not yet written, and their bytes.
-    page: VecDeque<(usize, BusEntry)>,
-    page_bytes: usize,
-    /// The replay's bytes this connection holds — its page, and the chunk it was handed
-    /// last, written by the time it asks for more — as counted in the metrics.
-    replay_held: usize,
-    /// When it was handed its last replayed chunk.
-    handed_at: Option<Instant>,
+    /// What it must be sent before its live events; `None` once sent.
+    replay: Option<Box<Replay>>,
     /// When its replay ended: events queued while it replayed waited for the replay, not
     /// for the client, and do not count as lag.
     replayed_at: Option<Instant>,
@@ -96,13 +89,28 @@ pub struct Subscription {
     endpoints: Vec<usize>,
     /// What narrows its replay; `None` when it takes every record whole.
     narrowing: Option<Box<Narrowing>>,
-    /// Whether `page` holds a table's rows, which carry no id, rather than records.
-    page_of_rows: bool,
     /// The connection's position in each of its endpoints: an event at or before it was
     /// sent already and is skipped.
     cursor: ResumeId,
     hub: Arc<dyn HubHandle>,
     id: ClientId,
+}
+
+/// A connection's replay in progress. Boxed, and absent once it is over (most connections
+/// never have one), so that a live connection's task, where every byte counts once per open
+/// stream, does not carry it.
+struct Replay {
+    backlog: Backlog,
+    /// The replayed entries of the backlog's current page not yet written, and their bytes.
+    page: VecDeque<(usize, BusEntry)>,
+    page_bytes: usize,
+    /// Whether `page` holds a table's rows, which carry no id, rather than records.
+    page_of_rows: bool,
+    /// The replay's bytes this connection holds — its page, and the chunk it was handed
+    /// last, written by the time it asks for more — as counted in the metrics.
+    held: usize,
+    /// When it was handed its last replayed chunk.
+    handed_at: Option<Instant>,
 }
 
 /// What narrows a connection's replay as the hub narrows its live events: its keys, and its
@@ -141,18 +149,22 @@ impl Subscription {
     ) -> Self {
         Self {
             prelude: Some(start.prelude),
-            backlog: start.backlog,
-            page: VecDeque::new(),
-            page_bytes: 0,
-            replay_held: 0,
-            handed_at: None,
+            replay: start.backlog.map(|backlog| {
+                Box::new(Replay {
+                    backlog,
+                    page: VecDeque::new(),
+                    page_bytes: 0,
+                    page_of_rows: false,
+                    held: 0,
+                    handed_at: None,
+                })
+            }),
             replayed_at: None,
             receiver,
             direct: None,
             endpoints,
             narrowing: (keys.is_some() || views.iter().any(Option::is_some))
                 .then(|| Box::new(Narrowing { keys, views })),
-            page_of_rows: false,
             cursor: start.cursor,
             hub,
             id,
@@ -247,28 +259,46 @@ impl Subscription {
 
     /// Counts `bytes` as what this connection's replay holds now.
     fn hold_replay(&mut self, bytes: usize) {
+        let Some(replay) = self.replay.as_deref_mut() else {
+            return;
+        };
         let signed = |bytes: usize| i64::try_from(bytes).unwrap_or(i64::MAX);
         self.hub
             .metrics()
             .replay_buffered_bytes
-            .fetch_add(signed(bytes) - signed(self.replay_held), Relaxed);
-        self.replay_held = bytes;
+            .fetch_add(signed(bytes) - signed(replay.held), Relaxed);
+        replay.held = bytes;
     }
 
     /// Makes `entries` the page to write next: a table's rows, or records.
     fn take_page(&mut self, entries: Vec<(usize, BusEntry)>, rows: bool) {
-        self.page_of_rows = rows;
-        self.page_bytes = entries.iter().map(|(_, entry)| entry.size()).sum();
-        self.page = entries.into();
-        self.hold_replay(self.page_bytes);
+        let Some(replay) = self.replay.as_deref_mut() else {
+            return;
+        };
+        replay.page_of_rows = rows;
+        replay.page_bytes = entries.iter().map(|(_, entry)| entry.size()).sum();
+        replay.page = entries.into();
+        let bytes = replay.page_bytes;
+        self.hold_replay(bytes);
+    }
+
+    /// The next entry of the page, taken out of it.
+    fn next_in_page(&mut self) -> Option<(usize, BusEntry)> {
+        let replay = self.replay.as_deref_mut()?;
+        let next = replay.page.pop_front()?;
+        replay.page_bytes -= next.1.size();
+        Some(next)
+    }
+
+    /// Ends the replay, and gives back what it held.
+    fn end_replay(&mut self) {
+        self.hold_replay(0);
+        self.replay = None;
     }
 
     /// Ends the replay early: the connection gets nothing more and resumes from what it got.
     fn abandon_replay(&mut self) {
-        self.backlog = None;
-        self.page = VecDeque::new();
-        self.page_bytes = 0;
-        self.hold_replay(0);
+        self.end_replay();
         self.receiver.queue.close_and_clear();
     }
 
@@ -280,8 +310,9 @@ impl Subscription {
         // long is shed, as a live one whose events wait too long is, and resumes from what
         // it got.
         let too_slow = self
-            .handed_at
-            .take()
+            .replay
+            .as_deref_mut()
+            .and_then(|replay| replay.handed_at.take())
             .is_some_and(|handed| handed.elapsed() > self.hub.max_lag());
         if too_slow {
             self.hub.cut_off(self.id);
@@ -301,36 +332,38 @@ impl Subscription {
             return Poll::Ready((!notices.is_empty()).then(|| notices.freeze()));
         }
         loop {
-            if !self.page.is_empty() {
+            let Some(replay) = self.replay.as_deref_mut() else {
+                return Poll::Ready(None);
+            };
+            if !replay.page.is_empty() {
+                let rows = replay.page_of_rows;
                 let mut out = BytesMut::new();
                 let mut frames = 0;
                 while out.len() < REPLAY_CHUNK_BYTES && frames < MAX_COALESCED_FRAMES {
-                    let Some((endpoint, entry)) = self.page.pop_front() else {
+                    let Some((endpoint, entry)) = self.next_in_page() else {
                         break;
                     };
-                    self.page_bytes -= entry.size();
-                    if self.page_of_rows {
+                    if rows {
                         self.write_row(endpoint, &entry, &mut out);
                     } else {
                         self.write_replayed(endpoint, &entry, &mut out);
                     }
                     frames += 1;
                 }
-                self.hold_replay(self.page_bytes + out.len());
+                let page_bytes = self.replay.as_ref().map_or(0, |replay| replay.page_bytes);
+                self.hold_replay(page_bytes + out.len());
                 if !out.is_empty() {
-                    self.handed_at = Some(Instant::now());
+                    if let Some(replay) = self.replay.as_deref_mut() {
+                        replay.handed_at = Some(Instant::now());
+                    }
                     return Poll::Ready(Some(out.freeze()));
                 }
                 continue;
             }
-            let Some(backlog) = &mut self.backlog else {
-                return Poll::Ready(None);
-            };
-            match backlog.poll_next_unpin(cx) {
+            match replay.backlog.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    self.backlog = None;
-                    self.hold_replay(0);
+                    self.end_replay();
                     self.replayed_at = Some(Instant::now());
                     return Poll::Ready(None);
                 }
@@ -388,7 +421,7 @@ impl Stream for Subscription {
         if let Some(prelude) = self.prelude.take() {
             return Poll::Ready(Some(Outgoing::Events(prelude)));
         }
-        if self.backlog.is_some() {
+        if self.replay.is_some() {
             match self.poll_backlog(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(bytes)) => return Poll::Ready(Some(Outgoing::Events(bytes))),
