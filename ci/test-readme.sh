@@ -187,6 +187,26 @@ for value in values:
 print(f"filters: {len(values)} orders, each placed, worth at least 1000 cents, with three fields")
 CHECK
 
+step "README: a table endpoint's snapshot, against the first command's fjord dev"
+tables=$(block README.md "tables" "<!-- ci/test-readme.sh, beside the first command: tables -->")
+[ -n "$tables" ] || fail "README.md has no block after <!-- ci/test-readme.sh, beside the first command: tables -->"
+printf '%s\n' "$tables" | sed 's/^/    /'
+(cd "$work/first" && timeout 20 bash -c "${tables//8080/${ports[8080]}}" >table 2>&1) || true
+python3 - "$work/first/table" <<'CHECK' || fail "the README's table example: $(head -c 600 "$work/first/table")"
+import json, sys
+blocks = [b for b in open(sys.argv[1]).read().split("\n\n") if b.strip()]
+def field(block, name):
+    return next((line[len(name) + 2:] for line in block.splitlines() if line.startswith(name + ": ")), None)
+events = [field(b, "event") for b in blocks]
+start, end = events.index("fjord.snapshot_start"), events.index("fjord.snapshot_end")
+rows = [json.loads(field(b, "data")) for b in blocks[start + 1:end]]
+assert rows and all(field(b, "id") is None for b in blocks[start + 1:end]), "rows without ids"
+keys = [row["key"] for row in rows]
+assert keys == sorted(set(keys)), keys
+assert field(blocks[end], "id"), "snapshot_end has an id"
+print(f"tables: a snapshot of {len(rows)} drivers, one row each, then live records")
+CHECK
+
 names=()
 for found in "${walkthroughs[@]}"; do
   page=${found% *}
