@@ -16,6 +16,8 @@
 //! records the consumer could not read and skipped ([`SkippedRecords`]), published the
 //! same idempotent way, so that servers can tell every client of the endpoint. Every entry
 //! read, by either bus, is decoded and checked once, in [`entry`], before a server sees it.
+//! A table endpoint's bus also keeps the last record of each key as a row, updated in the
+//! same step as its stream, which servers read in key order for a snapshot ([`Bus::rows`]).
 
 pub mod backoff;
 pub mod clock;

@@ -20,7 +20,8 @@
 //! - `views`: filters on values and field lists (`fjord-filter`), shared by the connections
 //!   that ask for the same, each record decided once per distinct view.
 //! - `queue`: a connection's bounded queue, from the hub to its task.
-//! - [`replay`]: reading back what a resuming client missed, and noticing gaps.
+//! - [`replay`]: reading back what a resuming client missed, and noticing gaps; a table
+//!   endpoint's snapshot of rows.
 //! - [`sse`]: the bytes on the wire: events, heartbeats, resume ids.
 //! - [`auth`]: JWT verification and what a token opens.
 //! - `request`: what a stream request asks for and may have, decided in one call, and the
