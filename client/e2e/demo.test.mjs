@@ -1,5 +1,7 @@
 // The demo page of `fjord dev` in headless Chromium: it loads the embedded @fjord/client from
-// /fjord-client.js, is full of recent history at once, shows orders appearing and drivers
+// /fjord-client.js, is full of recent history at once, opens the driver map on the snapshot
+// of the table endpoint `drivers` (every driver the server has, as curl reads the snapshot
+// too), shows orders appearing and drivers
 // moving with labels that never overlap, resumes after "Drop connection" with no record
 // missed, follows one driver on a key-filtered connection, narrows orders with a value filter
 // and a field list on the server (and shows the bytes that saved, and a bad filter's 400),
@@ -13,7 +15,7 @@ import { createServer } from "node:http";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 
-import { bin, freePort, launchBrowser, openPage, Proc, repoDir, tempDir, until } from "./harness.mjs";
+import { bin, freePort, launchBrowser, openPage, Proc, readSnapshot, repoDir, tempDir, until } from "./harness.mjs";
 
 const TIMEOUT = 60_000;
 let dir, dev, port, browser;
@@ -67,8 +69,9 @@ test("the demo page is full of recent history at once, with no request the serve
   const page = await openDemo(`http://127.0.0.1:${port}/`);
   const opened = Date.now();
   try {
-    // The endpoints start at the oldest record they keep, and fjord dev writes 40 s of
-    // history at start: the board and the map fill from the first response.
+    // orders starts at the oldest record it keeps, and fjord dev writes 40 s of history at
+    // start; drivers is a table endpoint, whose snapshot has every driver: the board and the
+    // map fill from the first response.
     await page.waitForFunction(
       () => document.querySelectorAll("#orders .order").length >= 20 && document.querySelectorAll("#drivers-layer .drv").length === 8,
       null,
@@ -83,6 +86,45 @@ test("the demo page is full of recent history at once, with no request the serve
   assert.deepEqual(page.consoleLines.filter((l) => /^(error|pageerror)/.test(l)), []);
   assert.match(await page.locator("#produce-one").textContent(), /\| kcat -b 127\.0\.0\.1:\d+ -t orders -k order-mine -P$/);
   await page.close();
+});
+
+test("the driver map opens on the snapshot of the table endpoint drivers: every driver the server has, at once", { timeout: 2 * TIMEOUT }, async () => {
+  // A driver could come or go between the page's snapshot and the one read here: then again.
+  for (let attempt = 1; ; attempt++) {
+    const page = await openDemo(`http://127.0.0.1:${port}/`);
+    const opened = Date.now();
+    let snapshot;
+    try {
+      snapshot = await page.waitForFunction(() => window.fjordDemo.snapshots[0], null, { timeout: 10_000 }).then((h) => h.jsonValue());
+    } catch (error) {
+      throw explain(error, page);
+    }
+    const tookMs = Date.now() - opened;
+    // As a plain SSE client reads it: the rows between snapshot_start and snapshot_end.
+    const server = await readSnapshot(`http://127.0.0.1:${port}/v1/streams/drivers`, { endpoint: "drivers" });
+    const serverKeys = server.rows.map((r) => r.key).sort();
+    const pageKeys = [...snapshot.keys].sort();
+    if (JSON.stringify(pageKeys) !== JSON.stringify(serverKeys) && attempt < 3) {
+      console.log(`attempt ${attempt}: the page's snapshot ${pageKeys} and the server's ${serverKeys} differ; again`);
+      await page.close();
+      continue;
+    }
+    assert.ok(server.rows.length >= 1, "the server has driver rows");
+    assert.deepEqual(server.rows.filter((r) => r.hasId), [], "snapshot rows carry no id: line");
+    assert.equal(server.prelude, "0-0", "a table endpoint's position is 0-0 until its snapshot ends");
+    assert.match(server.id, /^\d+-\d+$/);
+    // Right after snapshot_end, the map holds one driver per row the server has.
+    assert.deepEqual(pageKeys, serverKeys);
+    assert.equal(snapshot.rows, server.rows.length);
+    assert.equal(snapshot.drivers, server.rows.length);
+    assert.match(snapshot.id, /^\d+-\d+_\d+-\d+$/, "the composite id of orders + drivers");
+    assert.match(await page.locator("#drivers-snapshot").textContent(), new RegExp(`^snapshot: ${server.rows.length} drivers? in \\d+ ms$`));
+    assert.equal(await page.locator("#st-drivers").textContent(), String(await page.locator("#drivers-layer .drv").count()));
+    console.log(`snapshot: ${snapshot.drivers} drivers on the map ${tookMs} ms after opening the page (${snapshot.ms} ms after the request)`);
+    assert.deepEqual(page.consoleLines.filter((l) => /^(error|pageerror)/.test(l)), []);
+    await page.close();
+    break;
+  }
 });
 
 test("the demo page shows orders appearing and drivers moving, with the stream's status", { timeout: 2 * TIMEOUT }, async () => {

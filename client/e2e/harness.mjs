@@ -151,6 +151,7 @@ export async function startStaticServer(keys) {
       const files = {
         "/fjord-client.js": [join(clientDir, "dist", "fjord-client.js"), "text/javascript"],
         "/page.html": [join(here, "page.html"), "text/html; charset=utf-8"],
+        "/table.html": [join(here, "table.html"), "text/html; charset=utf-8"],
       };
       const file = files[url.pathname];
       if (!file) {
@@ -168,15 +169,19 @@ export async function startStaticServer(keys) {
   return { origin, tokenRequests, close: () => new Promise((done) => (server.close(done), server.closeAllConnections())) };
 }
 
-/** Writes a manifest for `endpoints` (name → topic), with JWT auth by the setup keys. */
+/**
+ * Writes a manifest for `endpoints` (name → topic, a stream endpoint that starts at the
+ * oldest record; or name → `{ topic, mode: "table" }`), with JWT auth by the setup keys.
+ */
 export function writeManifest(dir, { brokers, redis, endpoints, port, origin, group }) {
+  const spec = (topic) => (typeof topic === "string" ? { topics: [topic], start: "oldest" } : { topics: [topic.topic], mode: topic.mode });
   const manifest = {
     kafka: { brokers: [brokers] },
     redis: { url: redis, key_prefix: unique("e2e") },
-    endpoints: Object.fromEntries(
-      Object.entries(endpoints).map(([name, topic]) => [name, { topics: [topic], start: "oldest" }]),
-    ),
-    consumer_groups: [{ id: group, topics: Object.values(endpoints), offset_reset: "earliest" }],
+    endpoints: Object.fromEntries(Object.entries(endpoints).map(([name, topic]) => [name, spec(topic)])),
+    consumer_groups: [
+      { id: group, topics: Object.values(endpoints).map((t) => (typeof t === "string" ? t : t.topic)), offset_reset: "earliest" },
+    ],
     server: { host: "127.0.0.1", port, heartbeat_secs: 2, retry_ms: 300, cors_origins: [origin] },
     auth: {
       mode: "jwt",
@@ -243,11 +248,69 @@ export async function kafka(brokers) {
         if (everyMs > 0) await new Promise((r) => setTimeout(r, everyMs));
       }
     },
+    /** Sends records as they are: `{ key, value }` each, `value: null` a tombstone, `key: null` none. */
+    async send(topic, records) {
+      for (const { key, value } of records) {
+        await producer.send({
+          topic,
+          acks: -1,
+          messages: [{ key, value: value === null ? null : JSON.stringify(value) }],
+        });
+      }
+    },
     async close() {
       await producer.disconnect().catch(() => undefined);
       await admin.disconnect().catch(() => undefined);
     },
   };
+}
+
+/**
+ * Reads a table endpoint's snapshot as a plain SSE client would (curl, say): the stream at
+ * `url` up to `fjord.snapshot_end` of `endpoint`. Returns the rows (each with whether it had
+ * an `id:` line), the end's id, and the id of the prelude.
+ */
+export async function readSnapshot(url, { endpoint, headers = {}, timeoutMs = 15_000 }) {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(new Error(`no fjord.snapshot_end of ${endpoint} from ${url} within ${timeoutMs} ms`)), timeoutMs);
+  try {
+    const res = await fetch(url, { headers: { accept: "text/event-stream", ...headers }, signal: abort.signal });
+    if (!res.ok) throw new Error(`${url}: ${res.status} ${await res.text()}`);
+    const decoder = new TextDecoder();
+    let text = "";
+    let prelude, open = false;
+    const rows = [];
+    for await (const chunk of res.body) {
+      text += decoder.decode(chunk, { stream: true });
+      let end;
+      while ((end = text.indexOf("\n\n")) >= 0) {
+        const block = text.slice(0, end);
+        text = text.slice(end + 2);
+        const fields = { id: undefined, event: "message", data: [] };
+        for (const line of block.split("\n")) {
+          const colon = line.indexOf(":");
+          if (colon === 0) continue;
+          const [name, value] = colon < 0 ? [line, ""] : [line.slice(0, colon), line.slice(colon + 1).replace(/^ /, "")];
+          if (name === "data") fields.data.push(value);
+          else if (name === "id" || name === "event") fields[name] = value;
+        }
+        const data = fields.data.join("\n");
+        if (fields.data.length === 0) {
+          if (fields.id !== undefined && prelude === undefined) prelude = fields.id;
+        } else if (fields.event === "fjord.snapshot_start" && JSON.parse(data).endpoint === endpoint) {
+          open = true;
+        } else if (fields.event === "fjord.snapshot_end" && JSON.parse(data).endpoint === endpoint) {
+          return { rows, id: fields.id, prelude };
+        } else if (open && fields.event === endpoint) {
+          rows.push({ ...JSON.parse(data), hasId: fields.id !== undefined });
+        }
+      }
+    }
+    throw new Error(`${url} ended before fjord.snapshot_end of ${endpoint}`);
+  } finally {
+    clearTimeout(timer);
+    abort.abort();
+  }
 }
 
 /** Headless Debian Chromium with a fresh profile. */
