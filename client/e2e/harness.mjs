@@ -1,7 +1,8 @@
 // The end-to-end harness: real fjord-server and fjord-consumer binaries against the Kafka and
 // Redis of ci/services.sh, a static server for the test page (another origin than the Fjord
 // server, so CORS is exercised) that also mints tokens with `fjord token`, a Kafka producer
-// (kafkajs) and headless Debian Chromium driven by playwright-core.
+// (kafkajs), a reader of a table endpoint's snapshot as a plain SSE client sees it, and
+// headless Debian Chromium driven by playwright-core.
 
 import { execFile, spawn } from "node:child_process";
 import { createWriteStream, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
