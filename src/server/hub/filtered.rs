@@ -14,12 +14,21 @@ use crate::request::parse_stream_request;
 use fjord_bus::envelope::{Envelope, RecordParts};
 use fjord_bus::memory::MemoryBus;
 use fjord_bus::{Bus, BusReader, SkipReason, SkippedRecords, StreamId};
-use fjord_config::{Retention, ServerConfig, StartPosition};
+use fjord_config::{Keeping, Retention, ServerConfig, StartPosition, TableBounds};
 use fjord_filter::{Filter, Limits};
 
 /// A hub of `orders` on a memory bus, whose manifest pins `filter` on it, and its reader.
 async fn orders_hub(
     filter: Option<&str>,
+    server: &ServerConfig,
+) -> (MemoryBus, BusReader, Arc<Hub>) {
+    orders_hub_of(filter, false, server).await
+}
+
+/// [`orders_hub`], of a table endpoint when `table`.
+async fn orders_hub_of(
+    filter: Option<&str>,
+    table: bool,
     server: &ServerConfig,
 ) -> (MemoryBus, BusReader, Arc<Hub>) {
     let bus = MemoryBus::new();
@@ -31,7 +40,7 @@ async fn orders_hub(
         name: name("orders"),
         start: StartPosition::Live,
         filter: filter.map(|source| Filter::compile(source, &Limits::default()).expect("a filter")),
-        table: false,
+        table,
     };
     let hub = Arc::new(Hub::new(
         [endpoint],
@@ -52,7 +61,11 @@ async fn publish(
     first: i64,
     values: &[Value],
 ) -> Vec<StreamId> {
-    let endpoints = [(name("orders"), Retention::default().into())];
+    let keeping = Keeping {
+        retention: Retention::default(),
+        table: hub.is_table(0).then(TableBounds::default),
+    };
+    let endpoints = [(name("orders"), keeping)];
     for (offset, value) in (first..).zip(values) {
         let key = format!("k{offset}");
         let value = value.to_string();
@@ -277,4 +290,57 @@ async fn a_filtered_connection_resumes_after_the_last_record_it_was_sent() {
     next_text(&mut resumed).await;
     publish(&hub, &bus, &mut reader, 4, &[json!({"total": 99})]).await;
     assert_eq!(offsets(&read(&mut resumed, 2).await), vec![2, 4]);
+}
+
+#[tokio::test]
+async fn a_table_s_snapshot_holds_only_the_rows_the_manifest_the_token_and_the_query_let_through() {
+    let (bus, mut reader, hub) = orders_hub_of(
+        Some(r#"value.status != "draft""#),
+        true,
+        &ServerConfig::default(),
+    )
+    .await;
+    let values = [
+        (5, "placed"),
+        (10, "placed"),
+        (20, "draft"),
+        (1, "placed"),
+        (30, "placed"),
+    ]
+    .map(|(total, status)| json!({"id": format!("o{total}"), "total": total, "status": status}));
+    publish(&hub, &bus, &mut reader, 0, &values).await;
+    let pinned = Grant {
+        filters: BTreeMap::from([(
+            "orders".to_owned(),
+            Filter::compile("value.total >= 5", &Limits::default()).expect("a filter"),
+        )]),
+        ..Grant::everything()
+    };
+    // The query cannot widen what the token and the manifest let through.
+    let mut client = subscribe(&hub, &pinned, "filter=true&fields=id", None);
+    let mut text = String::new();
+    while !text.contains("event: fjord.snapshot_end") {
+        text.push_str(&next_text(&mut client).await);
+    }
+    assert!(text.contains("event: fjord.snapshot_start"), "{text}");
+    let rows: Vec<Value> = data(&text)
+        .into_iter()
+        .filter(|event| event.get("offset").is_some())
+        .collect();
+    assert_eq!(
+        offsets(&rows),
+        vec![0, 1, 4],
+        "keys k0, k1, k4 in key order"
+    );
+    assert!(rows.iter().all(|row| {
+        row["value"]
+            .as_object()
+            .is_some_and(|value| value.len() == 1)
+    }));
+    let row_blocks = text
+        .split("\n\n")
+        .filter(|block| block.contains("event: orders\n"));
+    for block in row_blocks {
+        assert!(!block.contains("id: "), "a row carries no id: {block}");
+    }
 }
