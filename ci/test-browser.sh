@@ -7,7 +7,9 @@
 # in a cookie streams cross-origin; and the demo page of `fjord dev` (client/e2e/demo.test.mjs):
 # full of history at once, orders and drivers with labels that do not overlap, Drop connection
 # resuming with no record missed, the key filter, the open connections, the phone layout, no
-# 404 (favicon), and `fjord dev --auth` with the banner's token.
+# 404 (favicon), and `fjord dev --auth` with the banner's token; the map opening on the
+# snapshot of the table endpoint `drivers`; and `table()` (client/e2e/tables.test.mjs) keeping
+# its rows equal to a real table endpoint's through upserts, tombstones and a server restart.
 # Installs Debian chromium when missing, builds the Rust binaries when they are missing or
 # older than src/, runs `npm ci` in client/ (its prepare builds). Exits non-zero on failure.
 #   FJORD_E2E_SCREENSHOTS=DIR  keep a screenshot of the demo page
