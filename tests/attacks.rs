@@ -25,21 +25,6 @@ async fn start(endpoints: &[(&str, &str)], edit: impl FnOnce(&mut serde_json::Va
 }
 
 impl Server {
-    /// A value of `/metrics`: the first line that starts with `name` (with its labels).
-    async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        let value = text
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok());
-        assert!(value.is_some(), "no {name} in {text}");
-        value.unwrap_or_default()
-    }
-
     /// Fails the test if the server panicked or stopped answering.
     async fn assert_no_panic(&self) {
         let log = self.process.log().join("\n");

@@ -362,6 +362,19 @@ async fn a_table_endpoint_sends_its_rows_then_what_changes() {
     now.retain(|(key, _)| key != "driver-2");
     now[1].1 = position(1, 3);
     assert_eq!(rows, now);
+
+    // Each live delivery's latency is counted, from Kafka and from the bus; rows and
+    // replayed records are not live. The first stream had 34 records, the table's 2, the
+    // narrowed one 1.
+    for since in ["kafka", "bus"] {
+        let count = format!(
+            "fjord_delivery_latency_seconds_count{{endpoint=\"drivers\",since=\"{since}\"}}"
+        );
+        wait_until_async("the deliveries counted", || async {
+            server.metric(&count).await == 37.0
+        })
+        .await;
+    }
 }
 
 #[tokio::test]

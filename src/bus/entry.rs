@@ -27,7 +27,113 @@ pub(super) mod field {
 /// An envelope that may be written on an SSE `data:` line as it is: UTF-8, one JSON object,
 /// no CR, LF or NUL. Only [`WireJson::new`] makes one, so holding one is the proof.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireJson(Bytes);
+pub struct WireJson {
+    bytes: Bytes,
+    /// Its top-level `timestamp` when that is an integer: the record's Kafka timestamp in
+    /// milliseconds, which the delivery latency is measured from.
+    timestamp_ms: Option<i64>,
+}
+
+/// The top level of an envelope, read in the pass that checks it is JSON: its `timestamp`
+/// (the last, should it repeat) when an integer, and nothing else kept.
+struct TopLevel(Option<i64>);
+
+impl<'de> serde::Deserialize<'de> for TopLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(TopLevelVisitor)
+    }
+}
+
+struct TopLevelVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TopLevelVisitor {
+    type Value = TopLevel;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+        let mut timestamp = None;
+        while let Some(IsTimestamp(is_timestamp)) = map.next_key()? {
+            if is_timestamp {
+                timestamp = map.next_value::<Integer>()?.0;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(TopLevel(timestamp))
+    }
+}
+
+/// Whether an object's key is `timestamp`, found without copying it.
+struct IsTimestamp(bool);
+
+impl<'de> serde::Deserialize<'de> for IsTimestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = IsTimestamp;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, key: &str) -> Result<IsTimestamp, E> {
+                Ok(IsTimestamp(key == "timestamp"))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// Any JSON value, kept when it is an integer that fits an `i64`.
+struct Integer(Option<i64>);
+
+impl<'de> serde::Deserialize<'de> for Integer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Integer;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_i64<E>(self, value: i64) -> Result<Integer, E> {
+                Ok(Integer(Some(value)))
+            }
+            fn visit_u64<E>(self, value: u64) -> Result<Integer, E> {
+                Ok(Integer(i64::try_from(value).ok()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Integer, E> {
+                Ok(Integer(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Integer, E> {
+                Ok(Integer(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Integer, E> {
+                Ok(Integer(None))
+            }
+            fn visit_unit<E>(self) -> Result<Integer, E> {
+                Ok(Integer(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Integer, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Integer(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Integer, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Integer(None))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
 
 impl WireJson {
     /// Checks `bytes`.
@@ -44,13 +150,22 @@ impl WireJson {
         if !text.trim_start_matches([' ', '\t']).starts_with('{') {
             return Err(Problem::NotObject);
         }
-        serde_json::from_str::<IgnoredAny>(text).map_err(|_| Problem::NotJson)?;
-        Ok(Self(bytes))
+        let TopLevel(timestamp_ms) =
+            serde_json::from_str::<TopLevel>(text).map_err(|_| Problem::NotJson)?;
+        Ok(Self {
+            bytes,
+            timestamp_ms,
+        })
     }
 
     /// The JSON.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes
+    }
+
+    /// The record's Kafka timestamp in milliseconds, when the envelope has one.
+    pub fn timestamp_ms(&self) -> Option<i64> {
+        self.timestamp_ms
     }
 }
 
@@ -186,6 +301,34 @@ mod tests {
             EntryKind::Invalid(invalid) => Some(invalid.problem),
             _ => None,
         }
+    }
+
+    #[test]
+    fn an_envelope_s_kafka_timestamp_is_read_in_the_pass_that_checks_it() {
+        let timestamp = |json: &str| {
+            WireJson::new(Bytes::copy_from_slice(json.as_bytes()))
+                .expect("an object")
+                .timestamp_ms()
+        };
+        assert_eq!(
+            timestamp(
+                r#"{"key":{"timestamp":1},"timestamp":1764000000000,"value":{"timestamp":2}}"#
+            ),
+            Some(1_764_000_000_000),
+            "the top level's, not a key's or a value's"
+        );
+        assert_eq!(timestamp(r#"{"timestamp":null}"#), None);
+        assert_eq!(timestamp(r#"{"timestamp":"soon"}"#), None);
+        assert_eq!(timestamp(r#"{"timestamp":1.5}"#), None);
+        assert_eq!(timestamp(r#"{"timestamp":[1]}"#), None);
+        assert_eq!(
+            timestamp(r#"{"t\u0069mestamp":-5}"#),
+            Some(-5),
+            "escaped key"
+        );
+        assert_eq!(timestamp(r#"{"timestamp":99999999999999999999}"#), None);
+        assert_eq!(timestamp("{}"), None);
+        assert!(WireJson::new(Bytes::from_static(br#"{"timestamp":1,}"#)).is_err());
     }
 
     #[test]

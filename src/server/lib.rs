@@ -31,6 +31,7 @@
 //! - `connection`: one TCP connection: stream responses written straight to the socket.
 //! - `limits`: how many connections a server holds, and descriptors kept for health checks.
 //! - `metrics`: the counters behind `/metrics`.
+//! - `latency`: the delivery latency's histograms per endpoint, from Kafka and from the bus.
 //! - `serve`: wires bus, hub and routes into a running server with graceful drain; its
 //!   [`bind`] and [`serve`] are what the binaries call.
 //!
@@ -48,6 +49,7 @@ mod http;
 #[doc(hidden)]
 pub mod hub;
 mod keys;
+mod latency;
 mod limits;
 mod metrics;
 mod queue;

@@ -1,10 +1,13 @@
 //! Counters the server exposes at `/metrics`, in the Prometheus text format. Plain atomics,
-//! written by whoever does the work and read only when scraped.
+//! written by whoever does the work and read only when scraped; the delivery latency's
+//! histograms are `latency`'s.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use crate::latency::Latency;
 
 /// The server's counters.
 #[derive(Debug, Default)]
@@ -56,6 +59,8 @@ pub struct Metrics {
     /// Records decided for a view: once per record and distinct view that could receive it,
     /// however many connections share the view.
     pub filter_evaluations: AtomicU64,
+    /// How long live deliveries waited, per endpoint; set once the hub knows its endpoints.
+    pub latency: OnceLock<Latency>,
 }
 
 impl Metrics {
@@ -173,6 +178,9 @@ impl Metrics {
             ("filters", &self.refused_filters),
         ] {
             let _ = writeln!(out, "{name}{{limit=\"{limit}\"}} {}", count.load(Relaxed));
+        }
+        if let Some(latency) = self.latency.get() {
+            latency.render(&mut out);
         }
         out
     }

@@ -328,6 +328,21 @@ impl Server {
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
+
+    /// A value of `/metrics`: the first line that starts with `name` (with its labels).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let value = text
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok());
+        assert!(value.is_some(), "no {name} in {text}");
+        value.unwrap_or_default()
+    }
 }
 
 /// Starts `fjord-server` with one endpoint, `orders`, on a topic nothing produces to, and

@@ -63,6 +63,7 @@ impl Hub {
         // keeps up (one entry per read) and an event has few enough receivers to be written
         // in a few milliseconds; otherwise the tasks write in parallel and coalesce.
         let may_write_now = batch.len() == 1;
+        let latency = self.metrics.latency.get();
         for (endpoint, entry) in batch {
             let Some(rendered) = self.render(*endpoint, entry) else {
                 continue;
@@ -87,6 +88,10 @@ impl Hub {
                 id: entry.id,
                 event: rendered,
                 queued_at: Instant::now(),
+                kafka_ms: match &entry.kind {
+                    EntryKind::Record { envelope, .. } => envelope.timestamp_ms(),
+                    EntryKind::Skipped(_) | EntryKind::Invalid(_) => None,
+                },
             });
             let Some(channel) = self.index.receivers(*endpoint) else {
                 continue;
@@ -116,7 +121,12 @@ impl Hub {
                     return;
                 }
                 match sender.push_event(event, write_now) {
-                    Ok(()) => queued += 1,
+                    Ok(written) => {
+                        queued += 1;
+                        if written && let Some(latency) = latency {
+                            latency.record(event.endpoint, now_ms(), event.id.ms, event.kafka_ms);
+                        }
+                    }
                     Err(PushError::Full) => {
                         too_slow.insert(client);
                     }

@@ -36,6 +36,7 @@ use self::outlet::{Frame, Outlet};
 use self::subscription::{HubHandle, Start};
 pub use self::subscription::{Outgoing, Subscription};
 use crate::keys::{ClientId, KeyBudgetReached, KeySet};
+use crate::latency::Latency;
 use crate::metrics::Metrics;
 use crate::queue::PushError;
 use crate::replay::{CatchUp, ReplayRange, replay};
@@ -141,6 +142,14 @@ impl Hub {
             .into_iter()
             .map(|endpoint| endpoint.name)
             .collect();
+        metrics.latency.get_or_init(|| {
+            Latency::new(
+                endpoints
+                    .iter()
+                    .map(|name| name.as_str().to_owned())
+                    .collect(),
+            )
+        });
         Self {
             index: Index::new(
                 endpoints.len(),

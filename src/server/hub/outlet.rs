@@ -81,23 +81,29 @@ impl Outlet {
 
     /// Queues an event, or writes it to the socket in the connection task's place when
     /// the task waits on an empty queue and the socket takes it without waiting: one
-    /// system call instead of a queue, a wake-up and a poll.
+    /// system call instead of a queue, a wake-up and a poll. True when it wrote it (all of
+    /// it, or the part the socket took).
     pub(super) fn push_event(
         &self,
         event: &Arc<QueuedEvent>,
         may_write: bool,
-    ) -> Result<(), PushError> {
+    ) -> Result<bool, PushError> {
         let frame = Frame::Event(Arc::clone(event));
         match self.direct.get() {
             Some(direct) if may_write => {
-                self.queue
-                    .push_or_deliver(frame, |_| match direct.write_now(event.event.bytes()) {
+                let mut written = false;
+                self.queue.push_or_deliver(frame, |_| {
+                    let delivery = match direct.write_now(event.event.bytes()) {
                         WrittenNow::All => Delivery::Done,
                         WrittenNow::Partly => Delivery::Rest(Frame::Unfinished),
                         WrittenNow::Nothing => Delivery::Refused,
-                    })
+                    };
+                    written = !matches!(delivery, Delivery::Refused);
+                    delivery
+                })?;
+                Ok(written)
             }
-            _ => self.queue.push(frame),
+            _ => self.queue.push(frame).map(|()| false),
         }
     }
 }
@@ -130,6 +136,9 @@ pub(super) struct QueuedEvent {
     pub(super) event: RenderedEvent,
     /// When the hub queued it; a connection that takes it much later is cut off.
     pub(super) queued_at: Instant,
+    /// The record's Kafka timestamp in milliseconds, which its delivery latency counts
+    /// from; `None` for a record without one, and for what is no record.
+    pub(super) kafka_ms: Option<i64>,
 }
 
 /// What goes into a connection's queue: one pointer and a tag, so that a queue of many

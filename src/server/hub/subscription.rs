@@ -15,12 +15,13 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::time::Instant;
 
-use super::outlet::{ClientQueue, DirectWrite, Frame};
+use super::outlet::{ClientQueue, DirectWrite, Frame, QueuedEvent};
 use crate::keys::{ClientId, KeySet};
 use crate::metrics::Metrics;
 use crate::replay::ReplayItem;
 use crate::sse::{self, RenderedEvent, ResumeId};
 use crate::views::View;
+use fjord_bus::clock::now_ms;
 use fjord_bus::process::LogThrottle;
 use fjord_bus::{BusEntry, BusError, Receivers, StreamId};
 
@@ -206,12 +207,21 @@ impl Subscription {
         }
     }
 
-    fn write_frame(&mut self, frame: Frame, out: &mut BytesMut) {
+    /// Counts a live event about to be written, `now_ms`, in the delivery latency.
+    fn count_latency(&self, event: &QueuedEvent, now_ms: u64) {
+        if let Some(latency) = self.hub.metrics().latency.get() {
+            latency.record(event.endpoint, now_ms, event.id.ms, event.kafka_ms);
+        }
+    }
+
+    /// Writes a frame taken from the queue at `now_ms`.
+    fn write_frame(&mut self, frame: Frame, now_ms: u64, out: &mut BytesMut) {
         match frame {
             Frame::Raw(bytes) => out.extend_from_slice(&bytes),
             Frame::Event(event) => {
                 if self.advance(event.endpoint, event.id) {
                     self.write_taken(&event.event, out);
+                    self.count_latency(&event, now_ms);
                 }
             }
             // Never coalesced: it is taken alone, first (see `poll_next`).
@@ -460,13 +470,14 @@ impl Stream for Subscription {
                         && taken + frame.len() <= MAX_COALESCED_BYTES
                 }
             };
+            let now = now_ms();
             if let Some(second) = self.receiver.queue.try_next_if(fits(first.len())) {
                 let mut out = BytesMut::with_capacity(4096);
-                self.write_frame(first, &mut out);
-                self.write_frame(second, &mut out);
+                self.write_frame(first, now, &mut out);
+                self.write_frame(second, now, &mut out);
                 for _ in 2..MAX_COALESCED_FRAMES {
                     match self.receiver.queue.try_next_if(fits(out.len())) {
-                        Some(frame) => self.write_frame(frame, &mut out),
+                        Some(frame) => self.write_frame(frame, now, &mut out),
                         None => break,
                     }
                 }
@@ -487,12 +498,13 @@ impl Stream for Subscription {
                         if let Some(direct) = self.direct.take() {
                             self.receiver.write_directly(direct);
                         }
+                        self.count_latency(&event, now);
                         return Poll::Ready(Some(Outgoing::Events(event.event.bytes().clone())));
                     }
                 }
                 frame => {
                     let mut out = BytesMut::new();
-                    self.write_frame(frame, &mut out);
+                    self.write_frame(frame, now, &mut out);
                     if !out.is_empty() {
                         return Poll::Ready(Some(Outgoing::Events(out.freeze())));
                     }
