@@ -758,7 +758,9 @@ pub(super) fn check_topic(p: &mut Problems, path: &str, topic: &str) -> bool {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use super::super::{AuthConfig, EXAMPLE, Manifest, OffsetReset, StartPosition};
+    use super::super::{
+        AuthConfig, EXAMPLE, Keeping, Manifest, OffsetReset, Retention, StartPosition, TableBounds,
+    };
 
     pub(in super::super) fn minimal() -> serde_json::Value {
         serde_json::json!({
@@ -1056,6 +1058,11 @@ pub(super) mod tests {
                 "$.endpoints.orders.filter",
             ),
             (
+                "/endpoints/orders/table",
+                serde_json::json!({"max_keys": 10}),
+                "$.endpoints.orders.table: only for an endpoint with \"mode\": \"table\"",
+            ),
+            (
                 "/server",
                 serde_json::json!({"filter_limits": {"max_depth": 1000}}),
                 "$.server.filter_limits.max_depth",
@@ -1188,6 +1195,41 @@ pub(super) mod tests {
                 "{pointer} = {replacement}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn a_table_endpoint_has_bounds_and_no_start() {
+        let mut value = minimal();
+        value["endpoints"]["orders"]["mode"] = serde_json::json!("table");
+        let manifest = accepted(&value);
+        let keeping = manifest
+            .endpoints
+            .values()
+            .next()
+            .expect("orders")
+            .keeping();
+        assert_eq!(keeping.table, Some(TableBounds::default()));
+        assert_eq!(keeping.table.map(|bounds| bounds.max_keys), Some(100_000));
+
+        value["endpoints"]["orders"]["table"] = serde_json::json!({"max_keys": 0, "max_bytes": 10});
+        value["endpoints"]["orders"]["start"] = serde_json::json!("oldest");
+        let error = error_of(&value);
+        for expected in [
+            "$.endpoints.orders.table.max_keys: must be 1 to 100000000",
+            "$.endpoints.orders.table.max_bytes: must be 1024 to 1099511627776 bytes",
+            "$.endpoints.orders.start: a table endpoint starts every connection with a snapshot",
+        ] {
+            assert!(error.contains(expected), "{expected} in {error}");
+        }
+        value["endpoints"]["orders"]["mode"] = serde_json::json!("log");
+        assert!(error_of(&value).starts_with("$.endpoints.orders.mode"));
+        let stream = accepted(&minimal());
+        let stream = stream.endpoints.values().next().expect("orders");
+        assert_eq!(
+            stream.keeping(),
+            Keeping::from(Retention::default()),
+            "a stream endpoint keeps no rows"
+        );
     }
 
     #[test]
