@@ -582,6 +582,44 @@ async fn a_table_keeps_the_latest_row_per_key_in_key_order(kind: Kind) {
             ("f".to_owned(), 12)
         ]
     );
+
+    // The bound in bytes counts keys, ids and envelopes, and refuses new keys past it.
+    let small = [(
+        name("small"),
+        Keeping {
+            retention: Retention::default(),
+            table: Some(TableBounds {
+                max_keys: 1_000,
+                max_bytes: 1_024,
+            }),
+        },
+    )];
+    for offset in 0..30 {
+        publish_record(
+            &bus,
+            &small,
+            offset,
+            Some(&format!("key-{offset:02}")),
+            Some("{}"),
+        )
+        .await;
+    }
+    let rows = bus.rows(&name("small"), None, 100).await.expect("rows");
+    let bytes: usize = rows
+        .iter()
+        .map(|row| {
+            let EntryKind::Record { envelope, .. } = &row.kind else {
+                panic!("a record: {row:?}");
+            };
+            let key = row.filter_key().expect("a key").len();
+            key + row.id.to_string().len() + 1 + envelope.as_bytes().len()
+        })
+        .sum();
+    assert!(
+        (5..30).contains(&rows.len()) && bytes <= 1_024,
+        "{} rows, {bytes} bytes",
+        rows.len()
+    );
 }
 
 /// What a table client holds: its rows by key (offset of their record), and the checks it
