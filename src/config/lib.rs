@@ -744,7 +744,9 @@ pub struct ServerConfig {
     /// Origins allowed by CORS; `["*"]` allows any.
     #[serde(default)]
     pub cors_origins: Vec<String>,
-    /// Events queued for one client before it counts as too slow and is disconnected.
+    /// Events queued for one client before it counts as too slow and is disconnected: room
+    /// for a burst of many bus reads (512 entries each) that a client keeps up with. One
+    /// that stopped reading is found out sooner, by `client_max_lag_ms`.
     #[serde(default = "default_client_queue")]
     pub client_queue: usize,
     /// Milliseconds an event may wait in a client's queue; a client whose oldest queued
@@ -950,7 +952,7 @@ fn default_retry_ms() -> u64 {
     2000
 }
 fn default_client_queue() -> usize {
-    1024
+    16_384
 }
 fn default_client_max_lag_ms() -> u64 {
     5000

@@ -1,4 +1,8 @@
-//! A connection's bounded queue, from the hub to the connection's task. Queuing an event
+//! A connection's bounded queue, from the hub to the connection's task: bounded in items,
+//! and once its consumer has drained it, in time, so that a burst a consumer keeps up with
+//! fits while one that stopped reading is found out as soon as its oldest item is stale.
+//! (Until it first finds it empty, the consumer may be busy elsewhere on purpose: a
+//! connection replays what it missed before it reads its live events.) Queuing an event
 //! takes one uncontended lock; so does taking one. An idle queue costs about a hundred
 //! bytes — a tokio channel keeps a block of 32 slots and a semaphore for every connection —
 //! and a queue that grew in a burst gives its memory back once drained. How an item delivered
@@ -8,6 +12,9 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Above this many slots, a drained queue shrinks.
 const KEEP_SLOTS: usize = 16;
@@ -23,10 +30,17 @@ pub(crate) enum Delivery<T> {
     Refused,
 }
 
+/// An item that may say when it was queued, for a queue bounded in time.
+pub(crate) trait Timed {
+    /// When it was queued; `None` for an item that no bound in time applies to.
+    fn queued_at(&self) -> Option<Instant>;
+}
+
 /// Why an item was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PushError {
-    /// The queue holds its capacity.
+    /// The queue holds its capacity, or its oldest item waited longer than its bound in
+    /// time when this one came.
     Full,
     /// The queue was closed.
     Closed,
@@ -45,16 +59,23 @@ struct State<T> {
     /// The consumer, when it waits for an item.
     waker: Option<Waker>,
     closed: bool,
+    /// The most milliseconds its oldest item may have waited when another is queued, once
+    /// the consumer found the queue empty (`live`); 0 for no bound.
+    max_wait_ms: u32,
+    live: bool,
 }
 
-impl<T> Queue<T> {
-    /// An empty queue that holds at most `capacity` items.
-    pub(crate) fn new(capacity: usize) -> Self {
+impl<T: Timed> Queue<T> {
+    /// An empty queue that holds at most `capacity` items, and once its consumer found it
+    /// empty, none queued more than `max_wait` after the oldest one still queued.
+    pub(crate) fn new(capacity: usize, max_wait: Duration) -> Self {
         Self {
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 waker: None,
                 closed: false,
+                max_wait_ms: u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX),
+                live: false,
             }),
             capacity,
         }
@@ -91,7 +112,7 @@ impl<T> Queue<T> {
                     Delivery::Rest(rest) => rest,
                     Delivery::Refused => item,
                 }
-            } else if state.items.len() >= self.capacity {
+            } else if state.items.len() >= self.capacity || waited_too_long(&state, &item) {
                 return Err(PushError::Full);
             } else {
                 item
@@ -141,6 +162,7 @@ impl<T> Queue<T> {
         if state.closed {
             return Poll::Ready(None);
         }
+        state.live = true;
         match &state.waker {
             Some(waker) if waker.will_wake(cx.waker()) => {}
             _ => state.waker = Some(cx.waker().clone()),
@@ -166,15 +188,75 @@ impl<T> Queue<T> {
     }
 }
 
+/// Whether the oldest timed item of the queue (among its first few: a heartbeat may come
+/// first) waited longer than the queue's bound when `item` came.
+fn waited_too_long<T: Timed>(state: &State<T>, item: &T) -> bool {
+    if !state.live || state.max_wait_ms == 0 {
+        return false;
+    }
+    let (Some(now), Some(oldest)) = (
+        item.queued_at(),
+        state.items.iter().take(4).find_map(Timed::queued_at),
+    ) else {
+        return false;
+    };
+    now.saturating_duration_since(oldest) > Duration::from_millis(u64::from(state.max_wait_ms))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use super::*;
 
+    impl Timed for i32 {
+        fn queued_at(&self) -> Option<Instant> {
+            None
+        }
+    }
+
+    /// An item queued at a time, or with none, as a heartbeat.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Stamped(Option<Instant>);
+
+    impl Timed for Stamped {
+        fn queued_at(&self) -> Option<Instant> {
+            self.0
+        }
+    }
+
+    #[test]
+    fn once_bounded_in_time_a_queue_refuses_an_item_that_comes_long_after_its_oldest() {
+        let queue = Queue::new(100, Duration::from_secs(5));
+        let start = Instant::now();
+        let at = |ms| Stamped(Some(start + Duration::from_millis(ms)));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(queue.push(at(0)), Ok(()));
+        assert_eq!(
+            queue.push(at(6_000)),
+            Ok(()),
+            "not bounded before its consumer found it empty: it may be replaying"
+        );
+        assert_eq!(queue.poll_next(&mut cx), Poll::Ready(Some(at(0))));
+        assert_eq!(queue.poll_next(&mut cx), Poll::Ready(Some(at(6_000))));
+        assert_eq!(queue.poll_next(&mut cx), Poll::Pending);
+        assert_eq!(queue.push(at(0)), Ok(()));
+        assert_eq!(queue.push(at(5_000)), Ok(()));
+        assert_eq!(queue.push(at(5_001)), Err(PushError::Full));
+        assert_eq!(
+            queue.push(Stamped(None)),
+            Ok(()),
+            "a heartbeat is not timed"
+        );
+        // With the oldest taken, the next oldest counts.
+        assert_eq!(queue.try_next_if(|_| true), Some(at(0)));
+        assert_eq!(queue.push(at(9_000)), Ok(()));
+        assert_eq!(queue.push(at(11_001)), Err(PushError::Full));
+    }
+
     #[tokio::test]
     async fn items_arrive_in_order_until_closed_then_the_end() {
-        let queue = Arc::new(Queue::new(2));
+        let queue = Arc::new(Queue::new(2, Duration::ZERO));
         assert_eq!(queue.push(1), Ok(()));
         assert_eq!(queue.push(2), Ok(()));
         assert_eq!(queue.push(3), Err(PushError::Full));
@@ -198,7 +280,7 @@ mod tests {
 
     #[test]
     fn only_a_waiting_consumer_s_items_are_delivered_directly_in_its_place() {
-        let queue = Queue::new(4);
+        let queue = Queue::new(4, Duration::ZERO);
         let mut cx = Context::from_waker(Waker::noop());
         // Nobody waits yet: queued.
         assert_eq!(queue.push_or_deliver(1, |_| Delivery::Done), Ok(()));
@@ -216,7 +298,7 @@ mod tests {
 
     #[test]
     fn a_closed_queue_takes_nothing_more_not_even_directly() {
-        let queue = Queue::new(4);
+        let queue = Queue::new(4, Duration::ZERO);
         let mut cx = Context::from_waker(Waker::noop());
         assert_eq!(queue.poll_next(&mut cx), Poll::Pending);
         // Closed while its consumer waits on it, as a shed connection's queue is.
@@ -233,7 +315,7 @@ mod tests {
 
     #[test]
     fn a_cleared_queue_ends_at_once_and_a_drained_burst_is_given_back() {
-        let queue = Queue::new(1000);
+        let queue = Queue::new(1000, Duration::ZERO);
         for item in 0..100 {
             assert_eq!(queue.push(item), Ok(()));
         }

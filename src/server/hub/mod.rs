@@ -233,7 +233,7 @@ impl Hub {
             .inspect_err(|_| {
                 self.metrics.refused_filters.fetch_add(1, Relaxed);
             })?;
-        let outlet = Arc::new(Outlet::new(self.queue_size));
+        let outlet = Arc::new(Outlet::new(self.queue_size, self.max_lag));
         let receiver = Arc::clone(&outlet);
         let Indexed {
             id,

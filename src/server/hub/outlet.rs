@@ -41,11 +41,12 @@
 //!    `hub::feed::tests::a_full_queue_cuts_the_connection_off_after_what_was_queued`.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::queue::{Delivery, PushError, Queue};
+use crate::queue::{Delivery, PushError, Queue, Timed};
 use crate::sse::RenderedEvent;
 use fjord_bus::StreamId;
 
@@ -62,10 +63,11 @@ pub(super) struct Outlet {
 }
 
 impl Outlet {
-    /// An outlet whose queue holds at most `capacity` frames.
-    pub(super) fn new(capacity: usize) -> Self {
+    /// An outlet whose queue holds at most `capacity` frames, none queued more than
+    /// `max_lag` after the oldest once the connection is live.
+    pub(super) fn new(capacity: usize, max_lag: Duration) -> Self {
         Self {
-            queue: Queue::new(capacity),
+            queue: Queue::new(capacity, max_lag),
             direct: OnceLock::new(),
         }
     }
@@ -150,6 +152,16 @@ pub(super) enum Frame {
     /// A direct write the socket took in part, whose writer holds the rest; always first in
     /// its queue.
     Unfinished,
+}
+
+/// An event's queue time bounds the queue; heartbeats and notices are not timed.
+impl Timed for Frame {
+    fn queued_at(&self) -> Option<Instant> {
+        match self {
+            Self::Event(event) => Some(event.queued_at),
+            Self::Raw(_) | Self::Unfinished => None,
+        }
+    }
 }
 
 impl Frame {

@@ -576,6 +576,47 @@ mod tests {
         assert!(next_text(&mut keeping_up).await.starts_with("id: 11-0"));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_stopped_reading_is_cut_off_in_time_however_big_its_queue() {
+        let hub = hub(100_000);
+        let mut stopped = hub.subscribe(live(vec![1]), None, None);
+        next_text(&mut stopped).await;
+        // It found its queue empty once: live.
+        assert!(futures_util::FutureExt::now_or_never(stopped.next()).is_none());
+        hub.dispatch(&[(1, entry(10, "a"))]);
+        let lag = ServerConfig::default().client_max_lag();
+        tokio::time::advance(lag).await;
+        hub.dispatch(&[(1, entry(11, "a"))]);
+        assert_eq!(hub.metrics().clients_dropped.load(Relaxed), 0, "not yet");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        hub.dispatch(&[(1, entry(12, "a"))]);
+        assert_eq!(
+            hub.metrics().clients_dropped.load(Relaxed),
+            1,
+            "its oldest event waited past the bound when the next came"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_that_a_reader_keeps_up_with_is_not_shed() {
+        let hub = hub(ServerConfig::default().client_queue);
+        let mut reader = hub.subscribe(live(vec![1]), None, None);
+        next_text(&mut reader).await;
+        assert!(futures_util::FutureExt::now_or_never(reader.next()).is_none());
+        // Ten bus reads of 512 entries each, back to back, before the reader gets a turn.
+        let batches: Vec<Vec<_>> = (0..10_u64)
+            .map(|batch| (0..512).map(|i| (1, entry(100 + batch * 512 + i, "k"))).collect())
+            .collect();
+        for batch in &batches {
+            hub.dispatch(batch);
+        }
+        assert_eq!(hub.metrics().clients_dropped.load(Relaxed), 0);
+        let mut read = 0;
+        while read < 5_120 {
+            read += next_text(&mut reader).await.matches("\nevent: ").count();
+        }
+    }
+
     #[tokio::test]
     async fn resuming_replays_what_was_missed_then_continues_live_without_repeats() {
         let (bus, mut reader, hub) = hub_on_memory_bus(StartPosition::Live).await;
