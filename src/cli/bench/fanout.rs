@@ -34,14 +34,14 @@ const MAX_PER_WORKER: usize = 15_000;
 const SOURCES: u8 = 12;
 
 /// A child process driven over stdin, reporting JSON lines on stdout.
-struct Driven {
+pub(super) struct Driven {
     child: Child,
     stdin: ChildStdin,
     stdout: Lines<BufReader<ChildStdout>>,
 }
 
 impl Driven {
-    fn spawn(mut command: Command) -> anyhow::Result<Self> {
+    pub(super) fn spawn(mut command: Command) -> anyhow::Result<Self> {
         command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -61,13 +61,13 @@ impl Driven {
         self.child.id().unwrap_or(0)
     }
 
-    async fn say(&mut self, line: &str) {
+    pub(super) async fn say(&mut self, line: &str) {
         let _ = self.stdin.write_all(format!("{line}\n").as_bytes()).await;
         let _ = self.stdin.flush().await;
     }
 
     /// The next JSON line whose `type` is `kind`.
-    async fn expect(
+    pub(super) async fn expect(
         &mut self,
         kind: &str,
         patience: Duration,
@@ -121,7 +121,7 @@ impl InProcess {
     }
 }
 
-async fn wait_ready(port: u16) -> anyhow::Result<()> {
+pub(super) async fn wait_ready(port: u16) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/readyz");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -136,8 +136,8 @@ async fn wait_ready(port: u16) -> anyhow::Result<()> {
     anyhow::bail!("server on port {port} not ready within 30 s")
 }
 
-/// The sum over the servers on `ports` of the counter `name` on their `/metrics`.
-async fn counter_total(ports: &[u16], name: &str) -> u64 {
+/// The sum over the servers on `ports` of the counter (or gauge) `name` on their `/metrics`.
+pub(super) async fn counter_total(ports: &[u16], name: &str) -> u64 {
     let Ok(client) = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -164,7 +164,7 @@ async fn counter_total(ports: &[u16], name: &str) -> u64 {
 }
 
 /// Splits connections `0..connections` into worker specs, each with its share of servers.
-fn worker_specs(
+pub(super) fn worker_specs(
     scenario: &Scenario,
     addresses: &[SocketAddr],
     deadline_secs: u64,
@@ -200,6 +200,7 @@ fn worker_specs(
                 connect_concurrency: 256,
                 slow_every: scenario.slow_every,
                 deadline_secs,
+                table: None,
             }
         })
         .collect()
@@ -267,7 +268,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     let mut in_process: Option<InProcess> = None;
     let mut manifest_text = String::new();
     match scenario.kind {
-        Kind::Ingest | Kind::Shards | Kind::ReplicaLag => {
+        Kind::Ingest | Kind::Shards | Kind::ReplicaLag | Kind::Table => {
             anyhow::bail!(
                 "{:?} opens no connections: bench::run_scenario runs it",
                 scenario.kind
@@ -374,7 +375,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = match scenario.kind {
         // The floor makes its own events (and the bus-only scenarios returned above).
-        Kind::Floor | Kind::Ingest | Kind::Shards | Kind::ReplicaLag => {
+        Kind::Floor | Kind::Ingest | Kind::Shards | Kind::ReplicaLag | Kind::Table => {
             if let Some(floor) = &mut floor {
                 floor.say(&format!("go {}", scenario.rate)).await;
             }

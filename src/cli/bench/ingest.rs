@@ -322,7 +322,7 @@ async fn redis_cpu(redis: &mut ConnectionManager) -> anyhow::Result<RedisCpu> {
 }
 
 /// Deletes a run's keys: a backlog's stream is large, and the test Redis is shared.
-async fn forget(redis: &mut ConnectionManager, prefix: &str) {
+pub(super) async fn forget(redis: &mut ConnectionManager, prefix: &str) {
     let keys = async {
         let mut found = redis.scan_match::<_, String>(format!("*{prefix}*")).await?;
         let mut keys = Vec::new();

@@ -8,7 +8,8 @@
 //! measured by the same workers in the same run. The ingest scenario instead times one
 //! `fjord-consumer` through a Kafka backlog, with Redis behind a delaying proxy; the shards
 //! and replica-lag scenarios measure the bus alone, on local Redis Clusters that they start
-//! and stop themselves. Not part of the test suite.
+//! and stop themselves; the table scenario times clients that all connect at once to read a
+//! table endpoint's snapshot. Not part of the test suite.
 
 mod delay;
 mod fanout;
@@ -21,7 +22,9 @@ mod quick;
 mod report;
 mod scenario;
 mod shards;
+mod snapshot;
 mod sweep;
+mod table;
 mod values;
 mod worker;
 
@@ -34,8 +37,9 @@ use self::outcome::{Machine, Results, utc_now};
 use self::scenario::{ALL, Env, Kind};
 
 pub use histogram::Histogram;
-pub use outcome::{IngestRun, Latency, Outcome, ReplicaLag, ShardRun};
+pub use outcome::{IngestRun, Latency, Outcome, Quantiles, ReplicaLag, ShardRun, TableRun};
 pub use scenario::Scenario;
+pub use snapshot::{MapCount, SnapshotReport, TableSpec};
 pub use worker::{Target, WorkerReport, WorkerSpec};
 
 /// The `fjord bench` subcommands.
@@ -72,7 +76,8 @@ pub enum BenchCommand {
         #[arg(long)]
         tiny: bool,
         /// Only these scenarios (repeatable): idle, floor, fanout, floor-1k, fanout-1k, keyed,
-        /// overload, e2e, scale, ingest, shards, replica-lag.
+        /// filters-1, filters-100, filters-1000, overload, e2e, scale, ingest, shards,
+        /// replica-lag, table.
         #[arg(long = "only")]
         only: Vec<String>,
         /// The command line to print in the report.
@@ -83,13 +88,13 @@ pub enum BenchCommand {
     },
     /// Runs one scenario with the given load and prints its outcome as JSON.
     Run {
-        /// idle, floor, fanout, floor-1k, fanout-1k, keyed, overload, e2e, scale, ingest,
-        /// shards or replica-lag.
+        /// idle, floor, fanout, floor-1k, fanout-1k, keyed, filters-1, filters-100,
+        /// filters-1000, overload, e2e, scale, ingest, shards, replica-lag or table.
         scenario: String,
-        /// Connections in all.
+        /// Connections in all (table: clients connecting at once).
         #[arg(long)]
         connections: Option<usize>,
-        /// Records per second.
+        /// Records per second (table: live updates of random keys during the burst).
         #[arg(long)]
         rate: Option<f64>,
         /// Seconds measured.
@@ -118,6 +123,9 @@ pub enum BenchCommand {
         /// (--schema-registry) and decoded by the consumer.
         #[arg(long, value_enum)]
         value_format: Option<scenario::ValueFormat>,
+        /// Table: keys in the table endpoint.
+        #[arg(long)]
+        keys: Option<u64>,
         #[command(flatten)]
         services: Services,
     },
@@ -228,6 +236,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             records,
             rtt_ms,
             value_format,
+            keys,
             services,
         } => {
             let env = Env::new(&services)?;
@@ -263,6 +272,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             if let Some(format) = value_format {
                 chosen.value_format = format;
             }
+            if let Some(keys) = keys {
+                chosen.keys = keys;
+            }
             let outcome = run_scenario(&env, &chosen).await?;
             #[allow(clippy::print_stdout, reason = "the outcome is the command's output")]
             {
@@ -290,6 +302,8 @@ async fn run_scenario(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcome>
         // No connections: the bus alone, on clusters of its own.
         Kind::Shards => shards::run(scenario).await,
         Kind::ReplicaLag => shards::replica_lag(env, scenario).await,
+        // One server; its clients read a snapshot, not a measured window.
+        Kind::Table => table::run(env, scenario).await,
         Kind::Floor | Kind::Server | Kind::EndToEnd | Kind::InProcess => {
             fanout::run_connections(env, scenario).await
         }

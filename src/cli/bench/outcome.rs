@@ -1,6 +1,6 @@
 //! What a scenario measured, the one record every kind of scenario fills: the fan-out's
 //! connections, latency, CPU and memory, and the figures of the ingest, shards and
-//! replica-lag scenarios. `fjord bench` writes these as JSON; the report reads them back.
+//! replica-lag and table scenarios. `fjord bench` writes these as JSON; the report reads them back.
 
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +74,9 @@ pub struct Outcome {
     /// The replica-lag scenario's figures.
     #[serde(default)]
     pub replica_lag: Option<ReplicaLag>,
+    /// The table scenario's figures.
+    #[serde(default)]
+    pub table: Option<TableRun>,
 }
 
 impl Outcome {
@@ -83,7 +86,8 @@ impl Outcome {
             && (self.connected > 0
                 || !self.ingest.is_empty()
                 || !self.shards.is_empty()
-                || self.replica_lag.is_some())
+                || self.replica_lag.is_some()
+                || self.table.is_some())
     }
 }
 
@@ -242,4 +246,98 @@ pub(super) fn utc_now() -> String {
         rest % 3600 / 60,
         rest % 60
     )
+}
+
+/// Times over connections, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Quantiles {
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// The largest.
+    pub max_ms: f64,
+}
+
+impl Quantiles {
+    pub(super) fn of(histogram: &super::Histogram) -> Self {
+        Self {
+            p50_ms: histogram.quantile_ms(0.5),
+            p90_ms: histogram.quantile_ms(0.9),
+            p99_ms: histogram.quantile_ms(0.99),
+            max_ms: histogram.max_ms(),
+        }
+    }
+}
+
+/// The table scenario's figures: a table endpoint filled with keys, then clients that all
+/// connect at once and read its snapshot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TableRun {
+    /// Keys in the table.
+    pub keys: u64,
+    /// The average record's value, in bytes of JSON.
+    pub value_bytes: f64,
+    /// The average row's SSE event (`event:` and `data:` lines), in bytes.
+    pub event_bytes: f64,
+    /// Filling the table: seconds, in batches.
+    pub fill_secs: f64,
+    /// Records per batch while filling.
+    pub fill_batch: usize,
+    /// `MEMORY USAGE` of the rows hash, in bytes.
+    pub redis_rows_bytes: u64,
+    /// `MEMORY USAGE` of the row keys' sorted set.
+    pub redis_row_keys_bytes: u64,
+    /// `MEMORY USAGE` of the endpoint's stream.
+    pub redis_stream_bytes: u64,
+    /// Entries in the stream.
+    pub stream_entries: u64,
+    /// Redis's `used_memory` before filling.
+    pub redis_used_before: u64,
+    /// After filling.
+    pub redis_used_after: u64,
+    /// The most seen during the burst (sampled).
+    pub redis_used_peak: u64,
+    /// Clients that connected.
+    pub clients: u64,
+    /// Clients whose snapshot ended.
+    pub complete: u64,
+    /// From a client's start to its first row.
+    pub first_row: Quantiles,
+    /// From a client's start to its `fjord.snapshot_end`.
+    pub snapshot_end: Quantiles,
+    /// Rows received, over all clients.
+    pub rows: u64,
+    /// Keys × clients.
+    pub rows_expected: u64,
+    /// Clients whose final map (snapshot, then live records) equals the table.
+    pub maps_equal: u64,
+    /// Live records published during the burst and after it.
+    pub live_published: u64,
+    /// Live records received, over all clients.
+    pub live_received: u64,
+    /// From the workers' start to the last `fjord.snapshot_end`, in seconds.
+    pub burst_secs: f64,
+    /// Bytes the clients received in the burst (response bodies).
+    pub bytes: u64,
+    /// The server's resident memory before the table was filled, in KiB.
+    pub server_rss_kib_empty: u64,
+    /// Before the burst.
+    pub server_rss_kib_before: u64,
+    /// Its peak during the burst (`VmHWM`, reset before it when the kernel allows).
+    pub server_rss_kib_peak: u64,
+    /// When every snapshot had ended, the clients still connected.
+    pub server_rss_kib_after: u64,
+    /// Whether the peak is the burst's own (`VmHWM` was reset before it), or the process's.
+    pub peak_reset: bool,
+    /// The server's CPU (user + system) in the burst, in seconds.
+    pub server_cpu_secs: f64,
+    /// Redis's CPU in the burst (the whole Redis: anything else using it counts).
+    pub redis_cpu_secs: f64,
+    /// The load generator's CPU in the burst.
+    pub loadgen_cpu_secs: f64,
+    /// The highest `fjord_replay_buffered_bytes` sampled during the burst.
+    pub replay_buffered_peak: u64,
 }

@@ -356,6 +356,43 @@ pub(crate) fn section(results: &Results, command: &str) -> String {
             lag.replica.p99_ms - lag.primary.p99_ms
         );
     }
+    let tables: Vec<_> = results
+        .outcomes
+        .iter()
+        .filter_map(|outcome| outcome.table.as_ref())
+        .collect();
+    if !tables.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nTable: one server, a table endpoint filled with driver positions, then clients that all connect at once and read its snapshot; times from a client's start. MB are 10⁶ bytes, MiB 2²⁰.\n\n\
+             | keys | clients | rows received | first row p50 / p99 ms | `snapshot_end` p50 / p99 / max s | MB/s to clients | server CPU s | Redis CPU s | server RSS MiB before → peak → after | Redis MiB: rows + row keys + stream |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for table in tables {
+            let mib = |bytes: u64| bytes as f64 / 1_048_576.0;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} of {} | {:.0} / {:.0} | {:.1} / {:.1} / {:.1} | {:.0} | {:.1} | {:.1} | {:.0} → {:.0} → {:.0} | {:.1} + {:.1} + {:.1} |",
+                table.keys,
+                table.clients,
+                table.rows,
+                table.rows_expected,
+                table.first_row.p50_ms,
+                table.first_row.p99_ms,
+                table.snapshot_end.p50_ms / 1000.0,
+                table.snapshot_end.p99_ms / 1000.0,
+                table.snapshot_end.max_ms / 1000.0,
+                table.bytes as f64 / table.burst_secs.max(1e-9) / 1e6,
+                table.server_cpu_secs,
+                table.redis_cpu_secs,
+                table.server_rss_kib_before as f64 / 1024.0,
+                table.server_rss_kib_peak as f64 / 1024.0,
+                table.server_rss_kib_after as f64 / 1024.0,
+                mib(table.redis_rows_bytes),
+                mib(table.redis_row_keys_bytes),
+                mib(table.redis_stream_bytes),
+            );
+        }
+    }
     for outcome in results
         .outcomes
         .iter()
@@ -395,7 +432,7 @@ pub(crate) fn replace_section(text: &str, begin: &str, end: &str, fresh: &str) -
 mod tests {
     use super::super::outcome::Machine;
     use super::super::scenario::Scenario;
-    use super::super::{IngestRun, Latency, ReplicaLag, ShardRun};
+    use super::super::{IngestRun, Latency, Quantiles, ReplicaLag, ShardRun, TableRun};
     use super::*;
 
     /// A run on a made-up machine with these outcomes.
@@ -530,5 +567,46 @@ mod tests {
             .expect("the shards target");
         assert!(measured.contains("(1.50×)"), "{measured}");
         assert_eq!(verdict, "**met**");
+    }
+
+    #[test]
+    fn a_table_run_gets_its_own_table() {
+        let quantiles = |ms: f64| Quantiles {
+            p50_ms: ms,
+            p90_ms: ms * 2.0,
+            p99_ms: ms * 3.0,
+            max_ms: ms * 4.0,
+        };
+        let results = results_of(vec![Outcome {
+            scenario: "table".into(),
+            load: Scenario::standard("table", false),
+            connected: 1_000,
+            table: Some(TableRun {
+                keys: 100_000,
+                clients: 1_000,
+                rows: 100_000_000,
+                rows_expected: 100_000_000,
+                first_row: quantiles(70.0),
+                snapshot_end: quantiles(300_000.0),
+                burst_secs: 340.0,
+                bytes: 34_000_000_000,
+                server_cpu_secs: 141.7,
+                redis_cpu_secs: 178.8,
+                server_rss_kib_before: 12_288,
+                server_rss_kib_peak: 110_592,
+                server_rss_kib_after: 61_440,
+                redis_rows_bytes: 43_448_544,
+                redis_row_keys_bytes: 10_908_656,
+                redis_stream_bytes: 40_083_212,
+                ..TableRun::default()
+            }),
+            ..Outcome::default()
+        }]);
+        let text = section(&results, "ci/bench.sh");
+        assert!(
+            text.contains("| 100000 | 1000 | 100000000 of 100000000 | 70 / 210 | 300.0 / 900.0 / 1200.0 | 100 | 141.7 | 178.8 | 12 → 108 → 60 | 41.4 + 10.4 + 38.2 |"),
+            "{text}"
+        );
+        assert!(!text.contains("| table |"), "{text}");
     }
 }

@@ -39,11 +39,15 @@ pub enum Kind {
     Shards,
     /// The bus alone on one primary and its replica, read from each.
     ReplicaLag,
+    /// One `fjord-server` with a table endpoint of many keys, and clients that all connect
+    /// at once and read its snapshot.
+    Table,
 }
 
 impl Kind {
-    /// Whether the scenario opens client connections (and so has a row in the
-    /// connections table).
+    /// Whether the scenario streams to client connections for a measured window (and so
+    /// has a row in the connections table; the table scenario's connections have a table
+    /// of their own).
     pub fn has_connections(self) -> bool {
         matches!(
             self,
@@ -97,6 +101,9 @@ pub struct Scenario {
     /// How the backlog's values are written, and so decoded (ingest).
     #[serde(default)]
     pub value_format: ValueFormat,
+    /// Keys in the table endpoint (table).
+    #[serde(default)]
+    pub keys: u64,
 }
 
 /// The ingest backlog's value format: plain JSON, or the Confluent wire format with a
@@ -136,6 +143,7 @@ impl Scenario {
             records: 0,
             rtt_ms: Vec::new(),
             value_format: ValueFormat::Json,
+            keys: 0,
         };
         let full = match name {
             "idle" => Self {
@@ -241,6 +249,17 @@ impl Scenario {
                 measure_secs: 20,
                 ..base
             },
+            // Issue 25: a table of 100,000 keys, 1,000 clients connecting at once. No live
+            // load unless asked for (--rate), so that every client must get every row.
+            "table" => Self {
+                kind: Kind::Table,
+                connections: 1_000,
+                rate: 0.0,
+                keys: 100_000,
+                warmup_secs: 2,
+                measure_secs: 2,
+                ..base
+            },
             _ => return None,
         };
         if !tiny {
@@ -256,6 +275,18 @@ impl Scenario {
             Kind::Shards | Kind::ReplicaLag => {
                 return Some(Self {
                     rate: full.rate.min(200.0),
+                    warmup_secs: 1,
+                    measure_secs: 1,
+                    ..full
+                });
+            }
+            // With a light live load, so that the check of the clients' final maps against
+            // the table runs with records after the snapshot too.
+            Kind::Table => {
+                return Some(Self {
+                    connections: 20,
+                    keys: 1_000,
+                    rate: 20.0,
                     warmup_secs: 1,
                     measure_secs: 1,
                     ..full
@@ -277,7 +308,7 @@ impl Scenario {
 }
 
 /// Every standard scenario, in the order they run.
-pub(crate) const ALL: [&str; 15] = [
+pub(crate) const ALL: [&str; 16] = [
     "idle",
     "floor",
     "fanout",
@@ -293,6 +324,7 @@ pub(crate) const ALL: [&str; 15] = [
     "ingest",
     "shards",
     "replica-lag",
+    "table",
 ];
 
 /// Where things are.

@@ -1,8 +1,9 @@
 //! A load-generator worker process (`fjord bench worker`): opens its share of HTTP/1.1 SSE
 //! connections from several 127.0.0.x source addresses, reads them like a client would,
 //! and measures every event's latency from the timestamp its payload carries, and gaps in
-//! the sequence numbers per connection. The controller drives it over stdin (`measure`,
-//! `stop`) and reads JSON lines from its stdout.
+//! the sequence numbers per connection. Connections to a table endpoint read its snapshot
+//! instead ([`super::snapshot`]), and the worker says when every one has. The controller
+//! drives it over stdin (`measure`, `stop`) and reads JSON lines from its stdout.
 
 use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -14,6 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpSocket;
 
 use super::histogram::Histogram;
+use super::snapshot::{Seen, SnapshotReport, TableSpec, TableView};
 use super::{cpu_ticks, now_us, ticks_per_second};
 
 /// Connections to one server.
@@ -49,6 +51,11 @@ pub struct WorkerSpec {
     pub slow_every: usize,
     /// The worker exits by itself after this long.
     pub deadline_secs: u64,
+    /// With `Some`, the connections read a table endpoint's snapshot, are timed and
+    /// checked by it, and the worker says `snapshots` once every one has ended or failed;
+    /// latencies are those of the live records after it, from the worker's start.
+    #[serde(default)]
+    pub table: Option<TableSpec>,
 }
 
 /// What a worker measured between `measure` and `stop`.
@@ -76,12 +83,24 @@ pub struct WorkerReport {
     pub window_secs: f64,
     /// The first error seen, if any.
     pub first_error: Option<String>,
+    /// Response body bytes received, at any time.
+    #[serde(default)]
+    pub bytes: u64,
+    /// What the connections read of a table endpoint's snapshot.
+    #[serde(default)]
+    pub snapshot: Option<SnapshotReport>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     measuring: Option<Instant>,
     report: WorkerReport,
+    /// Each table connection's reading, by index.
+    views: Vec<TableView>,
+    /// Table connections whose snapshot ended or never will.
+    finished: usize,
+    /// When the worker started.
+    started: Option<Instant>,
 }
 
 impl State {
@@ -108,6 +127,61 @@ impl State {
             self.report.first_error = Some(error);
         }
     }
+
+    /// Counts what a table connection's line meant.
+    fn seen(&mut self, seen: Seen) {
+        match seen {
+            Seen::Nothing => {}
+            Seen::Ended {
+                rows,
+                first_row,
+                end,
+            } => {
+                let keys = self.views.first().map_or(0, |view| view.keys());
+                let started = self.started;
+                let snapshot = self.report.snapshot.get_or_insert_default();
+                snapshot.complete += 1;
+                snapshot.rows += rows;
+                if rows != keys {
+                    snapshot.short += 1;
+                }
+                snapshot.first_row.record(micros(first_row));
+                snapshot.end.record(micros(end));
+                snapshot.burst_secs =
+                    started.map_or(0.0, |started| started.elapsed().as_secs_f64());
+                self.finish_one();
+            }
+            Seen::Live { published_us } => {
+                self.record(now_us().saturating_sub(published_us), 0, false);
+            }
+        }
+    }
+
+    /// A table connection failed or closed before its snapshot ended.
+    fn lost(&mut self) {
+        self.report.snapshot.get_or_insert_default().incomplete += 1;
+        self.finish_one();
+    }
+
+    fn finish_one(&mut self) {
+        self.finished += 1;
+        if self.finished == self.views.len() {
+            let snapshot = self.report.snapshot.get_or_insert_default();
+            // The worker started with the burst: its CPU time so far is the burst's.
+            let cpu = cpu_ticks(std::process::id());
+            emit(&serde_json::json!({
+                "type": "snapshots",
+                "complete": snapshot.complete,
+                "incomplete": snapshot.incomplete,
+                "bytes": self.report.bytes,
+                "cpu_secs": cpu.map_or(0.0, |ticks| ticks as f64 / ticks_per_second()),
+            }));
+        }
+    }
+}
+
+fn micros(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
 }
 
 type Shared = Rc<RefCell<State>>;
@@ -131,6 +205,14 @@ fn emit(value: &serde_json::Value) {
 
 async fn drive(spec: WorkerSpec) -> anyhow::Result<()> {
     let state: Shared = Rc::default();
+    if let Some(table) = spec.table {
+        let mut state = state.borrow_mut();
+        state.started = Some(Instant::now());
+        state.measuring = state.started;
+        let count = spec.targets.iter().map(|target| target.count).sum();
+        state.views = (0..count).map(|_| TableView::new(table.keys)).collect();
+        state.report.snapshot = Some(SnapshotReport::default());
+    }
     let deadline = tokio::time::sleep(Duration::from_secs(spec.deadline_secs));
     tokio::pin!(deadline);
     let permits = Rc::new(tokio::sync::Semaphore::new(spec.connect_concurrency.max(1)));
@@ -155,11 +237,12 @@ async fn drive(spec: WorkerSpec) -> anyhow::Result<()> {
                 target.address
             );
             let address = target.address;
+            let view = spec.table.is_some().then_some(total);
             let state = Rc::clone(&state);
             let permits = Rc::clone(&permits);
             let done = done_tx.clone();
             tokio::task::spawn_local(async move {
-                connection(address, source, request, slow, state, permits, done).await;
+                connection(address, source, request, slow, view, state, permits, done).await;
             });
             total += 1;
         }
@@ -206,21 +289,32 @@ async fn drive(spec: WorkerSpec) -> anyhow::Result<()> {
         let ticks = cpu_ticks(std::process::id()).unwrap_or(0) - cpu_start;
         state.report.cpu_secs = ticks as f64 / ticks_per_second();
     }
-    let report = std::mem::take(&mut state.report);
+    let mut report = std::mem::take(&mut state.report);
+    if let Some(snapshot) = &mut report.snapshot {
+        for view in &state.views {
+            snapshot.add(view);
+        }
+    }
     emit(&serde_json::json!({"type": "report", "report": report}));
     // Connections close with the process.
     std::process::exit(0);
 }
 
+/// One connection; `view` is its table view's index, for a table endpoint.
+#[allow(clippy::too_many_arguments, reason = "a task's inputs, passed once")]
 async fn connection(
     address: SocketAddr,
     source: Ipv4Addr,
     request: String,
     slow: bool,
+    view: Option<usize>,
     state: Shared,
     permits: Rc<tokio::sync::Semaphore>,
     done: tokio::sync::mpsc::UnboundedSender<bool>,
 ) {
+    if let Some(view) = view {
+        state.borrow_mut().views[view].start();
+    }
     let permit = permits.acquire().await;
     let mut opened = None;
     for attempt in 0..5 {
@@ -239,6 +333,9 @@ async fn connection(
     }
     drop(permit);
     let Some((mut stream, leftover)) = opened else {
+        if view.is_some() {
+            state.borrow_mut().lost();
+        }
         let _ = done.send(false);
         return;
     };
@@ -248,16 +345,29 @@ async fn connection(
         // Never reads again; the server must cut it off. Held until the process exits.
         std::future::pending::<()>().await;
     }
-    let mut decoder = Decoder::default();
+    let mut decoder = Decoder {
+        view,
+        ..Decoder::default()
+    };
     decoder.feed(&leftover, &state);
-    let mut buffer = vec![0_u8; 4096];
+    // A snapshot is megabytes: fewer, larger reads.
+    let mut buffer = vec![0_u8; if view.is_some() { 64 * 1024 } else { 4096 }];
     loop {
         match stream.read(&mut buffer).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => decoder.feed(&buffer[..n], &state),
+            Ok(n) => {
+                state.borrow_mut().report.bytes += n as u64;
+                decoder.feed(&buffer[..n], &state);
+            }
         }
     }
-    state.borrow_mut().report.closed_by_server += 1;
+    let mut state = state.borrow_mut();
+    state.report.closed_by_server += 1;
+    if let Some(view) = view
+        && !state.views[view].ended()
+    {
+        state.lost();
+    }
 }
 
 /// Connects, sends the request, reads the response head; returns the stream and the body
@@ -347,6 +457,8 @@ struct Decoder {
     size: usize,
     line: Vec<u8>,
     last_seq: Option<u64>,
+    /// The connection's table view's index, for a table endpoint.
+    view: Option<usize>,
 }
 
 impl Default for Decoder {
@@ -356,6 +468,7 @@ impl Default for Decoder {
             size: 0,
             line: Vec::with_capacity(512),
             last_seq: None,
+            view: None,
         }
     }
 }
@@ -421,6 +534,12 @@ impl Decoder {
     }
 
     fn on_line(&mut self, line: &[u8], state: &Shared) {
+        if let Some(view) = self.view {
+            let mut state = state.borrow_mut();
+            let seen = state.views[view].line(line);
+            state.seen(seen);
+            return;
+        }
         if !line.starts_with(b"data: ") {
             return;
         }
@@ -467,6 +586,62 @@ mod tests {
             assert_eq!(report.events, 3, "split {split}");
             assert_eq!(report.gaps, 1, "split {split}");
             assert_eq!(report.out_of_order, 0);
+        }
+    }
+
+    #[test]
+    fn reads_a_table_snapshot_split_anywhere() {
+        let row = |key: u64| {
+            format!(
+                "event: bench\ndata: {{\"key\":\"driver-{key:06}\",\"value\":{{\"seq\":{key},\"ts\":1}}}}\n\n"
+            )
+        };
+        let mut events = vec![
+            "retry: 1000\nid: 0-0\n\n".to_owned(),
+            "event: fjord.snapshot_start\ndata: {\"endpoint\":\"bench\"}\n\n".to_owned(),
+        ];
+        events.extend((0..3).map(row));
+        events
+            .push("id: 9-0\nevent: fjord.snapshot_end\ndata: {\"endpoint\":\"bench\"}\n\n".into());
+        events.push(
+            "id: 10-0\nevent: bench\ndata: {\"key\":\"driver-000001\",\"value\":{\"seq\":3,\"prev\":1,\"ts\":1}}\n\n".into(),
+        );
+        let mut wire = Vec::new();
+        for event in &events {
+            wire.extend_from_slice(format!("{:X}\r\n{event}\r\n", event.len()).as_bytes());
+        }
+        for split in [1, 5, 64, wire.len()] {
+            let state: Shared = Rc::default();
+            {
+                let mut state = state.borrow_mut();
+                state.started = Some(Instant::now());
+                state.measuring = state.started;
+                state.views = vec![TableView::new(3)];
+                state.report.snapshot = Some(SnapshotReport::default());
+            }
+            let mut decoder = Decoder {
+                view: Some(0),
+                ..Decoder::default()
+            };
+            for piece in wire.chunks(split) {
+                decoder.feed(piece, &state);
+            }
+            let state = state.borrow();
+            let snapshot = state.report.snapshot.as_ref().expect("a snapshot report");
+            assert_eq!(state.finished, 1, "split {split}");
+            assert_eq!(snapshot.complete, 1, "split {split}");
+            assert_eq!((snapshot.rows, snapshot.short), (3, 0), "split {split}");
+            assert_eq!(snapshot.first_row.count, 1);
+            // The live record after the snapshot, timed.
+            assert_eq!(state.report.events, 1, "split {split}");
+            let mut finished = snapshot.clone();
+            finished.add(&state.views[0]);
+            assert_eq!(
+                (finished.unordered, finished.unexpected, finished.live),
+                (0, 0, 1)
+            );
+            assert_eq!(finished.maps.len(), 1);
+            assert_eq!(finished.maps[0].held, 3);
         }
     }
 }
