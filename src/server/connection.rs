@@ -49,13 +49,19 @@ const FIRST_READ: usize = 2048;
 pub(crate) type Fallback =
     Arc<dyn Fn(Prefixed) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// Serves one accepted connection to its end; `slot` is its share of the limits.
+/// Held by every connection until it ends: a draining server waits for all of them.
+pub(crate) type OpenConnection = tokio::sync::watch::Receiver<()>;
+
+/// Serves one accepted connection to its end; `slot` is its share of the limits. A stream,
+/// once admitted, goes on in a task of its own that holds only what a stream needs: this
+/// task, with the request, its head and the admission's state, ends then.
 pub(crate) async fn serve(
     mut socket: TcpStream,
     peer: SocketAddr,
     mut slot: Slot,
     admission: Arc<Admission>,
     fallback: Fallback,
+    open_connection: OpenConnection,
 ) {
     let mut buffer = Vec::with_capacity(FIRST_READ);
     let given_up = slot.given_up();
@@ -90,8 +96,31 @@ pub(crate) async fn serve(
         Ok(Ok(Head::Other)) => fallback(Prefixed::new(buffer, socket)).await,
         Ok(Ok(Head::Stream(request))) => {
             drop(buffer);
-            if let Err(error) = stream(socket, peer.ip(), slot, request, &admission).await {
-                tracing::debug!(%error, "stream connection ended with an error");
+            let chunked = request.chunked;
+            match Box::pin(open(&socket, peer.ip(), &mut slot, request, &admission)).await {
+                Ok(Some(subscription)) => match stream_options(&socket) {
+                    Ok(()) => {
+                        let mut streaming = Streaming {
+                            socket: Arc::new(socket),
+                            subscription,
+                            chunked,
+                            _slot: slot,
+                            _open_connection: open_connection,
+                        };
+                        // An async block that uses the stream in place: an `async fn` taking
+                        // it by value would keep it twice.
+                        tokio::spawn(async move {
+                            if let Err(error) = streaming.stream().await {
+                                tracing::debug!(%error, "stream connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(error) => tracing::debug!(%error, "setting up a stream connection failed"),
+                },
+                Ok(None) => {
+                    let _ = shut_down(&socket);
+                }
+                Err(error) => tracing::debug!(%error, "answering a stream request failed"),
             }
         }
     }
@@ -244,38 +273,51 @@ fn origin_form(target: &str) -> &str {
     }
 }
 
-/// Answers a stream request: refused with a JSON error, or streamed until the hub ends it or
-/// the client goes.
-async fn stream(
-    socket: TcpStream,
-    peer: IpAddr,
-    mut slot: Slot,
-    request: Stream,
-    admission: &Admission,
-) -> io::Result<()> {
-    let chunked = request.chunked;
-    let Some(mut subscription) =
-        Box::pin(open(&socket, peer, &mut slot, request, admission)).await?
-    else {
-        return shut_down(&socket);
-    };
-    let options = socket2::SockRef::from(&socket);
+/// Sets a stream connection's socket up for a long life of small writes.
+fn stream_options(socket: &TcpStream) -> io::Result<()> {
+    let options = socket2::SockRef::from(socket);
     // The kernel closes a connection whose client took no bytes for this long, instead of a
     // timer per write in every connection.
     options.set_tcp_user_timeout(Some(WRITE_TIMEOUT))?;
     // A fixed send buffer: autotuned, it grows to megabytes for a client that stopped
     // reading, hiding it from the queue bound for minutes and holding kernel memory.
-    options.set_send_buffer_size(SEND_BUFFER)?;
-    let socket = Arc::new(socket);
-    let direct = chunked.then(|| Arc::new(ChunkedSocket::new(Arc::clone(&socket))));
-    if let Some(direct) = &direct {
-        subscription.write_directly(Arc::clone(direct) as Arc<dyn DirectWrite>);
+    options.set_send_buffer_size(SEND_BUFFER)
+}
+
+/// An admitted stream: what its task holds for as long as it is open, and no more. Every
+/// open stream has one, so each byte here counts once per connection.
+struct Streaming {
+    socket: Arc<TcpStream>,
+    subscription: Subscription,
+    /// HTTP/1.1's chunked encoding, or HTTP/1.0's body that ends with the connection.
+    chunked: bool,
+    /// Its share of the limits, given back when the stream ends.
+    _slot: Slot,
+    _open_connection: OpenConnection,
+}
+
+impl Streaming {
+    /// Streams until the hub ends the stream or the client goes.
+    async fn stream(&mut self) -> io::Result<()> {
+        let direct = self
+            .chunked
+            .then(|| Arc::new(ChunkedSocket::new(Arc::clone(&self.socket))));
+        if let Some(direct) = &direct {
+            self.subscription
+                .write_directly(Arc::clone(direct) as Arc<dyn DirectWrite>);
+        }
+        pump(
+            &self.socket,
+            &mut self.subscription,
+            self.chunked,
+            direct.as_deref(),
+        )
+        .await?;
+        if self.chunked {
+            write_all_vectored(&self.socket, &[b"0\r\n\r\n"]).await?;
+        }
+        shut_down(&self.socket)
     }
-    pump(&socket, &mut subscription, chunked, direct.as_deref()).await?;
-    if chunked {
-        write_all_vectored(&socket, &[b"0\r\n\r\n"]).await?;
-    }
-    shut_down(&socket)
 }
 
 fn shut_down(socket: &TcpStream) -> io::Result<()> {
@@ -324,23 +366,59 @@ async fn open(
 }
 
 /// Writes the subscription's bytes to the socket until either ends; `direct` is the writer
-/// the hub was given, if any.
+/// the hub was given, if any. Polled by hand: a stream's task holds this for as long as the
+/// stream is open, and an `async` loop of awaits would keep every await's state.
 async fn pump(
     socket: &TcpStream,
     subscription: &mut Subscription,
     chunked: bool,
     direct: Option<&ChunkedSocket>,
 ) -> io::Result<()> {
-    loop {
-        match std::future::poll_fn(|cx| next_or_gone(socket, subscription, cx)).await? {
-            Some(Outgoing::Events(bytes)) => write_chunk(socket, &bytes, chunked).await?,
-            Some(Outgoing::Unfinished) => {
-                if let Some(rest) = direct.and_then(ChunkedSocket::take_unfinished) {
-                    write_all_vectored(socket, &[&rest]).await?;
-                }
+    let mut writing: Option<Write> = None;
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Some(write) = &mut writing {
+                let parts = parts_of(write.line.as_ref(), &write.data);
+                std::task::ready!(poll_write_all(socket, &parts, &mut write.position, cx))?;
+                writing = None;
             }
-            None => return Ok(()),
+            writing = match std::task::ready!(next_or_gone(socket, subscription, cx))? {
+                Some(Outgoing::Events(bytes)) => Some(Write::new(bytes, chunked)),
+                Some(Outgoing::Unfinished) => direct
+                    .and_then(ChunkedSocket::take_unfinished)
+                    .map(|rest| Write::new(rest, false)),
+                None => return Poll::Ready(Ok(())),
+            };
         }
+    })
+    .await
+}
+
+/// Bytes on their way to the socket: as one chunk, or as they are, and how far they got.
+struct Write {
+    data: Bytes,
+    /// The chunk's size line, when the data goes as a chunk.
+    line: Option<SizeLine>,
+    /// (part, offset in it) of the first byte not yet written.
+    position: (usize, usize),
+}
+
+impl Write {
+    fn new(data: Bytes, chunked: bool) -> Self {
+        let line = chunked.then(|| SizeLine::of(data.len()));
+        Self {
+            data,
+            line,
+            position: (0, 0),
+        }
+    }
+}
+
+/// What goes out: the size line, the data and a line break; or the data alone.
+fn parts_of<'a>(line: Option<&'a SizeLine>, data: &'a [u8]) -> [&'a [u8]; 3] {
+    match line {
+        Some(line) => chunk_parts(line, data),
+        None => [data, &[], &[]],
     }
 }
 
@@ -540,38 +618,46 @@ fn append_chunk(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
     }
 }
 
-/// Writes `data` as one chunk, in one `writev` when the socket takes it all.
-async fn write_chunk(socket: &TcpStream, data: &Bytes, chunked: bool) -> io::Result<()> {
-    if !chunked {
-        return write_all_vectored(socket, &[data]).await;
-    }
-    let line = SizeLine::of(data.len());
-    write_all_vectored(socket, &chunk_parts(&line, data)).await
+/// Writes every part, waiting for the socket only when it is full. Polled by hand rather
+/// than awaiting `writable()`, whose future would sit in every stream's task.
+async fn write_all_vectored(socket: &TcpStream, parts: &[&[u8]]) -> io::Result<()> {
+    let mut position = (0, 0);
+    std::future::poll_fn(|cx| poll_write_all(socket, parts, &mut position, cx)).await
 }
 
-/// Writes every part, waiting for the socket only when it is full.
-async fn write_all_vectored(socket: &TcpStream, parts: &[&[u8]]) -> io::Result<()> {
-    // (part, offset in it) of the first byte not yet written.
-    let (mut part, mut offset) = position_after(parts, 0, 0, 0);
-    while part < parts.len() {
+/// Writes `parts` from `position`, (part, offset in it) of the first byte not yet written,
+/// which it moves on; ready once all went out.
+fn poll_write_all(
+    socket: &TcpStream,
+    parts: &[&[u8]],
+    position: &mut (usize, usize),
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    loop {
+        // Past empty parts, which no write would take.
+        let (part, offset) = position_after(parts, position.0, position.1, 0);
+        *position = (part, offset);
+        if part >= parts.len() {
+            return Poll::Ready(Ok(()));
+        }
         let mut slices = [IoSlice::new(&[]); 3];
         let mut count = 0;
         for (slice, bytes) in slices.iter_mut().zip(unwritten(parts, part, offset)) {
             *slice = IoSlice::new(bytes);
             count += 1;
         }
-        let written = match socket.try_write_vectored(&slices[..count]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => written,
+        match socket.try_write_vectored(&slices[..count]) {
+            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Ok(written) => *position = position_after(parts, part, offset, written),
+            // Not writable now: wait until it is, then try again.
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                socket.writable().await?;
-                continue;
+                if let Err(error) = std::task::ready!(socket.poll_write_ready(cx)) {
+                    return Poll::Ready(Err(error));
+                }
             }
-            Err(error) => return Err(error),
-        };
-        (part, offset) = position_after(parts, part, offset, written);
+            Err(error) => return Poll::Ready(Err(error)),
+        }
     }
-    Ok(())
 }
 
 /// What is left of `parts` from (`part`, `offset`) on.

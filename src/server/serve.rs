@@ -258,18 +258,14 @@ impl Running {
                 }
             };
             let _ = socket.set_nodelay(true);
-            let open = connections_open.subscribe();
-            let served = connection::serve(
+            tokio::spawn(connection::serve(
                 socket,
                 peer,
                 slot,
                 Arc::clone(admission),
                 Arc::clone(fallback),
-            );
-            tokio::spawn(async move {
-                served.await;
-                drop(open);
-            });
+                connections_open.subscribe(),
+            ));
         }
     }
 

@@ -605,7 +605,11 @@ mod tests {
         assert!(futures_util::FutureExt::now_or_never(reader.next()).is_none());
         // Ten bus reads of 512 entries each, back to back, before the reader gets a turn.
         let batches: Vec<Vec<_>> = (0..10_u64)
-            .map(|batch| (0..512).map(|i| (1, entry(100 + batch * 512 + i, "k"))).collect())
+            .map(|batch| {
+                (0..512)
+                    .map(|i| (1, entry(100 + batch * 512 + i, "k")))
+                    .collect()
+            })
             .collect();
         for batch in &batches {
             hub.dispatch(batch);
