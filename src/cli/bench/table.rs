@@ -35,6 +35,8 @@ use fjord_config::{EndpointName, Keeping, Manifest};
 
 /// Records per batch while filling the table: about the consumer's (1,024).
 const FILL_BATCH: usize = 1_000;
+/// The server's count of clients it cut off (a full queue, or too far behind).
+const DROPPED: &str = "fjord_clients_dropped_total";
 /// How often the burst's peaks are sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 
@@ -222,6 +224,7 @@ async fn measure(
         table.bytes += ended["bytes"].as_u64().unwrap_or(0);
     }
     let burst = started.elapsed();
+    outcome.clients_dropped = counter_total(&[port], DROPPED).await;
     table.server_cpu_secs =
         cpu_ticks(pid).unwrap_or(0).saturating_sub(cpu_before) as f64 / ticks_per_second();
     table.redis_cpu_secs = redis_cpu_secs(redis).await? - redis_cpu_before;
@@ -294,27 +297,33 @@ async fn measure(
             as f64
             / outcome.connected as f64;
     }
-    outcome.errors.extend(problems(
-        &table,
-        &snapshot,
-        outcome.failed,
-        scenario.rate > 0.0,
-    ));
+    outcome
+        .errors
+        .extend(problems(&table, &snapshot, &outcome, scenario.rate > 0.0));
     outcome.table = Some(table);
     Ok(outcome)
 }
 
 /// What makes the run's figures doubtful: clients that failed, snapshots that did not end,
 /// rows missing or out of order, maps unlike the table.
-fn problems(table: &TableRun, snapshot: &SnapshotReport, failed: u64, live: bool) -> Vec<String> {
+fn problems(
+    table: &TableRun,
+    snapshot: &SnapshotReport,
+    outcome: &Outcome,
+    live: bool,
+) -> Vec<String> {
     let mut problems = Vec::new();
-    if failed > 0 {
-        problems.push(format!("{failed} connections failed"));
+    if outcome.failed > 0 {
+        problems.push(format!("{} connections failed", outcome.failed));
     }
     if snapshot.incomplete > 0 || snapshot.complete != table.clients {
         problems.push(format!(
-            "{} of {} snapshots ended ({} did not)",
-            snapshot.complete, table.clients, snapshot.incomplete
+            "{} of {} snapshots ended ({} did not; the server closed {} connections and counted {} clients dropped)",
+            snapshot.complete,
+            table.clients,
+            snapshot.incomplete,
+            outcome.closed_by_server,
+            outcome.clients_dropped
         ));
     }
     // With live records, a row that changed while its page was read comes after the
