@@ -318,6 +318,19 @@ pub struct TableRun {
     pub live_published: u64,
     /// Live records received, over all clients.
     pub live_received: u64,
+    /// From stopping the live load until every client had its last record, in seconds.
+    #[serde(default)]
+    pub drain_secs: f64,
+    /// Clients the server cut off (`fjord_clients_dropped_total`).
+    #[serde(default)]
+    pub clients_dropped: u64,
+    /// Reconnections with `Last-Event-ID` after the server closed a client whose snapshot
+    /// had ended.
+    #[serde(default)]
+    pub resumed: u64,
+    /// Snapshots sent again on such a reconnection.
+    #[serde(default)]
+    pub resnapshots: u64,
     /// From the workers' start to the last `fjord.snapshot_end`, in seconds.
     pub burst_secs: f64,
     /// Bytes the clients received in the burst (response bodies).

@@ -8,6 +8,8 @@
 //! keyed `driver-NNNNNN` (the key's number is its index), whose value starts with `seq`,
 //! the record's number, and for an update `prev`, the number of the record it replaces, so
 //! that a live record takes its predecessor out of the digest without a map of values.
+//! A connection the server closes after its snapshot resumes from the last id it read, as
+//! a client does, and keeps its map; a later snapshot replaces the map.
 
 use std::time::{Duration, Instant};
 
@@ -72,6 +74,13 @@ pub struct SnapshotReport {
     pub end: Histogram,
     /// Live records received after the snapshots.
     pub live: u64,
+    /// Reconnections with `Last-Event-ID` after the server closed a connection whose
+    /// snapshot had ended.
+    #[serde(default)]
+    pub resumed: u64,
+    /// Snapshots after a connection's first (the server sent a new one on a resume).
+    #[serde(default)]
+    pub resnapshots: u64,
     /// From the worker's start to its last `fjord.snapshot_end`, in seconds.
     pub burst_secs: f64,
     /// The maps the connections hold at the end.
@@ -84,6 +93,7 @@ impl SnapshotReport {
         self.unordered += view.unordered;
         self.unexpected += view.unexpected;
         self.live += view.live;
+        self.resnapshots += view.snapshots.saturating_sub(1);
         if view.phase != Phase::Live {
             return;
         }
@@ -112,6 +122,8 @@ impl SnapshotReport {
         self.first_row.merge(&other.first_row);
         self.end.merge(&other.end);
         self.live += other.live;
+        self.resumed += other.resumed;
+        self.resnapshots += other.resnapshots;
         self.burst_secs = self.burst_secs.max(other.burst_secs);
         for theirs in &other.maps {
             match self
@@ -183,6 +195,12 @@ pub(super) struct TableView {
     unordered: u64,
     unexpected: u64,
     live: u64,
+    /// Snapshots started.
+    snapshots: u64,
+    /// The highest record number of the live records.
+    max_seq: Option<u64>,
+    /// The last `id:` read: where to resume from.
+    last_id: Option<String>,
 }
 
 impl TableView {
@@ -201,7 +219,25 @@ impl TableView {
             unordered: 0,
             unexpected: 0,
             live: 0,
+            snapshots: 0,
+            max_seq: None,
+            last_id: None,
         }
+    }
+
+    /// The connection was opened again: its stream starts over with a prelude.
+    pub(super) fn reopened(&mut self) {
+        self.event = Event::None;
+    }
+
+    /// Where a new connection resumes from.
+    pub(super) fn last_id(&self) -> Option<&str> {
+        self.last_id.as_deref()
+    }
+
+    /// The highest record number of the live records received.
+    pub(super) fn max_seq(&self) -> Option<u64> {
+        self.max_seq
     }
 
     /// The connection starts now: times are from here.
@@ -234,17 +270,35 @@ impl TableView {
             };
             return Seen::Nothing;
         }
+        if let Some(id) = line.strip_prefix(b"id: ") {
+            self.last_id = Some(String::from_utf8_lossy(id).into_owned());
+            return Seen::Nothing;
+        }
         if !line.starts_with(b"data: ") {
-            // `id:`, `retry:`, a heartbeat's comment.
+            // `retry:`, a heartbeat's comment.
             return Seen::Nothing;
         }
         match (self.event, self.phase) {
             (Event::Start, Phase::Before) => {
                 self.phase = Phase::Rows;
+                self.snapshots = 1;
+                Seen::Nothing
+            }
+            // A new snapshot on a resume: it replaces the map.
+            (Event::Start, Phase::Live) => {
+                self.phase = Phase::Rows;
+                self.snapshots += 1;
+                self.present.fill(0);
+                self.held = 0;
+                self.digest = 0;
+                self.last_key = None;
                 Seen::Nothing
             }
             (Event::End, Phase::Rows) => {
                 self.phase = Phase::Live;
+                if self.snapshots > 1 {
+                    return Seen::Nothing;
+                }
                 let end = self.started.elapsed();
                 Seen::Ended {
                     rows: self.rows,
@@ -265,7 +319,9 @@ impl TableView {
     }
 
     fn row(&mut self, line: &[u8]) {
-        self.rows += 1;
+        if self.snapshots == 1 {
+            self.rows += 1;
+        }
         if self.first_row.is_none() {
             self.first_row = Some(self.started.elapsed());
         }
@@ -296,6 +352,7 @@ impl TableView {
             }
         }
         self.digest = self.digest.wrapping_add(mix(key, seq));
+        self.max_seq = Some(self.max_seq.map_or(seq, |max| max.max(seq)));
         Seen::Live { published_us }
     }
 
@@ -502,5 +559,39 @@ mod tests {
         );
         // A name followed by no number.
         assert_eq!(number_after(line, at + 5, b"\"seq\":"), None);
+    }
+
+    #[test]
+    fn a_resume_keeps_the_map_and_a_new_snapshot_replaces_it() {
+        let mut view = TableView::new(2);
+        let mut text = snapshot(&[(0, 0), (1, 1)]);
+        text.push_str(&format!(
+            "id: 6-0\nevent: drivers\n{}\n\n",
+            data(1, 2, Some(1))
+        ));
+        feed(&mut view, &text);
+        assert_eq!(view.last_id(), Some("6-0"));
+        assert_eq!(view.max_seq(), Some(2));
+        // The server closes the connection; it resumes from 6-0.
+        view.reopened();
+        let mut resumed = String::from("retry: 1000\nid: 6-0\n\n");
+        resumed.push_str(&format!(
+            "id: 7-0\nevent: drivers\n{}\n\n",
+            data(0, 3, Some(0))
+        ));
+        assert_eq!(feed(&mut view, &resumed).len(), 1);
+        let mut report = SnapshotReport::default();
+        report.add(&view);
+        assert_eq!(report.maps[0].digest, digest(&[(0, 3), (1, 2)]));
+        // A new snapshot replaces the map, and is not timed again.
+        view.reopened();
+        let seen = feed(&mut view, &snapshot(&[(0, 3), (1, 4)]));
+        assert!(seen.is_empty(), "{seen:?}");
+        let mut report = SnapshotReport::default();
+        report.add(&view);
+        assert_eq!(report.resnapshots, 1);
+        assert_eq!((report.unordered, report.unexpected), (0, 0));
+        assert_eq!(report.maps[0].held, 2);
+        assert_eq!(report.maps[0].digest, digest(&[(0, 3), (1, 4)]));
     }
 }

@@ -8,8 +8,9 @@
 //! Redis's for the burst, and the peak of `fjord_replay_buffered_bytes`; the workers time
 //! each client's first row and `fjord.snapshot_end` and check its rows
 //! ([`super::snapshot`]). With a rate, a light live load updates random keys from the
-//! burst's start until `measure_secs` after its end, and every client's final map must
-//! equal the table; without one, every client must get exactly one row per key.
+//! burst's start until `measure_secs` after its end; once every client has received the
+//! last of them (resuming by id if the server closed it), every client's final map must
+//! equal the table. Without one, every client must get exactly one row per key.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -242,9 +243,27 @@ async fn measure(
         tokio::time::sleep(Duration::from_secs(scenario.measure_secs)).await;
         stop_live.store(true, Relaxed);
         last = live.await??;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        table.live_published = live_published.load(Relaxed);
+        // Every client must have the last record before its map is read.
+        if let Some(final_seq) = (table.live_published > 0).then(|| keys + table.live_published - 1)
+        {
+            let draining = Instant::now();
+            for worker in &mut workers {
+                worker.say(&format!("await {final_seq}")).await;
+            }
+            for worker in &mut workers {
+                if let Err(error) = worker
+                    .expect("drained", Duration::from_secs(deadline_secs))
+                    .await
+                {
+                    outcome.errors.push(format!(
+                        "clients did not all get the last live record: {error:#}"
+                    ));
+                }
+            }
+            table.drain_secs = draining.elapsed().as_secs_f64();
+        }
     }
-    table.live_published = live_published.load(Relaxed);
     let expected = last.iter().enumerate().fold(0_u64, |sum, (key, &seq)| {
         sum.wrapping_add(mix(key as u64, seq))
     });
@@ -277,6 +296,9 @@ async fn measure(
     table.rows = snapshot.rows;
     table.rows_expected = keys * outcome.connected;
     table.live_received = snapshot.live;
+    table.resumed = snapshot.resumed;
+    table.resnapshots = snapshot.resnapshots;
+    table.clients_dropped = outcome.clients_dropped;
     table.burst_secs = snapshot.burst_secs;
     table.maps_equal = snapshot
         .maps
@@ -344,16 +366,21 @@ fn problems(
         problems.push(format!("{} unexpected events", snapshot.unexpected));
     }
     if table.maps_equal != snapshot.complete {
-        let held: Vec<String> = snapshot
-            .maps
-            .iter()
-            .map(|map| format!("{} keys ({} clients)", map.held, map.connections))
-            .collect();
+        let with = |full: bool| -> u64 {
+            snapshot
+                .maps
+                .iter()
+                .filter(|map| (map.held == table.keys) == full)
+                .map(|map| map.connections)
+                .sum()
+        };
+        let fewest = snapshot.maps.iter().map(|map| map.held).min().unwrap_or(0);
         problems.push(format!(
-            "{} of {} clients ended with a map unlike the table: {}",
-            snapshot.complete - table.maps_equal.min(snapshot.complete),
+            "{} of {} clients ended with a map unlike the table: {} with every key but an older row of some, {} missing keys (the fewest held: {fewest})",
+            snapshot.complete.saturating_sub(table.maps_equal),
             snapshot.complete,
-            held.join(", ")
+            with(true).saturating_sub(table.maps_equal),
+            with(false),
         ));
     }
     problems

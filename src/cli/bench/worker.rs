@@ -2,8 +2,10 @@
 //! connections from several 127.0.0.x source addresses, reads them like a client would,
 //! and measures every event's latency from the timestamp its payload carries, and gaps in
 //! the sequence numbers per connection. Connections to a table endpoint read its snapshot
-//! instead ([`super::snapshot`]), and the worker says when every one has. The controller
-//! drives it over stdin (`measure`, `stop`) and reads JSON lines from its stdout.
+//! instead ([`super::snapshot`]), resume from their last id when the server closes them
+//! after it, and the worker says when every snapshot has ended (`snapshots`) and when every
+//! connection has received a given live record (`await N`, then `drained`). The controller
+//! drives it over stdin (`measure`, `await`, `stop`) and reads JSON lines from its stdout.
 
 use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -101,6 +103,15 @@ struct State {
     finished: usize,
     /// When the worker started.
     started: Option<Instant>,
+    /// The live record every table connection is awaited to receive.
+    awaited: Option<u64>,
+    /// Table connections that received it, by index.
+    reached: Vec<bool>,
+    /// Table connections that will never receive it: lost before their snapshot ended, or
+    /// unable to resume.
+    gone: usize,
+    /// Whether `drained` was said.
+    drained: bool,
 }
 
 impl State {
@@ -160,7 +171,42 @@ impl State {
     /// A table connection failed or closed before its snapshot ended.
     fn lost(&mut self) {
         self.report.snapshot.get_or_insert_default().incomplete += 1;
+        self.gone += 1;
         self.finish_one();
+        self.check_drained();
+    }
+
+    /// Whether table connection `view` has now received the awaited record.
+    fn check_reached(&mut self, view: usize) {
+        let Some(awaited) = self.awaited else {
+            return;
+        };
+        if !self.reached[view] && self.views[view].max_seq().is_some_and(|seq| seq >= awaited) {
+            self.reached[view] = true;
+            self.check_drained();
+        }
+    }
+
+    /// Awaits live record `seq` on every table connection.
+    fn await_seq(&mut self, seq: u64) {
+        self.awaited = Some(seq);
+        self.reached = vec![false; self.views.len()];
+        self.drained = false;
+        for view in 0..self.views.len() {
+            self.check_reached(view);
+        }
+        self.check_drained();
+    }
+
+    fn check_drained(&mut self) {
+        if self.awaited.is_none() || self.drained {
+            return;
+        }
+        let reached = self.reached.iter().filter(|reached| **reached).count();
+        if reached + self.gone >= self.views.len() {
+            self.drained = true;
+            emit(&serde_json::json!({"type": "drained", "reached": reached, "gone": self.gone}));
+        }
     }
 
     fn finish_one(&mut self) {
@@ -278,6 +324,11 @@ async fn drive(spec: WorkerSpec) -> anyhow::Result<()> {
                     state.borrow_mut().measuring = Some(Instant::now());
                 }
                 Ok(Some(line)) if line.trim() == "stop" => break,
+                Ok(Some(line)) if line.starts_with("await ") => {
+                    if let Ok(seq) = line["await ".len()..].trim().parse() {
+                        state.borrow_mut().await_seq(seq);
+                    }
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             },
@@ -345,29 +396,68 @@ async fn connection(
         // Never reads again; the server must cut it off. Held until the process exits.
         std::future::pending::<()>().await;
     }
-    let mut decoder = Decoder {
-        view,
-        ..Decoder::default()
-    };
-    decoder.feed(&leftover, &state);
     // A snapshot is megabytes: fewer, larger reads.
     let mut buffer = vec![0_u8; if view.is_some() { 64 * 1024 } else { 4096 }];
+    let mut leftover = leftover;
     loop {
-        match stream.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                state.borrow_mut().report.bytes += n as u64;
-                decoder.feed(&buffer[..n], &state);
+        let mut decoder = Decoder {
+            view,
+            ..Decoder::default()
+        };
+        decoder.feed(&leftover, &state);
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    state.borrow_mut().report.bytes += n as u64;
+                    decoder.feed(&buffer[..n], &state);
+                }
             }
         }
+        let resume = {
+            let mut state = state.borrow_mut();
+            state.report.closed_by_server += 1;
+            let Some(view) = view else {
+                return;
+            };
+            if !state.views[view].ended() {
+                state.lost();
+                return;
+            }
+            // After its snapshot, a client resumes from the last id it read.
+            state.views[view].reopened();
+            let last_id = state.views[view].last_id().unwrap_or("0-0").to_owned();
+            state.report.snapshot.get_or_insert_default().resumed += 1;
+            resuming(&request, &last_id)
+        };
+        let mut reopened = None;
+        for attempt in 0..5 {
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            match open(address, source, &resume, false).await {
+                Ok(opened) => {
+                    reopened = Some(opened);
+                    break;
+                }
+                Err(error) => state
+                    .borrow_mut()
+                    .error(format!("resuming {address} from {source}: {error}")),
+            }
+        }
+        let Some((again, head_rest)) = reopened else {
+            let mut state = state.borrow_mut();
+            state.gone += 1;
+            state.check_drained();
+            return;
+        };
+        stream = again;
+        leftover = head_rest;
     }
-    let mut state = state.borrow_mut();
-    state.report.closed_by_server += 1;
-    if let Some(view) = view
-        && !state.views[view].ended()
-    {
-        state.lost();
-    }
+}
+
+/// `request` with a `Last-Event-ID` header.
+fn resuming(request: &str, last_id: &str) -> String {
+    let head = request.strip_suffix("\r\n").unwrap_or(request);
+    format!("{head}Last-Event-ID: {last_id}\r\n\r\n")
 }
 
 /// Connects, sends the request, reads the response head; returns the stream and the body
@@ -537,6 +627,9 @@ impl Decoder {
         if let Some(view) = self.view {
             let mut state = state.borrow_mut();
             let seen = state.views[view].line(line);
+            if let Seen::Live { .. } = seen {
+                state.check_reached(view);
+            }
             state.seen(seen);
             return;
         }
@@ -590,6 +683,15 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_asks_for_what_follows_the_last_id() {
+        let request = "GET /v1/streams/bench HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(
+            resuming(request, "5-0"),
+            "GET /v1/streams/bench HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 5-0\r\n\r\n"
+        );
+    }
+
+    #[test]
     fn reads_a_table_snapshot_split_anywhere() {
         let row = |key: u64| {
             format!(
@@ -626,6 +728,11 @@ mod tests {
             for piece in wire.chunks(split) {
                 decoder.feed(piece, &state);
             }
+            // It has received live record 3, not 4.
+            state.borrow_mut().await_seq(4);
+            assert!(!state.borrow().drained);
+            state.borrow_mut().await_seq(3);
+            assert!(state.borrow().drained);
             let state = state.borrow();
             let snapshot = state.report.snapshot.as_ref().expect("a snapshot report");
             assert_eq!(state.finished, 1, "split {split}");
