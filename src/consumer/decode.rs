@@ -203,11 +203,24 @@ impl<'a> Decoder<'a> {
 /// `fuzz_decode_with_huge_lengths`).
 const MAX_AVRO_LENGTH: usize = 16 << 20;
 
+/// Sets apache-avro's bound on what a declared length may make it reserve, to
+/// [`MAX_AVRO_LENGTH`]; false when the process had set another first. The bound is
+/// process-wide and only the first setting holds, and decoding anything with apache-avro
+/// sets its default (512 Mi) when none was set: call this before any Avro is decoded.
+pub fn avro_limit_in_force() -> bool {
+    apache_avro::util::max_allocation_bytes(MAX_AVRO_LENGTH) == MAX_AVRO_LENGTH
+}
+
 /// Decodes the data after the wire format's header with its writer's schema (public so that
 /// `fjord types`'s tests hold its types to what this writes).
 pub fn decode_with(schema: &WriterSchema, data: &[u8]) -> Result<DecodedField, String> {
-    // The first call sets the process's limit; it stays (apache-avro's is process-wide).
-    apache_avro::util::max_allocation_bytes(MAX_AVRO_LENGTH);
+    if !avro_limit_in_force() {
+        // Fail closed: with a larger bound, a record of a few bytes can abort the process.
+        return Err(
+            "apache-avro's allocation bound was set elsewhere in this process; nothing is decoded"
+                .to_owned(),
+        );
+    }
     let json = match &schema.kind {
         SchemaKind::Avro {
             schema: avro,
@@ -632,6 +645,8 @@ mod tests {
         ]);
         // Through the real encoder and decoder, so the test holds the crate to this shape.
         let bytes = apache_avro::to_avro_datum(&schema, value).expect("encodes");
+        // Decoding sets apache-avro's process-wide bound, which the fuzz tests rely on.
+        assert!(avro_limit_in_force());
         let decoded =
             apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None).expect("decodes");
         let names = AvroNames::of(&schema, &[]);

@@ -443,6 +443,8 @@ mod tests {
         for (_, (_, order)) in orders {
             let bytes = avro.encode(&order).expect("encodes");
             assert_eq!(bytes[..5], [0, 0, 0, 0, 7]);
+            // Decoding sets apache-avro's process-wide bound, which the consumer relies on.
+            assert!(fjord_consumer::decode::avro_limit_in_force());
             let decoded = apache_avro::from_avro_datum(&avro.schema, &mut &bytes[5..], None)
                 .expect("decodes");
             let apache_avro::types::Value::Record(fields) = decoded else {
