@@ -59,14 +59,27 @@ async fn publish(
 ) -> Published {
     let key = format!("k{}", offset % 3);
     let value = format!("{{\"n\":{offset}}}");
+    publish_record(bus, endpoints, partition, offset, Some(&key), Some(&value)).await
+}
+
+/// Publishes record (`partition`, `offset`) of topic `t` with `key` and `value` (`None`: a
+/// tombstone).
+async fn publish_record(
+    bus: &Bus,
+    endpoints: &[(EndpointName, Keeping)],
+    partition: i32,
+    offset: i64,
+    key: Option<&str>,
+    value: Option<&str>,
+) -> Published {
     let envelope = Envelope::encode(
         RecordParts {
             topic: "t",
             partition,
             offset,
-            key: Some(key.as_bytes()),
+            key: key.map(str::as_bytes),
             timestamp: None,
-            value: Some(value.as_bytes()),
+            value: value.map(str::as_bytes),
         },
         [],
     )
@@ -455,38 +468,6 @@ fn table(max_keys: u64, retention: Retention) -> Keeping {
     }
 }
 
-/// Publishes record `offset` of partition 0 of topic `t` with `key` and `value` (`None`: a
-/// tombstone); its value is `{"n": offset}` unless given.
-async fn publish_record(
-    bus: &Bus,
-    endpoints: &[(EndpointName, Keeping)],
-    offset: i64,
-    key: Option<&str>,
-    value: Option<&str>,
-) {
-    let envelope = Envelope::encode(
-        RecordParts {
-            topic: "t",
-            partition: 0,
-            offset,
-            key: key.map(str::as_bytes),
-            timestamp: None,
-            value: value.map(str::as_bytes),
-        },
-        [],
-    )
-    .expect("an envelope");
-    bus.publish(Publication {
-        topic: "t",
-        partition: 0,
-        offset,
-        endpoints,
-        envelope: &envelope,
-    })
-    .await
-    .expect("publish");
-}
-
 /// Every row of `endpoint`, read `page` at a time, as (key, offset of its record, id).
 async fn all_rows(bus: &Bus, endpoint: &EndpointName, page: usize) -> Vec<(String, i64, StreamId)> {
     let mut rows = Vec::new();
@@ -528,10 +509,10 @@ async fn a_table_keeps_the_latest_row_per_key_in_key_order(kind: Kind) {
         (Some("f"), Some("1")),
     ];
     for (offset, (key, value)) in records.into_iter().enumerate() {
-        publish_record(&bus, &endpoints, offset as i64, key, value).await;
+        publish_record(&bus, &endpoints, 0, offset as i64, key, value).await;
     }
     // Published twice after a crash: changes nothing.
-    publish_record(&bus, &endpoints, 4, Some("b"), Some("9")).await;
+    publish_record(&bus, &endpoints, 0, 4, Some("b"), Some("9")).await;
     let stream = everything(&bus, &name("rows")).await;
     assert_eq!(stream.len(), 9, "every record streams, rows or not");
     let id_of = |offset: i64| {
@@ -564,10 +545,10 @@ async fn a_table_keeps_the_latest_row_per_key_in_key_order(kind: Kind) {
         "a stream has no rows"
     );
     // A full table still updates the keys it has, and takes a new one once one is deleted.
-    publish_record(&bus, &endpoints, 9, Some("c"), Some("2")).await;
-    publish_record(&bus, &endpoints, 10, Some("f"), Some("2")).await;
-    publish_record(&bus, &endpoints, 11, Some("d"), None).await;
-    publish_record(&bus, &endpoints, 12, Some("f"), Some("3")).await;
+    publish_record(&bus, &endpoints, 0, 9, Some("c"), Some("2")).await;
+    publish_record(&bus, &endpoints, 0, 10, Some("f"), Some("2")).await;
+    publish_record(&bus, &endpoints, 0, 11, Some("d"), None).await;
+    publish_record(&bus, &endpoints, 0, 12, Some("f"), Some("3")).await;
     let keys: Vec<(String, i64)> = all_rows(&bus, &name("rows"), 2)
         .await
         .into_iter()
@@ -598,6 +579,7 @@ async fn a_table_keeps_the_latest_row_per_key_in_key_order(kind: Kind) {
         publish_record(
             &bus,
             &small,
+            0,
             offset,
             Some(&format!("key-{offset:02}")),
             Some("{}"),
@@ -799,7 +781,7 @@ async fn a_table_s_snapshot_then_live_misses_nothing_and_repeats_nothing(kind: K
                 let key = format!("k{:02}", offset % 40);
                 // Every seventh record deletes its key; the next of that key makes it again.
                 let value = (offset % 7 != 3).then(|| format!("{{\"n\":{offset}}}"));
-                publish_record(&bus, &endpoints, offset, Some(&key), value.as_deref()).await;
+                publish_record(&bus, &endpoints, 0, offset, Some(&key), value.as_deref()).await;
                 if offset % 25 == 0 {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -867,7 +849,7 @@ async fn a_table_client_resumes_from_the_stream_or_gets_a_fresh_snapshot(kind: K
     let mut offset = 0;
     let mut publish_next = async |count: i64| {
         for _ in 0..count {
-            publish_record(&bus, &endpoints, offset, Some(&key(offset)), Some("{}")).await;
+            publish_record(&bus, &endpoints, 0, offset, Some(&key(offset)), Some("{}")).await;
             offset += 1;
         }
         offset - 1

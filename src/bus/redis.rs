@@ -581,12 +581,18 @@ impl RedisBus {
         let mut page = page.into_iter();
         while let (Some(key), Some(row)) = (page.next(), page.next()) {
             let row = Bytes::from(row);
-            let split = row.iter().position(|&b| b == b' ').unwrap_or(0);
-            let id = std::str::from_utf8(&row[..split])
-                .ok()
-                .and_then(|id| id.parse().ok())
-                .unwrap_or(StreamId::ZERO);
-            rows.push(row_entry(id, Bytes::from(key), row.slice(split + 1..)));
+            // `<id> <envelope>`; a row someone else wrote otherwise is decoded as invalid.
+            let (id, envelope) = match row.iter().position(|&b| b == b' ') {
+                Some(split) => (
+                    std::str::from_utf8(&row[..split])
+                        .ok()
+                        .and_then(|id| id.parse().ok())
+                        .unwrap_or(StreamId::ZERO),
+                    row.slice(split + 1..),
+                ),
+                None => (StreamId::ZERO, row),
+            };
+            rows.push(row_entry(id, Bytes::from(key), envelope));
         }
         Ok(rows)
     }

@@ -83,11 +83,13 @@ impl Hub {
                     tracing::warn!(endpoint = self.endpoints[*endpoint].as_str(), id = %entry.id, problem = %invalid.problem, held_back, "a bus entry not written by fjord-consumer; clients get fjord.gap in its place");
                 }
             }
+            // One reading of each clock per entry, whatever the number of receivers.
+            let (now, now_wall_ms) = (Instant::now(), now_ms());
             let event = Arc::new(QueuedEvent {
                 endpoint: *endpoint,
                 id: entry.id,
                 event: rendered,
-                queued_at: Instant::now(),
+                queued_at: now,
                 kafka_ms: match &entry.kind {
                     EntryKind::Record { envelope, .. } => envelope.timestamp_ms(),
                     EntryKind::Skipped(_) | EntryKind::Invalid(_) => None,
@@ -124,7 +126,12 @@ impl Hub {
                     Ok(written) => {
                         queued += 1;
                         if written && let Some(latency) = latency {
-                            latency.record(event.endpoint, now_ms(), event.id.ms, event.kafka_ms);
+                            latency.record(
+                                event.endpoint,
+                                now_wall_ms,
+                                event.id.ms,
+                                event.kafka_ms,
+                            );
                         }
                     }
                     Err(PushError::Full) => {

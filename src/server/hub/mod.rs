@@ -264,19 +264,17 @@ impl Hub {
                     .and_then(|resume| resume.0.get(position).copied())
                     .unwrap_or(StreamId::ZERO);
                 cursor.push(after);
-                if after == StreamId::ZERO {
+                let catch_up = match after {
+                    StreamId::ZERO => Some(CatchUp::snapshot()),
+                    after if after < live => Some(CatchUp::TableRecords),
+                    _ => None,
+                };
+                if let Some(catch_up) = catch_up {
                     ranges.push(ReplayRange {
                         endpoint,
                         after,
                         until: live,
-                        catch_up: CatchUp::snapshot(),
-                    });
-                } else if after < live {
-                    ranges.push(ReplayRange {
-                        endpoint,
-                        after,
-                        until: live,
-                        catch_up: CatchUp::TableRecords,
+                        catch_up,
                     });
                 }
                 continue;
