@@ -373,6 +373,7 @@ async fn the_hub_s_live_start_misses_nothing_and_repeats_nothing(kind: Kind) {
         endpoints: vec![0],
         keys: None,
         views: Vec::new(),
+        encoding: None,
     };
     // Connections that subscribe while records flow, read a few, drop, and resume from the
     // last id they got, until the last record.
@@ -739,6 +740,7 @@ fn table_interest() -> Interest {
         endpoints: vec![0],
         keys: None,
         views: Vec::new(),
+        encoding: None,
     }
 }
 

@@ -544,3 +544,89 @@ async fn a_missing_password_variable_is_named() {
             .contains("FJORD_TEST_UNSET_PASSWORD")
     );
 }
+
+#[tokio::test]
+async fn compressed_streams_decode_as_each_event_arrives_and_end_with_a_valid_trailer() {
+    if skip_without_services() {
+        return;
+    }
+    let services = services();
+    let topic = unique("orders");
+    create_topic(&services.brokers, &topic, 2).await;
+    let server = ServerStart::new()
+        .endpoints(&[("orders", &topic)])
+        .start(|manifest| {
+            manifest["server"]["compression"] = true.into();
+        })
+        .await;
+    let url = server.url("/v1/streams/orders");
+    let mut gzip = SseStream::connect(&url, &[("accept-encoding", "gzip, deflate, br")]).await;
+    let mut deflate = SseStream::connect(&url, &[("accept-encoding", "deflate")]).await;
+    let mut plain = SseStream::connect(&url, &[]).await;
+    let mut declined = SseStream::connect(&url, &[("accept-encoding", "gzip;q=0, br")]).await;
+    assert_eq!(gzip.headers["content-encoding"], "gzip");
+    assert_eq!(deflate.headers["content-encoding"], "deflate");
+    for stream in [&gzip, &deflate, &plain, &declined] {
+        assert_eq!(stream.headers["vary"], "accept-encoding");
+    }
+    for stream in [&plain, &declined] {
+        assert!(stream.headers.get("content-encoding").is_none());
+    }
+    let _consumer = Process::consumer(&server.path, &[]);
+    let order = |n: usize| {
+        TestRecord {
+        partition: i32::try_from(n % 2).expect("small"),
+        key: Some(format!("order-{n}").into_bytes()),
+        value: Some(
+            serde_json::json!({"id": n, "status": "placed", "total_cents": 1250 + n, "items": ["tea", "cake"]})
+                .to_string()
+                .into_bytes(),
+        ),
+    }
+    };
+    // One record at a time, each read before the next is produced: every event decodes as
+    // it arrives, not when later bytes push it out.
+    for n in 0..3 {
+        let produced = produce(&services.brokers, &topic, &[order(n)]).await;
+        for stream in [&mut gzip, &mut deflate, &mut plain, &mut declined] {
+            assert_complete_and_ordered(&stream.records(1).await, &produced);
+        }
+    }
+    // A burst, coalesced into larger writes: the same events on every stream, in one order.
+    let burst: Vec<TestRecord> = (3..203).map(order).collect();
+    let produced = produce(&services.brokers, &topic, &burst).await;
+    let plain_burst = plain.records(burst.len()).await;
+    assert_complete_and_ordered(&plain_burst, &produced);
+    for stream in [&mut gzip, &mut deflate, &mut declined] {
+        assert_eq!(stream.records(burst.len()).await, plain_burst);
+    }
+
+    // Drained, a compressed stream ends with its coding's trailer: the whole body decodes,
+    // checksum checked, to the same events.
+    server.process.terminate();
+    for stream in [&mut gzip, &mut deflate] {
+        let shutdown = stream.next().await.expect("the shutdown notice");
+        assert_eq!(shutdown.event.as_deref(), Some("fjord.shutdown"));
+        assert!(stream.next().await.is_none(), "the stream ends");
+    }
+    for (stream, encoding) in [(&gzip, "gzip"), (&deflate, "deflate")] {
+        let body = stream.compressed_body().expect("compressed");
+        let mut text = String::new();
+        let decoded = match encoding {
+            "gzip" => {
+                std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(body), &mut text)
+            }
+            _ => {
+                std::io::Read::read_to_string(&mut flate2::read::ZlibDecoder::new(body), &mut text)
+            }
+        };
+        decoded.unwrap_or_else(|error| panic!("{encoding}: {error}"));
+        assert_eq!(text.matches("\nevent: orders\n").count(), 203, "{encoding}");
+        assert!(
+            text.ends_with(
+                "event: fjord.shutdown\ndata: {\"reason\":\"server shutting down; reconnect\"}\n\n"
+            ),
+            "{encoding}: {text}"
+        );
+    }
+}

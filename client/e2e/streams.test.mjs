@@ -2,10 +2,12 @@
 // of ci/services.sh: a page on another origin loads dist/fjord-client.js and streams with
 // JWTs minted by `fjord token`; a page on an origin the server does not allow, or aimed at no
 // server, says which; a stale saved id is dropped; `online` and a page shown again cut a grown
-// backoff short; `filter` and `fields` narrow and trim what the page gets. Run by
-// ci/test-browser.sh.
+// backoff short; `filter` and `fields` narrow and trim what the page gets. The server
+// compresses streams (`server.compression`), so Chromium decodes every one of them as gzip,
+// each event as it arrives, across kills, drains and restarts. Run by ci/test-browser.sh.
 
 import assert from "node:assert/strict";
+import { readFileSync, writeFileSync } from "node:fs";
 import { rm } from "node:fs/promises";
 import { after, before, test } from "node:test";
 
@@ -54,6 +56,9 @@ before(async () => {
     group: unique("e2e-group"),
     endpoints: Object.fromEntries(Object.keys(ENDPOINTS).map((name) => [ENDPOINTS[name], topics[name]])),
   });
+  const compressed = JSON.parse(readFileSync(manifest, "utf8"));
+  compressed.server.compression = true;
+  writeFileSync(manifest, JSON.stringify(compressed, null, 2));
   producer = await kafka(brokers);
   await producer.createTopics(Object.values(topics), 3);
   producer.topics = topics;
@@ -134,11 +139,20 @@ function produceUntilStopped(topic, everyMs) {
   return { stop: () => ((stopped = true), done), get produced() { return produced; } };
 }
 
-test("a page on another origin receives every produced record, in order per key", { timeout: 2 * TIMEOUT }, async () => {
+test("a page on another origin receives every produced record, in order per key, gzip-compressed", { timeout: 2 * TIMEOUT }, async () => {
+  const encodings = [];
+  const onResponse = (response) => {
+    if (new URL(response.url()).pathname.startsWith("/v1/streams/")) {
+      encodings.push(response.headers()["content-encoding"] ?? "identity");
+    }
+  };
+  browser.context.on("response", onResponse);
   const page = await streamPage("receive");
   await waitOpen(page);
   await producer.produce(producer.topics.receive, 0, 60);
   const state = await waitRecords(page, 60);
+  browser.context.off("response", onResponse);
+  assert.ok(encodings.length > 0 && encodings.every((e) => e === "gzip"), `stream responses coded ${encodings}`);
   assertComplete(state.records, 60);
   // The DOM shows them too, in the order they arrived.
   const dom = await page.$$eval("#records li", (lis) => lis.map((li) => [li.dataset.key, Number(li.dataset.seq)]));

@@ -784,6 +784,11 @@ pub struct ServerConfig {
     /// network; without it `/metrics` is served on the public port.
     #[serde(default)]
     pub metrics_listener: Option<MetricsListener>,
+    /// Whether streams are sent compressed (gzip, else deflate) to clients whose
+    /// `Accept-Encoding` allows it. Off unless asked for: a proxy in front that buffers
+    /// compressed responses would hold events back.
+    #[serde(default)]
+    pub compression: bool,
 }
 
 /// `server.metrics_listener`.
@@ -843,6 +848,7 @@ impl Default for ServerConfig {
             max_distinct_filters: default_max_distinct_filters(),
             trust_forwarded_for: false,
             metrics_listener: None,
+            compression: false,
         }
     }
 }

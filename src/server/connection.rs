@@ -24,6 +24,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::compression::Encoding;
 use crate::cors::AllowOrigin;
 use crate::hub::{DirectWrite, Outgoing, Subscription, WrittenNow};
 use crate::limits::Slot;
@@ -313,9 +314,14 @@ impl Streaming {
             direct.as_deref(),
         )
         .await?;
-        if self.chunked {
-            write_all_vectored(&self.socket, &[b"0\r\n\r\n"]).await?;
+        let mut last = Vec::new();
+        if let Some(trailer) = self.subscription.finish() {
+            append_chunk(&mut last, &trailer, self.chunked);
         }
+        if self.chunked {
+            last.extend_from_slice(b"0\r\n\r\n");
+        }
+        write_all_vectored(&self.socket, &[&last]).await?;
         shut_down(&self.socket)
     }
 }
@@ -345,8 +351,12 @@ async fn open(
             write_refusal(socket, metrics, &error, allow_origin.as_ref(), head_only).await?;
             Ok(None)
         }
-        Ok(Admitted { allow_origin, .. }) if request.head_only => {
-            let head = stream_response_head(allow_origin.as_ref(), request.chunked);
+        Ok(Admitted {
+            subscription,
+            allow_origin,
+        }) if request.head_only => {
+            let coding = Coding::of(admission, &subscription);
+            let head = stream_response_head(allow_origin.as_ref(), request.chunked, coding);
             write_all_vectored(socket, &[&head]).await?;
             Ok(None)
         }
@@ -354,7 +364,8 @@ async fn open(
             mut subscription,
             allow_origin,
         }) => {
-            let mut head = stream_response_head(allow_origin.as_ref(), request.chunked);
+            let coding = Coding::of(admission, &subscription);
+            let mut head = stream_response_head(allow_origin.as_ref(), request.chunked, coding);
             // The prelude is ready at once: it goes out with the head, in one write.
             if let Some(Outgoing::Events(prelude)) = subscription.next().await {
                 append_chunk(&mut head, &prelude, request.chunked);
@@ -499,7 +510,28 @@ fn next_or_gone(
     Poll::Pending
 }
 
-fn stream_response_head(allow_origin: Option<&AllowOrigin>, chunked: bool) -> Vec<u8> {
+/// How a stream's response is coded: whether the server compresses streams at all (its
+/// response then varies with `Accept-Encoding`), and the coding chosen for this one.
+#[derive(Debug, Clone, Copy)]
+struct Coding {
+    offered: bool,
+    chosen: Option<Encoding>,
+}
+
+impl Coding {
+    fn of(admission: &Admission, subscription: &Subscription) -> Self {
+        Self {
+            offered: admission.compression,
+            chosen: subscription.encoding(),
+        }
+    }
+}
+
+fn stream_response_head(
+    allow_origin: Option<&AllowOrigin>,
+    chunked: bool,
+    coding: Coding,
+) -> Vec<u8> {
     let mut fields = HeaderMap::with_capacity(8);
     for (name, value) in [
         (header::CONTENT_TYPE, "text/event-stream"),
@@ -515,6 +547,15 @@ fn stream_response_head(allow_origin: Option<&AllowOrigin>, chunked: bool) -> Ve
         fields.insert(
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
+        );
+    }
+    if coding.offered {
+        fields.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    if let Some(encoding) = coding.chosen {
+        fields.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static(encoding.name()),
         );
     }
     response_head(StatusCode::OK, fields, allow_origin)

@@ -29,6 +29,7 @@
 //! - `cors`: the one CORS policy, for streams and the other routes.
 //! - `http`: warp's routes besides the streams: health, readiness, metrics, static files.
 //! - `connection`: one TCP connection: stream responses written straight to the socket.
+//! - `compression`: gzip and deflate streams, each event compressed once per server.
 //! - `limits`: how many connections a server holds, and descriptors kept for health checks.
 //! - `metrics`: the counters behind `/metrics`.
 //! - `latency`: the delivery latency's histograms per endpoint, from Kafka and from the bus.
@@ -43,6 +44,7 @@
 //! not API.
 
 pub mod auth;
+mod compression;
 mod connection;
 mod cors;
 mod http;
@@ -61,4 +63,5 @@ mod serve;
 pub mod sse;
 mod views;
 
+pub use compression::Encoding;
 pub use serve::{Bound, DRAIN_GRACE, ServerError, StaticFile, bind, serve};

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use crate::auth::{AuthError, Authenticator, Forbidden, Grant, find_token};
+use crate::compression::Encoding;
 use crate::cors::{AllowOrigin, Cors, CorsRefused};
 use crate::hub::{Hub, Interest, NoRoom, Subscription, ViewSpec};
 use crate::keys::KeySet;
@@ -250,6 +251,7 @@ pub(crate) fn parse_stream_request(
             endpoints,
             keys,
             views,
+            encoding: None,
         },
         resume,
     })
@@ -462,6 +464,8 @@ pub(crate) struct Admission {
     pub cors: Cors,
     /// Whether a client's address is `X-Forwarded-For`'s last entry.
     pub trust_forwarded_for: bool,
+    /// Whether streams are compressed for clients that accept gzip or deflate.
+    pub compression: bool,
 }
 
 /// A stream request let in: its subscription, and the CORS fields of its response.
@@ -547,6 +551,11 @@ impl Admission {
         request.interest.keys = grant
             .narrow_keys(request.interest.keys.take())
             .map_err(|error| ApiError::forbidden(&error))?;
+        if self.compression {
+            let accepted = head.headers.get_all(header::ACCEPT_ENCODING);
+            request.interest.encoding =
+                Encoding::negotiate(accepted.iter().filter_map(|value| value.to_str().ok()));
+        }
         self.hub
             .try_subscribe(request.interest, request.resume.as_ref(), grant.expires_at)
             .map_err(|refusal| {

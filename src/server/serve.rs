@@ -202,6 +202,7 @@ impl Running {
             auth,
             cors: cors.clone(),
             trust_forwarded_for: manifest.server.trust_forwarded_for,
+            compression: manifest.server.compression,
         });
         let readiness = Readiness {
             hub: Arc::clone(&hub),

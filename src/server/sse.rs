@@ -61,18 +61,26 @@ impl RenderedEvent {
         &self.bytes
     }
 
+    /// Its `id:` line.
+    pub fn id_line(&self) -> &[u8] {
+        &self.bytes[..self.tail_start]
+    }
+
+    /// The event without its `id:` line.
+    pub fn tail(&self) -> &[u8] {
+        &self.bytes[self.tail_start..]
+    }
+
     /// Appends the event without its `id:` line, as a table's row is sent: a row is not a
     /// position to resume from.
     pub fn write_without_id(&self, out: &mut BytesMut) {
-        out.put_slice(&self.bytes[self.tail_start..]);
+        out.put_slice(self.tail());
     }
 
     /// Appends the event with `resume_id` as its `id:` line.
     pub fn write_with_id(&self, resume_id: &ResumeId, out: &mut BytesMut) {
-        out.put_slice(b"id: ");
-        resume_id.write(out);
-        out.put_u8(b'\n');
-        out.put_slice(&self.bytes[self.tail_start..]);
+        resume_id.write_id_line(out);
+        out.put_slice(self.tail());
     }
 }
 
@@ -205,6 +213,13 @@ impl ResumeId {
             .collect::<Result<Vec<StreamId>, _>>()
             .map_err(BadResumeId::Malformed)?;
         Ok(Self(ids))
+    }
+
+    /// Appends `id: {self}` and its line break.
+    pub fn write_id_line(&self, out: &mut BytesMut) {
+        out.put_slice(b"id: ");
+        self.write(out);
+        out.put_u8(b'\n');
     }
 
     fn write(&self, out: &mut BytesMut) {

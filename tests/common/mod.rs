@@ -688,6 +688,55 @@ pub struct SseStream {
     pub headers: reqwest::header::HeaderMap,
     body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buffer: Vec<u8>,
+    /// A compressed stream's decoder, fed as the bytes arrive, as a browser's is.
+    inflater: Option<Inflater>,
+}
+
+/// Decodes a gzip or deflate (zlib) response body piece by piece, and keeps the bytes as
+/// they came, for [`SseStream::compressed_body`].
+struct Inflater {
+    /// The gzip header's bytes still to skip; zlib's two the decoder reads itself.
+    header_left: usize,
+    decompress: flate2::Decompress,
+    ended: bool,
+    received: Vec<u8>,
+}
+
+impl Inflater {
+    fn new(content_encoding: &str) -> Option<Self> {
+        let (header_left, zlib) = match content_encoding {
+            // The header Fjord writes: no name, comment or extra field.
+            "gzip" => (10, false),
+            "deflate" => (0, true),
+            _ => return None,
+        };
+        Some(Self {
+            header_left,
+            decompress: flate2::Decompress::new(zlib),
+            ended: false,
+            received: Vec::new(),
+        })
+    }
+
+    /// Appends what `chunk` decodes to, all of it: each piece of a stream must decode
+    /// without the ones after it.
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        self.received.extend_from_slice(chunk);
+        let skipped = self.header_left.min(chunk.len());
+        self.header_left -= skipped;
+        let mut input = &chunk[skipped..];
+        while !self.ended && !input.is_empty() {
+            out.reserve(input.len() * 8 + 4096);
+            let read = self.decompress.total_in();
+            let status = self
+                .decompress
+                .decompress_vec(input, out, flate2::FlushDecompress::Sync)
+                .expect("a valid deflate stream");
+            let used = usize::try_from(self.decompress.total_in() - read).unwrap();
+            input = &input[used..];
+            self.ended = status == flate2::Status::StreamEnd;
+        }
+    }
 }
 
 impl SseStream {
@@ -701,12 +750,24 @@ impl SseStream {
             request = request.header(*name, *value);
         }
         let response = request.send().await?;
+        let inflater = response
+            .headers()
+            .get("content-encoding")
+            .and_then(|value| Inflater::new(value.to_str().unwrap()));
         Ok(Self {
             status: response.status().as_u16(),
             headers: response.headers().clone(),
             body: response.bytes_stream().boxed(),
             buffer: Vec::new(),
+            inflater,
         })
+    }
+
+    /// A compressed stream's body as it came, for a check of its trailer once it ended.
+    pub fn compressed_body(&self) -> Option<&[u8]> {
+        self.inflater
+            .as_ref()
+            .map(|inflater| inflater.received.as_slice())
     }
 
     /// The next block (event, comment or prelude); `None` when the stream ended.
@@ -719,7 +780,10 @@ impl SseStream {
             match tokio::time::timeout(PATIENCE, self.body.next()).await {
                 Err(_) => panic!("no SSE data for {PATIENCE:?}"),
                 Ok(None) | Ok(Some(Err(_))) => return None,
-                Ok(Some(Ok(chunk))) => self.buffer.extend_from_slice(&chunk),
+                Ok(Some(Ok(chunk))) => match &mut self.inflater {
+                    Some(inflater) => inflater.feed(&chunk, &mut self.buffer),
+                    None => self.buffer.extend_from_slice(&chunk),
+                },
             }
         }
     }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::Hub;
 use super::outlet::{ClientQueue, Frame, QueuedEvent};
+use crate::compression::SharedEvent;
 use crate::keys::ClientId;
 use crate::queue::PushError;
 use crate::sse::{self, RenderedEvent};
@@ -88,7 +89,7 @@ impl Hub {
             let event = Arc::new(QueuedEvent {
                 endpoint: *endpoint,
                 id: entry.id,
-                event: rendered,
+                event: SharedEvent::new(rendered),
                 queued_at: now,
                 kafka_ms: match &entry.kind {
                     EntryKind::Record { envelope, .. } => envelope.timestamp_ms(),
@@ -145,7 +146,7 @@ impl Hub {
                     let write_now = may_write_now && channel.count(key) <= MAX_DIRECT_WRITES;
                     let wrap = |rendered| {
                         Arc::new(QueuedEvent {
-                            event: rendered,
+                            event: SharedEvent::new(rendered),
                             ..*event
                         })
                     };

@@ -35,6 +35,7 @@ pub use self::outlet::{DirectWrite, WrittenNow};
 use self::outlet::{Frame, Outlet};
 use self::subscription::{HubHandle, Start};
 pub use self::subscription::{Outgoing, Subscription};
+use crate::compression::Encoding;
 use crate::keys::{ClientId, KeyBudgetReached, KeySet};
 use crate::latency::Latency;
 use crate::metrics::Metrics;
@@ -82,6 +83,8 @@ pub struct Interest {
     /// What it sees of each endpoint (filter, fields), in the order of `endpoints`; those
     /// past its end see every record. The endpoint's own filter is added by the hub.
     pub views: Vec<ViewSpec>,
+    /// The coding its stream is compressed in; `None` for plain SSE text.
+    pub encoding: Option<Encoding>,
 }
 
 /// A connection the hub has no room for.
@@ -233,7 +236,11 @@ impl Hub {
             .inspect_err(|_| {
                 self.metrics.refused_filters.fetch_add(1, Relaxed);
             })?;
-        let outlet = Arc::new(Outlet::new(self.queue_size, self.max_lag));
+        let outlet = Arc::new(Outlet::new(
+            self.queue_size,
+            self.max_lag,
+            interest.encoding,
+        ));
         let receiver = Arc::clone(&outlet);
         let Indexed {
             id,

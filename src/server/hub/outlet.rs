@@ -46,8 +46,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::compression::{Encoder, Encoding, SharedEvent};
 use crate::queue::{Delivery, PushError, Queue, Timed};
-use crate::sse::RenderedEvent;
 use fjord_bus::StreamId;
 
 /// A connection's outlet, shared by the hub's index (which pushes) and its subscription
@@ -60,16 +60,26 @@ pub(super) type ClientQueue = Arc<Outlet>;
 pub(super) struct Outlet {
     pub(super) queue: Queue<Frame>,
     direct: OnceLock<Arc<dyn DirectWrite>>,
+    /// The coding of a compressed stream, and what its trailer needs; boxed, as most
+    /// streams have none.
+    encoder: Option<Box<Encoder>>,
 }
 
 impl Outlet {
     /// An outlet whose queue holds at most `capacity` frames, none queued more than
-    /// `max_lag` after the oldest once the connection is live.
-    pub(super) fn new(capacity: usize, max_lag: Duration) -> Self {
+    /// `max_lag` after the oldest once the connection is live, for a stream sent in
+    /// `encoding`.
+    pub(super) fn new(capacity: usize, max_lag: Duration, encoding: Option<Encoding>) -> Self {
         Self {
             queue: Queue::new(capacity, max_lag),
             direct: OnceLock::new(),
+            encoder: encoding.map(|encoding| Box::new(Encoder::new(encoding))),
         }
+    }
+
+    /// The stream's coding, when it is compressed.
+    pub(super) fn encoder(&self) -> Option<&Encoder> {
+        self.encoder.as_deref()
     }
 
     pub(super) fn push(&self, frame: Frame) -> Result<(), PushError> {
@@ -95,12 +105,24 @@ impl Outlet {
             Some(direct) if may_write => {
                 let mut written = false;
                 self.queue.push_or_deliver(frame, |_| {
-                    let delivery = match direct.write_now(event.event.bytes()) {
+                    let text = event.event.text.bytes();
+                    let bytes = match self.encoder() {
+                        Some(_) => event.event.deflated(),
+                        None => text,
+                    };
+                    let delivery = match direct.write_now(bytes) {
                         WrittenNow::All => Delivery::Done,
                         WrittenNow::Partly => Delivery::Rest(Frame::Unfinished),
                         WrittenNow::Nothing => Delivery::Refused,
                     };
                     written = !matches!(delivery, Delivery::Refused);
+                    // Counted here, under the queue's lock, so that the checksum sees the
+                    // stream's pieces in the order they reach the socket.
+                    if let Some(encoder) = self.encoder()
+                        && written
+                    {
+                        encoder.count(text);
+                    }
                     delivery
                 })?;
                 Ok(written)
@@ -115,7 +137,8 @@ impl Outlet {
 /// not take: the connection's task is then told to finish it before anything else
 /// ([`Outgoing::Unfinished`](super::Outgoing::Unfinished)).
 pub trait DirectWrite: Send + Sync + std::fmt::Debug {
-    /// Writes the SSE text `event` now, as much of it as the socket takes.
+    /// Writes `event` now, as much of it as the socket takes: SSE text, or its compressed
+    /// form when the stream is compressed.
     fn write_now(&self, event: &[u8]) -> WrittenNow;
 }
 
@@ -135,7 +158,7 @@ pub enum WrittenNow {
 pub(super) struct QueuedEvent {
     pub(super) endpoint: usize,
     pub(super) id: StreamId,
-    pub(super) event: RenderedEvent,
+    pub(super) event: SharedEvent,
     /// When the hub queued it; a connection that takes it much later is cut off.
     pub(super) queued_at: Instant,
     /// The record's Kafka timestamp in milliseconds, which its delivery latency counts
@@ -168,7 +191,7 @@ impl Frame {
     /// About the bytes it writes (an event's `id:` line may grow by a few).
     pub(super) fn len(&self) -> usize {
         match self {
-            Self::Event(event) => event.event.bytes().len(),
+            Self::Event(event) => event.event.text.bytes().len(),
             Self::Raw(bytes) => bytes.len(),
             Self::Unfinished => 0,
         }
@@ -286,5 +309,101 @@ mod tests {
         assert_eq!(recorder.written().len(), 1, "the task no longer waits");
         assert_eq!(client.next().await, Some(Outgoing::Unfinished));
         assert!(next_text(&mut client).await.starts_with("id: 12-0"));
+    }
+}
+
+#[cfg(test)]
+mod compressed {
+    use std::io::Read;
+    use std::sync::Mutex;
+
+    use futures_util::{FutureExt, StreamExt};
+
+    use super::super::testing::{entry, hub, live};
+    use super::*;
+    use crate::compression::Encoding;
+    use crate::hub::{Interest, Outgoing, Subscription};
+    use crate::sse;
+
+    /// A socket that takes every byte the hub writes in the task's place onto `wire`.
+    #[derive(Debug)]
+    struct Wire(Arc<Mutex<Vec<u8>>>);
+
+    impl DirectWrite for Wire {
+        fn write_now(&self, event: &[u8]) -> WrittenNow {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .extend_from_slice(event);
+            WrittenNow::All
+        }
+    }
+
+    /// Moves what `client` has ready onto `wire`, in the order a socket would get it.
+    fn take_ready(client: &mut Subscription, wire: &Mutex<Vec<u8>>) {
+        while let Some(Some(next)) = client.next().now_or_never() {
+            match next {
+                Outgoing::Events(bytes) => wire.lock().expect("not poisoned").extend(&bytes),
+                Outgoing::Unfinished => panic!("the wire takes every write whole"),
+            }
+        }
+    }
+
+    fn decode(encoding: Encoding, bytes: &[u8]) -> String {
+        let mut text = String::new();
+        match encoding {
+            Encoding::Gzip => flate2::read::GzDecoder::new(bytes).read_to_string(&mut text),
+            Encoding::Deflate => flate2::read::ZlibDecoder::new(bytes).read_to_string(&mut text),
+        }
+        .expect("one valid stream, its trailer checked");
+        text
+    }
+
+    #[tokio::test]
+    async fn a_compressed_stream_decodes_to_what_a_plain_one_gets() {
+        for encoding in [Encoding::Gzip, Encoding::Deflate] {
+            for endpoints in [vec![1], vec![0, 1]] {
+                let hub = hub(64);
+                let compressed_interest = Interest {
+                    encoding: Some(encoding),
+                    ..live(endpoints.clone())
+                };
+                let mut plain = hub.subscribe(live(endpoints.clone()), None, None);
+                let mut compressed = hub.subscribe(compressed_interest, None, None);
+                assert_eq!(compressed.encoding(), Some(encoding));
+                let (plain_wire, wire) = (Mutex::default(), Arc::new(Mutex::default()));
+                compressed.write_directly(Arc::new(Wire(Arc::clone(&wire))));
+                let mut step = || {
+                    take_ready(&mut plain, &plain_wire);
+                    take_ready(&mut compressed, &wire);
+                };
+                step();
+                // The first live event through the queue, the next written in the task's
+                // place (one endpoint), a heartbeat, then a batch coalesced in one write.
+                hub.dispatch(&[(1, entry(10, "a"))]);
+                step();
+                let written_before = wire.lock().expect("not poisoned").len();
+                hub.dispatch(&[(1, entry(11, "b"))]);
+                let written_directly = wire.lock().expect("not poisoned").len() > written_before;
+                assert_eq!(written_directly, endpoints.len() == 1, "{endpoints:?}");
+                step();
+                hub.broadcast(&sse::HEARTBEAT);
+                hub.dispatch(&[
+                    (1, entry(12, "c")),
+                    (0, entry(13, "d")),
+                    (1, entry(14, "e")),
+                ]);
+                step();
+                hub.drain();
+                step();
+                let finish = compressed.finish().expect("compressed");
+                wire.lock().expect("not poisoned").extend(finish);
+                let plain = String::from_utf8(plain_wire.into_inner().expect("not poisoned"))
+                    .expect("utf-8");
+                assert!(plain.contains("\"key\":\"e\""), "{plain}");
+                let sent = wire.lock().expect("not poisoned").clone();
+                assert_eq!(decode(encoding, &sent), plain, "{encoding:?} {endpoints:?}");
+            }
+        }
     }
 }

@@ -16,6 +16,7 @@ use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::time::Instant;
 
 use super::outlet::{ClientQueue, DirectWrite, Frame, QueuedEvent};
+use crate::compression::{Encoder, Encoding};
 use crate::keys::{ClientId, KeySet};
 use crate::metrics::Metrics;
 use crate::replay::ReplayItem;
@@ -207,6 +208,39 @@ impl Subscription {
         }
     }
 
+    /// Writes a live event the connection's position moved to, compressed once for every
+    /// connection when its stream is compressed.
+    fn write_live(&self, event: &QueuedEvent, out: &mut BytesMut) {
+        match self.receiver.encoder() {
+            None => self.write_taken(&event.event.text, out),
+            Some(encoder) if self.is_multi_endpoint() => {
+                let mut id_line = BytesMut::new();
+                self.cursor.write_id_line(&mut id_line);
+                encoder.put_event_with_id(&id_line, &event.event, out);
+            }
+            Some(encoder) => encoder.put_event(&event.event, out),
+        }
+    }
+
+    /// Bytes rendered for this connection alone, as its stream's coding sends them.
+    fn own(&self, text: Bytes) -> Bytes {
+        match self.receiver.encoder() {
+            Some(encoder) => encoder.stored(&text),
+            None => text,
+        }
+    }
+
+    /// The coding the stream is sent in, if it is compressed.
+    pub fn encoding(&self) -> Option<Encoding> {
+        self.receiver.encoder().map(Encoder::encoding)
+    }
+
+    /// The last bytes of a compressed stream, which end its coding; nothing for a plain
+    /// one.
+    pub fn finish(&self) -> Option<Vec<u8>> {
+        self.receiver.encoder().map(Encoder::finish)
+    }
+
     /// Counts a live event about to be written, `now_ms`, in the delivery latency.
     fn count_latency(&self, event: &QueuedEvent, now_ms: u64) {
         if let Some(latency) = self.hub.metrics().latency.get() {
@@ -217,10 +251,13 @@ impl Subscription {
     /// Writes a frame taken from the queue at `now_ms`.
     fn write_frame(&mut self, frame: Frame, now_ms: u64, out: &mut BytesMut) {
         match frame {
-            Frame::Raw(bytes) => out.extend_from_slice(&bytes),
+            Frame::Raw(bytes) => match self.receiver.encoder() {
+                Some(encoder) => encoder.put_stored(&bytes, out),
+                None => out.extend_from_slice(&bytes),
+            },
             Frame::Event(event) => {
                 if self.advance(event.endpoint, event.id) {
-                    self.write_taken(&event.event, out);
+                    self.write_live(&event, out);
                     self.count_latency(&event, now_ms);
                 }
             }
@@ -429,12 +466,22 @@ impl Stream for Subscription {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(prelude) = self.prelude.take() {
-            return Poll::Ready(Some(Outgoing::Events(prelude)));
+            let first = match self.receiver.encoder() {
+                Some(encoder) => {
+                    let mut out = BytesMut::with_capacity(prelude.len() + 16);
+                    encoder.start(&prelude, &mut out);
+                    out.freeze()
+                }
+                None => prelude,
+            };
+            return Poll::Ready(Some(Outgoing::Events(first)));
         }
         if self.replay.is_some() {
             match self.poll_backlog(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(bytes)) => return Poll::Ready(Some(Outgoing::Events(bytes))),
+                Poll::Ready(Some(bytes)) => {
+                    return Poll::Ready(Some(Outgoing::Events(self.own(bytes))));
+                }
                 Poll::Ready(None) => {}
             }
         }
@@ -489,7 +536,7 @@ impl Stream for Subscription {
             // The common case, one frame: its shared bytes go out without a copy.
             match first {
                 Frame::Raw(bytes) => {
-                    return Poll::Ready(Some(Outgoing::Events(Bytes::clone(&bytes))));
+                    return Poll::Ready(Some(Outgoing::Events(self.own(Bytes::clone(&bytes)))));
                 }
                 Frame::Event(event) if !self.is_multi_endpoint() => {
                     if self.advance(event.endpoint, event.id) {
@@ -499,7 +546,15 @@ impl Stream for Subscription {
                             self.receiver.write_directly(direct);
                         }
                         self.count_latency(&event, now);
-                        return Poll::Ready(Some(Outgoing::Events(event.event.bytes().clone())));
+                        let text = event.event.text.bytes();
+                        let bytes = match self.receiver.encoder() {
+                            Some(encoder) => {
+                                encoder.count(text);
+                                event.event.deflated()
+                            }
+                            None => text,
+                        };
+                        return Poll::Ready(Some(Outgoing::Events(bytes.clone())));
                     }
                 }
                 frame => {

@@ -80,6 +80,7 @@ pub(super) fn live(endpoints: Vec<usize>) -> Interest {
         endpoints,
         keys: None,
         views: Vec::new(),
+        encoding: None,
     }
 }
 
@@ -89,6 +90,7 @@ pub(super) fn keyed<const N: usize>(endpoints: Vec<usize>, keys: [&str; N]) -> I
         endpoints,
         keys: Some(KeySet::new(keys)),
         views: Vec::new(),
+        encoding: None,
     }
 }
 
