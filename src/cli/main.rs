@@ -55,6 +55,10 @@ enum Command {
         /// With --auth, use the key pair in DIR (`fjord setup`'s files), made there if missing.
         #[arg(long, value_name = "DIR", requires = "auth")]
         keys: Option<PathBuf>,
+        /// Send streams gzip- or deflate-compressed to clients that accept it, as the
+        /// manifest's `server.compression` does.
+        #[arg(long)]
+        compression: bool,
     },
     /// Prints TypeScript types for the records of an endpoint (every endpoint by default),
     /// from the latest schemas of its topics' `<topic>-value` subjects in the manifest's
@@ -157,6 +161,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             schema_registry,
             auth,
             keys,
+            compression,
         } => {
             fjord_cli::dev::run(DevOptions {
                 host,
@@ -174,6 +179,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     (true, None) => DevAuth::TemporaryKeys,
                     (true, Some(dir)) => DevAuth::Keys(dir),
                 },
+                compression,
             })
             .await?;
         }

@@ -14,7 +14,7 @@
 //! event's text gives: measured in BENCHMARKS.md.
 
 use std::cell::RefCell;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, FlushCompress};
@@ -184,52 +184,34 @@ impl Encoder {
     }
 }
 
-/// A live event with its compressed form, made once, by the first connection that asks.
+/// A live event with its compressed forms, each made once, by the first connection that
+/// asks for it.
 #[derive(Debug)]
 pub(crate) struct SharedEvent {
     pub(crate) text: RenderedEvent,
-    deflated: std::sync::OnceLock<Deflated>,
-}
-
-#[derive(Debug)]
-struct Deflated {
-    /// The `id:` line as a stored block, then the rest compressed.
-    bytes: Bytes,
-    /// Where the compressed rest begins.
-    tail_start: usize,
+    /// The whole event, for connections of one endpoint.
+    whole: OnceLock<Bytes>,
+    /// The event without its `id:` line, for connections of several endpoints.
+    tail: OnceLock<Bytes>,
 }
 
 impl SharedEvent {
     pub(crate) fn new(text: RenderedEvent) -> Self {
         Self {
             text,
-            deflated: std::sync::OnceLock::new(),
+            whole: OnceLock::new(),
+            tail: OnceLock::new(),
         }
-    }
-
-    fn deflated_form(&self) -> &Deflated {
-        self.deflated.get_or_init(|| {
-            let id_line = self.text.id_line();
-            let mut out = BytesMut::with_capacity(self.text.bytes().len() + 32);
-            stored(id_line, &mut out);
-            let tail_start = out.len();
-            deflate(self.text.tail(), &mut out);
-            Deflated {
-                bytes: out.freeze(),
-                tail_start,
-            }
-        })
     }
 
     /// The whole event as deflate blocks, shared.
     pub(crate) fn deflated(&self) -> &Bytes {
-        &self.deflated_form().bytes
+        self.whole.get_or_init(|| deflate(self.text.bytes()))
     }
 
-    /// The event without its `id:` line as deflate blocks.
-    fn deflated_tail(&self) -> &[u8] {
-        let form = self.deflated_form();
-        &form.bytes[form.tail_start..]
+    /// The event without its `id:` line as deflate blocks, shared.
+    fn deflated_tail(&self) -> &Bytes {
+        self.tail.get_or_init(|| deflate(self.text.tail()))
     }
 }
 
@@ -257,7 +239,7 @@ thread_local! {
 
 /// Appends `text` compressed on its own as raw deflate blocks that end on a byte boundary
 /// and are not final (a sync flush), so that they may be followed by anything.
-fn deflate(text: &[u8], out: &mut BytesMut) {
+fn deflate(text: &[u8]) -> Bytes {
     COMPRESSOR.with_borrow_mut(|compressor| {
         compressor.reset();
         // Room for the worst case, stored blocks, so that one call does it all.
@@ -273,8 +255,7 @@ fn deflate(text: &[u8], out: &mut BytesMut) {
                 // a correct piece of the stream.
                 let mut plain = BytesMut::new();
                 stored(text, &mut plain);
-                out.put_slice(&plain);
-                return;
+                return plain.freeze();
             }
             // The flush is complete once all the input went in and it left room to spare.
             if usize::try_from(compressor.total_in()).is_ok_and(|read| read == text.len())
@@ -284,8 +265,8 @@ fn deflate(text: &[u8], out: &mut BytesMut) {
             }
             buffer.reserve(buffer.capacity());
         }
-        out.put_slice(&buffer);
-    });
+        Bytes::from(buffer)
+    })
 }
 
 #[cfg(test)]

@@ -201,6 +201,7 @@ pub(super) fn worker_specs(
                 slow_every: scenario.slow_every,
                 deadline_secs,
                 table: None,
+                compressed: scenario.compressed,
             }
         })
         .collect()
@@ -442,6 +443,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
         let report = worker.expect("report", Duration::from_secs(30)).await?;
         let report: WorkerReport = serde_json::from_value(report["report"].clone())?;
         outcome.deliveries += report.events;
+        outcome.window_bytes += report.window_bytes;
         outcome.gaps += report.gaps;
         outcome.out_of_order += report.out_of_order;
         outcome.closed_by_server += report.closed_by_server;
@@ -487,6 +489,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     outcome.server_cpu_secs = cpu_after.saturating_sub(cpu_before) as f64 / ticks_per_second();
     if outcome.deliveries > 0 {
         outcome.cpu_us_per_delivery = outcome.server_cpu_secs * 1e6 / outcome.deliveries as f64;
+        outcome.bytes_per_delivery = outcome.window_bytes as f64 / outcome.deliveries as f64;
     }
     if outcome.records > 0 {
         outcome.cpu_us_per_record = outcome.server_cpu_secs * 1e6 / outcome.records as f64;

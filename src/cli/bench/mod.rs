@@ -126,6 +126,10 @@ pub enum BenchCommand {
         /// Table: keys in the table endpoint.
         #[arg(long)]
         keys: Option<u64>,
+        /// The servers compress streams (`server.compression`), and the clients ask for gzip
+        /// and decode it.
+        #[arg(long)]
+        compressed: bool,
         #[command(flatten)]
         services: Services,
     },
@@ -237,6 +241,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             rtt_ms,
             value_format,
             keys,
+            compressed,
             services,
         } => {
             let env = Env::new(&services)?;
@@ -275,6 +280,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             if let Some(keys) = keys {
                 chosen.keys = keys;
             }
+            chosen.compressed |= compressed;
             let outcome = run_scenario(&env, &chosen).await?;
             #[allow(clippy::print_stdout, reason = "the outcome is the command's output")]
             {

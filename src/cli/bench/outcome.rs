@@ -63,6 +63,13 @@ pub struct Outcome {
     pub filter_evaluations_per_record: f64,
     /// Load-generator CPU in the window, in seconds.
     pub loadgen_cpu_secs: f64,
+    /// Response bytes the connections read in the window, chunk framing and heartbeats
+    /// included, as they came over the wire (compressed, for a compressed run).
+    #[serde(default)]
+    pub window_bytes: u64,
+    /// `window_bytes` per delivery.
+    #[serde(default)]
+    pub bytes_per_delivery: f64,
     /// Problems that make the figures doubtful.
     pub errors: Vec<String>,
     /// The ingest scenario's figures, one per round trip.

@@ -104,6 +104,9 @@ pub struct Scenario {
     /// Keys in the table endpoint (table).
     #[serde(default)]
     pub keys: u64,
+    /// Whether the servers compress streams and the clients ask for gzip.
+    #[serde(default)]
+    pub compressed: bool,
 }
 
 /// The ingest backlog's value format: plain JSON, or the Confluent wire format with a
@@ -144,6 +147,7 @@ impl Scenario {
             rtt_ms: Vec::new(),
             value_format: ValueFormat::Json,
             keys: 0,
+            compressed: false,
         };
         let full = match name {
             "idle" => Self {
@@ -405,6 +409,9 @@ pub(super) fn manifest(
     let mut server = serde_json::json!({"host": "127.0.0.1", "port": port, "heartbeat_secs": 15});
     if let Some(queue) = scenario.client_queue {
         server["client_queue"] = queue.into();
+    }
+    if scenario.compressed {
+        server["compression"] = true.into();
     }
     serde_json::json!({
         "kafka": {"brokers": [env.kafka]},

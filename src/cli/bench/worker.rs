@@ -58,6 +58,9 @@ pub struct WorkerSpec {
     /// latencies are those of the live records after it, from the worker's start.
     #[serde(default)]
     pub table: Option<TableSpec>,
+    /// Whether the connections ask for gzip, and decode it.
+    #[serde(default)]
+    pub compressed: bool,
 }
 
 /// What a worker measured between `measure` and `stop`.
@@ -88,6 +91,9 @@ pub struct WorkerReport {
     /// Response body bytes received, at any time.
     #[serde(default)]
     pub bytes: u64,
+    /// Response body bytes received in the window.
+    #[serde(default)]
+    pub window_bytes: u64,
     /// What the connections read of a table endpoint's snapshot.
     #[serde(default)]
     pub snapshot: Option<SnapshotReport>,
@@ -279,8 +285,13 @@ async fn drive(spec: WorkerSpec) -> anyhow::Result<()> {
                 (None, None) => target.path.clone(),
             };
             let request = format!(
-                "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
-                target.address
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n{}\r\n",
+                target.address,
+                if spec.compressed {
+                    "Accept-Encoding: gzip\r\n"
+                } else {
+                    ""
+                }
             );
             let address = target.address;
             let view = spec.table.is_some().then_some(total);
@@ -383,7 +394,7 @@ async fn connection(
         }
     }
     drop(permit);
-    let Some((mut stream, leftover)) = opened else {
+    let Some((mut stream, leftover, gzip)) = opened else {
         if view.is_some() {
             state.borrow_mut().lost();
         }
@@ -398,10 +409,11 @@ async fn connection(
     }
     // A snapshot is megabytes: fewer, larger reads.
     let mut buffer = vec![0_u8; if view.is_some() { 64 * 1024 } else { 4096 }];
-    let mut leftover = leftover;
+    let (mut leftover, mut gzip) = (leftover, gzip);
     loop {
         let mut decoder = Decoder {
             view,
+            gunzip: gzip.then(|| Box::new(Gunzip::new())),
             ..Decoder::default()
         };
         decoder.feed(&leftover, &state);
@@ -409,7 +421,12 @@ async fn connection(
             match stream.read(&mut buffer).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    state.borrow_mut().report.bytes += n as u64;
+                    let mut shared = state.borrow_mut();
+                    shared.report.bytes += n as u64;
+                    if shared.measuring.is_some() {
+                        shared.report.window_bytes += n as u64;
+                    }
+                    drop(shared);
                     decoder.feed(&buffer[..n], &state);
                 }
             }
@@ -443,7 +460,7 @@ async fn connection(
                     .error(format!("resuming {address} from {source}: {error}")),
             }
         }
-        let Some((again, head_rest)) = reopened else {
+        let Some((again, head_rest, again_gzip)) = reopened else {
             let mut state = state.borrow_mut();
             state.gone += 1;
             state.check_drained();
@@ -451,6 +468,7 @@ async fn connection(
         };
         stream = again;
         leftover = head_rest;
+        gzip = again_gzip;
     }
 }
 
@@ -467,7 +485,7 @@ async fn open(
     source: Ipv4Addr,
     request: &str,
     slow: bool,
-) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
+) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>, bool)> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source.into(), 0))?;
     if slow {
@@ -507,8 +525,9 @@ async fn open(
     if find(&lower, b"transfer-encoding: chunked").is_none() {
         anyhow::bail!("expected a chunked response");
     }
+    let gzip = find(&lower, b"content-encoding: gzip").is_some();
     let leftover = head.split_off(end);
-    Ok((stream, leftover))
+    Ok((stream, leftover, gzip))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -540,7 +559,49 @@ enum Chunk {
     Trailer(u8),
 }
 
-/// Undoes chunked transfer encoding and splits the SSE stream into lines.
+/// Decodes a gzip response body as its pieces arrive, as a browser does.
+#[derive(Debug)]
+struct Gunzip {
+    /// The gzip header's bytes still to skip (Fjord's has no optional fields).
+    header_left: usize,
+    inflate: flate2::Decompress,
+    text: Vec<u8>,
+}
+
+impl Gunzip {
+    fn new() -> Self {
+        Self {
+            header_left: 10,
+            inflate: flate2::Decompress::new(false),
+            text: Vec::new(),
+        }
+    }
+
+    /// The text `bytes` decode to; the trailer after the last block is ignored.
+    fn inflate(&mut self, bytes: &[u8]) -> Result<&[u8], flate2::DecompressError> {
+        let skipped = self.header_left.min(bytes.len());
+        self.header_left -= skipped;
+        let mut input = &bytes[skipped..];
+        self.text.clear();
+        while !input.is_empty() {
+            self.text.reserve(input.len() * 4 + 1024);
+            let read = self.inflate.total_in();
+            let status = self.inflate.decompress_vec(
+                input,
+                &mut self.text,
+                flate2::FlushDecompress::Sync,
+            )?;
+            let used = usize::try_from(self.inflate.total_in() - read).unwrap_or(input.len());
+            input = &input[used..];
+            if status == flate2::Status::StreamEnd {
+                break;
+            }
+        }
+        Ok(&self.text)
+    }
+}
+
+/// Undoes chunked transfer encoding (and gzip) and splits the SSE stream into lines.
 #[derive(Debug)]
 struct Decoder {
     chunk: Chunk,
@@ -549,6 +610,7 @@ struct Decoder {
     last_seq: Option<u64>,
     /// The connection's table view's index, for a table endpoint.
     view: Option<usize>,
+    gunzip: Option<Box<Gunzip>>,
 }
 
 impl Default for Decoder {
@@ -559,6 +621,7 @@ impl Default for Decoder {
             line: Vec::with_capacity(512),
             last_seq: None,
             view: None,
+            gunzip: None,
         }
     }
 }
@@ -587,7 +650,7 @@ impl Decoder {
                 }
                 Chunk::Data(left) => {
                     let take = left.min(bytes.len());
-                    self.lines(&bytes[..take], state);
+                    self.data(&bytes[..take], state);
                     bytes = &bytes[take..];
                     self.chunk = if take == left {
                         Chunk::Trailer(2)
@@ -605,6 +668,19 @@ impl Decoder {
                 }
             }
         }
+    }
+
+    /// A chunk's data: SSE text, or gzip to decode first.
+    fn data(&mut self, bytes: &[u8], state: &Shared) {
+        let Some(mut gunzip) = self.gunzip.take() else {
+            self.lines(bytes, state);
+            return;
+        };
+        match gunzip.inflate(bytes) {
+            Ok(text) => self.lines(text, state),
+            Err(error) => state.borrow_mut().error(format!("gzip: {error}")),
+        }
+        self.gunzip = Some(gunzip);
     }
 
     fn lines(&mut self, mut bytes: &[u8], state: &Shared) {

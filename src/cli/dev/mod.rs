@@ -74,6 +74,8 @@ pub struct DevOptions {
     pub schema_registry: Option<String>,
     /// Access control.
     pub auth: DevAuth,
+    /// Whether streams are sent compressed to clients that accept gzip or deflate.
+    pub compression: bool,
 }
 
 /// The variable `fjord dev` reads a Redis password from, when it is set and no other is named.
@@ -387,6 +389,7 @@ pub async fn run(options: DevOptions) -> Result<(), DevError> {
         keys.as_ref().map(|keys| keys.public_pem.as_str()),
         options.schema_registry.as_deref(),
     )?;
+    manifest.server.compression = options.compression;
     announce_connecting(&brokers, in_process_kafka.is_some(), options.redis.as_ref());
     let fresh_topics = match &options.kafka {
         Some(_) => {
