@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use super::histogram::Histogram;
-use super::outcome::Outcome;
+use super::outcome::{Outcome, Stages};
 use super::scenario::{
     ENDPOINT, Env, Kind, Scenario, Spread, create_topic, free_port, manifest, on_cpu,
     publish_to_bus, server_command, unique,
@@ -27,6 +27,7 @@ use fjord_config::Manifest;
 /// The servers' counters read around the window.
 const DROPPED: &str = "fjord_clients_dropped_total";
 const EVALUATIONS: &str = "fjord_filter_evaluations_total";
+const SHED: &str = "fjord_clients_shed_total";
 
 /// Most connections one worker process opens (this machine allows 20,000 open files).
 const MAX_PER_WORKER: usize = 15_000;
@@ -161,6 +162,83 @@ pub(super) async fn counter_total(ports: &[u16], name: &str) -> u64 {
             .unwrap_or(0.0) as u64;
     }
     total
+}
+
+/// The servers' `fjord_delivery_latency_seconds{since="bus"}` summed over them: each
+/// bucket's bound in milliseconds with its cumulative count, and the sum in seconds.
+async fn bus_latency(ports: &[u16]) -> (Vec<(f64, u64)>, f64) {
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+    else {
+        return (Vec::new(), 0.0);
+    };
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    let mut sum = 0.0;
+    for port in ports {
+        let Ok(response) = client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let text = response.text().await.unwrap_or_default();
+        let mut index = 0;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("fjord_delivery_latency_seconds_") else {
+                continue;
+            };
+            if !rest.contains("since=\"bus\"") {
+                continue;
+            }
+            let value = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            if rest.starts_with("sum") {
+                sum += value.unwrap_or(0.0);
+            } else if rest.starts_with("bucket") {
+                let le = rest
+                    .split("le=\"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .map_or(f64::INFINITY, |le| {
+                        le.parse::<f64>().map_or(f64::INFINITY, |s| s * 1000.0)
+                    });
+                if buckets.len() <= index {
+                    buckets.push((le, 0));
+                }
+                buckets[index].1 += value.unwrap_or(0.0) as u64;
+                index += 1;
+            }
+        }
+    }
+    (buckets, sum)
+}
+
+/// The `quantile` of the deliveries between two readings of [`bus_latency`], interpolated
+/// within its bucket; `None` without deliveries.
+fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], quantile: f64) -> Option<f64> {
+    let counts: Vec<(f64, u64)> = after
+        .iter()
+        .enumerate()
+        .map(|(i, &(le, count))| (le, count.saturating_sub(before.get(i).map_or(0, |b| b.1))))
+        .collect();
+    let total = counts.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = quantile * total as f64;
+    let mut lower = (0.0, 0);
+    for &(le, cumulative) in &counts {
+        if cumulative as f64 >= rank {
+            if le.is_infinite() {
+                return Some(lower.0);
+            }
+            let within = (rank - lower.1 as f64) / (cumulative - lower.1).max(1) as f64;
+            return Some(lower.0 + (le - lower.0) * within);
+        }
+        lower = (le, cumulative);
+    }
+    None
 }
 
 /// Splits connections `0..connections` into worker specs, each with its share of servers.
@@ -340,6 +418,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
         ports.clone()
     };
     let dropped_before = counter_total(&server_ports, DROPPED).await;
+    let shed_before = counter_total(&server_ports, SHED).await;
 
     let addresses: Vec<SocketAddr> = ports
         .iter()
@@ -416,7 +495,9 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     let cpu_before: u64 = measured_pids.iter().filter_map(|&pid| cpu_ticks(pid)).sum();
     let published_before = published.load(Relaxed);
     let evaluations_before = counter_total(&server_ports, EVALUATIONS).await;
+    let (latency_before, latency_sum_before) = bus_latency(&server_ports).await;
     tokio::time::sleep(Duration::from_secs(scenario.measure_secs)).await;
+    let (latency_after, latency_sum_after) = bus_latency(&server_ports).await;
     let cpu_after: u64 = measured_pids.iter().filter_map(|&pid| cpu_ticks(pid)).sum();
     let published_after = published.load(Relaxed);
     let evaluations = counter_total(&server_ports, EVALUATIONS)
@@ -437,8 +518,12 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     outcome.clients_dropped = counter_total(&server_ports, DROPPED)
         .await
         .saturating_sub(dropped_before);
+    outcome.clients_shed = counter_total(&server_ports, SHED)
+        .await
+        .saturating_sub(shed_before);
 
     let mut slices: Vec<Histogram> = Vec::new();
+    let (mut to_bus, mut from_bus) = (Histogram::default(), Histogram::default());
     for worker in &mut workers {
         let report = worker.expect("report", Duration::from_secs(30)).await?;
         let report: WorkerReport = serde_json::from_value(report["report"].clone())?;
@@ -449,6 +534,8 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
         outcome.closed_by_server += report.closed_by_server;
         outcome.slow_connections += report.slow;
         outcome.loadgen_cpu_secs += report.cpu_secs;
+        to_bus.merge(&report.to_bus);
+        from_bus.merge(&report.from_bus);
         for (i, slice) in report.slices.iter().enumerate() {
             if slices.len() <= i {
                 slices.resize_with(i + 1, Histogram::default);
@@ -486,6 +573,22 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     outcome.p99_ms = all.quantile_ms(0.99);
     outcome.max_ms = all.max_ms();
     outcome.p99_per_sec_ms = slices.iter().map(|slice| slice.quantile_ms(0.99)).collect();
+    if to_bus.count > 0 {
+        let written = latency_after
+            .last()
+            .map_or(0, |last| last.1)
+            .saturating_sub(latency_before.last().map_or(0, |last| last.1));
+        outcome.stages = Some(Stages {
+            to_bus_p50_ms: to_bus.quantile_ms(0.5),
+            to_bus_p99_ms: to_bus.quantile_ms(0.99),
+            from_bus_p50_ms: from_bus.quantile_ms(0.5),
+            from_bus_p99_ms: from_bus.quantile_ms(0.99),
+            to_socket_mean_ms: (written > 0)
+                .then(|| (latency_sum_after - latency_sum_before) * 1000.0 / written as f64),
+            to_socket_p50_ms: bucket_quantile(&latency_before, &latency_after, 0.5),
+            to_socket_p99_ms: bucket_quantile(&latency_before, &latency_after, 0.99),
+        });
+    }
     outcome.server_cpu_secs = cpu_after.saturating_sub(cpu_before) as f64 / ticks_per_second();
     if outcome.deliveries > 0 {
         outcome.cpu_us_per_delivery = outcome.server_cpu_secs * 1e6 / outcome.deliveries as f64;

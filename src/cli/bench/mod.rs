@@ -130,6 +130,9 @@ pub enum BenchCommand {
         /// and decode it.
         #[arg(long)]
         compressed: bool,
+        /// The servers' `overload_wait_ms` (0: they never shed connections).
+        #[arg(long)]
+        overload_wait_ms: Option<u64>,
         #[command(flatten)]
         services: Services,
     },
@@ -242,6 +245,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             value_format,
             keys,
             compressed,
+            overload_wait_ms,
             services,
         } => {
             let env = Env::new(&services)?;
@@ -281,6 +285,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
                 chosen.keys = keys;
             }
             chosen.compressed |= compressed;
+            if overload_wait_ms.is_some() {
+                chosen.overload_wait_ms = overload_wait_ms;
+            }
             let outcome = run_scenario(&env, &chosen).await?;
             #[allow(clippy::print_stdout, reason = "the outcome is the command's output")]
             {

@@ -32,6 +32,9 @@ pub struct Outcome {
     pub p99_ms: f64,
     /// The largest.
     pub max_ms: f64,
+    /// The latency split where the bus took each record.
+    #[serde(default)]
+    pub stages: Option<Stages>,
     /// The 99th percentile of each second of the window.
     pub p99_per_sec_ms: Vec<f64>,
     /// Sequence numbers missing, over all connections.
@@ -44,6 +47,9 @@ pub struct Outcome {
     pub slow_connections: u64,
     /// `fjord_clients_dropped_total` rise during the run, summed over servers.
     pub clients_dropped: u64,
+    /// `fjord_clients_shed_total` rise during the run (overload), summed over servers.
+    #[serde(default)]
+    pub clients_shed: u64,
     /// Resident memory of each server before connections, in KiB.
     pub rss_kib_before: Vec<u64>,
     /// Resident memory of each server at the end, in KiB.
@@ -96,6 +102,30 @@ impl Outcome {
                 || self.replica_lag.is_some()
                 || self.table.is_some())
     }
+}
+
+/// A delivery's latency in two stages, split at the bus's stream id (whole milliseconds):
+/// publish, or Kafka produce end to end, → the bus took it; the bus → the client read it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stages {
+    /// Publish → bus, median.
+    pub to_bus_p50_ms: f64,
+    /// Publish → bus, 99th percentile.
+    pub to_bus_p99_ms: f64,
+    /// Bus → client, median.
+    pub from_bus_p50_ms: f64,
+    /// Bus → client, 99th percentile.
+    pub from_bus_p99_ms: f64,
+    /// Bus → the server writing it to the socket, by the servers' own histogram
+    /// (`fjord_delivery_latency_seconds{since="bus"}`) over the window: the mean, and
+    /// quantiles interpolated within its buckets (1, 2, 5, 10, 25, 50, 100, 250, 500 ms …).
+    /// What lies between it and `from_bus` is the loopback and the load generator.
+    #[serde(default)]
+    pub to_socket_mean_ms: Option<f64>,
+    #[serde(default)]
+    pub to_socket_p50_ms: Option<f64>,
+    #[serde(default)]
+    pub to_socket_p99_ms: Option<f64>,
 }
 
 /// What one consumer member did at one round trip.

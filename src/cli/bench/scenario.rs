@@ -107,6 +107,9 @@ pub struct Scenario {
     /// Whether the servers compress streams and the clients ask for gzip.
     #[serde(default)]
     pub compressed: bool,
+    /// The servers' `overload_wait_ms`, when not the default (0: they never shed).
+    #[serde(default)]
+    pub overload_wait_ms: Option<u64>,
 }
 
 /// The ingest backlog's value format: plain JSON, or the Confluent wire format with a
@@ -148,6 +151,7 @@ impl Scenario {
             value_format: ValueFormat::Json,
             keys: 0,
             compressed: false,
+            overload_wait_ms: None,
         };
         let full = match name {
             "idle" => Self {
@@ -412,6 +416,9 @@ pub(super) fn manifest(
     }
     if scenario.compressed {
         server["compression"] = true.into();
+    }
+    if let Some(wait) = scenario.overload_wait_ms {
+        server["overload_wait_ms"] = wait.into();
     }
     serde_json::json!({
         "kafka": {"brokers": [env.kafka]},

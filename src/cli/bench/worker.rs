@@ -82,6 +82,12 @@ pub struct WorkerReport {
     pub closed_by_server: u64,
     /// Latencies per second of the window.
     pub slices: Vec<Histogram>,
+    /// The same latencies in two stages, split where the bus took each record (its
+    /// stream id, in milliseconds): publish (or Kafka produce) → bus, and bus → received.
+    #[serde(default)]
+    pub to_bus: Histogram,
+    #[serde(default)]
+    pub from_bus: Histogram,
     /// This worker's CPU time in the window, in seconds.
     pub cpu_secs: f64,
     /// The window's length, in seconds.
@@ -121,10 +127,17 @@ struct State {
 }
 
 impl State {
-    fn record(&mut self, latency_us: u64, gap: u64, out_of_order: bool) {
+    fn record(&mut self, latency_us: u64, gap: u64, out_of_order: bool, bus_us: Option<u64>) {
         let Some(start) = self.measuring else {
             return;
         };
+        if let Some(from_bus) = bus_us {
+            // The id has whole milliseconds: the split is good to one.
+            self.report
+                .to_bus
+                .record(latency_us.saturating_sub(from_bus));
+            self.report.from_bus.record(from_bus.min(latency_us));
+        }
         let slice = start.elapsed().as_secs() as usize;
         if self.report.slices.len() <= slice {
             self.report
@@ -169,7 +182,7 @@ impl State {
                 self.finish_one();
             }
             Seen::Live { published_us } => {
-                self.record(now_us().saturating_sub(published_us), 0, false);
+                self.record(now_us().saturating_sub(published_us), 0, false, None);
             }
         }
     }
@@ -611,6 +624,8 @@ struct Decoder {
     /// The connection's table view's index, for a table endpoint.
     view: Option<usize>,
     gunzip: Option<Box<Gunzip>>,
+    /// The milliseconds of the last `id:` line, where the bus took the event it heads.
+    bus_ms: Option<u64>,
 }
 
 impl Default for Decoder {
@@ -622,6 +637,7 @@ impl Default for Decoder {
             last_seq: None,
             view: None,
             gunzip: None,
+            bus_ms: None,
         }
     }
 }
@@ -709,6 +725,13 @@ impl Decoder {
             state.seen(seen);
             return;
         }
+        if let Some(id) = line.strip_prefix(b"id: ") {
+            self.bus_ms = std::str::from_utf8(id)
+                .ok()
+                .and_then(|id| id.split('-').next())
+                .and_then(|ms| ms.parse().ok());
+            return;
+        }
         if !line.starts_with(b"data: ") {
             return;
         }
@@ -718,14 +741,21 @@ impl Decoder {
         ) else {
             return;
         };
-        let latency = now_us().saturating_sub(sent);
+        let now = now_us();
+        let latency = now.saturating_sub(sent);
+        let bus_us = self
+            .bus_ms
+            .take()
+            .map(|ms| now.saturating_sub(ms.saturating_mul(1_000)));
         let (gap, out_of_order) = match self.last_seq {
             Some(last) if seq > last => (seq - last - 1, false),
             Some(_) => (0, true),
             None => (0, false),
         };
         self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
-        state.borrow_mut().record(latency, gap, out_of_order);
+        state
+            .borrow_mut()
+            .record(latency, gap, out_of_order, bus_us);
     }
 }
 
