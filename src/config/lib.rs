@@ -784,6 +784,12 @@ pub struct ServerConfig {
     /// network; without it `/metrics` is served on the public port.
     #[serde(default)]
     pub metrics_listener: Option<MetricsListener>,
+    /// Milliseconds an event may wait in the queues of live connections before the server
+    /// counts as overloaded (when enough connections are that far behind): it then sheds
+    /// the connections furthest behind and refuses new streams until it keeps up. 0 never
+    /// sheds.
+    #[serde(default = "default_overload_wait_ms")]
+    pub overload_wait_ms: u64,
     /// Whether streams are sent compressed (gzip, else deflate) to clients whose
     /// `Accept-Encoding` allows it. Off unless asked for: a proxy in front that buffers
     /// compressed responses would hold events back.
@@ -814,6 +820,12 @@ impl ServerConfig {
     /// How long an event may wait in a client's queue.
     pub fn client_max_lag(&self) -> Duration {
         Duration::from_millis(self.client_max_lag_ms)
+    }
+
+    /// How long events may wait in live connections' queues before the server sheds some;
+    /// `None` when it never does.
+    pub fn overload_wait(&self) -> Option<Duration> {
+        (self.overload_wait_ms > 0).then(|| Duration::from_millis(self.overload_wait_ms))
     }
 
     /// What the key filters of all streams may take together, in bytes.
@@ -848,6 +860,7 @@ impl Default for ServerConfig {
             max_distinct_filters: default_max_distinct_filters(),
             trust_forwarded_for: false,
             metrics_listener: None,
+            overload_wait_ms: default_overload_wait_ms(),
             compression: false,
         }
     }
@@ -960,6 +973,10 @@ fn default_retry_ms() -> u64 {
 fn default_client_queue() -> usize {
     16_384
 }
+fn default_overload_wait_ms() -> u64 {
+    250
+}
+
 fn default_client_max_lag_ms() -> u64 {
     5000
 }

@@ -21,6 +21,10 @@ pub struct Metrics {
     /// Clients disconnected because they could not keep up: their queue filled, or an event
     /// or a replayed chunk waited longer than the lag bound.
     pub clients_dropped: AtomicU64,
+    /// Clients disconnected because the server was overloaded (`server.overload_wait_ms`).
+    pub clients_shed: AtomicU64,
+    /// Streams refused because the server was overloaded.
+    pub refused_overload: AtomicU64,
     /// Failed bus reads.
     pub bus_errors: AtomicU64,
     /// Bus entries that could not be sent, read live (each once per server).
@@ -97,6 +101,12 @@ impl Metrics {
             "counter",
             "Clients disconnected because they could not keep up.",
             self.clients_dropped.load(Relaxed).to_string(),
+        );
+        metric(
+            "fjord_clients_shed_total",
+            "counter",
+            "Clients disconnected because the server was overloaded: events waited longer than server.overload_wait_ms.",
+            self.clients_shed.load(Relaxed).to_string(),
         );
         metric(
             "fjord_bus_errors_total",
@@ -176,6 +186,7 @@ impl Metrics {
             ("file_descriptors", &self.refused_descriptors),
             ("key_filters", &self.refused_key_filters),
             ("filters", &self.refused_filters),
+            ("overload", &self.refused_overload),
         ] {
             let _ = writeln!(out, "{name}{{limit=\"{limit}\"}} {}", count.load(Relaxed));
         }

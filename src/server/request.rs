@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
@@ -523,6 +524,14 @@ impl Admission {
         peer: IpAddr,
         slot: &mut Slot,
     ) -> Result<Subscription, ApiError> {
+        if self.hub.is_overloaded() {
+            self.hub.metrics().refused_overload.fetch_add(1, Relaxed);
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the server is shedding load; retry later, or on another server",
+            ));
+        }
         let address = client_address(peer, &head.headers, self.trust_forwarded_for);
         slot.admit_stream(address)?;
         let query_token = query_value(&head.query, "access_token");

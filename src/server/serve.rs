@@ -35,6 +35,9 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(20);
 
 /// How often the open-connections metric goes to CloudWatch.
 const EMF_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the hub checks whether it keeps up (`hub::overload`): two checks behind in a
+/// row make it shed, so it reacts within a second.
+const OVERLOAD_CHECKS: Duration = Duration::from_millis(500);
 /// The first wait after a failed accept; it doubles with each failure in a row, up to
 /// [`ACCEPT_BACKOFF_MAX`].
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -186,6 +189,7 @@ impl Running {
         background.spawn(Arc::clone(&hub).run_feed(reader));
         background.spawn(Arc::clone(&hub).run_heartbeats(manifest.server.heartbeat()));
         background.spawn(Arc::clone(&hub).run_expiries(Duration::from_secs(1)));
+        background.spawn(Arc::clone(&hub).run_overload_checks(OVERLOAD_CHECKS));
         if let Some(target) = EmfTarget::from_env() {
             background.spawn(target.run(Arc::clone(&metrics), EMF_INTERVAL));
         }

@@ -11,6 +11,7 @@
 //! - `feed`: the bus reader's entries, dispatched to their receivers ([`Hub::run_feed`]).
 //! - `subscription`: one connection's stream — prelude, replay, live events
 //!   ([`Subscription`]) — which reaches the hub only through a narrow handle.
+//! - `overload`: shedding the connections furthest behind when the server cannot keep up.
 //!
 //! Here: the [`Hub`] itself — subscribing a connection and planning its replay, the
 //! heartbeats, token expiries and the drain that reach every connection.
@@ -20,6 +21,7 @@ mod feed;
 mod filtered;
 mod index;
 mod outlet;
+mod overload;
 mod subscription;
 #[cfg(test)]
 mod testing;
@@ -33,6 +35,7 @@ use bytes::Bytes;
 use self::index::{Index, Indexed};
 pub use self::outlet::{DirectWrite, WrittenNow};
 use self::outlet::{Frame, Outlet};
+use self::overload::Overload;
 use self::subscription::{HubHandle, Start};
 pub use self::subscription::{Outgoing, Subscription};
 use crate::compression::Encoding;
@@ -67,6 +70,7 @@ pub struct Hub {
     index: Index,
     queue_size: usize,
     max_lag: Duration,
+    overload: Overload,
     retry_ms: u64,
     last_read_ms: AtomicU64,
     draining: AtomicBool,
@@ -168,6 +172,7 @@ impl Hub {
             views: Views::new(server.max_distinct_filters),
             queue_size: server.client_queue,
             max_lag: server.client_max_lag(),
+            overload: Overload::new(server.overload_wait()),
             retry_ms: server.retry_ms,
             bus,
             last_read_ms: AtomicU64::new(0),

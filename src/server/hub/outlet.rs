@@ -40,6 +40,7 @@
 //!    `queue::tests::a_closed_queue_takes_nothing_more_not_even_directly` and
 //!    `hub::feed::tests::a_full_queue_cuts_the_connection_off_after_what_was_queued`.
 
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -63,6 +64,8 @@ pub(super) struct Outlet {
     /// The coding of a compressed stream, and what its trailer needs; boxed, as most
     /// streams have none.
     encoder: Option<Box<Encoder>>,
+    /// The longest an event it took had waited, in milliseconds, since the hub last looked.
+    worst_wait_ms: AtomicU32,
 }
 
 impl Outlet {
@@ -74,7 +77,21 @@ impl Outlet {
             queue: Queue::new(capacity, max_lag),
             direct: OnceLock::new(),
             encoder: encoding.map(|encoding| Box::new(Encoder::new(encoding))),
+            worst_wait_ms: AtomicU32::new(0),
         }
+    }
+
+    /// Notes that the connection took an event that had waited `waited` in its queue.
+    pub(super) fn note_wait(&self, waited: Duration) {
+        let waited = u32::try_from(waited.as_millis()).unwrap_or(u32::MAX);
+        self.worst_wait_ms.fetch_max(waited, Relaxed);
+    }
+
+    /// The longest an event it took had waited since the last call; zero when it took none
+    /// (a client that stopped reading takes nothing: it is its queue's bounds that find it
+    /// out, not the hub's look at the server's load).
+    pub(super) fn take_worst_wait(&self) -> Duration {
+        Duration::from_millis(u64::from(self.worst_wait_ms.swap(0, Relaxed)))
     }
 
     /// The stream's coding, when it is compressed.

@@ -493,17 +493,19 @@ impl Stream for Subscription {
             };
             // The oldest queued event tells how far behind this connection is. One that
             // cannot keep up is shed, so that an overloaded server's latency stays bounded
-            // for the others; it resumes by id.
-            if let Frame::Event(event) = &first
-                && self
+            // for the others; it resumes by id. The wait is noted too, for the hub's look
+            // at whether the server as a whole keeps up (`hub::overload`).
+            if let Frame::Event(event) = &first {
+                let waited = self
                     .replayed_at
                     .map_or(event.queued_at, |replayed| replayed.max(event.queued_at))
-                    .elapsed()
-                    > self.hub.max_lag()
-            {
-                self.hub.cut_off(self.id);
-                self.receiver.queue.close_and_clear();
-                return Poll::Ready(None);
+                    .elapsed();
+                self.receiver.note_wait(waited);
+                if waited > self.hub.max_lag() {
+                    self.hub.cut_off(self.id);
+                    self.receiver.queue.close_and_clear();
+                    return Poll::Ready(None);
+                }
             }
             if let Frame::Unfinished = first {
                 return Poll::Ready(Some(Outgoing::Unfinished));
