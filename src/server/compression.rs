@@ -270,7 +270,7 @@ fn deflate(text: &[u8]) -> Bytes {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Read;
 
     use super::*;
@@ -284,7 +284,8 @@ mod tests {
         ))
     }
 
-    fn decode(encoding: Encoding, bytes: &[u8]) -> String {
+    /// A whole stream in `encoding` decoded, its trailer's checksum checked.
+    pub(crate) fn decode(encoding: Encoding, bytes: &[u8]) -> String {
         let mut text = String::new();
         match encoding {
             Encoding::Gzip => flate2::read::GzDecoder::new(bytes).read_to_string(&mut text),

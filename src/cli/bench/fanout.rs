@@ -139,51 +139,45 @@ pub(super) async fn wait_ready(port: u16) -> anyhow::Result<()> {
 
 /// The sum over the servers on `ports` of the counter (or gauge) `name` on their `/metrics`.
 pub(super) async fn counter_total(ports: &[u16], name: &str) -> u64 {
+    scrape(ports)
+        .await
+        .iter()
+        .filter_map(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+        })
+        .map(|value| value as u64)
+        .sum()
+}
+
+/// The `/metrics` text of each server that answers.
+async fn scrape(ports: &[u16]) -> Vec<String> {
     let Ok(client) = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
     else {
-        return 0;
+        return Vec::new();
     };
-    let mut total = 0;
+    let mut texts = Vec::with_capacity(ports.len());
     for port in ports {
-        let Ok(response) = client
+        if let Ok(response) = client
             .get(format!("http://127.0.0.1:{port}/metrics"))
             .send()
             .await
-        else {
-            continue;
-        };
-        let text = response.text().await.unwrap_or_default();
-        total += text
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|value| value.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64;
+        {
+            texts.push(response.text().await.unwrap_or_default());
+        }
     }
-    total
+    texts
 }
 
 /// The servers' `fjord_delivery_latency_seconds{since="bus"}` summed over them: each
 /// bucket's bound in milliseconds with its cumulative count, and the sum in seconds.
 async fn bus_latency(ports: &[u16]) -> (Vec<(f64, u64)>, f64) {
-    let Ok(client) = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-    else {
-        return (Vec::new(), 0.0);
-    };
     let mut buckets: Vec<(f64, u64)> = Vec::new();
     let mut sum = 0.0;
-    for port in ports {
-        let Ok(response) = client
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-        else {
-            continue;
-        };
-        let text = response.text().await.unwrap_or_default();
+    for text in scrape(ports).await {
         let mut index = 0;
         for line in text.lines() {
             let Some(rest) = line.strip_prefix("fjord_delivery_latency_seconds_") else {

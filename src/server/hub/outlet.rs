@@ -331,7 +331,6 @@ mod tests {
 
 #[cfg(test)]
 mod compressed {
-    use std::io::Read;
     use std::sync::Mutex;
 
     use futures_util::{FutureExt, StreamExt};
@@ -339,6 +338,7 @@ mod compressed {
     use super::super::testing::{entry, hub, live};
     use super::*;
     use crate::compression::Encoding;
+    use crate::compression::tests::decode;
     use crate::hub::{Interest, Outgoing, Subscription};
     use crate::sse;
 
@@ -364,16 +364,6 @@ mod compressed {
                 Outgoing::Unfinished => panic!("the wire takes every write whole"),
             }
         }
-    }
-
-    fn decode(encoding: Encoding, bytes: &[u8]) -> String {
-        let mut text = String::new();
-        match encoding {
-            Encoding::Gzip => flate2::read::GzDecoder::new(bytes).read_to_string(&mut text),
-            Encoding::Deflate => flate2::read::ZlibDecoder::new(bytes).read_to_string(&mut text),
-        }
-        .expect("one valid stream, its trailer checked");
-        text
     }
 
     #[tokio::test]
