@@ -14,7 +14,8 @@
 //! event's text gives: measured in BENCHMARKS.md.
 
 use std::cell::RefCell;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, FlushCompress};
@@ -85,28 +86,26 @@ impl Encoding {
 }
 
 /// One connection's side of a compressed stream: its coding and the checksum of what it
-/// sent so far. Its pieces may come from the connection's task or from the hub writing in
-/// its place, one at a time (see `hub::outlet`), in the order they reach the socket.
+/// sent so far, with the length for gzip's trailer, in one word: 16 bytes a connection. Its
+/// pieces may come from the connection's task or from the hub writing in its place, one at
+/// a time (see `hub::outlet`), in the order they reach the socket.
 #[derive(Debug)]
 pub(crate) struct Encoder {
     encoding: Encoding,
-    checksum: Mutex<Checksum>,
-}
-
-#[derive(Debug)]
-enum Checksum {
-    Crc32(crc32fast::Hasher),
-    Adler32(adler2::Adler32),
+    /// The checksum (CRC-32 for gzip, Adler-32 for deflate) in the high half, the bytes
+    /// counted modulo 2^32 in the low half.
+    checksum: AtomicU64,
 }
 
 impl Encoder {
     pub(crate) fn new(encoding: Encoding) -> Self {
+        let start = match encoding {
+            Encoding::Gzip => 0,
+            Encoding::Deflate => adler2::Adler32::new().checksum(),
+        };
         Self {
             encoding,
-            checksum: Mutex::new(match encoding {
-                Encoding::Gzip => Checksum::Crc32(crc32fast::Hasher::new()),
-                Encoding::Deflate => Checksum::Adler32(adler2::Adler32::new()),
-            }),
+            checksum: AtomicU64::new(u64::from(start) << 32),
         }
     }
 
@@ -114,17 +113,34 @@ impl Encoder {
         self.encoding
     }
 
-    fn checksum(&self) -> std::sync::MutexGuard<'_, Checksum> {
-        // Each update is whole, so a poisoned lock is usable.
-        self.checksum.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The checksum and the length counted, modulo 2^32.
+    fn checksum(&self) -> (u32, u32) {
+        let word = self.checksum.load(Relaxed);
+        ((word >> 32) as u32, word as u32)
     }
 
     /// Counts `text`, sent compressed from shared bytes, in the checksum.
     pub(crate) fn count(&self, text: &[u8]) {
-        match &mut *self.checksum() {
-            Checksum::Crc32(hasher) => hasher.update(text),
-            Checksum::Adler32(hasher) => hasher.write_slice(text),
-        }
+        // The pieces come one at a time; the loop only keeps a racing update from being
+        // lost, were they ever not to.
+        let _ = self.checksum.fetch_update(Relaxed, Relaxed, |word| {
+            let (sum, length) = ((word >> 32) as u32, word as u32);
+            let sum = match self.encoding {
+                Encoding::Gzip => {
+                    let mut hasher = crc32fast::Hasher::new_with_initial(sum);
+                    hasher.update(text);
+                    hasher.finalize()
+                }
+                Encoding::Deflate => {
+                    let mut hasher = adler2::Adler32::from_checksum(sum);
+                    hasher.write_slice(text);
+                    hasher.checksum()
+                }
+            };
+            // Modulo 2^32, as gzip's trailer counts.
+            let length = length.wrapping_add(text.len() as u32);
+            Some(u64::from(sum) << 32 | u64::from(length))
+        });
     }
 
     /// Appends the stream's header, then `text` (its first bytes).
@@ -171,14 +187,13 @@ impl Encoder {
         // BFINAL set, fixed Huffman codes, the end-of-block code: after a byte boundary,
         // these two bytes.
         let mut out = vec![0x03, 0x00];
-        match &*self.checksum() {
-            Checksum::Crc32(hasher) => {
-                out.extend_from_slice(&hasher.clone().finalize().to_le_bytes());
-                // ISIZE: the length modulo 2^32, by definition.
-                let length = u32::try_from(hasher.total_len() % (1 << 32)).unwrap_or(0);
+        let (sum, length) = self.checksum();
+        match self.encoding {
+            Encoding::Gzip => {
+                out.extend_from_slice(&sum.to_le_bytes());
                 out.extend_from_slice(&length.to_le_bytes());
             }
-            Checksum::Adler32(hasher) => out.extend_from_slice(&hasher.checksum().to_be_bytes()),
+            Encoding::Deflate => out.extend_from_slice(&sum.to_be_bytes()),
         }
         out
     }
