@@ -31,8 +31,9 @@ const SHED: &str = "fjord_clients_shed_total";
 
 /// Most connections one worker process opens (this machine allows 20,000 open files).
 const MAX_PER_WORKER: usize = 15_000;
-/// Source addresses 127.0.0.2 and up: about 28,000 ephemeral ports each.
-const SOURCES: u8 = 12;
+/// Source addresses 127.0.0.2 and up: about 28,000 ephemeral ports each, so room for a
+/// million connections.
+const SOURCES: u8 = 40;
 
 /// A child process driven over stdin, reporting JSON lines on stdout.
 pub(super) struct Driven {
