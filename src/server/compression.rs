@@ -224,6 +224,14 @@ impl SharedEvent {
         self.whole.get_or_init(|| deflate(self.text.bytes()))
     }
 
+    /// The whole event as a stream with `encoder` sends it: compressed, or as it is.
+    pub(crate) fn bytes_for(&self, encoder: Option<&Encoder>) -> &Bytes {
+        match encoder {
+            Some(_) => self.deflated(),
+            None => self.text.bytes(),
+        }
+    }
+
     /// The event without its `id:` line as deflate blocks, shared.
     fn deflated_tail(&self) -> &Bytes {
         self.tail.get_or_init(|| deflate(self.text.tail()))
@@ -247,23 +255,26 @@ fn stored(text: &[u8], out: &mut BytesMut) {
 }
 
 thread_local! {
-    /// One compressor per thread, reset for each event: making one allocates and clears
-    /// its tables, which would cost more than compressing a small event.
-    static COMPRESSOR: RefCell<Compress> = RefCell::new(Compress::new(Compression::default(), false));
+    /// One compressor per thread, reset for each event, and its output buffer: making one
+    /// allocates and clears its tables, which would cost more than compressing a small
+    /// event. Each event's bytes are copied out of the buffer at their size.
+    static COMPRESSOR: RefCell<(Compress, Vec<u8>)> =
+        RefCell::new((Compress::new(Compression::default(), false), Vec::new()));
 }
 
 /// Appends `text` compressed on its own as raw deflate blocks that end on a byte boundary
 /// and are not final (a sync flush), so that they may be followed by anything.
 fn deflate(text: &[u8]) -> Bytes {
-    COMPRESSOR.with_borrow_mut(|compressor| {
+    COMPRESSOR.with_borrow_mut(|(compressor, buffer)| {
         compressor.reset();
+        buffer.clear();
         // Room for the worst case, stored blocks, so that one call does it all.
-        let mut buffer = Vec::with_capacity(text.len() + text.len() / MAX_STORED * 5 + 64);
+        buffer.reserve(text.len() + text.len() / MAX_STORED * 5 + 64);
         loop {
             let consumed = usize::try_from(compressor.total_in()).unwrap_or(text.len());
             let input = text.get(consumed..).unwrap_or_default();
             if compressor
-                .compress_vec(input, &mut buffer, FlushCompress::Sync)
+                .compress_vec(input, buffer, FlushCompress::Sync)
                 .is_err()
             {
                 // miniz_oxide fails only when misused; the text as stored blocks is still
@@ -280,7 +291,12 @@ fn deflate(text: &[u8]) -> Bytes {
             }
             buffer.reserve(buffer.capacity());
         }
-        Bytes::from(buffer)
+        let deflated = Bytes::copy_from_slice(buffer);
+        // A huge event's room is not kept for the thread's life.
+        if buffer.capacity() > 1 << 20 {
+            *buffer = Vec::new();
+        }
+        deflated
     })
 }
 

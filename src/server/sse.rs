@@ -61,11 +61,6 @@ impl RenderedEvent {
         &self.bytes
     }
 
-    /// Its `id:` line.
-    pub fn id_line(&self) -> &[u8] {
-        &self.bytes[..self.tail_start]
-    }
-
     /// The event without its `id:` line.
     pub fn tail(&self) -> &[u8] {
         &self.bytes[self.tail_start..]

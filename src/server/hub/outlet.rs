@@ -122,12 +122,7 @@ impl Outlet {
             Some(direct) if may_write => {
                 let mut written = false;
                 self.queue.push_or_deliver(frame, |_| {
-                    let text = event.event.text.bytes();
-                    let bytes = match self.encoder() {
-                        Some(_) => event.event.deflated(),
-                        None => text,
-                    };
-                    let delivery = match direct.write_now(bytes) {
+                    let delivery = match direct.write_now(event.event.bytes_for(self.encoder())) {
                         WrittenNow::All => Delivery::Done,
                         WrittenNow::Partly => Delivery::Rest(Frame::Unfinished),
                         WrittenNow::Nothing => Delivery::Refused,
@@ -138,7 +133,7 @@ impl Outlet {
                     if let Some(encoder) = self.encoder()
                         && written
                     {
-                        encoder.count(text);
+                        encoder.count(event.event.text.bytes());
                     }
                     delivery
                 })?;

@@ -548,15 +548,12 @@ impl Stream for Subscription {
                             self.receiver.write_directly(direct);
                         }
                         self.count_latency(&event, now);
-                        let text = event.event.text.bytes();
-                        let bytes = match self.receiver.encoder() {
-                            Some(encoder) => {
-                                encoder.count(text);
-                                event.event.deflated()
-                            }
-                            None => text,
-                        };
-                        return Poll::Ready(Some(Outgoing::Events(bytes.clone())));
+                        let encoder = self.receiver.encoder();
+                        if let Some(encoder) = encoder {
+                            encoder.count(event.event.text.bytes());
+                        }
+                        let bytes = event.event.bytes_for(encoder).clone();
+                        return Poll::Ready(Some(Outgoing::Events(bytes)));
                     }
                 }
                 frame => {
