@@ -237,11 +237,32 @@ async fn the_kafka_broker_restarted_mid_stream() {
 
 #[tokio::test]
 async fn a_slow_client_is_cut_off_and_resumes_without_loss() {
+    a_slow_client_is_cut_off_by(serde_json::json!({"client_queue": 16})).await;
+}
+
+#[tokio::test]
+async fn a_slow_client_is_cut_off_by_the_bytes_its_queue_holds_whatever_their_count() {
+    // Neither the count nor the time bound is reached: 1 MiB is.
+    a_slow_client_is_cut_off_by(serde_json::json!({
+        "client_queue_mib": 1,
+        "client_max_lag_ms": 3_600_000,
+    }))
+    .await;
+}
+
+/// A client that stops reading while 3,000 records of 8 KiB stream is cut off under the
+/// `server` settings `bounds`, and once it reads again, resumes without loss.
+async fn a_slow_client_is_cut_off_by(bounds: serde_json::Value) {
     if skip_without_services() {
         return;
     }
     let _serial = ONE_AT_A_TIME.lock().await;
-    let pipeline = Pipeline::start(2, 1, |m| m["server"]["client_queue"] = 16.into()).await;
+    let pipeline = Pipeline::start(2, 1, |m| {
+        for (name, value) in bounds.as_object().into_iter().flatten() {
+            m["server"][name] = value.clone();
+        }
+    })
+    .await;
     let fast = ResumingClient::start(vec![pipeline.url(0)]);
     let slow = ResumingClient::start(vec![pipeline.url(0)]);
     wait_until("clients connected", || {

@@ -749,6 +749,12 @@ pub struct ServerConfig {
     /// that stopped reading is found out sooner, by `client_max_lag_ms`.
     #[serde(default = "default_client_queue")]
     pub client_queue: usize,
+    /// MiB of events (their SSE text, shared with the other connections that get them)
+    /// queued for one client before it counts as too slow: whatever the records' size, a
+    /// slow client holds no more than this in memory. An event larger than it alone still
+    /// goes to a client that keeps up.
+    #[serde(default = "default_client_queue_mib")]
+    pub client_queue_mib: u64,
     /// Milliseconds an event may wait in a client's queue; a client whose oldest queued
     /// event waited longer is too slow, and is disconnected so that the others keep up.
     #[serde(default = "default_client_max_lag_ms")]
@@ -828,6 +834,11 @@ impl ServerConfig {
         (self.overload_wait_ms > 0).then(|| Duration::from_millis(self.overload_wait_ms))
     }
 
+    /// The bytes of events one client's queue holds at most.
+    pub fn client_queue_bytes(&self) -> usize {
+        usize::try_from(self.client_queue_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+    }
+
     /// What the key filters of all streams may take together, in bytes.
     pub fn key_filter_memory(&self) -> usize {
         usize::try_from(self.key_filter_memory_mib.saturating_mul(1024 * 1024))
@@ -851,6 +862,7 @@ impl Default for ServerConfig {
             retry_ms: default_retry_ms(),
             cors_origins: Vec::new(),
             client_queue: default_client_queue(),
+            client_queue_mib: default_client_queue_mib(),
             client_max_lag_ms: default_client_max_lag_ms(),
             max_connections: None,
             max_connections_per_address: None,
@@ -972,6 +984,9 @@ fn default_retry_ms() -> u64 {
 }
 fn default_client_queue() -> usize {
     16_384
+}
+fn default_client_queue_mib() -> u64 {
+    32
 }
 fn default_overload_wait_ms() -> u64 {
     250

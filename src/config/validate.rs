@@ -591,6 +591,12 @@ impl Manifest {
             "",
         );
         p.within(
+            server.client_queue_mib,
+            1..=65_536,
+            "$.server.client_queue_mib",
+            "",
+        );
+        p.within(
             server.client_max_lag_ms,
             100..=3_600_000,
             "$.server.client_max_lag_ms",
@@ -1091,6 +1097,11 @@ pub(super) mod tests {
                 "/server",
                 serde_json::json!({"client_queue": 0}),
                 "$.server.client_queue",
+            ),
+            (
+                "/server",
+                serde_json::json!({"client_queue_mib": 0}),
+                "$.server.client_queue_mib",
             ),
             (
                 "/server",

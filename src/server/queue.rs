@@ -1,6 +1,8 @@
-//! A connection's bounded queue, from the hub to the connection's task: bounded in items,
-//! and once its consumer has drained it, in time, so that a burst a consumer keeps up with
-//! fits while one that stopped reading is found out as soon as its oldest item is stale.
+//! A connection's bounded queue, from the hub to the connection's task: bounded in items
+//! (each takes a slot), in the bytes they hold together, and once its consumer has drained
+//! it, in time, so that a burst a consumer keeps up with fits while one that stopped reading
+//! is found out as soon as its oldest item is stale, and no record size makes a slow
+//! consumer hold more than its bound of bytes.
 //! (Until it first finds it empty, the consumer may be busy elsewhere on purpose: a
 //! connection replays what it missed before it reads its live events.) Queuing an event
 //! takes one uncontended lock; so does taking one. An idle queue costs about a hundred
@@ -30,17 +32,32 @@ pub(crate) enum Delivery<T> {
     Refused,
 }
 
-/// An item that may say when it was queued, for a queue bounded in time.
-pub(crate) trait Timed {
+/// What a queue's bounds read of an item.
+pub(crate) trait Measured {
     /// When it was queued; `None` for an item that no bound in time applies to.
     fn queued_at(&self) -> Option<Instant>;
+    /// The bytes it holds, for the bound in bytes.
+    fn bytes(&self) -> usize;
+}
+
+/// The most a queue holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    /// Items, whatever their size.
+    pub(crate) items: usize,
+    /// Bytes of the items together; an empty queue still takes one item larger than this,
+    /// or a record above it could never be delivered.
+    pub(crate) bytes: usize,
+    /// Once the consumer found the queue empty, the most its oldest item may have waited
+    /// when another is queued; zero for no bound in time.
+    pub(crate) wait: Duration,
 }
 
 /// Why an item was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PushError {
-    /// The queue holds its capacity, or its oldest item waited longer than its bound in
-    /// time when this one came.
+    /// The queue holds its bound of items or bytes, or its oldest item waited longer than
+    /// its bound in time when this one came.
     Full,
     /// The queue was closed.
     Closed,
@@ -51,11 +68,14 @@ pub(crate) enum PushError {
 pub(crate) struct Queue<T> {
     state: Mutex<State<T>>,
     capacity: usize,
+    max_bytes: usize,
 }
 
 #[derive(Debug)]
 struct State<T> {
     items: VecDeque<T>,
+    /// What the items hold together.
+    bytes: usize,
     /// The consumer, when it waits for an item.
     waker: Option<Waker>,
     closed: bool,
@@ -65,19 +85,20 @@ struct State<T> {
     live: bool,
 }
 
-impl<T: Timed> Queue<T> {
-    /// An empty queue that holds at most `capacity` items, and once its consumer found it
-    /// empty, none queued more than `max_wait` after the oldest one still queued.
-    pub(crate) fn new(capacity: usize, max_wait: Duration) -> Self {
+impl<T: Measured> Queue<T> {
+    /// An empty queue that holds at most what `bounds` allow.
+    pub(crate) fn new(bounds: Bounds) -> Self {
         Self {
             state: Mutex::new(State {
                 items: VecDeque::new(),
+                bytes: 0,
                 waker: None,
                 closed: false,
-                max_wait_ms: u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX),
+                max_wait_ms: u32::try_from(bounds.wait.as_millis()).unwrap_or(u32::MAX),
                 live: false,
             }),
-            capacity,
+            capacity: bounds.items,
+            max_bytes: bounds.bytes,
         }
     }
 
@@ -112,11 +133,15 @@ impl<T: Timed> Queue<T> {
                     Delivery::Rest(rest) => rest,
                     Delivery::Refused => item,
                 }
-            } else if state.items.len() >= self.capacity || waited_too_long(&state, &item) {
+            } else if state.items.len() >= self.capacity
+                || self.over_bytes(&state, &item)
+                || waited_too_long(&state, &item)
+            {
                 return Err(PushError::Full);
             } else {
                 item
             };
+            state.bytes = state.bytes.saturating_add(item.bytes());
             state.items.push_back(item);
             state.waker.take()
         };
@@ -124,6 +149,11 @@ impl<T: Timed> Queue<T> {
             waker.wake();
         }
         Ok(())
+    }
+
+    /// Whether `item` would take the queue past its bound in bytes; an empty queue takes any.
+    fn over_bytes(&self, state: &State<T>, item: &T) -> bool {
+        !state.items.is_empty() && state.bytes.saturating_add(item.bytes()) > self.max_bytes
     }
 
     /// Refuses further items; the consumer still gets those queued, then the end.
@@ -148,6 +178,7 @@ impl<T: Timed> Queue<T> {
         let dropped = {
             let mut state = self.lock();
             state.closed = true;
+            state.bytes = 0;
             std::mem::take(&mut state.items)
         };
         drop(dropped);
@@ -181,6 +212,7 @@ impl<T: Timed> Queue<T> {
 
     fn pop(state: &mut State<T>) -> Option<T> {
         let item = state.items.pop_front()?;
+        state.bytes = state.bytes.saturating_sub(item.bytes());
         if state.items.is_empty() && state.items.capacity() > KEEP_SLOTS {
             state.items = VecDeque::new();
         }
@@ -190,13 +222,13 @@ impl<T: Timed> Queue<T> {
 
 /// Whether the oldest timed item of the queue (among its first few: a heartbeat may come
 /// first) waited longer than the queue's bound when `item` came.
-fn waited_too_long<T: Timed>(state: &State<T>, item: &T) -> bool {
+fn waited_too_long<T: Measured>(state: &State<T>, item: &T) -> bool {
     if !state.live || state.max_wait_ms == 0 {
         return false;
     }
     let (Some(now), Some(oldest)) = (
         item.queued_at(),
-        state.items.iter().take(4).find_map(Timed::queued_at),
+        state.items.iter().take(4).find_map(Measured::queued_at),
     ) else {
         return false;
     };
@@ -209,9 +241,22 @@ mod tests {
 
     use super::*;
 
-    impl Timed for i32 {
+    /// An untimed item of as many bytes as its value.
+    impl Measured for i32 {
         fn queued_at(&self) -> Option<Instant> {
             None
+        }
+        fn bytes(&self) -> usize {
+            usize::try_from(self.unsigned_abs()).unwrap_or(usize::MAX)
+        }
+    }
+
+    /// Bounds of `items` and `wait`, and none in bytes.
+    fn bounds(items: usize, wait: Duration) -> Bounds {
+        Bounds {
+            items,
+            bytes: usize::MAX,
+            wait,
         }
     }
 
@@ -219,15 +264,18 @@ mod tests {
     #[derive(Debug, PartialEq, Eq)]
     struct Stamped(Option<Instant>);
 
-    impl Timed for Stamped {
+    impl Measured for Stamped {
         fn queued_at(&self) -> Option<Instant> {
             self.0
+        }
+        fn bytes(&self) -> usize {
+            0
         }
     }
 
     #[test]
     fn once_bounded_in_time_a_queue_refuses_an_item_that_comes_long_after_its_oldest() {
-        let queue = Queue::new(100, Duration::from_secs(5));
+        let queue = Queue::new(bounds(100, Duration::from_secs(5)));
         let start = Instant::now();
         let at = |ms| Stamped(Some(start + Duration::from_millis(ms)));
         let mut cx = Context::from_waker(Waker::noop());
@@ -254,9 +302,34 @@ mod tests {
         assert_eq!(queue.push(at(11_001)), Err(PushError::Full));
     }
 
+    #[test]
+    fn a_queue_refuses_an_item_past_its_bytes_but_an_empty_one_takes_any() {
+        let queue = Queue::new(Bounds {
+            items: 100,
+            bytes: 100,
+            wait: Duration::ZERO,
+        });
+        assert_eq!(queue.push(60), Ok(()));
+        assert_eq!(queue.push(50), Err(PushError::Full));
+        assert_eq!(queue.push(40), Ok(()), "exactly at its bound");
+        assert_eq!(queue.push(1), Err(PushError::Full));
+        // What the consumer takes is room again.
+        assert_eq!(queue.try_next_if(|_| true), Some(60));
+        assert_eq!(queue.push(50), Ok(()));
+        while queue.try_next_if(|_| true).is_some() {}
+        assert_eq!(
+            queue.push(500),
+            Ok(()),
+            "a record larger than the bound still reaches a client that keeps up"
+        );
+        assert_eq!(queue.push(1), Err(PushError::Full));
+        queue.close_and_clear();
+        assert_eq!(queue.lock().bytes, 0);
+    }
+
     #[tokio::test]
     async fn items_arrive_in_order_until_closed_then_the_end() {
-        let queue = Arc::new(Queue::new(2, Duration::ZERO));
+        let queue = Arc::new(Queue::new(bounds(2, Duration::ZERO)));
         assert_eq!(queue.push(1), Ok(()));
         assert_eq!(queue.push(2), Ok(()));
         assert_eq!(queue.push(3), Err(PushError::Full));
@@ -280,7 +353,7 @@ mod tests {
 
     #[test]
     fn only_a_waiting_consumer_s_items_are_delivered_directly_in_its_place() {
-        let queue = Queue::new(4, Duration::ZERO);
+        let queue = Queue::new(bounds(4, Duration::ZERO));
         let mut cx = Context::from_waker(Waker::noop());
         // Nobody waits yet: queued.
         assert_eq!(queue.push_or_deliver(1, |_| Delivery::Done), Ok(()));
@@ -298,7 +371,7 @@ mod tests {
 
     #[test]
     fn a_closed_queue_takes_nothing_more_not_even_directly() {
-        let queue = Queue::new(4, Duration::ZERO);
+        let queue = Queue::new(bounds(4, Duration::ZERO));
         let mut cx = Context::from_waker(Waker::noop());
         assert_eq!(queue.poll_next(&mut cx), Poll::Pending);
         // Closed while its consumer waits on it, as a shed connection's queue is.
@@ -315,7 +388,7 @@ mod tests {
 
     #[test]
     fn a_cleared_queue_ends_at_once_and_a_drained_burst_is_given_back() {
-        let queue = Queue::new(1000, Duration::ZERO);
+        let queue = Queue::new(bounds(1000, Duration::ZERO));
         for item in 0..100 {
             assert_eq!(queue.push(item), Ok(()));
         }

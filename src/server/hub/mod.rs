@@ -42,7 +42,7 @@ use crate::compression::Encoding;
 use crate::keys::{ClientId, KeyBudgetReached, KeySet};
 use crate::latency::Latency;
 use crate::metrics::Metrics;
-use crate::queue::PushError;
+use crate::queue::{Bounds, PushError};
 use crate::replay::{CatchUp, ReplayRange, replay};
 use crate::sse::{self, RenderedEvent, ResumeId};
 pub use crate::views::ViewSpec;
@@ -68,8 +68,8 @@ pub struct Hub {
     views: Views,
     bus: Bus,
     index: Index,
-    queue_size: usize,
-    max_lag: Duration,
+    /// What each connection's queue holds at most.
+    queue_bounds: Bounds,
     overload: Overload,
     retry_ms: u64,
     last_read_ms: AtomicU64,
@@ -170,8 +170,11 @@ impl Hub {
             filters,
             filter_limits: server.filter_limits,
             views: Views::new(server.max_distinct_filters),
-            queue_size: server.client_queue,
-            max_lag: server.client_max_lag(),
+            queue_bounds: Bounds {
+                items: server.client_queue,
+                bytes: server.client_queue_bytes(),
+                wait: server.client_max_lag(),
+            },
             overload: Overload::new(server.overload_wait()),
             retry_ms: server.retry_ms,
             bus,
@@ -241,11 +244,7 @@ impl Hub {
             .inspect_err(|_| {
                 self.metrics.refused_filters.fetch_add(1, Relaxed);
             })?;
-        let outlet = Arc::new(Outlet::new(
-            self.queue_size,
-            self.max_lag,
-            interest.encoding,
-        ));
+        let outlet = Arc::new(Outlet::new(self.queue_bounds, interest.encoding));
         let receiver = Arc::clone(&outlet);
         let Indexed {
             id,
@@ -316,7 +315,7 @@ impl Hub {
                 self.bus.clone(),
                 self.endpoints.clone(),
                 ranges,
-                self.queue_size,
+                self.queue_bounds.items,
             )
         });
         let start = Start {
@@ -429,7 +428,7 @@ impl HubHandle for Hub {
     }
 
     fn max_lag(&self) -> Duration {
-        self.max_lag
+        self.queue_bounds.wait
     }
 
     fn metrics(&self) -> &Metrics {

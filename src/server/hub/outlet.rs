@@ -48,7 +48,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::compression::{Encoder, Encoding, SharedEvent};
-use crate::queue::{Delivery, PushError, Queue, Timed};
+use crate::queue::{Bounds, Delivery, Measured, PushError, Queue};
 use fjord_bus::StreamId;
 
 /// A connection's outlet, shared by the hub's index (which pushes) and its subscription
@@ -69,12 +69,11 @@ pub(super) struct Outlet {
 }
 
 impl Outlet {
-    /// An outlet whose queue holds at most `capacity` frames, none queued more than
-    /// `max_lag` after the oldest once the connection is live, for a stream sent in
+    /// An outlet whose queue holds at most what `bounds` allow, for a stream sent in
     /// `encoding`.
-    pub(super) fn new(capacity: usize, max_lag: Duration, encoding: Option<Encoding>) -> Self {
+    pub(super) fn new(bounds: Bounds, encoding: Option<Encoding>) -> Self {
         Self {
-            queue: Queue::new(capacity, max_lag),
+            queue: Queue::new(bounds),
             direct: OnceLock::new(),
             encoder: encoding.map(|encoding| Box::new(Encoder::new(encoding))),
             worst_wait_ms: AtomicU32::new(0),
@@ -189,13 +188,18 @@ pub(super) enum Frame {
     Unfinished,
 }
 
-/// An event's queue time bounds the queue; heartbeats and notices are not timed.
-impl Timed for Frame {
+/// An event's queue time bounds the queue; heartbeats and notices are not timed. Its bytes
+/// count as SSE text, compressed or not: what the client has yet to read.
+impl Measured for Frame {
     fn queued_at(&self) -> Option<Instant> {
         match self {
             Self::Event(event) => Some(event.queued_at),
             Self::Raw(_) | Self::Unfinished => None,
         }
+    }
+
+    fn bytes(&self) -> usize {
+        self.len()
     }
 }
 
