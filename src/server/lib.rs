@@ -41,7 +41,7 @@
 //! `fjord dev --auth`). [`hub`], [`replay`] and [`sse`] are public only because the
 //! integration tests reach into them (`tests/bus_semantics.rs` drives a hub on each bus,
 //! `tests/replay_memory.rs` reads the replay's page size), and hidden from the docs: they are
-//! not API.
+//! not API. [`Latency`] is public for its benchmark (`benches/latency.rs`) alone.
 
 pub mod auth;
 mod compression;
@@ -64,4 +64,6 @@ pub mod sse;
 mod views;
 
 pub use compression::Encoding;
+#[doc(hidden)]
+pub use latency::Latency;
 pub use serve::{Bound, DRAIN_GRACE, ServerError, StaticFile, bind, serve};
