@@ -152,25 +152,25 @@ pub(super) async fn counter_total(ports: &[u16], name: &str) -> u64 {
         .sum()
 }
 
-/// The `/metrics` text of each server that answers.
+/// The `/metrics` text of each server that answers, asked of all at once: a server busy
+/// with a large run takes seconds to answer (15 s each at a million connections on 55
+/// servers), so one after another would stretch the window by minutes and time some out.
 async fn scrape(ports: &[u16]) -> Vec<String> {
     let Ok(client) = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60))
         .build()
     else {
         return Vec::new();
     };
-    let mut texts = Vec::with_capacity(ports.len());
-    for port in ports {
-        if let Ok(response) = client
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-        {
-            texts.push(response.text().await.unwrap_or_default());
-        }
-    }
-    texts
+    let asked = ports.iter().map(|port| {
+        let request = client.get(format!("http://127.0.0.1:{port}/metrics"));
+        async move { request.send().await.ok()?.text().await.ok() }
+    });
+    futures_util::future::join_all(asked)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// The servers' `fjord_delivery_latency_seconds{since="bus"}` summed over them: each
@@ -323,6 +323,33 @@ async fn produce_to_kafka(
     Ok(())
 }
 
+/// Warns when the kernel's bound on all TCP buffers (`net.ipv4.tcp_mem`, in pages) is below
+/// what `connections` take with both ends on this machine, about a page a socket while the
+/// load generator has yet to read what came: past it the kernel holds back writes and
+/// drops what arrives, and the load stalls (seen at 560,000 connections with Linux's
+/// default for 24 GiB, 2.2 GiB).
+fn warn_if_tcp_memory_is_short(connections: usize) {
+    let Some(most_pages) = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(2)?.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let needed_pages = 2 * connections as u64;
+    if most_pages < needed_pages {
+        tracing::warn!(
+            connections,
+            tcp_mem_max_pages = most_pages,
+            needed_pages,
+            "net.ipv4.tcp_mem allows fewer pages than these connections take on one machine; \
+             raise it (sysctl -w net.ipv4.tcp_mem=\"{} {} {}\") or the load may stall",
+            needed_pages * 3 / 2,
+            needed_pages * 2,
+            needed_pages * 5 / 2,
+        );
+    }
+}
+
 /// Runs one scenario that streams to connections: the floor, the server, end to end.
 pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::Result<Outcome> {
     let prefix = unique("bench");
@@ -335,6 +362,7 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     };
     let deadline_secs =
         300 + scenario.connections as u64 / 200 + scenario.warmup_secs + scenario.measure_secs;
+    warn_if_tcp_memory_is_short(scenario.connections);
     let mut ports = Vec::new();
     let mut servers: Vec<Child> = Vec::new();
     let mut floor: Option<Driven> = None;
@@ -520,7 +548,8 @@ pub(super) async fn run_connections(env: &Env, scenario: &Scenario) -> anyhow::R
     let mut slices: Vec<Histogram> = Vec::new();
     let (mut to_bus, mut from_bus) = (Histogram::default(), Histogram::default());
     for worker in &mut workers {
-        let report = worker.expect("report", Duration::from_secs(30)).await?;
+        // Starved workers of a large run take a while to answer.
+        let report = worker.expect("report", Duration::from_secs(120)).await?;
         let report: WorkerReport = serde_json::from_value(report["report"].clone())?;
         outcome.deliveries += report.events;
         outcome.window_bytes += report.window_bytes;

@@ -89,7 +89,8 @@ pub enum BenchCommand {
     /// Runs one scenario with the given load and prints its outcome as JSON.
     Run {
         /// idle, floor, fanout, floor-1k, fanout-1k, keyed, filters-1, filters-100,
-        /// filters-1000, overload, e2e, scale, ingest, shards, replica-lag or table.
+        /// filters-1000, overload, e2e, scale, ingest, shards, replica-lag or table; or
+        /// million (a million connections held: about 16 GiB and half an hour).
         scenario: String,
         /// Connections in all (table: clients connecting at once).
         #[arg(long)]
@@ -113,6 +114,9 @@ pub enum BenchCommand {
         /// The servers' per-client queue.
         #[arg(long)]
         client_queue: Option<usize>,
+        /// The servers' `client_max_lag_ms`.
+        #[arg(long)]
+        client_max_lag_ms: Option<u64>,
         /// Ingest: records in the Kafka backlog.
         #[arg(long)]
         records: Option<u64>,
@@ -240,6 +244,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             slow_every,
             filters,
             client_queue,
+            client_max_lag_ms,
             records,
             rtt_ms,
             value_format,
@@ -271,6 +276,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             }
             if client_queue.is_some() {
                 chosen.client_queue = client_queue;
+            }
+            if client_max_lag_ms.is_some() {
+                chosen.client_max_lag_ms = client_max_lag_ms;
             }
             if let Some(records) = records {
                 chosen.records = records;

@@ -8,7 +8,7 @@
 //! drives it over stdin (`measure`, `await`, `stop`) and reads JSON lines from its stdout.
 
 use std::cell::RefCell;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -285,9 +285,9 @@ async fn drive(spec: WorkerSpec) -> anyhow::Result<()> {
     let mut total = 0_usize;
     for target in &spec.targets {
         for i in 0..target.count {
-            let source = spec.sources[total % spec.sources.len()];
             let slow = spec.slow_every > 0 && total % spec.slow_every == spec.slow_every - 1;
             let index = target.first_index + i as u64;
+            let source = source_of(&spec.sources, index);
             let path = match (target.keys, target.filters) {
                 (Some(keys), _) => format!("{}?key=k{}", target.path, index % keys),
                 (None, Some(filters)) => format!(
@@ -379,7 +379,7 @@ async fn drive(spec: WorkerSpec) -> anyhow::Result<()> {
 #[allow(clippy::too_many_arguments, reason = "a task's inputs, passed once")]
 async fn connection(
     address: SocketAddr,
-    source: Ipv4Addr,
+    source: SocketAddrV4,
     request: String,
     slow: bool,
     view: Option<usize>,
@@ -393,7 +393,11 @@ async fn connection(
     let permit = permits.acquire().await;
     let mut opened = None;
     for attempt in 0..5 {
-        match open(address, source, &request, slow).await {
+        let from = match attempt {
+            0 => source,
+            _ => spare_port(source),
+        };
+        match open(address, from, &request, slow).await {
             Ok(stream) => {
                 opened = Some(stream);
                 break;
@@ -463,7 +467,7 @@ async fn connection(
         let mut reopened = None;
         for attempt in 0..5 {
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-            match open(address, source, &resume, false).await {
+            match open(address, spare_port(source), &resume, false).await {
                 Ok(opened) => {
                     reopened = Some(opened);
                     break;
@@ -491,16 +495,45 @@ fn resuming(request: &str, last_id: &str) -> String {
     format!("{head}Last-Event-ID: {last_id}\r\n\r\n")
 }
 
-/// Connects, sends the request, reads the response head; returns the stream and the body
-/// bytes read with the head.
+/// The source address and port of connection `index`: spread over the source addresses,
+/// each (address, port) its own across all workers. Binding to port 0 instead makes the
+/// kernel search for a port that no socket of the address holds, which past a few hundred
+/// thousand connections took most of both cores and stalled connecting (the search in
+/// `inet_bind2_bucket_find`, seen with `perf`); a given port is one lookup.
+fn source_of(sources: &[Ipv4Addr], index: u64) -> SocketAddrV4 {
+    let count = sources.len().max(1) as u64;
+    let address = sources
+        .get((index % count) as usize)
+        .copied()
+        .unwrap_or(Ipv4Addr::LOCALHOST);
+    let port = FIRST_SOURCE_PORT + (index / count % SOURCE_PORTS) as u16;
+    SocketAddrV4::new(address, port)
+}
+
+/// Ports `FIRST_SOURCE_PORT..FIRST_SOURCE_PORT + SOURCE_PORTS` of each source address are
+/// the load generator's: 40 addresses of 40,000 ports are room for 1.6 million connections.
+const FIRST_SOURCE_PORT: u16 = 20_000;
+const SOURCE_PORTS: u64 = 40_000;
+
+/// `source`'s address with a port past those assigned, at random, for a retry: its own port
+/// may be held yet, and leaving the choice to the kernel is the slow search.
+fn spare_port(source: SocketAddrV4) -> SocketAddrV4 {
+    let first_spare = FIRST_SOURCE_PORT + SOURCE_PORTS as u16;
+    SocketAddrV4::new(*source.ip(), fastrand::u16(first_spare..=u16::MAX))
+}
+
+/// Connects from `source`, sends the request, reads the response head; returns the stream
+/// and the body bytes read with the head.
 async fn open(
     address: SocketAddr,
-    source: Ipv4Addr,
+    source: SocketAddrV4,
     request: &str,
     slow: bool,
 ) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>, bool)> {
     let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source.into(), 0))?;
+    // A given port may still be in TIME_WAIT from an earlier run.
+    socket.set_reuseaddr(true)?;
+    socket.bind(source.into())?;
     if slow {
         socket.set_recv_buffer_size(4096)?;
     }
@@ -762,6 +795,17 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_million_connections_each_have_their_own_source_address_and_port() {
+        let sources: Vec<Ipv4Addr> = (0..40).map(|i| Ipv4Addr::new(127, 0, 0, 2 + i)).collect();
+        let mut seen = std::collections::HashSet::new();
+        for index in 0..1_000_000 {
+            let source = source_of(&sources, index);
+            assert!(source.port() >= FIRST_SOURCE_PORT, "{source}");
+            assert!(seen.insert(source), "{source} twice");
+        }
+    }
 
     #[test]
     fn decodes_chunks_split_anywhere_and_counts_gaps() {
