@@ -232,7 +232,13 @@ async fn the_kafka_broker_restarted_mid_stream() {
     let (pipeline, client, mut produced) = Pipeline::streaming(2, 1, |_| {}).await;
     services_command("restart-kafka");
     produced.extend(pipeline.produce(100, 100, 2).await);
-    assert_complete_and_ordered(&client.wait_for_records(produced.len()).await, &produced);
+    // The consumer's way back after a broker restart (reconnect backoff, then rejoining its
+    // group on a broker that reloads the group's state) took over 60 s twice in CI with a
+    // build on the other core; what is asserted is that nothing is lost, not how soon.
+    let records = client
+        .wait_for_records_within(produced.len(), 3 * PATIENCE)
+        .await;
+    assert_complete_and_ordered(&records, &produced);
 }
 
 #[tokio::test]
