@@ -198,14 +198,9 @@ impl Measured for Frame {
         }
     }
 
+    /// About the bytes it writes (an event's `id:` line may grow by a few); the coalescing
+    /// of frames into one write is bounded by it too.
     fn bytes(&self) -> usize {
-        self.len()
-    }
-}
-
-impl Frame {
-    /// About the bytes it writes (an event's `id:` line may grow by a few).
-    pub(super) fn len(&self) -> usize {
         match self {
             Self::Event(event) => event.event.text.bytes().len(),
             Self::Raw(bytes) => bytes.len(),

@@ -19,6 +19,7 @@ use super::outlet::{ClientQueue, DirectWrite, Frame, QueuedEvent};
 use crate::compression::{Encoder, Encoding};
 use crate::keys::{ClientId, KeySet};
 use crate::metrics::Metrics;
+use crate::queue::Measured as _;
 use crate::replay::ReplayItem;
 use crate::sse::{self, RenderedEvent, ResumeId};
 use crate::views::View;
@@ -516,11 +517,11 @@ impl Stream for Subscription {
             let fits = |taken: usize| {
                 move |frame: &Frame| {
                     !matches!(frame, Frame::Unfinished)
-                        && taken + frame.len() <= MAX_COALESCED_BYTES
+                        && taken + frame.bytes() <= MAX_COALESCED_BYTES
                 }
             };
             let now = now_ms();
-            if let Some(second) = self.receiver.queue.try_next_if(fits(first.len())) {
+            if let Some(second) = self.receiver.queue.try_next_if(fits(first.bytes())) {
                 let mut out = BytesMut::with_capacity(4096);
                 self.write_frame(first, now, &mut out);
                 self.write_frame(second, now, &mut out);
