@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::auth::Authenticator;
@@ -32,6 +32,13 @@ use fjord_config::{AuthConfig, EndpointMode, Manifest, MetricsListener};
 /// How long a draining server waits for its connections to close; below ECS's 30 s
 /// default stop timeout.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(20);
+
+/// Connections the kernel completes and holds for the server to accept. Tokio's default,
+/// 1,024, overflowed while a million clients connected to 55 busy servers (the kernel
+/// then drops the handshake and the client waits out its retransmissions); a server that
+/// restarts meets the same storm when all its clients come back. Linux caps it at
+/// `net.core.somaxconn` (4,096 by default).
+const ACCEPT_BACKLOG: u32 = 4096;
 
 /// How often the open-connections metric goes to CloudWatch.
 const EMF_INTERVAL: Duration = Duration::from_secs(60);
@@ -101,14 +108,24 @@ impl Bound {
 pub async fn bind(manifest: &Manifest) -> Result<Bound, ServerError> {
     let auth = Authenticator::new(&manifest.auth, &manifest.server.filter_limits).await?;
     let address = SocketAddr::new(manifest.server_host(), manifest.server.port);
-    let listener = TcpListener::bind(address)
-        .await
-        .map_err(|source| ServerError::Bind { address, source })?;
+    let listener = listen(address).map_err(|source| ServerError::Bind { address, source })?;
     Ok(Bound {
         listener,
         auth,
         consumer: None,
     })
+}
+
+/// A listener on `address` with room for [`ACCEPT_BACKLOG`] connections not yet accepted.
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does: a restarted server rebinds despite TIME_WAIT sockets.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 /// Serves until `shutdown` resolves, then drains.
