@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite: starts the real Kafka, Redis, Redis Cluster and Schema Registry
 # (installing what is missing; on a fresh machine the registry's Maven build and its
-# producers' pip install add about 110 s and 80 s), runs formatting and lint checks, unit
-# and integration tests (the bus's end-to-end, fault and semantics tests once on Redis,
-# then again on the cluster), the documentation's walkthroughs run as written (ci/test-readme.sh), a bounded fuzzing run of the
-# parsers, the images' build in a rehearsal of the Nix build sandbox (beside the tests), the deploy tool's
-# tests against moto and a registry, the Nix and workflow checks, and the JavaScript
-# client's tests (unit and in headless Chromium), then stops the services.
+# producers' pip install add about 110 s and 80 s) while formatting and lint checks and the
+# build run, then unit and integration tests (the bus's end-to-end, fault and semantics
+# tests once on Redis, then again on the cluster), the documentation's walkthroughs run as
+# written (ci/test-readme.sh), a bounded fuzzing run of the parsers, the benchmark tool at
+# a tiny load, the JavaScript client's tests (unit and in headless Chromium), the images'
+# build in a rehearsal of the Nix build sandbox and the deploy tool's build (both beside the
+# tests), the deploy tool's tests against moto and a registry, the Nix and workflow checks,
+# then stops the services.
 #   FJORD_CI_KEEP_SERVICES=1 ci/test.sh   leaves the services running for the next run
 #   ci/test.sh [cargo test arguments]     only the Rust tests, e.g. one module of the
 #                                         integration tests: ci/test.sh -p fjord-tests pipeline::
@@ -16,16 +18,30 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s (at %d s)\n' "$*" "$SECONDS"; }
 
-step "services: Kafka, Redis, a Redis Cluster and a Schema Registry"
-ci/services.sh up
-# shellcheck disable=SC1091
-source "${FJORD_CI_STATE:-/tmp/fjord-ci}/env"
-sandbox_pid=
+state=${FJORD_CI_STATE:-/tmp/fjord-ci}
+mkdir -p "$state"
+# A fresh clone compiles everything once: incremental compilation's bookkeeping would only
+# slow it (GitHub's runners set CI=true too).
+[ "${CI:-}" != true ] || export CARGO_INCREMENTAL=0
+
+services_pid=
+builds_pid=
 stop() {
-  [ -z "$sandbox_pid" ] || kill "$sandbox_pid" 2>/dev/null || true
+  for pid in $services_pid $builds_pid; do
+    pkill -P "$pid" 2>/dev/null || true
+    kill "$pid" 2>/dev/null || true
+  done
   [ "${FJORD_CI_KEEP_SERVICES:-0}" = 1 ] || ci/services.sh down
 }
 trap stop EXIT
+
+# Starting the services is mostly waiting (Maven, pip, the JVMs coming up): the lints and
+# the build go on beside it. The compilers they need come first.
+step "services: Kafka, Redis, a Redis Cluster and a Schema Registry (beside the lints and the build)"
+ci/install-build-deps.sh
+services_log=$state/services-up.log
+ci/services.sh up >"$services_log" 2>&1 &
+services_pid=$!
 
 step "format and lints"
 cargo fmt --all -- --check
@@ -41,14 +57,29 @@ if nm --defined-only target/debug/fjord-server | grep -q 'rd_kafka_'; then
   exit 1
 fi
 
-# The integration tests mostly wait on Kafka, Redis and the servers they start (about a
-# quarter of two cores): the sandbox rehearsal, CPU-bound in a target dir of its own, builds
-# beside them and is waited for at its step.
-sandbox_log=${FJORD_CI_STATE:-/tmp/fjord-ci}/sandbox-build.log
+step "the services are up"
+services_status=0
+wait "$services_pid" || services_status=$?
+services_pid=
+cat "$services_log"
+[ "$services_status" -eq 0 ] || exit "$services_status"
+# shellcheck disable=SC1091
+source "$state/env"
+
+# The integration tests mostly wait on Kafka, Redis and the servers they start. Two
+# CPU-bound builds go beside them, one after the other, at the lowest priority so that they
+# take only what the tests leave idle: the rehearsal of the Nix build sandbox (a target dir
+# of its own), then the deploy tool's lints and test build (target/deploy, so that neither
+# waits on the other's lock on target/). Both are waited for before the deploy's tests.
+sandbox_log=$state/sandbox-build.log
+deploy_build_log=$state/deploy-build.log
+rm -f "$sandbox_log" "$deploy_build_log"
 if [ $# -eq 0 ]; then
-  mkdir -p "$(dirname "$sandbox_log")"
-  ci/sandbox-build.sh >"$sandbox_log" 2>&1 &
-  sandbox_pid=$!
+  (
+    nice -n 19 ci/sandbox-build.sh >"$sandbox_log" 2>&1 || exit
+    CARGO_TARGET_DIR=target/deploy nice -n 19 ci/test-deploy.sh --build >"$deploy_build_log" 2>&1
+  ) &
+  builds_pid=$!
 fi
 
 # Six tests at a time rather than one per core: they wait far more than they compute
@@ -78,21 +109,22 @@ ci/test-readme.sh
 step "fuzzing the parsers on stable Rust (bounded; failures kept in proptest-regressions/)"
 ci/fuzz.sh
 
-step "the images' binaries in a rehearsal of the Nix build sandbox (bubblewrap), built beside the tests"
-sandbox_status=0
-wait "$sandbox_pid" || sandbox_status=$?
-sandbox_pid=
-cat "$sandbox_log"
-[ "$sandbox_status" -eq 0 ] || exit "$sandbox_status"
-
 step "benchmark tool, tiny load (the real figures: ci/bench.sh, BENCHMARKS.md)"
 ci/bench.sh --tiny
-
-step "deploy tool, Nix flake, workflows"
-ci/test-deploy.sh
 
 step "JavaScript client"
 ci/test-client.sh
 
 step "JavaScript client in headless Chromium"
 ci/test-browser.sh
+
+step "the images' binaries in a rehearsal of the Nix build sandbox (bubblewrap), and the deploy tool's lints and test build, built beside the tests"
+builds_status=0
+wait "$builds_pid" || builds_status=$?
+builds_pid=
+cat "$sandbox_log"
+[ ! -f "$deploy_build_log" ] || cat "$deploy_build_log"
+[ "$builds_status" -eq 0 ] || exit "$builds_status"
+
+step "deploy tool, Nix flake, workflows"
+CARGO_TARGET_DIR=target/deploy ci/test-deploy.sh
