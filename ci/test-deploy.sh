@@ -12,11 +12,14 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 state=${FJORD_CI_STATE:-/tmp/fjord-ci}
 packages=(-p fjord-deploy -p fjord-healthcheck)
+lints() {
+    cargo fmt "${packages[@]}" -- --check
+    cargo clippy "${packages[@]}" --all-targets --locked -- -D warnings
+}
 
 if [[ ${1:-} == --build ]]; then
     step "fjord-deploy: format, lints and the tests' build"
-    cargo fmt "${packages[@]}" -- --check
-    cargo clippy "${packages[@]}" --all-targets --locked -- -D warnings
+    lints
     cargo test "${packages[@]}" --locked --no-run
     ci/deploy-services.sh venv >/dev/null
     exit 0
@@ -31,8 +34,7 @@ if [[ ${FJORD_CI_KEEP_SERVICES:-0} != 1 ]]; then
 fi
 
 step "fjord-deploy: format and lints"
-cargo fmt "${packages[@]}" -- --check
-cargo clippy "${packages[@]}" --all-targets --locked -- -D warnings
+lints
 
 step "fjord-deploy: unit tests and tests against moto and the registry"
 cargo test "${packages[@]}" --locked

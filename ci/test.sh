@@ -35,6 +35,15 @@ stop() {
 }
 trap stop EXIT
 
+# Waits for a background job, prints the logs it wrote, and fails as it failed.
+finish() { # pid log...
+  local pid=$1 status=0 log
+  shift
+  wait "$pid" || status=$?
+  for log in "$@"; do [ ! -f "$log" ] || cat "$log"; done
+  return "$status"
+}
+
 # Starting the services is mostly waiting (Maven, pip, the JVMs coming up): the lints and
 # the build go on beside it. The compilers they need come first.
 step "services: Kafka, Redis, a Redis Cluster and a Schema Registry (beside the lints and the build)"
@@ -58,11 +67,8 @@ if nm --defined-only target/debug/fjord-server | grep -q 'rd_kafka_'; then
 fi
 
 step "the services are up"
-services_status=0
-wait "$services_pid" || services_status=$?
+finish "$services_pid" "$services_log"
 services_pid=
-cat "$services_log"
-[ "$services_status" -eq 0 ] || exit "$services_status"
 # shellcheck disable=SC1091
 source "$state/env"
 
@@ -119,12 +125,8 @@ step "JavaScript client in headless Chromium"
 ci/test-browser.sh
 
 step "the images' binaries in a rehearsal of the Nix build sandbox (bubblewrap), and the deploy tool's lints and test build, built beside the tests"
-builds_status=0
-wait "$builds_pid" || builds_status=$?
+finish "$builds_pid" "$sandbox_log" "$deploy_build_log"
 builds_pid=
-cat "$sandbox_log"
-[ ! -f "$deploy_build_log" ] || cat "$deploy_build_log"
-[ "$builds_status" -eq 0 ] || exit "$builds_status"
 
 step "deploy tool, Nix flake, workflows"
 CARGO_TARGET_DIR=target/deploy ci/test-deploy.sh
